@@ -1,0 +1,214 @@
+//! The shared test harness: real Nix "hosts" (chroot stores on one machine), a static HTTP
+//! server for binary cache directories, and helpers to run our binaries.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use narmesh::nix::StorePath;
+
+/// Panic loudly (never skip) when a prerequisite the tests need is missing.
+pub fn require(program: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{program}` is not on PATH: the tests need it. Run the README's test command \
+         (scripts/test.sh), which installs every prerequisite."
+    );
+}
+
+/// Run a command, panic with its output if it fails, return stdout.
+pub fn run_ok(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// A simulated Nix host: its own chroot store, configuration and caches.
+pub struct NixHost {
+    pub dir: tempfile::TempDir,
+    pub root: PathBuf,
+    conf_dir: PathBuf,
+}
+
+/// Derivation boilerplate for builds without nixpkgs.
+pub const DRV_PRELUDE: &str = r#"
+  mk = name: script: derivation {
+    inherit name;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" script ];
+    PATH = "/usr/bin:/bin";
+  };
+"#;
+
+impl NixHost {
+    /// A host whose `nix.conf` is the minimal one plus `extra` lines.
+    pub fn new(extra_conf: &str) -> Self {
+        require("nix-store");
+        require("nix-build");
+        let dir = tempfile::Builder::new()
+            .prefix("narmesh-nixhost")
+            .tempdir()
+            .expect("tempdir");
+        let root = dir.path().join("root");
+        let conf_dir = dir.path().join("conf");
+        std::fs::create_dir_all(&root).expect("mkdir root");
+        std::fs::create_dir_all(&conf_dir).expect("mkdir conf");
+        let conf = format!(
+            "store = {}\nbuild-users-group =\nsandbox = true\nsandbox-paths = /bin /usr /lib /lib64\n\
+             experimental-features = nix-command\nsubstituters =\nrequire-sigs = true\n{extra_conf}\n",
+            root.display()
+        );
+        std::fs::write(conf_dir.join("nix.conf"), conf).expect("write nix.conf");
+        NixHost {
+            dir,
+            root,
+            conf_dir,
+        }
+    }
+
+    /// A command with this host's environment.
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        c.env("NIX_CONF_DIR", &self.conf_dir)
+            .env("XDG_CACHE_HOME", self.dir.path().join("cache"))
+            .env("NIX_USER_CONF_FILES", "/dev/null")
+            .env("HOME", self.dir.path())
+            .env_remove("NIX_CONFIG")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Build a Nix expression (`let <prelude> in <body>`); returns its output paths.
+    pub fn build(&self, body: &str) -> Vec<StorePath> {
+        let expr = format!("let {DRV_PRELUDE} in {body}");
+        let out = run_ok(self.cmd("nix-build").args(["--no-out-link", "-E", &expr]));
+        String::from_utf8(out)
+            .expect("utf8")
+            .lines()
+            .map(|l| StorePath::parse(l.trim()).expect("nix-build printed a store path"))
+            .collect()
+    }
+
+    /// Where a store path's files are on disk.
+    pub fn real_path(&self, p: &StorePath) -> PathBuf {
+        narmesh::nix::store_db::real_path(&self.root, p)
+    }
+
+    /// The NAR of a path as this store serves it (`nix store dump-path`, the same serializer as `nix-store --dump`).
+    pub fn dump(&self, p: &StorePath) -> Vec<u8> {
+        run_ok(self.cmd("nix").args(["store", "dump-path", &p.full()]))
+    }
+
+    /// Run a nix command with this host's environment, returning its whole output.
+    pub fn output(&self, program: &str, args: &[&str]) -> Output {
+        self.cmd(program).args(args).output().expect("spawn nix")
+    }
+}
+
+/// A static file server on loopback (a plain HTTP binary cache directory), for as long as it lives.
+pub struct StaticServer {
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+}
+
+impl StaticServer {
+    pub fn start(dir: &Path) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (dir, stop2) = (dir.to_owned(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Ok(conn) = conn {
+                    let dir = dir.clone();
+                    std::thread::spawn(move || serve_one(conn, &dir));
+                }
+            }
+        });
+        StaticServer { port, stop }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for StaticServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn serve_one(conn: TcpStream, dir: &Path) {
+    let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+    let mut conn = conn;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut parts = line.split_whitespace();
+        let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" || h == "\n" {
+                break;
+            }
+        }
+        let rel = target
+            .trim_start_matches('/')
+            .split('?')
+            .next()
+            .unwrap_or("");
+        let file = (!rel.contains(".."))
+            .then(|| dir.join(rel))
+            .filter(|p| p.is_file());
+        let resp = match file {
+            Some(p) => {
+                let mut body = Vec::new();
+                std::fs::File::open(p)
+                    .and_then(|mut f| f.read_to_end(&mut body))
+                    .expect("read");
+                let mut head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
+                    .into_bytes();
+                if method != "HEAD" {
+                    head.extend_from_slice(&body);
+                }
+                head
+            }
+            None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
+        };
+        if conn.write_all(&resp).is_err() {
+            return;
+        }
+    }
+}
+
+/// The path of one of our binaries, built by cargo for the integration tests.
+pub fn bin(name: &str) -> PathBuf {
+    match name {
+        "narmesh" => PathBuf::from(env!("CARGO_BIN_EXE_narmesh")),
+        other => panic!("unknown binary {other}"),
+    }
+}
