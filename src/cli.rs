@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+use narmesh_proto::control::{Request, Response};
+
+use crate::client::Client;
+use crate::config::{self, Config};
 use crate::nix::{self, SecretKey};
 
 /// narmesh: share every Nix build across your build hosts, without slowing the build.
@@ -34,6 +38,52 @@ pub enum Command {
         /// A file, directory or symlink.
         path: PathBuf,
     },
+    /// Run the node: take hook reports, sign and store NARs, serve them over HTTP.
+    Serve(ServeArgs),
+    /// Hand store paths (and their closures) to the running node, showing progress.
+    Push {
+        #[arg(long, env = "NARMESH_SOCKET", default_value = config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Return once the node has queued the paths, without waiting for them to be signed.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Store paths (`/nix/store/...`, or links to them such as `./result`).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Show the running node's state.
+    Status {
+        #[arg(long, env = "NARMESH_SOCKET", default_value = config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `narmesh serve` flags; each overrides the config file.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// TOML configuration (every key optional).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long, env = "NARMESH_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Where the hook spools reports while the node is down.
+    #[arg(long, env = "NARMESH_SPOOL")]
+    pub spool_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub store_root: Option<PathBuf>,
+    /// HTTP listen address (repeatable).
+    #[arg(long)]
+    pub http_listen: Vec<std::net::SocketAddr>,
+    #[arg(long)]
+    pub secret_key_file: Option<PathBuf>,
 }
 
 /// Run a parsed command line.
@@ -45,7 +95,121 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             public_file,
         } => keygen(&name, &secret_file, &public_file),
         Command::Nar { path } => nar(&path),
+        Command::Serve(args) => serve(args),
+        Command::Push {
+            socket,
+            no_wait,
+            timeout,
+            paths,
+        } => push(&socket, &paths, no_wait, timeout),
+        Command::Status { socket, json } => status(&socket, json),
     }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut cfg = match &args.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    if let Some(d) = args.data_dir {
+        cfg.data_dir = d;
+    }
+    if let Some(s) = args.socket {
+        cfg.socket = s;
+    }
+    if let Some(d) = args.spool_dir {
+        cfg.spool_dir = Some(d);
+    }
+    if let Some(r) = args.store_root {
+        cfg.nix.store_root = r;
+    }
+    if !args.http_listen.is_empty() {
+        cfg.http.listen = args.http_listen;
+    }
+    if let Some(k) = args.secret_key_file {
+        cfg.secret_key_file = Some(k);
+    }
+    cfg.validate()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(crate::node::serve(cfg))
+}
+
+/// A store path named on the command line, following links such as `./result`.
+fn store_path_arg(p: &Path) -> anyhow::Result<String> {
+    let s = p.to_string_lossy();
+    if s.starts_with(crate::nix::store_path::STORE_DIR) {
+        return Ok(s.into_owned());
+    }
+    let target = fs::read_link(p)
+        .with_context(|| format!("{}: not a store path nor a link to one", p.display()))?;
+    Ok(target.to_string_lossy().into_owned())
+}
+
+fn push(socket: &Path, paths: &[PathBuf], no_wait: bool, timeout: u64) -> anyhow::Result<()> {
+    let paths: Vec<String> = paths
+        .iter()
+        .map(|p| store_path_arg(p))
+        .collect::<anyhow::Result<_>>()?;
+    let mut client = Client::connect(socket)?;
+    client.call(Request::Push {
+        paths: paths.clone(),
+    })?;
+    if no_wait {
+        eprintln!("queued {} path(s)", paths.len());
+        return Ok(());
+    }
+    let bar = indicatif::ProgressBar::new(paths.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} paths signed and servable",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
+    loop {
+        let done = match client.call(Request::Lookup {
+            paths: paths.clone(),
+        })? {
+            Response::Known { recorded } => recorded.iter().filter(|r| **r).count(),
+            other => anyhow::bail!("unexpected answer {other:?}"),
+        };
+        bar.set_position(done as u64);
+        if done == paths.len() {
+            bar.finish();
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bar.abandon();
+            anyhow::bail!(
+                "{} of {} path(s) not recorded after {timeout} s (see `narmesh status`)",
+                paths.len() - done,
+                paths.len()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let mut client = Client::connect(socket)?;
+    let Response::Status(s) = client.call(Request::Status)? else {
+        anyhow::bail!("unexpected answer to a status request");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    println!("narmesh {}", s.version);
+    println!("public key:      {}", s.public_key);
+    println!("socket:          {}", s.socket);
+    println!("http:            {}", s.http_listen.join(", "));
+    println!("queue depth:     {}", s.queue_depth);
+    println!("paths recorded:  {}", s.paths_recorded);
+    println!("NAR bytes:       {}", s.nar_bytes);
+    println!("ingest failures: {}", s.ingest_failures);
+    println!("spool taken:     {}", s.spool_taken);
+    Ok(())
 }
 
 fn keygen(name: &str, secret_file: &Path, public_file: &Path) -> anyhow::Result<()> {

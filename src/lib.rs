@@ -9,7 +9,30 @@
 //!
 //! Modules, each the one owner of its concern:
 //! - [`nix`]: the Nix formats (base32, store paths, hashes, NAR, narinfo, keys, store database).
-//! - [`cli`]: the command line; `main.rs` only runs it.
+//! - [`config`]: the node's TOML configuration.
+//! - [`db`]: the node's redb database (queue, path records, log, counters).
+//! - [`queue`]: the group-committing writer of the durable queue.
+//! - [`ingest`]: the Unix socket (hook reports, CLI requests) and the spool directory.
+//! - [`pipeline`]: queued reports -> NARs in the blob store -> signed narinfos -> records.
+//! - [`store`]: the local Nix store database, opened lazily.
+//! - [`blobs`]: the content-addressed NAR store (iroh-blobs behind our interface).
+//! - [`http`]: the binary cache the local Nix substitutes from, and `/metrics`.
+//! - [`metrics`]: the Prometheus registry.
+//! - [`node`]: builds and runs the parts; owns the shutdown order.
+//! - [`cli`], [`client`]: the command line and its socket client; `main.rs` only runs it.
+//!
+//! The hook (`src/bin/narmesh-hook.rs`) is std-only and uses only `narmesh-proto`.
 
+pub mod blobs;
 pub mod cli;
+pub mod client;
+pub mod config;
+pub mod db;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
 pub mod nix;
+pub mod node;
+pub mod pipeline;
+pub mod queue;
+pub mod store;

@@ -44,6 +44,8 @@ pub struct NixHost {
     pub dir: tempfile::TempDir,
     pub root: PathBuf,
     conf_dir: PathBuf,
+    /// Extra environment for every command (such as the hook's socket and spool).
+    pub env: Vec<(String, String)>,
 }
 
 /// Derivation boilerplate for builds without nixpkgs.
@@ -80,7 +82,29 @@ impl NixHost {
             dir,
             root,
             conf_dir,
+            env: Vec::new(),
         }
+    }
+
+    /// A building host whose post-build-hook is `narmesh-hook`, talking to `socket`.
+    pub fn with_hook(socket: &Path, spool: &Path) -> Self {
+        let mut h = NixHost::new(&format!(
+            "post-build-hook = {}",
+            bin("narmesh-hook").display()
+        ));
+        h.env
+            .push(("NARMESH_SOCKET".into(), socket.display().to_string()));
+        h.env
+            .push(("NARMESH_SPOOL".into(), spool.display().to_string()));
+        h
+    }
+
+    /// A host substituting only from `cache_url`, trusting `key`.
+    pub fn substituter(cache_url: &str, key: &str) -> Self {
+        NixHost::new(&format!(
+            "substituters = {cache_url}\ntrusted-public-keys = {key}\nnarinfo-cache-negative-ttl = 0\n\
+             narinfo-cache-positive-ttl = 0\nconnect-timeout = 5\n"
+        ))
     }
 
     /// A command with this host's environment.
@@ -91,6 +115,7 @@ impl NixHost {
             .env("NIX_USER_CONF_FILES", "/dev/null")
             .env("HOME", self.dir.path())
             .env_remove("NIX_CONFIG")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         c
     }
@@ -209,6 +234,55 @@ fn serve_one(conn: TcpStream, dir: &Path) {
 pub fn bin(name: &str) -> PathBuf {
     match name {
         "narmesh" => PathBuf::from(env!("CARGO_BIN_EXE_narmesh")),
+        "narmesh-hook" => PathBuf::from(env!("CARGO_BIN_EXE_narmesh-hook")),
         other => panic!("unknown binary {other}"),
     }
+}
+
+/// Poll `cond` every 20 ms until it holds; panic with `what` after `secs`.
+pub fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A raw HTTP/1.1 GET (or other method) on loopback: (status, headers, body).
+pub fn http(
+    addr: &str,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let mut conn = TcpStream::connect(addr).expect("connect http");
+    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    conn.write_all(req.as_bytes()).expect("send");
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).expect("read");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("header end");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    let hdrs = lines
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        })
+        .collect();
+    (status, hdrs, raw[split + 4..].to_vec())
 }

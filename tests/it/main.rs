@@ -1,6 +1,8 @@
 //! The integration tests, in one binary: everything runs against real parts (the real Nix
-//! client, real processes).
+//! client, real `narmesh` processes, SIGKILL).
 
 mod harness;
 mod keys_interop;
 mod nar_vs_nix;
+mod node;
+mod node_harness;

@@ -1,0 +1,64 @@
+//! Requests to the node over its Unix socket, and its responses. One request frame, one
+//! response frame, per exchange; a connection may carry several exchanges.
+
+use serde::{Deserialize, Serialize};
+
+use crate::hook::HookReport;
+
+/// A request, always wrapped in a [`Envelope`] with the sender's protocol version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// From `narmesh-hook`: record these built paths. Answered with `Accepted` only once the
+    /// report is durably recorded (fsync'd).
+    Hook(HookReport),
+    /// From `narmesh push`: record these store paths (full paths) and their closures.
+    Push { paths: Vec<String> },
+    /// Which of these store paths (full paths) the node has recorded and can serve.
+    Lookup { paths: Vec<String> },
+    /// The node's state.
+    Status,
+}
+
+/// What every frame carries: the sender's protocol version, then the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub version: u16,
+    pub request: Request,
+}
+
+/// The node's answer to one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// The request is durably recorded; `paths` roots were queued.
+    Accepted {
+        paths: u32,
+    },
+    /// For `Lookup`: one flag per path asked, in order.
+    Known {
+        recorded: Vec<bool>,
+    },
+    Status(Box<StatusReport>),
+    /// The request was refused; nothing of it was recorded.
+    Error {
+        message: String,
+    },
+}
+
+/// The node's state, for `narmesh status`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub version: String,
+    pub public_key: String,
+    pub socket: String,
+    pub http_listen: Vec<String>,
+    /// Reports waiting in the durable queue.
+    pub queue_depth: u64,
+    /// Store paths recorded, signed and servable.
+    pub paths_recorded: u64,
+    /// NAR bytes recorded.
+    pub nar_bytes: u64,
+    /// Paths that could not be ingested (bad hash, vanished from the store, ...).
+    pub ingest_failures: u64,
+    /// Spool files taken in since start.
+    pub spool_taken: u64,
+}

@@ -1,0 +1,134 @@
+//! The content-addressed NAR store: iroh-blobs' filesystem store, keyed by BLAKE3, behind our
+//! own interface (no iroh-blobs type leaves this module). NARs are streamed in as they are
+//! serialized, never held whole.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use iroh_blobs::Hash;
+use iroh_blobs::store::fs::FsStore;
+use tokio::io::{AsyncRead, AsyncSeek};
+use tokio::sync::mpsc;
+
+use crate::nix::nar::{self, NarDigests};
+
+/// Errors of the blob store.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    #[error("blob store: {0}")]
+    Store(String),
+    #[error("serializing {path}: {source}")]
+    Nar {
+        path: PathBuf,
+        source: nar::NarError,
+    },
+    #[error("blob store computed BLAKE3 {store} but the NAR writer {ours}")]
+    HashMismatch { store: String, ours: String },
+}
+
+fn store_err(e: impl std::fmt::Display) -> BlobError {
+    BlobError::Store(e.to_string())
+}
+
+/// A handle to the blob store; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct BlobStore {
+    store: FsStore,
+}
+
+/// The tag that keeps a NAR's blob alive.
+fn tag(hash: &[u8; 32]) -> String {
+    format!("nar/{}", Hash::from_bytes(*hash).to_hex())
+}
+
+/// A `std::io::Write` that hands each write to an async stream.
+struct ChannelWriter(mpsc::Sender<io::Result<Bytes>>);
+
+impl io::Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0
+            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "blob store stopped reading"))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl BlobStore {
+    /// Open (or create) the store in `dir`.
+    pub async fn open(dir: &Path) -> Result<Self, BlobError> {
+        let store = FsStore::load(dir).await.map_err(store_err)?;
+        Ok(BlobStore { store })
+    }
+
+    /// Serialize `path` to a NAR straight into the store; returns its size and hashes.
+    pub async fn import_nar(&self, path: PathBuf) -> Result<NarDigests, BlobError> {
+        let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
+        let src = path.clone();
+        let writer = tokio::task::spawn_blocking(move || {
+            let res = nar::dump_hashed(&src, ChannelWriter(tx.clone()));
+            if let Err(e) = &res {
+                // Abort the import rather than store a truncated NAR.
+                let _ = tx.blocking_send(Err(io::Error::other(e.to_string())));
+            }
+            res
+        });
+        let stream = tokio_stream_from(rx);
+        let added = self.store.add_stream(stream).await.temp_tag().await;
+        let digests = writer
+            .await
+            .map_err(store_err)?
+            .map_err(|source| BlobError::Nar { path, source })?;
+        let temp = added.map_err(store_err)?;
+        let hash = temp.hash();
+        if hash.as_bytes() != &digests.blake3 {
+            return Err(BlobError::HashMismatch {
+                store: hash.to_hex(),
+                ours: Hash::from_bytes(digests.blake3).to_hex(),
+            });
+        }
+        Ok(digests)
+    }
+
+    /// Keep the blob `hash` (pin it with a named tag), after its NAR was checked.
+    pub async fn keep(&self, hash: &[u8; 32]) -> Result<(), BlobError> {
+        self.store
+            .tags()
+            .set(tag(hash), Hash::from_bytes(*hash))
+            .await
+            .map_err(store_err)
+    }
+
+    /// Make every change so far durable (before recording it elsewhere).
+    pub async fn sync(&self) -> Result<(), BlobError> {
+        self.store.sync_db().await.map_err(store_err)
+    }
+
+    /// True if the whole blob is present.
+    pub async fn has(&self, hash: &[u8; 32]) -> Result<bool, BlobError> {
+        self.store
+            .has(Hash::from_bytes(*hash))
+            .await
+            .map_err(store_err)
+    }
+
+    /// A seekable reader over a present blob.
+    pub fn reader(&self, hash: &[u8; 32]) -> impl AsyncRead + AsyncSeek + Send + Unpin + 'static {
+        self.store.reader(Hash::from_bytes(*hash))
+    }
+
+    /// Flush and stop the store.
+    pub async fn shutdown(&self) -> Result<(), BlobError> {
+        self.store.shutdown().await.map_err(store_err)
+    }
+}
+
+/// An mpsc receiver as a `Stream` (without pulling in tokio-stream).
+fn tokio_stream_from(
+    mut rx: mpsc::Receiver<io::Result<Bytes>>,
+) -> impl futures::Stream<Item = io::Result<Bytes>> + Send + Sync + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

@@ -1,0 +1,261 @@
+//! The node's own database (redb): the durable queue of reports, the recorded paths, the
+//! append-only log of what was recorded (for catch-up), and counters. This module owns every
+//! table definition; redb types stay inside it. All calls block: run them off async threads.
+
+mod records;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
+
+pub use records::{Counters, PathRecord, QueueItem};
+
+/// Reports waiting to be ingested, by sequence number.
+const QUEUE: TableDefinition<u64, &[u8]> = TableDefinition::new("queue_v1");
+/// Recorded paths by hash part.
+const PATHS: TableDefinition<&str, &[u8]> = TableDefinition::new("paths_v1");
+/// Append-only log of recorded hash parts, by sequence number.
+const LOG: TableDefinition<u64, &str> = TableDefinition::new("log_v1");
+/// NAR sizes by BLAKE3 hash (the blobs the HTTP cache may serve).
+const BLOBS: TableDefinition<&[u8], u64> = TableDefinition::new("blobs_v1");
+/// Counters and sequence numbers.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta_v1");
+
+const QUEUE_NEXT: &str = "queue.next";
+const LOG_NEXT: &str = "log.next";
+const NAR_BYTES: &str = "nar.bytes";
+const FAILURES: &str = "failures";
+
+/// Errors of the node database.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("node database: {0}")]
+    Redb(#[from] redb::Error),
+    #[error("node database: undecodable record: {0}")]
+    Decode(#[from] postcard::Error),
+}
+
+macro_rules! redb_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for DbError {
+            fn from(e: $t) -> Self {
+                DbError::Redb(e.into())
+            }
+        }
+    )*};
+}
+redb_from!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// A handle to the node database; cheap to clone.
+#[derive(Clone)]
+pub struct Db {
+    db: Arc<Database>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Db")
+    }
+}
+
+fn bump(meta: &mut redb::Table<&str, u64>, key: &str, by: u64) -> Result<u64, DbError> {
+    let cur = meta.get(key)?.map(|v| v.value()).unwrap_or(0);
+    meta.insert(key, cur + by)?;
+    Ok(cur)
+}
+
+impl Db {
+    /// Open (or create) the database at `path`, creating every table.
+    pub fn open(path: &Path) -> Result<Self, DbError> {
+        let db = Database::create(path)?;
+        let tx = db.begin_write()?;
+        tx.open_table(QUEUE)?;
+        tx.open_table(PATHS)?;
+        tx.open_table(LOG)?;
+        tx.open_table(META)?;
+        tx.open_table(BLOBS)?;
+        tx.commit()?;
+        Ok(Db { db: Arc::new(db) })
+    }
+
+    /// Append reports to the queue in one fsync'd transaction.
+    pub fn enqueue(&self, items: &[QueueItem]) -> Result<(), DbError> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate)
+            .map_err(redb::Error::from)?;
+        {
+            let mut queue = tx.open_table(QUEUE)?;
+            let mut meta = tx.open_table(META)?;
+            let first = bump(&mut meta, QUEUE_NEXT, items.len() as u64)?;
+            for (i, item) in items.iter().enumerate() {
+                queue.insert(first + i as u64, postcard::to_allocvec(item)?.as_slice())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Up to `max` of the oldest queued reports.
+    pub fn queue_batch(&self, max: usize) -> Result<Vec<(u64, QueueItem)>, DbError> {
+        let tx = self.db.begin_read()?;
+        let queue = tx.open_table(QUEUE)?;
+        let mut out = Vec::new();
+        for entry in queue.iter()?.take(max) {
+            let (k, v) = entry?;
+            out.push((k.value(), postcard::from_bytes(v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Which of these hash parts are recorded.
+    pub fn known(&self, hash_parts: &[&str]) -> Result<Vec<bool>, DbError> {
+        let tx = self.db.begin_read()?;
+        let paths = tx.open_table(PATHS)?;
+        hash_parts
+            .iter()
+            .map(|h| Ok(paths.get(*h)?.is_some()))
+            .collect()
+    }
+
+    /// The record of one path, by hash part.
+    pub fn path(&self, hash_part: &str) -> Result<Option<PathRecord>, DbError> {
+        let tx = self.db.begin_read()?;
+        let paths = tx.open_table(PATHS)?;
+        match paths.get(hash_part)? {
+            Some(v) => Ok(Some(postcard::from_bytes(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The size of a recorded NAR, by its BLAKE3 hash.
+    pub fn nar_size(&self, blake3: &[u8; 32]) -> Result<Option<u64>, DbError> {
+        let tx = self.db.begin_read()?;
+        let blobs = tx.open_table(BLOBS)?;
+        Ok(blobs.get(blake3.as_slice())?.map(|v| v.value()))
+    }
+
+    /// In one fsync'd transaction: store `records` (appending each new one to the log), drop
+    /// the finished queue entries `done`, and count `failures`.
+    pub fn record(
+        &self,
+        done: &[u64],
+        records: &[PathRecord],
+        failures: u64,
+    ) -> Result<(), DbError> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate)
+            .map_err(redb::Error::from)?;
+        {
+            let mut paths = tx.open_table(PATHS)?;
+            let mut log = tx.open_table(LOG)?;
+            let mut meta = tx.open_table(META)?;
+            let mut queue = tx.open_table(QUEUE)?;
+            let mut blobs = tx.open_table(BLOBS)?;
+            for r in records {
+                let hash = hash_part(&r.store_path);
+                if paths.get(hash)?.is_some() {
+                    continue;
+                }
+                paths.insert(hash, postcard::to_allocvec(r)?.as_slice())?;
+                blobs.insert(r.blake3.as_slice(), r.nar_size)?;
+                let seq = bump(&mut meta, LOG_NEXT, 1)?;
+                log.insert(seq, hash)?;
+                bump(&mut meta, NAR_BYTES, r.nar_size)?;
+            }
+            for seq in done {
+                queue.remove(*seq)?;
+            }
+            if failures > 0 {
+                bump(&mut meta, FAILURES, failures)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Current counters.
+    pub fn counters(&self) -> Result<Counters, DbError> {
+        let tx = self.db.begin_read()?;
+        let meta = tx.open_table(META)?;
+        let get = |k| -> Result<u64, DbError> { Ok(meta.get(k)?.map(|v| v.value()).unwrap_or(0)) };
+        Ok(Counters {
+            queue_depth: tx.open_table(QUEUE)?.len()?,
+            paths: tx.open_table(PATHS)?.len()?,
+            nar_bytes: get(NAR_BYTES)?,
+            failures: get(FAILURES)?,
+        })
+    }
+}
+
+/// The hash part of a full store path (the record's key).
+fn hash_part(full: &str) -> &str {
+    let base = full.rsplit('/').next().unwrap_or(full);
+    base.get(..crate::nix::store_path::HASH_LEN).unwrap_or(base)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(h: &str, size: u64) -> PathRecord {
+        PathRecord {
+            store_path: format!("/nix/store/{h}-x"),
+            narinfo: String::new(),
+            blake3: [0; 32],
+            nar_size: size,
+            recorded_at: 0,
+        }
+    }
+
+    #[test]
+    fn queue_record_and_counters_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let h1 = "a".repeat(32);
+        {
+            let db = Db::open(&path).unwrap();
+            let item = QueueItem {
+                drv: None,
+                outs: vec!["/nix/store/x".into()],
+            };
+            db.enqueue(&[item.clone(), item.clone()]).unwrap();
+            let batch = db.queue_batch(10).unwrap();
+            assert_eq!(batch.len(), 2);
+            db.record(&[batch[0].0], &[rec(&h1, 10), rec(&h1, 10)], 1)
+                .unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        let c = db.counters().unwrap();
+        assert_eq!(
+            c,
+            Counters {
+                queue_depth: 1,
+                paths: 1,
+                nar_bytes: 10,
+                failures: 1
+            }
+        );
+        assert_eq!(db.known(&[&h1, "b"]).unwrap(), vec![true, false]);
+        assert_eq!(db.path(&h1).unwrap().unwrap().nar_size, 10);
+        let item = QueueItem {
+            drv: None,
+            outs: vec![],
+        };
+        db.enqueue(&[item]).unwrap();
+        let seqs: Vec<u64> = db.queue_batch(10).unwrap().iter().map(|x| x.0).collect();
+        assert_eq!(
+            seqs,
+            vec![1, 2],
+            "sequence numbers keep growing across restarts"
+        );
+    }
+}

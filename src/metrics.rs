@@ -1,0 +1,124 @@
+//! The node's Prometheus metrics: one registry, owned here, rendered at `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of HTTP metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub route: &'static str,
+    pub status: u16,
+}
+
+/// Labels of HTTP latency.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+}
+
+/// Every metric the node exports.
+pub struct Metrics {
+    registry: Registry,
+    pub queue_depth: Gauge,
+    pub paths_recorded: Counter,
+    pub nar_bytes: Counter,
+    pub ingest_failures: Counter,
+    pub hook_reports: Counter,
+    pub socket_errors: Counter,
+    pub spool_taken: Counter,
+    pub batch_seconds: Histogram,
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub http_seconds: Family<RouteLabels, Histogram>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("narmesh");
+        let m = Metrics {
+            queue_depth: Gauge::default(),
+            paths_recorded: Counter::default(),
+            nar_bytes: Counter::default(),
+            ingest_failures: Counter::default(),
+            hook_reports: Counter::default(),
+            socket_errors: Counter::default(),
+            spool_taken: Counter::default(),
+            batch_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            http_requests: Family::default(),
+            http_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.00005, 2.0, 16))
+            }),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "queue_depth",
+            "Reports waiting in the durable queue",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "paths_recorded",
+            "Store paths recorded, signed and servable",
+            m.paths_recorded.clone(),
+        );
+        registry.register("nar_bytes", "NAR bytes recorded", m.nar_bytes.clone());
+        registry.register(
+            "ingest_failures",
+            "Paths that could not be ingested",
+            m.ingest_failures.clone(),
+        );
+        registry.register(
+            "hook_reports",
+            "Hook reports received on the socket",
+            m.hook_reports.clone(),
+        );
+        registry.register(
+            "socket_errors",
+            "Malformed frames on the socket",
+            m.socket_errors.clone(),
+        );
+        registry.register(
+            "spool_taken",
+            "Spooled hook reports taken in",
+            m.spool_taken.clone(),
+        );
+        registry.register(
+            "pipeline_batch_seconds",
+            "Time to ingest one batch",
+            m.batch_seconds.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "HTTP requests by route and status",
+            m.http_requests.clone(),
+        );
+        registry.register(
+            "http_request_seconds",
+            "HTTP request latency by route",
+            m.http_seconds.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

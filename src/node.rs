@@ -1,0 +1,206 @@
+//! `narmesh serve`: builds the node's parts, runs them, and owns the shutdown order
+//! (stop taking requests -> finish the batch in hand -> close the blob store).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use narmesh_proto::control::StatusReport;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{Notify, broadcast};
+use tokio_util::sync::CancellationToken;
+
+use crate::blobs::BlobStore;
+use crate::config::Config;
+use crate::db::Db;
+use crate::http::{self, HttpState};
+use crate::ingest::Ingest;
+use crate::metrics::Metrics;
+use crate::nix::SecretKey;
+use crate::pipeline::Pipeline;
+use crate::queue::QueueHandle;
+use crate::store::LocalStore;
+
+/// Run the node until SIGINT or SIGTERM.
+pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let cancel = CancellationToken::new();
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        stop.cancel();
+    });
+    run(cfg, cancel).await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Run the node until `cancel` fires.
+pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
+    create_private_dir(&cfg.data_dir)?;
+    let spool = cfg.spool_dir();
+    std::fs::create_dir_all(&spool)
+        .with_context(|| format!("creating spool dir {}", spool.display()))?;
+    let key = load_or_make_key(&cfg)?;
+    println!("narmesh: public key {}", key.public());
+    let db = Db::open(&cfg.data_dir.join("narmesh.redb")).context("opening the node database")?;
+    let blobs = BlobStore::open(&cfg.data_dir.join("blobs"))
+        .await
+        .context("opening the blob store")?;
+    // Ingest and pipeline each get their own connection, so a slow batch never delays a hook.
+    let open_store = || Arc::new(LocalStore::new(&cfg.nix.store_root));
+    let metrics = Arc::new(Metrics::new());
+    let wake = Arc::new(Notify::new());
+    let (queue, queue_task) = QueueHandle::spawn(db.clone(), wake.clone());
+    let (recorded, _) = broadcast::channel(4096);
+
+    let mut http_addrs = Vec::new();
+    let mut http_listeners = Vec::new();
+    for addr in &cfg.http.listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding HTTP on {addr}"))?;
+        http_addrs.push(l.local_addr()?.to_string());
+        http_listeners.push(l);
+    }
+    let socket = bind_socket(&cfg.socket)?;
+    let status = StatusReport {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        public_key: key.public().to_string(),
+        socket: cfg.socket.display().to_string(),
+        http_listen: http_addrs.clone(),
+        ..Default::default()
+    };
+    let ingest = Ingest {
+        queue,
+        db: db.clone(),
+        store: open_store(),
+        metrics: metrics.clone(),
+        status: Arc::new(status),
+    };
+    let pipeline = Pipeline {
+        db: db.clone(),
+        store: open_store(),
+        blobs: blobs.clone(),
+        key,
+        upstream: cfg.upstream_trusted_keys()?,
+        workers: cfg.pipeline.workers,
+        batch: cfg.pipeline.batch,
+        wake,
+        metrics: metrics.clone(),
+        recorded,
+    };
+    let http_state = HttpState {
+        db: db.clone(),
+        blobs: blobs.clone(),
+        metrics: metrics.clone(),
+        cache_info: format!(
+            "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {}\n",
+            cfg.http.priority
+        )
+        .into(),
+    };
+
+    let tasks = tokio_util::task::TaskTracker::new();
+    let front = CancellationToken::new();
+    for l in http_listeners {
+        let (st, c) = (http_state.clone(), front.clone());
+        tasks.spawn(async move {
+            if let Err(e) = http::serve(l, st, c).await {
+                tracing::error!("http server: {e}");
+            }
+        });
+    }
+    tasks.spawn(ingest.clone().serve_socket(socket, front.clone()));
+    tasks.spawn(ingest.watch_spool(spool, front.clone()));
+    let back = CancellationToken::new();
+    let pipeline_task = tokio::spawn(pipeline.run(back.clone()));
+    tracing::info!(
+        "serving: socket {}, http {}",
+        cfg.socket.display(),
+        http_addrs.join(", ")
+    );
+
+    cancel.cancelled().await;
+    front.cancel();
+    tasks.close();
+    tasks.wait().await;
+    back.cancel();
+    let _ = pipeline_task.await;
+    queue_task.abort();
+    let _ = std::fs::remove_file(&cfg.socket);
+    blobs.shutdown().await.context("closing the blob store")?;
+    Ok(())
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating data dir {}", dir.display()))
+}
+
+/// Bind the Unix socket, replacing a stale one left by a killed node.
+fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        anyhow::bail!("another node is already listening on {}", path.display());
+    }
+    let _ = std::fs::remove_file(path);
+    let l =
+        UnixListener::bind(path).with_context(|| format!("binding socket {}", path.display()))?;
+    // Any local user's Nix may report builds; reports name store paths only, which are checked.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(l)
+}
+
+/// The configured key, or the node's own (made once, kept in the data dir).
+fn load_or_make_key(cfg: &Config) -> anyhow::Result<SecretKey> {
+    let path: PathBuf = match &cfg.secret_key_file {
+        Some(p) => p.clone(),
+        None => {
+            let p = cfg.data_dir.join("secret-key");
+            if !p.exists() {
+                let name = cfg
+                    .key_name
+                    .clone()
+                    .unwrap_or_else(|| format!("{}-1", hostname()));
+                let key = SecretKey::generate(&name)?;
+                crate::cli::write_file(&p, key.to_nix_string().as_bytes(), 0o600)
+                    .with_context(|| format!("writing {}", p.display()))?;
+                tracing::info!("made a signing key {} in {}", key.public(), p.display());
+            }
+            p
+        }
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading secret key {}", path.display()))?;
+    text.parse()
+        .with_context(|| format!("secret key {}", path.display()))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty() && crate::nix::SecretKey::generate(h).is_ok())
+        .unwrap_or_else(|| "narmesh".to_owned())
+}

@@ -1,0 +1,291 @@
+//! The pipeline: queued reports -> closures -> metadata from the store database -> NAR streamed
+//! into the blob store (sha256 checked against the database's narHash) -> signed narinfo ->
+//! one redb commit per batch. Work resumes after a crash from what redb says: a report leaves
+//! the queue only in the commit that records its paths.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt as _;
+use tokio::sync::{Notify, broadcast};
+use tokio_util::sync::CancellationToken;
+
+use crate::blobs::BlobStore;
+use crate::db::{Db, PathRecord, QueueItem};
+use crate::metrics::Metrics;
+use crate::nix::store_db::{PathInfo, StoreDb};
+use crate::nix::{NarInfo, SecretKey, StorePath, TrustedKeys};
+use crate::store::LocalStore;
+
+/// What the pipeline needs; built by the node.
+pub struct Pipeline {
+    pub db: Db,
+    pub store: Arc<LocalStore>,
+    pub blobs: BlobStore,
+    pub key: SecretKey,
+    pub upstream: TrustedKeys,
+    pub workers: usize,
+    pub batch: usize,
+    pub wake: Arc<Notify>,
+    pub metrics: Arc<Metrics>,
+    /// Every newly recorded path, for whoever listens (the mesh).
+    pub recorded: broadcast::Sender<PathRecord>,
+}
+
+/// A transient failure: the batch is retried.
+type Retry = String;
+
+impl Pipeline {
+    /// Ingest queued reports until cancelled; finishes the batch in hand first.
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if cancel.is_cancelled() {
+                return;
+            }
+            match self.step().await {
+                Ok(true) => backoff = Duration::from_millis(100),
+                Ok(false) => {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("pipeline: {e}; retrying in {backoff:?}");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    /// Process one batch; false if the queue was empty.
+    async fn step(&self) -> Result<bool, Retry> {
+        let db = self.db.clone();
+        let max = self.batch;
+        let batch = blocking(move || db.queue_batch(max).map_err(|e| e.to_string())).await?;
+        self.metrics.queue_depth.set(self.db_depth().await);
+        if batch.is_empty() {
+            return Ok(false);
+        }
+        let started = Instant::now();
+        let (todo, mut failures) = self
+            .plan(batch.iter().map(|(_, i)| i.clone()).collect())
+            .await?;
+        let mut records = Vec::with_capacity(todo.len());
+        let mut results = futures::stream::iter(todo)
+            .map(|info| self.ingest_one(info))
+            .buffered(self.workers);
+        while let Some(res) = results.next().await {
+            match res {
+                Ok(r) => records.push(r),
+                Err(Failure::Path(why)) => {
+                    tracing::error!("ingest: {why}");
+                    failures += 1;
+                }
+                Err(Failure::Retry(why)) => return Err(why),
+            }
+        }
+        drop(results);
+        for r in &records {
+            self.blobs
+                .keep(&r.blake3)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        self.blobs.sync().await.map_err(|e| e.to_string())?;
+        let done: Vec<u64> = batch.iter().map(|(seq, _)| *seq).collect();
+        let db = self.db.clone();
+        let recs = records.clone();
+        blocking(move || db.record(&done, &recs, failures).map_err(|e| e.to_string())).await?;
+        let bytes: u64 = records.iter().map(|r| r.nar_size).sum();
+        self.metrics.paths_recorded.inc_by(records.len() as u64);
+        self.metrics.nar_bytes.inc_by(bytes);
+        self.metrics.ingest_failures.inc_by(failures);
+        self.metrics
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        tracing::info!(
+            "recorded {} path(s), {} NAR bytes, {} failure(s) from {} report(s) in {:?}",
+            records.len(),
+            bytes,
+            failures,
+            batch.len(),
+            started.elapsed()
+        );
+        for r in records {
+            let _ = self.recorded.send(r);
+        }
+        Ok(true)
+    }
+
+    async fn db_depth(&self) -> i64 {
+        let db = self.db.clone();
+        blocking(move || db.counters().map_err(|e| e.to_string()))
+            .await
+            .map(|c| c.queue_depth as i64)
+            .unwrap_or(0)
+    }
+
+    /// Closures of the reports, minus known and upstream-signed paths, references first.
+    async fn plan(&self, items: Vec<QueueItem>) -> Result<(Vec<PathInfo>, u64), Retry> {
+        let store = self.store.clone();
+        let db = self.db.clone();
+        let upstream = self.upstream.clone();
+        blocking(move || {
+            store
+                .with(|sdb| plan_blocking(sdb, &db, &upstream, &items))
+                .map_err(|e| e.to_string())?
+        })
+        .await
+    }
+
+    /// NAR -> blob store -> checked -> signed narinfo.
+    async fn ingest_one(&self, info: PathInfo) -> Result<PathRecord, Failure> {
+        let real = self.store.real_path(&info.path);
+        let d = match self.blobs.import_nar(real).await {
+            Ok(d) => d,
+            Err(crate::blobs::BlobError::Nar { path, source }) => {
+                return Err(Failure::Path(format!(
+                    "{}: {source} ({})",
+                    info.path,
+                    path.display()
+                )));
+            }
+            Err(e) => return Err(Failure::Retry(e.to_string())),
+        };
+        if d.sha256 != info.nar_hash || d.nar_size != info.nar_size {
+            return Err(Failure::Path(format!(
+                "{}: NAR is {} ({} bytes) but the store database says {} ({} bytes); not recorded",
+                info.path, d.sha256, d.nar_size, info.nar_hash, info.nar_size
+            )));
+        }
+        let mut narinfo = NarInfo {
+            store_path: info.path.clone(),
+            url: nar_url(&d.blake3),
+            compression: "none".into(),
+            file_hash: Some(d.sha256),
+            file_size: Some(d.nar_size),
+            nar_hash: d.sha256,
+            nar_size: d.nar_size,
+            references: info.references,
+            deriver: info.deriver,
+            sigs: info.sigs,
+            ca: info.ca,
+        };
+        narinfo.sign(&self.key);
+        Ok(PathRecord {
+            store_path: info.path.full(),
+            narinfo: narinfo.render(),
+            blake3: d.blake3,
+            nar_size: d.nar_size,
+            recorded_at: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        })
+    }
+}
+
+enum Failure {
+    /// This path cannot be ingested; the rest of the batch goes on.
+    Path(String),
+    /// Something transient (disk, blob store): retry the batch.
+    Retry(String),
+}
+
+/// The URL a narinfo names for a NAR stored under `blake3`.
+pub fn nar_url(blake3: &[u8; 32]) -> String {
+    let hex: String = blake3.iter().map(|b| format!("{b:02x}")).collect();
+    format!("nar/{hex}.nar")
+}
+
+/// See [`Pipeline::plan`]; the outer error is the store database's, the inner one ours.
+fn plan_blocking(
+    store: &StoreDb,
+    db: &Db,
+    upstream: &TrustedKeys,
+    items: &[QueueItem],
+) -> Result<Result<(Vec<PathInfo>, u64), Retry>, crate::nix::store_db::StoreDbError> {
+    let mut failures = 0;
+    let mut roots = Vec::new();
+    for item in items {
+        match resolve(store, item) {
+            Ok(r) => roots.extend(r),
+            Err(why) => {
+                tracing::error!("ingest: {why}");
+                failures += 1;
+            }
+        }
+    }
+    let closure = store.closure(&roots)?;
+    let hashes: Vec<&str> = closure.iter().map(|p| p.hash_part()).collect();
+    let known = match db.known(&hashes) {
+        Ok(k) => k,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    let unknown: Vec<StorePath> = closure
+        .iter()
+        .zip(known)
+        .filter(|(_, k)| !k)
+        .map(|(p, _)| p.clone())
+        .collect();
+    let infos = store.query_paths(&unknown)?;
+    let mut seen = HashSet::new();
+    let mut todo: Vec<PathInfo> = infos
+        .into_iter()
+        .flatten()
+        .filter(|i| !upstream_signed(i, upstream))
+        .filter(|i| seen.insert(i.path.clone()))
+        .collect();
+    // Breadth first from the roots, reversed: references before their referrers.
+    todo.reverse();
+    Ok(Ok((todo, failures)))
+}
+
+/// The output paths a queued report stands for.
+fn resolve(store: &StoreDb, item: &QueueItem) -> Result<Vec<StorePath>, String> {
+    if !item.outs.is_empty() {
+        return item
+            .outs
+            .iter()
+            .map(|o| StorePath::parse(o).map_err(|e| e.to_string()))
+            .collect();
+    }
+    let drv = item.drv.as_deref().ok_or("report without paths")?;
+    let drv = StorePath::parse(drv).map_err(|e| e.to_string())?;
+    let outs = store.derivation_outputs(&drv).map_err(|e| e.to_string())?;
+    if outs.is_empty() {
+        return Err(format!("{drv} has no recorded outputs"));
+    }
+    Ok(outs.into_iter().map(|(_, p)| p).collect())
+}
+
+/// True if a key in `upstream` signed this path: it is public already.
+fn upstream_signed(info: &PathInfo, upstream: &TrustedKeys) -> bool {
+    !upstream.is_empty()
+        && upstream.names_any(&info.sigs)
+        && upstream.verifies(
+            &crate::nix::narinfo::fingerprint(
+                &info.path,
+                &info.nar_hash,
+                info.nar_size,
+                &info.references,
+            ),
+            &info.sigs,
+        )
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Retry> + Send + 'static,
+) -> Result<T, Retry> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| e.to_string())?
+}

@@ -1,0 +1,63 @@
+//! The durable queue writer: an actor that group-commits reports into redb, so a burst of hook
+//! calls shares one fsync. A report is acknowledged only after its commit.
+
+use std::sync::Arc;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::db::{Db, QueueItem};
+
+type Reply = oneshot::Sender<Result<(), String>>;
+
+/// Handle to the queue writer; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct QueueHandle {
+    tx: mpsc::Sender<(Vec<QueueItem>, Reply)>,
+}
+
+/// Reports merged into one commit at the most.
+const MAX_GROUP: usize = 512;
+
+impl QueueHandle {
+    /// Start the writer; `wake` is notified after every commit (the pipeline listens).
+    pub fn spawn(db: Db, wake: Arc<Notify>) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(1024);
+        let task = tokio::spawn(run(db, rx, wake));
+        (QueueHandle { tx }, task)
+    }
+
+    /// Durably queue `items`; returns once they are committed (fsync'd).
+    pub async fn enqueue(&self, items: Vec<QueueItem>) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send((items, reply))
+            .await
+            .map_err(|_| "the node is shutting down".to_owned())?;
+        rx.await
+            .map_err(|_| "the node is shutting down".to_owned())?
+    }
+}
+
+async fn run(db: Db, mut rx: mpsc::Receiver<(Vec<QueueItem>, Reply)>, wake: Arc<Notify>) {
+    while let Some(first) = rx.recv().await {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(next) => group.push(next),
+                Err(_) => break,
+            }
+        }
+        let items: Vec<QueueItem> = group.iter().flat_map(|(i, _)| i.iter().cloned()).collect();
+        let db = db.clone();
+        let res = tokio::task::spawn_blocking(move || db.enqueue(&items))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Err(e) = &res {
+            tracing::error!("queue commit failed: {e}");
+        }
+        for (_, reply) in group {
+            let _ = reply.send(res.clone());
+        }
+        wake.notify_one();
+    }
+}

@@ -1,0 +1,341 @@
+//! The node end to end with the real Nix: hook -> durable queue -> signed NARs -> local HTTP
+//! substituter; the node down (spool), killed with SIGKILL mid-burst, and fed bad input.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use narmesh::nix::StorePath;
+use narmesh::nix::store_db::StoreDb;
+use narmesh_proto::control::{Request, Response};
+use narmesh_proto::hook::HookReport;
+
+use crate::harness::{NixHost, http, run_ok, wait_until};
+use crate::node_harness::Node;
+
+/// Three chained derivations and a tree that references the chain's end.
+const CHAIN: &str = r#"
+  let
+    a = mk "chain-a" "echo a > $out";
+    b = mk "chain-b" "echo ${a} > $out";
+    c = mk "chain-c" "mkdir -p $out/bin; echo ${b} > $out/ref; printf '#!/bin/sh\n' > $out/bin/x; chmod +x $out/bin/x";
+  in mk "chain-top" "mkdir $out; ln -s ${c}/bin/x $out/run; echo ${c} > $out/ref; head -c 3000000 /dev/urandom > $out/blob"
+"#;
+
+fn closure(host: &NixHost, roots: &[StorePath]) -> Vec<String> {
+    let db = StoreDb::open(&host.root).expect("store db");
+    db.closure(roots)
+        .expect("closure")
+        .iter()
+        .map(|p| p.full())
+        .collect()
+}
+
+/// Host B, substituting only from `node`, gets `top` and verifies it.
+fn substitute_from(node: &Node, top: &StorePath) {
+    let b = NixHost::substituter(&format!("http://{}", node.http), &node.status().public_key);
+    run_ok(b.cmd("nix-store").args(["-r", &top.full()]));
+    run_ok(b.cmd("nix-store").args(["--verify-path", &top.full()]));
+    let all = closure(&b, std::slice::from_ref(top));
+    assert_eq!(all.len(), 4, "B holds the whole closure: {all:?}");
+}
+
+#[test]
+fn builds_are_substitutable_from_the_node() {
+    let t = tempfile::tempdir().unwrap();
+    let mut node = Node::new(&t.path().join("node"), &t.path().join("unused"));
+    let a = NixHost::with_hook(&node.socket(), &node.spool());
+    node.store_root = a.root.clone();
+    node.start();
+    let top = a.build(CHAIN)[0].clone();
+    let paths = closure(&a, std::slice::from_ref(&top));
+    assert_eq!(paths.len(), 4);
+    wait_until(30, "the closure to be served", || node.serves(&paths));
+    assert!(
+        !node.spool().exists() || std::fs::read_dir(node.spool()).unwrap().next().is_none(),
+        "nothing spooled"
+    );
+    substitute_from(&node, &top);
+
+    // The NAR is served whole and by range, matching Nix's own serialization.
+    let (code, _, info) = http(
+        &node.http,
+        "GET",
+        &format!("/{}.narinfo", top.hash_part()),
+        &[],
+    );
+    assert_eq!(code, 200);
+    let info = narmesh::nix::NarInfo::parse(std::str::from_utf8(&info).unwrap()).unwrap();
+    let nar = a.dump(&top);
+    let (code, hdrs, body) = http(&node.http, "GET", &format!("/{}", info.url), &[]);
+    assert_eq!(code, 200);
+    assert!(body == nar, "served NAR equals nix's");
+    assert!(
+        hdrs.iter()
+            .any(|(k, v)| k == "accept-ranges" && v == "bytes")
+    );
+    let (code, hdrs, body) = http(
+        &node.http,
+        "GET",
+        &format!("/{}", info.url),
+        &[("Range", "bytes=100-2099")],
+    );
+    assert_eq!(code, 206);
+    assert!(body == nar[100..2100], "range body");
+    let want = format!("bytes 100-2099/{}", nar.len());
+    assert!(
+        hdrs.iter().any(|(k, v)| k == "content-range" && *v == want),
+        "{hdrs:?}"
+    );
+    let (code, _, _) = http(&node.http, "HEAD", &format!("/{}", info.url), &[]);
+    assert_eq!(code, 200);
+    let (code, _, metrics) = http(&node.http, "GET", "/metrics", &[]);
+    assert_eq!(code, 200);
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert!(
+        metrics.contains("narmesh_paths_recorded_total 4"),
+        "{metrics}"
+    );
+    node.stop();
+}
+
+#[test]
+fn node_down_builds_succeed_and_spooled_paths_arrive_later() {
+    let t = tempfile::tempdir().unwrap();
+    let mut node = Node::new(&t.path().join("node"), &t.path().join("unused"));
+    let a = NixHost::with_hook(&node.socket(), &node.spool());
+    node.store_root = a.root.clone();
+    // No node: every hook call must still exit 0, quickly, having spooled its report.
+    let started = Instant::now();
+    let top = a.build(CHAIN)[0].clone();
+    let took = started.elapsed();
+    let spooled: Vec<_> = std::fs::read_dir(node.spool()).unwrap().collect();
+    assert_eq!(spooled.len(), 4, "one spool file per build");
+    assert!(took < Duration::from_secs(60), "builds took {took:?}");
+    node.start();
+    let paths = closure(&a, std::slice::from_ref(&top));
+    wait_until(30, "spooled paths to be served", || node.serves(&paths));
+    assert_eq!(node.status().spool_taken, 4);
+    let left: Vec<_> = std::fs::read_dir(node.spool())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_file())
+        .collect();
+    assert!(left.is_empty(), "spool emptied: {left:?}");
+    substitute_from(&node, &top);
+}
+
+#[test]
+fn sigkill_mid_burst_loses_nothing_acknowledged() {
+    let t = tempfile::tempdir().unwrap();
+    let a = NixHost::new("");
+    let outs = a
+        .build(r#"builtins.genList (i: mk "burst-${toString i}" "echo ${toString i} > $out") 120"#);
+    assert_eq!(outs.len(), 120);
+    let mut node = Node::new(&t.path().join("node"), &a.root);
+    node.start();
+    let socket = node.socket();
+    // Four senders report paths one by one, as concurrent hooks would; the node dies mid-burst.
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let senders: Vec<_> = outs
+        .chunks(30)
+        .map(|chunk| {
+            let chunk: Vec<String> = chunk.iter().map(|p| p.full()).collect();
+            let (socket, acked) = (socket.clone(), acked.clone());
+            std::thread::spawn(move || {
+                for p in chunk {
+                    let report = Request::Hook(HookReport {
+                        drv_path: None,
+                        out_paths: vec![p.clone()],
+                    });
+                    let env = narmesh_proto::control::Envelope {
+                        version: 1,
+                        request: report,
+                    };
+                    let Ok(mut s) = UnixStream::connect(&socket) else {
+                        continue;
+                    };
+                    if narmesh_proto::frame::write_frame(&mut s, &env).is_err() {
+                        continue;
+                    }
+                    if let Ok(Response::Accepted { .. }) = narmesh_proto::frame::read_frame(&mut s)
+                    {
+                        acked.lock().unwrap().push(p);
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        })
+        .collect();
+    wait_until(30, "some acknowledgements", || {
+        acked.lock().unwrap().len() >= 25
+    });
+    node.kill9();
+    for s in senders {
+        s.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() >= 25 && acked.len() < 120,
+        "killed mid-burst: {} acked",
+        acked.len()
+    );
+    node.start();
+    wait_until(
+        60,
+        "every acknowledged path to be served after restart",
+        || node.serves(&acked),
+    );
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_loses_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let a = NixHost::new("");
+    let good = a.build(r#"mk "good" "echo good > $out""#)[0].clone();
+    let mut node = Node::new(&t.path().join("node"), &a.root);
+    node.start();
+    assert!(matches!(
+        node.call(Request::Push {
+            paths: vec![good.full()]
+        })
+        .unwrap(),
+        Response::Accepted { .. }
+    ));
+    wait_until(30, "the good path", || node.serves(&[good.full()]));
+
+    let refused = |req: Request| match node.call(req).unwrap() {
+        Response::Error { message } => message,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let m = refused(Request::Push {
+        paths: vec!["/etc/passwd".into()],
+    });
+    assert!(m.contains("not in the store directory"), "{m}");
+    let m = refused(Request::Push {
+        paths: vec!["/nix/store/00000000000000000000000000000000-absent".into()],
+    });
+    assert!(m.contains("not a valid path"), "{m}");
+    let m = refused(Request::Hook(HookReport {
+        drv_path: None,
+        out_paths: vec![],
+    }));
+    assert!(m.contains("names no path"), "{m}");
+    let m = refused(Request::Hook(HookReport {
+        drv_path: Some(good.full()),
+        out_paths: vec![],
+    }));
+    assert!(m.contains("not a derivation"), "{m}");
+    // A partly bad report is refused whole.
+    refused(Request::Push {
+        paths: vec![good.full(), "/nix/store/x".into()],
+    });
+
+    let raw = |bytes: &[u8]| -> Vec<u8> {
+        let mut s = UnixStream::connect(node.socket()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+        let _ = s.write_all(bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        out
+    };
+    let answer =
+        |out: Vec<u8>| -> Option<Response> { narmesh_proto::frame::read_frame(&mut &out[..]).ok() };
+    // Garbage payload, oversized length, zero length, a truncated frame, an unknown version.
+    for bytes in [
+        vec![5, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff],
+        vec![0xff, 0xff, 0xff, 0x7f, 1, 2, 3],
+        vec![0, 0, 0, 0],
+        vec![100, 0, 0, 0, 1, 2],
+    ] {
+        let out = raw(&bytes);
+        assert!(
+            matches!(answer(out.clone()), Some(Response::Error { .. }) | None),
+            "{out:?}"
+        );
+    }
+    let future = narmesh_proto::frame::encode(&narmesh_proto::control::Envelope {
+        version: 999,
+        request: Request::Status,
+    })
+    .unwrap();
+    match answer(raw(&future)) {
+        Some(Response::Error { message }) => assert!(
+            message.contains("unsupported protocol version"),
+            "{message}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // HTTP: traversal and junk never touch anything.
+    for (target, want) in [
+        ("/../../etc/passwd", 400),
+        ("/nar/..%2f..%2fetc%2fpasswd", 400),
+        ("/%2e%2e/secret-key", 400),
+        ("/secret-key", 404),
+        ("/narmesh.redb", 404),
+        ("/00000000000000000000000000000000.narinfo", 404),
+        ("/nar/0000.nar", 404),
+        (&format!("/nar/{}.nar", "0".repeat(64)), 404),
+    ] {
+        let (code, _, _) = http(&node.http, "GET", target, &[]);
+        assert_eq!(code, want, "{target}");
+    }
+    let (code, _, _) = http(&node.http, "DELETE", "/nix-cache-info", &[]);
+    assert_eq!(code, 405);
+    // Still running, still serving what it accepted.
+    assert!(node.serves(&[good.full()]));
+    assert!(node.status().paths_recorded >= 1);
+    node.stop();
+}
+
+#[test]
+fn hook_never_fails_nor_blocks_past_its_deadline() {
+    let t = tempfile::tempdir().unwrap();
+    let spool = t.path().join("spool");
+    let hook = |socket: &std::path::Path| {
+        let started = Instant::now();
+        let out = std::process::Command::new(crate::harness::bin("narmesh-hook"))
+            .env(
+                "DRV_PATH",
+                "/nix/store/00000000000000000000000000000000-x.drv",
+            )
+            .env("OUT_PATHS", "")
+            .env("NARMESH_SOCKET", socket)
+            .env("NARMESH_SPOOL", &spool)
+            .env("NARMESH_HOOK_TIMEOUT_MS", "300")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "hook exit status {}", out.status);
+        assert!(out.stdout.is_empty(), "the hook writes nothing to stdout");
+        (
+            started.elapsed(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // No node at all.
+    let (_, err) = hook(&t.path().join("absent.sock"));
+    assert!(err.contains("spooled"), "{err}");
+    // A node that accepts but never answers (a stalled node; the real one cannot be made to stall).
+    let stalled = t.path().join("stalled.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&stalled).unwrap();
+    let held = std::thread::spawn(move || {
+        let conn = listener.accept();
+        std::thread::sleep(Duration::from_secs(5));
+        drop(conn);
+    });
+    let (took, err) = hook(&stalled);
+    assert!(err.contains("spooled"), "{err}");
+    assert!(
+        took < Duration::from_secs(4),
+        "the hook waited {took:?} for a stalled node"
+    );
+    drop(held);
+    let frames = std::fs::read_dir(&spool)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "frame"))
+        .count();
+    assert_eq!(frames, 2, "both reports spooled");
+}

@@ -1,0 +1,158 @@
+//! Running real `narmesh serve` processes for tests: start, query over the socket, SIGTERM or
+//! SIGKILL, restart on the same data.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use narmesh_proto::control::{Envelope, Request, Response, StatusReport};
+use narmesh_proto::frame;
+
+use crate::harness::{bin, wait_until};
+
+/// A node process and its directories (kept across restarts).
+pub struct Node {
+    pub dir: PathBuf,
+    pub store_root: PathBuf,
+    pub extra_config: String,
+    child: Option<Child>,
+    pub http: String,
+}
+
+impl Node {
+    /// Paths of a node living in `dir` for the store at `store_root`; not started.
+    pub fn new(dir: &Path, store_root: &Path) -> Self {
+        std::fs::create_dir_all(dir).expect("mkdir node dir");
+        Node {
+            dir: dir.to_owned(),
+            store_root: store_root.to_owned(),
+            extra_config: String::new(),
+            child: None,
+            http: String::new(),
+        }
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("node.sock")
+    }
+
+    pub fn spool(&self) -> PathBuf {
+        self.dir.join("spool")
+    }
+
+    fn config_file(&self) -> PathBuf {
+        let path = self.dir.join("narmesh.toml");
+        let text = format!(
+            "data-dir = {:?}\nsocket = {:?}\nspool-dir = {:?}\nupstream-keys = []\n{}\n[nix]\nstore-root = {:?}\n[http]\nlisten = [\"127.0.0.1:0\"]\n",
+            self.dir.join("data"),
+            self.socket(),
+            self.spool(),
+            self.extra_config,
+            self.store_root,
+        );
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    /// Start the process and wait until it answers on its socket.
+    pub fn start(&mut self) -> &mut Self {
+        assert!(self.child.is_none(), "node already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("node.log"))
+            .expect("log file");
+        let child = Command::new(bin("narmesh"))
+            .args(["serve", "--config"])
+            .arg(self.config_file())
+            .env("NARMESH_LOG", "info,narmesh=debug")
+            .env_remove("NARMESH_SOCKET")
+            .env_remove("NARMESH_SPOOL")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn narmesh serve");
+        self.child = Some(child);
+        let mut status = None;
+        wait_until(60, "the node to answer on its socket", || {
+            if let Some(c) = self.child.as_mut() {
+                assert!(
+                    c.try_wait().ok().flatten().is_none(),
+                    "node exited; log:\n{}",
+                    self.log()
+                );
+            }
+            status = self.try_status();
+            status.is_some()
+        });
+        self.http = status.expect("status").http_listen[0].clone();
+        self
+    }
+
+    /// The node's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
+    }
+
+    /// One request over the socket.
+    pub fn call(&self, request: Request) -> std::io::Result<Response> {
+        let mut s = std::os::unix::net::UnixStream::connect(self.socket())?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+        let env = Envelope {
+            version: narmesh_proto::PROTOCOL_VERSION,
+            request,
+        };
+        frame::write_frame(&mut s, &env).map_err(std::io::Error::other)?;
+        frame::read_frame(&mut s).map_err(std::io::Error::other)
+    }
+
+    pub fn try_status(&self) -> Option<StatusReport> {
+        match self.call(Request::Status) {
+            Ok(Response::Status(s)) => Some(*s),
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> StatusReport {
+        self.try_status().expect("node status")
+    }
+
+    /// True if every path is recorded and its narinfo served over HTTP.
+    pub fn serves(&self, paths: &[String]) -> bool {
+        paths.iter().all(|p| {
+            let base = p.trim_start_matches("/nix/store/");
+            let (code, _, _) =
+                crate::harness::http(&self.http, "GET", &format!("/{}.narinfo", &base[..32]), &[]);
+            code == 200
+        })
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let status = c.wait().expect("wait node");
+            assert!(
+                status.success(),
+                "node exited with {status} on SIGTERM; log:\n{}",
+                self.log()
+            );
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
