@@ -103,16 +103,12 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         recorded,
     };
-    let http_state = HttpState {
-        db: db.clone(),
-        blobs: blobs.clone(),
-        metrics: metrics.clone(),
-        cache_info: format!(
-            "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {}\n",
-            cfg.http.priority
-        )
-        .into(),
-    };
+    let http_state = HttpState::new(
+        db.clone(),
+        blobs.clone(),
+        metrics.clone(),
+        cfg.http.priority,
+    );
 
     let tasks = tokio_util::task::TaskTracker::new();
     let front = CancellationToken::new();

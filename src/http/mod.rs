@@ -13,6 +13,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +29,25 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     /// The rendered `nix-cache-info`.
     pub cache_info: Arc<str>,
+    /// Recently served narinfos by hash part: a hit is answered without leaving the async
+    /// thread. Records never change once written, so entries never go stale.
+    pub narinfos: Arc<quick_cache::sync::Cache<String, Bytes>>,
+}
+
+/// narinfos kept in memory (about 1 KiB each).
+pub const NARINFO_CACHE_ENTRIES: usize = 65_536;
+
+impl HttpState {
+    pub fn new(db: Db, blobs: BlobStore, metrics: Arc<Metrics>, priority: u32) -> Self {
+        HttpState {
+            db,
+            blobs,
+            metrics,
+            cache_info: format!("StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {priority}\n")
+                .into(),
+            narinfos: Arc::new(quick_cache::sync::Cache::new(NARINFO_CACHE_ENTRIES)),
+        }
+    }
 }
 
 /// Serve on `listener` until cancelled.
@@ -161,10 +181,17 @@ fn internal(e: impl std::fmt::Display) -> Response {
 }
 
 async fn narinfo(st: &HttpState, hash: &str) -> Response {
+    if let Some(body) = st.narinfos.get(hash) {
+        return ([(header::CONTENT_TYPE, "text/x-nix-narinfo")], body).into_response();
+    }
     let db = st.db.clone();
-    let hash = hash.to_owned();
-    match tokio::task::spawn_blocking(move || db.path(&hash)).await {
-        Ok(Ok(Some(rec))) => text(rec.narinfo, "text/x-nix-narinfo"),
+    let key = hash.to_owned();
+    match tokio::task::spawn_blocking(move || db.path(&key)).await {
+        Ok(Ok(Some(rec))) => {
+            let body = Bytes::from(rec.narinfo);
+            st.narinfos.insert(hash.to_owned(), body.clone());
+            ([(header::CONTENT_TYPE, "text/x-nix-narinfo")], body).into_response()
+        }
         Ok(Ok(None)) => StatusCode::NOT_FOUND.into_response(),
         Ok(Err(e)) => internal(e),
         Err(e) => internal(e),

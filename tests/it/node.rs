@@ -339,3 +339,80 @@ fn hook_never_fails_nor_blocks_past_its_deadline() {
         .count();
     assert_eq!(frames, 2, "both reports spooled");
 }
+
+#[test]
+fn push_and_status_cli_and_upstream_paths_skipped() {
+    let t = tempfile::tempdir().unwrap();
+    let a = NixHost::new("");
+    let top = a.build(
+        r#"let up = mk "upstream-dep" "echo up > $out"; in mk "pushed" "echo ${up} > $out""#,
+    )[0]
+    .clone();
+    let up = closure(&a, std::slice::from_ref(&top))[1].clone();
+    // Sign the dependency in A's store with an "upstream" key, as cache.nixos.org paths are.
+    let keys = t.path().join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let narmesh = crate::harness::bin("narmesh");
+    run_ok(
+        std::process::Command::new(&narmesh)
+            .arg("keygen")
+            .arg("upstream-1")
+            .arg(keys.join("up.sec"))
+            .arg(keys.join("up.pub")),
+    );
+    run_ok(
+        a.cmd("nix")
+            .args(["store", "sign", "--key-file"])
+            .arg(keys.join("up.sec"))
+            .arg(&up),
+    );
+    let up_pub = std::fs::read_to_string(keys.join("up.pub")).unwrap();
+
+    let mut node = Node::new(&t.path().join("node"), &a.root);
+    node.upstream_keys = vec![up_pub.trim().to_owned()];
+    node.start();
+    let out = run_ok(
+        std::process::Command::new(&narmesh)
+            .arg("push")
+            .arg("--socket")
+            .arg(node.socket())
+            .arg(top.full()),
+    );
+    assert!(out.is_empty(), "push prints its progress on stderr only");
+    assert!(
+        node.serves(&[top.full()]),
+        "push returns once the path is servable"
+    );
+    let (code, _, _) = http(
+        &node.http,
+        "GET",
+        &format!("/{}.narinfo", &up["/nix/store/".len()..][..32]),
+        &[],
+    );
+    assert_eq!(
+        code, 404,
+        "a path signed by an upstream key is not ingested"
+    );
+    let json = run_ok(
+        std::process::Command::new(&narmesh)
+            .args(["status", "--json", "--socket"])
+            .arg(node.socket()),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    assert_eq!(v["paths_recorded"], 1);
+    assert_eq!(v["queue_depth"], 0);
+    assert_eq!(v["http_listen"][0], node.http.as_str());
+    let refused = std::process::Command::new(&narmesh)
+        .args(["push", "--socket"])
+        .arg(node.socket())
+        .arg("/etc/passwd")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("not a store path"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    node.stop();
+}

@@ -16,6 +16,8 @@ pub struct Node {
     pub dir: PathBuf,
     pub store_root: PathBuf,
     pub extra_config: String,
+    /// `upstream-keys` (none by default, so test paths are ingested).
+    pub upstream_keys: Vec<String>,
     child: Option<Child>,
     pub http: String,
 }
@@ -28,6 +30,7 @@ impl Node {
             dir: dir.to_owned(),
             store_root: store_root.to_owned(),
             extra_config: String::new(),
+            upstream_keys: Vec::new(),
             child: None,
             http: String::new(),
         }
@@ -44,10 +47,11 @@ impl Node {
     fn config_file(&self) -> PathBuf {
         let path = self.dir.join("narmesh.toml");
         let text = format!(
-            "data-dir = {:?}\nsocket = {:?}\nspool-dir = {:?}\nupstream-keys = []\n{}\n[nix]\nstore-root = {:?}\n[http]\nlisten = [\"127.0.0.1:0\"]\n",
+            "data-dir = {:?}\nsocket = {:?}\nspool-dir = {:?}\nupstream-keys = {:?}\n{}\n[nix]\nstore-root = {:?}\n[http]\nlisten = [\"127.0.0.1:0\"]\n",
             self.dir.join("data"),
             self.socket(),
             self.spool(),
+            self.upstream_keys,
             self.extra_config,
             self.store_root,
         );
