@@ -93,6 +93,22 @@ impl BlobStore {
         Ok(digests)
     }
 
+    /// Import a byte stream (a NAR arriving from a peer); returns the BLAKE3 hash of what
+    /// arrived. An `Err` item aborts the import.
+    pub async fn import_stream(
+        &self,
+        rx: mpsc::Receiver<io::Result<Bytes>>,
+    ) -> Result<[u8; 32], BlobError> {
+        let temp = self
+            .store
+            .add_stream(tokio_stream_from(rx))
+            .await
+            .temp_tag()
+            .await
+            .map_err(store_err)?;
+        Ok(*temp.hash().as_bytes())
+    }
+
     /// Keep the blob `hash` (pin it with a named tag), after its NAR was checked.
     pub async fn keep(&self, hash: &[u8; 32]) -> Result<(), BlobError> {
         self.store

@@ -56,6 +56,38 @@ pub struct Config {
     pub nix: NixConfig,
     pub http: HttpConfig,
     pub pipeline: PipelineConfig,
+    pub mesh: MeshConfig,
+}
+
+/// How a node replicates NARs its peers announce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Replicate {
+    /// Fetch a NAR when the local Nix asks for it.
+    #[default]
+    OnDemand,
+    /// Fetch every announced NAR at once.
+    Eager,
+}
+
+/// `[mesh]`: the peers this node shares with, over iroh.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct MeshConfig {
+    /// Run the mesh at all.
+    pub enabled: bool,
+    /// UDP address of the iroh endpoint.
+    pub listen: SocketAddr,
+    /// Static peers: `<endpoint id>@<ip:port>` (what `narmesh status` prints as peer address).
+    pub peers: Vec<String>,
+    /// Endpoint ids allowed to connect (the ids in `peers` are always allowed); anyone else
+    /// is refused on every protocol.
+    pub allowed_peers: Vec<String>,
+    /// Find peers on the LAN with mDNS (they must still be allowed).
+    pub lan_discovery: bool,
+    pub replicate: Replicate,
+    /// Nodes gossip on a topic derived from this name.
+    pub cluster: String,
 }
 
 /// `[nix]`: the local Nix store.
@@ -99,6 +131,21 @@ impl Default for Config {
             nix: NixConfig::default(),
             http: HttpConfig::default(),
             pipeline: PipelineConfig::default(),
+            mesh: MeshConfig::default(),
+        }
+    }
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 5481)),
+            peers: Vec::new(),
+            allowed_peers: Vec::new(),
+            lan_discovery: true,
+            replicate: Replicate::OnDemand,
+            cluster: "narmesh".to_owned(),
         }
     }
 }
@@ -171,6 +218,15 @@ impl Config {
         }
         if self.pipeline.batch == 0 || self.pipeline.batch > 10_000 {
             return Err(invalid("pipeline.batch", "must be 1..=10000".into()));
+        }
+        for p in &self.mesh.peers {
+            crate::mesh::PeerAddr::parse(p).map_err(|e| invalid("mesh.peers", e))?;
+        }
+        for p in &self.mesh.allowed_peers {
+            crate::mesh::parse_endpoint_id(p).map_err(|e| invalid("mesh.allowed-peers", e))?;
+        }
+        if self.mesh.cluster.is_empty() {
+            return Err(invalid("mesh.cluster", "must not be empty".into()));
         }
         if let Some(name) = &self.key_name {
             crate::nix::SecretKey::generate(name)

@@ -34,6 +34,7 @@ pub struct Ingest {
     pub metrics: Arc<Metrics>,
     /// Static part of the status report (key, addresses).
     pub status: Arc<StatusReport>,
+    pub mesh: Option<crate::mesh::MeshHandle>,
 }
 
 impl Ingest {
@@ -170,6 +171,12 @@ impl Ingest {
         report.nar_bytes = counters.nar_bytes;
         report.ingest_failures = counters.failures;
         report.spool_taken = self.metrics.spool_taken.get();
+        if let Some(m) = &self.mesh {
+            let m = m.clone();
+            report.peers = tokio::task::spawn_blocking(move || m.peers())
+                .await
+                .unwrap_or_default();
+        }
         Response::Status(Box::new(report))
     }
 

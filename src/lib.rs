@@ -16,6 +16,7 @@
 //! - [`pipeline`]: queued reports -> NARs in the blob store -> signed narinfos -> records.
 //! - [`store`]: the local Nix store database, opened lazily.
 //! - [`blobs`]: the content-addressed NAR store (iroh-blobs behind our interface).
+//! - [`mesh`]: iroh endpoint, gossip announcements, catch-up, verified NAR transfer.
 //! - [`http`]: the binary cache the local Nix substitutes from, and `/metrics`.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`node`]: builds and runs the parts; owns the shutdown order.
@@ -30,6 +31,7 @@ pub mod config;
 pub mod db;
 pub mod http;
 pub mod ingest;
+pub mod mesh;
 pub mod metrics;
 pub mod nix;
 pub mod node;

@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::db::Db;
 use crate::http::{self, HttpState};
 use crate::ingest::Ingest;
+use crate::mesh::{MeshHandle, MeshParts};
 use crate::metrics::Metrics;
 use crate::nix::SecretKey;
 use crate::pipeline::Pipeline;
@@ -66,6 +67,20 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     let wake = Arc::new(Notify::new());
     let (queue, queue_task) = QueueHandle::spawn(db.clone(), wake.clone());
     let (recorded, _) = broadcast::channel(4096);
+    let mesh = if cfg.mesh.enabled {
+        let parts = MeshParts {
+            cfg: cfg.mesh.clone(),
+            data_dir: cfg.data_dir.clone(),
+            db: db.clone(),
+            blobs: blobs.clone(),
+            key: key.clone(),
+            trusted: cfg.trusted_keys()?,
+            recorded: recorded.subscribe(),
+        };
+        Some(MeshHandle::start(parts, cancel.child_token()).await?)
+    } else {
+        None
+    };
 
     let mut http_addrs = Vec::new();
     let mut http_listeners = Vec::new();
@@ -82,6 +97,8 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         public_key: key.public().to_string(),
         socket: cfg.socket.display().to_string(),
         http_listen: http_addrs.clone(),
+        endpoint_id: mesh.as_ref().map(|m| m.endpoint_id()).unwrap_or_default(),
+        peer_address: mesh.as_ref().map(|m| m.peer_address()).unwrap_or_default(),
         ..Default::default()
     };
     let ingest = Ingest {
@@ -90,6 +107,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         store: open_store(),
         metrics: metrics.clone(),
         status: Arc::new(status),
+        mesh: mesh.clone(),
     };
     let pipeline = Pipeline {
         db: db.clone(),
@@ -108,6 +126,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         blobs.clone(),
         metrics.clone(),
         cfg.http.priority,
+        mesh.clone(),
     );
 
     let tasks = tokio_util::task::TaskTracker::new();
@@ -137,6 +156,9 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     back.cancel();
     let _ = pipeline_task.await;
     queue_task.abort();
+    if let Some(m) = &mesh {
+        m.shutdown().await;
+    }
     let _ = std::fs::remove_file(&cfg.socket);
     blobs.shutdown().await.context("closing the blob store")?;
     Ok(())

@@ -189,6 +189,8 @@ impl Pipeline {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            local: true,
+            providers: Vec::new(),
         })
     }
 }

@@ -61,4 +61,21 @@ pub struct StatusReport {
     pub ingest_failures: u64,
     /// Spool files taken in since start.
     pub spool_taken: u64,
+    /// The mesh endpoint id (empty when the mesh is off).
+    pub endpoint_id: String,
+    /// What another node puts in its `[mesh] peers` to reach this one.
+    pub peer_address: String,
+    pub peers: Vec<PeerStatus>,
+}
+
+/// One mesh peer as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub endpoint_id: String,
+    /// `neighbor` (gossip link up), `known` (configured or discovered, no link), `unreachable`.
+    pub state: String,
+    /// Last log sequence number taken from this peer by catch-up.
+    pub cursor: u64,
+    /// Seconds since the last successful catch-up, if any.
+    pub last_sync_secs_ago: Option<u64>,
 }

@@ -5,10 +5,14 @@
 //! - [`frame`]: length-prefixed frames on the node's Unix socket (std-only helpers).
 //! - [`hook`]: what `narmesh-hook` reports after a build.
 //! - [`control`]: CLI <-> node requests (push, status) and the node's responses.
+//! - [`gossip`]: path announcements on the cluster's gossip topic.
+//! - [`sync`]: catch-up (log since cursor) and NAR transfer between peers.
 
 pub mod control;
 pub mod frame;
+pub mod gossip;
 pub mod hook;
+pub mod sync;
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u16 = 1;

@@ -16,11 +16,13 @@ pub use records::{Counters, PathRecord, QueueItem};
 /// Reports waiting to be ingested, by sequence number.
 const QUEUE: TableDefinition<u64, &[u8]> = TableDefinition::new("queue_v1");
 /// Recorded paths by hash part.
-const PATHS: TableDefinition<&str, &[u8]> = TableDefinition::new("paths_v1");
+const PATHS: TableDefinition<&str, &[u8]> = TableDefinition::new("paths_v2");
 /// Append-only log of recorded hash parts, by sequence number.
 const LOG: TableDefinition<u64, &str> = TableDefinition::new("log_v1");
-/// NAR sizes by BLAKE3 hash (the blobs the HTTP cache may serve).
-const BLOBS: TableDefinition<&[u8], u64> = TableDefinition::new("blobs_v1");
+/// Hash parts of recorded paths by the BLAKE3 hash of their NAR.
+const BLOBS: TableDefinition<&[u8], &str> = TableDefinition::new("blobs_v2");
+/// Catch-up cursors: the last log sequence number taken from each peer (by endpoint id).
+const CURSORS: TableDefinition<&[u8], u64> = TableDefinition::new("cursors_v1");
 /// Counters and sequence numbers.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta_v1");
 
@@ -83,6 +85,7 @@ impl Db {
         tx.open_table(LOG)?;
         tx.open_table(META)?;
         tx.open_table(BLOBS)?;
+        tx.open_table(CURSORS)?;
         tx.commit()?;
         Ok(Db { db: Arc::new(db) })
     }
@@ -136,11 +139,125 @@ impl Db {
         }
     }
 
-    /// The size of a recorded NAR, by its BLAKE3 hash.
-    pub fn nar_size(&self, blake3: &[u8; 32]) -> Result<Option<u64>, DbError> {
+    /// The record whose NAR has this BLAKE3 hash.
+    pub fn by_blake3(&self, blake3: &[u8; 32]) -> Result<Option<PathRecord>, DbError> {
         let tx = self.db.begin_read()?;
         let blobs = tx.open_table(BLOBS)?;
-        Ok(blobs.get(blake3.as_slice())?.map(|v| v.value()))
+        let Some(hash) = blobs.get(blake3.as_slice())? else {
+            return Ok(None);
+        };
+        let paths = tx.open_table(PATHS)?;
+        match paths.get(hash.value())? {
+            Some(v) => Ok(Some(postcard::from_bytes(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Record paths learnt from a peer (new ones only, each appended to the log), and move the
+    /// peer's catch-up cursor to `cursor` if given, in one fsync'd transaction. Returns the
+    /// records that were new.
+    pub fn record_remote(
+        &self,
+        records: Vec<PathRecord>,
+        cursor: Option<(&[u8; 32], u64)>,
+    ) -> Result<Vec<PathRecord>, DbError> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate)
+            .map_err(redb::Error::from)?;
+        let mut new = Vec::new();
+        {
+            let mut paths = tx.open_table(PATHS)?;
+            let mut log = tx.open_table(LOG)?;
+            let mut meta = tx.open_table(META)?;
+            let mut blobs = tx.open_table(BLOBS)?;
+            for r in records {
+                let hash = hash_part(&r.store_path).to_owned();
+                let existing: Option<PathRecord> = match paths.get(hash.as_str())? {
+                    Some(v) => Some(postcard::from_bytes(v.value())?),
+                    None => None,
+                };
+                if let Some(mut old) = existing {
+                    // Known already: only learn new providers.
+                    let before = old.providers.len();
+                    for p in &r.providers {
+                        if !old.providers.contains(p) {
+                            old.providers.push(*p);
+                        }
+                    }
+                    if old.providers.len() != before {
+                        paths.insert(hash.as_str(), postcard::to_allocvec(&old)?.as_slice())?;
+                    }
+                    continue;
+                }
+                paths.insert(hash.as_str(), postcard::to_allocvec(&r)?.as_slice())?;
+                blobs.insert(r.blake3.as_slice(), hash.as_str())?;
+                let seq = bump(&mut meta, LOG_NEXT, 1)? + 1;
+                log.insert(seq, hash.as_str())?;
+                new.push(r);
+            }
+            if let Some((peer, seq)) = cursor {
+                tx.open_table(CURSORS)?.insert(peer.as_slice(), seq)?;
+            }
+        }
+        tx.commit()?;
+        Ok(new)
+    }
+
+    /// Mark a recorded path's NAR as held locally (after a verified fetch).
+    pub fn mark_local(&self, hash_part: &str) -> Result<(), DbError> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate)
+            .map_err(redb::Error::from)?;
+        {
+            let mut paths = tx.open_table(PATHS)?;
+            let rec: Option<PathRecord> = match paths.get(hash_part)? {
+                Some(v) => Some(postcard::from_bytes(v.value())?),
+                None => None,
+            };
+            if let Some(mut rec) = rec
+                && !rec.local
+            {
+                rec.local = true;
+                paths.insert(hash_part, postcard::to_allocvec(&rec)?.as_slice())?;
+                bump(&mut tx.open_table(META)?, NAR_BYTES, rec.nar_size)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The catch-up cursor of a peer (0 if never synced).
+    pub fn cursor(&self, peer: &[u8; 32]) -> Result<u64, DbError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx
+            .open_table(CURSORS)?
+            .get(peer.as_slice())?
+            .map(|v| v.value())
+            .unwrap_or(0))
+    }
+
+    /// Up to `limit` log entries after sequence number `after`: (seq, record), and whether more follow.
+    pub fn log_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<(u64, PathRecord)>, bool), DbError> {
+        let tx = self.db.begin_read()?;
+        let log = tx.open_table(LOG)?;
+        let paths = tx.open_table(PATHS)?;
+        let mut out = Vec::new();
+        let mut more = false;
+        for entry in log.range(after.saturating_add(1)..)? {
+            let (seq, hash) = entry?;
+            if out.len() == limit {
+                more = true;
+                break;
+            }
+            if let Some(v) = paths.get(hash.value())? {
+                out.push((seq.value(), postcard::from_bytes(v.value())?));
+            }
+        }
+        Ok((out, more))
     }
 
     /// In one fsync'd transaction: store `records` (appending each new one to the log), drop
@@ -166,10 +283,12 @@ impl Db {
                     continue;
                 }
                 paths.insert(hash, postcard::to_allocvec(r)?.as_slice())?;
-                blobs.insert(r.blake3.as_slice(), r.nar_size)?;
-                let seq = bump(&mut meta, LOG_NEXT, 1)?;
+                blobs.insert(r.blake3.as_slice(), hash)?;
+                let seq = bump(&mut meta, LOG_NEXT, 1)? + 1;
                 log.insert(seq, hash)?;
-                bump(&mut meta, NAR_BYTES, r.nar_size)?;
+                if r.local {
+                    bump(&mut meta, NAR_BYTES, r.nar_size)?;
+                }
             }
             for seq in done {
                 queue.remove(*seq)?;
@@ -213,6 +332,8 @@ mod tests {
             blake3: [0; 32],
             nar_size: size,
             recorded_at: 0,
+            local: true,
+            providers: vec![],
         }
     }
 

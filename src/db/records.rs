@@ -23,6 +23,10 @@ pub struct PathRecord {
     pub nar_size: u64,
     /// Seconds since the epoch.
     pub recorded_at: u64,
+    /// True once the NAR is in this node's blob store (always for paths built here).
+    pub local: bool,
+    /// Peers (endpoint ids) said to hold the NAR.
+    pub providers: Vec<[u8; 32]>,
 }
 
 /// Counters kept with the data, so they survive restarts.

@@ -18,7 +18,8 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::blobs::BlobStore;
-use crate::db::Db;
+use crate::db::{Db, PathRecord};
+use crate::mesh::MeshHandle;
 use crate::metrics::{HttpLabels, Metrics, RouteLabels};
 
 /// What the HTTP handlers share.
@@ -32,14 +33,23 @@ pub struct HttpState {
     /// Recently served narinfos by hash part: a hit is answered without leaving the async
     /// thread. Records never change once written, so entries never go stale.
     pub narinfos: Arc<quick_cache::sync::Cache<String, Bytes>>,
+    /// Where NARs this node does not hold yet come from.
+    pub mesh: Option<MeshHandle>,
 }
 
 /// narinfos kept in memory (about 1 KiB each).
 pub const NARINFO_CACHE_ENTRIES: usize = 65_536;
 
 impl HttpState {
-    pub fn new(db: Db, blobs: BlobStore, metrics: Arc<Metrics>, priority: u32) -> Self {
+    pub fn new(
+        db: Db,
+        blobs: BlobStore,
+        metrics: Arc<Metrics>,
+        priority: u32,
+        mesh: Option<MeshHandle>,
+    ) -> Self {
         HttpState {
+            mesh,
             db,
             blobs,
             metrics,
@@ -200,8 +210,9 @@ async fn narinfo(st: &HttpState, hash: &str) -> Response {
 
 async fn nar(st: &HttpState, hash: [u8; 32], headers: &HeaderMap, head: bool) -> Response {
     let len = match nar_len(st, &hash).await {
-        Ok(Some(len)) => len,
-        Ok(None) => return StatusCode::NOT_FOUND.into_response(),
+        Ok(Local::Yes(len)) => len,
+        Ok(Local::No(rec)) => return from_peers(st, *rec, head).await,
+        Ok(Local::Unknown) => return StatusCode::NOT_FOUND.into_response(),
         Err(e) => return internal(e),
     };
     let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
@@ -249,18 +260,57 @@ async fn nar(st: &HttpState, hash: [u8; 32], headers: &HeaderMap, head: bool) ->
     resp
 }
 
-/// The size of a NAR we serve, if we recorded one under this hash and hold its blob.
-async fn nar_len(st: &HttpState, hash: &[u8; 32]) -> Result<Option<u64>, String> {
+enum Local {
+    /// Held here, this many bytes.
+    Yes(u64),
+    /// Recorded (from a peer) but not held here yet.
+    No(Box<PathRecord>),
+    Unknown,
+}
+
+/// Whether we hold the NAR with this hash.
+async fn nar_len(st: &HttpState, hash: &[u8; 32]) -> Result<Local, String> {
     let db = st.db.clone();
     let h = *hash;
-    let size = tokio::task::spawn_blocking(move || db.nar_size(&h))
+    let rec = tokio::task::spawn_blocking(move || db.by_blake3(&h))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    match size {
-        Some(len) if st.blobs.has(hash).await.map_err(|e| e.to_string())? => Ok(Some(len)),
-        _ => Ok(None),
+    match rec {
+        None => Ok(Local::Unknown),
+        Some(r) if r.local && st.blobs.has(hash).await.map_err(|e| e.to_string())? => {
+            Ok(Local::Yes(r.nar_size))
+        }
+        Some(r) => Ok(Local::No(Box::new(r))),
     }
+}
+
+/// Stream a NAR to Nix while fetching it from peers (verified and kept once complete).
+/// Ranges are not offered for these: the whole NAR comes back (200), as RFC 9110 allows.
+async fn from_peers(st: &HttpState, rec: PathRecord, head: bool) -> Response {
+    let Some(mesh) = st.mesh.clone() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let len = rec.nar_size;
+    let body = if head {
+        Body::empty()
+    } else {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(16);
+        tokio::spawn(async move {
+            if let Err(e) = mesh.fetch(&rec, Some(tx)).await {
+                tracing::warn!("http: on-demand fetch: {e}");
+            }
+        });
+        Body::from_stream(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+    };
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-nix-nar"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    resp
 }
 
 #[cfg(test)]

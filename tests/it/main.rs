@@ -3,6 +3,7 @@
 
 mod harness;
 mod keys_interop;
+mod mesh;
 mod nar_vs_nix;
 mod node;
 mod node_harness;

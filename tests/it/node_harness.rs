@@ -18,6 +18,12 @@ pub struct Node {
     pub extra_config: String,
     /// `upstream-keys` (none by default, so test paths are ingested).
     pub upstream_keys: Vec<String>,
+    /// The mesh: off unless `mesh_port` is set.
+    pub mesh_port: Option<u16>,
+    pub peers: Vec<String>,
+    pub allowed_peers: Vec<String>,
+    pub trusted: Vec<String>,
+    pub replicate: &'static str,
     child: Option<Child>,
     pub http: String,
 }
@@ -31,6 +37,11 @@ impl Node {
             store_root: store_root.to_owned(),
             extra_config: String::new(),
             upstream_keys: Vec::new(),
+            mesh_port: None,
+            peers: Vec::new(),
+            allowed_peers: Vec::new(),
+            trusted: Vec::new(),
+            replicate: "on-demand",
             child: None,
             http: String::new(),
         }
@@ -44,14 +55,71 @@ impl Node {
         self.dir.join("spool")
     }
 
+    /// The node's Nix signing key (made by the harness so peers can trust it before it starts).
+    pub fn public_key(&self) -> String {
+        let path = self.dir.join("signing.sec");
+        if !path.exists() {
+            let name = format!(
+                "{}-1",
+                self.dir
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("node")
+            );
+            let key = narmesh::nix::SecretKey::generate(&name).expect("key");
+            std::fs::write(&path, key.to_nix_string()).expect("write key");
+        }
+        let key: narmesh::nix::SecretKey = std::fs::read_to_string(&path)
+            .expect("read key")
+            .parse()
+            .expect("parse key");
+        key.public().to_string()
+    }
+
+    /// Turn the mesh on: a fixed loopback UDP port and an endpoint key made now, so other
+    /// nodes can name this one in `peers` before it starts. Returns its peer address.
+    pub fn enable_mesh(&mut self) -> String {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .expect("udp")
+            .local_addr()
+            .expect("addr")
+            .port();
+        self.mesh_port = Some(port);
+        let data = self.dir.join("data");
+        std::fs::create_dir_all(&data).expect("mkdir data");
+        let raw: [u8; 32] = rand_bytes();
+        std::fs::write(data.join("endpoint-key"), raw).expect("write endpoint key");
+        let id = iroh::SecretKey::from_bytes(&raw).public();
+        format!("{id}@127.0.0.1:{port}")
+    }
+
+    /// The endpoint id part of a peer address.
+    pub fn id_of(peer_address: &str) -> String {
+        peer_address
+            .split('@')
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
     fn config_file(&self) -> PathBuf {
         let path = self.dir.join("narmesh.toml");
+        let _ = self.public_key();
+        let mesh = match self.mesh_port {
+            Some(port) => format!(
+                "[mesh]\nlisten = \"127.0.0.1:{port}\"\nlan-discovery = false\npeers = {:?}\nallowed-peers = {:?}\nreplicate = {:?}\n",
+                self.peers, self.allowed_peers, self.replicate
+            ),
+            None => "[mesh]\nenabled = false\n".to_owned(),
+        };
         let text = format!(
-            "data-dir = {:?}\nsocket = {:?}\nspool-dir = {:?}\nupstream-keys = {:?}\n{}\n[nix]\nstore-root = {:?}\n[http]\nlisten = [\"127.0.0.1:0\"]\n",
+            "data-dir = {:?}\nsocket = {:?}\nspool-dir = {:?}\nupstream-keys = {:?}\nsecret-key-file = {:?}\ntrusted-public-keys = {:?}\n{}\n[nix]\nstore-root = {:?}\n[http]\nlisten = [\"127.0.0.1:0\"]\n{mesh}",
             self.dir.join("data"),
             self.socket(),
             self.spool(),
             self.upstream_keys,
+            self.dir.join("signing.sec"),
+            self.trusted,
             self.extra_config,
             self.store_root,
         );
@@ -159,4 +227,10 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+fn rand_bytes() -> [u8; 32] {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).expect("randomness");
+    b
 }

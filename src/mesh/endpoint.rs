@@ -1,0 +1,146 @@
+//! The node's iroh endpoint, built never to reach the internet: no relays, no port mapper, no
+//! n0 discovery; peers are found from static addresses (and mDNS when enabled). The endpoint
+//! key persists in the data dir, and a handshake hook refuses every peer that is not allowed,
+//! on every protocol.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use iroh::address_lookup::MemoryLookup;
+use iroh::endpoint::{
+    AfterHandshakeOutcome, Connection, EndpointHooks, PortmapperConfig, VarInt, presets,
+};
+use iroh::{Endpoint, EndpointAddr, EndpointId, NetReportConfig, RelayMode, SecretKey};
+
+/// A peer's address as configured and as `narmesh status` prints it: `<endpoint id>@<ip:port>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAddr {
+    pub id: EndpointId,
+    pub addr: SocketAddr,
+}
+
+impl PeerAddr {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (id, addr) = s
+            .trim()
+            .split_once('@')
+            .ok_or_else(|| format!("peer {s:?}: expected '<endpoint id>@<ip:port>'"))?;
+        Ok(PeerAddr {
+            id: parse_endpoint_id(id)?,
+            addr: addr
+                .parse()
+                .map_err(|e| format!("peer {s:?}: bad socket address: {e}"))?,
+        })
+    }
+}
+
+impl std::fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.id, self.addr)
+    }
+}
+
+/// Parse an endpoint id (64 hex digits).
+pub fn parse_endpoint_id(s: &str) -> Result<EndpointId, String> {
+    s.trim()
+        .parse()
+        .map_err(|e| format!("endpoint id {s:?}: {e}"))
+}
+
+/// Refuses connections, in and out, with peers outside the allowed set.
+#[derive(Debug, Clone)]
+pub struct AllowList(pub Arc<RwLock<HashSet<EndpointId>>>);
+
+impl AllowList {
+    pub fn contains(&self, id: &EndpointId) -> bool {
+        self.0.read().map(|s| s.contains(id)).unwrap_or(false)
+    }
+}
+
+/// QUIC application close code for a refused peer.
+pub const REFUSED: u32 = 403;
+
+impl EndpointHooks for AllowList {
+    async fn after_handshake<'a>(&'a self, conn: &'a Connection) -> AfterHandshakeOutcome {
+        let peer = conn.remote_id();
+        if self.contains(&peer) {
+            AfterHandshakeOutcome::Accept
+        } else {
+            tracing::warn!("mesh: refused a connection from {peer}: not in allowed-peers");
+            AfterHandshakeOutcome::Reject {
+                error_code: VarInt::from_u32(REFUSED),
+                reason: b"not an allowed peer".to_vec(),
+            }
+        }
+    }
+}
+
+/// The endpoint key from `path` (32 raw bytes, 0600), made on first start.
+pub fn load_or_make_key(path: &Path) -> anyhow::Result<SecretKey> {
+    if let Ok(bytes) = std::fs::read(path) {
+        let raw: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("{}: expected 32 bytes", path.display()))?;
+        return Ok(SecretKey::from_bytes(&raw));
+    }
+    let key = SecretKey::generate();
+    crate::cli::write_file(path, &key.to_bytes(), 0o600)?;
+    Ok(key)
+}
+
+/// Bind the endpoint on `listen` with `key`; peers' addresses come from `book`.
+pub async fn bind(
+    listen: SocketAddr,
+    key: SecretKey,
+    book: MemoryLookup,
+    allow: AllowList,
+) -> anyhow::Result<Endpoint> {
+    let ep = Endpoint::builder(presets::Minimal)
+        .secret_key(key)
+        .relay_mode(RelayMode::Disabled)
+        .clear_address_lookup()
+        .address_lookup(book)
+        .portmapper_config(PortmapperConfig::Disabled)
+        .net_report_config(NetReportConfig::minimal())
+        .hooks(allow)
+        .clear_ip_transports()
+        .bind_addr(listen)
+        .map_err(|e| anyhow::anyhow!("mesh listen address {listen}: {e}"))?
+        .bind()
+        .await
+        .map_err(|e| anyhow::anyhow!("binding the mesh endpoint on {listen}: {e}"))?;
+    Ok(ep)
+}
+
+/// An address other nodes can put in their `peers`.
+pub fn peer_address(ep: &Endpoint) -> String {
+    let bound = ep.bound_sockets();
+    let addr = bound
+        .iter()
+        .find(|a| !a.ip().is_unspecified())
+        .copied()
+        .or_else(|| {
+            let port = bound.first().map(|a| a.port()).unwrap_or(0);
+            ep.addr()
+                .ip_addrs()
+                .find(|a| a.is_ipv4() && !a.ip().is_loopback() && a.port() == port)
+                .copied()
+        })
+        .or_else(|| bound.first().copied());
+    match addr {
+        Some(a) => PeerAddr {
+            id: ep.id(),
+            addr: a,
+        }
+        .to_string(),
+        None => ep.id().to_string(),
+    }
+}
+
+/// Tell the endpoint where a peer is.
+pub fn add_peer(book: &MemoryLookup, peer: &PeerAddr) {
+    book.add_endpoint_info(EndpointAddr::new(peer.id).with_ip_addr(peer.addr));
+}

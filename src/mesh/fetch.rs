@@ -1,0 +1,223 @@
+//! Fetching NARs from peers by BLAKE3 hash, verified: the bytes stream into the blob store
+//! (which computes their BLAKE3) while their sha256 is computed; the NAR is kept and marked
+//! local only if both match the signed record. A provider that fails, stalls or sends bad
+//! data is logged and avoided for a while; the next one resumes at the same offset.
+//! Optionally every byte is also handed on as it arrives (to the local Nix, on demand).
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use iroh::{Endpoint, EndpointId};
+use narmesh_proto::sync::{NAR_ALPN, NarHeader, NarRequest};
+use sha2::Digest as _;
+use tokio::sync::mpsc;
+
+use super::wire;
+use crate::blobs::BlobStore;
+use crate::db::{Db, PathRecord};
+use crate::nix::NarInfo;
+
+/// How long a provider that misbehaved is skipped.
+const AVOID_FOR: Duration = Duration::from_secs(60);
+/// A provider that sends nothing for this long is given up on.
+const STALL: Duration = Duration::from_secs(10);
+
+/// Fetches NARs from peers into the blob store.
+#[derive(Debug)]
+pub struct Fetcher {
+    pub ep: Endpoint,
+    pub db: Db,
+    pub blobs: BlobStore,
+    avoid: Mutex<HashMap<EndpointId, Instant>>,
+}
+
+/// Where the bytes of one fetch go.
+struct Sinks<'a> {
+    store: &'a mpsc::Sender<io::Result<Bytes>>,
+    tee: Option<&'a mpsc::Sender<io::Result<Bytes>>>,
+    sha: sha2::Sha256,
+    got: u64,
+}
+
+impl Fetcher {
+    pub fn new(ep: Endpoint, db: Db, blobs: BlobStore) -> Self {
+        Fetcher {
+            ep,
+            db,
+            blobs,
+            avoid: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn avoided(&self, id: &EndpointId) -> bool {
+        let map = self.avoid.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(id).is_some_and(|t| t.elapsed() < AVOID_FOR)
+    }
+
+    fn avoid(&self, id: EndpointId, why: &str) {
+        tracing::warn!("mesh: avoiding peer {id} for {AVOID_FOR:?}: {why}");
+        self.avoid
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Instant::now());
+    }
+
+    /// Fetch the NAR of `rec` from its providers, verify it, keep it, mark it local.
+    pub async fn fetch(
+        &self,
+        rec: &PathRecord,
+        tee: Option<mpsc::Sender<io::Result<Bytes>>>,
+    ) -> Result<(), String> {
+        let info = NarInfo::parse(&rec.narinfo).map_err(|e| e.to_string())?;
+        let me = self.ep.id();
+        let providers: Vec<EndpointId> = rec
+            .providers
+            .iter()
+            .filter_map(|p| EndpointId::from_bytes(p).ok())
+            .filter(|p| *p != me)
+            .collect();
+        let mut order: Vec<EndpointId> = providers
+            .iter()
+            .filter(|p| !self.avoided(p))
+            .copied()
+            .collect();
+        order.extend(providers.iter().filter(|p| self.avoided(p)).copied());
+        if order.is_empty() {
+            return Err(format!("{}: no provider", rec.store_path));
+        }
+        let (tx, rx) = mpsc::channel(16);
+        let blobs = self.blobs.clone();
+        let import = tokio::spawn(async move { blobs.import_stream(rx).await });
+        let mut sinks = Sinks {
+            store: &tx,
+            tee: tee.as_ref(),
+            sha: sha2::Sha256::new(),
+            got: 0,
+        };
+        let mut used = Vec::new();
+        for p in order {
+            used.push(p);
+            match self.pull(p, rec, &mut sinks).await {
+                Ok(()) => break,
+                Err(e) => self.avoid(p, &format!("fetching {}: {e}", rec.store_path)),
+            }
+        }
+        if sinks.got != rec.nar_size {
+            let _ = tx.send(Err(io::Error::other("incomplete"))).await;
+            drop(tx);
+            let _ = import.await;
+            if let Some(t) = &tee {
+                let _ = t
+                    .send(Err(io::Error::other("no provider could send the NAR")))
+                    .await;
+            }
+            return Err(format!(
+                "{}: no provider sent the whole NAR",
+                rec.store_path
+            ));
+        }
+        let sha: [u8; 32] = std::mem::take(&mut sinks.sha).finalize().into();
+        drop(tx);
+        let blake = import
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        if sha != info.nar_hash.0 || blake != rec.blake3 {
+            for p in used {
+                self.avoid(
+                    p,
+                    &format!(
+                        "{}: sent a NAR that does not match its signed hash",
+                        rec.store_path
+                    ),
+                );
+            }
+            return Err(format!(
+                "{}: NAR from peers failed verification; not kept",
+                rec.store_path
+            ));
+        }
+        self.blobs
+            .keep(&rec.blake3)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.blobs.sync().await.map_err(|e| e.to_string())?;
+        let db = self.db.clone();
+        let hash = rec.store_path.trim_start_matches("/nix/store/")[..32].to_owned();
+        tokio::task::spawn_blocking(move || db.mark_local(&hash))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            "fetched {} ({} bytes) from peers, verified",
+            rec.store_path,
+            rec.nar_size
+        );
+        Ok(())
+    }
+
+    /// Pull the rest of the NAR (from `sinks.got` on) from one provider.
+    async fn pull(
+        &self,
+        peer: EndpointId,
+        rec: &PathRecord,
+        sinks: &mut Sinks<'_>,
+    ) -> Result<(), String> {
+        let conn = self
+            .ep
+            .connect(peer, NAR_ALPN)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let req = NarRequest {
+            version: narmesh_proto::PROTOCOL_VERSION,
+            blake3: rec.blake3,
+            offset: sinks.got,
+        };
+        wire::write(&mut send, &req)
+            .await
+            .map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        let header: NarHeader = tokio::time::timeout(STALL, wire::read(&mut recv))
+            .await
+            .map_err(|_| "no answer".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let want = rec.nar_size - sinks.got;
+        match header {
+            NarHeader::Found { size } if size == want => {}
+            NarHeader::Found { size } => {
+                return Err(format!("offers {size} bytes, expected {want}"));
+            }
+            NarHeader::NotFound => return Err("does not hold it".into()),
+            NarHeader::Error { message } => return Err(message),
+        }
+        while sinks.got < rec.nar_size {
+            let chunk = tokio::time::timeout(STALL, recv.read_chunk(1 << 20))
+                .await
+                .map_err(|_| "stalled".to_owned())?
+                .map_err(|e| e.to_string())?
+                .ok_or("stream ended early")?;
+            if sinks.got + chunk.len() as u64 > rec.nar_size {
+                return Err("sent more than the NAR's size".into());
+            }
+            sinks.sha.update(&chunk);
+            sinks.got += chunk.len() as u64;
+            if let Some(t) = sinks.tee
+                && t.send(Ok(chunk.clone())).await.is_err()
+            {
+                // The local reader went away; finish the copy for later readers anyway.
+                sinks.tee = None;
+            }
+            sinks
+                .store
+                .send(Ok(chunk))
+                .await
+                .map_err(|_| "blob store stopped".to_owned())?;
+        }
+        conn.close(0u32.into(), b"done");
+        Ok(())
+    }
+}

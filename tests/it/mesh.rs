@@ -1,0 +1,198 @@
+//! The mesh with real processes on loopback, each node with its own chroot Nix store: a path
+//! built on host A is substituted by real Nix on host C from C's own node; nodes that were away
+//! catch up; eager nodes hold every NAR; untrusted signatures and disallowed peers get nowhere.
+
+use narmesh::nix::StorePath;
+use narmesh::nix::store_db::StoreDb;
+
+use crate::harness::{NixHost, http, run_ok, wait_until};
+use crate::node_harness::Node;
+
+const CHAIN: &str = r#"
+  let
+    a = mk "mesh-a" "echo a > $out";
+    b = mk "mesh-b" "mkdir -p $out/bin; echo ${a} > $out/ref; printf '#!/bin/sh\n' > $out/bin/x; chmod +x $out/bin/x";
+  in mk "mesh-top" "mkdir $out; ln -s ${b}/bin/x $out/run; echo ${b} > $out/ref; head -c 300000 /dev/urandom > $out/blob"
+"#;
+
+fn closure(host: &NixHost, top: &StorePath) -> Vec<String> {
+    let db = StoreDb::open(&host.root).expect("store db");
+    db.closure(std::slice::from_ref(top))
+        .expect("closure")
+        .iter()
+        .map(|p| p.full())
+        .collect()
+}
+
+/// A cluster of nodes that all know and trust each other; node 0 serves building host A.
+struct Cluster {
+    _t: tempfile::TempDir,
+    a: NixHost,
+    nodes: Vec<Node>,
+}
+
+fn cluster(n: usize, replicate: &[&'static str]) -> Cluster {
+    let t = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<Node> = (0..n)
+        .map(|i| Node::new(&t.path().join(format!("n{i}")), &t.path().join("unused")))
+        .collect();
+    let a = NixHost::with_hook(&nodes[0].socket(), &nodes[0].spool());
+    let addrs: Vec<String> = nodes.iter_mut().map(|n| n.enable_mesh()).collect();
+    let keys: Vec<String> = nodes.iter().map(|n| n.public_key()).collect();
+    for (i, node) in nodes.iter_mut().enumerate() {
+        node.peers = addrs
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, a)| a.clone())
+            .collect();
+        node.trusted = keys.clone();
+        node.replicate = replicate.get(i).copied().unwrap_or("on-demand");
+        node.store_root = if i == 0 {
+            a.root.clone()
+        } else {
+            node.dir.join("store")
+        };
+    }
+    Cluster { _t: t, a, nodes }
+}
+
+/// Host C, substituting only from `node`, gets `top` and verifies it.
+fn substitute_from(node: &Node, top: &StorePath, expect: usize) {
+    let key = node.public_key();
+    let c = NixHost::substituter(&format!("http://{}", node.http), &key);
+    run_ok(c.cmd("nix-store").args(["-r", &top.full()]));
+    run_ok(c.cmd("nix-store").args(["--verify-path", &top.full()]));
+    assert_eq!(closure(&c, top).len(), expect);
+}
+
+#[test]
+fn a_build_on_a_is_substituted_on_c_through_the_mesh() {
+    let mut cl = cluster(3, &[]);
+    for n in cl.nodes.iter_mut() {
+        n.start();
+    }
+    let st = cl.nodes[2].status();
+    assert_eq!(st.peers.len(), 2, "{st:?}");
+    assert!(
+        st.peer_address.contains('@') && st.endpoint_id.len() == 64,
+        "{st:?}"
+    );
+    let top = cl.a.build(CHAIN)[0].clone();
+    let paths = closure(&cl.a, &top);
+    assert_eq!(paths.len(), 3);
+    for n in &cl.nodes {
+        wait_until(30, "every node to serve the narinfos", || n.serves(&paths));
+    }
+    // C's own node fetches the NARs from A over iroh while its Nix downloads them.
+    substitute_from(&cl.nodes[2], &top, 3);
+    // Once fetched, C's node holds the NAR and serves it by range like its own.
+    let (_, _, info) = http(
+        &cl.nodes[2].http,
+        "GET",
+        &format!("/{}.narinfo", top.hash_part()),
+        &[],
+    );
+    let info = narmesh::nix::NarInfo::parse(std::str::from_utf8(&info).unwrap()).unwrap();
+    wait_until(10, "C to keep the NAR", || {
+        let (code, hdrs, _) = http(&cl.nodes[2].http, "HEAD", &format!("/{}", info.url), &[]);
+        code == 200 && hdrs.iter().any(|(k, _)| k == "accept-ranges")
+    });
+    assert!(
+        info.sigs.len() >= 2,
+        "the origin's signature and C's: {info:?}"
+    );
+}
+
+#[test]
+fn nodes_that_were_away_catch_up() {
+    let mut cl = cluster(3, &[]);
+    cl.nodes[0].start();
+    cl.nodes[1].start();
+    cl.nodes[1].stop();
+    // B is stopped and C not started while A builds.
+    let top = cl.a.build(CHAIN)[0].clone();
+    let paths = closure(&cl.a, &top);
+    wait_until(30, "A to record its builds", || cl.nodes[0].serves(&paths));
+    cl.nodes[1].start();
+    cl.nodes[2].start();
+    wait_until(30, "B to catch up", || cl.nodes[1].serves(&paths));
+    wait_until(30, "C to catch up", || cl.nodes[2].serves(&paths));
+    substitute_from(&cl.nodes[1], &top, 3);
+    let st = cl.nodes[2].status();
+    assert!(
+        st.peers.iter().any(|p| p.cursor >= 3),
+        "C's cursor on A moved: {st:?}"
+    );
+}
+
+#[test]
+fn eager_nodes_hold_every_nar_and_serve_with_the_origin_gone() {
+    let mut cl = cluster(2, &["on-demand", "eager"]);
+    cl.nodes[0].start();
+    cl.nodes[1].start();
+    let outs = cl.a.build(r#"builtins.genList (i: mk "eager-${toString i}" "head -c ${toString (1000 * i + 20000)} /dev/urandom > $out") 12"#);
+    let paths: Vec<String> = outs.iter().map(|p| p.full()).collect();
+    let bytes: u64 = {
+        let db = StoreDb::open(&cl.a.root).unwrap();
+        db.query_paths(&outs)
+            .unwrap()
+            .iter()
+            .map(|i| i.as_ref().unwrap().nar_size)
+            .sum()
+    };
+    wait_until(60, "B to hold every NAR", || {
+        cl.nodes[1].status().nar_bytes >= bytes
+    });
+    cl.nodes[0].kill9();
+    let key = cl.nodes[1].public_key();
+    let c = NixHost::substituter(&format!("http://{}", cl.nodes[1].http), &key);
+    let mut args = vec!["-r"];
+    args.extend(paths.iter().map(|s| s.as_str()));
+    run_ok(c.cmd("nix-store").args(&args));
+}
+
+#[test]
+fn untrusted_signatures_and_disallowed_peers_get_nowhere() {
+    let mut cl = cluster(2, &[]);
+    // B does not trust A's key: A's announcements and catch-up entries are refused.
+    cl.nodes[1].trusted = vec![cl.nodes[1].public_key()];
+    // An outsider that names B as its peer, but B does not allow it.
+    let t = tempfile::tempdir().unwrap();
+    let mut outsider = Node::new(&t.path().join("outsider"), &cl.a.root);
+    outsider.enable_mesh();
+    outsider.peers = vec![cl.nodes[0].peers[0].clone()];
+    outsider.trusted = vec![cl.nodes[0].public_key(), outsider.public_key()];
+    for n in cl.nodes.iter_mut() {
+        n.start();
+    }
+    outsider.start();
+    let top = cl.a.build(CHAIN)[0].clone();
+    let paths = closure(&cl.a, &top);
+    wait_until(30, "A to record", || cl.nodes[0].serves(&paths));
+    // The outsider has the same store; give it the paths to announce.
+    outsider
+        .call(narmesh_proto::control::Request::Push {
+            paths: vec![top.full()],
+        })
+        .unwrap();
+    wait_until(30, "the outsider to record", || outsider.serves(&paths));
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let b = cl.nodes[1].status();
+    assert_eq!(
+        b.paths_recorded, 0,
+        "B recorded nothing it does not trust: {b:?}"
+    );
+    assert!(
+        cl.nodes[1]
+            .log()
+            .contains("not signed by any trusted public key"),
+        "refusals are logged"
+    );
+    assert!(
+        cl.nodes[1].log().contains("not in allowed-peers"),
+        "the outsider was refused:\n{}",
+        cl.nodes[1].log()
+    );
+    assert!(cl.nodes[1].try_status().is_some(), "B keeps running");
+}
