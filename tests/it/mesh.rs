@@ -196,3 +196,121 @@ fn untrusted_signatures_and_disallowed_peers_get_nowhere() {
     );
     assert!(cl.nodes[1].try_status().is_some(), "B keeps running");
 }
+
+#[test]
+fn a_peer_serving_corrupted_nar_bytes_is_refused() {
+    let mut cl = cluster(2, &[]);
+    cl.nodes[0].start();
+    cl.nodes[1].start();
+    let top = cl.a.build(CHAIN)[0].clone();
+    let paths = closure(&cl.a, &top);
+    wait_until(30, "B to learn the paths", || cl.nodes[1].serves(&paths));
+    // Flip bytes in A's stored copy of the large NAR (a real disk fault, below iroh-blobs).
+    let data_dir = cl.nodes[0].dir.join("data/blobs/data");
+    let mut corrupted = 0;
+    for e in std::fs::read_dir(&data_dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "data")
+            && std::fs::metadata(&p).unwrap().len() > 100_000
+        {
+            let mut bytes = std::fs::read(&p).unwrap();
+            for b in bytes.iter_mut().skip(1000).step_by(4096) {
+                *b ^= 0xff;
+            }
+            std::fs::write(&p, bytes).unwrap();
+            corrupted += 1;
+        }
+    }
+    assert_eq!(corrupted, 1, "the one large NAR's blob file");
+    let key = cl.nodes[1].public_key();
+    let c = NixHost::substituter(&format!("http://{}", cl.nodes[1].http), &key);
+    let out = c.output("nix-store", &["-r", &top.full()]);
+    assert!(
+        !out.status.success(),
+        "Nix must not accept the corrupted NAR"
+    );
+    let valid = StoreDb::open(&c.root)
+        .map(|db| db.is_valid(&top).unwrap())
+        .unwrap_or(false);
+    assert!(!valid, "the path is not valid on C");
+    wait_until(10, "B to log the bad peer", || {
+        cl.nodes[1].log().contains("does not match its signed hash")
+    });
+    let (_, _, info) = http(
+        &cl.nodes[1].http,
+        "GET",
+        &format!("/{}.narinfo", top.hash_part()),
+        &[],
+    );
+    let info = narmesh::nix::NarInfo::parse(std::str::from_utf8(&info).unwrap()).unwrap();
+    let (_, hdrs, _) = http(&cl.nodes[1].http, "HEAD", &format!("/{}", info.url), &[]);
+    assert!(
+        !hdrs.iter().any(|(k, _)| k == "accept-ranges"),
+        "B did not keep the bad NAR"
+    );
+    assert!(cl.nodes[1].try_status().is_some(), "B keeps running");
+}
+
+#[test]
+fn garbage_on_every_alpn_is_refused_and_harmless() {
+    let mut cl = cluster(2, &[]);
+    let raw: [u8; 32] = *blake3::hash(b"narmesh test client").as_bytes();
+    let client_key = iroh::SecretKey::from_bytes(&raw);
+    cl.nodes[1].allowed_peers = vec![client_key.public().to_string()];
+    cl.nodes[0].start();
+    cl.nodes[1].start();
+    let top = cl.a.build(CHAIN)[0].clone();
+    let paths = closure(&cl.a, &top);
+    wait_until(30, "B to learn the paths", || cl.nodes[1].serves(&paths));
+    let target = cl.nodes[0].peers[0].clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (id, addr) = target.split_once('@').unwrap();
+        let id: iroh::EndpointId = id.parse().unwrap();
+        let ep = iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
+            .secret_key(client_key)
+            .relay_mode(iroh::RelayMode::Disabled)
+            .clear_ip_transports()
+            .bind_addr("127.0.0.1:0")
+            .unwrap()
+            .bind()
+            .await
+            .unwrap();
+        let peer = iroh::EndpointAddr::new(id).with_ip_addr(addr.parse().unwrap());
+        for alpn in [&b"narmesh/sync/1"[..], b"narmesh/nar/1", b"/iroh-gossip/1"] {
+            for garbage in [
+                vec![0xffu8; 64],
+                vec![5, 0, 0, 0, 1],
+                vec![0xff, 0xff, 0xff, 0x7f],
+                b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+            ] {
+                let conn = ep
+                    .connect(peer.clone(), alpn)
+                    .await
+                    .expect("allowed client connects");
+                if let Ok((mut send, mut recv)) = conn.open_bi().await {
+                    let _ = send.write_all(&garbage).await;
+                    let _ = send.finish();
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(2),
+                        recv.read_to_end(1 << 20),
+                    )
+                    .await;
+                }
+                conn.close(0u32.into(), b"bye");
+            }
+        }
+        let unknown = ep.connect(peer.clone(), b"narmesh/unknown/9").await;
+        assert!(
+            unknown.is_err(),
+            "an unknown ALPN is refused at the handshake"
+        );
+        ep.close().await;
+    });
+    assert!(cl.nodes[1].try_status().is_some(), "B keeps running");
+    assert!(cl.nodes[1].serves(&paths), "and keeps serving what it had");
+    assert_eq!(cl.nodes[1].status().paths_recorded, 3);
+}
