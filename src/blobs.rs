@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use iroh_blobs::Hash;
 use iroh_blobs::store::fs::FsStore;
-use tokio::io::{AsyncRead, AsyncSeek};
 use tokio::sync::mpsc;
 
 use crate::nix::nar::{self, NarDigests};
@@ -131,9 +130,47 @@ impl BlobStore {
             .map_err(store_err)
     }
 
-    /// A seekable reader over a present blob.
-    pub fn reader(&self, hash: &[u8; 32]) -> impl AsyncRead + AsyncSeek + Send + Unpin + 'static {
-        self.store.reader(Hash::from_bytes(*hash))
+    /// The bytes `start..end` of a present blob, as one streaming export (a reader would start
+    /// one export per read call).
+    pub fn range(
+        &self,
+        hash: &[u8; 32],
+        start: u64,
+        end: u64,
+    ) -> impl futures::Stream<Item = io::Result<Bytes>> + Send + 'static {
+        use futures::StreamExt as _;
+        use iroh_blobs::api::proto::ExportRangesItem;
+        self.store
+            .export_ranges(Hash::from_bytes(*hash), start..end)
+            .stream()
+            .filter_map(|item| async move {
+                match item {
+                    ExportRangesItem::Size(_) => None,
+                    ExportRangesItem::Data(leaf) => Some(Ok(leaf.data)),
+                    ExportRangesItem::Error(e) => Some(Err(io::Error::other(e.to_string()))),
+                }
+            })
+            // The store hands out 16 KiB leaves; pass on whatever is ready as one chunk, so
+            // consumers (QUIC streams, HTTP bodies) see few large writes instead of many small.
+            .ready_chunks(64)
+            .map(|pieces| {
+                if pieces.len() == 1 {
+                    return pieces
+                        .into_iter()
+                        .next()
+                        .unwrap_or_else(|| Ok(Bytes::new()));
+                }
+                let mut out = bytes::BytesMut::with_capacity(
+                    pieces
+                        .iter()
+                        .map(|p| p.as_ref().map_or(0, |b| b.len()))
+                        .sum(),
+                );
+                for p in pieces {
+                    out.extend_from_slice(&p?);
+                }
+                Ok(out.freeze())
+            })
     }
 
     /// Flush and stop the store.

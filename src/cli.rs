@@ -209,6 +209,20 @@ fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
     println!("NAR bytes:       {}", s.nar_bytes);
     println!("ingest failures: {}", s.ingest_failures);
     println!("spool taken:     {}", s.spool_taken);
+    if !s.endpoint_id.is_empty() {
+        println!("endpoint id:     {}", s.endpoint_id);
+        println!("peer address:    {}", s.peer_address);
+        for p in &s.peers {
+            let synced = p
+                .last_sync_secs_ago
+                .map(|s| format!("{s} s ago"))
+                .unwrap_or_else(|| "never".into());
+            println!(
+                "peer {}  {}  cursor {}  synced {}",
+                p.endpoint_id, p.state, p.cursor, synced
+            );
+        }
+    }
     Ok(())
 }
 

@@ -5,7 +5,6 @@
 
 mod range;
 
-use std::io::SeekFrom;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,7 +13,6 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::blobs::BlobStore;
@@ -232,16 +230,7 @@ async fn nar(st: &HttpState, hash: [u8; 32], headers: &HeaderMap, head: bool) ->
     let body = if head {
         Body::empty()
     } else {
-        let mut reader = st.blobs.reader(&hash);
-        if start > 0
-            && let Err(e) = reader.seek(SeekFrom::Start(start)).await
-        {
-            return internal(e);
-        }
-        Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
-            reader.take(count),
-            256 * 1024,
-        ))
+        Body::from_stream(st.blobs.range(&hash, start, start + count))
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;

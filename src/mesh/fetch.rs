@@ -42,6 +42,27 @@ struct Sinks<'a> {
     got: u64,
 }
 
+/// Size of the pieces handed to the blob store and the local reader.
+const CHUNK: usize = 1 << 20;
+
+impl Sinks<'_> {
+    /// Hash a verified-later chunk and hand it on.
+    async fn pass(&mut self, chunk: Bytes) -> Result<(), String> {
+        self.sha.update(&chunk);
+        self.got += chunk.len() as u64;
+        if let Some(t) = self.tee
+            && t.send(Ok(chunk.clone())).await.is_err()
+        {
+            // The local reader went away; finish the copy for later readers anyway.
+            self.tee = None;
+        }
+        self.store
+            .send(Ok(chunk))
+            .await
+            .map_err(|_| "blob store stopped".to_owned())
+    }
+}
+
 impl Fetcher {
     pub fn new(ep: Endpoint, db: Db, blobs: BlobStore) -> Self {
         Fetcher {
@@ -98,6 +119,7 @@ impl Fetcher {
             got: 0,
         };
         let mut used = Vec::new();
+        let started = Instant::now();
         for p in order {
             used.push(p);
             match self.pull(p, rec, &mut sinks).await {
@@ -121,10 +143,16 @@ impl Fetcher {
         }
         let sha: [u8; 32] = std::mem::take(&mut sinks.sha).finalize().into();
         drop(tx);
+        let received = started.elapsed();
         let blake = import
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
+        tracing::debug!(
+            "{}: received in {received:?}, stored in {:?}",
+            rec.store_path,
+            started.elapsed()
+        );
         if sha != info.nar_hash.0 || blake != rec.blake3 {
             for p in used {
                 self.avoid(
@@ -194,28 +222,23 @@ impl Fetcher {
             NarHeader::NotFound => return Err("does not hold it".into()),
             NarHeader::Error { message } => return Err(message),
         }
-        while sinks.got < rec.nar_size {
-            let chunk = tokio::time::timeout(STALL, recv.read_chunk(1 << 20))
+        // QUIC hands over small pieces: gather them into large chunks before passing them on.
+        let mut buf = bytes::BytesMut::with_capacity(CHUNK);
+        let mut received = sinks.got;
+        while received < rec.nar_size {
+            let piece = tokio::time::timeout(STALL, recv.read_chunk(CHUNK))
                 .await
                 .map_err(|_| "stalled".to_owned())?
                 .map_err(|e| e.to_string())?
                 .ok_or("stream ended early")?;
-            if sinks.got + chunk.len() as u64 > rec.nar_size {
+            received += piece.len() as u64;
+            if received > rec.nar_size {
                 return Err("sent more than the NAR's size".into());
             }
-            sinks.sha.update(&chunk);
-            sinks.got += chunk.len() as u64;
-            if let Some(t) = sinks.tee
-                && t.send(Ok(chunk.clone())).await.is_err()
-            {
-                // The local reader went away; finish the copy for later readers anyway.
-                sinks.tee = None;
+            buf.extend_from_slice(&piece);
+            if buf.len() >= CHUNK || received == rec.nar_size {
+                sinks.pass(buf.split().freeze()).await?;
             }
-            sinks
-                .store
-                .send(Ok(chunk))
-                .await
-                .map_err(|_| "blob store stopped".to_owned())?;
         }
         conn.close(0u32.into(), b"done");
         Ok(())

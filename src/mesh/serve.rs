@@ -2,13 +2,11 @@
 //! and NAR transfer (`narmesh/nar/1`: a NAR by BLAKE3 hash, from an offset). Peers reach them
 //! only through the allow-list hook; every request is size-limited and checked.
 
-use std::io::SeekFrom;
-
+use futures::StreamExt as _;
 use iroh::endpoint::Connection;
 use iroh::protocol::{AcceptError, ProtocolHandler};
 use narmesh_proto::gossip::Announce;
 use narmesh_proto::sync::{MAX_SYNC_BATCH, NarHeader, NarRequest, SyncBatch, SyncRequest};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::accept::announce_of;
 use super::wire;
@@ -110,21 +108,10 @@ impl ProtocolHandler for NarServer {
             };
             wire::write(&mut send, &header).await.map_err(user)?;
             if let NarHeader::Found { size } = header {
-                let mut reader = self.blobs.reader(&req.blake3);
-                if req.offset > 0 {
-                    reader
-                        .seek(SeekFrom::Start(req.offset))
-                        .await
-                        .map_err(user)?;
-                }
-                let mut reader = reader.take(size);
-                let mut buf = vec![0u8; 256 * 1024];
-                loop {
-                    let n = reader.read(&mut buf).await.map_err(user)?;
-                    if n == 0 {
-                        break;
-                    }
-                    send.write_all(&buf[..n]).await.map_err(user)?;
+                let range = self.blobs.range(&req.blake3, req.offset, req.offset + size);
+                let mut data = std::pin::pin!(range);
+                while let Some(chunk) = data.next().await {
+                    send.write_chunk(chunk.map_err(user)?).await.map_err(user)?;
                 }
             }
             send.finish().map_err(user)?;
