@@ -32,16 +32,8 @@ fn mesh(t: &std::path::Path, a: &NixHost, n: usize, replicate: &'static str) -> 
     let mut nodes: Vec<Node> = (0..n)
         .map(|i| Node::new(&t.join(format!("n{i}")), &a.root))
         .collect();
-    let addrs: Vec<String> = nodes.iter_mut().map(|n| n.enable_mesh()).collect();
-    let keys: Vec<String> = nodes.iter().map(|n| n.public_key()).collect();
+    node_harness::full_mesh(&mut nodes);
     for (i, node) in nodes.iter_mut().enumerate() {
-        node.peers = addrs
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .map(|(_, a)| a.clone())
-            .collect();
-        node.trusted = keys.clone();
         node.replicate = replicate;
         if i > 0 {
             node.store_root = node.dir.join("store");

@@ -37,16 +37,8 @@ fn cluster(n: usize, replicate: &[&'static str]) -> Cluster {
         .map(|i| Node::new(&t.path().join(format!("n{i}")), &t.path().join("unused")))
         .collect();
     let a = NixHost::with_hook(&nodes[0].socket(), &nodes[0].spool());
-    let addrs: Vec<String> = nodes.iter_mut().map(|n| n.enable_mesh()).collect();
-    let keys: Vec<String> = nodes.iter().map(|n| n.public_key()).collect();
+    crate::node_harness::full_mesh(&mut nodes);
     for (i, node) in nodes.iter_mut().enumerate() {
-        node.peers = addrs
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .map(|(_, a)| a.clone())
-            .collect();
-        node.trusted = keys.clone();
         node.replicate = replicate.get(i).copied().unwrap_or("on-demand");
         node.store_root = if i == 0 {
             a.root.clone()

@@ -234,3 +234,19 @@ fn rand_bytes() -> [u8; 32] {
     getrandom::fill(&mut b).expect("randomness");
     b
 }
+
+/// Make `nodes` a full mesh: each gets a mesh endpoint, lists every other node in `peers`, and
+/// trusts every node's signing key.
+pub fn full_mesh(nodes: &mut [Node]) {
+    let addrs: Vec<String> = nodes.iter_mut().map(|n| n.enable_mesh()).collect();
+    let keys: Vec<String> = nodes.iter().map(|n| n.public_key()).collect();
+    for (i, node) in nodes.iter_mut().enumerate() {
+        node.peers = addrs
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, a)| a.clone())
+            .collect();
+        node.trusted = keys.clone();
+    }
+}
