@@ -76,11 +76,6 @@ impl StoreDb {
         })
     }
 
-    /// The store root this database belongs to.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// Where a store path's files are on this machine's filesystem.
     pub fn real_path(&self, path: &StorePath) -> PathBuf {
         real_path(&self.root, path)

@@ -93,15 +93,6 @@ impl Node {
         format!("{id}@127.0.0.1:{port}")
     }
 
-    /// The endpoint id part of a peer address.
-    pub fn id_of(peer_address: &str) -> String {
-        peer_address
-            .split('@')
-            .next()
-            .unwrap_or_default()
-            .to_owned()
-    }
-
     fn config_file(&self) -> PathBuf {
         let path = self.dir.join("narmesh.toml");
         let _ = self.public_key();
