@@ -22,6 +22,8 @@ use crate::nix::NarInfo;
 
 /// How long a provider that misbehaved is skipped.
 const AVOID_FOR: Duration = Duration::from_secs(60);
+/// Attempts per provider while each attempt makes progress.
+const RETRIES: u32 = 3;
 /// A provider that sends nothing for this long is given up on.
 const STALL: Duration = Duration::from_secs(10);
 
@@ -120,11 +122,26 @@ impl Fetcher {
         };
         let mut used = Vec::new();
         let started = Instant::now();
-        for p in order {
+        'providers: for p in order {
             used.push(p);
-            match self.pull(p, rec, &mut sinks).await {
-                Ok(()) => break,
-                Err(e) => self.avoid(p, &format!("fetching {}: {e}", rec.store_path)),
+            // A provider whose connection drops after sending something is asked again (from
+            // where it stopped) a few times before the next provider is tried.
+            for attempt in 1..=RETRIES {
+                let before = sinks.got;
+                match self.pull(p, rec, &mut sinks).await {
+                    Ok(()) => break 'providers,
+                    Err(e) if sinks.got > before && attempt < RETRIES => {
+                        tracing::info!(
+                            "mesh: {}: {p} stopped at byte {} ({e}); resuming",
+                            rec.store_path,
+                            sinks.got
+                        );
+                    }
+                    Err(e) => {
+                        self.avoid(p, &format!("fetching {}: {e}", rec.store_path));
+                        break;
+                    }
+                }
             }
         }
         if sinks.got != rec.nar_size {
@@ -199,7 +216,7 @@ impl Fetcher {
             .connect(peer, NAR_ALPN)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| wire::chain(&e))?;
         let req = NarRequest {
             version: narmesh_proto::PROTOCOL_VERSION,
             blake3: rec.blake3,
@@ -229,7 +246,7 @@ impl Fetcher {
             let piece = tokio::time::timeout(STALL, recv.read_chunk(CHUNK))
                 .await
                 .map_err(|_| "stalled".to_owned())?
-                .map_err(|e| e.to_string())?
+                .map_err(|e| wire::chain(&e))?
                 .ok_or("stream ended early")?;
             received += piece.len() as u64;
             if received > rec.nar_size {

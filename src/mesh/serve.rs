@@ -16,8 +16,8 @@ use crate::db::Db;
 /// Bytes of narinfo text per catch-up batch, so a batch frame stays far below the frame limit.
 const SYNC_BATCH_BYTES: usize = 512 * 1024;
 
-fn user(e: impl std::fmt::Display) -> AcceptError {
-    AcceptError::from_err(std::io::Error::other(e.to_string()))
+fn user(e: impl std::error::Error + 'static) -> AcceptError {
+    AcceptError::from_err(std::io::Error::other(wire::chain(&e)))
 }
 
 /// Answers catch-up requests from this node's log.
@@ -38,7 +38,10 @@ impl ProtocolHandler for SyncServer {
                     return Ok(());
                 }
             };
-            let batch = self.batch(&req).await.map_err(user)?;
+            let batch = self
+                .batch(&req)
+                .await
+                .map_err(|e| AcceptError::from_err(std::io::Error::other(e)))?;
             wire::write(&mut send, &batch).await.map_err(user)?;
             send.finish().map_err(user)?;
         }

@@ -192,6 +192,30 @@ impl Node {
         })
     }
 
+    /// The running node's process id (0 when stopped).
+    #[allow(dead_code)]
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// CPU seconds (user + system) the running node has used so far.
+    #[allow(dead_code)]
+    pub fn cpu_seconds(&self) -> f64 {
+        let Some(c) = self.child.as_ref() else {
+            return 0.0;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.id())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<f64> = rest
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        f.iter().sum::<f64>() / 100.0
+    }
+
     /// SIGKILL, no chance to clean up.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
