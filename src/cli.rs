@@ -223,6 +223,21 @@ fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
             );
         }
     }
+    if let Some(m) = &s.mirror {
+        println!("mirror:          s3 bucket {}", m.bucket);
+        println!(
+            "mirror lag:      {} path(s), {} NAR bytes",
+            m.pending_paths, m.pending_bytes
+        );
+        println!(
+            "mirror uploaded: {} path(s), {} bytes, {} bytes/s now",
+            m.uploaded_paths, m.uploaded_bytes, m.upload_bytes_per_sec
+        );
+        println!("mirror failures: {}", m.failures);
+        if let Some(e) = &m.last_error {
+            println!("mirror error:    {e}");
+        }
+    }
     Ok(())
 }
 

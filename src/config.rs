@@ -57,6 +57,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub pipeline: PipelineConfig,
     pub mesh: MeshConfig,
+    pub mirror: MirrorConfig,
 }
 
 /// How a node replicates NARs its peers announce.
@@ -88,6 +89,86 @@ pub struct MeshConfig {
     pub replicate: Replicate,
     /// Nodes gossip on a topic derived from this name.
     pub cluster: String,
+}
+
+/// `[mirror]`: what this node mirrors the cluster's paths into.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct MirrorConfig {
+    /// An S3 binary cache; setting it makes this node the mirror (and replicate eagerly).
+    pub s3: Option<S3Config>,
+}
+
+/// How NARs are compressed in the bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Compression {
+    #[default]
+    Zstd,
+    Xz,
+    None,
+}
+
+impl Compression {
+    /// The narinfo `Compression:` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::Zstd => "zstd",
+            Compression::Xz => "xz",
+            Compression::None => "none",
+        }
+    }
+
+    /// The NAR file name extension after `.nar`.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Compression::Zstd => ".zst",
+            Compression::Xz => ".xz",
+            Compression::None => "",
+        }
+    }
+}
+
+/// `[mirror.s3]`: the bucket, in the layout `nix copy --to s3://` writes. Credentials come the
+/// usual AWS way (environment, shared config and credentials files, `profile`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Endpoint URL of an S3-compatible server (path-style requests); AWS when absent.
+    pub endpoint: Option<String>,
+    /// Region (default: from the AWS config, else `us-east-1`).
+    pub region: Option<String>,
+    /// AWS profile to take credentials and region from.
+    pub profile: Option<String>,
+    /// Key prefix of the cache inside the bucket (`""` or e.g. `"cache/"`).
+    pub prefix: String,
+    pub compression: Compression,
+    /// Uploads (NARs, narinfos, parts) in flight at once.
+    pub concurrency: usize,
+    /// NARs whose compressed size reaches this many bytes go up in parts.
+    pub multipart_threshold: u64,
+    /// Bytes per part (S3 needs at least 5 MiB).
+    pub part_size: u64,
+    /// `Priority` written to the bucket's `nix-cache-info` when the bucket has none.
+    pub priority: u32,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            bucket: String::new(),
+            endpoint: None,
+            region: None,
+            profile: None,
+            prefix: String::new(),
+            compression: Compression::Zstd,
+            concurrency: 8,
+            multipart_threshold: 64 << 20,
+            part_size: 16 << 20,
+            priority: 50,
+        }
+    }
 }
 
 /// `[nix]`: the local Nix store.
@@ -132,6 +213,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             pipeline: PipelineConfig::default(),
             mesh: MeshConfig::default(),
+            mirror: MirrorConfig::default(),
         }
     }
 }
@@ -228,6 +310,40 @@ impl Config {
         if self.mesh.cluster.is_empty() {
             return Err(invalid("mesh.cluster", "must not be empty".into()));
         }
+        if let Some(s3) = &self.mirror.s3 {
+            if s3.bucket.is_empty() {
+                return Err(invalid("mirror.s3.bucket", "is required".into()));
+            }
+            if s3.concurrency == 0 || s3.concurrency > 256 {
+                return Err(invalid("mirror.s3.concurrency", "must be 1..=256".into()));
+            }
+            if s3.part_size < 5 << 20 || s3.part_size > 5 << 30 {
+                return Err(invalid(
+                    "mirror.s3.part-size",
+                    "must be 5 MiB..=5 GiB (S3's limits)".into(),
+                ));
+            }
+            if s3.multipart_threshold < s3.part_size {
+                return Err(invalid(
+                    "mirror.s3.multipart-threshold",
+                    "must be at least part-size".into(),
+                ));
+            }
+            if !(s3.prefix.is_empty() || s3.prefix.ends_with('/')) || s3.prefix.starts_with('/') {
+                return Err(invalid(
+                    "mirror.s3.prefix",
+                    "must be empty or end with '/' (and not start with one)".into(),
+                ));
+            }
+            if let Some(ep) = &s3.endpoint
+                && !(ep.starts_with("http://") || ep.starts_with("https://"))
+            {
+                return Err(invalid(
+                    "mirror.s3.endpoint",
+                    "must be an http:// or https:// URL".into(),
+                ));
+            }
+        }
         if let Some(name) = &self.key_name {
             crate::nix::SecretKey::generate(name)
                 .map_err(|e| invalid("key-name", e.to_string()))?;
@@ -285,12 +401,39 @@ mod tests {
             priority = 10
             [pipeline]
             workers = 1
+            [mirror.s3]
+            bucket = "cache"
+            endpoint = "http://127.0.0.1:8333"
+            prefix = "nix/"
+            compression = "xz"
+            part-size = 8388608
             "#,
         )
         .unwrap();
         cfg.validate().unwrap();
+        let s3 = cfg.mirror.s3.as_ref().unwrap();
+        assert_eq!((s3.compression, s3.concurrency), (Compression::Xz, 8));
         assert_eq!(cfg.spool_dir(), Path::new("/tmp/x/spool"));
         assert_eq!(cfg.trusted_keys().unwrap().keys().len(), 1);
+    }
+
+    #[test]
+    fn rejects_bad_mirror_settings() {
+        for bad in [
+            "[mirror.s3]\nendpoint = \"http://x\"",
+            "[mirror.s3]\nbucket = \"b\"\npart-size = 1024",
+            "[mirror.s3]\nbucket = \"b\"\nprefix = \"nix\"",
+            "[mirror.s3]\nbucket = \"b\"\nendpoint = \"ftp://x\"",
+            "[mirror.s3]\nbucket = \"b\"\nconcurrency = 0",
+            "[mirror.s3]\nbucket = \"b\"\ncompression = \"bzip2\"",
+            "[mirror.s3]\nbucket = \"b\"\nregoin = \"x\"",
+        ] {
+            let parsed: Result<Config, _> = toml::from_str(bad);
+            assert!(
+                parsed.map(|c| c.validate().is_err()).unwrap_or(true),
+                "accepted {bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub struct Ingest {
     /// Static part of the status report (key, addresses).
     pub status: Arc<StatusReport>,
     pub mesh: Option<crate::mesh::MeshHandle>,
+    pub mirror: Option<crate::mirror::MirrorHandle>,
 }
 
 impl Ingest {
@@ -171,6 +172,7 @@ impl Ingest {
         report.nar_bytes = counters.nar_bytes;
         report.ingest_failures = counters.failures;
         report.spool_taken = self.metrics.spool_taken.get();
+        report.mirror = self.mirror.as_ref().map(|m| m.status());
         if let Some(m) = &self.mesh {
             let m = m.clone();
             report.peers = tokio::task::spawn_blocking(move || m.peers())

@@ -10,13 +10,14 @@
 //! Modules, each the one owner of its concern:
 //! - [`nix`]: the Nix formats (base32, store paths, hashes, NAR, narinfo, keys, store database).
 //! - [`config`]: the node's TOML configuration.
-//! - [`db`]: the node's redb database (queue, path records, log, counters).
+//! - [`db`]: the node's redb database (queue, path records, log, mirror outbox, counters).
 //! - [`queue`]: the group-committing writer of the durable queue.
 //! - [`ingest`]: the Unix socket (hook reports, CLI requests) and the spool directory.
 //! - [`pipeline`]: queued reports -> NARs in the blob store -> signed narinfos -> records.
 //! - [`store`]: the local Nix store database, opened lazily.
 //! - [`blobs`]: the content-addressed NAR store (iroh-blobs behind our interface).
 //! - [`mesh`]: iroh endpoint, gossip announcements, catch-up, verified NAR transfer.
+//! - [`mirror`]: the S3 mirror (durable outbox, compressed NARs, narinfos in dependency order).
 //! - [`http`]: the binary cache the local Nix substitutes from, and `/metrics`.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`node`]: builds and runs the parts; owns the shutdown order.
@@ -33,6 +34,7 @@ pub mod http;
 pub mod ingest;
 pub mod mesh;
 pub mod metrics;
+pub mod mirror;
 pub mod nix;
 pub mod node;
 pub mod pipeline;

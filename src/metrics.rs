@@ -33,6 +33,11 @@ pub struct Metrics {
     pub batch_seconds: Histogram,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_seconds: Family<RouteLabels, Histogram>,
+    pub mirror_pending_paths: Gauge,
+    pub mirror_pending_bytes: Gauge,
+    pub mirror_uploaded_paths: Counter,
+    pub mirror_uploaded_bytes: Counter,
+    pub mirror_failures: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -63,6 +68,11 @@ impl Metrics {
             http_seconds: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.00005, 2.0, 16))
             }),
+            mirror_pending_paths: Gauge::default(),
+            mirror_pending_bytes: Gauge::default(),
+            mirror_uploaded_paths: Counter::default(),
+            mirror_uploaded_bytes: Counter::default(),
+            mirror_failures: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -110,6 +120,31 @@ impl Metrics {
             "http_request_seconds",
             "HTTP request latency by route",
             m.http_seconds.clone(),
+        );
+        registry.register(
+            "mirror_pending_paths",
+            "Paths not yet complete in the S3 mirror (mirror lag)",
+            m.mirror_pending_paths.clone(),
+        );
+        registry.register(
+            "mirror_pending_bytes",
+            "NAR bytes not yet in the S3 mirror",
+            m.mirror_pending_bytes.clone(),
+        );
+        registry.register(
+            "mirror_uploaded_paths",
+            "Paths completed in the S3 mirror",
+            m.mirror_uploaded_paths.clone(),
+        );
+        registry.register(
+            "mirror_uploaded_bytes",
+            "Compressed NAR bytes uploaded to the S3 mirror",
+            m.mirror_uploaded_bytes.clone(),
+        );
+        registry.register(
+            "mirror_failures",
+            "Failed S3 mirror attempts (each is retried)",
+            m.mirror_failures.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -1,5 +1,5 @@
 //! `narmesh serve`: builds the node's parts, runs them, and owns the shutdown order
-//! (stop taking requests -> finish the batch in hand -> close the blob store).
+//! (stop taking requests -> finish the batch in hand -> stop the mirror -> close the blob store).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,12 +11,13 @@ use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 
 use crate::blobs::BlobStore;
-use crate::config::Config;
+use crate::config::{Config, Replicate};
 use crate::db::Db;
 use crate::http::{self, HttpState};
 use crate::ingest::Ingest;
 use crate::mesh::{MeshHandle, MeshParts};
 use crate::metrics::Metrics;
+use crate::mirror::{MirrorHandle, MirrorParts};
 use crate::nix::SecretKey;
 use crate::pipeline::Pipeline;
 use crate::queue::QueueHandle;
@@ -50,7 +51,11 @@ async fn wait_for_signal() {
 }
 
 /// Run the node until `cancel` fires.
-pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
+    if cfg.mirror.s3.is_some() && cfg.mesh.replicate != Replicate::Eager {
+        tracing::info!("mirror node: replicating eagerly");
+        cfg.mesh.replicate = Replicate::Eager;
+    }
     create_private_dir(&cfg.data_dir)?;
     let spool = cfg.spool_dir();
     std::fs::create_dir_all(&spool)
@@ -82,6 +87,20 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         None
     };
 
+    let mirror_cancel = CancellationToken::new();
+    let mirror = cfg.mirror.s3.clone().map(|s3| {
+        MirrorHandle::start(
+            MirrorParts {
+                cfg: s3,
+                data_dir: cfg.data_dir.clone(),
+                db: db.clone(),
+                blobs: blobs.clone(),
+                metrics: metrics.clone(),
+            },
+            mirror_cancel.clone(),
+        )
+    });
+
     let mut http_addrs = Vec::new();
     let mut http_listeners = Vec::new();
     for addr in &cfg.http.listen {
@@ -108,6 +127,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         status: Arc::new(status),
         mesh: mesh.clone(),
+        mirror: mirror.as_ref().map(|(h, _)| h.clone()),
     };
     let pipeline = Pipeline {
         db: db.clone(),
@@ -155,6 +175,10 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     tasks.wait().await;
     back.cancel();
     let _ = pipeline_task.await;
+    mirror_cancel.cancel();
+    if let Some((_, task)) = mirror {
+        let _ = task.await;
+    }
     queue_task.abort();
     if let Some(m) = &mesh {
         m.shutdown().await;

@@ -66,6 +66,28 @@ pub struct StatusReport {
     /// What another node puts in its `[mesh] peers` to reach this one.
     pub peer_address: String,
     pub peers: Vec<PeerStatus>,
+    /// The S3 mirror, on the node that runs one.
+    pub mirror: Option<MirrorStatus>,
+}
+
+/// The S3 mirror as the node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct MirrorStatus {
+    pub bucket: String,
+    /// Paths recorded but not yet complete in the bucket (mirror lag).
+    pub pending_paths: u64,
+    /// NAR bytes of the paths whose NAR is not yet in the bucket.
+    pub pending_bytes: u64,
+    /// Paths completed (narinfo uploaded) since the node started.
+    pub uploaded_paths: u64,
+    /// Compressed NAR bytes uploaded since the node started.
+    pub uploaded_bytes: u64,
+    /// Upload rate over the last 10 seconds.
+    pub upload_bytes_per_sec: u64,
+    /// Failed attempts since the node started (each is retried).
+    pub failures: u64,
+    /// The latest failure, cleared by the next success.
+    pub last_error: Option<String>,
 }
 
 /// One mesh peer as this node sees it.

@@ -1,7 +1,8 @@
 //! The node's own database (redb): the durable queue of reports, the recorded paths, the
-//! append-only log of what was recorded (for catch-up), and counters. This module owns every
+//! append-only log of what was recorded (for catch-up), the S3 mirror's outbox, and counters. This module owns every
 //! table definition; redb types stay inside it. All calls block: run them off async threads.
 
+mod outbox;
 mod records;
 
 use std::path::Path;
@@ -11,6 +12,7 @@ use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
 };
 
+pub use outbox::MirrorState;
 pub use records::{Counters, PathRecord, QueueItem};
 
 /// Reports waiting to be ingested, by sequence number.
@@ -86,6 +88,7 @@ impl Db {
         tx.open_table(META)?;
         tx.open_table(BLOBS)?;
         tx.open_table(CURSORS)?;
+        tx.open_table(outbox::OUTBOX)?;
         tx.commit()?;
         Ok(Db { db: Arc::new(db) })
     }

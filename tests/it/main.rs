@@ -4,6 +4,8 @@
 mod harness;
 mod keys_interop;
 mod mesh;
+mod mirror;
 mod nar_vs_nix;
 mod node;
 mod node_harness;
+mod s3_harness;

@@ -24,6 +24,8 @@ pub struct Node {
     pub allowed_peers: Vec<String>,
     pub trusted: Vec<String>,
     pub replicate: &'static str,
+    /// Extra environment for the node process (such as S3 credentials).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     pub http: String,
 }
@@ -42,6 +44,7 @@ impl Node {
             allowed_peers: Vec::new(),
             trusted: Vec::new(),
             replicate: "on-demand",
+            env: Vec::new(),
             child: None,
             http: String::new(),
         }
@@ -132,6 +135,7 @@ impl Node {
             .env("NARMESH_LOG", "info,narmesh=debug")
             .env_remove("NARMESH_SOCKET")
             .env_remove("NARMESH_SPOOL")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)

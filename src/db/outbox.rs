@@ -1,0 +1,187 @@
+//! The S3 mirror's durable outbox: each recorded path's upload state, and how far the mirror
+//! has read the log. A path enters as `Pending` when the mirror takes it from the log; its state
+//! moves forward only after the bucket holds what the state says, so after a crash the mirror
+//! redoes at most the step it was in.
+
+use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use super::{Db, DbError, LOG, META, PATHS, PathRecord};
+
+/// Upload state by hash part.
+pub(super) const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("mirror_outbox_v1");
+/// The last log sequence number the mirror has taken in.
+const CURSOR: &str = "mirror.cursor";
+
+/// Where one path stands in the bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MirrorState {
+    /// Nothing of it is known to be in the bucket.
+    Pending,
+    /// Its compressed NAR is in the bucket at `url` (relative to the cache root).
+    NarStored {
+        url: String,
+        compression: String,
+        file_hash: [u8; 32],
+        file_size: u64,
+    },
+    /// Its narinfo is in the bucket too: done for good.
+    Done,
+}
+
+fn decode(v: &[u8]) -> Result<MirrorState, DbError> {
+    Ok(postcard::from_bytes(v)?)
+}
+
+impl Db {
+    /// Take up to `limit` log entries after the mirror's cursor into the outbox (as `Pending`)
+    /// and move the cursor, in one commit. Returns the new entries and whether more follow.
+    pub fn outbox_take(&self, limit: usize) -> Result<(Vec<PathRecord>, bool), DbError> {
+        // Most calls find nothing new: answer those from a read, without a commit.
+        {
+            let tx = self.db.begin_read()?;
+            let after = tx
+                .open_table(META)?
+                .get(CURSOR)?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            if tx
+                .open_table(LOG)?
+                .range(after.saturating_add(1)..)?
+                .next()
+                .is_none()
+            {
+                return Ok((Vec::new(), false));
+            }
+        }
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate)
+            .map_err(redb::Error::from)?;
+        let mut out = Vec::new();
+        let mut more = false;
+        {
+            let mut meta = tx.open_table(META)?;
+            let mut outbox = tx.open_table(OUTBOX)?;
+            let log = tx.open_table(LOG)?;
+            let paths = tx.open_table(PATHS)?;
+            let after = meta.get(CURSOR)?.map(|v| v.value()).unwrap_or(0);
+            let mut last = after;
+            let pending = postcard::to_allocvec(&MirrorState::Pending)?;
+            for entry in log.range(after.saturating_add(1)..)? {
+                let (seq, hash) = entry?;
+                if out.len() == limit {
+                    more = true;
+                    break;
+                }
+                last = seq.value();
+                let hash = hash.value();
+                if outbox.get(hash)?.is_some() {
+                    continue;
+                }
+                if let Some(v) = paths.get(hash)? {
+                    outbox.insert(hash, pending.as_slice())?;
+                    out.push(postcard::from_bytes(v.value())?);
+                }
+            }
+            if last != after {
+                meta.insert(CURSOR, last)?;
+            }
+        }
+        tx.commit()?;
+        Ok((out, more))
+    }
+
+    /// Every path the mirror has not finished, with its record and state.
+    pub fn outbox_unfinished(&self) -> Result<Vec<(PathRecord, MirrorState)>, DbError> {
+        let tx = self.db.begin_read()?;
+        let outbox = tx.open_table(OUTBOX)?;
+        let paths = tx.open_table(PATHS)?;
+        let mut out = Vec::new();
+        for entry in outbox.iter()? {
+            let (hash, state) = entry?;
+            let state = decode(state.value())?;
+            if state == MirrorState::Done {
+                continue;
+            }
+            if let Some(v) = paths.get(hash.value())? {
+                out.push((postcard::from_bytes(v.value())?, state));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The mirror state of one path (`None`: not taken in by the mirror).
+    pub fn outbox_state(&self, hash_part: &str) -> Result<Option<MirrorState>, DbError> {
+        let tx = self.db.begin_read()?;
+        let outbox = tx.open_table(OUTBOX)?;
+        match outbox.get(hash_part)? {
+            Some(v) => Ok(Some(decode(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Store new states, in one fsync'd commit.
+    pub fn outbox_set(&self, states: &[(String, MirrorState)]) -> Result<(), DbError> {
+        if states.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate)
+            .map_err(redb::Error::from)?;
+        {
+            let mut outbox = tx.open_table(OUTBOX)?;
+            for (hash, state) in states {
+                outbox.insert(hash.as_str(), postcard::to_allocvec(state)?.as_slice())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Whether the path is recorded at all (a reference the mirror waits for).
+    pub fn is_recorded(&self, hash_part: &str) -> Result<bool, DbError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(PATHS)?.get(hash_part)?.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(h: &str) -> PathRecord {
+        PathRecord {
+            store_path: format!("/nix/store/{h}-x"),
+            narinfo: String::new(),
+            blake3: [h.as_bytes()[0]; 32],
+            nar_size: 10,
+            recorded_at: 0,
+            local: true,
+            providers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn outbox_takes_the_log_once_and_keeps_states() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("db")).unwrap();
+        let a = "a".repeat(32);
+        let b = "b".repeat(32);
+        db.record(&[], &[rec(&a), rec(&b)], 0).unwrap();
+        let (first, more) = db.outbox_take(1).unwrap();
+        assert_eq!((first.len(), more), (1, true));
+        let (second, more) = db.outbox_take(10).unwrap();
+        assert_eq!((second.len(), more), (1, false));
+        assert!(db.outbox_take(10).unwrap().0.is_empty());
+        db.outbox_set(&[(a.clone(), MirrorState::Done)]).unwrap();
+        let open = db.outbox_unfinished().unwrap();
+        assert_eq!(open.len(), 1);
+        assert_eq!(open[0].1, MirrorState::Pending);
+        assert_eq!(db.outbox_state(&a).unwrap(), Some(MirrorState::Done));
+        drop(db);
+        // Reopened: the cursor and the states persist.
+        let db = Db::open(&dir.path().join("db")).unwrap();
+        assert!(db.outbox_take(10).unwrap().0.is_empty());
+        assert_eq!(db.outbox_unfinished().unwrap().len(), 1);
+    }
+}

