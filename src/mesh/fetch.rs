@@ -40,8 +40,57 @@ pub struct Fetcher {
 struct Sinks<'a> {
     store: &'a mpsc::Sender<io::Result<Bytes>>,
     tee: Option<&'a mpsc::Sender<io::Result<Bytes>>>,
-    sha: sha2::Sha256,
+    sha: Hasher,
     got: u64,
+}
+
+/// sha256 on a thread of its own, so hashing runs beside receiving instead of after it.
+struct Hasher {
+    tx: Option<mpsc::Sender<Bytes>>,
+    thread: Option<std::thread::JoinHandle<[u8; 32]>>,
+}
+
+impl Hasher {
+    fn new() -> Self {
+        let (tx, mut rx) = mpsc::channel::<Bytes>(8);
+        let thread = std::thread::Builder::new()
+            .name("narmesh-fetch-sha256".into())
+            .spawn(move || {
+                let mut h = sha2::Sha256::new();
+                while let Some(chunk) = rx.blocking_recv() {
+                    h.update(&chunk);
+                }
+                h.finalize().into()
+            })
+            .ok();
+        Hasher {
+            tx: Some(tx),
+            thread,
+        }
+    }
+
+    /// A hasher that hashes nothing (to take a used one's place).
+    fn empty() -> Self {
+        Hasher {
+            tx: None,
+            thread: None,
+        }
+    }
+
+    /// Hash `chunk` (a cheap reference-counted clone goes to the thread).
+    async fn update(&mut self, chunk: &Bytes) {
+        if let Some(tx) = &self.tx
+            && tx.send(chunk.clone()).await.is_err()
+        {
+            self.tx = None;
+        }
+    }
+
+    /// The digest of everything passed in; `None` if the thread failed.
+    fn finish(mut self) -> Option<[u8; 32]> {
+        drop(self.tx.take());
+        self.thread.take()?.join().ok()
+    }
 }
 
 /// Size of the pieces handed to the blob store and the local reader.
@@ -50,7 +99,7 @@ const CHUNK: usize = 1 << 20;
 impl Sinks<'_> {
     /// Hash a verified-later chunk and hand it on.
     async fn pass(&mut self, chunk: Bytes) -> Result<(), String> {
-        self.sha.update(&chunk);
+        self.sha.update(&chunk).await;
         self.got += chunk.len() as u64;
         if let Some(t) = self.tee
             && t.send(Ok(chunk.clone())).await.is_err()
@@ -117,7 +166,7 @@ impl Fetcher {
         let mut sinks = Sinks {
             store: &tx,
             tee: tee.as_ref(),
-            sha: sha2::Sha256::new(),
+            sha: Hasher::new(),
             got: 0,
         };
         let mut used = Vec::new();
@@ -158,7 +207,9 @@ impl Fetcher {
                 rec.store_path
             ));
         }
-        let sha: [u8; 32] = std::mem::take(&mut sinks.sha).finalize().into();
+        let sha = std::mem::replace(&mut sinks.sha, Hasher::empty())
+            .finish()
+            .ok_or("the sha256 thread failed")?;
         drop(tx);
         let received = started.elapsed();
         let blake = import

@@ -277,7 +277,12 @@ fn paths_signed_upstream_are_not_mirrored_and_do_not_hold_back_their_referrers()
             .arg(&sec)
             .arg(&public),
     );
-    run_ok(a.cmd("nix").args(["store", "sign", "--key-file"]).arg(&sec).arg(&up));
+    run_ok(
+        a.cmd("nix")
+            .args(["store", "sign", "--key-file"])
+            .arg(&sec)
+            .arg(&up),
+    );
     // One node that both builds and mirrors.
     let mut m = Node::new(&t.path().join("m"), &a.root);
     m.upstream_keys = vec![std::fs::read_to_string(&public).unwrap().trim().to_owned()];
@@ -289,7 +294,10 @@ fn paths_signed_upstream_are_not_mirrored_and_do_not_hold_back_their_referrers()
     })
     .unwrap();
     wait_mirrored(&m, 1, 60);
-    assert_eq!(check_bucket_but(&s3, &[top.full()], &[up.clone()]), 1);
+    assert_eq!(
+        check_bucket_but(&s3, &[top.full()], std::slice::from_ref(&up)),
+        1
+    );
     let up_hash = &up["/nix/store/".len()..][..32];
     assert!(
         !s3.objects()
