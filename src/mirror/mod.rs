@@ -136,6 +136,8 @@ struct Mirror {
     /// References never recorded here: when first seen, and those taken as public.
     unknown_since: HashMap<String, Instant>,
     external: HashSet<String>,
+    /// Paths known to be complete in the bucket (referenced by paths still in flight).
+    done: HashSet<String>,
 }
 
 fn hash_of(rec: &PathRecord) -> String {
@@ -158,6 +160,7 @@ impl Mirror {
             order: Vec::new(),
             unknown_since: HashMap::new(),
             external: HashSet::new(),
+            done: HashSet::new(),
             compress_gate: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
             )),
@@ -271,6 +274,7 @@ impl Mirror {
         loop {
             self.take_new().await;
             self.refresh_remote().await;
+            self.resolve_references().await;
             self.schedule(&mut tasks);
             self.publish_counts();
             let first = tokio::select! {
@@ -364,47 +368,82 @@ impl Mirror {
         }
     }
 
-    /// Whether every reference of `item` (but itself) has its narinfo in the bucket, or is
-    /// public.
-    fn references_ready(&mut self, hash: &str) -> bool {
+    /// Find out, off the async threads, where the references of the paths waiting for their
+    /// narinfo stand: complete in the bucket, still on their way, or public (never recorded
+    /// here for `EXTERNAL_GRACE`).
+    async fn resolve_references(&mut self) {
+        let mut unknown: Vec<String> = Vec::new();
+        for (hash, item) in &self.items {
+            if item.busy || !matches!(item.state, MirrorState::NarStored { .. }) {
+                continue;
+            }
+            let Ok(info) = NarInfo::parse(&item.rec.narinfo) else {
+                continue;
+            };
+            for r in &info.references {
+                let rh = r.hash_part();
+                if rh != hash
+                    && !self.items.contains_key(rh)
+                    && !self.done.contains(rh)
+                    && !self.external.contains(rh)
+                {
+                    unknown.push(rh.to_owned());
+                }
+            }
+        }
+        if unknown.is_empty() {
+            return;
+        }
+        unknown.sort();
+        unknown.dedup();
+        let db = self.db.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            unknown
+                .into_iter()
+                .map(|h| {
+                    let state = db.outbox_state(&h);
+                    let recorded = db.is_recorded(&h);
+                    (h, state, recorded)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (h, state, recorded) in found {
+            match (state, recorded) {
+                (Ok(Some(MirrorState::Done)), _) => {
+                    self.done.insert(h);
+                }
+                (Ok(None), Ok(false)) => {
+                    let since = *self
+                        .unknown_since
+                        .entry(h.clone())
+                        .or_insert_with(Instant::now);
+                    if since.elapsed() >= EXTERNAL_GRACE {
+                        tracing::debug!("mirror: taking {h} as public (never recorded here)");
+                        self.external.insert(h);
+                    }
+                }
+                (Err(e), _) | (_, Err(e)) => tracing::warn!("mirror: {e}"),
+                // Recorded but not complete yet: wait for it.
+                _ => {}
+            }
+        }
+    }
+
+    /// Whether every reference of `hash` (but itself) has its narinfo in the bucket, or is
+    /// public (as far as `resolve_references` found out).
+    fn references_ready(&self, hash: &str) -> bool {
         let Some(item) = self.items.get(hash) else {
             return false;
         };
         let Ok(info) = NarInfo::parse(&item.rec.narinfo) else {
             return false;
         };
-        for r in &info.references {
+        info.references.iter().all(|r| {
             let rh = r.hash_part();
-            if rh == hash || self.external.contains(rh) {
-                continue;
-            }
-            if self.items.contains_key(rh) {
-                return false;
-            }
-            match self.db.outbox_state(rh) {
-                Ok(Some(MirrorState::Done)) => continue,
-                Ok(Some(_)) => return false,
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!("mirror: {e}");
-                    return false;
-                }
-            }
-            if self.db.is_recorded(rh).unwrap_or(true) {
-                // Recorded but not taken in yet: next round.
-                return false;
-            }
-            let since = *self
-                .unknown_since
-                .entry(rh.to_owned())
-                .or_insert_with(Instant::now);
-            if since.elapsed() < EXTERNAL_GRACE {
-                return false;
-            }
-            tracing::debug!("mirror: taking {r} as public (never recorded here)");
-            self.external.insert(rh.to_owned());
-        }
-        true
+            rh == hash || self.done.contains(rh) || self.external.contains(rh)
+        })
     }
 
     /// Start uploads, in log order, up to the concurrency limit.
@@ -518,6 +557,7 @@ impl Mirror {
         for (h, state) in updates {
             if state == MirrorState::Done {
                 self.items.remove(&h);
+                self.done.insert(h.clone());
                 self.metrics.mirror_uploaded_paths.inc();
                 let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
                 s.status.uploaded_paths += 1;
