@@ -40,3 +40,16 @@ pub mod node;
 pub mod pipeline;
 pub mod queue;
 pub mod store;
+
+/// An error with its causes, `outer: cause: cause`: QUIC and AWS SDK errors print only their
+/// outer layer (such as "connection lost" or "dispatch failure").
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}

@@ -174,7 +174,7 @@ impl Db {
             let mut meta = tx.open_table(META)?;
             let mut blobs = tx.open_table(BLOBS)?;
             for r in records {
-                let hash = hash_part(&r.store_path).to_owned();
+                let hash = r.hash_part().to_owned();
                 let existing: Option<PathRecord> = match paths.get(hash.as_str())? {
                     Some(v) => Some(postcard::from_bytes(v.value())?),
                     None => None,
@@ -281,7 +281,7 @@ impl Db {
             let mut queue = tx.open_table(QUEUE)?;
             let mut blobs = tx.open_table(BLOBS)?;
             for r in records {
-                let hash = hash_part(&r.store_path);
+                let hash = r.hash_part();
                 if paths.get(hash)?.is_some() {
                     continue;
                 }
@@ -316,12 +316,6 @@ impl Db {
             failures: get(FAILURES)?,
         })
     }
-}
-
-/// The hash part of a full store path (the record's key).
-fn hash_part(full: &str) -> &str {
-    let base = full.rsplit('/').next().unwrap_or(full);
-    base.get(..crate::nix::store_path::HASH_LEN).unwrap_or(base)
 }
 
 #[cfg(test)]

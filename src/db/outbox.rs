@@ -137,12 +137,6 @@ impl Db {
         tx.commit()?;
         Ok(())
     }
-
-    /// Whether the path is recorded at all (a reference the mirror waits for).
-    pub fn is_recorded(&self, hash_part: &str) -> Result<bool, DbError> {
-        let tx = self.db.begin_read()?;
-        Ok(tx.open_table(PATHS)?.get(hash_part)?.is_some())
-    }
 }
 
 #[cfg(test)]

@@ -29,6 +29,18 @@ pub struct PathRecord {
     pub providers: Vec<[u8; 32]>,
 }
 
+impl PathRecord {
+    /// The hash part of the store path: the record's key.
+    pub fn hash_part(&self) -> &str {
+        let base = self
+            .store_path
+            .rsplit('/')
+            .next()
+            .unwrap_or(&self.store_path);
+        base.get(..crate::nix::store_path::HASH_LEN).unwrap_or(base)
+    }
+}
+
 /// Counters kept with the data, so they survive restarts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {

@@ -69,14 +69,6 @@ impl Hasher {
         }
     }
 
-    /// A hasher that hashes nothing (to take a used one's place).
-    fn empty() -> Self {
-        Hasher {
-            tx: None,
-            thread: None,
-        }
-    }
-
     /// Hash `chunk` (a cheap reference-counted clone goes to the thread).
     async fn update(&mut self, chunk: &Bytes) {
         if let Some(tx) = &self.tx
@@ -87,7 +79,7 @@ impl Hasher {
     }
 
     /// The digest of everything passed in; `None` if the thread failed.
-    fn finish(mut self) -> Option<[u8; 32]> {
+    fn finish(&mut self) -> Option<[u8; 32]> {
         drop(self.tx.take());
         self.thread.take()?.join().ok()
     }
@@ -207,9 +199,7 @@ impl Fetcher {
                 rec.store_path
             ));
         }
-        let sha = std::mem::replace(&mut sinks.sha, Hasher::empty())
-            .finish()
-            .ok_or("the sha256 thread failed")?;
+        let sha = sinks.sha.finish().ok_or("the sha256 thread failed")?;
         drop(tx);
         let received = started.elapsed();
         let blake = import
@@ -242,7 +232,7 @@ impl Fetcher {
             .map_err(|e| e.to_string())?;
         self.blobs.sync().await.map_err(|e| e.to_string())?;
         let db = self.db.clone();
-        let hash = rec.store_path.trim_start_matches("/nix/store/")[..32].to_owned();
+        let hash = rec.hash_part().to_owned();
         tokio::task::spawn_blocking(move || db.mark_local(&hash))
             .await
             .map_err(|e| e.to_string())?
@@ -267,7 +257,7 @@ impl Fetcher {
             .connect(peer, NAR_ALPN)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| wire::chain(&e))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| crate::error_chain(&e))?;
         let req = NarRequest {
             version: narmesh_proto::PROTOCOL_VERSION,
             blake3: rec.blake3,
@@ -297,7 +287,7 @@ impl Fetcher {
             let piece = tokio::time::timeout(STALL, recv.read_chunk(CHUNK))
                 .await
                 .map_err(|_| "stalled".to_owned())?
-                .map_err(|e| wire::chain(&e))?
+                .map_err(|e| crate::error_chain(&e))?
                 .ok_or("stream ended early")?;
             received += piece.len() as u64;
             if received > rec.nar_size {

@@ -17,7 +17,7 @@ use crate::db::Db;
 const SYNC_BATCH_BYTES: usize = 512 * 1024;
 
 fn user(e: impl std::error::Error + 'static) -> AcceptError {
-    AcceptError::from_err(std::io::Error::other(wire::chain(&e)))
+    AcceptError::from_err(std::io::Error::other(crate::error_chain(&e)))
 }
 
 /// Answers catch-up requests from this node's log.

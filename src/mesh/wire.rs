@@ -24,15 +24,3 @@ pub async fn write<T: Serialize>(
     w.write_all(&bytes).await?;
     Ok(())
 }
-
-/// An error with its causes (QUIC errors print only their outer layer, e.g. "connection lost").
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cur = c.source();
-    }
-    out
-}

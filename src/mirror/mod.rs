@@ -52,12 +52,16 @@ pub struct MirrorParts {
 /// A handle for status; the mirror itself runs as a task.
 #[derive(Clone, Debug)]
 pub struct MirrorHandle {
+    bucket: String,
+    metrics: Arc<Metrics>,
     stats: Arc<Mutex<Stats>>,
 }
 
+/// What status needs beyond the metrics (which hold the counts).
 #[derive(Debug, Default)]
 struct Stats {
-    status: MirrorStatus,
+    last_error: Option<String>,
+    /// Upload completions in the last `RATE_WINDOW`: (when, bytes).
     recent: VecDeque<(Instant, u64)>,
 }
 
@@ -67,14 +71,10 @@ impl MirrorHandle {
         parts: MirrorParts,
         cancel: CancellationToken,
     ) -> (Self, tokio::task::JoinHandle<()>) {
-        let stats = Arc::new(Mutex::new(Stats {
-            status: MirrorStatus {
-                bucket: parts.cfg.bucket.clone(),
-                ..Default::default()
-            },
-            recent: VecDeque::new(),
-        }));
+        let stats = Arc::new(Mutex::new(Stats::default()));
         let handle = MirrorHandle {
+            bucket: parts.cfg.bucket.clone(),
+            metrics: parts.metrics.clone(),
             stats: stats.clone(),
         };
         let task = tokio::spawn(async move {
@@ -95,9 +95,17 @@ impl MirrorHandle {
             s.recent.pop_front();
         }
         let bytes: u64 = s.recent.iter().map(|(_, b)| b).sum();
-        let mut out = s.status.clone();
-        out.upload_bytes_per_sec = bytes / RATE_WINDOW.as_secs();
-        out
+        let m = &self.metrics;
+        MirrorStatus {
+            bucket: self.bucket.clone(),
+            pending_paths: m.mirror_pending_paths.get().max(0) as u64,
+            pending_bytes: m.mirror_pending_bytes.get().max(0) as u64,
+            uploaded_paths: m.mirror_uploaded_paths.get(),
+            uploaded_bytes: m.mirror_uploaded_bytes.get(),
+            upload_bytes_per_sec: bytes / RATE_WINDOW.as_secs(),
+            failures: m.mirror_failures.get(),
+            last_error: s.last_error.clone(),
+        }
     }
 }
 
@@ -140,11 +148,6 @@ struct Mirror {
     done: HashSet<String>,
 }
 
-fn hash_of(rec: &PathRecord) -> String {
-    let base = rec.store_path.rsplit('/').next().unwrap_or(&rec.store_path);
-    base.get(..32).unwrap_or(base).to_owned()
-}
-
 impl Mirror {
     async fn new(p: MirrorParts, stats: Arc<Mutex<Stats>>) -> Self {
         let bucket = Bucket::connect(&p.cfg).await;
@@ -169,7 +172,7 @@ impl Mirror {
 
     fn set_error(&self, e: Option<String>) {
         let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        s.status.last_error = e;
+        s.last_error = e;
     }
 
     /// Wait until the bucket answers, then abort the parts of uploads a killed node left
@@ -209,8 +212,7 @@ impl Mirror {
     fn record_failure(&self, e: String) {
         self.metrics.mirror_failures.inc();
         let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        s.status.failures += 1;
-        s.status.last_error = Some(e);
+        s.last_error = Some(e);
     }
 
     /// Put `nix-cache-info` in the bucket unless it has one (an operator's own is kept),
@@ -298,7 +300,7 @@ impl Mirror {
     }
 
     fn add(&mut self, rec: PathRecord, state: MirrorState, tried: bool) {
-        let hash = hash_of(&rec);
+        let hash = rec.hash_part().to_owned();
         if self.items.contains_key(&hash) {
             return;
         }
@@ -398,23 +400,22 @@ impl Mirror {
         unknown.dedup();
         let db = self.db.clone();
         let found = tokio::task::spawn_blocking(move || {
-            unknown
-                .into_iter()
-                .map(|h| {
-                    let state = db.outbox_state(&h);
-                    let recorded = db.is_recorded(&h);
-                    (h, state, recorded)
-                })
-                .collect::<Vec<_>>()
+            let refs: Vec<&str> = unknown.iter().map(String::as_str).collect();
+            let recorded = db.known(&refs);
+            let states: Vec<_> = unknown.iter().map(|h| db.outbox_state(h)).collect();
+            (unknown, states, recorded)
         })
-        .await
-        .unwrap_or_default();
-        for (h, state, recorded) in found {
+        .await;
+        let Ok((unknown, states, Ok(recorded))) = found else {
+            tracing::warn!("mirror: reading the state of references failed");
+            return;
+        };
+        for ((h, state), recorded) in unknown.into_iter().zip(states).zip(recorded) {
             match (state, recorded) {
                 (Ok(Some(MirrorState::Done)), _) => {
                     self.done.insert(h);
                 }
-                (Ok(None), Ok(false)) => {
+                (Ok(None), false) => {
                     let since = *self
                         .unknown_since
                         .entry(h.clone())
@@ -424,7 +425,7 @@ impl Mirror {
                         self.external.insert(h);
                     }
                 }
-                (Err(e), _) | (_, Err(e)) => tracing::warn!("mirror: {e}"),
+                (Err(e), _) => tracing::warn!("mirror: {e}"),
                 // Recorded but not complete yet: wait for it.
                 _ => {}
             }
@@ -529,7 +530,6 @@ impl Mirror {
                     if out.bytes > 0 {
                         self.metrics.mirror_uploaded_bytes.inc_by(out.bytes);
                         let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-                        s.status.uploaded_bytes += out.bytes;
                         s.recent.push_back((Instant::now(), out.bytes));
                     }
                     updates.push((out.hash, state));
@@ -559,8 +559,6 @@ impl Mirror {
                 self.items.remove(&h);
                 self.done.insert(h.clone());
                 self.metrics.mirror_uploaded_paths.inc();
-                let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-                s.status.uploaded_paths += 1;
             } else if let Some(i) = self.items.get_mut(&h) {
                 i.state = state;
                 i.busy = false;
@@ -590,9 +588,8 @@ impl Mirror {
                 i.rec.store_path,
                 i.failures
             );
-            let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-            s.status.failures += 1;
-            s.status.last_error = Some(format!("{}: {e}", i.rec.store_path));
+            let msg = format!("{}: {e}", i.rec.store_path);
+            self.set_error(Some(msg));
         }
     }
 
@@ -606,9 +603,6 @@ impl Mirror {
             .sum();
         self.metrics.mirror_pending_paths.set(paths as i64);
         self.metrics.mirror_pending_bytes.set(bytes as i64);
-        let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        s.status.pending_paths = paths;
-        s.status.pending_bytes = bytes;
     }
 }
 
@@ -709,7 +703,7 @@ async fn put_narinfo(bucket: &Bucket, rec: &PathRecord, state: &MirrorState) -> 
     let text = bucket_narinfo(rec, state)?;
     bucket
         .put(
-            &format!("{}.narinfo", hash_of(rec)),
+            &format!("{}.narinfo", rec.hash_part()),
             text.into_bytes(),
             NARINFO_TYPE,
         )

@@ -110,20 +110,14 @@ impl Bucket {
     fn err<E, R>(&self, op: &'static str, key: &str, e: SdkError<E, R>) -> S3Error
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
-        R: std::fmt::Debug,
+        R: std::fmt::Debug + 'static,
     {
         let code = e.code().unwrap_or_default().to_owned();
-        let message = e.message().map(str::to_owned).unwrap_or_else(|| {
-            // Connection failures and timeouts have no S3 code: give the whole cause chain.
-            let mut out = e.to_string();
-            let mut cur = std::error::Error::source(&e);
-            while let Some(c) = cur {
-                out.push_str(": ");
-                out.push_str(&c.to_string());
-                cur = c.source();
-            }
-            out
-        });
+        // Connection failures and timeouts have no S3 code: give the whole cause chain.
+        let message = e
+            .message()
+            .map(str::to_owned)
+            .unwrap_or_else(|| crate::error_chain(&e));
         match code.as_str() {
             "InvalidAccessKeyId"
             | "SignatureDoesNotMatch"

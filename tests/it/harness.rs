@@ -107,6 +107,17 @@ impl NixHost {
         ))
     }
 
+    /// The closure of `roots` in this host's store, as full paths.
+    pub fn closure(&self, roots: &[StorePath]) -> Vec<String> {
+        narmesh::nix::store_db::StoreDb::open(&self.root)
+            .expect("store db")
+            .closure(roots)
+            .expect("closure")
+            .iter()
+            .map(|p| p.full())
+            .collect()
+    }
+
     /// A command with this host's environment.
     pub fn cmd(&self, program: &str) -> Command {
         let mut c = Command::new(program);

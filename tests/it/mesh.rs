@@ -15,15 +15,6 @@ const CHAIN: &str = r#"
   in mk "mesh-top" "mkdir $out; ln -s ${b}/bin/x $out/run; echo ${b} > $out/ref; head -c 300000 /dev/urandom > $out/blob"
 "#;
 
-fn closure(host: &NixHost, top: &StorePath) -> Vec<String> {
-    let db = StoreDb::open(&host.root).expect("store db");
-    db.closure(std::slice::from_ref(top))
-        .expect("closure")
-        .iter()
-        .map(|p| p.full())
-        .collect()
-}
-
 /// A cluster of nodes that all know and trust each other; node 0 serves building host A.
 struct Cluster {
     _t: tempfile::TempDir,
@@ -55,7 +46,7 @@ fn substitute_from(node: &Node, top: &StorePath, expect: usize) {
     let c = NixHost::substituter(&format!("http://{}", node.http), &key);
     run_ok(c.cmd("nix-store").args(["-r", &top.full()]));
     run_ok(c.cmd("nix-store").args(["--verify-path", &top.full()]));
-    assert_eq!(closure(&c, top).len(), expect);
+    assert_eq!(c.closure(std::slice::from_ref(top)).len(), expect);
 }
 
 #[test]
@@ -71,7 +62,7 @@ fn a_build_on_a_is_substituted_on_c_through_the_mesh() {
         "{st:?}"
     );
     let top = cl.a.build(CHAIN)[0].clone();
-    let paths = closure(&cl.a, &top);
+    let paths = cl.a.closure(std::slice::from_ref(&top));
     assert_eq!(paths.len(), 3);
     for n in &cl.nodes {
         wait_until(30, "every node to serve the narinfos", || n.serves(&paths));
@@ -104,7 +95,7 @@ fn nodes_that_were_away_catch_up() {
     cl.nodes[1].stop();
     // B is stopped and C not started while A builds.
     let top = cl.a.build(CHAIN)[0].clone();
-    let paths = closure(&cl.a, &top);
+    let paths = cl.a.closure(std::slice::from_ref(&top));
     wait_until(30, "A to record its builds", || cl.nodes[0].serves(&paths));
     cl.nodes[1].start();
     cl.nodes[2].start();
@@ -160,7 +151,7 @@ fn untrusted_signatures_and_disallowed_peers_get_nowhere() {
     }
     outsider.start();
     let top = cl.a.build(CHAIN)[0].clone();
-    let paths = closure(&cl.a, &top);
+    let paths = cl.a.closure(std::slice::from_ref(&top));
     wait_until(30, "A to record", || cl.nodes[0].serves(&paths));
     // The outsider has the same store; give it the paths to announce.
     outsider
@@ -195,7 +186,7 @@ fn a_peer_serving_corrupted_nar_bytes_is_refused() {
     cl.nodes[0].start();
     cl.nodes[1].start();
     let top = cl.a.build(CHAIN)[0].clone();
-    let paths = closure(&cl.a, &top);
+    let paths = cl.a.closure(std::slice::from_ref(&top));
     wait_until(30, "B to learn the paths", || cl.nodes[1].serves(&paths));
     // Flip bytes in A's stored copy of the large NAR (a real disk fault, below iroh-blobs).
     let data_dir = cl.nodes[0].dir.join("data/blobs/data");
@@ -252,7 +243,7 @@ fn garbage_on_every_alpn_is_refused_and_harmless() {
     cl.nodes[0].start();
     cl.nodes[1].start();
     let top = cl.a.build(CHAIN)[0].clone();
-    let paths = closure(&cl.a, &top);
+    let paths = cl.a.closure(std::slice::from_ref(&top));
     wait_until(30, "B to learn the paths", || cl.nodes[1].serves(&paths));
     let target = cl.nodes[0].peers[0].clone();
     let rt = tokio::runtime::Builder::new_multi_thread()

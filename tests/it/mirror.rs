@@ -5,8 +5,7 @@
 
 use std::collections::BTreeSet;
 
-use narmesh::nix::store_db::StoreDb;
-use narmesh::nix::{NarInfo, StorePath};
+use narmesh::nix::NarInfo;
 use narmesh_proto::control::MirrorStatus;
 use sha2::Digest as _;
 
@@ -20,15 +19,6 @@ const CHAIN: &str = r#"
     b = mk "mirror-b" "mkdir -p $out/bin; echo ${a} > $out/ref; printf '#!/bin/sh\n' > $out/bin/x; chmod +x $out/bin/x";
   in mk "mirror-top" "mkdir $out; ln -s ${b}/bin/x $out/run; echo ${b} > $out/ref; seq 1 200000 > $out/text"
 "#;
-
-fn closure(host: &NixHost, top: &StorePath) -> Vec<String> {
-    let db = StoreDb::open(&host.root).expect("store db");
-    db.closure(std::slice::from_ref(top))
-        .expect("closure")
-        .iter()
-        .map(|p| p.full())
-        .collect()
-}
 
 /// Builder node A (serving host A's hook) and mirror node M, meshed.
 struct Setup {
@@ -123,7 +113,7 @@ fn builds_reach_the_bucket_and_nix_substitutes_from_it() {
         n.start();
     }
     let top = st.a.build(CHAIN)[0].clone();
-    let paths = closure(&st.a, &top);
+    let paths = st.a.closure(std::slice::from_ref(&top));
     assert_eq!(paths.len(), 3);
     wait_mirrored(&st.nodes[1], 3, 60);
     let m = mirror(&st.nodes[1]);
@@ -136,7 +126,7 @@ fn builds_reach_the_bucket_and_nix_substitutes_from_it() {
     let c = NixHost::substituter(&s3.cache_url(), &key);
     run_ok(c.cmd("nix-store").args(["-r", &top.full()]));
     run_ok(c.cmd("nix-store").args(["--verify-path", &top.full()]));
-    assert_eq!(closure(&c, &top).len(), 3);
+    assert_eq!(c.closure(std::slice::from_ref(&top)).len(), 3);
 
     // Metrics tell the same.
     let (_, _, metrics) = http(&st.nodes[1].http, "GET", "/metrics", &[]);
@@ -168,7 +158,7 @@ fn a_mirror_killed_mid_upload_resumes_and_the_bucket_ends_consistent() {
            in mk "mirror-kill-big" "mkdir $out; echo ${small} > $out/ref; head -c 100000000 /dev/urandom > $out/blob""#,
     )[0]
     .clone();
-    let paths = closure(&st.a, &top);
+    let paths = st.a.closure(std::slice::from_ref(&top));
     wait_until(60, "a multipart upload to be in flight", || {
         s3.open_uploads() > 0
     });
@@ -200,7 +190,7 @@ fn an_s3_outage_loses_nothing_and_never_touches_builds() {
     s3.stop();
     // Builds go on, the hook answers at once, node A serves them; the mirror waits.
     let top = st.a.build(CHAIN)[0].clone();
-    let paths = closure(&st.a, &top);
+    let paths = st.a.closure(std::slice::from_ref(&top));
     wait_until(30, "node A to serve the new paths", || {
         st.nodes[0].serves(&paths)
     });
@@ -266,7 +256,7 @@ fn paths_signed_upstream_are_not_mirrored_and_do_not_hold_back_their_referrers()
         r#"let up = mk "mirror-upstream-dep" "echo up > $out"; in mk "mirror-uses-upstream" "echo ${up} > $out""#,
     )[0]
     .clone();
-    let paths = closure(&a, &top);
+    let paths = a.closure(std::slice::from_ref(&top));
     let up = paths.iter().find(|p| **p != top.full()).unwrap().clone();
     // Sign the dependency with an "upstream" key, as cache.nixos.org paths are.
     let narmesh = crate::harness::bin("narmesh");

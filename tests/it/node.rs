@@ -6,7 +6,6 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use narmesh::nix::StorePath;
-use narmesh::nix::store_db::StoreDb;
 use narmesh_proto::control::{Request, Response};
 use narmesh_proto::hook::HookReport;
 
@@ -22,21 +21,12 @@ const CHAIN: &str = r#"
   in mk "chain-top" "mkdir $out; ln -s ${c}/bin/x $out/run; echo ${c} > $out/ref; head -c 3000000 /dev/urandom > $out/blob"
 "#;
 
-fn closure(host: &NixHost, roots: &[StorePath]) -> Vec<String> {
-    let db = StoreDb::open(&host.root).expect("store db");
-    db.closure(roots)
-        .expect("closure")
-        .iter()
-        .map(|p| p.full())
-        .collect()
-}
-
 /// Host B, substituting only from `node`, gets `top` and verifies it.
 fn substitute_from(node: &Node, top: &StorePath) {
     let b = NixHost::substituter(&format!("http://{}", node.http), &node.status().public_key);
     run_ok(b.cmd("nix-store").args(["-r", &top.full()]));
     run_ok(b.cmd("nix-store").args(["--verify-path", &top.full()]));
-    let all = closure(&b, std::slice::from_ref(top));
+    let all = b.closure(std::slice::from_ref(top));
     assert_eq!(all.len(), 4, "B holds the whole closure: {all:?}");
 }
 
@@ -48,7 +38,7 @@ fn builds_are_substitutable_from_the_node() {
     node.store_root = a.root.clone();
     node.start();
     let top = a.build(CHAIN)[0].clone();
-    let paths = closure(&a, std::slice::from_ref(&top));
+    let paths = a.closure(std::slice::from_ref(&top));
     assert_eq!(paths.len(), 4);
     wait_until(30, "the closure to be served", || node.serves(&paths));
     assert!(
@@ -113,7 +103,7 @@ fn node_down_builds_succeed_and_spooled_paths_arrive_later() {
     assert_eq!(spooled.len(), 4, "one spool file per build");
     assert!(took < Duration::from_secs(60), "builds took {took:?}");
     node.start();
-    let paths = closure(&a, std::slice::from_ref(&top));
+    let paths = a.closure(std::slice::from_ref(&top));
     wait_until(30, "spooled paths to be served", || node.serves(&paths));
     assert_eq!(node.status().spool_taken, 4);
     let left: Vec<_> = std::fs::read_dir(node.spool())
@@ -348,7 +338,7 @@ fn push_and_status_cli_and_upstream_paths_skipped() {
         r#"let up = mk "upstream-dep" "echo up > $out"; in mk "pushed" "echo ${up} > $out""#,
     )[0]
     .clone();
-    let up = closure(&a, std::slice::from_ref(&top))[1].clone();
+    let up = a.closure(std::slice::from_ref(&top))[1].clone();
     // Sign the dependency in A's store with an "upstream" key, as cache.nixos.org paths are.
     let keys = t.path().join("keys");
     std::fs::create_dir_all(&keys).unwrap();

@@ -210,7 +210,7 @@ impl S3Server {
         (rt, aws_sdk_s3::Client::from_conf(conf))
     }
 
-    /// Every object in the bucket: key -> (size, content type).
+    /// Every object in the bucket: (key, size).
     pub fn objects(&self) -> Vec<(String, u64)> {
         let (rt, c) = self.client();
         rt.block_on(async {
