@@ -54,6 +54,9 @@ pub enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Benchmark replication on this machine: N node processes on loopback, a workload fed
+    /// through the real hook, optionally an S3 mirror, beside baselines from the same run.
+    Bench(crate::bench::BenchArgs),
     /// Show the running node's state.
     Status {
         #[arg(long, env = "NARMESH_SOCKET", default_value = config::DEFAULT_SOCKET)]
@@ -103,6 +106,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             paths,
         } => push(&socket, &paths, no_wait, timeout),
         Command::Status { socket, json } => status(&socket, json),
+        Command::Bench(args) => crate::bench::run(args),
     }
 }
 

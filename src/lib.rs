@@ -21,10 +21,12 @@
 //! - [`http`]: the binary cache the local Nix substitutes from, and `/metrics`.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`node`]: builds and runs the parts; owns the shutdown order.
+//! - [`bench`]: `narmesh bench`, replication measured on one machine beside its baselines.
 //! - [`cli`], [`client`]: the command line and its socket client; `main.rs` only runs it.
 //!
 //! The hook (`src/bin/narmesh-hook.rs`) is std-only and uses only `narmesh-proto`.
 
+pub mod bench;
 pub mod blobs;
 pub mod cli;
 pub mod client;

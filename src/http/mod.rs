@@ -64,7 +64,15 @@ pub async fn serve(
     state: HttpState,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt as _;
     let app = axum::Router::new().fallback(handle).with_state(state);
+    // Without TCP_NODELAY a streamed NAR's small writes wait for the client's delayed ACK
+    // (40 ms per small NAR on Linux).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY: {e}");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await

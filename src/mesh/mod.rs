@@ -40,6 +40,12 @@ const SYNC_EVERY: Duration = Duration::from_secs(5);
 /// Eager fetches at once.
 const EAGER_FETCHES: usize = 2;
 
+/// The endpoint id of the key at `path` (made there if missing), so others can name this node
+/// in `peers` before it starts.
+pub fn endpoint_id_of_key(path: &std::path::Path) -> anyhow::Result<String> {
+    Ok(endpoint::load_or_make_key(path)?.public().to_string())
+}
+
 /// What the mesh needs from the node.
 pub struct MeshParts {
     pub cfg: MeshConfig,

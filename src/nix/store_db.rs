@@ -154,6 +154,26 @@ impl StoreDb {
         Ok(out)
     }
 
+    /// Up to `limit` valid paths that are not derivations, with their NAR sizes, in the order
+    /// they were registered (references before referrers).
+    pub fn valid_paths(&self, limit: usize) -> Result<Vec<(StorePath, u64)>, StoreDbError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT path, narSize FROM ValidPaths WHERE path NOT LIKE '%.drv' ORDER BY id LIMIT ?1",
+        )?;
+        let rows = st.query_map(params![limit as i64], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?))
+        })?;
+        rows.map(|r| {
+            let (path, size) = r?;
+            let p = StorePath::parse(&path).map_err(|e| StoreDbError::Corrupt {
+                path: path.clone(),
+                why: e.to_string(),
+            })?;
+            Ok((p, size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0)))
+        })
+        .collect()
+    }
+
     /// True if `path` is a valid path in this store.
     pub fn is_valid(&self, path: &StorePath) -> Result<bool, StoreDbError> {
         let mut st = self

@@ -1,6 +1,7 @@
 //! The integration tests, in one binary: everything runs against real parts (the real Nix
 //! client, real `narmesh` processes, SIGKILL).
 
+mod bench_cli;
 mod harness;
 mod keys_interop;
 mod mesh;

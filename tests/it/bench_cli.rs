@@ -1,0 +1,161 @@
+//! `narmesh bench`: a small smoke run (3 nodes, a local S3 mirror, the seed approach through
+//! real Nix) whose report must be complete and sane (every path replicated and verified, no
+//! errors, every figure present), not fast; and its synthetic store, which real Nix must accept.
+
+use std::process::{Command, Stdio};
+
+use crate::harness::{bin, require, run_ok};
+use crate::s3_harness::weed;
+
+#[test]
+fn a_small_bench_run_reports_every_figure_and_replicates_everything() {
+    require("nix");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(bin("narmesh"))
+        .args(["bench", "--nodes", "3", "--paths", "24", "--large", "2MiB"])
+        .args([
+            "--large-every",
+            "8",
+            "--concurrency",
+            "3",
+            "--timeout",
+            "120",
+        ])
+        .args(["--s3-local", "--json", "--dir"])
+        .arg(dir.path())
+        .env("NARMESH_WEED", weed())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run narmesh bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "narmesh bench failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_str(&stdout).expect("JSON report");
+    let num = |ptr: &str| {
+        r.pointer(ptr)
+            .and_then(|v| v.as_f64())
+            .unwrap_or_else(|| panic!("{ptr} missing in {r:#}"))
+    };
+    assert_eq!(r["errors"], serde_json::json!([]), "{r:#}");
+    assert_eq!(num("/workload/paths"), 24.0);
+    assert_eq!(num("/replicated_paths"), 24.0);
+    // Every NAR fetched from both peers' caches and checked against its narinfo.
+    assert_eq!(num("/verified_nars"), 48.0);
+    assert!(num("/workload/nar_bytes") > 3.0 * 2097152.0);
+    for spread in [
+        "/hook_ms",
+        "/origin_servable_ms",
+        "/all_nodes_servable_ms",
+        "/mirror/lag_ms",
+        "/seed/blocked_ms",
+    ] {
+        assert_eq!(num(&format!("{spread}/count")), 24.0, "{spread}");
+        let (min, p50, p99, max) = (
+            num(&format!("{spread}/min")),
+            num(&format!("{spread}/p50")),
+            num(&format!("{spread}/p99")),
+            num(&format!("{spread}/max")),
+        );
+        assert!(
+            0.0 < min && min <= p50 && p50 <= p99 && p99 <= max && max < 120_000.0,
+            "{spread}: {min} {p50} {p99} {max}"
+        );
+    }
+    // Servable everywhere is never before servable on the origin.
+    assert!(num("/all_nodes_servable_ms/p50") >= num("/origin_servable_ms/min"));
+    for figure in [
+        "/ingest_paths_per_sec",
+        "/peer_transfer/tcp_copy_mib_s",
+        "/peer_transfer/spread_mib_s/p50",
+        "/peer_transfer/ratio",
+        "/mirror/mib_s",
+        "/mirror/plain_put_mib_s",
+        "/mirror/ratio",
+        "/seed/ratio_p50",
+    ] {
+        let v = num(figure);
+        assert!(v.is_finite() && v > 0.0, "{figure} = {v}");
+    }
+    assert_eq!(num("/mirror/uploaded_paths"), 24.0);
+    let nodes = r["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 4, "three nodes and the mirror");
+    for n in nodes {
+        assert!(n["cpu_seconds"].as_f64().unwrap_or(0.0) > 0.0, "{n}");
+        assert!(n["peak_rss_mib"].as_f64().unwrap_or(0.0) > 1.0, "{n}");
+    }
+}
+
+#[test]
+fn the_synthetic_store_is_a_valid_nix_store() {
+    require("nix-store");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("store");
+    let shape = narmesh::bench::synth::Shape {
+        paths: 12,
+        small: (1, 100_000),
+        large: 3 << 20,
+        large_every: 5,
+        chain: 3,
+        seed: 42,
+    };
+    let paths = narmesh::bench::synth::generate(&root, &shape).expect("generate");
+    let nix = |args: &[&str]| {
+        let conf = dir.path().join("conf");
+        std::fs::create_dir_all(&conf).expect("mkdir");
+        std::fs::write(
+            conf.join("nix.conf"),
+            "build-users-group =\nexperimental-features = nix-command\nsubstituters =\n",
+        )
+        .expect("nix.conf");
+        let mut c = Command::new(args[0]);
+        c.args(&args[1..])
+            .env("NIX_CONF_DIR", &conf)
+            .env("NIX_USER_CONF_FILES", "/dev/null")
+            .env("XDG_CACHE_HOME", dir.path().join("cache"));
+        String::from_utf8(run_ok(&mut c)).expect("utf-8")
+    };
+    let store = root.to_str().expect("utf-8 path");
+    // Nix re-hashes every path's contents against the database.
+    nix(&[
+        "nix-store",
+        "--store",
+        store,
+        "--verify",
+        "--check-contents",
+    ]);
+    for (i, p) in paths.iter().enumerate() {
+        let refs = nix(&[
+            "nix-store",
+            "--store",
+            store,
+            "-q",
+            "--references",
+            &p.path.full(),
+        ]);
+        let want = if i % 3 != 0 {
+            format!("{}\n", paths[i - 1].path.full())
+        } else {
+            String::new()
+        };
+        assert_eq!(refs, want, "references of path {i}");
+        nix(&[
+            "nix-store",
+            "--store",
+            store,
+            "--verify-path",
+            &p.path.full(),
+        ]);
+        let size = nix(&[
+            "nix-store",
+            "--store",
+            store,
+            "-q",
+            "--size",
+            &p.path.full(),
+        ]);
+        assert_eq!(size.trim(), p.nar_size.to_string());
+    }
+}
