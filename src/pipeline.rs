@@ -33,6 +33,10 @@ pub struct Pipeline {
     pub recorded: broadcast::Sender<PathRecord>,
 }
 
+/// How long finished records wait for the next NAR of their batch before they are committed
+/// on their own.
+const FLUSH_AFTER: Duration = Duration::from_millis(10);
+
 /// A transient failure: the batch is retried.
 type Retry = String;
 
@@ -78,51 +82,91 @@ impl Pipeline {
         let (todo, mut failures) = self
             .plan(batch.iter().map(|(_, i)| i.clone()).collect())
             .await?;
-        let mut records = Vec::with_capacity(todo.len());
+        // Records are committed in groups as their NARs complete: when the next NAR takes
+        // longer than FLUSH_AFTER, what is done so far is committed, so small paths do not
+        // wait for a large NAR later in the batch (while a stream of small NARs still shares
+        // one commit). The reports leave the queue only in the last commit: after a crash in
+        // between, the batch is planned again and what was recorded is skipped.
+        let mut pending: Vec<PathRecord> = Vec::new();
+        let (mut paths, mut bytes) = (0usize, 0u64);
         let mut results = futures::stream::iter(todo)
             .map(|info| self.ingest_one(info))
             .buffered(self.workers);
-        while let Some(res) = results.next().await {
-            match res {
-                Ok(r) => records.push(r),
-                Err(Failure::Path(why)) => {
+        loop {
+            let next = if pending.is_empty() {
+                results.next().await
+            } else {
+                // `next()` is cancel-safe: a timed-out wait loses nothing.
+                match tokio::time::timeout(FLUSH_AFTER, results.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        (paths, bytes) = self.commit(&[], &mut pending, 0, (paths, bytes)).await?;
+                        results.next().await
+                    }
+                }
+            };
+            match next {
+                None => break,
+                Some(Ok(r)) => pending.push(r),
+                Some(Err(Failure::Path(why))) => {
                     tracing::error!("ingest: {why}");
                     failures += 1;
                 }
-                Err(Failure::Retry(why)) => return Err(why),
+                Some(Err(Failure::Retry(why))) => return Err(why),
             }
         }
         drop(results);
-        for r in &records {
-            self.blobs
-                .keep(&r.blake3)
-                .await
-                .map_err(|e| e.to_string())?;
-        }
-        self.blobs.sync().await.map_err(|e| e.to_string())?;
         let done: Vec<u64> = batch.iter().map(|(seq, _)| *seq).collect();
-        let db = self.db.clone();
-        let recs = records.clone();
-        blocking(move || db.record(&done, &recs, failures).map_err(|e| e.to_string())).await?;
-        let bytes: u64 = records.iter().map(|r| r.nar_size).sum();
-        self.metrics.paths_recorded.inc_by(records.len() as u64);
-        self.metrics.nar_bytes.inc_by(bytes);
+        (paths, bytes) = self
+            .commit(&done, &mut pending, failures, (paths, bytes))
+            .await?;
         self.metrics.ingest_failures.inc_by(failures);
         self.metrics
             .batch_seconds
             .observe(started.elapsed().as_secs_f64());
         tracing::info!(
-            "recorded {} path(s), {} NAR bytes, {} failure(s) from {} report(s) in {:?}",
-            records.len(),
-            bytes,
-            failures,
+            "recorded {paths} path(s), {bytes} NAR bytes, {failures} failure(s) from {} report(s) in {:?}",
             batch.len(),
             started.elapsed()
         );
-        for r in records {
+        Ok(true)
+    }
+
+    /// Make `records`' NARs durable, record them (and take `done` off the queue) in one fsync'd
+    /// commit, then announce them. Returns the running totals plus these.
+    async fn commit(
+        &self,
+        done: &[u64],
+        records: &mut Vec<PathRecord>,
+        failures: u64,
+        (paths, bytes): (usize, u64),
+    ) -> Result<(usize, u64), Retry> {
+        for r in records.iter() {
+            self.blobs
+                .keep(&r.blake3)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        if !records.is_empty() {
+            self.blobs.sync().await.map_err(|e| e.to_string())?;
+        }
+        let db = self.db.clone();
+        let recs = std::mem::take(records);
+        let done = done.to_vec();
+        let recs = blocking(move || {
+            db.record(&done, &recs, failures)
+                .map(|()| recs)
+                .map_err(|e| e.to_string())
+        })
+        .await?;
+        let n: u64 = recs.iter().map(|r| r.nar_size).sum();
+        self.metrics.paths_recorded.inc_by(recs.len() as u64);
+        self.metrics.nar_bytes.inc_by(n);
+        let totals = (paths + recs.len(), bytes + n);
+        for r in recs {
             let _ = self.recorded.send(r);
         }
-        Ok(true)
+        Ok(totals)
     }
 
     async fn db_depth(&self) -> i64 {
