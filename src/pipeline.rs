@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::blobs::BlobStore;
 use crate::db::{Db, PathRecord, QueueItem};
 use crate::metrics::Metrics;
-use crate::nix::store_db::{PathInfo, StoreDb};
+use crate::nix::store_db::{PathInfo, StoreDb, StoreDbError};
 use crate::nix::{NarInfo, SecretKey, StorePath, TrustedKeys};
 use crate::store::LocalStore;
 
@@ -258,7 +258,7 @@ fn plan_blocking(
     db: &Db,
     upstream: &TrustedKeys,
     items: &[QueueItem],
-) -> Result<Result<(Vec<PathInfo>, u64), Retry>, crate::nix::store_db::StoreDbError> {
+) -> Result<Result<(Vec<PathInfo>, u64), Retry>, StoreDbError> {
     let mut failures = 0;
     let mut roots = Vec::new();
     for item in items {
@@ -282,7 +282,25 @@ fn plan_blocking(
         .filter(|(_, k)| !k)
         .map(|(p, _)| p.clone())
         .collect();
-    let infos = store.query_paths(&unknown)?;
+    let infos = match store.query_paths(&unknown) {
+        Ok(infos) => infos,
+        // One bad row must not hold back the rest: ask path by path, failing only the bad.
+        Err(StoreDbError::Corrupt { .. }) => {
+            let mut infos = Vec::with_capacity(unknown.len());
+            for p in &unknown {
+                match store.query_path(p) {
+                    Ok(i) => infos.push(i),
+                    Err(e @ StoreDbError::Corrupt { .. }) => {
+                        tracing::error!("ingest: {e}; not recorded");
+                        failures += 1;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            infos
+        }
+        Err(e) => return Err(e),
+    };
     let mut seen = HashSet::new();
     let mut todo: Vec<PathInfo> = infos
         .into_iter()
@@ -334,4 +352,49 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| e.to_string())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_corrupt_store_row_fails_that_path_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let shape = crate::bench::synth::Shape {
+            paths: 4,
+            small: (10, 100),
+            large: 0,
+            large_every: 0,
+            chain: 1,
+            seed: 9,
+        };
+        let work = crate::bench::synth::generate(&root, &shape).unwrap();
+        let conn = rusqlite::Connection::open(crate::nix::store_db::db_path(&root)).unwrap();
+        conn.execute(
+            "UPDATE ValidPaths SET hash = 'sha256:nonsense' WHERE path = ?1",
+            [work[1].path.full()],
+        )
+        .unwrap();
+        drop(conn);
+        let store = StoreDb::open(&root).unwrap();
+        let db = Db::open(&dir.path().join("db.redb")).unwrap();
+        let items: Vec<QueueItem> = work
+            .iter()
+            .map(|w| QueueItem {
+                drv: None,
+                outs: vec![w.path.full()],
+            })
+            .collect();
+        let (todo, failures) = plan_blocking(&store, &db, &TrustedKeys::new(Vec::new()), &items)
+            .unwrap()
+            .unwrap();
+        assert_eq!(failures, 1);
+        let mut got: Vec<_> = todo.iter().map(|i| i.path.clone()).collect();
+        got.sort();
+        let mut want: Vec<_> = [0, 2, 3].iter().map(|&i| work[i].path.clone()).collect();
+        want.sort();
+        assert_eq!(got, want);
+    }
 }

@@ -63,6 +63,9 @@ redb_from!(
 #[derive(Clone)]
 pub struct Db {
     db: Arc<Database>,
+    /// Bumped after every commit that adds a record or marks one local, for those who wait on
+    /// records (the mirror) instead of polling.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl std::fmt::Debug for Db {
@@ -90,7 +93,10 @@ impl Db {
         tx.open_table(CURSORS)?;
         tx.open_table(outbox::OUTBOX)?;
         tx.commit()?;
-        Ok(Db { db: Arc::new(db) })
+        Ok(Db {
+            db: Arc::new(db),
+            changes: Arc::new(tokio::sync::watch::Sender::new(0)),
+        })
     }
 
     /// Append reports to the queue in one fsync'd transaction.
@@ -203,7 +209,19 @@ impl Db {
             }
         }
         tx.commit()?;
+        if !new.is_empty() {
+            self.changed();
+        }
         Ok(new)
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Wakes after each commit that adds a record or marks one local.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Mark a recorded path's NAR as held locally (after a verified fetch).
@@ -226,6 +244,7 @@ impl Db {
             }
         }
         tx.commit()?;
+        self.changed();
         Ok(())
     }
 
@@ -301,6 +320,9 @@ impl Db {
             }
         }
         tx.commit()?;
+        if !records.is_empty() {
+            self.changed();
+        }
         Ok(())
     }
 

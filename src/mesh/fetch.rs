@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use iroh::endpoint::Connection;
 use iroh::{Endpoint, EndpointId};
 use narmesh_proto::sync::{NAR_ALPN, NarHeader, NarRequest};
 use sha2::Digest as _;
@@ -34,6 +35,9 @@ pub struct Fetcher {
     pub db: Db,
     pub blobs: BlobStore,
     avoid: Mutex<HashMap<EndpointId, Instant>>,
+    /// One open connection per provider, reused by every fetch (a NAR is one stream): a
+    /// handshake per small NAR cost more than sending it.
+    conns: Mutex<HashMap<EndpointId, Connection>>,
 }
 
 /// Where the bytes of one fetch go.
@@ -113,7 +117,47 @@ impl Fetcher {
             db,
             blobs,
             avoid: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A stream to `peer` on the pooled connection, connecting (again) when there is none or
+    /// it has closed.
+    async fn open(
+        &self,
+        peer: EndpointId,
+    ) -> Result<(iroh::endpoint::SendStream, iroh::endpoint::RecvStream), String> {
+        let pooled = self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&peer)
+            .filter(|c| c.close_reason().is_none())
+            .cloned();
+        if let Some(c) = pooled
+            && let Ok(streams) = c.open_bi().await
+        {
+            return Ok(streams);
+        }
+        let conn = self
+            .ep
+            .connect(peer, NAR_ALPN)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let streams = conn.open_bi().await.map_err(|e| crate::error_chain(&e))?;
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer, conn);
+        Ok(streams)
+    }
+
+    /// Forget the pooled connection to `peer` (after a failure on it).
+    fn drop_conn(&self, peer: &EndpointId) {
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(peer);
     }
 
     fn avoided(&self, id: &EndpointId) -> bool {
@@ -169,7 +213,11 @@ impl Fetcher {
             // where it stopped) a few times before the next provider is tried.
             for attempt in 1..=RETRIES {
                 let before = sinks.got;
-                match self.pull(p, rec, &mut sinks).await {
+                let res = self.pull(p, rec, &mut sinks).await;
+                if res.is_err() {
+                    self.drop_conn(&p);
+                }
+                match res {
                     Ok(()) => break 'providers,
                     Err(e) if sinks.got > before && attempt < RETRIES => {
                         tracing::info!(
@@ -200,6 +248,8 @@ impl Fetcher {
             ));
         }
         let sha = sinks.sha.finish().ok_or("the sha256 thread failed")?;
+        // `tee` loses its sender when the local reader went away mid-way.
+        let tee = if sinks.tee.is_some() { tee } else { None };
         drop(tx);
         let received = started.elapsed();
         let blake = import
@@ -221,11 +271,19 @@ impl Fetcher {
                     ),
                 );
             }
+            if let Some(t) = &tee {
+                let _ = t
+                    .send(Err(io::Error::other("the NAR failed verification")))
+                    .await;
+            }
             return Err(format!(
                 "{}: NAR from peers failed verification; not kept",
                 rec.store_path
             ));
         }
+        // The local reader has every byte and they check out: its response ends now, not
+        // after the NAR is made durable here.
+        drop(tee);
         self.blobs
             .keep(&rec.blake3)
             .await
@@ -252,12 +310,7 @@ impl Fetcher {
         rec: &PathRecord,
         sinks: &mut Sinks<'_>,
     ) -> Result<(), String> {
-        let conn = self
-            .ep
-            .connect(peer, NAR_ALPN)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| crate::error_chain(&e))?;
+        let (mut send, mut recv) = self.open(peer).await?;
         let req = NarRequest {
             version: narmesh_proto::PROTOCOL_VERSION,
             blake3: rec.blake3,
@@ -298,7 +351,6 @@ impl Fetcher {
                 sinks.pass(buf.split().freeze()).await?;
             }
         }
-        conn.close(0u32.into(), b"done");
         Ok(())
     }
 }

@@ -90,40 +90,61 @@ pub struct NarServer {
 
 impl ProtocolHandler for NarServer {
     async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
-        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-            let req: NarRequest = match wire::read(&mut recv).await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!("mesh nar: bad request from {}: {e}", conn.remote_id());
-                    conn.close(400u32.into(), b"bad request");
-                    return Ok(());
-                }
-            };
-            let size = self.local_size(&req.blake3).await;
-            let header = match size {
-                Some(s) if req.offset <= s => NarHeader::Found {
-                    size: s - req.offset,
-                },
-                Some(_) => NarHeader::Error {
-                    message: "offset past the end".into(),
-                },
-                None => NarHeader::NotFound,
-            };
-            wire::write(&mut send, &header).await.map_err(user)?;
-            if let NarHeader::Found { size } = header {
-                let range = self.blobs.range(&req.blake3, req.offset, req.offset + size);
-                let mut data = std::pin::pin!(range);
-                while let Some(chunk) = data.next().await {
-                    send.write_chunk(chunk.map_err(user)?).await.map_err(user)?;
+        // A fetcher keeps its connection and opens a stream per NAR; streams are served side
+        // by side.
+        let mut streams = tokio::task::JoinSet::new();
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let (this, c) = (self.clone(), conn.clone());
+            streams.spawn(async move { this.serve_stream(&c, send, recv).await });
+            while let Some(done) = streams.try_join_next() {
+                if let Ok(Err(e)) = done {
+                    tracing::debug!("mesh nar: stream to {}: {e}", conn.remote_id());
                 }
             }
-            send.finish().map_err(user)?;
         }
+        while streams.join_next().await.is_some() {}
         Ok(())
     }
 }
 
 impl NarServer {
+    /// One request: a NAR by BLAKE3 hash from an offset.
+    async fn serve_stream(
+        &self,
+        conn: &Connection,
+        mut send: iroh::endpoint::SendStream,
+        mut recv: iroh::endpoint::RecvStream,
+    ) -> Result<(), AcceptError> {
+        let req: NarRequest = match wire::read(&mut recv).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("mesh nar: bad request from {}: {e}", conn.remote_id());
+                conn.close(400u32.into(), b"bad request");
+                return Ok(());
+            }
+        };
+        let size = self.local_size(&req.blake3).await;
+        let header = match size {
+            Some(s) if req.offset <= s => NarHeader::Found {
+                size: s - req.offset,
+            },
+            Some(_) => NarHeader::Error {
+                message: "offset past the end".into(),
+            },
+            None => NarHeader::NotFound,
+        };
+        wire::write(&mut send, &header).await.map_err(user)?;
+        if let NarHeader::Found { size } = header {
+            let range = self.blobs.range(&req.blake3, req.offset, req.offset + size);
+            let mut data = std::pin::pin!(range);
+            while let Some(chunk) = data.next().await {
+                send.write_chunk(chunk.map_err(user)?).await.map_err(user)?;
+            }
+        }
+        send.finish().map_err(user)?;
+        Ok(())
+    }
+
     async fn local_size(&self, blake3: &[u8; 32]) -> Option<u64> {
         let db = self.db.clone();
         let h = *blake3;

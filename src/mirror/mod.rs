@@ -175,14 +175,25 @@ impl Mirror {
         s.last_error = e;
     }
 
-    /// Wait until the bucket answers, then abort the parts of uploads a killed node left
-    /// behind (before any new upload starts). False if cancelled first.
+    /// Wait until the bucket answers, abort the parts of uploads a killed node left behind,
+    /// and put `nix-cache-info` in the bucket unless it has one (an operator's own is kept),
+    /// all before any upload starts: Nix reads it before any narinfo. False if cancelled first.
     async fn prepare(&self, cancel: &CancellationToken) -> bool {
         let mut wait = Duration::from_secs(1);
+        let info = format!(
+            "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {}\n",
+            self.cfg.priority
+        );
         loop {
             let r = async {
                 self.bucket.check().await?;
-                self.bucket.abort_stale_uploads("nar/").await
+                let stale = self.bucket.abort_stale_uploads("nar/").await?;
+                if self.bucket.size_of("nix-cache-info").await?.is_none() {
+                    self.bucket
+                        .put("nix-cache-info", info.clone().into_bytes(), CACHE_INFO_TYPE)
+                        .await?;
+                }
+                Ok::<_, s3::S3Error>(stale)
             }
             .await;
             match r {
@@ -215,37 +226,6 @@ impl Mirror {
         s.last_error = Some(e);
     }
 
-    /// Put `nix-cache-info` in the bucket unless it has one (an operator's own is kept),
-    /// retrying until it is there; runs beside the uploads.
-    fn ensure_cache_info(&self, cancel: CancellationToken) {
-        let bucket = self.bucket.clone();
-        let info = format!(
-            "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {}\n",
-            self.cfg.priority
-        );
-        tokio::spawn(async move {
-            let mut wait = Duration::from_secs(1);
-            loop {
-                let r = async {
-                    if bucket.size_of("nix-cache-info").await?.is_none() {
-                        bucket
-                            .put("nix-cache-info", info.clone().into_bytes(), CACHE_INFO_TYPE)
-                            .await?;
-                    }
-                    Ok::<_, s3::S3Error>(())
-                }
-                .await;
-                let Err(e) = r else { return };
-                tracing::warn!("mirror: nix-cache-info: {e}; retrying in {wait:?}");
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(wait) => {}
-                }
-                wait = (wait * 2).min(MAX_BACKOFF);
-            }
-        });
-    }
-
     async fn run(&mut self, cancel: CancellationToken) {
         let _ = std::fs::remove_dir_all(&self.tmp);
         if let Err(e) = std::fs::create_dir_all(&self.tmp) {
@@ -271,8 +251,8 @@ impl Mirror {
         if !self.prepare(&cancel).await {
             return;
         }
-        self.ensure_cache_info(cancel.clone());
         let mut tasks: JoinSet<Outcome> = JoinSet::new();
+        let mut changes = self.db.subscribe();
         loop {
             self.take_new().await;
             self.refresh_remote().await;
@@ -282,6 +262,8 @@ impl Mirror {
             let first = tokio::select! {
                 _ = cancel.cancelled() => break,
                 r = tasks.join_next(), if !tasks.is_empty() => r,
+                // New records, or NARs fetched for waiting ones.
+                _ = changes.changed() => None,
                 _ = tokio::time::sleep(TICK) => None,
             };
             let mut done = Vec::new();
