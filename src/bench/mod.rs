@@ -370,7 +370,12 @@ fn bench(
     let mut per_peer = Vec::new();
     let mut verified = 0;
     for n in &nodes[1..args.nodes] {
-        let (d, ok, errs) = rt.block_on(fetch_all(&n.http, &work, &progress));
+        let (d, ok, errs) = rt.block_on(fetch_all(
+            &n.http,
+            &work,
+            Duration::from_secs(args.timeout),
+            &progress,
+        ));
         verified += ok;
         errors.extend(errs.into_iter().map(|e| format!("node {}: {e}", n.name)));
         per_peer.push(d);
@@ -685,14 +690,19 @@ fn watch_bucket(
     }
 }
 
-/// GET every path's narinfo and NAR from the cache at `http`, one after another, checking the
-/// NAR's size and sha256 against the narinfo. Returns the time spent, NARs verified, errors.
+/// GET every path's narinfo and NAR from the cache at `http`, one after another (each within
+/// `timeout`), checking the NAR's size and sha256 against the narinfo. Returns the time spent,
+/// NARs verified, errors.
 async fn fetch_all(
     http: &str,
     work: &[WorkPath],
+    timeout: Duration,
     progress: &indicatif::ProgressBar,
 ) -> (Duration, usize, Vec<String>) {
-    let client = reqwest::Client::new();
+    let client = match reqwest::Client::builder().timeout(timeout).build() {
+        Ok(c) => c,
+        Err(e) => return (Duration::ZERO, 0, vec![format!("HTTP client: {e}")]),
+    };
     let mut spent = Duration::ZERO;
     let mut ok = 0;
     let mut errors = Vec::new();
