@@ -1,9 +1,11 @@
 //! The pipeline: queued reports -> closures -> metadata from the store database -> NAR streamed
 //! into the blob store (sha256 checked against the database's narHash) -> signed narinfo ->
-//! one redb commit per batch. Work resumes after a crash from what redb says: a report leaves
-//! the queue only in the commit that records its paths.
+//! redb. A batch's paths are ingested references first and committed in groups as they finish,
+//! each group closed under references. Work resumes after a crash from what redb says: a report
+//! leaves the queue only in the batch's last commit, so a batch cut short is planned again and
+//! what it recorded is skipped.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -270,7 +272,26 @@ fn plan_blocking(
             }
         }
     }
-    let closure = store.closure(&roots)?;
+    let closure = match store.closure(&roots) {
+        Ok(c) => c,
+        // A bad row must not hold back the other reports: their closures one by one.
+        Err(StoreDbError::Corrupt { .. }) => {
+            let mut all = Vec::new();
+            let mut seen = HashSet::new();
+            for r in &roots {
+                match store.closure(std::slice::from_ref(r)) {
+                    Ok(c) => all.extend(c.into_iter().filter(|p| seen.insert(p.clone()))),
+                    Err(e @ StoreDbError::Corrupt { .. }) => {
+                        tracing::error!("ingest: {r}: {e}; not recorded");
+                        failures += 1;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            all
+        }
+        Err(e) => return Err(e),
+    };
     let hashes: Vec<&str> = closure.iter().map(|p| p.hash_part()).collect();
     let known = match db.known(&hashes) {
         Ok(k) => k,
@@ -282,6 +303,7 @@ fn plan_blocking(
         .filter(|(_, k)| !k)
         .map(|(p, _)| p.clone())
         .collect();
+    let mut bad = HashSet::new();
     let infos = match store.query_paths(&unknown) {
         Ok(infos) => infos,
         // One bad row must not hold back the rest: ask path by path, failing only the bad.
@@ -293,6 +315,7 @@ fn plan_blocking(
                     Err(e @ StoreDbError::Corrupt { .. }) => {
                         tracing::error!("ingest: {e}; not recorded");
                         failures += 1;
+                        bad.insert(p.clone());
                     }
                     Err(e) => return Err(e),
                 }
@@ -302,15 +325,76 @@ fn plan_blocking(
         Err(e) => return Err(e),
     };
     let mut seen = HashSet::new();
-    let mut todo: Vec<PathInfo> = infos
+    let todo: Vec<PathInfo> = infos
         .into_iter()
         .flatten()
         .filter(|i| !upstream_signed(i, upstream))
         .filter(|i| seen.insert(i.path.clone()))
         .collect();
-    // Breadth first from the roots, reversed: references before their referrers.
-    todo.reverse();
-    Ok(Ok((todo, failures)))
+    let (todo, dropped) = references_first(todo, &bad);
+    Ok(Ok((todo, failures + dropped)))
+}
+
+/// `infos` ordered so that every path comes after the paths it references (depth first, in
+/// the given order otherwise), without the paths that reference a path in `failed` (directly
+/// or through others): those are counted as failures, not recorded. Records are committed in
+/// groups in this order, so every commit is closed under references.
+fn references_first(infos: Vec<PathInfo>, failed: &HashSet<StorePath>) -> (Vec<PathInfo>, u64) {
+    let index: HashMap<&StorePath, usize> = infos
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (&p.path, i))
+        .collect();
+    // 0: not seen, 1: on the stack, 2: placed.
+    let mut state = vec![0u8; infos.len()];
+    let mut order = Vec::with_capacity(infos.len());
+    for start in 0..infos.len() {
+        let mut stack = vec![(start, false)];
+        while let Some((i, expanded)) = stack.pop() {
+            if expanded {
+                state[i] = 2;
+                order.push(i);
+                continue;
+            }
+            if state[i] != 0 {
+                continue;
+            }
+            state[i] = 1;
+            stack.push((i, true));
+            for r in infos[i].references.iter().rev() {
+                if let Some(&j) = index.get(r)
+                    && state[j] == 0
+                {
+                    stack.push((j, false));
+                }
+            }
+        }
+    }
+    drop(index);
+    let mut failed = failed.clone();
+    let mut slots: Vec<Option<PathInfo>> = infos.into_iter().map(Some).collect();
+    let mut out = Vec::with_capacity(order.len());
+    let mut dropped = 0;
+    for i in order {
+        let Some(info) = slots[i].take() else {
+            continue;
+        };
+        if info
+            .references
+            .iter()
+            .any(|r| *r != info.path && failed.contains(r))
+        {
+            tracing::error!(
+                "ingest: {}: a path it references could not be ingested; not recorded",
+                info.path
+            );
+            failed.insert(info.path.clone());
+            dropped += 1;
+            continue;
+        }
+        out.push(info);
+    }
+    (out, dropped)
 }
 
 /// The output paths a queued report stands for.
@@ -357,6 +441,81 @@ async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn setup(
+        shape: crate::bench::synth::Shape,
+    ) -> (
+        tempfile::TempDir,
+        Vec<crate::bench::synth::WorkPath>,
+        std::path::PathBuf,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let work = crate::bench::synth::generate(&root, &shape).unwrap();
+        (dir, work, root)
+    }
+
+    fn plan_of(
+        dir: &std::path::Path,
+        root: &std::path::Path,
+        outs: &[String],
+    ) -> (Vec<StorePath>, u64) {
+        let store = StoreDb::open(root).unwrap();
+        let db = Db::open(&dir.join("db.redb")).unwrap();
+        let items: Vec<QueueItem> = outs
+            .iter()
+            .map(|o| QueueItem {
+                drv: None,
+                outs: vec![o.clone()],
+            })
+            .collect();
+        let (todo, failures) = plan_blocking(&store, &db, &TrustedKeys::new(Vec::new()), &items)
+            .unwrap()
+            .unwrap();
+        (todo.into_iter().map(|i| i.path).collect(), failures)
+    }
+
+    fn chain(paths: usize, seed: u64) -> crate::bench::synth::Shape {
+        crate::bench::synth::Shape {
+            paths,
+            small: (10, 100),
+            large: 0,
+            large_every: 0,
+            chain: paths,
+            seed,
+        }
+    }
+
+    #[test]
+    fn a_batch_is_planned_references_first() {
+        // p1 references p0, p2 references p1: reported together, in build order.
+        let (dir, work, root) = setup(chain(3, 5));
+        let outs: Vec<String> = work.iter().map(|w| w.path.full()).collect();
+        let (todo, failures) = plan_of(dir.path(), &root, &outs);
+        let want: Vec<StorePath> = work.iter().map(|w| w.path.clone()).collect();
+        assert_eq!((todo, failures), (want.clone(), 0));
+        // Reported in reverse, or only the last root: the same order.
+        let rev: Vec<String> = outs.iter().rev().cloned().collect();
+        assert_eq!(plan_of(dir.path(), &root, &rev).0, want);
+        assert_eq!(plan_of(dir.path(), &root, &outs[2..]).0, want);
+    }
+
+    #[test]
+    fn referrers_of_a_corrupt_row_are_not_recorded() {
+        let (dir, work, root) = setup(chain(3, 6));
+        let conn = rusqlite::Connection::open(crate::nix::store_db::db_path(&root)).unwrap();
+        conn.execute(
+            "UPDATE ValidPaths SET hash = 'sha256:nonsense' WHERE path = ?1",
+            [work[1].path.full()],
+        )
+        .unwrap();
+        drop(conn);
+        let outs: Vec<String> = work.iter().map(|w| w.path.full()).collect();
+        assert_eq!(
+            plan_of(dir.path(), &root, &outs),
+            (vec![work[0].path.clone()], 2)
+        );
+    }
 
     #[test]
     fn a_corrupt_store_row_fails_that_path_only() {

@@ -151,6 +151,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.nodes >= 1, "--nodes must be at least 1");
     anyhow::ensure!(args.paths >= 1, "--paths must be at least 1");
     anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
+    anyhow::ensure!(
+        args.duration.is_finite() && (0.0..=86_400.0).contains(&args.duration),
+        "--duration must be between 0 and 86400 seconds"
+    );
     let exe = std::env::current_exe().context("finding the narmesh executable")?;
     let hook = exe.with_file_name("narmesh-hook");
     anyhow::ensure!(
@@ -344,24 +348,24 @@ fn bench(
         ));
     }
 
-    // Eager peers: wait until each holds every NAR.
-    let mut eager_done: Vec<Option<Duration>> = Vec::new();
+    // Eager peers: wait until each holds every NAR, stamping each when it does.
+    let mut eager_done: Vec<Option<Duration>> = vec![None; args.nodes.saturating_sub(1)];
     if args.replicate == "eager" {
         phase(&progress, "eager peers fetching NARs", args.nodes - 1);
         let limit = Instant::now() + Duration::from_secs(args.timeout);
-        for n in &nodes[1..args.nodes] {
-            let got = loop {
-                if n.status().is_ok_and(|s| s.nar_bytes >= total_bytes) {
-                    break Some(feed_started.elapsed());
+        while eager_done.iter().any(Option::is_none) && Instant::now() < limit {
+            for (slot, n) in eager_done.iter_mut().zip(&nodes[1..args.nodes]) {
+                if slot.is_none() && n.status().is_ok_and(|s| s.nar_bytes >= total_bytes) {
+                    *slot = Some(feed_started.elapsed());
+                    progress.inc(1);
                 }
-                if Instant::now() > limit {
-                    errors.push(format!("node {} did not hold every NAR in time", n.name));
-                    break None;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            };
-            eager_done.push(got);
-            progress.inc(1);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for (slot, n) in eager_done.iter().zip(&nodes[1..args.nodes]) {
+            if slot.is_none() {
+                errors.push(format!("node {} did not hold every NAR in time", n.name));
+            }
         }
     }
 
@@ -412,18 +416,31 @@ fn bench(
     }
     drop(nodes);
 
-    // Baselines, after the nodes are gone.
+    // Baselines, after the nodes are gone. A baseline that fails is reported as an error; the
+    // measurements above are kept.
     progress.set_message("baseline: TCP copy");
-    let nar_files = baseline::dump_nars(&origin_root, &work, &dir.join("nars"))?;
-    let _ = std::process::Command::new("sync").status();
-    let tcp = baseline::tcp_copy(&nar_files, &dir.join("tcp-copy"))?;
-    let tcp_mib_s = mib_s(total_bytes, tcp);
-    let plain_put = match &probe {
-        Some(p) => {
-            progress.set_message("baseline: plain S3 PUTs");
-            Some(rt.block_on(p.put_all(&nar_files, "narmesh-bench-baseline/", 8))?)
+    let nar_files = match baseline::dump_nars(&origin_root, &work, &dir.join("nars")) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            errors.push(format!("baselines: writing the NARs: {e:#}"));
+            None
         }
-        None => None,
+    };
+    let _ = std::process::Command::new("sync").status();
+    let tcp = nar_files.as_ref().and_then(|files| {
+        baseline::tcp_copy(files, &dir.join("tcp-copy"))
+            .map_err(|e| errors.push(format!("baseline TCP copy: {e:#}")))
+            .ok()
+    });
+    let tcp_mib_s = tcp.map_or(0.0, |d| mib_s(total_bytes, d));
+    let plain_put = match (&probe, &nar_files) {
+        (Some(p), Some(files)) => {
+            progress.set_message("baseline: plain S3 PUTs");
+            rt.block_on(p.put_all(files, "narmesh-bench-baseline/", 8))
+                .map_err(|e| errors.push(format!("baseline S3 PUTs: {e:#}")))
+                .ok()
+        }
+        _ => None,
     };
     let nix = (!args.no_seed).then(baseline::find_nix).flatten();
     let seed = match &nix {
@@ -437,11 +454,15 @@ fn bench(
                 ),
             };
             phase(&progress, "baseline: seed `nix copy` hook", work.len());
-            let times =
-                baseline::seed_hook(nix, &origin_root, &target, &work, &dir.join("seed"), || {
-                    progress.inc(1)
-                })?;
-            Some((target, Spread::of_ms(times)))
+            match baseline::seed_hook(nix, &origin_root, &target, &work, &dir.join("seed"), || {
+                progress.inc(1)
+            }) {
+                Ok(times) => Some((target, Spread::of_ms(times))),
+                Err(e) => {
+                    errors.push(format!("baseline seed hook: {e:#}"));
+                    None
+                }
+            }
         }
         None => None,
     };
@@ -496,7 +517,11 @@ fn bench(
         let spread = Spread::of(rates.iter().copied());
         report::PeerTransfer {
             how: how.to_owned(),
-            ratio: spread.p50 / tcp_mib_s,
+            ratio: if tcp_mib_s > 0.0 {
+                spread.p50 / tcp_mib_s
+            } else {
+                0.0
+            },
             spread_mib_s: spread,
             per_peer_mib_s: rates,
             tcp_copy_mib_s: tcp_mib_s,
@@ -663,7 +688,8 @@ fn watch_node(
     }
 }
 
-/// List the bucket's narinfos until every path's is there or the deadline passes.
+/// List the bucket's narinfos until every path's is there or the deadline passes. A listing
+/// that fails or hangs (10 s) is retried; the last failure is reported if paths are missing.
 fn watch_bucket(
     probe: &s3::Probe,
     work: &[WorkPath],
@@ -675,20 +701,33 @@ fn watch_bucket(
         .iter()
         .map(|p| format!("{}.narinfo", p.path.hash_part()))
         .collect();
+    let mut last_error = None;
     loop {
         if tl.in_bucket.iter().all(|t| t.get().is_some()) {
             return Ok(());
         }
         if deadline.get().is_some_and(|d| Instant::now() > *d) {
-            return Ok(());
+            return match last_error {
+                Some(e) => Err(e),
+                None => Ok(()),
+            };
         }
-        let present: std::collections::HashSet<String> =
-            rt.block_on(probe.narinfo_keys(""))?.into_iter().collect();
-        let now = Instant::now();
-        for (i, k) in keys.iter().enumerate() {
-            if present.contains(k) {
-                let _ = tl.in_bucket[i].set(now);
+        let listed = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), probe.narinfo_keys(""))
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("listing the bucket: no answer in 10 s")))
+        });
+        match listed {
+            Ok(present) => {
+                let present: std::collections::HashSet<String> = present.into_iter().collect();
+                let now = Instant::now();
+                for (i, k) in keys.iter().enumerate() {
+                    if present.contains(k) {
+                        let _ = tl.in_bucket[i].set(now);
+                    }
+                }
             }
+            Err(e) => last_error = Some(e),
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -232,6 +232,8 @@ impl Probe {
             .list_objects_v2()
             .bucket(&self.bucket)
             .prefix(prefix)
+            // Only the top level: narinfos, not the NARs under `nar/`.
+            .delimiter("/")
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {

@@ -226,6 +226,7 @@ impl Db {
 
     /// Mark a recorded path's NAR as held locally (after a verified fetch).
     pub fn mark_local(&self, hash_part: &str) -> Result<(), DbError> {
+        let mut changed = false;
         let mut tx = self.db.begin_write()?;
         tx.set_durability(Durability::Immediate)
             .map_err(redb::Error::from)?;
@@ -241,10 +242,13 @@ impl Db {
                 rec.local = true;
                 paths.insert(hash_part, postcard::to_allocvec(&rec)?.as_slice())?;
                 bump(&mut tx.open_table(META)?, NAR_BYTES, rec.nar_size)?;
+                changed = true;
             }
         }
         tx.commit()?;
-        self.changed();
+        if changed {
+            self.changed();
+        }
         Ok(())
     }
 

@@ -25,6 +25,8 @@ use crate::nix::NarInfo;
 const AVOID_FOR: Duration = Duration::from_secs(60);
 /// Attempts per provider while each attempt makes progress.
 const RETRIES: u32 = 3;
+/// Idle connections kept per provider.
+const MAX_IDLE: usize = 4;
 /// A provider that sends nothing for this long is given up on.
 const STALL: Duration = Duration::from_secs(10);
 
@@ -35,9 +37,9 @@ pub struct Fetcher {
     pub db: Db,
     pub blobs: BlobStore,
     avoid: Mutex<HashMap<EndpointId, Instant>>,
-    /// One open connection per provider, reused by every fetch (a NAR is one stream): a
-    /// handshake per small NAR cost more than sending it.
-    conns: Mutex<HashMap<EndpointId, Connection>>,
+    /// Idle connections per provider, reused by later fetches (a NAR is one stream on a
+    /// connection a fetch has to itself): a handshake per small NAR cost more than sending it.
+    idle: Mutex<HashMap<EndpointId, Vec<Connection>>>,
 }
 
 /// Where the bytes of one fetch go.
@@ -117,47 +119,29 @@ impl Fetcher {
             db,
             blobs,
             avoid: Mutex::new(HashMap::new()),
-            conns: Mutex::new(HashMap::new()),
+            idle: Mutex::new(HashMap::new()),
         }
     }
 
-    /// A stream to `peer` on the pooled connection, connecting (again) when there is none or
-    /// it has closed.
-    async fn open(
-        &self,
-        peer: EndpointId,
-    ) -> Result<(iroh::endpoint::SendStream, iroh::endpoint::RecvStream), String> {
-        let pooled = self
-            .conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&peer)
-            .filter(|c| c.close_reason().is_none())
-            .cloned();
-        if let Some(c) = pooled
-            && let Ok(streams) = c.open_bi().await
-        {
-            return Ok(streams);
+    /// An idle connection to `peer` that is still open, if any.
+    fn take_idle(&self, peer: &EndpointId) -> Option<Connection> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(peer)?;
+        while let Some(c) = list.pop() {
+            if c.close_reason().is_none() {
+                return Some(c);
+            }
         }
-        let conn = self
-            .ep
-            .connect(peer, NAR_ALPN)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let streams = conn.open_bi().await.map_err(|e| crate::error_chain(&e))?;
-        self.conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(peer, conn);
-        Ok(streams)
+        None
     }
 
-    /// Forget the pooled connection to `peer` (after a failure on it).
-    fn drop_conn(&self, peer: &EndpointId) {
-        self.conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(peer);
+    /// Give a connection whose exchange ended cleanly back for later fetches.
+    fn put_idle(&self, peer: EndpointId, conn: Connection) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.entry(peer).or_default();
+        if list.len() < MAX_IDLE {
+            list.push(conn);
+        }
     }
 
     fn avoided(&self, id: &EndpointId) -> bool {
@@ -213,11 +197,7 @@ impl Fetcher {
             // where it stopped) a few times before the next provider is tried.
             for attempt in 1..=RETRIES {
                 let before = sinks.got;
-                let res = self.pull(p, rec, &mut sinks).await;
-                if res.is_err() {
-                    self.drop_conn(&p);
-                }
-                match res {
+                match self.pull(p, rec, &mut sinks).await {
                     Ok(()) => break 'providers,
                     Err(e) if sinks.got > before && attempt < RETRIES => {
                         tracing::info!(
@@ -303,14 +283,46 @@ impl Fetcher {
         Ok(())
     }
 
-    /// Pull the rest of the NAR (from `sinks.got` on) from one provider.
+    /// Pull the rest of the NAR (from `sinks.got` on) from one provider, on an idle connection
+    /// if there is one. A reused connection that fails before sending anything may have gone
+    /// stale (the peer restarted): the provider is then asked once more on a new connection.
     async fn pull(
         &self,
         peer: EndpointId,
         rec: &PathRecord,
         sinks: &mut Sinks<'_>,
     ) -> Result<(), String> {
-        let (mut send, mut recv) = self.open(peer).await?;
+        if let Some(conn) = self.take_idle(&peer) {
+            let before = sinks.got;
+            match self.pull_on(&conn, rec, sinks).await {
+                Ok(()) => {
+                    self.put_idle(peer, conn);
+                    return Ok(());
+                }
+                Err(e) if sinks.got > before => return Err(e),
+                Err(e) => {
+                    tracing::debug!("mesh: reused connection to {peer} failed ({e}); reconnecting")
+                }
+            }
+        }
+        let conn = self
+            .ep
+            .connect(peer, NAR_ALPN)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        self.pull_on(&conn, rec, sinks).await?;
+        self.put_idle(peer, conn);
+        Ok(())
+    }
+
+    /// One exchange on `conn`: ask for the NAR from `sinks.got` on and pass the bytes on.
+    async fn pull_on(
+        &self,
+        conn: &Connection,
+        rec: &PathRecord,
+        sinks: &mut Sinks<'_>,
+    ) -> Result<(), String> {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| crate::error_chain(&e))?;
         let req = NarRequest {
             version: narmesh_proto::PROTOCOL_VERSION,
             blake3: rec.blake3,

@@ -90,15 +90,17 @@ pub struct NarServer {
 
 impl ProtocolHandler for NarServer {
     async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
-        // A fetcher keeps its connection and opens a stream per NAR; streams are served side
-        // by side.
+        // A fetcher reuses its connection for later NARs, a stream each; streams are served
+        // side by side.
         let mut streams = tokio::task::JoinSet::new();
         while let Ok((send, recv)) = conn.accept_bi().await {
             let (this, c) = (self.clone(), conn.clone());
             streams.spawn(async move { this.serve_stream(&c, send, recv).await });
             while let Some(done) = streams.try_join_next() {
-                if let Ok(Err(e)) = done {
-                    tracing::debug!("mesh nar: stream to {}: {e}", conn.remote_id());
+                match done {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!("mesh nar: stream to {}: {e}", conn.remote_id()),
+                    Err(e) => tracing::error!("mesh nar: stream to {}: {e}", conn.remote_id()),
                 }
             }
         }
