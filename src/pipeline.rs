@@ -91,8 +91,18 @@ impl Pipeline {
         // between, the batch is planned again and what was recorded is skipped.
         let mut pending: Vec<PathRecord> = Vec::new();
         let (mut paths, mut bytes) = (0usize, 0u64);
+        // Each NAR is ingested in a task of its own, so NARs in flight keep streaming while a
+        // group is being committed.
         let mut results = futures::stream::iter(todo)
-            .map(|info| self.ingest_one(info))
+            .map(|info| {
+                let (store, blobs, key) =
+                    (self.store.clone(), self.blobs.clone(), self.key.clone());
+                async move {
+                    tokio::spawn(ingest_one(store, blobs, key, info))
+                        .await
+                        .unwrap_or_else(|e| Err(Failure::Retry(format!("ingest task: {e}"))))
+                }
+            })
             .buffered(self.workers);
         loop {
             let next = if pending.is_empty() {
@@ -191,54 +201,59 @@ impl Pipeline {
         })
         .await
     }
+}
 
-    /// NAR -> blob store -> checked -> signed narinfo.
-    async fn ingest_one(&self, info: PathInfo) -> Result<PathRecord, Failure> {
-        let real = self.store.real_path(&info.path);
-        let d = match self.blobs.import_nar(real).await {
-            Ok(d) => d,
-            Err(crate::blobs::BlobError::Nar { path, source }) => {
-                return Err(Failure::Path(format!(
-                    "{}: {source} ({})",
-                    info.path,
-                    path.display()
-                )));
-            }
-            Err(e) => return Err(Failure::Retry(e.to_string())),
-        };
-        if d.sha256 != info.nar_hash || d.nar_size != info.nar_size {
+/// NAR -> blob store -> checked -> signed narinfo.
+async fn ingest_one(
+    store: Arc<LocalStore>,
+    blobs: BlobStore,
+    key: SecretKey,
+    info: PathInfo,
+) -> Result<PathRecord, Failure> {
+    let real = store.real_path(&info.path);
+    let d = match blobs.import_nar(real).await {
+        Ok(d) => d,
+        Err(crate::blobs::BlobError::Nar { path, source }) => {
             return Err(Failure::Path(format!(
-                "{}: NAR is {} ({} bytes) but the store database says {} ({} bytes); not recorded",
-                info.path, d.sha256, d.nar_size, info.nar_hash, info.nar_size
+                "{}: {source} ({})",
+                info.path,
+                path.display()
             )));
         }
-        let mut narinfo = NarInfo {
-            store_path: info.path.clone(),
-            url: nar_url(&d.blake3),
-            compression: "none".into(),
-            file_hash: Some(d.sha256),
-            file_size: Some(d.nar_size),
-            nar_hash: d.sha256,
-            nar_size: d.nar_size,
-            references: info.references,
-            deriver: info.deriver,
-            sigs: info.sigs,
-            ca: info.ca,
-        };
-        narinfo.sign(&self.key);
-        Ok(PathRecord {
-            store_path: info.path.full(),
-            narinfo: narinfo.render(),
-            blake3: d.blake3,
-            nar_size: d.nar_size,
-            recorded_at: SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            local: true,
-            providers: Vec::new(),
-        })
+        Err(e) => return Err(Failure::Retry(e.to_string())),
+    };
+    if d.sha256 != info.nar_hash || d.nar_size != info.nar_size {
+        return Err(Failure::Path(format!(
+            "{}: NAR is {} ({} bytes) but the store database says {} ({} bytes); not recorded",
+            info.path, d.sha256, d.nar_size, info.nar_hash, info.nar_size
+        )));
     }
+    let mut narinfo = NarInfo {
+        store_path: info.path.clone(),
+        url: nar_url(&d.blake3),
+        compression: "none".into(),
+        file_hash: Some(d.sha256),
+        file_size: Some(d.nar_size),
+        nar_hash: d.sha256,
+        nar_size: d.nar_size,
+        references: info.references,
+        deriver: info.deriver,
+        sigs: info.sigs,
+        ca: info.ca,
+    };
+    narinfo.sign(&key);
+    Ok(PathRecord {
+        store_path: info.path.full(),
+        narinfo: narinfo.render(),
+        blake3: d.blake3,
+        nar_size: d.nar_size,
+        recorded_at: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        local: true,
+        providers: Vec::new(),
+    })
 }
 
 enum Failure {
