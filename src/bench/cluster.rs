@@ -27,10 +27,22 @@ pub struct Node {
 
 /// What every node of a run shares.
 pub struct Spec {
+    /// `on-demand` or `eager`.
     pub replicate: String,
-    /// `[mirror.s3]` lines for the mirror node, with the environment it needs.
-    pub mirror: Option<(toml::Table, Vec<(String, String)>)>,
+    /// The mirror node's S3 target, if the run has one.
+    pub mirror: Option<MirrorSpec>,
+    /// The gossip topic's name.
     pub cluster: String,
+}
+
+/// The mirror node's `[mirror.s3]` and the environment it needs (credentials).
+pub struct MirrorSpec {
+    pub bucket: String,
+    pub endpoint: Option<String>,
+    pub region: String,
+    /// `zstd`, `xz` or `none`.
+    pub compression: String,
+    pub env: Vec<(String, String)>,
 }
 
 fn free_udp_port() -> anyhow::Result<u16> {
@@ -111,10 +123,17 @@ impl Node {
         mesh.insert("replicate".into(), spec.replicate.clone().into());
         mesh.insert("cluster".into(), spec.cluster.clone().into());
         t.insert("mesh".into(), mesh.into());
-        if let (true, Some((s3, _))) = (mirror, &spec.mirror) {
-            let mut m = toml::Table::new();
-            m.insert("s3".into(), s3.clone().into());
-            t.insert("mirror".into(), m.into());
+        if let (true, Some(m)) = (mirror, &spec.mirror) {
+            let mut s3 = toml::Table::new();
+            s3.insert("bucket".into(), m.bucket.clone().into());
+            if let Some(ep) = &m.endpoint {
+                s3.insert("endpoint".into(), ep.clone().into());
+            }
+            s3.insert("region".into(), m.region.clone().into());
+            s3.insert("compression".into(), m.compression.clone().into());
+            let mut section = toml::Table::new();
+            section.insert("s3".into(), s3.into());
+            t.insert("mirror".into(), section.into());
         }
         t
     }
@@ -250,7 +269,7 @@ pub fn start_all(
     };
     for (i, (n, cfg)) in nodes.iter_mut().zip(configs).enumerate() {
         let env = match (&spec.mirror, Some(i) == mirror) {
-            (Some((_, env)), true) => env.clone(),
+            (Some(m), true) => m.env.clone(),
             _ => Vec::new(),
         };
         n.start(exe, cfg, &env)?;

@@ -10,29 +10,29 @@
 //! checked against the narinfo's hash and size. In the same run: the same NAR bytes over a plain
 //! TCP copy, plain aws-sdk-s3 PUTs of them, and the seed approach (`nix copy` per build).
 //!
-//! Parts: [`synth`] (workloads), [`cluster`] (node processes), [`s3`] (local server and the
-//! bench's S3 client), [`baseline`] (TCP copy, seed hook), [`report`] (spreads, table, JSON).
+//! Parts: [`synth`] (workloads), [`cluster`] (node processes), [`watch`] (the hook calls and
+//! the watchers' timeline), [`verify`] (NARs fetched from the peers and checked), [`s3`] (local
+//! server and the bench's S3 client), [`baseline`] (TCP copy, seed hook), [`report`] (spreads,
+//! table, JSON).
 
 pub mod baseline;
 pub mod cluster;
 pub mod report;
 pub mod s3;
 pub mod synth;
+pub mod verify;
+pub mod watch;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use narmesh_proto::control::{Request, Response};
-use sha2::Digest as _;
 
-use crate::client::Client;
-use crate::nix::NarInfo;
 use cluster::Node;
 use report::{Report, Spread, mib_s};
-use synth::WorkPath;
+use verify::fetch_all;
+use watch::{Timeline, feed, watch_bucket, watch_node};
 
 /// `narmesh bench` flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -100,27 +100,6 @@ pub struct BenchArgs {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
-}
-
-/// When each path reached each place, as `Instant`s from one clock.
-struct Timeline {
-    hook_start: Vec<OnceLock<Instant>>,
-    hook_end: Vec<OnceLock<Instant>>,
-    /// `[node][path]`: the first lookup that found the path servable.
-    servable: Vec<Vec<OnceLock<Instant>>>,
-    in_bucket: Vec<OnceLock<Instant>>,
-}
-
-impl Timeline {
-    fn new(paths: usize, nodes: usize) -> Self {
-        let col = || (0..paths).map(|_| OnceLock::new()).collect::<Vec<_>>();
-        Timeline {
-            hook_start: col(),
-            hook_end: col(),
-            servable: (0..nodes).map(|_| col()).collect(),
-            in_bucket: col(),
-        }
-    }
 }
 
 /// A progress bar on stderr (drawn only on a terminal, and not with --json).
@@ -277,15 +256,12 @@ fn bench(
     };
     let spec = cluster::Spec {
         replicate: args.replicate.clone(),
-        mirror: target.as_ref().map(|t| {
-            let mut s3 = toml::Table::new();
-            s3.insert("bucket".into(), t.bucket.clone().into());
-            if let Some(ep) = &t.endpoint {
-                s3.insert("endpoint".into(), ep.clone().into());
-            }
-            s3.insert("region".into(), t.region.clone().into());
-            s3.insert("compression".into(), args.compression.clone().into());
-            (s3, t.env())
+        mirror: target.as_ref().map(|t| cluster::MirrorSpec {
+            bucket: t.bucket.clone(),
+            endpoint: t.endpoint.clone(),
+            region: t.region.clone(),
+            compression: args.compression.clone(),
+            env: t.env(),
         }),
         cluster: format!("narmesh-bench-{}", std::process::id()),
     };
@@ -596,199 +572,4 @@ fn bench(
         verified_nars: verified,
         errors,
     })
-}
-
-/// Run the real hook once per path against `origin`, `--concurrency` at a time, each at its
-/// scheduled time when `--duration` spreads them.
-fn feed(
-    args: &BenchArgs,
-    hook: &Path,
-    origin: &Node,
-    work: &[WorkPath],
-    tl: &Timeline,
-    progress: &indicatif::ProgressBar,
-) -> anyhow::Result<()> {
-    let next = AtomicUsize::new(0);
-    let failure: Mutex<Option<String>> = Mutex::new(None);
-    let start = Instant::now();
-    let step = Duration::from_secs_f64(args.duration.max(0.0) / work.len() as f64);
-    std::thread::scope(|s| {
-        for _ in 0..args.concurrency.min(work.len()) {
-            s.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= work.len() {
-                        return;
-                    }
-                    let due = start + step * i as u32;
-                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(wait);
-                    }
-                    let t0 = Instant::now();
-                    let _ = tl.hook_start[i].set(t0);
-                    let res = std::process::Command::new(hook)
-                        .env_remove("DRV_PATH")
-                        .env("OUT_PATHS", work[i].path.full())
-                        .env("NARMESH_SOCKET", origin.socket())
-                        .env("NARMESH_SPOOL", origin.spool())
-                        .stdin(std::process::Stdio::null())
-                        .stdout(std::process::Stdio::null())
-                        .stderr(std::process::Stdio::null())
-                        .status();
-                    let _ = tl.hook_end[i].set(Instant::now());
-                    if let Err(e) = res {
-                        *failure.lock().unwrap_or_else(|e| e.into_inner()) =
-                            Some(format!("running {}: {e}", hook.display()));
-                    }
-                    progress.inc(1);
-                }
-            });
-        }
-    });
-    match failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        Some(e) => anyhow::bail!(e),
-        None => Ok(()),
-    }
-}
-
-/// Ask node `k` which of the reported paths it serves, in batched lookups, until it serves
-/// all or the deadline (set once the builds are done) passes.
-fn watch_node(
-    socket: &Path,
-    k: usize,
-    paths: &[String],
-    tl: &Timeline,
-    deadline: &OnceLock<Instant>,
-) -> anyhow::Result<()> {
-    let mut client = Client::connect(socket)?;
-    let col = &tl.servable[k];
-    loop {
-        let pending: Vec<usize> = (0..paths.len())
-            .filter(|&i| col[i].get().is_none() && tl.hook_start[i].get().is_some())
-            .collect();
-        if col.iter().all(|t| t.get().is_some()) {
-            return Ok(());
-        }
-        if deadline.get().is_some_and(|d| Instant::now() > *d) {
-            return Ok(());
-        }
-        if !pending.is_empty() {
-            let ask = pending.iter().map(|&i| paths[i].clone()).collect();
-            let Response::Known { recorded } = client.call(Request::Lookup { paths: ask })? else {
-                anyhow::bail!("node {k} answered a lookup with something else");
-            };
-            let now = Instant::now();
-            for (&i, ok) in pending.iter().zip(recorded) {
-                if ok {
-                    let _ = col[i].set(now);
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_micros(500));
-    }
-}
-
-/// List the bucket's narinfos until every path's is there or the deadline passes. A listing
-/// that fails or hangs (10 s) is retried; the last failure is reported if paths are missing.
-fn watch_bucket(
-    probe: &s3::Probe,
-    work: &[WorkPath],
-    tl: &Timeline,
-    deadline: &OnceLock<Instant>,
-    rt: &tokio::runtime::Handle,
-) -> anyhow::Result<()> {
-    let keys: Vec<String> = work
-        .iter()
-        .map(|p| format!("{}.narinfo", p.path.hash_part()))
-        .collect();
-    let mut last_error = None;
-    loop {
-        if tl.in_bucket.iter().all(|t| t.get().is_some()) {
-            return Ok(());
-        }
-        if deadline.get().is_some_and(|d| Instant::now() > *d) {
-            return match last_error {
-                Some(e) => Err(e),
-                None => Ok(()),
-            };
-        }
-        let listed = rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(10), probe.narinfo_keys(""))
-                .await
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("listing the bucket: no answer in 10 s")))
-        });
-        match listed {
-            Ok(present) => {
-                let present: std::collections::HashSet<String> = present.into_iter().collect();
-                let now = Instant::now();
-                for (i, k) in keys.iter().enumerate() {
-                    if present.contains(k) {
-                        let _ = tl.in_bucket[i].set(now);
-                    }
-                }
-            }
-            Err(e) => last_error = Some(e),
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// GET every path's narinfo and NAR from the cache at `http`, one after another (each within
-/// `timeout`), checking the NAR's size and sha256 against the narinfo. Returns the time spent,
-/// NARs verified, errors.
-async fn fetch_all(
-    http: &str,
-    work: &[WorkPath],
-    timeout: Duration,
-    progress: &indicatif::ProgressBar,
-) -> (Duration, usize, Vec<String>) {
-    let client = match reqwest::Client::builder().timeout(timeout).build() {
-        Ok(c) => c,
-        Err(e) => return (Duration::ZERO, 0, vec![format!("HTTP client: {e}")]),
-    };
-    let mut spent = Duration::ZERO;
-    let mut ok = 0;
-    let mut errors = Vec::new();
-    for p in work {
-        let t0 = Instant::now();
-        match fetch_one(&client, http, p).await {
-            Ok(()) => ok += 1,
-            Err(e) => errors.push(format!("{}: {e:#}", p.path)),
-        }
-        spent += t0.elapsed();
-        progress.inc(1);
-    }
-    (spent, ok, errors)
-}
-
-async fn fetch_one(client: &reqwest::Client, http: &str, p: &WorkPath) -> anyhow::Result<()> {
-    let url = format!("http://{http}/{}.narinfo", p.path.hash_part());
-    let r = client.get(&url).send().await?.error_for_status()?;
-    let info = NarInfo::parse(&r.text().await?)?;
-    anyhow::ensure!(
-        info.compression == "none",
-        "NAR compressed as {}",
-        info.compression
-    );
-    let mut r = client
-        .get(format!("http://{http}/{}", info.url))
-        .send()
-        .await?
-        .error_for_status()?;
-    let mut h = sha2::Sha256::new();
-    let mut n = 0u64;
-    while let Some(chunk) = r.chunk().await? {
-        n += chunk.len() as u64;
-        h.update(&chunk);
-    }
-    anyhow::ensure!(
-        n == info.nar_size,
-        "NAR of {n} bytes, narinfo says {}",
-        info.nar_size
-    );
-    anyhow::ensure!(
-        h.finalize().as_slice() == info.nar_hash.0,
-        "NAR does not match the narinfo's NarHash"
-    );
-    Ok(())
 }

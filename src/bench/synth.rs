@@ -8,7 +8,7 @@
 //! build output) and, when it references other paths, `refs` naming them.
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -202,11 +202,6 @@ pub fn from_store(root: &Path, n: usize) -> anyhow::Result<Vec<WorkPath>> {
         .collect())
 }
 
-/// Where a workload path's files are.
-pub fn files_of(root: &Path, p: &WorkPath) -> PathBuf {
-    store_db::real_path(root, &p.path)
-}
-
 /// Parse a size such as `4096`, `64KiB`, `1.5MiB`, `2GiB` (also `K`, `M`, `G`, `KB`, ...,
 /// all powers of 1024).
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -302,7 +297,8 @@ mod tests {
         for (i, p) in paths.iter().enumerate() {
             let info = db.query_path(&p.path).unwrap().expect("valid");
             assert_eq!(info.nar_size, p.nar_size);
-            let d = nar::dump_hashed(&files_of(dir.path(), p), std::io::sink()).unwrap();
+            let d = nar::dump_hashed(&store_db::real_path(dir.path(), &p.path), std::io::sink())
+                .unwrap();
             assert_eq!(info.nar_hash, d.sha256);
             let want: Vec<_> = if i % 3 != 0 {
                 vec![paths[i - 1].path.clone()]

@@ -1,0 +1,173 @@
+//! The run's clock: the hook calls that feed the origin (`--concurrency` at a time, spread over
+//! `--duration`), and the watchers that stamp when each path became servable on each node
+//! (batched lookups over its socket) and when its narinfo reached the bucket. Every stamp is an
+//! `Instant` from this process's clock.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use narmesh_proto::control::{Request, Response};
+
+use super::BenchArgs;
+use super::cluster::Node;
+use super::s3;
+use super::synth::WorkPath;
+use crate::client::Client;
+
+/// When each path reached each place, as `Instant`s from one clock.
+pub struct Timeline {
+    pub hook_start: Vec<OnceLock<Instant>>,
+    pub hook_end: Vec<OnceLock<Instant>>,
+    /// `[node][path]`: the first lookup that found the path servable.
+    pub servable: Vec<Vec<OnceLock<Instant>>>,
+    pub in_bucket: Vec<OnceLock<Instant>>,
+}
+
+impl Timeline {
+    pub fn new(paths: usize, nodes: usize) -> Self {
+        let col = || (0..paths).map(|_| OnceLock::new()).collect::<Vec<_>>();
+        Timeline {
+            hook_start: col(),
+            hook_end: col(),
+            servable: (0..nodes).map(|_| col()).collect(),
+            in_bucket: col(),
+        }
+    }
+}
+
+/// Run the real hook once per path against `origin`, `--concurrency` at a time, each at its
+/// scheduled time when `--duration` spreads them.
+pub fn feed(
+    args: &BenchArgs,
+    hook: &Path,
+    origin: &Node,
+    work: &[WorkPath],
+    tl: &Timeline,
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<()> {
+    let next = AtomicUsize::new(0);
+    let failure: Mutex<Option<String>> = Mutex::new(None);
+    let start = Instant::now();
+    let step = Duration::from_secs_f64(args.duration.max(0.0) / work.len() as f64);
+    std::thread::scope(|s| {
+        for _ in 0..args.concurrency.min(work.len()) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= work.len() {
+                        return;
+                    }
+                    let due = start + step * i as u32;
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let t0 = Instant::now();
+                    let _ = tl.hook_start[i].set(t0);
+                    let res = std::process::Command::new(hook)
+                        .env_remove("DRV_PATH")
+                        .env("OUT_PATHS", work[i].path.full())
+                        .env("NARMESH_SOCKET", origin.socket())
+                        .env("NARMESH_SPOOL", origin.spool())
+                        .stdin(std::process::Stdio::null())
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .status();
+                    let _ = tl.hook_end[i].set(Instant::now());
+                    if let Err(e) = res {
+                        *failure.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(format!("running {}: {e}", hook.display()));
+                    }
+                    progress.inc(1);
+                }
+            });
+        }
+    });
+    match failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(e) => anyhow::bail!(e),
+        None => Ok(()),
+    }
+}
+
+/// Ask node `k` which of the reported paths it serves, in batched lookups, until it serves
+/// all or the deadline (set once the builds are done) passes.
+pub fn watch_node(
+    socket: &Path,
+    k: usize,
+    paths: &[String],
+    tl: &Timeline,
+    deadline: &OnceLock<Instant>,
+) -> anyhow::Result<()> {
+    let mut client = Client::connect(socket)?;
+    let col = &tl.servable[k];
+    loop {
+        let pending: Vec<usize> = (0..paths.len())
+            .filter(|&i| col[i].get().is_none() && tl.hook_start[i].get().is_some())
+            .collect();
+        if col.iter().all(|t| t.get().is_some()) {
+            return Ok(());
+        }
+        if deadline.get().is_some_and(|d| Instant::now() > *d) {
+            return Ok(());
+        }
+        if !pending.is_empty() {
+            let ask = pending.iter().map(|&i| paths[i].clone()).collect();
+            let Response::Known { recorded } = client.call(Request::Lookup { paths: ask })? else {
+                anyhow::bail!("node {k} answered a lookup with something else");
+            };
+            let now = Instant::now();
+            for (&i, ok) in pending.iter().zip(recorded) {
+                if ok {
+                    let _ = col[i].set(now);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+/// List the bucket's narinfos until every path's is there or the deadline passes. A listing
+/// that fails or hangs (10 s) is retried; the last failure is reported if paths are missing.
+pub fn watch_bucket(
+    probe: &s3::Probe,
+    work: &[WorkPath],
+    tl: &Timeline,
+    deadline: &OnceLock<Instant>,
+    rt: &tokio::runtime::Handle,
+) -> anyhow::Result<()> {
+    let keys: Vec<String> = work
+        .iter()
+        .map(|p| format!("{}.narinfo", p.path.hash_part()))
+        .collect();
+    let mut last_error = None;
+    loop {
+        if tl.in_bucket.iter().all(|t| t.get().is_some()) {
+            return Ok(());
+        }
+        if deadline.get().is_some_and(|d| Instant::now() > *d) {
+            return match last_error {
+                Some(e) => Err(e),
+                None => Ok(()),
+            };
+        }
+        let listed = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), probe.narinfo_keys(""))
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("listing the bucket: no answer in 10 s")))
+        });
+        match listed {
+            Ok(present) => {
+                let present: std::collections::HashSet<String> = present.into_iter().collect();
+                let now = Instant::now();
+                for (i, k) in keys.iter().enumerate() {
+                    if present.contains(k) {
+                        let _ = tl.in_bucket[i].set(now);
+                    }
+                }
+            }
+            Err(e) => last_error = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
