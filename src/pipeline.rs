@@ -490,6 +490,16 @@ mod tests {
         (todo.into_iter().map(|i| i.path).collect(), failures)
     }
 
+    /// Give `path` a hash the store database reader refuses.
+    fn corrupt(root: &std::path::Path, path: &StorePath) {
+        let conn = rusqlite::Connection::open(crate::nix::store_db::db_path(root)).unwrap();
+        conn.execute(
+            "UPDATE ValidPaths SET hash = 'sha256:nonsense' WHERE path = ?1",
+            [path.full()],
+        )
+        .unwrap();
+    }
+
     fn chain(paths: usize, seed: u64) -> crate::bench::synth::Shape {
         crate::bench::synth::Shape {
             paths,
@@ -518,13 +528,7 @@ mod tests {
     #[test]
     fn referrers_of_a_corrupt_row_are_not_recorded() {
         let (dir, work, root) = setup(chain(3, 6));
-        let conn = rusqlite::Connection::open(crate::nix::store_db::db_path(&root)).unwrap();
-        conn.execute(
-            "UPDATE ValidPaths SET hash = 'sha256:nonsense' WHERE path = ?1",
-            [work[1].path.full()],
-        )
-        .unwrap();
-        drop(conn);
+        corrupt(&root, &work[1].path);
         let outs: Vec<String> = work.iter().map(|w| w.path.full()).collect();
         assert_eq!(
             plan_of(dir.path(), &root, &outs),
@@ -534,38 +538,18 @@ mod tests {
 
     #[test]
     fn a_corrupt_store_row_fails_that_path_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("store");
-        let shape = crate::bench::synth::Shape {
+        let (dir, work, root) = setup(crate::bench::synth::Shape {
             paths: 4,
             small: (10, 100),
             large: 0,
             large_every: 0,
             chain: 1,
             seed: 9,
-        };
-        let work = crate::bench::synth::generate(&root, &shape).unwrap();
-        let conn = rusqlite::Connection::open(crate::nix::store_db::db_path(&root)).unwrap();
-        conn.execute(
-            "UPDATE ValidPaths SET hash = 'sha256:nonsense' WHERE path = ?1",
-            [work[1].path.full()],
-        )
-        .unwrap();
-        drop(conn);
-        let store = StoreDb::open(&root).unwrap();
-        let db = Db::open(&dir.path().join("db.redb")).unwrap();
-        let items: Vec<QueueItem> = work
-            .iter()
-            .map(|w| QueueItem {
-                drv: None,
-                outs: vec![w.path.full()],
-            })
-            .collect();
-        let (todo, failures) = plan_blocking(&store, &db, &TrustedKeys::new(Vec::new()), &items)
-            .unwrap()
-            .unwrap();
+        });
+        corrupt(&root, &work[1].path);
+        let outs: Vec<String> = work.iter().map(|w| w.path.full()).collect();
+        let (mut got, failures) = plan_of(dir.path(), &root, &outs);
         assert_eq!(failures, 1);
-        let mut got: Vec<_> = todo.iter().map(|i| i.path.clone()).collect();
         got.sort();
         let mut want: Vec<_> = [0, 2, 3].iter().map(|&i| work[i].path.clone()).collect();
         want.sort();

@@ -33,21 +33,27 @@ pub struct Target {
 impl Target {
     /// The environment a node (or the SDK) needs for these credentials.
     pub fn env(&self) -> Vec<(String, String)> {
-        let Some((a, s)) = &self.credentials else {
-            return Vec::new();
-        };
-        [
-            ("AWS_ACCESS_KEY_ID", a.as_str()),
-            ("AWS_SECRET_ACCESS_KEY", s.as_str()),
-            ("AWS_REGION", self.region.as_str()),
-            ("AWS_EC2_METADATA_DISABLED", "true"),
-            ("AWS_CONFIG_FILE", "/nonexistent"),
-            ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
+        match &self.credentials {
+            Some((a, s)) => credentials_env(a, s, &self.region),
+            None => Vec::new(),
+        }
     }
+}
+
+/// The SDK's environment for explicit credentials, cut off from any other AWS setup
+/// (shared files, instance metadata).
+pub fn credentials_env(access: &str, secret: &str, region: &str) -> Vec<(String, String)> {
+    [
+        ("AWS_ACCESS_KEY_ID", access),
+        ("AWS_SECRET_ACCESS_KEY", secret),
+        ("AWS_REGION", region),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("AWS_CONFIG_FILE", "/nonexistent"),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
 }
 
 /// A SeaweedFS server on loopback, killed when dropped.

@@ -39,17 +39,7 @@ pub fn weed() -> PathBuf {
 
 /// The SDK's environment for the tests' credentials, cut off from any real AWS setup.
 pub fn credentials_env(access: &str, secret: &str) -> Vec<(String, String)> {
-    [
-        ("AWS_ACCESS_KEY_ID", access),
-        ("AWS_SECRET_ACCESS_KEY", secret),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-        ("AWS_CONFIG_FILE", "/nonexistent"),
-        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect()
+    narmesh::bench::s3::credentials_env(access, secret, "us-east-1")
 }
 
 pub struct S3Server {
