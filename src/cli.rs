@@ -1,8 +1,7 @@
 //! The `narmesh` command line: argument parsing and one function per subcommand.
 
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -213,6 +212,8 @@ fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
     println!("NAR bytes:       {}", s.nar_bytes);
     println!("ingest failures: {}", s.ingest_failures);
     println!("spool taken:     {}", s.spool_taken);
+    println!("spool waiting:   {}", s.spool_waiting);
+    println!("spool rejected:  {}", s.spool_rejected);
     if !s.endpoint_id.is_empty() {
         println!("endpoint id:     {}", s.endpoint_id);
         println!("peer address:    {}", s.peer_address);
@@ -247,24 +248,11 @@ fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
 
 fn keygen(name: &str, secret_file: &Path, public_file: &Path) -> anyhow::Result<()> {
     let key = SecretKey::generate(name)?;
-    write_file(secret_file, key.to_nix_string().as_bytes(), 0o600)
+    crate::fsutil::write_atomic(secret_file, key.to_nix_string().as_bytes(), 0o600)
         .with_context(|| format!("writing the secret key to {}", secret_file.display()))?;
-    write_file(public_file, key.public().to_string().as_bytes(), 0o644)
+    crate::fsutil::write_atomic(public_file, key.public().to_string().as_bytes(), 0o644)
         .with_context(|| format!("writing the public key to {}", public_file.display()))?;
     Ok(())
-}
-
-/// Write `data` to `path` with `mode` (also when the file already exists), fsync'd.
-pub fn write_file(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)?;
-    f.set_permissions(fs::Permissions::from_mode(mode))?;
-    f.write_all(data)?;
-    f.sync_all()
 }
 
 fn nar(path: &Path) -> anyhow::Result<()> {

@@ -28,7 +28,7 @@ impl Client {
     /// Send one request and wait for its response; a refusal becomes an error.
     pub fn call(&mut self, request: Request) -> anyhow::Result<Response> {
         let env = Envelope {
-            version: narmesh_proto::PROTOCOL_VERSION,
+            version: narmesh_proto::HOOK_PROTOCOL_VERSION,
             request,
         };
         frame::write_frame(&mut self.stream, &env).context("sending to the node")?;

@@ -20,8 +20,10 @@ use crate::nix::store_db::StoreDb;
 use crate::queue::QueueHandle;
 use crate::store::LocalStore;
 
-/// How long a connection may sit idle between frames.
+/// How long a connection may sit idle between frames, and how long a frame may take to arrive.
 const IDLE: Duration = Duration::from_secs(30);
+/// Socket connections served at once.
+pub const MAX_CONNECTIONS: usize = 256;
 /// How often the spool directory is looked at while running.
 const SPOOL_POLL: Duration = Duration::from_millis(500);
 
@@ -36,19 +38,34 @@ pub struct Ingest {
     pub status: Arc<StatusReport>,
     pub mesh: Option<crate::mesh::MeshHandle>,
     pub mirror: Option<crate::mirror::MirrorHandle>,
+    /// The hook's spool directory.
+    pub spool: PathBuf,
 }
 
 impl Ingest {
-    /// Accept connections on `listener` until cancelled.
+    /// Accept connections on `listener` until cancelled, at most [`MAX_CONNECTIONS`] at once:
+    /// past that, new connections wait in the listen backlog (a hook then spools at its
+    /// deadline) instead of costing the node memory.
     pub async fn serve_socket(self, listener: UnixListener, cancel: CancellationToken) {
         let conns = tokio_util::task::TaskTracker::new();
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
+            let permit = tokio::select! {
+                _ = cancel.cancelled() => break,
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         let this = self.clone();
-                        conns.spawn(async move { this.connection(stream).await });
+                        conns.spawn(async move {
+                            this.connection(stream).await;
+                            drop(permit);
+                        });
                     }
                     Err(e) => {
                         tracing::warn!("socket accept failed: {e}");
@@ -74,11 +91,17 @@ impl Ingest {
                 }
             };
             let response = match frame::decode::<Envelope>(&payload) {
-                Ok(env) if env.version != narmesh_proto::PROTOCOL_VERSION => error(format!(
-                    "unsupported protocol version {} (this node speaks {})",
-                    env.version,
-                    narmesh_proto::PROTOCOL_VERSION
-                )),
+                // Every earlier version is still spoken: a running hook of an older release
+                // keeps being heard during an upgrade.
+                Ok(env)
+                    if env.version == 0 || env.version > narmesh_proto::HOOK_PROTOCOL_VERSION =>
+                {
+                    error(format!(
+                        "unsupported protocol version {} (this node speaks 1..={})",
+                        env.version,
+                        narmesh_proto::HOOK_PROTOCOL_VERSION
+                    ))
+                }
                 Ok(env) => self.handle(env.request).await,
                 Err(e) => {
                     self.metrics.socket_errors.inc();
@@ -99,7 +122,15 @@ impl Ingest {
     pub async fn handle(&self, request: Request) -> Response {
         match request {
             Request::Hook(report) => {
-                self.metrics.hook_reports.inc();
+                let outputs = if report.out_paths.is_empty() {
+                    "from-derivation"
+                } else {
+                    "named"
+                };
+                self.metrics
+                    .hook_reports
+                    .get_or_create(&crate::metrics::HookLabels { outputs })
+                    .inc();
                 self.accept(vec![report]).await
             }
             Request::Push { paths } => {
@@ -116,28 +147,38 @@ impl Ingest {
 
     /// Validate reports and queue them durably; all or nothing.
     pub async fn accept(&self, reports: Vec<HookReport>) -> Response {
+        match self.queue_reports(reports).await {
+            Ok(paths) => Response::Accepted { paths },
+            Err(r) => error(r.message),
+        }
+    }
+
+    /// Validate reports and queue them durably (all or nothing); returns the roots queued.
+    async fn queue_reports(&self, reports: Vec<HookReport>) -> Result<u32, Refusal> {
         let store = self.store.clone();
         let checked = tokio::task::spawn_blocking(move || {
-            store
-                .with(|db| {
-                    Ok(reports
-                        .iter()
-                        .map(|r| validate(db, r))
-                        .collect::<Result<Vec<_>, String>>())
-                })
-                .map_err(|e| e.to_string())?
+            store.with(|db| {
+                Ok(reports
+                    .iter()
+                    .map(|r| validate(db, r))
+                    .collect::<Result<Vec<_>, Refusal>>())
+            })
         })
         .await;
         let items = match checked {
-            Ok(Ok(items)) => items,
-            Ok(Err(why)) => return error(why),
-            Err(e) => return error(format!("validation failed: {e}")),
+            Ok(Ok(Ok(items))) => items,
+            Ok(Ok(Err(refusal))) => return Err(refusal),
+            // The store database could not be read: that may pass (it is being replaced,
+            // recovered, or briefly locked).
+            Ok(Err(e)) => return Err(Refusal::transient(e.to_string())),
+            Err(e) => return Err(Refusal::transient(format!("validation failed: {e}"))),
         };
         let roots = items.iter().map(|i| i.outs.len().max(1)).sum::<usize>() as u32;
-        match self.queue.enqueue(items).await {
-            Ok(()) => Response::Accepted { paths: roots },
-            Err(e) => error(format!("could not record the report: {e}")),
-        }
+        self.queue
+            .enqueue(items)
+            .await
+            .map(|()| roots)
+            .map_err(|e| Refusal::transient(format!("could not record the report: {e}")))
     }
 
     async fn lookup(&self, paths: Vec<String>) -> Response {
@@ -172,6 +213,11 @@ impl Ingest {
         report.nar_bytes = counters.nar_bytes;
         report.ingest_failures = counters.failures;
         report.spool_taken = self.metrics.spool_taken.get();
+        let spool = self.spool.clone();
+        (report.spool_waiting, report.spool_rejected) =
+            tokio::task::spawn_blocking(move || spool_counts(&spool))
+                .await
+                .unwrap_or_default();
         report.mirror = self.mirror.as_ref().map(|m| m.status());
         if let Some(m) = &self.mesh {
             let m = m.clone();
@@ -182,47 +228,155 @@ impl Ingest {
         Response::Status(Box::new(report))
     }
 
-    /// Take in spooled reports now and then until cancelled.
+    /// Take in spooled reports now and then until cancelled. After a transient failure (the
+    /// store database unreadable, the disk full) the files stay and are tried again later,
+    /// backing off up to 30 s.
     pub async fn watch_spool(self, dir: PathBuf, cancel: CancellationToken) {
+        let mut wait = SPOOL_POLL;
         loop {
-            if let Err(e) = self.take_spool(&dir).await {
-                tracing::warn!("spool {}: {e}", dir.display());
+            match self.take_spool(&dir).await {
+                Ok(_) => wait = SPOOL_POLL,
+                Err(e) => {
+                    tracing::warn!("spool {}: {e}; trying again in {wait:?}", dir.display());
+                    self.metrics.spool_deferred.inc();
+                    wait = (wait * 2).min(Duration::from_secs(30));
+                }
             }
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(SPOOL_POLL) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
         }
     }
 
-    /// Queue every spooled report, then delete the files that were queued.
+    /// Queue every spooled report, then delete the files that were queued. A report that can
+    /// never be accepted goes to `rejected/`; a transient failure stops the round and leaves the
+    /// rest where they are (the error says why).
     pub async fn take_spool(&self, dir: &Path) -> std::io::Result<usize> {
         let dir2 = dir.to_owned();
-        let files = tokio::task::spawn_blocking(move || read_spool(&dir2))
-            .await
-            .map_err(std::io::Error::other)??;
+        let files = blocking_io(move || {
+            clean_stale_temps(&dir2);
+            read_spool(&dir2)
+        })
+        .await?;
         if files.is_empty() {
             return Ok(0);
         }
-        let mut taken = 0;
+        let mut taken = Vec::new();
+        let mut rejected = Vec::new();
+        let mut stopped = None;
         for (path, report) in files {
             match report {
-                Ok(report) => match self.accept(vec![report]).await {
-                    Response::Accepted { .. } => {
-                        std::fs::remove_file(&path)?;
-                        taken += 1;
+                Ok(report) => match self.queue_reports(vec![report]).await {
+                    Ok(_) => taken.push(path),
+                    Err(r) if r.permanent => rejected.push((path, r.message)),
+                    Err(r) => {
+                        stopped = Some(r.message);
+                        break;
                     }
-                    Response::Error { message } => reject(dir, &path, &message)?,
-                    _ => {}
                 },
-                Err(why) => reject(dir, &path, &why)?,
+                Err(why) => rejected.push((path, why)),
             }
         }
-        std::fs::File::open(dir)?.sync_all()?;
-        self.metrics.spool_taken.inc_by(taken as u64);
-        tracing::info!("took {taken} report(s) from the spool");
-        Ok(taken)
+        let n = taken.len();
+        let dir2 = dir.to_owned();
+        blocking_io(move || {
+            for p in &taken {
+                std::fs::remove_file(p)?;
+            }
+            for (p, why) in &rejected {
+                reject(&dir2, p, why)?;
+            }
+            crate::fsutil::sync_dir(&dir2)
+        })
+        .await?;
+        self.metrics.spool_taken.inc_by(n as u64);
+        if n > 0 {
+            tracing::info!("took {n} report(s) from the spool");
+        }
+        match stopped {
+            Some(why) => Err(std::io::Error::other(format!(
+                "{n} report(s) taken, the rest wait: {why}"
+            ))),
+            None => Ok(n),
+        }
     }
+}
+
+/// Why a report was not accepted, and whether it ever can be.
+#[derive(Debug)]
+struct Refusal {
+    /// True if the report itself is at fault (a malformed or unknown path): it can never be
+    /// accepted. False for what may pass (the store database unreadable, a full disk).
+    permanent: bool,
+    message: String,
+}
+
+impl Refusal {
+    fn permanent(message: String) -> Self {
+        Refusal {
+            permanent: true,
+            message,
+        }
+    }
+
+    fn transient(message: String) -> Self {
+        Refusal {
+            permanent: false,
+            message,
+        }
+    }
+}
+
+/// Run blocking file-system work off the async threads.
+async fn blocking_io<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+/// How old a hook's temporary spool file must be before it is taken as left by a hook that was
+/// killed mid-write (a live hook renames its file within milliseconds).
+const STALE_TEMP: Duration = Duration::from_secs(60);
+
+/// Remove the temporary files of hooks killed while spooling.
+fn clean_stale_temps(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with('.') && name.ends_with(".tmp")) {
+            continue;
+        }
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE_TEMP);
+        if old && std::fs::remove_file(e.path()).is_ok() {
+            tracing::info!("spool: removed {name}, left by a hook killed while spooling");
+        }
+    }
+}
+
+/// Spooled reports waiting, and reports rejected for good (kept in `rejected/`).
+pub fn spool_counts(dir: &Path) -> (u64, u64) {
+    let count = |d: &Path| -> u64 {
+        std::fs::read_dir(d)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "frame"))
+                    .count() as u64
+            })
+            .unwrap_or(0)
+    };
+    (count(dir), count(&dir.join("rejected")))
 }
 
 /// Move a spool file that cannot be taken in aside (kept for inspection, never retried).
@@ -276,13 +430,15 @@ fn decode_spooled(bytes: &[u8]) -> Result<HookReport, String> {
 }
 
 /// Check a report against the store: every path a valid store path in this store.
-fn validate(store: &StoreDb, r: &HookReport) -> Result<QueueItem, String> {
-    let check = |s: &str| -> Result<String, String> {
-        let p = StorePath::parse(s).map_err(|e| e.to_string())?;
+fn validate(store: &StoreDb, r: &HookReport) -> Result<QueueItem, Refusal> {
+    let check = |s: &str| -> Result<String, Refusal> {
+        let p = StorePath::parse(s).map_err(|e| Refusal::permanent(e.to_string()))?;
         match store.is_valid(&p) {
             Ok(true) => Ok(p.full()),
-            Ok(false) => Err(format!("{p} is not a valid path in the Nix store")),
-            Err(e) => Err(e.to_string()),
+            Ok(false) => Err(Refusal::permanent(format!(
+                "{p} is not a valid path in the Nix store"
+            ))),
+            Err(e) => Err(Refusal::transient(e.to_string())),
         }
     };
     let outs = r
@@ -294,7 +450,7 @@ fn validate(store: &StoreDb, r: &HookReport) -> Result<QueueItem, String> {
         Some(d) if outs.is_empty() => {
             let full = check(d)?;
             if !full.ends_with(".drv") {
-                return Err(format!("{full} is not a derivation"));
+                return Err(Refusal::permanent(format!("{full} is not a derivation")));
             }
             Some(full)
         }
@@ -303,7 +459,7 @@ fn validate(store: &StoreDb, r: &HookReport) -> Result<QueueItem, String> {
         None => None,
     };
     if drv.is_none() && outs.is_empty() {
-        return Err("the report names no path".into());
+        return Err(Refusal::permanent("the report names no path".into()));
     }
     Ok(QueueItem { drv, outs })
 }
@@ -323,13 +479,19 @@ async fn read_payload(stream: &mut UnixStream) -> Result<Option<Vec<u8>>, FrameE
     }
     let len = frame::payload_len(prefix)?;
     debug_assert!(len <= MAX_FRAME);
-    let mut payload = vec![0u8; len];
-    match tokio::time::timeout(IDLE, stream.read_exact(&mut payload)).await {
+    // Memory grows with the bytes that arrive, not with the length a client claims.
+    let mut payload = Vec::with_capacity(len.min(64 * 1024));
+    let mut body = (&mut *stream).take(len as u64);
+    match tokio::time::timeout(IDLE, body.read_to_end(&mut payload)).await {
         Err(_) => Err(FrameError::Io(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             "frame body timed out",
         ))),
         Ok(Err(e)) => Err(e.into()),
+        Ok(Ok(n)) if n < len => Err(FrameError::Io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed mid-frame",
+        ))),
         Ok(Ok(_)) => Ok(Some(payload)),
     }
 }

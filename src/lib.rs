@@ -20,6 +20,8 @@
 //! - [`mirror`]: the S3 mirror (durable outbox, compressed NARs, narinfos in dependency order).
 //! - [`http`]: the binary cache the local Nix substitutes from, and `/metrics`.
 //! - [`metrics`]: the Prometheus registry.
+//! - [`chunks`]: BLAKE3's tree over 16 KiB chunk groups: leaves that verify any range on its own.
+//! - [`fsutil`]: atomic, durable file writes (a leaf: depends on nothing of ours).
 //! - [`node`]: builds and runs the parts; owns the shutdown order.
 //! - [`bench`]: `narmesh bench`, replication measured on one machine beside its baselines.
 //! - [`cli`], [`client`]: the command line and its socket client; `main.rs` only runs it.
@@ -28,10 +30,12 @@
 
 pub mod bench;
 pub mod blobs;
+pub mod chunks;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod db;
+pub mod fsutil;
 pub mod http;
 pub mod ingest;
 pub mod mesh;

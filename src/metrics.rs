@@ -14,6 +14,13 @@ pub struct HttpLabels {
     pub status: u16,
 }
 
+/// How a hook report named its outputs: `named` (Nix filled `OUT_PATHS`) or `from-derivation`
+/// (Nix 2.8 leaves it empty; the node reads the derivation's outputs).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HookLabels {
+    pub outputs: &'static str,
+}
+
 /// Labels of HTTP latency.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
@@ -27,9 +34,10 @@ pub struct Metrics {
     pub paths_recorded: Counter,
     pub nar_bytes: Counter,
     pub ingest_failures: Counter,
-    pub hook_reports: Counter,
+    pub hook_reports: Family<HookLabels, Counter>,
     pub socket_errors: Counter,
     pub spool_taken: Counter,
+    pub spool_deferred: Counter,
     pub batch_seconds: Histogram,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_seconds: Family<RouteLabels, Histogram>,
@@ -60,9 +68,10 @@ impl Metrics {
             paths_recorded: Counter::default(),
             nar_bytes: Counter::default(),
             ingest_failures: Counter::default(),
-            hook_reports: Counter::default(),
+            hook_reports: Family::default(),
             socket_errors: Counter::default(),
             spool_taken: Counter::default(),
+            spool_deferred: Counter::default(),
             batch_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             http_requests: Family::default(),
             http_seconds: Family::new_with_constructor(|| {
@@ -93,7 +102,7 @@ impl Metrics {
         );
         registry.register(
             "hook_reports",
-            "Hook reports received on the socket",
+            "Hook reports received on the socket, by how they named their outputs",
             m.hook_reports.clone(),
         );
         registry.register(
@@ -105,6 +114,11 @@ impl Metrics {
             "spool_taken",
             "Spooled hook reports taken in",
             m.spool_taken.clone(),
+        );
+        registry.register(
+            "spool_deferred",
+            "Spool rounds stopped by a transient failure (the reports wait and are tried again)",
+            m.spool_deferred.clone(),
         );
         registry.register(
             "pipeline_batch_seconds",

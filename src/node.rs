@@ -128,6 +128,7 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
         status: Arc::new(status),
         mesh: mesh.clone(),
         mirror: mirror.as_ref().map(|(h, _)| h.clone()),
+        spool: spool.clone(),
     };
     let pipeline = Pipeline {
         db: db.clone(),
@@ -226,7 +227,7 @@ fn load_or_make_key(cfg: &Config) -> anyhow::Result<SecretKey> {
                     .clone()
                     .unwrap_or_else(|| format!("{}-1", hostname()));
                 let key = SecretKey::generate(&name)?;
-                crate::cli::write_file(&p, key.to_nix_string().as_bytes(), 0o600)
+                crate::fsutil::write_atomic(&p, key.to_nix_string().as_bytes(), 0o600)
                     .with_context(|| format!("writing {}", p.display()))?;
                 tracing::info!("made a signing key {} in {}", key.public(), p.display());
             }

@@ -68,6 +68,10 @@ pub struct StatusReport {
     pub peers: Vec<PeerStatus>,
     /// The S3 mirror, on the node that runs one.
     pub mirror: Option<MirrorStatus>,
+    /// Spooled hook reports waiting to be taken in (a transient failure holds them back).
+    pub spool_waiting: u64,
+    /// Spooled hook reports that can never be accepted, kept in `<spool>/rejected/`.
+    pub spool_rejected: u64,
 }
 
 /// The S3 mirror as the node sees it.

@@ -85,7 +85,7 @@ mod tests {
     #[test]
     fn round_trip_over_a_stream() {
         let env = Envelope {
-            version: crate::PROTOCOL_VERSION,
+            version: crate::HOOK_PROTOCOL_VERSION,
             request: Request::Hook(HookReport::from_env_values(
                 Some("/nix/store/x.drv"),
                 Some(" a  b "),

@@ -57,7 +57,7 @@ impl Node {
         let data = dir.join("data");
         std::fs::create_dir_all(&data)?;
         let key = SecretKey::generate(&format!("bench-{name}-1"))?;
-        crate::cli::write_file(
+        crate::fsutil::write_atomic(
             &dir.join("signing.sec"),
             key.to_nix_string().as_bytes(),
             0o600,

@@ -1,8 +1,16 @@
 //! `narmesh-hook`: Nix's `post-build-hook`. Hands the built paths to the local node over its
 //! Unix socket and waits for the node's acknowledgement that they are durably recorded. If the
-//! node is unreachable, refuses to answer in time, or anything else goes wrong, the report is
-//! written to the spool directory (fsync'd) for the node to take in later. It always exits 0,
-//! never blocks past its deadline, and starts no child process: it never fails or stalls a build.
+//! node is unreachable, does not acknowledge in time, answers anything but `Accepted`, or
+//! anything else goes wrong, the report is written to the spool directory (fsync'd) for the
+//! node to take in later. It always exits 0 and starts no child process: it never fails a build.
+//!
+//! Its time budget: connecting, sending and waiting for the acknowledgement share one deadline,
+//! `NARMESH_HOOK_TIMEOUT_MS` (default 500) from the hook's start; a connect that blocks (the
+//! listen backlog of a frozen node is full) is abandoned on its thread at that deadline. Then,
+//! only if needed, the spool write: a small file written, fsync'd and renamed, bounded by the
+//! disk alone (about a millisecond on an idle disk; a full disk fails it at once with ENOSPC, and
+//! the report is then lost with a message on stderr while the build still succeeds). When it
+//! spools, the hook prints where each phase's time went.
 //!
 //! Environment: `DRV_PATH`, `OUT_PATHS` (set by Nix; 2.8 leaves `OUT_PATHS` empty, the node then
 //! reads the outputs of `DRV_PATH` from the store database), `NARMESH_SOCKET` (default
@@ -35,6 +43,30 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
+/// Where the hook's time went, measured inside it (printed when it had to spool).
+#[derive(Default)]
+struct Phases {
+    connect: Option<Duration>,
+    exchange: Option<Duration>,
+    spool: Option<Duration>,
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |d: Option<Duration>| {
+            d.map(|d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
+                .unwrap_or_else(|| "-".into())
+        };
+        write!(
+            f,
+            "connect {}, send and answer {}, spool write {}",
+            ms(self.connect),
+            ms(self.exchange),
+            ms(self.spool)
+        )
+    }
+}
+
 fn run() {
     let started = Instant::now();
     let report =
@@ -43,7 +75,7 @@ fn run() {
         return;
     }
     let envelope = Envelope {
-        version: narmesh_proto::PROTOCOL_VERSION,
+        version: narmesh_proto::HOOK_PROTOCOL_VERSION,
         request: Request::Hook(report),
     };
     let Ok(bytes) = frame::encode(&envelope) else {
@@ -55,47 +87,86 @@ fn run() {
         .and_then(|v| v.parse().ok())
         .map(Duration::from_millis)
         .unwrap_or(Duration::from_millis(DEFAULT_TIMEOUT_MS));
-    let why = match send(Path::new(&socket), &bytes, started + timeout) {
+    let mut phases = Phases::default();
+    let why = match send(Path::new(&socket), &bytes, started + timeout, &mut phases) {
         Ok(Response::Accepted { .. }) => return,
-        Ok(Response::Error { message }) => {
-            // The node answered and refused: spooling would only be refused again.
-            eprintln!("narmesh-hook: the node refused the report: {message}");
-            return;
-        }
+        // Anything but an acknowledgement is spooled: a refusal may be transient (a node of
+        // another release during a rolling upgrade, a store database briefly unreadable); the
+        // node sorts out what can never succeed when it takes the spool in.
+        Ok(Response::Error { message }) => format!("the node refused the report: {message}"),
         Ok(other) => format!("unexpected answer {other:?}"),
         Err(e) => e,
     };
     let spool = PathBuf::from(env("NARMESH_SPOOL").unwrap_or_else(|| DEFAULT_SPOOL.to_owned()));
-    match write_spool(&spool, &bytes) {
+    let t = Instant::now();
+    let written = write_spool(&spool, &bytes);
+    phases.spool = Some(t.elapsed());
+    match written {
         Ok(path) => eprintln!(
-            "narmesh-hook: node unavailable ({why}); spooled to {}",
-            path.display()
+            "narmesh-hook: node unavailable ({why}); spooled to {} ({phases}; {:.1} ms in all)",
+            path.display(),
+            started.elapsed().as_secs_f64() * 1e3
         ),
-        Err(e) => {
-            eprintln!("narmesh-hook: node unavailable ({why}) and spooling failed: {e}; not shared")
-        }
+        Err(e) => eprintln!(
+            "narmesh-hook: node unavailable ({why}) and spooling to {} failed: {e}; not shared ({phases})",
+            spool.display()
+        ),
+    }
+}
+
+/// Connect before `deadline`. `connect(2)` on a Unix socket has no timeout of its own and blocks
+/// while the node's listen backlog is full (a frozen node): it runs on a thread of its own,
+/// which is simply left behind (and ends with the process) if the deadline passes first.
+fn connect(socket: &Path, deadline: Instant) -> Result<UnixStream, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = socket.to_owned();
+    std::thread::Builder::new()
+        .name("connect".into())
+        .spawn(move || {
+            let _ = tx.send(UnixStream::connect(&path));
+        })
+        .map_err(|e| format!("connect {}: {e}", socket.display()))?;
+    let wait = deadline.saturating_duration_since(Instant::now());
+    match rx.recv_timeout(wait) {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(format!("connect {}: {e}", socket.display())),
+        Err(_) => Err(format!(
+            "connect {}: no connection within the deadline (node frozen or overloaded)",
+            socket.display()
+        )),
     }
 }
 
 /// Send the frame and wait for the answer, all before `deadline`.
-fn send(socket: &Path, bytes: &[u8], deadline: Instant) -> Result<Response, String> {
+fn send(
+    socket: &Path,
+    bytes: &[u8],
+    deadline: Instant,
+    phases: &mut Phases,
+) -> Result<Response, String> {
     let left = || {
         deadline
             .checked_duration_since(Instant::now())
             .filter(|d| !d.is_zero())
     };
-    let mut stream =
-        UnixStream::connect(socket).map_err(|e| format!("connect {}: {e}", socket.display()))?;
-    let t = left().ok_or("deadline passed")?;
-    stream
-        .set_write_timeout(Some(t))
-        .map_err(|e| e.to_string())?;
-    stream.write_all(bytes).map_err(|e| format!("send: {e}"))?;
-    let t = left().ok_or("deadline passed")?;
-    stream
-        .set_read_timeout(Some(t))
-        .map_err(|e| e.to_string())?;
-    frame::read_frame::<Response>(&mut stream).map_err(|e| format!("no acknowledgement: {e}"))
+    let t = Instant::now();
+    let mut stream = connect(socket, deadline)?;
+    phases.connect = Some(t.elapsed());
+    let t = Instant::now();
+    let res = (|| {
+        let d = left().ok_or("deadline passed")?;
+        stream
+            .set_write_timeout(Some(d))
+            .map_err(|e| e.to_string())?;
+        stream.write_all(bytes).map_err(|e| format!("send: {e}"))?;
+        let d = left().ok_or("deadline passed")?;
+        stream
+            .set_read_timeout(Some(d))
+            .map_err(|e| e.to_string())?;
+        frame::read_frame::<Response>(&mut stream).map_err(|e| format!("no acknowledgement: {e}"))
+    })();
+    phases.exchange = Some(t.elapsed());
+    res
 }
 
 /// Write the frame into the spool: temp file, fsync, rename, fsync the directory.
@@ -108,13 +179,24 @@ fn write_spool(dir: &Path, bytes: &[u8]) -> std::io::Result<PathBuf> {
     let name = format!("{nanos:024}-{}", std::process::id());
     let tmp = dir.join(format!(".{name}.tmp"));
     let path = dir.join(format!("{name}.frame"));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
-    std::fs::File::open(dir)?.sync_all()?;
+    let res = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        // Readable by the node whatever the umask of the process Nix runs the hook in (the
+        // node runs as its own user; the hook, under nix-daemon, as root).
+        use std::os::unix::fs::PermissionsExt as _;
+        f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if let Err(e) = res {
+        // A full disk: leave nothing half-written behind.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     Ok(path)
 }

@@ -29,7 +29,7 @@ pub fn record_from(
     key: &SecretKey,
     allowed: impl Fn(&[u8; 32]) -> bool,
 ) -> Result<PathRecord, Refused> {
-    if ann.version != narmesh_proto::PROTOCOL_VERSION {
+    if ann.version != narmesh_proto::MESH_PROTOCOL_VERSION {
         return Err(Refused::Version(ann.version));
     }
     let mut info = NarInfo::parse(&ann.narinfo)?;
@@ -71,7 +71,7 @@ pub fn announce_of(rec: &PathRecord, me: [u8; 32]) -> Announce {
         providers.insert(0, me);
     }
     Announce {
-        version: narmesh_proto::PROTOCOL_VERSION,
+        version: narmesh_proto::MESH_PROTOCOL_VERSION,
         narinfo: rec.narinfo.clone(),
         blake3: rec.blake3,
         nar_size: rec.nar_size,

@@ -87,7 +87,7 @@ pub fn load_or_make_key(path: &Path) -> anyhow::Result<SecretKey> {
         return Ok(SecretKey::from_bytes(&raw));
     }
     let key = SecretKey::generate();
-    crate::cli::write_file(path, &key.to_bytes(), 0o600)?;
+    crate::fsutil::write_atomic(path, &key.to_bytes(), 0o600)?;
     Ok(key)
 }
 

@@ -324,7 +324,7 @@ impl Fetcher {
     ) -> Result<(), String> {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| crate::error_chain(&e))?;
         let req = NarRequest {
-            version: narmesh_proto::PROTOCOL_VERSION,
+            version: narmesh_proto::MESH_PROTOCOL_VERSION,
             blake3: rec.blake3,
             offset: sinks.got,
         };

@@ -417,7 +417,7 @@ impl MeshHandle {
         loop {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
             let req = SyncRequest {
-                version: narmesh_proto::PROTOCOL_VERSION,
+                version: narmesh_proto::MESH_PROTOCOL_VERSION,
                 after,
                 limit: MAX_SYNC_BATCH,
             };

@@ -6,6 +6,7 @@ pub mod base32;
 pub mod hash;
 pub mod keys;
 pub mod nar;
+pub mod nar_layout;
 pub mod narinfo;
 pub mod store_db;
 pub mod store_path;

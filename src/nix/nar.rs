@@ -34,12 +34,14 @@ pub enum NarError {
     Changed(PathBuf),
 }
 
-/// The size and both hashes of a NAR, from [`dump_hashed`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The size and both hashes of a NAR, from [`dump_hashed`], and the BLAKE3 leaves (the chunk
+/// groups' chaining values) that verify any range of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NarDigests {
     pub nar_size: u64,
     pub sha256: Sha256,
     pub blake3: [u8; 32],
+    pub leaves: crate::chunks::Leaves,
 }
 
 /// Serialize `path` as a NAR into `out`; returns the NAR size.
@@ -54,11 +56,12 @@ pub fn dump_hashed(path: &Path, out: impl Write) -> Result<NarDigests, NarError>
     let mut enc = Encoder::new(HashSink::new(out));
     enc.archive(path)?;
     let nar_size = enc.finish()?;
-    let (sha256, blake3) = enc.sink.digests();
+    let (sha256, leaves) = enc.sink.digests();
     Ok(NarDigests {
         nar_size,
         sha256,
-        blake3,
+        blake3: leaves.root(),
+        leaves,
     })
 }
 
@@ -79,11 +82,11 @@ impl<W: Write> ChunkSink for PlainSink<W> {
     }
 }
 
-/// Hashes and forwards chunks. BLAKE3 (the faster hash) runs inline; sha256 moves to a helper
+/// Hashes and forwards chunks. BLAKE3 (the faster hash, as the leaves of its tree) runs inline; sha256 moves to a helper
 /// thread from the first full chunk on, so a large NAR is hashed on two cores.
 struct HashSink<W> {
     out: W,
-    blake: Box<blake3::Hasher>,
+    blake: crate::chunks::LeafHasher,
     sha: Sha,
 }
 
@@ -108,12 +111,12 @@ impl<W: Write> HashSink<W> {
     fn new(out: W) -> Self {
         HashSink {
             out,
-            blake: Box::new(blake3::Hasher::new()),
+            blake: crate::chunks::LeafHasher::new(),
             sha: Sha::Inline(sha2::Sha256::new()),
         }
     }
 
-    fn digests(self) -> (Sha256, [u8; 32]) {
+    fn digests(self) -> (Sha256, crate::chunks::Leaves) {
         let sha = match self.sha {
             Sha::Inline(h) => h.finalize().into(),
             Sha::Thread { to, handle, .. } => {
@@ -122,7 +125,7 @@ impl<W: Write> HashSink<W> {
                 handle.join().expect("sha256 thread panicked")
             }
         };
-        (Sha256(sha), *self.blake.finalize().as_bytes())
+        (Sha256(sha), self.blake.finish())
     }
 
     fn start_thread(&mut self) {

@@ -39,6 +39,46 @@ pub fn run_ok(cmd: &mut Command) -> Vec<u8> {
     out.stdout
 }
 
+/// Which real Nix a host runs: Debian bookworm's 2.8 on the machine itself, or Debian trixie's
+/// 2.26 in a root of its own run through bubblewrap (`scripts/install-nix-2.26.sh`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nix {
+    V2_8,
+    V2_26,
+}
+
+impl Nix {
+    pub const ALL: [Nix; 2] = [Nix::V2_8, Nix::V2_26];
+
+    /// The root the 2.26 client lives in.
+    pub fn root_2_26() -> PathBuf {
+        std::env::var_os("NARMESH_NIX226_ROOT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/opt/narmesh-nix-2.26"))
+    }
+
+    /// Panic loudly (never skip) if this Nix is not installed.
+    pub fn require(self) {
+        match self {
+            Nix::V2_8 => {
+                require("nix-store");
+                require("nix-build");
+            }
+            Nix::V2_26 => {
+                require("bwrap");
+                let root = Nix::root_2_26();
+                assert!(
+                    root.join("usr/bin/nix-store").is_file()
+                        && root.join(".narmesh-ready").is_file(),
+                    "Nix 2.26 is not installed in {}: the tests need it. Run the README's test \
+                     command (scripts/test.sh), which installs it with scripts/install-nix-2.26.sh.",
+                    root.display()
+                );
+            }
+        }
+    }
+}
+
 /// A simulated Nix host: its own chroot store, configuration and caches.
 pub struct NixHost {
     pub dir: tempfile::TempDir,
@@ -46,6 +86,7 @@ pub struct NixHost {
     conf_dir: PathBuf,
     /// Extra environment for every command (such as the hook's socket and spool).
     pub env: Vec<(String, String)>,
+    pub nix: Nix,
 }
 
 /// Derivation boilerplate for builds without nixpkgs.
@@ -60,10 +101,14 @@ pub const DRV_PRELUDE: &str = r#"
 "#;
 
 impl NixHost {
-    /// A host whose `nix.conf` is the minimal one plus `extra` lines.
+    /// A Nix 2.8 host whose `nix.conf` is the minimal one plus `extra` lines.
     pub fn new(extra_conf: &str) -> Self {
-        require("nix-store");
-        require("nix-build");
+        NixHost::with_nix(Nix::V2_8, extra_conf)
+    }
+
+    /// A host running `nix` whose `nix.conf` is the minimal one plus `extra` lines.
+    pub fn with_nix(nix: Nix, extra_conf: &str) -> Self {
+        nix.require();
         let dir = tempfile::Builder::new()
             .prefix("narmesh-nixhost")
             .tempdir()
@@ -72,8 +117,13 @@ impl NixHost {
         let conf_dir = dir.path().join("conf");
         std::fs::create_dir_all(&root).expect("mkdir root");
         std::fs::create_dir_all(&conf_dir).expect("mkdir conf");
+        // 2.26 builds as root only with build users (its root has the nixbld group).
+        let users = match nix {
+            Nix::V2_8 => "",
+            Nix::V2_26 => "nixbld",
+        };
         let conf = format!(
-            "store = {}\nbuild-users-group =\nsandbox = true\nsandbox-paths = /bin /usr /lib /lib64\n\
+            "store = {}\nbuild-users-group = {users}\nsandbox = true\nsandbox-paths = /bin /usr /lib /lib64\n\
              experimental-features = nix-command\nsubstituters =\nrequire-sigs = true\n{extra_conf}\n",
             root.display()
         );
@@ -83,15 +133,21 @@ impl NixHost {
             root,
             conf_dir,
             env: Vec::new(),
+            nix,
         }
     }
 
-    /// A building host whose post-build-hook is `narmesh-hook`, talking to `socket`.
+    /// A Nix 2.8 building host whose post-build-hook is `narmesh-hook`, talking to `socket`.
     pub fn with_hook(socket: &Path, spool: &Path) -> Self {
-        let mut h = NixHost::new(&format!(
-            "post-build-hook = {}",
-            bin("narmesh-hook").display()
-        ));
+        NixHost::with_hook_nix(Nix::V2_8, socket, spool)
+    }
+
+    /// A building host running `nix` whose post-build-hook is `narmesh-hook`.
+    pub fn with_hook_nix(nix: Nix, socket: &Path, spool: &Path) -> Self {
+        let mut h = NixHost::with_nix(
+            nix,
+            &format!("post-build-hook = {}", bin("narmesh-hook").display()),
+        );
         h.env
             .push(("NARMESH_SOCKET".into(), socket.display().to_string()));
         h.env
@@ -99,12 +155,20 @@ impl NixHost {
         h
     }
 
-    /// A host substituting only from `cache_url`, trusting `key`.
+    /// A Nix 2.8 host substituting only from `cache_url`, trusting `key`.
     pub fn substituter(cache_url: &str, key: &str) -> Self {
-        NixHost::new(&format!(
-            "substituters = {cache_url}\ntrusted-public-keys = {key}\nnarinfo-cache-negative-ttl = 0\n\
+        NixHost::substituter_nix(Nix::V2_8, cache_url, key)
+    }
+
+    /// A host running `nix`, substituting only from `cache_url`, trusting `key`.
+    pub fn substituter_nix(nix: Nix, cache_url: &str, key: &str) -> Self {
+        NixHost::with_nix(
+            nix,
+            &format!(
+                "substituters = {cache_url}\ntrusted-public-keys = {key}\nnarinfo-cache-negative-ttl = 0\n\
              narinfo-cache-positive-ttl = 0\nconnect-timeout = 5\n"
-        ))
+            ),
+        )
     }
 
     /// The closure of `roots` in this host's store, as full paths.
@@ -118,9 +182,28 @@ impl NixHost {
             .collect()
     }
 
-    /// A command with this host's environment.
+    /// A command with this host's environment, run by this host's Nix. Nix 2.26 runs in its
+    /// own root through bubblewrap, with the host's `/tmp` (where the tests' stores, sockets and
+    /// spools live) and our binaries' directory bound in at the same paths.
     pub fn cmd(&self, program: &str) -> Command {
-        let mut c = Command::new(program);
+        let mut c = match self.nix {
+            Nix::V2_8 => Command::new(program),
+            Nix::V2_26 => {
+                let mut c = Command::new("bwrap");
+                let bins = bin("narmesh-hook");
+                let bins = bins.parent().expect("binary dir");
+                c.arg("--bind")
+                    .arg(Nix::root_2_26())
+                    .arg("/")
+                    .args(["--bind", "/proc", "/proc", "--dev-bind", "/dev", "/dev"])
+                    .args(["--bind", "/tmp", "/tmp"])
+                    .arg("--ro-bind")
+                    .arg(bins)
+                    .arg(bins)
+                    .arg(program);
+                c
+            }
+        };
         c.env("NIX_CONF_DIR", &self.conf_dir)
             .env("XDG_CACHE_HOME", self.dir.path().join("cache"))
             .env("NIX_USER_CONF_FILES", "/dev/null")
@@ -296,4 +379,43 @@ pub fn http(
         })
         .collect();
     (status, hdrs, raw[split + 4..].to_vec())
+}
+
+/// What one run of the real `narmesh-hook` did.
+pub struct HookRun {
+    /// Wall time from spawn to exit.
+    pub took: std::time::Duration,
+    pub stderr: String,
+}
+
+/// Run `narmesh-hook` the way Nix does (fresh process, stdin null) with this environment; it
+/// must exit 0 and print nothing on stdout.
+pub fn run_hook(socket: &Path, spool: &Path, drv: &str, outs: &str, timeout_ms: u64) -> HookRun {
+    let started = std::time::Instant::now();
+    let out = Command::new(bin("narmesh-hook"))
+        .env("DRV_PATH", drv)
+        .env("OUT_PATHS", outs)
+        .env("NARMESH_SOCKET", socket)
+        .env("NARMESH_SPOOL", spool)
+        .env("NARMESH_HOOK_TIMEOUT_MS", timeout_ms.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn narmesh-hook");
+    assert!(out.status.success(), "hook exit status {}", out.status);
+    assert!(out.stdout.is_empty(), "the hook writes nothing to stdout");
+    HookRun {
+        took: started.elapsed(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The `*.frame` files in a spool directory.
+pub fn spooled(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "frame"))
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -2,6 +2,7 @@
 //! client, real `narmesh` processes, SIGKILL).
 
 mod bench_cli;
+mod faults;
 mod harness;
 mod keys_interop;
 mod mesh;

@@ -5,7 +5,7 @@
 use narmesh::nix::StorePath;
 use narmesh::nix::store_db::StoreDb;
 
-use crate::harness::{NixHost, http, run_ok, wait_until};
+use crate::harness::{Nix, NixHost, http, run_ok, wait_until};
 use crate::node_harness::Node;
 
 const CHAIN: &str = r#"
@@ -23,11 +23,16 @@ struct Cluster {
 }
 
 fn cluster(n: usize, replicate: &[&'static str]) -> Cluster {
+    cluster_with(Nix::V2_8, n, replicate)
+}
+
+/// `cluster`, with host A running `nix`.
+fn cluster_with(nix: Nix, n: usize, replicate: &[&'static str]) -> Cluster {
     let t = tempfile::tempdir().unwrap();
     let mut nodes: Vec<Node> = (0..n)
         .map(|i| Node::new(&t.path().join(format!("n{i}")), &t.path().join("unused")))
         .collect();
-    let a = NixHost::with_hook(&nodes[0].socket(), &nodes[0].spool());
+    let a = NixHost::with_hook_nix(nix, &nodes[0].socket(), &nodes[0].spool());
     crate::node_harness::full_mesh(&mut nodes);
     for (i, node) in nodes.iter_mut().enumerate() {
         node.replicate = replicate.get(i).copied().unwrap_or("on-demand");
@@ -42,8 +47,13 @@ fn cluster(n: usize, replicate: &[&'static str]) -> Cluster {
 
 /// Host C, substituting only from `node`, gets `top` and verifies it.
 fn substitute_from(node: &Node, top: &StorePath, expect: usize) {
+    substitute_with(Nix::V2_8, node, top, expect)
+}
+
+/// Host C, running `nix` and substituting only from `node`, gets `top` and verifies it.
+fn substitute_with(nix: Nix, node: &Node, top: &StorePath, expect: usize) {
     let key = node.public_key();
-    let c = NixHost::substituter(&format!("http://{}", node.http), &key);
+    let c = NixHost::substituter_nix(nix, &format!("http://{}", node.http), &key);
     run_ok(c.cmd("nix-store").args(["-r", &top.full()]));
     run_ok(c.cmd("nix-store").args(["--verify-path", &top.full()]));
     assert_eq!(c.closure(std::slice::from_ref(top)).len(), expect);
@@ -85,6 +95,20 @@ fn a_build_on_a_is_substituted_on_c_through_the_mesh() {
         info.sigs.len() >= 2,
         "the origin's signature and C's: {info:?}"
     );
+}
+
+#[test]
+fn nix_2_26_builds_on_a_and_substitutes_on_c_through_the_mesh() {
+    let mut cl = cluster_with(Nix::V2_26, 3, &[]);
+    for n in cl.nodes.iter_mut() {
+        n.start();
+    }
+    let top = cl.a.build(CHAIN)[0].clone();
+    let paths = cl.a.closure(std::slice::from_ref(&top));
+    for n in &cl.nodes {
+        wait_until(30, "every node to serve the narinfos", || n.serves(&paths));
+    }
+    substitute_with(Nix::V2_26, &cl.nodes[2], &top, 3);
 }
 
 #[test]

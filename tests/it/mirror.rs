@@ -9,7 +9,7 @@ use narmesh::nix::NarInfo;
 use narmesh_proto::control::MirrorStatus;
 use sha2::Digest as _;
 
-use crate::harness::{NixHost, http, run_ok, wait_until};
+use crate::harness::{Nix, NixHost, http, run_ok, wait_until};
 use crate::node_harness::Node;
 use crate::s3_harness::{ACCESS_KEY, S3Server, SECRET_KEY, credentials_env};
 
@@ -121,12 +121,14 @@ fn builds_reach_the_bucket_and_nix_substitutes_from_it() {
     assert!(m.uploaded_bytes > 0 && m.last_error.is_none(), "{m:?}");
     assert_eq!(check_bucket(&s3, &paths), 3);
 
-    // An independent Nix, substituting only from the bucket over plain HTTP.
+    // Independent Nix clients (2.8 and 2.26), substituting only from the bucket over plain HTTP.
     let key = st.nodes[0].public_key();
-    let c = NixHost::substituter(&s3.cache_url(), &key);
-    run_ok(c.cmd("nix-store").args(["-r", &top.full()]));
-    run_ok(c.cmd("nix-store").args(["--verify-path", &top.full()]));
-    assert_eq!(c.closure(std::slice::from_ref(&top)).len(), 3);
+    for nix in Nix::ALL {
+        let c = NixHost::substituter_nix(nix, &s3.cache_url(), &key);
+        run_ok(c.cmd("nix-store").args(["-r", &top.full()]));
+        run_ok(c.cmd("nix-store").args(["--verify-path", &top.full()]));
+        assert_eq!(c.closure(std::slice::from_ref(&top)).len(), 3, "{nix:?}");
+    }
 
     // Metrics tell the same.
     let (_, _, metrics) = http(&st.nodes[1].http, "GET", "/metrics", &[]);

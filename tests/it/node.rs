@@ -9,7 +9,7 @@ use narmesh::nix::StorePath;
 use narmesh_proto::control::{Request, Response};
 use narmesh_proto::hook::HookReport;
 
-use crate::harness::{NixHost, http, run_ok, wait_until};
+use crate::harness::{Nix, NixHost, http, run_ok, wait_until};
 use crate::node_harness::Node;
 
 /// Three chained derivations and a tree that references the chain's end.
@@ -23,18 +23,31 @@ const CHAIN: &str = r#"
 
 /// Host B, substituting only from `node`, gets `top` and verifies it.
 fn substitute_from(node: &Node, top: &StorePath) {
-    let b = NixHost::substituter(&format!("http://{}", node.http), &node.status().public_key);
+    substitute_with(Nix::V2_8, node, top)
+}
+
+/// Host B, running `nix` and substituting only from `node`, gets `top` and verifies it.
+fn substitute_with(nix: Nix, node: &Node, top: &StorePath) {
+    let b = NixHost::substituter_nix(
+        nix,
+        &format!("http://{}", node.http),
+        &node.status().public_key,
+    );
     run_ok(b.cmd("nix-store").args(["-r", &top.full()]));
     run_ok(b.cmd("nix-store").args(["--verify-path", &top.full()]));
     let all = b.closure(std::slice::from_ref(top));
     assert_eq!(all.len(), 4, "B holds the whole closure: {all:?}");
 }
 
-#[test]
-fn builds_are_substitutable_from_the_node() {
+/// Host A runs `builder` with the hook; host B runs `substituter` and takes the closure from
+/// A's node. Returns what the check after it needs.
+fn hook_to_substitution(
+    builder: Nix,
+    substituter: Nix,
+) -> (tempfile::TempDir, Node, NixHost, StorePath) {
     let t = tempfile::tempdir().unwrap();
     let mut node = Node::new(&t.path().join("node"), &t.path().join("unused"));
-    let a = NixHost::with_hook(&node.socket(), &node.spool());
+    let a = NixHost::with_hook_nix(builder, &node.socket(), &node.spool());
     node.store_root = a.root.clone();
     node.start();
     let top = a.build(CHAIN)[0].clone();
@@ -45,7 +58,36 @@ fn builds_are_substitutable_from_the_node() {
         !node.spool().exists() || std::fs::read_dir(node.spool()).unwrap().next().is_none(),
         "nothing spooled"
     );
-    substitute_from(&node, &top);
+    // Nix 2.8 leaves OUT_PATHS empty (the node reads the derivation's outputs); 2.26 names them.
+    let (_, _, metrics) = http(&node.http, "GET", "/metrics", &[]);
+    let metrics = String::from_utf8(metrics).unwrap();
+    let how = match builder {
+        Nix::V2_8 => "narmesh_hook_reports_total{outputs=\"from-derivation\"} 4",
+        Nix::V2_26 => "narmesh_hook_reports_total{outputs=\"named\"} 4",
+    };
+    assert!(metrics.contains(how), "{how} in:\n{metrics}");
+    substitute_with(substituter, &node, &top);
+    (t, node, a, top)
+}
+
+#[test]
+fn nix_2_26_builds_and_nix_2_8_substitutes() {
+    hook_to_substitution(Nix::V2_26, Nix::V2_8).1.stop();
+}
+
+#[test]
+fn nix_2_8_builds_and_nix_2_26_substitutes() {
+    hook_to_substitution(Nix::V2_8, Nix::V2_26).1.stop();
+}
+
+#[test]
+fn nix_2_26_builds_and_substitutes() {
+    hook_to_substitution(Nix::V2_26, Nix::V2_26).1.stop();
+}
+
+#[test]
+fn builds_are_substitutable_from_the_node() {
+    let (_t, mut node, a, top) = hook_to_substitution(Nix::V2_8, Nix::V2_8);
 
     // The NAR is served whole and by range, matching Nix's own serialization.
     let (code, _, info) = http(

@@ -26,6 +26,8 @@ pub struct Node {
     pub replicate: &'static str,
     /// Extra environment for the node process (such as S3 credentials).
     pub env: Vec<(String, String)>,
+    /// A command the node is started under (such as `unshare -n ...`), which must `exec` it.
+    pub wrap: Vec<String>,
     child: Option<Child>,
     pub http: String,
 }
@@ -45,6 +47,7 @@ impl Node {
             trusted: Vec::new(),
             replicate: "on-demand",
             env: Vec::new(),
+            wrap: Vec::new(),
             child: None,
             http: String::new(),
         }
@@ -129,7 +132,15 @@ impl Node {
             .append(true)
             .open(self.dir.join("node.log"))
             .expect("log file");
-        let child = Command::new(bin("narmesh"))
+        let mut cmd = match self.wrap.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin("narmesh"));
+                c
+            }
+            None => Command::new(bin("narmesh")),
+        };
+        let child = cmd
             .args(["serve", "--config"])
             .arg(self.config_file())
             .env("NARMESH_LOG", "info,narmesh=debug")
@@ -168,7 +179,7 @@ impl Node {
         let mut s = std::os::unix::net::UnixStream::connect(self.socket())?;
         s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
         let env = Envelope {
-            version: narmesh_proto::PROTOCOL_VERSION,
+            version: narmesh_proto::HOOK_PROTOCOL_VERSION,
             request,
         };
         frame::write_frame(&mut s, &env).map_err(std::io::Error::other)?;
@@ -218,6 +229,18 @@ impl Node {
             .filter_map(|v| v.parse().ok())
             .collect();
         f.iter().sum::<f64>() / 100.0
+    }
+
+    /// Send `signal` (such as `STOP` or `CONT`) to the running node.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.pid();
+        assert!(pid != 0, "node not running");
+        let ok = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("kill");
+        assert!(ok.success(), "kill -{signal} {pid}");
     }
 
     /// SIGKILL, no chance to clean up.

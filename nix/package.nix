@@ -1,0 +1,49 @@
+{
+  lib,
+  stdenv,
+  rustPlatform,
+  installShellFiles,
+}:
+
+rustPlatform.buildRustPackage {
+  pname = "narmesh";
+  inherit ((lib.importTOML ../Cargo.toml).workspace.package) version;
+
+  src = lib.fileset.toSource {
+    root = ../.;
+    # Cargo.toml names the benches; tests/ is left out, so editing a test rebuilds nothing.
+    fileset = lib.fileset.unions [
+      ../Cargo.toml
+      ../Cargo.lock
+      ../src
+      ../proto
+      ../benches
+    ];
+  };
+
+  cargoLock.lockFile = ../Cargo.lock;
+
+  nativeBuildInputs = [ installShellFiles ];
+
+  # The test suite needs Nix, SeaweedFS and network namespaces, none of which the sandbox has.
+  doCheck = false;
+
+  postInstall = lib.optionalString (stdenv.buildPlatform.canExecute stdenv.hostPlatform) ''
+    installShellCompletion --cmd narmesh \
+      --bash <($out/bin/narmesh completions bash) \
+      --fish <($out/bin/narmesh completions fish) \
+      --zsh <($out/bin/narmesh completions zsh)
+    $out/bin/narmesh man > narmesh.1
+    installManPage narmesh.1
+  '';
+
+  meta = {
+    description = "Share every Nix build across a mesh of build hosts, without slowing the build";
+    license = with lib.licenses; [
+      mit
+      asl20
+    ];
+    platforms = lib.platforms.linux;
+    mainProgram = "narmesh";
+  };
+}

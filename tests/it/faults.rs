@@ -1,0 +1,218 @@
+//! Faults the hook and the spool meet for real: a frozen node whose listen backlog is full, a
+//! node that refuses, a store database that is briefly unreadable, garbage and half-written
+//! files in the spool. Every hook must exit 0 within its budget, and nothing acknowledged or
+//! spooled may be lost.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use narmesh_proto::control::{Request, Response};
+
+use crate::harness::{NixHost, bin, run_hook, spooled, wait_until};
+use crate::node_harness::Node;
+
+/// Which of `paths` the node has recorded, asked over its socket.
+fn recorded(node: &Node, paths: &[String]) -> usize {
+    match node.call(Request::Lookup {
+        paths: paths.to_vec(),
+    }) {
+        Ok(Response::Known { recorded }) => recorded.iter().filter(|r| **r).count(),
+        _ => 0,
+    }
+}
+
+/// `n` trivial builds on a plain Nix host (no hook): store paths to report.
+fn built_paths(host: &NixHost, n: usize, tag: &str) -> Vec<String> {
+    host.build(&format!(
+        r#"builtins.genList (i: mk "{tag}-${{toString i}}" "echo {tag} ${{toString i}} > $out") {n}"#
+    ))
+    .iter()
+    .map(|p| p.full())
+    .collect()
+}
+
+/// The hook's own account of where its time went: the total of "(...; T ms in all)".
+fn measured_total_ms(stderr: &str) -> f64 {
+    let before = stderr
+        .split(" ms in all)")
+        .next()
+        .unwrap_or_else(|| panic!("no timing in {stderr:?}"));
+    before
+        .rsplit("; ")
+        .next()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no total in {stderr:?}"))
+}
+
+/// Run a hook that must exit by itself within `limit` (it is killed and the test fails if not).
+fn hook_within(limit: Duration, socket: &Path, spool: &Path, out: &str, timeout_ms: u64) -> String {
+    let started = Instant::now();
+    let mut child = Command::new(bin("narmesh-hook"))
+        .env("DRV_PATH", "")
+        .env("OUT_PATHS", out)
+        .env("NARMESH_SOCKET", socket)
+        .env("NARMESH_SPOOL", spool)
+        .env("NARMESH_HOOK_TIMEOUT_MS", timeout_ms.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn hook");
+    loop {
+        if let Some(status) = child.try_wait().expect("wait hook") {
+            assert!(status.success(), "hook exit status {status}");
+            let mut err = String::new();
+            use std::io::Read as _;
+            child
+                .stderr
+                .take()
+                .expect("stderr")
+                .read_to_string(&mut err)
+                .expect("read stderr");
+            return err;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            panic!("a hook was still running after {limit:?}: it stalled the build");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The node frozen (SIGSTOP) in a network namespace whose `net.core.somaxconn` is 16, so its
+/// socket's listen backlog holds 16 connections; 24 hooks then arrive at once. The first ones
+/// connect into the backlog and wait for an answer that never comes, the others block in
+/// `connect(2)` itself: every one must give up at its deadline, spool, and exit 0. After SIGCONT
+/// every report is taken in.
+#[test]
+fn a_frozen_node_with_a_full_backlog_never_stalls_a_hook() {
+    crate::harness::require("unshare");
+    let t = tempfile::tempdir().unwrap();
+    let host = NixHost::new("");
+    let paths = built_paths(&host, 24, "frozen");
+    let mut node = Node::new(&t.path().join("node"), &host.root);
+    node.wrap = vec![
+        "unshare".into(),
+        "-n".into(),
+        "sh".into(),
+        "-c".into(),
+        "ip link set lo up && sysctl -qw net.core.somaxconn=16 && exec \"$0\" \"$@\"".into(),
+    ];
+    node.start();
+    node.signal("STOP");
+    let (socket, spool) = (node.socket(), node.spool());
+    const TIMEOUT_MS: u64 = 300;
+    let hooks: Vec<_> = paths
+        .iter()
+        .map(|p| {
+            let (socket, spool, p) = (socket.clone(), spool.clone(), p.clone());
+            std::thread::spawn(move || {
+                hook_within(Duration::from_secs(10), &socket, &spool, &p, TIMEOUT_MS)
+            })
+        })
+        .collect();
+    let mut blocked_in_connect = 0;
+    for h in hooks {
+        let err = h.join().expect("hook thread");
+        assert!(err.contains("spooled to"), "{err}");
+        if err.contains("no connection within the deadline") {
+            blocked_in_connect += 1;
+        }
+        // The hook's own measure: its deadline, plus the spool write.
+        let total = measured_total_ms(&err);
+        assert!(
+            total < (TIMEOUT_MS + 700) as f64,
+            "the hook took {total} ms: {err}"
+        );
+    }
+    assert!(
+        blocked_in_connect > 0,
+        "with 24 hooks and a backlog of 16, some must have blocked in connect"
+    );
+    assert_eq!(spooled(&spool).len(), 24, "every report spooled");
+    node.signal("CONT");
+    wait_until(60, "every report to be taken in after SIGCONT", || {
+        recorded(&node, &paths) == paths.len()
+    });
+    wait_until(30, "the spool to be emptied", || spooled(&spool).is_empty());
+    node.stop();
+}
+
+/// A node that answers `Error` (for instance one of another release during a rolling upgrade)
+/// gets the report spooled, not dropped.
+#[test]
+fn a_refusing_node_makes_the_hook_spool() {
+    let t = tempfile::tempdir().unwrap();
+    let socket = t.path().join("refusing.sock");
+    let spool = t.path().join("spool");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let _: narmesh_proto::control::Envelope =
+            narmesh_proto::frame::read_frame(&mut conn).unwrap();
+        narmesh_proto::frame::write_frame(
+            &mut conn,
+            &Response::Error {
+                message: "unsupported protocol version 2 (this node speaks 1..=1)".into(),
+            },
+        )
+        .unwrap();
+    });
+    let run = run_hook(
+        &socket,
+        &spool,
+        "",
+        "/nix/store/00000000000000000000000000000000-x",
+        500,
+    );
+    server.join().unwrap();
+    assert!(run.stderr.contains("refused"), "{}", run.stderr);
+    assert_eq!(spooled(&spool).len(), 1, "the refused report is spooled");
+}
+
+/// Reports spooled while the node was down, and a node that starts while the store database
+/// is briefly unreadable: the reports wait (never rejected) and are taken in once the database
+/// is back. Garbage is rejected for good and counted; a hook's stale temporary file is removed.
+#[test]
+fn transient_spool_failures_wait_and_permanent_ones_are_counted() {
+    let t = tempfile::tempdir().unwrap();
+    let host = NixHost::new("");
+    let paths = built_paths(&host, 5, "spooled");
+    let mut node = Node::new(&t.path().join("node"), &host.root);
+    let spool = node.spool();
+    for p in &paths {
+        let run = run_hook(&node.socket(), &spool, "", p, 200);
+        assert!(run.stderr.contains("spooled"), "{}", run.stderr);
+    }
+    std::fs::write(spool.join("00-garbage.frame"), b"\x05\x00\x00\x00junk!").unwrap();
+    let stale = spool.join(".000000000000000000000001-1.tmp");
+    std::fs::write(&stale, b"half").unwrap();
+    let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&stale)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    // The store database goes away for a while.
+    let db = narmesh::nix::store_db::db_path(&host.root);
+    let away = db.with_extension("away");
+    std::fs::rename(&db, &away).unwrap();
+    node.start();
+    wait_until(20, "the node to try the spool", || {
+        node.log().contains("the rest wait")
+    });
+    let st = node.status();
+    assert_eq!(st.spool_waiting, 5, "{st:?}");
+    assert_eq!(st.spool_rejected, 1, "the garbage is rejected: {st:?}");
+    assert_eq!(recorded(&node, &paths), 0);
+    std::fs::rename(&away, &db).unwrap();
+    wait_until(60, "the spooled reports to be taken in", || {
+        recorded(&node, &paths) == paths.len()
+    });
+    let st = node.status();
+    assert_eq!((st.spool_waiting, st.spool_rejected), (0, 1), "{st:?}");
+    assert!(!stale.exists(), "the stale temporary file is removed");
+    node.stop();
+}

@@ -1,0 +1,51 @@
+# Evaluates nix/module.nix with nixpkgs' module system, without nixpkgs' package set (stubs.nix),
+# and returns what a test checks, as JSON-friendly data. tests/nixos/eval.sh runs it.
+{
+  lib,
+  narmeshPackage ? "/nix/store/00000000000000000000000000000000-narmesh",
+  config ? { },
+}:
+
+let
+  eval = lib.evalModules {
+    specialArgs = { inherit narmeshPackage; };
+    modules = [
+      ./stubs.nix
+      ../../nix/module.nix
+      config
+    ];
+  };
+  inherit (eval.config) services systemd networking nix users;
+  inherit (eval._module.args) pkgs;
+  svc = systemd.services.narmesh or null;
+in
+{
+  service =
+    if svc == null then
+      null
+    else
+      {
+        inherit (svc)
+          description
+          wantedBy
+          wants
+          after
+          path
+          environment
+          serviceConfig
+          ;
+      };
+  inherit (services.narmesh) finalSettings;
+  # The file the module hands to `narmesh check-config`, as the stub renders it.
+  configToml = builtins.readFile ((pkgs.formats.toml { }).generate "narmesh.toml" services.narmesh.finalSettings);
+  hookScript = if nix.settings ? post-build-hook then builtins.readFile nix.settings.post-build-hook else null;
+  inherit (networking.firewall) allowedUDPPorts;
+  nixSettings = nix.settings;
+  users = {
+    narmesh = users.users.narmesh or null;
+    groups = lib.attrNames users.groups;
+  };
+  systemPackages = map toString eval.config.environment.systemPackages;
+  failedAssertions = map (a: a.message) (lib.filter (a: !a.assertion) eval.config.assertions);
+  inherit (eval.config) warnings;
+}
