@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::nix::{PublicKey, TrustedKeys};
+use crate::units::ByteSize;
 
 /// Default data directory (redb database, blob store, keys, spool).
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/narmesh";
@@ -56,8 +57,33 @@ pub struct Config {
     pub nix: NixConfig,
     pub http: HttpConfig,
     pub pipeline: PipelineConfig,
+    pub store: StoreConfig,
     pub mesh: MeshConfig,
     pub mirror: MirrorConfig,
+}
+
+/// `[store]`: the node's one disk budget. The NARs of its own builds are served from the Nix
+/// store (no copy); NARs fetched from peers are kept within these bounds, least recently used
+/// evicted first.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct StoreConfig {
+    /// Most bytes of NARs fetched from peers kept on disk (`"50GiB"`).
+    pub max_size: ByteSize,
+    /// Free space always left on the data dir's disk: NARs are evicted to keep it (`"5GiB"`).
+    pub min_free: ByteSize,
+    /// Seconds between checks of own paths against the local Nix store (after Nix GC).
+    pub gc_check_secs: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            max_size: ByteSize(50 << 30),
+            min_free: ByteSize(5 << 30),
+            gc_check_secs: 10,
+        }
+    }
 }
 
 /// How a node replicates NARs its peers announce.
@@ -89,6 +115,10 @@ pub struct MeshConfig {
     pub replicate: Replicate,
     /// Nodes gossip on a topic derived from this name.
     pub cluster: String,
+    /// Milliseconds between catch-up rounds with each peer.
+    pub sync_interval_ms: u64,
+    /// Largest NAR taken in from peers (default: `[store] max-size`).
+    pub max_nar_size: Option<ByteSize>,
 }
 
 /// `[mirror]`: what this node mirrors the cluster's paths into.
@@ -212,6 +242,7 @@ impl Default for Config {
             nix: NixConfig::default(),
             http: HttpConfig::default(),
             pipeline: PipelineConfig::default(),
+            store: StoreConfig::default(),
             mesh: MeshConfig::default(),
             mirror: MirrorConfig::default(),
         }
@@ -228,6 +259,8 @@ impl Default for MeshConfig {
             lan_discovery: true,
             replicate: Replicate::OnDemand,
             cluster: "narmesh".to_owned(),
+            sync_interval_ms: 5000,
+            max_nar_size: None,
         }
     }
 }
@@ -298,6 +331,12 @@ impl Config {
         if self.pipeline.workers == 0 || self.pipeline.workers > 64 {
             return Err(invalid("pipeline.workers", "must be 1..=64".into()));
         }
+        if self.store.max_size.0 < 1 << 20 {
+            return Err(invalid("store.max-size", "must be at least 1MiB".into()));
+        }
+        if self.store.gc_check_secs == 0 || self.store.gc_check_secs > 86_400 {
+            return Err(invalid("store.gc-check-secs", "must be 1..=86400".into()));
+        }
         if self.pipeline.batch == 0 || self.pipeline.batch > 10_000 {
             return Err(invalid("pipeline.batch", "must be 1..=10000".into()));
         }
@@ -306,6 +345,22 @@ impl Config {
         }
         for p in &self.mesh.allowed_peers {
             crate::mesh::parse_endpoint_id(p).map_err(|e| invalid("mesh.allowed-peers", e))?;
+        }
+        if !(50..=3_600_000).contains(&self.mesh.sync_interval_ms) {
+            return Err(invalid(
+                "mesh.sync-interval-ms",
+                "must be 50..=3600000".into(),
+            ));
+        }
+        if self
+            .mesh
+            .max_nar_size
+            .is_some_and(|m| m > self.store.max_size)
+        {
+            return Err(invalid(
+                "mesh.max-nar-size",
+                "must not be above store.max-size (a NAR over the cap cannot be kept)".into(),
+            ));
         }
         if self.mesh.cluster.is_empty() {
             return Err(invalid("mesh.cluster", "must not be empty".into()));
@@ -349,6 +404,11 @@ impl Config {
                 .map_err(|e| invalid("key-name", e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// The largest NAR the mesh takes in.
+    pub fn max_nar_size(&self) -> u64 {
+        self.mesh.max_nar_size.unwrap_or(self.store.max_size).0
     }
 
     /// `trusted-public-keys`, parsed.

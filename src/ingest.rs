@@ -40,6 +40,7 @@ pub struct Ingest {
     pub mirror: Option<crate::mirror::MirrorHandle>,
     /// The hook's spool directory.
     pub spool: PathBuf,
+    pub storage: crate::storage::Storage,
 }
 
 impl Ingest {
@@ -210,7 +211,8 @@ impl Ingest {
         let mut report = (*self.status).clone();
         report.queue_depth = counters.queue_depth;
         report.paths_recorded = counters.paths;
-        report.nar_bytes = counters.nar_bytes;
+        report.storage = self.storage_status().await;
+        report.nar_bytes = report.storage.own_bytes + report.storage.file_bytes;
         report.ingest_failures = counters.failures;
         report.spool_taken = self.metrics.spool_taken.get();
         let spool = self.spool.clone();
@@ -226,6 +228,24 @@ impl Ingest {
                 .unwrap_or_default();
         }
         Response::Status(Box::new(report))
+    }
+
+    async fn storage_status(&self) -> narmesh_proto::control::StorageStatus {
+        let storage = self.storage.clone();
+        let c = tokio::task::spawn_blocking(move || storage.counters())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        narmesh_proto::control::StorageStatus {
+            own_paths: c.own_paths,
+            own_bytes: c.own_bytes,
+            files: c.files,
+            file_bytes: c.file_bytes,
+            cap_bytes: self.storage.cap(),
+            evictions: c.evictions,
+            gc_lost: c.gc_lost,
+        }
     }
 
     /// Take in spooled reports now and then until cancelled. After a transient failure (the

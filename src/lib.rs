@@ -15,12 +15,15 @@
 //! - [`ingest`]: the Unix socket (hook reports, CLI requests) and the spool directory.
 //! - [`pipeline`]: queued reports -> NARs in the blob store -> signed narinfos -> records.
 //! - [`store`]: the local Nix store database, opened lazily.
-//! - [`blobs`]: the content-addressed NAR store (iroh-blobs behind our interface).
+//! - [`storage`]: what the node holds on disk and its budget: own paths served from the Nix
+//!   store (no copy), NAR files fetched from peers within a cap, verified reads of both.
+//! - [`binding`]: the signature that binds a NAR's BLAKE3 to its signed narinfo.
 //! - [`mesh`]: iroh endpoint, gossip announcements, catch-up, verified NAR transfer.
 //! - [`mirror`]: the S3 mirror (durable outbox, compressed NARs, narinfos in dependency order).
 //! - [`http`]: the binary cache the local Nix substitutes from, and `/metrics`.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`chunks`]: BLAKE3's tree over 16 KiB chunk groups: leaves that verify any range on its own.
+//! - [`units`]: byte sizes with units (`50GiB`), in configs and flags.
 //! - [`fsutil`]: atomic, durable file writes (a leaf: depends on nothing of ours).
 //! - [`node`]: builds and runs the parts; owns the shutdown order.
 //! - [`bench`]: `narmesh bench`, replication measured on one machine beside its baselines.
@@ -29,7 +32,7 @@
 //! The hook (`src/bin/narmesh-hook.rs`) is std-only and uses only `narmesh-proto`.
 
 pub mod bench;
-pub mod blobs;
+pub mod binding;
 pub mod chunks;
 pub mod cli;
 pub mod client;
@@ -45,7 +48,9 @@ pub mod nix;
 pub mod node;
 pub mod pipeline;
 pub mod queue;
+pub mod storage;
 pub mod store;
+pub mod units;
 
 /// An error with its causes, `outer: cause: cause`: QUIC and AWS SDK errors print only their
 /// outer layer (such as "connection lost" or "dispatch failure").

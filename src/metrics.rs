@@ -46,6 +46,26 @@ pub struct Metrics {
     pub mirror_uploaded_paths: Counter,
     pub mirror_uploaded_bytes: Counter,
     pub mirror_failures: Counter,
+    pub storage_file_bytes: Gauge,
+    pub storage_cap_bytes: Gauge,
+    pub storage_own_paths: Gauge,
+    pub storage_evictions: Counter,
+    pub storage_gc_lost: Counter,
+    pub served_bytes: Family<SourceLabels, Counter>,
+    pub mesh_refused: Family<ReasonLabels, Counter>,
+}
+
+/// Why the mesh refused something from a peer.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+/// Where served NAR bytes came from: `store` (an own path, serialized from the Nix store),
+/// `file` (a NAR file of the storage) or `peer` (fetched while the client waited).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -82,6 +102,13 @@ impl Metrics {
             mirror_uploaded_paths: Counter::default(),
             mirror_uploaded_bytes: Counter::default(),
             mirror_failures: Counter::default(),
+            storage_file_bytes: Gauge::default(),
+            storage_cap_bytes: Gauge::default(),
+            storage_own_paths: Gauge::default(),
+            storage_evictions: Counter::default(),
+            storage_gc_lost: Counter::default(),
+            served_bytes: Family::default(),
+            mesh_refused: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -159,6 +186,41 @@ impl Metrics {
             "mirror_failures",
             "Failed S3 mirror attempts (each is retried)",
             m.mirror_failures.clone(),
+        );
+        registry.register(
+            "storage_file_bytes",
+            "Bytes of NAR files held (fetched from peers; within store.max-size)",
+            m.storage_file_bytes.clone(),
+        );
+        registry.register(
+            "storage_cap_bytes",
+            "store.max-size: the cap on NAR file bytes",
+            m.storage_cap_bytes.clone(),
+        );
+        registry.register(
+            "storage_own_paths",
+            "Own paths served from the local Nix store (no copy kept)",
+            m.storage_own_paths.clone(),
+        );
+        registry.register(
+            "storage_evictions",
+            "NAR files evicted to stay within the cap",
+            m.storage_evictions.clone(),
+        );
+        registry.register(
+            "storage_gc_lost",
+            "Own paths that left the local Nix store (Nix GC, nix-store --delete)",
+            m.storage_gc_lost.clone(),
+        );
+        registry.register(
+            "served_nar_bytes",
+            "NAR bytes served over HTTP and to peers, by where they came from",
+            m.served_bytes.clone(),
+        );
+        registry.register(
+            "mesh_refused",
+            "Announcements, catch-up entries and transfers refused from peers, by reason",
+            m.mesh_refused.clone(),
         );
         Metrics { registry, ..m }
     }

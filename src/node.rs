@@ -1,5 +1,5 @@
 //! `narmesh serve`: builds the node's parts, runs them, and owns the shutdown order
-//! (stop taking requests -> finish the batch in hand -> stop the mirror -> close the blob store).
+//! (stop taking requests -> finish the batch in hand -> stop the mirror -> close the mesh).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,7 +10,6 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 
-use crate::blobs::BlobStore;
 use crate::config::{Config, Replicate};
 use crate::db::Db;
 use crate::http::{self, HttpState};
@@ -21,6 +20,7 @@ use crate::mirror::{MirrorHandle, MirrorParts};
 use crate::nix::SecretKey;
 use crate::pipeline::Pipeline;
 use crate::queue::QueueHandle;
+use crate::storage::{Storage, StorageConfig};
 use crate::store::LocalStore;
 
 /// Run the node until SIGINT or SIGTERM.
@@ -63,12 +63,26 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
     let key = load_or_make_key(&cfg)?;
     println!("narmesh: public key {}", key.public());
     let db = Db::open(&cfg.data_dir.join("narmesh.redb")).context("opening the node database")?;
-    let blobs = BlobStore::open(&cfg.data_dir.join("blobs"))
-        .await
-        .context("opening the blob store")?;
-    // Ingest and pipeline each get their own connection, so a slow batch never delays a hook.
+    // Ingest, pipeline and storage each get their own connection to the store database, so a
+    // slow batch never delays a hook.
     let open_store = || Arc::new(LocalStore::new(&cfg.nix.store_root));
     let metrics = Arc::new(Metrics::new());
+    let storage = {
+        let (dir, db, store, metrics) = (
+            cfg.data_dir.clone(),
+            db.clone(),
+            open_store(),
+            metrics.clone(),
+        );
+        let scfg = StorageConfig {
+            max_size: cfg.store.max_size.0,
+            min_free: cfg.store.min_free.0,
+            gc_interval: std::time::Duration::from_secs(cfg.store.gc_check_secs),
+        };
+        tokio::task::spawn_blocking(move || Storage::open(&dir, db, store, scfg, metrics))
+            .await?
+            .context("opening the storage")?
+    };
     let wake = Arc::new(Notify::new());
     let (queue, queue_task) = QueueHandle::spawn(db.clone(), wake.clone());
     let (recorded, _) = broadcast::channel(4096);
@@ -77,10 +91,12 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
             cfg: cfg.mesh.clone(),
             data_dir: cfg.data_dir.clone(),
             db: db.clone(),
-            blobs: blobs.clone(),
+            storage: storage.clone(),
             key: key.clone(),
             trusted: cfg.trusted_keys()?,
             recorded: recorded.subscribe(),
+            metrics: metrics.clone(),
+            max_nar_size: cfg.max_nar_size(),
         };
         Some(MeshHandle::start(parts, cancel.child_token()).await?)
     } else {
@@ -94,7 +110,7 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
                 cfg: s3,
                 data_dir: cfg.data_dir.clone(),
                 db: db.clone(),
-                blobs: blobs.clone(),
+                storage: storage.clone(),
                 metrics: metrics.clone(),
             },
             mirror_cancel.clone(),
@@ -129,11 +145,11 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
         mesh: mesh.clone(),
         mirror: mirror.as_ref().map(|(h, _)| h.clone()),
         spool: spool.clone(),
+        storage: storage.clone(),
     };
     let pipeline = Pipeline {
         db: db.clone(),
         store: open_store(),
-        blobs: blobs.clone(),
         key,
         upstream: cfg.upstream_trusted_keys()?,
         workers: cfg.pipeline.workers,
@@ -144,7 +160,7 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
     };
     let http_state = HttpState::new(
         db.clone(),
-        blobs.clone(),
+        storage.clone(),
         metrics.clone(),
         cfg.http.priority,
         mesh.clone(),
@@ -164,6 +180,7 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
     tasks.spawn(ingest.watch_spool(spool, front.clone()));
     let back = CancellationToken::new();
     let pipeline_task = tokio::spawn(pipeline.run(back.clone()));
+    let storage_task = tokio::spawn(storage.clone().run(back.clone()));
     tracing::info!(
         "serving: socket {}, http {}",
         cfg.socket.display(),
@@ -176,6 +193,7 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
     tasks.wait().await;
     back.cancel();
     let _ = pipeline_task.await;
+    let _ = storage_task.await;
     mirror_cancel.cancel();
     if let Some((_, task)) = mirror {
         let _ = task.await;
@@ -185,7 +203,6 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
         m.shutdown().await;
     }
     let _ = std::fs::remove_file(&cfg.socket);
-    blobs.shutdown().await.context("closing the blob store")?;
     Ok(())
 }
 

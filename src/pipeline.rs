@@ -1,9 +1,11 @@
-//! The pipeline: queued reports -> closures -> metadata from the store database -> NAR streamed
-//! into the blob store (sha256 checked against the database's narHash) -> signed narinfo ->
-//! redb. A batch's paths are ingested references first and committed in groups as they finish,
-//! each group closed under references. Work resumes after a crash from what redb says: a report
-//! leaves the queue only in the batch's last commit, so a batch cut short is planned again and
-//! what it recorded is skipped.
+//! The pipeline: queued reports -> closures -> metadata from the store database -> NAR
+//! serialized from the store and hashed (sha256 checked against the database's narHash; BLAKE3
+//! leaves kept so the path can be served from the store, verified, with no copy) -> signed
+//! narinfo and BLAKE3 binding -> redb. No NAR bytes are written. A batch's paths are ingested
+//! references first and committed in groups as they finish, each group closed under references.
+//! Work resumes after a crash from what redb says: a report leaves the queue only in the batch's
+//! last commit, so a batch cut short is planned again and what it recorded is skipped. A path a
+//! peer recorded first is still ingested: this node's own claim is served from its own store.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -13,8 +15,7 @@ use futures::StreamExt as _;
 use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 
-use crate::blobs::BlobStore;
-use crate::db::{Db, PathRecord, QueueItem};
+use crate::db::{Claim, Db, OwnRecord, PathRecord, QueueItem};
 use crate::metrics::Metrics;
 use crate::nix::store_db::{PathInfo, StoreDb, StoreDbError};
 use crate::nix::{NarInfo, SecretKey, StorePath, TrustedKeys};
@@ -24,7 +25,6 @@ use crate::store::LocalStore;
 pub struct Pipeline {
     pub db: Db,
     pub store: Arc<LocalStore>,
-    pub blobs: BlobStore,
     pub key: SecretKey,
     pub upstream: TrustedKeys,
     pub workers: usize,
@@ -81,26 +81,27 @@ impl Pipeline {
             return Ok(false);
         }
         let started = Instant::now();
-        let (todo, mut failures) = self
+        let (todo, upstream, mut failures) = self
             .plan(batch.iter().map(|(_, i)| i.clone()).collect())
             .await?;
+        let upstream = Arc::new(upstream);
         // Records are committed in groups as their NARs complete: when the next NAR takes
         // longer than FLUSH_AFTER, what is done so far is committed, so small paths do not
         // wait for a large NAR later in the batch (while a stream of small NARs still shares
         // one commit). The reports leave the queue only in the last commit: after a crash in
         // between, the batch is planned again and what was recorded is skipped.
-        let mut pending: Vec<PathRecord> = Vec::new();
+        let mut pending: Vec<OwnRecord> = Vec::new();
         let (mut paths, mut bytes) = (0usize, 0u64);
         // Each NAR is ingested in a task of its own, so NARs in flight keep streaming while a
         // group is being committed.
         let mut results = futures::stream::iter(todo)
             .map(|info| {
-                let (store, blobs, key) =
-                    (self.store.clone(), self.blobs.clone(), self.key.clone());
+                let (store, key, upstream) =
+                    (self.store.clone(), self.key.clone(), upstream.clone());
                 async move {
-                    tokio::spawn(ingest_one(store, blobs, key, info))
+                    tokio::task::spawn_blocking(move || ingest_one(&store, &key, info, &upstream))
                         .await
-                        .unwrap_or_else(|e| Err(Failure::Retry(format!("ingest task: {e}"))))
+                        .unwrap_or_else(|e| Err(Failure::Path(format!("ingest task: {e}"))))
                 }
             })
             .buffered(self.workers);
@@ -124,7 +125,6 @@ impl Pipeline {
                     tracing::error!("ingest: {why}");
                     failures += 1;
                 }
-                Some(Err(Failure::Retry(why))) => return Err(why),
             }
         }
         drop(results);
@@ -144,39 +144,38 @@ impl Pipeline {
         Ok(true)
     }
 
-    /// Make `records`' NARs durable, record them (and take `done` off the queue) in one fsync'd
-    /// commit, then announce them. Returns the running totals plus these.
+    /// Record `records` (and take `done` off the queue) in one fsync'd commit, then announce
+    /// them. Returns the running totals plus these.
     async fn commit(
         &self,
         done: &[u64],
-        records: &mut Vec<PathRecord>,
+        records: &mut Vec<OwnRecord>,
         failures: u64,
         (paths, bytes): (usize, u64),
     ) -> Result<(usize, u64), Retry> {
-        for r in records.iter() {
-            self.blobs
-                .keep(&r.blake3)
-                .await
-                .map_err(|e| e.to_string())?;
-        }
-        if !records.is_empty() {
-            self.blobs.sync().await.map_err(|e| e.to_string())?;
-        }
         let db = self.db.clone();
         let recs = std::mem::take(records);
         let done = done.to_vec();
         let recs = blocking(move || {
-            db.record(&done, &recs, failures)
+            db.record_own(&done, &recs, failures)
                 .map(|()| recs)
                 .map_err(|e| e.to_string())
         })
         .await?;
-        let n: u64 = recs.iter().map(|r| r.nar_size).sum();
+        let n: u64 = recs.iter().map(|r| r.claim.nar_size).sum();
         self.metrics.paths_recorded.inc_by(recs.len() as u64);
         self.metrics.nar_bytes.inc_by(n);
         let totals = (paths + recs.len(), bytes + n);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         for r in recs {
-            let _ = self.recorded.send(r);
+            let _ = self.recorded.send(PathRecord {
+                store_path: r.store_path,
+                claims: vec![r.claim],
+                recorded_at: now,
+            });
         }
         Ok(totals)
     }
@@ -189,8 +188,9 @@ impl Pipeline {
             .unwrap_or(0)
     }
 
-    /// Closures of the reports, minus known and upstream-signed paths, references first.
-    async fn plan(&self, items: Vec<QueueItem>) -> Result<(Vec<PathInfo>, u64), Retry> {
+    /// Closures of the reports, minus paths recorded as our own and upstream-signed paths,
+    /// references first; the upstream-signed paths met; failures.
+    async fn plan(&self, items: Vec<QueueItem>) -> Result<Plan, Retry> {
         let store = self.store.clone();
         let db = self.db.clone();
         let upstream = self.upstream.clone();
@@ -203,31 +203,33 @@ impl Pipeline {
     }
 }
 
-/// NAR -> blob store -> checked -> signed narinfo.
-async fn ingest_one(
-    store: Arc<LocalStore>,
-    blobs: BlobStore,
-    key: SecretKey,
+/// What a batch will ingest, the upstream-signed paths its closures met (hash parts: references
+/// that are public already), and how many of its reports or paths failed.
+type Plan = (Vec<PathInfo>, HashSet<String>, u64);
+
+/// NAR serialized from the store and hashed (nothing written) -> checked -> signed narinfo and
+/// binding. Blocking.
+fn ingest_one(
+    store: &LocalStore,
+    key: &SecretKey,
     info: PathInfo,
-) -> Result<PathRecord, Failure> {
+    upstream: &HashSet<String>,
+) -> Result<OwnRecord, Failure> {
     let real = store.real_path(&info.path);
-    let d = match blobs.import_nar(real).await {
-        Ok(d) => d,
-        Err(crate::blobs::BlobError::Nar { path, source }) => {
-            return Err(Failure::Path(format!(
-                "{}: {source} ({})",
-                info.path,
-                path.display()
-            )));
-        }
-        Err(e) => return Err(Failure::Retry(e.to_string())),
-    };
+    let d = crate::nix::nar::dump_hashed(&real, std::io::sink())
+        .map_err(|e| Failure::Path(format!("{}: {e}", info.path)))?;
     if d.sha256 != info.nar_hash || d.nar_size != info.nar_size {
         return Err(Failure::Path(format!(
             "{}: NAR is {} ({} bytes) but the store database says {} ({} bytes); not recorded",
             info.path, d.sha256, d.nar_size, info.nar_hash, info.nar_size
         )));
     }
+    let upstream_refs: Vec<String> = info
+        .references
+        .iter()
+        .map(|r| r.hash_part().to_owned())
+        .filter(|h| upstream.contains(h))
+        .collect();
     let mut narinfo = NarInfo {
         store_path: info.path.clone(),
         url: nar_url(&d.blake3),
@@ -241,26 +243,28 @@ async fn ingest_one(
         sigs: info.sigs,
         ca: info.ca,
     };
-    narinfo.sign(&key);
-    Ok(PathRecord {
+    narinfo.sign(key);
+    let binding = crate::binding::sign(key, &info.path, &d.sha256, d.nar_size, &d.blake3);
+    Ok(OwnRecord {
         store_path: info.path.full(),
-        narinfo: narinfo.render(),
-        blake3: d.blake3,
-        nar_size: d.nar_size,
-        recorded_at: SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        local: true,
-        providers: Vec::new(),
+        claim: Claim {
+            narinfo: narinfo.render(),
+            blake3: d.blake3,
+            nar_size: d.nar_size,
+            bindings: vec![binding],
+            upstream_refs,
+            own: true,
+            providers: Vec::new(),
+            failed: false,
+            withdrawn: false,
+        },
+        leaves: d.leaves.to_bytes(),
     })
 }
 
 enum Failure {
     /// This path cannot be ingested; the rest of the batch goes on.
     Path(String),
-    /// Something transient (disk, blob store): retry the batch.
-    Retry(String),
 }
 
 /// The URL a narinfo names for a NAR stored under `blake3`.
@@ -275,7 +279,7 @@ fn plan_blocking(
     db: &Db,
     upstream: &TrustedKeys,
     items: &[QueueItem],
-) -> Result<Result<(Vec<PathInfo>, u64), Retry>, StoreDbError> {
+) -> Result<Result<Plan, Retry>, StoreDbError> {
     let mut failures = 0;
     let mut roots = Vec::new();
     for item in items {
@@ -308,7 +312,7 @@ fn plan_blocking(
         Err(e) => return Err(e),
     };
     let hashes: Vec<&str> = closure.iter().map(|p| p.hash_part()).collect();
-    let known = match db.known(&hashes) {
+    let known = match db.has_own(&hashes) {
         Ok(k) => k,
         Err(e) => return Ok(Err(e.to_string())),
     };
@@ -331,6 +335,8 @@ fn plan_blocking(
                         tracing::error!("ingest: {e}; not recorded");
                         failures += 1;
                         bad.insert(p.clone());
+                        // Keep `infos` aligned with `unknown`.
+                        infos.push(None);
                     }
                     Err(e) => return Err(e),
                 }
@@ -340,14 +346,26 @@ fn plan_blocking(
         Err(e) => return Err(e),
     };
     let mut seen = HashSet::new();
-    let todo: Vec<PathInfo> = infos
-        .into_iter()
-        .flatten()
-        .filter(|i| !upstream_signed(i, upstream))
-        .filter(|i| seen.insert(i.path.clone()))
-        .collect();
+    let mut public = HashSet::new();
+    let mut todo = Vec::with_capacity(infos.len());
+    for (path, info) in unknown.iter().zip(infos) {
+        let Some(info) = info else {
+            if !bad.contains(path) {
+                // Gone from the store between the report and now (garbage-collected).
+                tracing::error!("ingest: {path} is no longer valid in the Nix store; not recorded");
+                failures += 1;
+                bad.insert(path.clone());
+            }
+            continue;
+        };
+        if upstream_signed(&info, upstream) {
+            public.insert(info.path.hash_part().to_owned());
+        } else if seen.insert(info.path.clone()) {
+            todo.push(info);
+        }
+    }
     let (todo, dropped) = references_first(todo, &bad);
-    Ok(Ok((todo, failures + dropped)))
+    Ok(Ok((todo, public, failures + dropped)))
 }
 
 /// `infos` ordered so that every path comes after the paths it references (depth first, in
@@ -484,7 +502,7 @@ mod tests {
                 outs: vec![o.clone()],
             })
             .collect();
-        let (todo, failures) = plan_blocking(&store, &db, &TrustedKeys::new(Vec::new()), &items)
+        let (todo, _, failures) = plan_blocking(&store, &db, &TrustedKeys::new(Vec::new()), &items)
             .unwrap()
             .unwrap();
         (todo.into_iter().map(|i| i.path).collect(), failures)

@@ -23,6 +23,11 @@ impl LocalStore {
         }
     }
 
+    /// The store's root (`/` for the system store).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// Where a store path's files are on disk.
     pub fn real_path(&self, p: &StorePath) -> PathBuf {
         real_path(&self.root, p)

@@ -55,7 +55,7 @@ pub struct StatusReport {
     pub queue_depth: u64,
     /// Store paths recorded, signed and servable.
     pub paths_recorded: u64,
-    /// NAR bytes recorded.
+    /// NAR bytes held here (own paths in the Nix store, and NAR files).
     pub nar_bytes: u64,
     /// Paths that could not be ingested (bad hash, vanished from the store, ...).
     pub ingest_failures: u64,
@@ -72,6 +72,24 @@ pub struct StatusReport {
     pub spool_waiting: u64,
     /// Spooled hook reports that can never be accepted, kept in `<spool>/rejected/`.
     pub spool_rejected: u64,
+    /// What the node holds on disk.
+    pub storage: StorageStatus,
+}
+
+/// What a node holds, and its disk budget.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct StorageStatus {
+    /// Own paths served straight from the local Nix store (no copy), and their NAR bytes.
+    pub own_paths: u64,
+    pub own_bytes: u64,
+    /// NAR files fetched from peers: count and bytes, and the cap on those bytes.
+    pub files: u64,
+    pub file_bytes: u64,
+    pub cap_bytes: u64,
+    /// NAR files evicted to stay within the cap.
+    pub evictions: u64,
+    /// Own paths that left the local Nix store (Nix GC, `nix-store --delete`).
+    pub gc_lost: u64,
 }
 
 /// The S3 mirror as the node sees it.

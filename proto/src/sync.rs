@@ -1,19 +1,28 @@
-//! Catch-up and NAR transfer between peers, each on its own ALPN over iroh (QUIC).
-//! Every request is one length-prefixed postcard frame (see [`crate::frame`]) on a fresh
-//! bidirectional stream; the answer comes back on the same stream.
+//! Catch-up and NAR transfer between peers, each on its own ALPN over iroh (QUIC). Every request
+//! is one length-prefixed postcard frame (see [`crate::frame`]) on a fresh bidirectional stream;
+//! the answer comes back on the same stream.
+//!
+//! Version 2 (`/2` ALPNs) carries [`PathAnnounce`]s in catch-up and moves NARs as verified
+//! ranges: a fetcher first gets the NAR's BLAKE3 leaves (one chaining value per 16 KiB chunk
+//! group, checked against the signed BLAKE3), then asks any provider for any range of chunk
+//! groups and checks every group as it arrives. Nodes still answer version 1 on the `/1` ALPNs.
 
 use serde::{Deserialize, Serialize};
 
-use crate::gossip::Announce;
+use crate::gossip::{PathAnnounce, v1};
 
-/// ALPN of catch-up: "what did you record after my cursor?".
-pub const SYNC_ALPN: &[u8] = b"narmesh/sync/1";
-/// ALPN of NAR transfer by BLAKE3 hash.
-pub const NAR_ALPN: &[u8] = b"narmesh/nar/1";
+/// ALPN of catch-up, version 1: "what did you record after my cursor?".
+pub const SYNC_ALPN_V1: &[u8] = b"narmesh/sync/1";
+/// ALPN of catch-up, version 2.
+pub const SYNC_ALPN: &[u8] = b"narmesh/sync/2";
+/// ALPN of NAR transfer by BLAKE3 hash, version 1 (the whole NAR from an offset).
+pub const NAR_ALPN_V1: &[u8] = b"narmesh/nar/1";
+/// ALPN of NAR transfer, version 2 (leaves, then verified ranges).
+pub const NAR_ALPN: &[u8] = b"narmesh/nar/2";
 /// Most log entries a node returns per catch-up batch.
 pub const MAX_SYNC_BATCH: u32 = 512;
 
-/// Catch-up request: entries of the peer's log with sequence number `> after`.
+/// Catch-up request (both versions): entries of the peer's log with sequence number `> after`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncRequest {
     pub version: u16,
@@ -21,17 +30,27 @@ pub struct SyncRequest {
     pub limit: u32,
 }
 
-/// Catch-up answer: entries in log order, and the sequence number to ask after next.
+/// Catch-up answer, version 1.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncBatch {
-    pub entries: Vec<Announce>,
+    pub entries: Vec<v1::Announce>,
     /// The cursor to send next time (the last entry's sequence number, or `after` if none).
     pub next: u64,
     /// True if the log holds more entries after `next`.
     pub more: bool,
 }
 
-/// NAR request. The answer is a [`NarHeader`] frame, then (if found) `size` raw bytes.
+/// Catch-up answer, version 2: entries in log order, and the sequence number to ask after next.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncBatchV2 {
+    pub entries: Vec<PathAnnounce>,
+    /// The cursor to send next time (the last entry's sequence number, or `after` if none).
+    pub next: u64,
+    /// True if the log holds more entries after `next`.
+    pub more: bool,
+}
+
+/// NAR request, version 1. The answer is a [`NarHeader`] frame, then (if found) `size` raw bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NarRequest {
     pub version: u16,
@@ -40,7 +59,7 @@ pub struct NarRequest {
     pub offset: u64,
 }
 
-/// The head of a NAR answer.
+/// The head of a version 1 NAR answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NarHeader {
     /// `size` bytes follow, starting at the requested offset.
@@ -51,4 +70,87 @@ pub enum NarHeader {
     Error {
         message: String,
     },
+}
+
+/// NAR request, version 2.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NarQuery {
+    pub version: u16,
+    pub blake3: [u8; 32],
+    pub what: NarWhat,
+}
+
+/// What a version 2 request asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NarWhat {
+    /// The NAR's size and leaves.
+    Leaves,
+    /// Bytes `start..end`; `start` is a multiple of 16 KiB, `end` too or the NAR's size.
+    Range { start: u64, end: u64 },
+}
+
+/// The head of a version 2 answer; raw bytes follow where it says so.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NarReply {
+    /// The leaves follow: 32 bytes per 16 KiB chunk group of a NAR of `size` bytes.
+    Leaves {
+        size: u64,
+    },
+    /// The `len` bytes of the range asked follow.
+    Range {
+        len: u64,
+    },
+    NotFound,
+    /// The provider is at its limit of transfers: ask again later or elsewhere.
+    Busy,
+    Error {
+        message: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = postcard::from_bytes::<SyncRequest>(&bytes);
+            let _ = postcard::from_bytes::<SyncBatch>(&bytes);
+            let _ = postcard::from_bytes::<SyncBatchV2>(&bytes);
+            let _ = postcard::from_bytes::<NarRequest>(&bytes);
+            let _ = postcard::from_bytes::<NarHeader>(&bytes);
+            let _ = postcard::from_bytes::<NarQuery>(&bytes);
+            let _ = postcard::from_bytes::<NarReply>(&bytes);
+        }
+
+        #[test]
+        fn queries_round_trip(start in any::<u64>(), end in any::<u64>(), b in any::<[u8; 32]>()) {
+            for what in [NarWhat::Leaves, NarWhat::Range { start, end }] {
+                let q = NarQuery { version: 2, blake3: b, what };
+                let bytes = postcard::to_allocvec(&q).unwrap();
+                prop_assert_eq!(postcard::from_bytes::<NarQuery>(&bytes).unwrap(), q);
+            }
+        }
+    }
+
+    #[test]
+    fn golden_v1_messages_still_decode() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/v1");
+        let read = |n: &str| std::fs::read(dir.join(n)).unwrap();
+        let batch: SyncBatch = postcard::from_bytes(&read("sync-batch.postcard")).unwrap();
+        assert_eq!(batch.entries.len(), 4);
+        assert!(!batch.more);
+        let req: SyncRequest = postcard::from_bytes(&read("sync-request.postcard")).unwrap();
+        assert_eq!((req.version, req.after, req.limit), (1, 3, 512));
+        let nar: NarRequest = postcard::from_bytes(&read("nar-request.postcard")).unwrap();
+        assert_eq!((nar.version, nar.offset), (1, 1000));
+        let hdr: NarHeader = postcard::from_bytes(&read("nar-header.postcard")).unwrap();
+        assert_eq!(hdr, NarHeader::Found { size: 123456 });
+        match crate::gossip::decode(&read("announce.postcard")).unwrap() {
+            crate::gossip::Incoming::V1(a) => assert!(a.narinfo.starts_with("StorePath: ")),
+            other => panic!("{other:?}"),
+        }
+    }
 }

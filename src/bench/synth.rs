@@ -202,34 +202,7 @@ pub fn from_store(root: &Path, n: usize) -> anyhow::Result<Vec<WorkPath>> {
         .collect())
 }
 
-/// Parse a size such as `4096`, `64KiB`, `1.5MiB`, `2GiB` (also `K`, `M`, `G`, `KB`, ...,
-/// all powers of 1024).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        other => {
-            return Err(format!(
-                "size {s:?}: unknown unit {other:?} (use KiB, MiB, GiB)"
-            ));
-        }
-    };
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("size {s:?}: expected a number such as 64KiB"))?;
-    let bytes = v * mult as f64;
-    if !bytes.is_finite() || bytes < 0.0 || bytes > (1u64 << 50) as f64 {
-        return Err(format!("size {s:?}: out of range"));
-    }
-    Ok(bytes.round() as u64)
-}
+pub use crate::units::parse_size;
 
 /// Parse a size range `LO..HI` (or a single size).
 pub fn parse_size_range(s: &str) -> Result<(u64, u64), String> {

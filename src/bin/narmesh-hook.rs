@@ -150,8 +150,9 @@ fn send(
             .filter(|d| !d.is_zero())
     };
     let t = Instant::now();
-    let mut stream = connect(socket, deadline)?;
+    let connected = connect(socket, deadline);
     phases.connect = Some(t.elapsed());
+    let mut stream = connected?;
     let t = Instant::now();
     let res = (|| {
         let d = left().ok_or("deadline passed")?;

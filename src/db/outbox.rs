@@ -143,25 +143,21 @@ impl Db {
 mod tests {
     use super::*;
 
-    fn rec(h: &str) -> PathRecord {
-        PathRecord {
-            store_path: format!("/nix/store/{h}-x"),
-            narinfo: String::new(),
-            blake3: [h.as_bytes()[0]; 32],
-            nar_size: 10,
-            recorded_at: 0,
-            local: true,
-            providers: Vec::new(),
-        }
-    }
-
     #[test]
     fn outbox_takes_the_log_once_and_keeps_states() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("db")).unwrap();
         let a = "a".repeat(32);
         let b = "b".repeat(32);
-        db.record(&[], &[rec(&a), rec(&b)], 0).unwrap();
+        db.record_own(
+            &[],
+            &[
+                super::super::tests::own(&a, 1, 10),
+                super::super::tests::own(&b, 2, 10),
+            ],
+            0,
+        )
+        .unwrap();
         let (first, more) = db.outbox_take(1).unwrap();
         assert_eq!((first.len(), more), (1, true));
         let (second, more) = db.outbox_take(10).unwrap();

@@ -1,5 +1,11 @@
-//! The records the node keeps in redb, serialized with postcard. Field order is the format:
-//! add fields only at the end, and bump the table version for anything else.
+//! The records the node keeps in redb, serialized with postcard. Field order is the format: add
+//! fields only at the end, and give the table a new name (with a migration) for anything else.
+//!
+//! A path's record holds one or more *claims* about its NAR (each a signed narinfo, the NAR's
+//! BLAKE3 with the signatures binding it to the narinfo, and who holds those bytes), best
+//! first: the first claim that has not failed is the one served. Two honest builds of the same
+//! path may differ, and a claim whose bytes fail the signed NarHash gives way to the next.
+//! Whether this node holds a NAR is the storage's to say, never a record's.
 
 use serde::{Deserialize, Serialize};
 
@@ -11,34 +17,172 @@ pub struct QueueItem {
     pub outs: Vec<String>,
 }
 
-/// A recorded, signed, servable store path.
+/// A recorded store path (table `paths_v3`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PathRecord {
     /// Full store path.
     pub store_path: String,
-    /// The signed narinfo, rendered.
+    /// Claims about its NAR, best first.
+    pub claims: Vec<Claim>,
+    /// Seconds since the epoch when this node first recorded the path.
+    pub recorded_at: u64,
+}
+
+/// Most claims kept per path (failed ones included, so they are not taken in again).
+pub const MAX_CLAIMS: usize = 4;
+/// Most provider statements kept per claim.
+pub const MAX_PROVIDERS: usize = 32;
+
+/// One claim about a path's NAR.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    /// The narinfo as served here: the origin's Nix signatures plus this node's, `URL:
+    /// nar/<blake3>.nar`, `Compression: none`.
     pub narinfo: String,
-    /// BLAKE3 of the NAR: its key in the blob store.
+    /// BLAKE3 of the NAR.
     pub blake3: [u8; 32],
     pub nar_size: u64,
-    /// Seconds since the epoch.
-    pub recorded_at: u64,
-    /// True once the NAR is in this node's blob store (always for paths built here).
-    pub local: bool,
-    /// Peers (endpoint ids) said to hold the NAR.
-    pub providers: Vec<[u8; 32]>,
+    /// Signatures binding the BLAKE3 to the narinfo (`name:base64`); empty for a claim learnt
+    /// from a version 1 peer, which could not bind it.
+    pub bindings: Vec<String>,
+    /// Hash parts of references signed upstream, so not recorded (nobody waits for them).
+    pub upstream_refs: Vec<String>,
+    /// Made here, from the local Nix store.
+    pub own: bool,
+    /// Who holds these bytes, as they stated it (latest statement per provider).
+    pub providers: Vec<Provider>,
+    /// The bytes failed the signed NarHash: never served nor fetched again.
+    pub failed: bool,
+    /// This node held these bytes and no longer does (lost from its store, or evicted): what
+    /// it says of them says so, until it holds them again.
+    pub withdrawn: bool,
+}
+
+/// A provider's statement about one NAR (see `narmesh_proto::gossip::ProviderStatement`). A
+/// version 1 peer's provider list becomes statements with `at_ms` 0 and no signature: hints
+/// that any signed statement overrides.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provider {
+    pub id: [u8; 32],
+    pub holds: bool,
+    pub at_ms: u64,
+    pub sig: Vec<u8>,
 }
 
 impl PathRecord {
     /// The hash part of the store path: the record's key.
     pub fn hash_part(&self) -> &str {
-        let base = self
-            .store_path
-            .rsplit('/')
-            .next()
-            .unwrap_or(&self.store_path);
-        base.get(..crate::nix::store_path::HASH_LEN).unwrap_or(base)
+        hash_part_of(&self.store_path)
     }
+
+    /// The claim served: the first that has not failed.
+    pub fn active(&self) -> Option<&Claim> {
+        self.claims.iter().find(|c| !c.failed)
+    }
+
+    /// The claim this node made from its own store, if any.
+    pub fn own(&self) -> Option<&Claim> {
+        self.claims.iter().find(|c| c.own && !c.failed)
+    }
+
+    /// The claim about the NAR with this BLAKE3, if any.
+    pub fn claim(&self, blake3: &[u8; 32]) -> Option<&Claim> {
+        self.claims.iter().find(|c| &c.blake3 == blake3)
+    }
+
+    pub fn claim_mut(&mut self, blake3: &[u8; 32]) -> Option<&mut Claim> {
+        self.claims.iter_mut().find(|c| &c.blake3 == blake3)
+    }
+
+    /// Take in `new`: a claim about bytes not claimed yet is added (own claims first, then
+    /// bound ones, then unbound, failed last; at most [`MAX_CLAIMS`]); for bytes claimed
+    /// already, the provider statements are merged and bindings added. Returns true if
+    /// anything changed.
+    pub fn merge(&mut self, new: Claim) -> bool {
+        if let Some(old) = self.claim_mut(&new.blake3) {
+            let mut changed = false;
+            for p in new.providers {
+                changed |= merge_provider(&mut old.providers, p);
+            }
+            for b in new.bindings {
+                if !old.bindings.contains(&b) && old.bindings.len() < 8 {
+                    old.bindings.push(b);
+                    changed = true;
+                }
+            }
+            if new.own && !old.own {
+                // Our own build of the same bytes: it is served from the local store now.
+                old.own = true;
+                old.withdrawn = false;
+                old.narinfo = new.narinfo;
+                old.upstream_refs = new.upstream_refs;
+                old.failed = false;
+                changed = true;
+            }
+            if changed {
+                self.sort_claims();
+            }
+            return changed;
+        }
+        if new.own {
+            // A build of our own replaces any earlier own claim of other bytes.
+            self.claims.retain(|c| !c.own);
+        }
+        self.claims.push(new);
+        self.sort_claims();
+        if self.claims.len() > MAX_CLAIMS {
+            self.claims.truncate(MAX_CLAIMS);
+        }
+        true
+    }
+
+    fn sort_claims(&mut self) {
+        // Stable: among equals, the earlier claim stays first.
+        self.claims
+            .sort_by_key(|c| (c.failed, !c.own, c.bindings.is_empty()));
+    }
+}
+
+/// Keep the latest statement of each provider; true if `p` changed anything.
+pub fn merge_provider(list: &mut Vec<Provider>, p: Provider) -> bool {
+    if let Some(old) = list.iter_mut().find(|o| o.id == p.id) {
+        if p.at_ms > old.at_ms || (p.at_ms == old.at_ms && old.sig.is_empty() && !p.sig.is_empty())
+        {
+            *old = p;
+            return true;
+        }
+        return false;
+    }
+    if list.len() >= MAX_PROVIDERS {
+        // Forget the oldest statement to make room.
+        if let Some((i, oldest)) = list.iter().enumerate().min_by_key(|(_, o)| o.at_ms) {
+            if oldest.at_ms >= p.at_ms {
+                return false;
+            }
+            list.remove(i);
+        }
+    }
+    list.push(p);
+    true
+}
+
+/// The hash part of a full store path (or of whatever the string is, cut to 32 characters).
+pub fn hash_part_of(store_path: &str) -> &str {
+    let base = store_path.rsplit('/').next().unwrap_or(store_path);
+    base.get(..crate::nix::store_path::HASH_LEN).unwrap_or(base)
+}
+
+/// The record as `e5a6e05` kept it (table `paths_v2`), read once to migrate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathRecordV2 {
+    pub store_path: String,
+    pub narinfo: String,
+    pub blake3: [u8; 32],
+    pub nar_size: u64,
+    pub recorded_at: u64,
+    /// True once the NAR was in that node's blob store.
+    pub local: bool,
+    pub providers: Vec<[u8; 32]>,
 }
 
 /// Counters kept with the data, so they survive restarts.
@@ -46,6 +190,77 @@ impl PathRecord {
 pub struct Counters {
     pub queue_depth: u64,
     pub paths: u64,
-    pub nar_bytes: u64,
     pub failures: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(b: u8, own: bool, bound: bool) -> Claim {
+        Claim {
+            narinfo: format!("n{b}"),
+            blake3: [b; 32],
+            nar_size: 1,
+            bindings: if bound { vec!["k:s".into()] } else { vec![] },
+            upstream_refs: vec![],
+            own,
+            providers: vec![],
+            failed: false,
+            withdrawn: false,
+        }
+    }
+
+    fn prov(id: u8, holds: bool, at: u64) -> Provider {
+        Provider {
+            id: [id; 32],
+            holds,
+            at_ms: at,
+            sig: vec![1],
+        }
+    }
+
+    #[test]
+    fn own_then_bound_then_unbound_and_failed_last() {
+        let mut r = PathRecord {
+            store_path: "/nix/store/x".into(),
+            claims: vec![],
+            recorded_at: 0,
+        };
+        assert!(r.merge(claim(1, false, false)));
+        assert!(r.merge(claim(2, false, true)));
+        assert_eq!(r.active().unwrap().blake3, [2; 32]);
+        assert!(r.merge(claim(3, true, true)));
+        assert_eq!(r.active().unwrap().blake3, [3; 32]);
+        r.claims[0].failed = true;
+        r.sort_claims();
+        assert_eq!(r.active().unwrap().blake3, [2; 32]);
+        assert!(!r.merge(claim(2, false, true)), "nothing new");
+        for b in 4..10 {
+            r.merge(claim(b, false, false));
+        }
+        assert!(r.claims.len() <= MAX_CLAIMS);
+    }
+
+    #[test]
+    fn the_latest_statement_of_each_provider_wins_in_any_order() {
+        let a = [
+            prov(1, true, 5),
+            prov(1, false, 9),
+            prov(2, true, 1),
+            prov(1, true, 7),
+        ];
+        let mut x = Vec::new();
+        for p in a.iter().cloned() {
+            merge_provider(&mut x, p);
+        }
+        let mut y = Vec::new();
+        for p in a.iter().rev().cloned() {
+            merge_provider(&mut y, p);
+        }
+        x.sort_by_key(|p| p.id);
+        y.sort_by_key(|p| p.id);
+        assert_eq!(x, y);
+        assert!(!x[0].holds, "the withdrawal at 9 is the latest");
+    }
 }

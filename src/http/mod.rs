@@ -1,5 +1,6 @@
 //! The node's HTTP binary cache for the local Nix: `nix-cache-info`, `<hash>.narinfo`, the NARs
-//! the narinfos name (streamed from the blob store, with Range support), and `/metrics`.
+//! the narinfos name (read verified from the storage, with Range support, or fetched from peers
+//! while Nix downloads), and `/metrics`. A narinfo is answered only when its NAR can be had.
 //! Requests are matched by hand against the few shapes Nix asks for; everything else is 404,
 //! and anything that looks like traversal is 400. Internals never leak to clients.
 
@@ -15,46 +16,82 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use crate::blobs::BlobStore;
-use crate::db::{Db, PathRecord};
-use crate::mesh::MeshHandle;
-use crate::metrics::{HttpLabels, Metrics, RouteLabels};
+use crate::db::Db;
+use crate::mesh::{MeshHandle, Progress, Transfer, Want};
+use crate::metrics::{HttpLabels, Metrics, RouteLabels, SourceLabels};
+use crate::storage::{Held, Storage};
 
 /// What the HTTP handlers share.
 #[derive(Clone)]
 pub struct HttpState {
     pub db: Db,
-    pub blobs: BlobStore,
+    pub storage: Storage,
     pub metrics: Arc<Metrics>,
     /// The rendered `nix-cache-info`.
     pub cache_info: Arc<str>,
-    /// Recently served narinfos by hash part: a hit is answered without leaving the async
-    /// thread. Records never change once written, so entries never go stale.
-    pub narinfos: Arc<quick_cache::sync::Cache<String, Bytes>>,
-    /// Where NARs this node does not hold yet come from.
+    /// Recent narinfo answers by hash part (`None`: 404), bounded by bytes: answered without
+    /// leaving the async thread. An entry is dropped whenever its record changes.
+    pub narinfos: Arc<quick_cache::sync::Cache<String, Option<Bytes>, AnswerWeight>>,
+    /// Bumped for every record change seen, so a lookup that raced a change is not cached.
+    pub generation: Arc<std::sync::atomic::AtomicU64>,
+    /// Where NARs this node does not hold come from.
     pub mesh: Option<MeshHandle>,
 }
 
-/// narinfos kept in memory (about 1 KiB each).
-pub const NARINFO_CACHE_ENTRIES: usize = 65_536;
+/// Bytes of narinfo answers kept in memory.
+pub const NARINFO_CACHE_BYTES: u64 = 16 << 20;
+
+/// The weight of a cached answer: its bytes and its key.
+#[derive(Debug, Clone)]
+pub struct AnswerWeight;
+
+impl quick_cache::Weighter<String, Option<Bytes>> for AnswerWeight {
+    fn weight(&self, k: &String, v: &Option<Bytes>) -> u64 {
+        (k.len() + v.as_ref().map_or(0, |b| b.len()) + 48) as u64
+    }
+}
 
 impl HttpState {
+    /// The shared state; also starts following record changes (call inside the runtime).
     pub fn new(
         db: Db,
-        blobs: BlobStore,
+        storage: Storage,
         metrics: Arc<Metrics>,
         priority: u32,
         mesh: Option<MeshHandle>,
     ) -> Self {
-        HttpState {
+        let st = HttpState {
             mesh,
             db,
-            blobs,
+            storage,
             metrics,
-            cache_info: format!("StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {priority}\n")
-                .into(),
-            narinfos: Arc::new(quick_cache::sync::Cache::new(NARINFO_CACHE_ENTRIES)),
-        }
+            cache_info: crate::nix::narinfo::cache_info(priority).into(),
+            narinfos: Arc::new(quick_cache::sync::Cache::with_weighter(
+                100_000,
+                NARINFO_CACHE_BYTES,
+                AnswerWeight,
+            )),
+            generation: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        };
+        let (cache, generation) = (st.narinfos.clone(), st.generation.clone());
+        let mut changes = st.db.subscribe_changed_paths();
+        tokio::spawn(async move {
+            use std::sync::atomic::Ordering;
+            loop {
+                match changes.recv().await {
+                    Ok(hash) => {
+                        generation.fetch_add(1, Ordering::SeqCst);
+                        cache.remove(&hash);
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        generation.fetch_add(1, Ordering::SeqCst);
+                        cache.clear();
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        st
     }
 }
 
@@ -197,29 +234,59 @@ fn internal(e: impl std::fmt::Display) -> Response {
 }
 
 async fn narinfo(st: &HttpState, hash: &str) -> Response {
+    use std::sync::atomic::Ordering;
+    let answer = |body: Option<Bytes>| match body {
+        Some(b) => ([(header::CONTENT_TYPE, "text/x-nix-narinfo")], b).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    };
     if let Some(body) = st.narinfos.get(hash) {
-        return ([(header::CONTENT_TYPE, "text/x-nix-narinfo")], body).into_response();
+        return answer(body);
     }
-    let db = st.db.clone();
+    let generation = st.generation.load(Ordering::SeqCst);
+    let (db, storage, mesh) = (st.db.clone(), st.storage.clone(), st.mesh.clone());
     let key = hash.to_owned();
-    match tokio::task::spawn_blocking(move || db.path(&key)).await {
-        Ok(Ok(Some(rec))) => {
-            let body = Bytes::from(rec.narinfo);
-            st.narinfos.insert(hash.to_owned(), body.clone());
-            ([(header::CONTENT_TYPE, "text/x-nix-narinfo")], body).into_response()
+    let found = tokio::task::spawn_blocking(move || -> Result<Option<Bytes>, String> {
+        let Some(rec) = db.path(&key).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        // Served only if its NAR can be had: held here, or a peer holds it.
+        let servable = rec.claims.iter().filter(|c| !c.failed).find(|c| {
+            storage.holds_blocking(&c.blake3) || mesh.as_ref().is_some_and(|m| m.providers(c) > 0)
+        });
+        Ok(servable.map(|c| Bytes::from(c.narinfo.clone())))
+    })
+    .await;
+    match found {
+        Ok(Ok(body)) => {
+            // Not cached if a record changed meanwhile (the answer may be stale already).
+            if st.generation.load(Ordering::SeqCst) == generation {
+                st.narinfos.insert(hash.to_owned(), body.clone());
+            }
+            answer(body)
         }
-        Ok(Ok(None)) => StatusCode::NOT_FOUND.into_response(),
         Ok(Err(e)) => internal(e),
         Err(e) => internal(e),
     }
 }
 
 async fn nar(st: &HttpState, hash: [u8; 32], headers: &HeaderMap, head: bool) -> Response {
-    let len = match nar_len(st, &hash).await {
-        Ok(Local::Yes(len)) => len,
-        Ok(Local::No(rec)) => return from_peers(st, *rec, head).await,
-        Ok(Local::Unknown) => return StatusCode::NOT_FOUND.into_response(),
+    let held = match st.storage.held(&hash).await {
+        Ok(h) => h,
         Err(e) => return internal(e),
+    };
+    let Some(held) = held else {
+        return from_peers(st, hash, head).await;
+    };
+    let len = match held {
+        Held::File { size } => size,
+        Held::Store { .. } => match nar_size(st, hash).await {
+            Some(s) => s,
+            None => return StatusCode::NOT_FOUND.into_response(),
+        },
+    };
+    let source = match held {
+        Held::File { .. } => "file",
+        Held::Store { .. } => "store",
     };
     let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let (status, start, count) = match range::parse(range_header, len) {
@@ -238,7 +305,13 @@ async fn nar(st: &HttpState, hash: [u8; 32], headers: &HeaderMap, head: bool) ->
     let body = if head {
         Body::empty()
     } else {
-        Body::from_stream(st.blobs.range(&hash, start, start + count))
+        match st.storage.read(&hash, start, start + count).await {
+            Ok(rx) => counted(st, source, rx),
+            Err(crate::storage::StorageError::NotHeld) => {
+                return from_peers(st, hash, head).await;
+            }
+            Err(e) => return internal(e),
+        }
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
@@ -257,59 +330,166 @@ async fn nar(st: &HttpState, hash: [u8; 32], headers: &HeaderMap, head: bool) ->
     resp
 }
 
-enum Local {
-    /// Held here, this many bytes.
-    Yes(u64),
-    /// Recorded (from a peer) but not held here yet.
-    No(Box<PathRecord>),
-    Unknown,
+/// A body from a stream of verified pieces, counting the bytes served from `source`.
+fn counted<E: std::fmt::Display + Send + 'static>(
+    st: &HttpState,
+    source: &'static str,
+    mut rx: tokio::sync::mpsc::Receiver<Result<Bytes, E>>,
+) -> Body {
+    let counter = st
+        .metrics
+        .served_bytes
+        .get_or_create(&SourceLabels { source })
+        .clone();
+    Body::from_stream(futures::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx).map(|item| {
+            item.map(|r| {
+                r.inspect(|b| {
+                    counter.inc_by(b.len() as u64);
+                })
+                .map_err(|e| std::io::Error::other(e.to_string()))
+            })
+        })
+    }))
 }
 
-/// Whether we hold the NAR with this hash.
-async fn nar_len(st: &HttpState, hash: &[u8; 32]) -> Result<Local, String> {
+/// The NAR size a record gives for these bytes.
+async fn nar_size(st: &HttpState, hash: [u8; 32]) -> Option<u64> {
     let db = st.db.clone();
-    let h = *hash;
-    let rec = tokio::task::spawn_blocking(move || db.by_blake3(&h))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    match rec {
-        None => Ok(Local::Unknown),
-        Some(r) if r.local && st.blobs.has(hash).await.map_err(|e| e.to_string())? => {
-            Ok(Local::Yes(r.nar_size))
-        }
-        Some(r) => Ok(Local::No(Box::new(r))),
-    }
+    tokio::task::spawn_blocking(move || {
+        db.by_blake3(&hash)
+            .ok()?
+            .iter()
+            .find_map(|r| r.claim(&hash).map(|c| c.nar_size))
+    })
+    .await
+    .ok()?
 }
 
-/// Stream a NAR to Nix while fetching it from peers (verified and kept once complete).
-/// Ranges are not offered for these: the whole NAR comes back (200), as RFC 9110 allows.
-async fn from_peers(st: &HttpState, rec: PathRecord, head: bool) -> Response {
+/// How long an on-demand fetch may take to produce its first verified bytes before the client
+/// is told 502 (no header has been sent until then).
+const FIRST_BYTES: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Stream a NAR to Nix while it is fetched from peers: only verified bytes are handed on, and
+/// nothing is answered (no header sent) until the first bytes verified or the fetch failed:
+/// 404 if no peer holds it, 502 if none could send it. Ranges are not offered for these: the
+/// whole NAR comes back (200), as RFC 9110 allows.
+async fn from_peers(st: &HttpState, hash: [u8; 32], head: bool) -> Response {
     let Some(mesh) = st.mesh.clone() else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    let len = rec.nar_size;
-    let body = if head {
-        Body::empty()
-    } else {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(16);
-        tokio::spawn(async move {
-            if let Err(e) = mesh.fetch(&rec, Some(tx)).await {
-                tracing::warn!("http: on-demand fetch: {e}");
-            }
-        });
-        Body::from_stream(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+    let db = st.db.clone();
+    let want = tokio::task::spawn_blocking(move || {
+        let recs = db.by_blake3(&hash).ok()?;
+        let claim = recs
+            .iter()
+            .find_map(|r| r.claim(&hash).filter(|c| !c.failed))?
+            .clone();
+        Some(Want {
+            claim,
+            paths: recs.iter().map(|r| r.hash_part().to_owned()).collect(),
+        })
+    })
+    .await
+    .ok()
+    .flatten();
+    let Some(want) = want else {
+        return StatusCode::NOT_FOUND.into_response();
     };
-    let mut resp = Response::new(body);
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/x-nix-nar"),
-    );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    resp
+    if mesh.providers(&want.claim) == 0 {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let len = want.claim.nar_size;
+    let headers = |body| {
+        let mut resp = Response::new(body);
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-nix-nar"),
+        );
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        resp
+    };
+    if head {
+        return headers(Body::empty());
+    }
+    let guard = st.storage.hold(&hash);
+    let t = mesh.fetch(want);
+    let mut progress = t.progress();
+    let first = tokio::time::timeout(FIRST_BYTES, async {
+        loop {
+            let p = progress.borrow_and_update().clone();
+            if p.verified > 0 || p.done.is_some() {
+                return p;
+            }
+            if progress.changed().await.is_err() {
+                return Progress {
+                    verified: 0,
+                    done: Some(Err("the fetch ended".into())),
+                };
+            }
+        }
+    })
+    .await;
+    match first {
+        Err(_) => return StatusCode::BAD_GATEWAY.into_response(),
+        Ok(Progress {
+            verified: 0,
+            done: Some(Err(e)),
+        }) => {
+            tracing::warn!("http: on-demand fetch: {e}");
+            return StatusCode::BAD_GATEWAY.into_response();
+        }
+        Ok(_) => {}
+    }
+    headers(counted(st, "peer", follow(t, progress, guard)))
 }
 
+/// The verified bytes of a transfer, in order, as they become verified.
+fn follow(
+    t: Arc<Transfer>,
+    mut progress: tokio::sync::watch::Receiver<Progress>,
+    guard: impl Send + 'static,
+) -> tokio::sync::mpsc::Receiver<Result<Bytes, String>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tokio::spawn(async move {
+        let _guard = guard;
+        let mut pos = 0u64;
+        while pos < t.size {
+            let p = progress.borrow_and_update().clone();
+            if p.verified > pos {
+                let Some(file) = t.file() else { return };
+                let to = p.verified.min(pos + (1 << 20));
+                let read = tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::FileExt as _;
+                    let mut buf = vec![0u8; (to - pos) as usize];
+                    file.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
+                })
+                .await;
+                let piece = match read {
+                    Ok(Ok(b)) => Ok(b),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                let failed = piece.is_err();
+                if tx.send(piece).await.is_err() || failed {
+                    return;
+                }
+                pos = to;
+                continue;
+            }
+            if let Some(Err(e)) = p.done {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+            if progress.changed().await.is_err() {
+                let _ = tx.send(Err("the fetch ended".into())).await;
+                return;
+            }
+        }
+    });
+    rx
+}
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,80 +1,278 @@
-//! Deciding what to believe from peers: an announcement (from gossip or catch-up) becomes a
-//! record only if its narinfo parses strictly, agrees with the announcement, and carries a
-//! valid signature by one of this node's `trusted-public-keys`. The record names our own URL
-//! for the NAR and adds this node's signature beside the originals.
+//! Deciding what to believe from peers, and what to tell them. Pure functions, no I/O.
+//!
+//! A claim is taken in only if its narinfo parses strictly, agrees with the announcement, is
+//! signed by one of this node's `trusted-public-keys`, and (version 2) its BLAKE3 is bound to
+//! the narinfo by a trusted binding signature. Provider statements count only when signed by
+//! the stating peer's endpoint key and that peer is allowed. A version 1 announcement carries
+//! no binding: its claim is taken in *unbound*, served only when no bound claim exists, never
+//! in the way of a local build, and its bytes are trusted only once they match the signed
+//! NarHash. The record names this node's own URL for the NAR and adds its signature beside
+//! the originals.
 
-use narmesh_proto::gossip::Announce;
+use iroh::{PublicKey as EndpointKey, SecretKey as EndpointSecret};
+use narmesh_proto::gossip::{PathAnnounce, ProviderStatement, v1};
 
-use crate::db::PathRecord;
+use crate::db::{Claim, PathRecord, Provider, RemoteClaim};
 use crate::nix::{NarInfo, SecretKey, TrustedKeys};
 use crate::pipeline::nar_url;
 
 /// Why an announcement was refused.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Refused {
-    #[error("protocol version {0} not spoken here")]
-    Version(u16),
     #[error("bad narinfo: {0}")]
-    NarInfo(#[from] crate::nix::narinfo::NarInfoError),
+    NarInfo(String),
     #[error("{0}: NarSize {1} but the announcement says {2}")]
     Size(String, u64, u64),
     #[error("{0}: not signed by any trusted public key")]
     Untrusted(String),
+    #[error("{0}: its BLAKE3 is not bound to the narinfo by a trusted key")]
+    Unbound(String),
+    #[error("{0}: a NAR of {1} bytes is over mesh.max-nar-size")]
+    TooLarge(String, u64),
 }
 
-/// Turn an announcement into a record this node can serve, or say why not.
-pub fn record_from(
-    ann: &Announce,
-    trusted: &TrustedKeys,
-    key: &SecretKey,
-    allowed: impl Fn(&[u8; 32]) -> bool,
-) -> Result<PathRecord, Refused> {
-    if ann.version != narmesh_proto::MESH_PROTOCOL_VERSION {
-        return Err(Refused::Version(ann.version));
+impl Refused {
+    /// The reason, as a metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refused::NarInfo(_) => "bad-narinfo",
+            Refused::Size(..) => "size-mismatch",
+            Refused::Untrusted(_) => "untrusted-signature",
+            Refused::Unbound(_) => "unbound-blake3",
+            Refused::TooLarge(..) => "too-large",
+        }
     }
-    let mut info = NarInfo::parse(&ann.narinfo)?;
-    let path = info.store_path.full();
-    if info.nar_size != ann.nar_size {
-        return Err(Refused::Size(path, info.nar_size, ann.nar_size));
+}
+
+/// What a node checks announcements against.
+pub struct Judge<'a, A: Fn(&[u8; 32]) -> bool> {
+    pub trusted: &'a TrustedKeys,
+    /// This node's Nix key: its signature is added to every narinfo it serves.
+    pub key: &'a SecretKey,
+    /// Whether an endpoint id is an allowed peer.
+    pub allowed: A,
+    pub max_nar_size: u64,
+}
+
+impl<A: Fn(&[u8; 32]) -> bool> Judge<'_, A> {
+    /// Check the narinfo and make the claim's served form; `None` binding check for version 1.
+    fn narinfo(
+        &self,
+        text: &str,
+        blake3: &[u8; 32],
+        nar_size: u64,
+    ) -> Result<(NarInfo, String), Refused> {
+        let mut info = NarInfo::parse(text).map_err(|e| Refused::NarInfo(e.to_string()))?;
+        let path = info.store_path.full();
+        if info.nar_size != nar_size {
+            return Err(Refused::Size(path, info.nar_size, nar_size));
+        }
+        if nar_size > self.max_nar_size {
+            return Err(Refused::TooLarge(path, nar_size));
+        }
+        if !info.is_trusted(self.trusted) {
+            return Err(Refused::Untrusted(path));
+        }
+        info.url = nar_url(blake3);
+        info.compression = "none".into();
+        info.file_hash = Some(info.nar_hash);
+        info.file_size = Some(info.nar_size);
+        info.sign(self.key);
+        Ok((info, path))
     }
-    if !info.is_trusted(trusted) {
-        return Err(Refused::Untrusted(path));
-    }
-    info.url = nar_url(&ann.blake3);
-    info.compression = "none".into();
-    info.file_hash = Some(info.nar_hash);
-    info.file_size = Some(info.nar_size);
-    info.sign(key);
-    Ok(PathRecord {
-        store_path: path,
-        narinfo: info.render(),
-        blake3: ann.blake3,
-        nar_size: ann.nar_size,
-        recorded_at: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        local: false,
-        providers: ann
-            .providers
+
+    /// A version 2 announcement as a claim, or why not.
+    pub fn claim(&self, ann: &PathAnnounce) -> Result<RemoteClaim, Refused> {
+        let (info, path) = self.narinfo(&ann.narinfo, &ann.blake3, ann.nar_size)?;
+        let bindings: Vec<String> = ann
+            .bindings
             .iter()
-            .filter(|p| allowed(p))
-            .copied()
-            .collect(),
+            .filter(|b| {
+                crate::binding::verified(
+                    self.trusted,
+                    std::slice::from_ref(*b),
+                    &info.store_path,
+                    &info.nar_hash,
+                    info.nar_size,
+                    &ann.blake3,
+                )
+            })
+            .cloned()
+            .collect();
+        if bindings.is_empty() {
+            return Err(Refused::Unbound(path));
+        }
+        let refs: Vec<String> = info
+            .references
+            .iter()
+            .map(|r| r.hash_part().to_owned())
+            .collect();
+        Ok(RemoteClaim {
+            store_path: path,
+            claim: Claim {
+                narinfo: info.render(),
+                blake3: ann.blake3,
+                nar_size: ann.nar_size,
+                bindings,
+                upstream_refs: ann
+                    .upstream_refs
+                    .iter()
+                    .filter(|h| refs.contains(h))
+                    .cloned()
+                    .collect(),
+                own: false,
+                providers: ann
+                    .providers
+                    .iter()
+                    .filter(|p| (self.allowed)(&p.id) && statement_checks(&ann.blake3, p))
+                    .map(|p| Provider {
+                        id: p.id,
+                        holds: p.holds,
+                        at_ms: p.at_ms,
+                        sig: p.sig.clone(),
+                    })
+                    .collect(),
+                failed: false,
+                withdrawn: false,
+            },
+        })
+    }
+
+    /// A version 1 announcement as an unbound claim, or why not.
+    pub fn claim_v1(&self, ann: &v1::Announce) -> Result<RemoteClaim, Refused> {
+        let (info, path) = self.narinfo(&ann.narinfo, &ann.blake3, ann.nar_size)?;
+        Ok(RemoteClaim {
+            store_path: path,
+            claim: Claim {
+                narinfo: info.render(),
+                blake3: ann.blake3,
+                nar_size: ann.nar_size,
+                bindings: Vec::new(),
+                upstream_refs: Vec::new(),
+                own: false,
+                providers: ann
+                    .providers
+                    .iter()
+                    .filter(|p| (self.allowed)(p))
+                    .map(|id| Provider {
+                        id: *id,
+                        holds: true,
+                        at_ms: 0,
+                        sig: Vec::new(),
+                    })
+                    .collect(),
+                failed: false,
+                withdrawn: false,
+            },
+        })
+    }
+}
+
+/// True if a provider statement is signed by its provider.
+pub fn statement_checks(blake3: &[u8; 32], p: &ProviderStatement) -> bool {
+    let Ok(key) = EndpointKey::from_bytes(&p.id) else {
+        return false;
+    };
+    let Ok(sig) = <[u8; 64]>::try_from(p.sig.as_slice()) else {
+        return false;
+    };
+    let msg = ProviderStatement::signed_bytes(blake3, p.holds, p.at_ms);
+    key.verify(&msg, &iroh::Signature::from_bytes(&sig)).is_ok()
+}
+
+/// This node's own statement about a NAR, signed now.
+pub fn statement(me: &EndpointSecret, blake3: &[u8; 32], holds: bool, at_ms: u64) -> Provider {
+    let msg = ProviderStatement::signed_bytes(blake3, holds, at_ms);
+    Provider {
+        id: *me.public().as_bytes(),
+        holds,
+        at_ms,
+        sig: me.sign(&msg).to_bytes().to_vec(),
+    }
+}
+
+/// What this node says about a record: its active claim, with this node's fresh statement
+/// (holds it, or no longer does if it had said it did), and its own binding when it holds the
+/// NAR (it computed or checked the BLAKE3 against the signed NarHash itself).
+pub fn announce_of(
+    rec: &PathRecord,
+    me: &EndpointSecret,
+    node_key: &SecretKey,
+    holds: bool,
+    now_ms: u64,
+) -> Option<PathAnnounce> {
+    let c = rec.active()?;
+    let my_id = *me.public().as_bytes();
+    let mut providers: Vec<ProviderStatement> = c
+        .providers
+        .iter()
+        .filter(|p| p.id != my_id && !p.sig.is_empty())
+        .map(|p| ProviderStatement {
+            id: p.id,
+            holds: p.holds,
+            at_ms: p.at_ms,
+            sig: p.sig.clone(),
+        })
+        .collect();
+    if holds || c.withdrawn {
+        let s = statement(me, &c.blake3, holds, now_ms);
+        providers.insert(
+            0,
+            ProviderStatement {
+                id: s.id,
+                holds: s.holds,
+                at_ms: s.at_ms,
+                sig: s.sig,
+            },
+        );
+    }
+    providers.truncate(narmesh_proto::gossip::MAX_LIST);
+    let mut bindings = c.bindings.clone();
+    if holds
+        && !crate::binding::has_binding_by(&bindings, node_key)
+        && let Ok(info) = NarInfo::parse(&c.narinfo)
+    {
+        bindings.push(crate::binding::sign(
+            node_key,
+            &info.store_path,
+            &info.nar_hash,
+            info.nar_size,
+            &c.blake3,
+        ));
+    }
+    bindings.truncate(narmesh_proto::gossip::MAX_LIST);
+    Some(PathAnnounce {
+        narinfo: c.narinfo.clone(),
+        blake3: c.blake3,
+        nar_size: c.nar_size,
+        bindings,
+        upstream_refs: c.upstream_refs.clone(),
+        providers,
     })
 }
 
-/// The announcement of a record, naming this node as a provider if it holds the NAR.
-pub fn announce_of(rec: &PathRecord, me: [u8; 32]) -> Announce {
-    let mut providers = rec.providers.clone();
-    if rec.local && !providers.contains(&me) {
+/// The version 1 announcement of a record, for version 1 peers: the active claim, naming this
+/// node as provider if it holds the NAR.
+pub fn announce_v1_of(rec: &PathRecord, me: [u8; 32], holds: bool) -> Option<v1::Announce> {
+    let c = rec.active()?;
+    let mut providers: Vec<[u8; 32]> = c
+        .providers
+        .iter()
+        .filter(|p| p.holds && p.id != me)
+        .map(|p| p.id)
+        .collect();
+    if holds {
         providers.insert(0, me);
     }
-    Announce {
-        version: narmesh_proto::MESH_PROTOCOL_VERSION,
-        narinfo: rec.narinfo.clone(),
-        blake3: rec.blake3,
-        nar_size: rec.nar_size,
+    providers.truncate(narmesh_proto::gossip::MAX_LIST);
+    Some(v1::Announce {
+        version: 1,
+        narinfo: c.narinfo.clone(),
+        blake3: c.blake3,
+        nar_size: c.nar_size,
         providers,
-    }
+    })
 }
+
+#[cfg(test)]
+mod tests;

@@ -22,11 +22,11 @@ use tokio_util::sync::CancellationToken;
 pub use compress::{FileDigest, compress_into};
 use s3::{Bucket, CACHE_INFO_TYPE, NAR_TYPE, NARINFO_TYPE};
 
-use crate::blobs::BlobStore;
 use crate::config::{Compression, S3Config};
 use crate::db::{Db, MirrorState, PathRecord};
 use crate::metrics::Metrics;
 use crate::nix::{NarInfo, Sha256, base32};
+use crate::storage::Storage;
 
 /// How often the mirror looks for new work when nothing woke it.
 const TICK: Duration = Duration::from_millis(200);
@@ -45,7 +45,7 @@ pub struct MirrorParts {
     pub cfg: S3Config,
     pub data_dir: PathBuf,
     pub db: Db,
-    pub blobs: BlobStore,
+    pub storage: Storage,
     pub metrics: Arc<Metrics>,
 }
 
@@ -109,9 +109,42 @@ impl MirrorHandle {
     }
 }
 
+/// What the mirror needs of a record: its served claim.
+#[derive(Debug, Clone)]
+struct Entry {
+    store_path: String,
+    hash: String,
+    narinfo: String,
+    blake3: [u8; 32],
+    nar_size: u64,
+    /// References signed upstream (not waited for).
+    upstream_refs: Vec<String>,
+    /// Whether this node holds the NAR (the mesh fetches it otherwise).
+    local: bool,
+}
+
+impl Entry {
+    fn of(rec: &PathRecord, local: bool) -> Option<Self> {
+        let c = rec.active()?;
+        Some(Entry {
+            store_path: rec.store_path.clone(),
+            hash: rec.hash_part().to_owned(),
+            narinfo: c.narinfo.clone(),
+            blake3: c.blake3,
+            nar_size: c.nar_size,
+            upstream_refs: c.upstream_refs.clone(),
+            local,
+        })
+    }
+
+    fn hash_part(&self) -> &str {
+        &self.hash
+    }
+}
+
 /// One path on its way to the bucket.
 struct Item {
-    rec: PathRecord,
+    rec: Entry,
     state: MirrorState,
     busy: bool,
     failures: u32,
@@ -131,7 +164,7 @@ struct Mirror {
     cfg: S3Config,
     tmp: PathBuf,
     db: Db,
-    blobs: BlobStore,
+    storage: Storage,
     metrics: Arc<Metrics>,
     stats: Arc<Mutex<Stats>>,
     bucket: Bucket,
@@ -155,7 +188,7 @@ impl Mirror {
             tmp: p.data_dir.join("mirror-tmp"),
             cfg: p.cfg,
             db: p.db,
-            blobs: p.blobs,
+            storage: p.storage,
             metrics: p.metrics,
             stats,
             bucket,
@@ -180,10 +213,7 @@ impl Mirror {
     /// all before any upload starts: Nix reads it before any narinfo. False if cancelled first.
     async fn prepare(&self, cancel: &CancellationToken) -> bool {
         let mut wait = Duration::from_secs(1);
-        let info = format!(
-            "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {}\n",
-            self.cfg.priority
-        );
+        let info = crate::nix::narinfo::cache_info(self.cfg.priority);
         loop {
             let r = async {
                 self.bucket.check().await?;
@@ -282,10 +312,18 @@ impl Mirror {
     }
 
     fn add(&mut self, rec: PathRecord, state: MirrorState, tried: bool) {
-        let hash = rec.hash_part().to_owned();
+        let local = rec
+            .active()
+            .is_some_and(|c| self.storage.holds_blocking(&c.blake3));
+        let Some(rec) = Entry::of(&rec, local) else {
+            return;
+        };
+        let hash = rec.hash.clone();
         if self.items.contains_key(&hash) {
             return;
         }
+        // Kept from eviction until its NAR is in the bucket.
+        self.storage.protect([rec.blake3]);
         self.order.push(hash.clone());
         self.items.insert(
             hash,
@@ -325,29 +363,30 @@ impl Mirror {
         }
     }
 
-    /// Re-read the records of paths whose NAR is not here yet (the mesh fetches them).
+    /// Look again whether the NARs of waiting paths are here yet (the mesh fetches them).
     async fn refresh_remote(&mut self) {
-        let waiting: Vec<String> = self
+        let waiting: Vec<(String, [u8; 32])> = self
             .items
             .iter()
             .filter(|(_, i)| !i.rec.local && i.state == MirrorState::Pending)
-            .map(|(h, _)| h.clone())
+            .map(|(h, i)| (h.clone(), i.rec.blake3))
             .collect();
         if waiting.is_empty() {
             return;
         }
-        let db = self.db.clone();
-        let fresh = tokio::task::spawn_blocking(move || {
+        let storage = self.storage.clone();
+        let held = tokio::task::spawn_blocking(move || {
             waiting
                 .into_iter()
-                .filter_map(|h| db.path(&h).ok().flatten().map(|r| (h, r)))
+                .filter(|(_, b)| storage.holds_blocking(b))
+                .map(|(h, _)| h)
                 .collect::<Vec<_>>()
         })
         .await
         .unwrap_or_default();
-        for (h, r) in fresh {
+        for h in held {
             if let Some(i) = self.items.get_mut(&h) {
-                i.rec = r;
+                i.rec.local = true;
             }
         }
     }
@@ -366,6 +405,9 @@ impl Mirror {
             };
             for r in &info.references {
                 let rh = r.hash_part();
+                if item.rec.upstream_refs.iter().any(|u| u == rh) {
+                    continue;
+                }
                 if rh != hash
                     && !self.items.contains_key(rh)
                     && !self.done.contains(rh)
@@ -425,7 +467,10 @@ impl Mirror {
         };
         info.references.iter().all(|r| {
             let rh = r.hash_part();
-            rh == hash || self.done.contains(rh) || self.external.contains(rh)
+            rh == hash
+                || self.done.contains(rh)
+                || self.external.contains(rh)
+                || item.rec.upstream_refs.iter().any(|u| u == rh)
         })
     }
 
@@ -449,7 +494,7 @@ impl Mirror {
                         rec: item.rec.clone(),
                         how: self.cfg.compression,
                         tmp: self.tmp.join(format!("{hash}.nar")),
-                        blobs: self.blobs.clone(),
+                        storage: self.storage.clone(),
                         bucket: self.bucket.clone(),
                         check_first: item.tried,
                         gate: self.compress_gate.clone(),
@@ -538,7 +583,9 @@ impl Mirror {
         let any_ok = !updates.is_empty();
         for (h, state) in updates {
             if state == MirrorState::Done {
-                self.items.remove(&h);
+                if let Some(i) = self.items.remove(&h) {
+                    self.storage.release(&[i.rec.blake3]);
+                }
                 self.done.insert(h.clone());
                 self.metrics.mirror_uploaded_paths.inc();
             } else if let Some(i) = self.items.get_mut(&h) {
@@ -591,10 +638,10 @@ impl Mirror {
 /// Compress one NAR from the blob store and put it in the bucket (unless an identical
 /// object is there already, as after a crash between upload and commit).
 struct NarJob {
-    rec: PathRecord,
+    rec: Entry,
     how: Compression,
     tmp: PathBuf,
-    blobs: BlobStore,
+    storage: Storage,
     bucket: Bucket,
     /// Ask the bucket first whether the object is there (only worth a request when an
     /// earlier attempt may have put it).
@@ -604,12 +651,16 @@ struct NarJob {
 
 impl NarJob {
     async fn run(self) -> Result<MirrorState, String> {
-        use futures::StreamExt as _;
         let permit = self.gate.acquire().await.map_err(|e| e.to_string())?;
         let (tx, rx) = mpsc::channel(8);
-        let mut nar = Box::pin(self.blobs.range(&self.rec.blake3, 0, self.rec.nar_size));
+        let mut nar = self
+            .storage
+            .read(&self.rec.blake3, 0, self.rec.nar_size)
+            .await
+            .map_err(|e| e.to_string())?;
         let feeder = tokio::spawn(async move {
-            while let Some(chunk) = nar.next().await {
+            while let Some(chunk) = nar.recv().await {
+                let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()));
                 if tx.send(chunk).await.is_err() {
                     return;
                 }
@@ -663,7 +714,7 @@ impl NarJob {
 }
 
 /// The narinfo as the bucket serves it: the signed record, pointing at the compressed NAR.
-pub fn bucket_narinfo(rec: &PathRecord, state: &MirrorState) -> Result<String, String> {
+fn bucket_narinfo(rec: &Entry, state: &MirrorState) -> Result<String, String> {
     let MirrorState::NarStored {
         url,
         compression,
@@ -681,7 +732,7 @@ pub fn bucket_narinfo(rec: &PathRecord, state: &MirrorState) -> Result<String, S
     Ok(info.render())
 }
 
-async fn put_narinfo(bucket: &Bucket, rec: &PathRecord, state: &MirrorState) -> Result<(), String> {
+async fn put_narinfo(bucket: &Bucket, rec: &Entry, state: &MirrorState) -> Result<(), String> {
     let text = bucket_narinfo(rec, state)?;
     bucket
         .put(

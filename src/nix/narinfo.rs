@@ -133,6 +133,11 @@ impl NarInfo {
     }
 }
 
+/// A binary cache's `nix-cache-info`, as Nix reads it before anything else.
+pub fn cache_info(priority: u32) -> String {
+    format!("StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {priority}\n")
+}
+
 /// The fingerprint of a path's metadata (see [`NarInfo::fingerprint`]).
 pub fn fingerprint<'a>(
     path: &StorePath,

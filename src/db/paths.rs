@@ -1,0 +1,343 @@
+//! Recording paths: the pipeline's own (with the leaves that verify them, served from the local
+//! Nix store) and claims learnt from peers; reading records back; and the log that catch-up
+//! serves, in which a path moves to the end whenever its record or what this node holds of it
+//! changes, so peers learn of withdrawals as they learn of new paths.
+
+use redb::{ReadableDatabase, ReadableMultimapTable, ReadableTable};
+
+use super::storage::{LEAVES, OWN, OWN_BYTES, OWN_PATHS};
+use super::{
+    BLOBS, CURSORS, Claim, Db, DbError, FAILURES, LOG, LOG_INDEX, LOG_NEXT, META, PATHS,
+    PathRecord, QUEUE, bump, durable, lower,
+};
+
+/// A path the pipeline made from the local Nix store: its record's own claim, and the leaves
+/// of its NAR (what serving it from the store verifies against).
+#[derive(Debug, Clone)]
+pub struct OwnRecord {
+    pub store_path: String,
+    pub claim: Claim,
+    pub leaves: Vec<u8>,
+}
+
+/// A claim about a path, learnt from a peer and checked.
+#[derive(Debug, Clone)]
+pub struct RemoteClaim {
+    pub store_path: String,
+    pub claim: Claim,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn decode(v: &[u8]) -> Result<PathRecord, DbError> {
+    Ok(postcard::from_bytes(v)?)
+}
+
+/// Move `hash`'s entry to the end of the log.
+pub(super) fn relog(
+    log: &mut redb::Table<u64, &str>,
+    index: &mut redb::Table<&str, u64>,
+    meta: &mut redb::Table<&str, u64>,
+    hash: &str,
+) -> Result<(), DbError> {
+    if let Some(old) = index.get(hash)?.map(|v| v.value()) {
+        log.remove(old)?;
+    }
+    let seq = bump(meta, LOG_NEXT, 1)? + 1;
+    log.insert(seq, hash)?;
+    index.insert(hash, seq)?;
+    Ok(())
+}
+
+impl Db {
+    /// In one fsync'd transaction: record the pipeline's paths (an own claim each, first in its
+    /// record; the NAR's leaves kept), drop the finished queue entries `done`, count `failures`.
+    pub fn record_own(
+        &self,
+        done: &[u64],
+        records: &[OwnRecord],
+        failures: u64,
+    ) -> Result<(), DbError> {
+        let tx = durable(&self.db)?;
+        let mut changed = Vec::new();
+        {
+            let mut paths = tx.open_table(PATHS)?;
+            let mut log = tx.open_table(LOG)?;
+            let mut index = tx.open_table(LOG_INDEX)?;
+            let mut meta = tx.open_table(META)?;
+            let mut queue = tx.open_table(QUEUE)?;
+            let mut blobs = tx.open_multimap_table(BLOBS)?;
+            let mut own = tx.open_multimap_table(OWN)?;
+            let mut leaves = tx.open_table(LEAVES)?;
+            for r in records {
+                let hash = super::hash_part_of(&r.store_path).to_owned();
+                let mut rec = match paths.get(hash.as_str())? {
+                    Some(v) => decode(v.value())?,
+                    None => PathRecord {
+                        store_path: r.store_path.clone(),
+                        claims: Vec::new(),
+                        recorded_at: now_secs(),
+                    },
+                };
+                if rec.own().is_some_and(|c| c.blake3 == r.claim.blake3) {
+                    continue;
+                }
+                let rebuilt = rec.own().map(|c| (c.blake3, c.nar_size));
+                if let Some((old, size)) = rebuilt {
+                    // Built again with other bytes: the new build replaces the old claim.
+                    own.remove(old.as_slice(), hash.as_str())?;
+                    if own.get(old.as_slice())?.next().is_none() {
+                        lower(&mut meta, OWN_BYTES, size)?;
+                    }
+                }
+                rec.merge(r.claim.clone());
+                paths.insert(hash.as_str(), postcard::to_allocvec(&rec)?.as_slice())?;
+                blobs.insert(r.claim.blake3.as_slice(), hash.as_str())?;
+                let first = own.get(r.claim.blake3.as_slice())?.next().is_none();
+                own.insert(r.claim.blake3.as_slice(), hash.as_str())?;
+                if first {
+                    bump(&mut meta, OWN_BYTES, r.claim.nar_size)?;
+                }
+                if rebuilt.is_none() {
+                    bump(&mut meta, OWN_PATHS, 1)?;
+                }
+                leaves.insert(r.claim.blake3.as_slice(), r.leaves.as_slice())?;
+                relog(&mut log, &mut index, &mut meta, &hash)?;
+                changed.push(hash);
+            }
+            for seq in done {
+                queue.remove(*seq)?;
+            }
+            if failures > 0 {
+                bump(&mut meta, FAILURES, failures)?;
+            }
+        }
+        tx.commit()?;
+        if !records.is_empty() {
+            self.changed();
+        }
+        for h in changed {
+            let _ = self.changed_paths.send(h);
+        }
+        Ok(())
+    }
+
+    /// Take in claims learnt from a peer, and move the peer's catch-up cursor to `cursor` if
+    /// given, in one fsync'd transaction. A record that is new or changed moves to the end of
+    /// the log. Returns the records that are new or changed, as they now stand.
+    pub fn record_remote(
+        &self,
+        claims: Vec<RemoteClaim>,
+        cursor: Option<(&[u8; 32], u64)>,
+    ) -> Result<Vec<PathRecord>, DbError> {
+        let tx = durable(&self.db)?;
+        let mut out = Vec::new();
+        let mut changed = Vec::new();
+        {
+            let mut paths = tx.open_table(PATHS)?;
+            let mut log = tx.open_table(LOG)?;
+            let mut index = tx.open_table(LOG_INDEX)?;
+            let mut meta = tx.open_table(META)?;
+            let mut blobs = tx.open_multimap_table(BLOBS)?;
+            for c in claims {
+                let hash = super::hash_part_of(&c.store_path).to_owned();
+                let existing = match paths.get(hash.as_str())? {
+                    Some(v) => Some(decode(v.value())?),
+                    None => None,
+                };
+                let mut rec = existing.unwrap_or_else(|| PathRecord {
+                    store_path: c.store_path.clone(),
+                    claims: Vec::new(),
+                    recorded_at: now_secs(),
+                });
+                let blake3 = c.claim.blake3;
+                if !rec.merge(c.claim) {
+                    continue;
+                }
+                paths.insert(hash.as_str(), postcard::to_allocvec(&rec)?.as_slice())?;
+                if rec.claim(&blake3).is_some() {
+                    blobs.insert(blake3.as_slice(), hash.as_str())?;
+                }
+                relog(&mut log, &mut index, &mut meta, &hash)?;
+                changed.push(hash);
+                out.push(rec);
+            }
+            if let Some((peer, seq)) = cursor {
+                tx.open_table(CURSORS)?.insert(peer.as_slice(), seq)?;
+            }
+        }
+        tx.commit()?;
+        if !out.is_empty() {
+            self.changed();
+        }
+        for h in changed {
+            let _ = self.changed_paths.send(h);
+        }
+        Ok(out)
+    }
+
+    /// Move the peer's catch-up cursor alone (a batch with nothing to take in).
+    pub fn set_cursor(&self, peer: &[u8; 32], seq: u64) -> Result<(), DbError> {
+        let tx = durable(&self.db)?;
+        tx.open_table(CURSORS)?.insert(peer.as_slice(), seq)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Move these paths to the end of the log (what this node holds of them changed), in one
+    /// fsync'd transaction.
+    pub fn relog(&self, hashes: &[String]) -> Result<(), DbError> {
+        if hashes.is_empty() {
+            return Ok(());
+        }
+        let tx = durable(&self.db)?;
+        {
+            let paths = tx.open_table(PATHS)?;
+            let mut log = tx.open_table(LOG)?;
+            let mut index = tx.open_table(LOG_INDEX)?;
+            let mut meta = tx.open_table(META)?;
+            for h in hashes {
+                if paths.get(h.as_str())?.is_some() {
+                    relog(&mut log, &mut index, &mut meta, h)?;
+                }
+            }
+        }
+        tx.commit()?;
+        self.changed();
+        for h in hashes {
+            let _ = self.changed_paths.send(h.clone());
+        }
+        Ok(())
+    }
+
+    /// Change one record with `f` (which returns true if it changed anything), in one fsync'd
+    /// transaction; a changed record moves to the end of the log.
+    pub fn update_record(
+        &self,
+        hash: &str,
+        f: impl FnOnce(&mut PathRecord) -> bool,
+    ) -> Result<Option<PathRecord>, DbError> {
+        let tx = durable(&self.db)?;
+        let rec = {
+            let mut paths = tx.open_table(PATHS)?;
+            let Some(mut rec) = paths.get(hash)?.map(|v| decode(v.value())).transpose()? else {
+                return Ok(None);
+            };
+            if !f(&mut rec) {
+                return Ok(Some(rec));
+            }
+            paths.insert(hash, postcard::to_allocvec(&rec)?.as_slice())?;
+            let mut log = tx.open_table(LOG)?;
+            let mut index = tx.open_table(LOG_INDEX)?;
+            let mut meta = tx.open_table(META)?;
+            relog(&mut log, &mut index, &mut meta, hash)?;
+            rec
+        };
+        tx.commit()?;
+        self.changed();
+        let _ = self.changed_paths.send(hash.to_owned());
+        Ok(Some(rec))
+    }
+
+    /// Which of these hash parts are recorded.
+    pub fn known(&self, hash_parts: &[&str]) -> Result<Vec<bool>, DbError> {
+        let tx = self.db.begin_read()?;
+        let paths = tx.open_table(PATHS)?;
+        hash_parts
+            .iter()
+            .map(|h| Ok(paths.get(*h)?.is_some()))
+            .collect()
+    }
+
+    /// Which of these hash parts are recorded with a claim of this node's own (made from its
+    /// store): the pipeline skips those, and ingests the rest even if peers recorded them.
+    pub fn has_own(&self, hash_parts: &[&str]) -> Result<Vec<bool>, DbError> {
+        let tx = self.db.begin_read()?;
+        let paths = tx.open_table(PATHS)?;
+        let own = tx.open_multimap_table(OWN)?;
+        hash_parts
+            .iter()
+            .map(|h| {
+                let Some(v) = paths.get(*h)? else {
+                    return Ok(false);
+                };
+                let rec = decode(v.value())?;
+                let Some(c) = rec.own() else {
+                    return Ok(false);
+                };
+                // Its store copy may have been lost since (the claim stays for its providers).
+                Ok(own
+                    .get(c.blake3.as_slice())?
+                    .any(|x| x.is_ok_and(|x| x.value() == *h)))
+            })
+            .collect()
+    }
+
+    /// The record of one path, by hash part.
+    pub fn path(&self, hash_part: &str) -> Result<Option<PathRecord>, DbError> {
+        let tx = self.db.begin_read()?;
+        let paths = tx.open_table(PATHS)?;
+        paths.get(hash_part)?.map(|v| decode(v.value())).transpose()
+    }
+
+    /// The records of many paths, in one read.
+    pub fn paths(&self, hash_parts: &[String]) -> Result<Vec<Option<PathRecord>>, DbError> {
+        let tx = self.db.begin_read()?;
+        let paths = tx.open_table(PATHS)?;
+        hash_parts
+            .iter()
+            .map(|h| {
+                paths
+                    .get(h.as_str())?
+                    .map(|v| decode(v.value()))
+                    .transpose()
+            })
+            .collect()
+    }
+
+    /// The records with a claim on the NAR with this BLAKE3.
+    pub fn by_blake3(&self, blake3: &[u8; 32]) -> Result<Vec<PathRecord>, DbError> {
+        let tx = self.db.begin_read()?;
+        let blobs = tx.open_multimap_table(BLOBS)?;
+        let paths = tx.open_table(PATHS)?;
+        let mut out = Vec::new();
+        for h in blobs.get(blake3.as_slice())? {
+            if let Some(v) = paths.get(h?.value())? {
+                let rec = decode(v.value())?;
+                if rec.claim(blake3).is_some_and(|c| !c.failed) {
+                    out.push(rec);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` log entries after sequence number `after`: (seq, record), and whether more follow.
+    pub fn log_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<(u64, PathRecord)>, bool), DbError> {
+        let tx = self.db.begin_read()?;
+        let log = tx.open_table(LOG)?;
+        let paths = tx.open_table(PATHS)?;
+        let mut out = Vec::new();
+        let mut more = false;
+        for entry in log.range(after.saturating_add(1)..)? {
+            let (seq, hash) = entry?;
+            if out.len() == limit {
+                more = true;
+                break;
+            }
+            if let Some(v) = paths.get(hash.value())? {
+                out.push((seq.value(), decode(v.value())?));
+            }
+        }
+        Ok((out, more))
+    }
+}

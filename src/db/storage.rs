@@ -1,0 +1,415 @@
+//! The storage's tables: which NARs this node holds and how. Own paths are held in the local
+//! Nix store (no copy; only their leaves are kept here); NARs fetched from peers are files of
+//! the storage, each with its size and when it was last used (for eviction). Also pins, and
+//! the NARs an eager node still wants. The policy lives in `crate::storage`; this is its
+//! bookkeeping, each change one fsync'd commit that also moves the affected paths to the end
+//! of the log, so peers learn what this node now holds or no longer holds.
+
+use redb::{
+    MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable,
+    ReadableTableMetadata, TableDefinition,
+};
+use serde::{Deserialize, Serialize};
+
+use super::paths::relog;
+use super::{
+    BLOBS, Db, DbError, LOG, LOG_INDEX, META, PATHS, PathRecord, bump, durable, get_meta, lower,
+};
+
+/// Hash parts of the paths whose own claim has this NAR, held in the local Nix store.
+pub(super) const OWN: MultimapTableDefinition<&[u8], &str> = MultimapTableDefinition::new("own_v1");
+/// The BLAKE3 leaves of every NAR held (own or file).
+pub(super) const LEAVES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("leaves_v1");
+/// NAR files held by the storage ([`NarFile`]).
+const NARS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("nars_v1");
+/// Pinned paths (closures kept from eviction), by hash part: when pinned.
+const PINS: TableDefinition<&str, u64> = TableDefinition::new("pins_v1");
+/// NARs an eager node still wants, by BLAKE3: the hash part of a path that wants it.
+const WANTS: TableDefinition<&[u8], &str> = TableDefinition::new("wants_v1");
+
+pub(super) const OWN_BYTES: &str = "own.bytes";
+pub(super) const OWN_PATHS: &str = "own.paths";
+const FILE_BYTES: &str = "files.bytes";
+const EVICTIONS: &str = "files.evictions";
+const GC_LOST: &str = "own.gc_lost";
+
+pub(super) fn create_tables(tx: &redb::WriteTransaction) -> Result<(), DbError> {
+    tx.open_multimap_table(OWN)?;
+    tx.open_table(LEAVES)?;
+    tx.open_table(NARS)?;
+    tx.open_table(PINS)?;
+    tx.open_table(WANTS)?;
+    Ok(())
+}
+
+/// A NAR file of the storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NarFile {
+    pub size: u64,
+    /// Seconds since the epoch it was last fetched or served.
+    pub last_used: u64,
+}
+
+/// What the storage holds, for status and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StorageCounters {
+    /// NAR bytes of own paths, served from the Nix store.
+    pub own_bytes: u64,
+    pub own_paths: u64,
+    /// Bytes and count of NAR files (fetched from peers, kept within the cap).
+    pub file_bytes: u64,
+    pub files: u64,
+    pub evictions: u64,
+    /// Own paths lost from the local Nix store (garbage-collected or deleted).
+    pub gc_lost: u64,
+}
+
+/// Mark the claims on `blake3` as held (or withdrawn) by this node and move their paths to the
+/// end of the log.
+fn relog_holders(
+    tx: &redb::WriteTransaction,
+    blake3: &[u8; 32],
+    withdrawn: bool,
+    changed: &mut Vec<String>,
+) -> Result<(), DbError> {
+    let blobs = tx.open_multimap_table(BLOBS)?;
+    let mut paths = tx.open_table(PATHS)?;
+    let mut log = tx.open_table(LOG)?;
+    let mut index = tx.open_table(LOG_INDEX)?;
+    let mut meta = tx.open_table(META)?;
+    for h in blobs.get(blake3.as_slice())? {
+        let h = h?.value().to_owned();
+        let old = paths.get(h.as_str())?.map(|v| v.value().to_vec());
+        if let Some(bytes) = old {
+            let mut rec: PathRecord = postcard::from_bytes(&bytes)?;
+            if let Some(c) = rec.claim_mut(blake3)
+                && c.withdrawn != withdrawn
+            {
+                c.withdrawn = withdrawn;
+                paths.insert(h.as_str(), postcard::to_allocvec(&rec)?.as_slice())?;
+            }
+        }
+        relog(&mut log, &mut index, &mut meta, &h)?;
+        changed.push(h);
+    }
+    Ok(())
+}
+
+impl Db {
+    fn announce_changes(&self, changed: Vec<String>) {
+        if changed.is_empty() {
+            return;
+        }
+        self.changed();
+        for h in changed {
+            let _ = self.changed_paths.send(h);
+        }
+    }
+
+    /// An own path holding this NAR in the local store: (hash part, full store path).
+    pub fn own_holder(&self, blake3: &[u8; 32]) -> Result<Option<(String, String)>, DbError> {
+        let tx = self.db.begin_read()?;
+        let own = tx.open_multimap_table(OWN)?;
+        let paths = tx.open_table(PATHS)?;
+        for h in own.get(blake3.as_slice())? {
+            let h = h?;
+            if let Some(v) = paths.get(h.value())? {
+                let rec: PathRecord = postcard::from_bytes(v.value())?;
+                return Ok(Some((h.value().to_owned(), rec.store_path)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Every own path held in the local store: (BLAKE3, hash part, full store path).
+    pub fn own_paths(&self) -> Result<Vec<([u8; 32], String, String)>, DbError> {
+        let tx = self.db.begin_read()?;
+        let own = tx.open_multimap_table(OWN)?;
+        let paths = tx.open_table(PATHS)?;
+        let mut out = Vec::new();
+        for entry in own.iter()? {
+            let (b, hashes) = entry?;
+            let mut blake3 = [0u8; 32];
+            blake3.copy_from_slice(b.value());
+            for h in hashes {
+                let h = h?.value().to_owned();
+                if let Some(v) = paths.get(h.as_str())? {
+                    let rec: PathRecord = postcard::from_bytes(v.value())?;
+                    out.push((blake3, h, rec.store_path));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// These own paths left the local store: their claims stay (peers may hold the bytes) but
+    /// are no longer served from here, and the paths move to the end of the log. Returns the
+    /// paths that were still held as own.
+    pub fn own_lost(&self, lost: &[([u8; 32], String)]) -> Result<usize, DbError> {
+        if lost.is_empty() {
+            return Ok(0);
+        }
+        let tx = durable(&self.db)?;
+        let mut changed = Vec::new();
+        {
+            let mut own = tx.open_multimap_table(OWN)?;
+            let mut paths = tx.open_table(PATHS)?;
+            let mut meta = tx.open_table(META)?;
+            let mut leaves = tx.open_table(LEAVES)?;
+            let nars = tx.open_table(NARS)?;
+            let mut log = tx.open_table(LOG)?;
+            let mut index = tx.open_table(LOG_INDEX)?;
+            for (blake3, hash) in lost {
+                if !own.remove(blake3.as_slice(), hash.as_str())? {
+                    continue;
+                }
+                let old = paths.get(hash.as_str())?.map(|v| v.value().to_vec());
+                let size = match old {
+                    Some(bytes) => {
+                        let mut rec: PathRecord = postcard::from_bytes(&bytes)?;
+                        let size = rec.claim(blake3).map_or(0, |c| c.nar_size);
+                        if let Some(c) = rec.claim_mut(blake3) {
+                            c.own = false;
+                            c.withdrawn = true;
+                        }
+                        paths.insert(hash.as_str(), postcard::to_allocvec(&rec)?.as_slice())?;
+                        size
+                    }
+                    None => 0,
+                };
+                if own.get(blake3.as_slice())?.next().is_none() {
+                    lower(&mut meta, OWN_BYTES, size)?;
+                    if nars.get(blake3.as_slice())?.is_none() {
+                        leaves.remove(blake3.as_slice())?;
+                    }
+                }
+                lower(&mut meta, OWN_PATHS, 1)?;
+                bump(&mut meta, GC_LOST, 1)?;
+                relog(&mut log, &mut index, &mut meta, hash)?;
+                changed.push(hash.clone());
+            }
+        }
+        tx.commit()?;
+        let n = changed.len();
+        self.announce_changes(changed);
+        Ok(n)
+    }
+
+    /// The leaves of a NAR held here.
+    pub fn leaves(&self, blake3: &[u8; 32]) -> Result<Option<Vec<u8>>, DbError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx
+            .open_table(LEAVES)?
+            .get(blake3.as_slice())?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// The NAR file of this BLAKE3, if the storage holds one.
+    pub fn nar_file(&self, blake3: &[u8; 32]) -> Result<Option<NarFile>, DbError> {
+        let tx = self.db.begin_read()?;
+        tx.open_table(NARS)?
+            .get(blake3.as_slice())?
+            .map(|v| Ok(postcard::from_bytes(v.value())?))
+            .transpose()
+    }
+
+    /// Every NAR file: (BLAKE3, file).
+    pub fn nar_files(&self) -> Result<Vec<([u8; 32], NarFile)>, DbError> {
+        let tx = self.db.begin_read()?;
+        let nars = tx.open_table(NARS)?;
+        let mut out = Vec::with_capacity(nars.len()? as usize);
+        for entry in nars.iter()? {
+            let (k, v) = entry?;
+            let mut b = [0u8; 32];
+            b.copy_from_slice(k.value());
+            out.push((b, postcard::from_bytes(v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// A NAR file is complete and durable: keep its row and leaves, forget the wish for it,
+    /// and move the paths with a claim on it to the end of the log (this node holds it now).
+    pub fn add_nar_file(
+        &self,
+        blake3: &[u8; 32],
+        file: NarFile,
+        leaves: &[u8],
+    ) -> Result<(), DbError> {
+        let tx = durable(&self.db)?;
+        let mut changed = Vec::new();
+        {
+            let mut nars = tx.open_table(NARS)?;
+            let mut meta = tx.open_table(META)?;
+            if nars.get(blake3.as_slice())?.is_none() {
+                bump(&mut meta, FILE_BYTES, file.size)?;
+            }
+            nars.insert(blake3.as_slice(), postcard::to_allocvec(&file)?.as_slice())?;
+            tx.open_table(LEAVES)?.insert(blake3.as_slice(), leaves)?;
+            tx.open_table(WANTS)?.remove(blake3.as_slice())?;
+        }
+        relog_holders(&tx, blake3, false, &mut changed)?;
+        tx.commit()?;
+        self.announce_changes(changed);
+        Ok(())
+    }
+
+    /// Forget NAR files (evicted, or found bad): their rows, their leaves unless an own path
+    /// still needs them, and any wish for them; the paths with a claim on them move to the end
+    /// of the log. `evicted` counts them as evictions.
+    pub fn remove_nar_files(&self, blake3s: &[[u8; 32]], evicted: bool) -> Result<(), DbError> {
+        if blake3s.is_empty() {
+            return Ok(());
+        }
+        let tx = durable(&self.db)?;
+        let mut changed = Vec::new();
+        {
+            let mut nars = tx.open_table(NARS)?;
+            let mut meta = tx.open_table(META)?;
+            let mut leaves = tx.open_table(LEAVES)?;
+            let mut wants = tx.open_table(WANTS)?;
+            let own = tx.open_multimap_table(OWN)?;
+            for b in blake3s {
+                let Some(file) = nars
+                    .remove(b.as_slice())?
+                    .map(|v| postcard::from_bytes::<NarFile>(v.value()))
+                    .transpose()?
+                else {
+                    continue;
+                };
+                lower(&mut meta, FILE_BYTES, file.size)?;
+                if evicted {
+                    bump(&mut meta, EVICTIONS, 1)?;
+                }
+                if own.get(b.as_slice())?.next().is_none() {
+                    leaves.remove(b.as_slice())?;
+                }
+                wants.remove(b.as_slice())?;
+            }
+        }
+        for b in blake3s {
+            relog_holders(&tx, b, true, &mut changed)?;
+        }
+        tx.commit()?;
+        self.announce_changes(changed);
+        Ok(())
+    }
+
+    /// Remember when NAR files were last used (batched; a crash loses at most one batch).
+    pub fn touch_nar_files(&self, used: &[([u8; 32], u64)]) -> Result<(), DbError> {
+        if used.is_empty() {
+            return Ok(());
+        }
+        let tx = self.db.begin_write()?;
+        {
+            let mut nars = tx.open_table(NARS)?;
+            for (b, at) in used {
+                let file = nars
+                    .get(b.as_slice())?
+                    .map(|v| postcard::from_bytes::<NarFile>(v.value()))
+                    .transpose()?;
+                if let Some(mut f) = file {
+                    f.last_used = f.last_used.max(*at);
+                    nars.insert(b.as_slice(), postcard::to_allocvec(&f)?.as_slice())?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Pin (or unpin) paths by hash part.
+    pub fn set_pins(&self, hashes: &[String], pinned: bool) -> Result<(), DbError> {
+        let tx = durable(&self.db)?;
+        {
+            let mut pins = tx.open_table(PINS)?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            for h in hashes {
+                if pinned {
+                    pins.insert(h.as_str(), now)?;
+                } else {
+                    pins.remove(h.as_str())?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Pinned paths, by hash part.
+    pub fn pins(&self) -> Result<Vec<String>, DbError> {
+        let tx = self.db.begin_read()?;
+        let pins = tx.open_table(PINS)?;
+        let mut out = Vec::new();
+        for entry in pins.iter()? {
+            out.push(entry?.0.value().to_owned());
+        }
+        Ok(out)
+    }
+
+    /// Wish for these NARs (eager replication), by BLAKE3 with a path that wants each.
+    pub fn want(&self, wishes: &[([u8; 32], String)]) -> Result<(), DbError> {
+        if wishes.is_empty() {
+            return Ok(());
+        }
+        let tx = durable(&self.db)?;
+        {
+            let mut wants = tx.open_table(WANTS)?;
+            let nars = tx.open_table(NARS)?;
+            let own = tx.open_multimap_table(OWN)?;
+            for (b, h) in wishes {
+                if nars.get(b.as_slice())?.is_none() && own.get(b.as_slice())?.next().is_none() {
+                    wants.insert(b.as_slice(), h.as_str())?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Give up wishes (no trusted record wants the NAR any more, or it was evicted).
+    pub fn unwant(&self, blake3s: &[[u8; 32]]) -> Result<(), DbError> {
+        if blake3s.is_empty() {
+            return Ok(());
+        }
+        let tx = durable(&self.db)?;
+        {
+            let mut wants = tx.open_table(WANTS)?;
+            for b in blake3s {
+                wants.remove(b.as_slice())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every wish: (BLAKE3, hash part of a path that wants it).
+    pub fn wants(&self) -> Result<Vec<([u8; 32], String)>, DbError> {
+        let tx = self.db.begin_read()?;
+        let wants = tx.open_table(WANTS)?;
+        let mut out = Vec::new();
+        for entry in wants.iter()? {
+            let (k, v) = entry?;
+            let mut b = [0u8; 32];
+            b.copy_from_slice(k.value());
+            out.push((b, v.value().to_owned()));
+        }
+        Ok(out)
+    }
+
+    /// What the storage holds.
+    pub fn storage_counters(&self) -> Result<StorageCounters, DbError> {
+        let tx = self.db.begin_read()?;
+        let meta = tx.open_table(META)?;
+        Ok(StorageCounters {
+            own_bytes: get_meta(&meta, OWN_BYTES)?,
+            own_paths: get_meta(&meta, OWN_PATHS)?,
+            file_bytes: get_meta(&meta, FILE_BYTES)?,
+            files: tx.open_table(NARS)?.len()?,
+            evictions: get_meta(&meta, EVICTIONS)?,
+            gc_lost: get_meta(&meta, GC_LOST)?,
+        })
+    }
+}

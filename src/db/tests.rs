@@ -1,0 +1,217 @@
+//! The database's own tests: durability of the queue and records across reopening, the log's
+//! order, storage bookkeeping, and the migration of an `e5a6e05` data dir (golden fixture).
+
+use super::*;
+
+/// An own record of path `h` whose NAR is `b` repeated, `size` bytes.
+pub(super) fn own(h: &str, b: u8, size: u64) -> OwnRecord {
+    OwnRecord {
+        store_path: format!("/nix/store/{h}-x"),
+        claim: Claim {
+            narinfo: String::new(),
+            blake3: [b; 32],
+            nar_size: size,
+            bindings: vec!["me-1:x".into()],
+            upstream_refs: vec![],
+            own: true,
+            providers: vec![],
+            failed: false,
+            withdrawn: false,
+        },
+        leaves: vec![b; 32],
+    }
+}
+
+fn remote(h: &str, b: u8, provider: u8, at: u64, holds: bool) -> RemoteClaim {
+    RemoteClaim {
+        store_path: format!("/nix/store/{h}-x"),
+        claim: Claim {
+            narinfo: String::new(),
+            blake3: [b; 32],
+            nar_size: 7,
+            bindings: vec![],
+            upstream_refs: vec![],
+            own: false,
+            providers: vec![Provider {
+                id: [provider; 32],
+                holds,
+                at_ms: at,
+                sig: vec![1],
+            }],
+            failed: false,
+            withdrawn: false,
+        },
+    }
+}
+
+fn log_order(db: &Db) -> Vec<String> {
+    db.log_after(0, 100)
+        .unwrap()
+        .0
+        .into_iter()
+        .map(|(_, r)| r.hash_part().to_owned())
+        .collect()
+}
+
+#[test]
+fn queue_record_and_counters_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.redb");
+    let h1 = "a".repeat(32);
+    {
+        let db = Db::open(&path).unwrap();
+        let item = QueueItem {
+            drv: None,
+            outs: vec!["/nix/store/x".into()],
+        };
+        db.enqueue(&[item.clone(), item.clone()]).unwrap();
+        let batch = db.queue_batch(10).unwrap();
+        assert_eq!(batch.len(), 2);
+        db.record_own(&[batch[0].0], &[own(&h1, 1, 10), own(&h1, 1, 10)], 1)
+            .unwrap();
+    }
+    let db = Db::open(&path).unwrap();
+    let c = db.counters().unwrap();
+    assert_eq!(
+        c,
+        Counters {
+            queue_depth: 1,
+            paths: 1,
+            failures: 1
+        }
+    );
+    let s = db.storage_counters().unwrap();
+    assert_eq!((s.own_paths, s.own_bytes), (1, 10));
+    assert_eq!(db.known(&[&h1, "b"]).unwrap(), vec![true, false]);
+    assert_eq!(db.has_own(&[&h1]).unwrap(), vec![true]);
+    assert_eq!(
+        db.path(&h1).unwrap().unwrap().active().unwrap().nar_size,
+        10
+    );
+    assert_eq!(db.leaves(&[1; 32]).unwrap(), Some(vec![1; 32]));
+    let item = QueueItem {
+        drv: None,
+        outs: vec![],
+    };
+    db.enqueue(&[item]).unwrap();
+    let seqs: Vec<u64> = db.queue_batch(10).unwrap().iter().map(|x| x.0).collect();
+    assert_eq!(
+        seqs,
+        vec![1, 2],
+        "sequence numbers keep growing across restarts"
+    );
+}
+
+#[test]
+fn a_peer_record_first_does_not_stop_our_own_and_changes_move_to_the_end_of_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("db")).unwrap();
+    let (a, b) = ("a".repeat(32), "b".repeat(32));
+    let new = db
+        .record_remote(
+            vec![remote(&a, 9, 5, 1, true), remote(&b, 8, 5, 1, true)],
+            None,
+        )
+        .unwrap();
+    assert_eq!(new.len(), 2);
+    assert_eq!(
+        db.has_own(&[&a]).unwrap(),
+        vec![false],
+        "a peer's record is not ours"
+    );
+    assert_eq!(log_order(&db), vec![a.clone(), b.clone()]);
+    // The same statement again changes nothing; a later withdrawal does.
+    assert!(
+        db.record_remote(vec![remote(&a, 9, 5, 1, true)], None)
+            .unwrap()
+            .is_empty()
+    );
+    let changed = db
+        .record_remote(vec![remote(&a, 9, 5, 2, false)], None)
+        .unwrap();
+    assert_eq!(changed.len(), 1);
+    assert!(!changed[0].claims[0].providers[0].holds);
+    assert_eq!(log_order(&db), vec![b.clone(), a.clone()]);
+    // Our own build of `b` (other bytes than the peer's) comes first in its record.
+    db.record_own(&[], &[own(&b, 3, 10)], 0).unwrap();
+    let rec = db.path(&b).unwrap().unwrap();
+    assert_eq!(rec.active().unwrap().blake3, [3; 32]);
+    assert_eq!(rec.claims.len(), 2);
+    assert_eq!(log_order(&db), vec![a.clone(), b.clone()]);
+    // Two paths with the same NAR bytes are both found by it.
+    db.record_own(&[], &[own(&a, 3, 10)], 0).unwrap();
+    assert_eq!(db.by_blake3(&[3; 32]).unwrap().len(), 2);
+    // Lost from the store: no longer own, and at the end of the log again.
+    assert_eq!(db.own_lost(&[([3; 32], b.clone())]).unwrap(), 1);
+    assert_eq!(db.has_own(&[&b, &a]).unwrap(), vec![false, true]);
+    assert_eq!(db.own_holder(&[3; 32]).unwrap().unwrap().0, a);
+    assert_eq!(log_order(&db).last(), Some(&b));
+    assert_eq!(db.storage_counters().unwrap().gc_lost, 1);
+}
+
+#[test]
+fn nar_files_are_counted_and_evictions_clear_wishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("db")).unwrap();
+    let a = "a".repeat(32);
+    db.record_remote(vec![remote(&a, 9, 5, 1, true)], None)
+        .unwrap();
+    db.want(&[([9; 32], a.clone())]).unwrap();
+    assert_eq!(db.wants().unwrap().len(), 1);
+    db.add_nar_file(
+        &[9; 32],
+        NarFile {
+            size: 7,
+            last_used: 1,
+        },
+        &[0; 32],
+    )
+    .unwrap();
+    assert!(db.wants().unwrap().is_empty(), "held: no longer wanted");
+    let s = db.storage_counters().unwrap();
+    assert_eq!((s.files, s.file_bytes), (1, 7));
+    db.touch_nar_files(&[([9; 32], 50)]).unwrap();
+    assert_eq!(db.nar_file(&[9; 32]).unwrap().unwrap().last_used, 50);
+    db.want(&[([9; 32], a.clone())]).unwrap();
+    assert!(db.wants().unwrap().is_empty(), "a NAR held is never wanted");
+    db.remove_nar_files(&[[9; 32]], true).unwrap();
+    let s = db.storage_counters().unwrap();
+    assert_eq!((s.files, s.file_bytes, s.evictions), (0, 0, 1));
+    assert_eq!(db.leaves(&[9; 32]).unwrap(), None);
+}
+
+/// The `e5a6e05` fixture: its records, log order and the NARs its blob store held.
+#[test]
+fn a_data_dir_of_e5a6e05_is_migrated() {
+    let t = tempfile::tempdir().unwrap();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/datadir-e5a6e05.tar.zst");
+    let ok = std::process::Command::new("tar")
+        .arg("--zstd")
+        .arg("-xf")
+        .arg(&fixture)
+        .arg("-C")
+        .arg(t.path())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let db = Db::open(&t.path().join("n1/data/narmesh.redb")).unwrap();
+    assert_eq!(db.counters().unwrap().paths, 4);
+    let (entries, more) = db.log_after(0, 100).unwrap();
+    assert!(!more);
+    let seqs: Vec<u64> = entries.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4], "sequence numbers kept");
+    for (_, r) in &entries {
+        let c = r.active().unwrap();
+        assert!(c.narinfo.starts_with("StorePath: /nix/store/"));
+        assert!(c.bindings.is_empty(), "version 1 never bound BLAKE3 hashes");
+        assert_eq!(db.by_blake3(&c.blake3).unwrap().len(), 1);
+    }
+    assert_eq!(db.legacy_blobs().unwrap().len(), 4, "n1 held every NAR");
+    db.drop_legacy().unwrap();
+    assert!(db.legacy_blobs().unwrap().is_empty());
+    drop(db);
+    // Opened again: nothing to migrate, nothing lost.
+    let db = Db::open(&t.path().join("n1/data/narmesh.redb")).unwrap();
+    assert_eq!(db.counters().unwrap().paths, 4);
+}

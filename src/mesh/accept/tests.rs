@@ -1,0 +1,232 @@
+//! The trust decisions, one by one: what is taken in, what is refused and why, and what this
+//! node says about what it holds.
+
+use std::collections::BTreeSet;
+
+use super::*;
+use crate::nix::{Sha256, StorePath};
+
+const PATH: &str = "/nix/store/h06bh0s5rcfi480fiz4q44bzrg5l95jg-hello";
+const REF: &str = "/nix/store/0c0bh0s5rcfi480fiz4q44bzrg5l95jg-dep";
+
+struct World {
+    origin: SecretKey,
+    node: SecretKey,
+    trusted: TrustedKeys,
+    peer: EndpointSecret,
+    stranger: EndpointSecret,
+}
+
+fn world() -> World {
+    let origin = SecretKey::generate("origin-1").unwrap();
+    let node = SecretKey::generate("node-1").unwrap();
+    World {
+        trusted: TrustedKeys::new([origin.public()]),
+        origin,
+        node,
+        peer: EndpointSecret::from_bytes(&[7; 32]),
+        stranger: EndpointSecret::from_bytes(&[8; 32]),
+    }
+}
+
+fn narinfo(key: &SecretKey, size: u64) -> String {
+    let mut info = NarInfo {
+        store_path: StorePath::parse(PATH).unwrap(),
+        url: "nar/x.nar".into(),
+        compression: "none".into(),
+        file_hash: None,
+        file_size: None,
+        nar_hash: Sha256([5; 32]),
+        nar_size: size,
+        references: BTreeSet::from([StorePath::parse(REF).unwrap()]),
+        deriver: None,
+        sigs: vec![],
+        ca: None,
+    };
+    info.sign(key);
+    info.render()
+}
+
+fn announce(w: &World, blake3: [u8; 32], bound_to: [u8; 32]) -> PathAnnounce {
+    let p = StorePath::parse(PATH).unwrap();
+    PathAnnounce {
+        narinfo: narinfo(&w.origin, 100),
+        blake3,
+        nar_size: 100,
+        bindings: vec![crate::binding::sign(
+            &w.origin,
+            &p,
+            &Sha256([5; 32]),
+            100,
+            &bound_to,
+        )],
+        upstream_refs: vec!["0c0bh0s5rcfi480fiz4q44bzrg5l95jg".into(), "notaref".into()],
+        providers: vec![],
+    }
+}
+
+fn judge<'a>(w: &'a World, allowed: &'a [[u8; 32]]) -> Judge<'a, impl Fn(&[u8; 32]) -> bool + 'a> {
+    Judge {
+        trusted: &w.trusted,
+        key: &w.node,
+        allowed: move |id: &[u8; 32]| allowed.contains(id),
+        max_nar_size: 1 << 20,
+    }
+}
+
+#[test]
+fn a_trusted_bound_claim_is_taken_in_with_our_url_and_signature() {
+    let w = world();
+    let mut ann = announce(&w, [1; 32], [1; 32]);
+    let peer_id = *w.peer.public().as_bytes();
+    ann.providers = vec![
+        proto_statement(statement(&w.peer, &[1; 32], true, 10)),
+        // Signed by someone else than the provider it names: dropped.
+        ProviderStatement {
+            sig: statement(&w.stranger, &[1; 32], true, 10).sig,
+            ..proto_statement(statement(&w.peer, &[1; 32], true, 11))
+        },
+        // Not an allowed peer: dropped.
+        proto_statement(statement(&w.stranger, &[1; 32], true, 10)),
+    ];
+    let c = judge(&w, &[peer_id]).claim(&ann).unwrap();
+    assert_eq!(c.store_path, PATH);
+    assert_eq!(c.claim.providers.len(), 1);
+    assert_eq!(c.claim.providers[0].id, peer_id);
+    assert_eq!(
+        c.claim.upstream_refs,
+        vec!["0c0bh0s5rcfi480fiz4q44bzrg5l95jg"]
+    );
+    let info = NarInfo::parse(&c.claim.narinfo).unwrap();
+    assert_eq!(info.url, nar_url(&[1; 32]));
+    assert_eq!(info.sigs.len(), 2, "the origin's signature and ours");
+    assert!(!c.claim.own);
+}
+
+#[test]
+fn a_replayed_narinfo_with_another_blake3_is_refused() {
+    let w = world();
+    // The narinfo is trusted, but the binding is for other bytes than the BLAKE3 announced.
+    let ann = announce(&w, [9; 32], [1; 32]);
+    assert_eq!(
+        judge(&w, &[]).claim(&ann).unwrap_err(),
+        Refused::Unbound(PATH.into())
+    );
+    // A binding by a key that is not trusted binds nothing.
+    let mut ann = announce(&w, [9; 32], [9; 32]);
+    let p = StorePath::parse(PATH).unwrap();
+    ann.bindings = vec![crate::binding::sign(
+        &w.node,
+        &p,
+        &Sha256([5; 32]),
+        100,
+        &[9; 32],
+    )];
+    assert_eq!(
+        judge(&w, &[]).claim(&ann).unwrap_err().reason(),
+        "unbound-blake3"
+    );
+    // No binding at all.
+    ann.bindings.clear();
+    assert!(matches!(
+        judge(&w, &[]).claim(&ann),
+        Err(Refused::Unbound(_))
+    ));
+}
+
+#[test]
+fn untrusted_wrong_size_and_oversized_claims_are_refused() {
+    let w = world();
+    let mut ann = announce(&w, [1; 32], [1; 32]);
+    ann.narinfo = narinfo(&w.node, 100);
+    assert_eq!(
+        judge(&w, &[]).claim(&ann).unwrap_err().reason(),
+        "untrusted-signature"
+    );
+    let mut ann = announce(&w, [1; 32], [1; 32]);
+    ann.nar_size = 101;
+    assert_eq!(
+        judge(&w, &[]).claim(&ann).unwrap_err().reason(),
+        "size-mismatch"
+    );
+    let mut big = announce(&w, [1; 32], [1; 32]);
+    big.narinfo = narinfo(&w.origin, 2 << 20);
+    big.nar_size = 2 << 20;
+    assert_eq!(
+        judge(&w, &[]).claim(&big).unwrap_err().reason(),
+        "too-large"
+    );
+    let mut junk = announce(&w, [1; 32], [1; 32]);
+    junk.narinfo = "StorePath: nonsense".into();
+    assert_eq!(
+        judge(&w, &[]).claim(&junk).unwrap_err().reason(),
+        "bad-narinfo"
+    );
+}
+
+#[test]
+fn a_version_1_claim_is_taken_in_unbound_with_hints() {
+    let w = world();
+    let ann = v1::Announce {
+        version: 1,
+        narinfo: narinfo(&w.origin, 100),
+        blake3: [1; 32],
+        nar_size: 100,
+        providers: vec![[7; 32], [8; 32]],
+    };
+    let c = judge(&w, &[[7; 32]]).claim_v1(&ann).unwrap();
+    assert!(c.claim.bindings.is_empty());
+    assert_eq!(c.claim.providers.len(), 1);
+    assert_eq!(
+        (c.claim.providers[0].at_ms, c.claim.providers[0].sig.len()),
+        (0, 0)
+    );
+}
+
+#[test]
+fn what_we_say_follows_what_we_hold_and_peers_believe_it() {
+    let w = world();
+    let me = EndpointSecret::from_bytes(&[3; 32]);
+    let my_id = *me.public().as_bytes();
+    let c = judge(&w, &[])
+        .claim(&announce(&w, [1; 32], [1; 32]))
+        .unwrap();
+    let mut rec = PathRecord {
+        store_path: c.store_path.clone(),
+        claims: vec![c.claim],
+        recorded_at: 0,
+    };
+    // Not held, never said: no statement of ours.
+    let a = announce_of(&rec, &me, &w.node, false, 5).unwrap();
+    assert!(a.providers.iter().all(|p| p.id != my_id));
+    // Held: a statement that we hold it, and our binding beside the origin's.
+    let a = announce_of(&rec, &me, &w.node, true, 6).unwrap();
+    assert_eq!((a.providers[0].id, a.providers[0].holds), (my_id, true));
+    assert_eq!(a.bindings.len(), 2);
+    // A peer that trusts our key (and allows us) takes our word for it.
+    let peer_trust = TrustedKeys::new([w.origin.public(), w.node.public()]);
+    let peer = Judge {
+        trusted: &peer_trust,
+        key: &w.origin,
+        allowed: |id: &[u8; 32]| *id == my_id,
+        max_nar_size: 1 << 20,
+    };
+    let got = peer.claim(&a).unwrap();
+    assert_eq!(got.claim.providers.len(), 1);
+    assert_eq!(got.claim.bindings.len(), 2);
+    // Once we held it and lost it, we say so.
+    rec.claims[0].withdrawn = true;
+    let a = announce_of(&rec, &me, &w.node, false, 7).unwrap();
+    assert_eq!((a.providers[0].id, a.providers[0].holds), (my_id, false));
+    let v1 = announce_v1_of(&rec, my_id, false).unwrap();
+    assert!(v1.providers.is_empty());
+}
+
+fn proto_statement(p: Provider) -> ProviderStatement {
+    ProviderStatement {
+        id: p.id,
+        holds: p.holds,
+        at_ms: p.at_ms,
+        sig: p.sig,
+    }
+}

@@ -1,0 +1,197 @@
+//! The server side of NAR transfer, both versions: a NAR this node holds (an own path served
+//! from the local Nix store, or a NAR file) and has a record of, read through the storage's
+//! verified reader, so corrupt or tampered bytes are never sent. Version 2 answers leaves and
+//! ranges of whole chunk groups; version 1 the whole NAR from an offset. Streams of one
+//! connection are served side by side, at most [`STREAMS_PER_CONNECTION`] at once, and at most
+//! [`MAX_SERVING`] across all peers (more get `Busy`); every write has a deadline.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use iroh::endpoint::{Connection, RecvStream, SendStream};
+use iroh::protocol::{AcceptError, ProtocolHandler};
+use narmesh_proto::sync::{NarHeader, NarQuery, NarReply, NarRequest, NarWhat};
+
+use super::wire;
+use crate::chunks::GROUP;
+use crate::metrics::{Metrics, SourceLabels};
+use crate::storage::{Held, Storage};
+
+/// Streams served at once across all peers.
+pub const MAX_SERVING: usize = 64;
+/// Streams of one connection served at once.
+pub const STREAMS_PER_CONNECTION: usize = 16;
+/// A request must arrive within this.
+const REQUEST: Duration = Duration::from_secs(10);
+/// A peer that takes no data for this long is dropped.
+const WRITE_STALL: Duration = Duration::from_secs(20);
+
+/// Serves NARs by BLAKE3 hash, version `v` (1 or 2).
+#[derive(Debug, Clone)]
+pub struct NarServer {
+    pub storage: Storage,
+    pub metrics: Arc<Metrics>,
+    pub slots: Arc<tokio::sync::Semaphore>,
+    pub version: u8,
+}
+
+fn user(e: impl std::fmt::Display) -> AcceptError {
+    AcceptError::from_err(std::io::Error::other(e.to_string()))
+}
+
+impl ProtocolHandler for NarServer {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        let mut streams = tokio::task::JoinSet::new();
+        let per_conn = Arc::new(tokio::sync::Semaphore::new(STREAMS_PER_CONNECTION));
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let Ok(permit) = per_conn.clone().acquire_owned().await else {
+                break;
+            };
+            let (this, c) = (self.clone(), conn.clone());
+            streams.spawn(async move {
+                let r = this.serve_stream(&c, send, recv).await;
+                drop(permit);
+                r
+            });
+            while let Some(done) = streams.try_join_next() {
+                if let Ok(Err(e)) = done {
+                    tracing::debug!("mesh nar: stream to {}: {e}", conn.remote_id());
+                }
+            }
+        }
+        while streams.join_next().await.is_some() {}
+        Ok(())
+    }
+}
+
+impl NarServer {
+    async fn serve_stream(
+        &self,
+        conn: &Connection,
+        mut send: SendStream,
+        mut recv: RecvStream,
+    ) -> Result<(), AcceptError> {
+        let (blake3, range, v2_leaves) = if self.version == 2 {
+            let q: NarQuery = match tokio::time::timeout(REQUEST, wire::read(&mut recv)).await {
+                Ok(Ok(q)) => q,
+                _ => return bad_request(conn),
+            };
+            match q.what {
+                NarWhat::Leaves => (q.blake3, None, true),
+                NarWhat::Range { start, end } => (q.blake3, Some((start, end)), false),
+            }
+        } else {
+            let r: NarRequest = match tokio::time::timeout(REQUEST, wire::read(&mut recv)).await {
+                Ok(Ok(r)) => r,
+                _ => return bad_request(conn),
+            };
+            (r.blake3, Some((r.offset, u64::MAX)), false)
+        };
+        let Some((held, size)) = self.held(&blake3).await else {
+            return self.refuse(&mut send, None).await;
+        };
+        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
+            return self.refuse(&mut send, Some(NarReply::Busy)).await;
+        };
+        if v2_leaves {
+            let leaves = match self.storage.leaves(&blake3).await {
+                Ok(Some(l)) => l,
+                _ => return self.refuse(&mut send, None).await,
+            };
+            write(&mut send, &NarReply::Leaves { size }).await?;
+            timed(send.write_all(&leaves.to_bytes())).await?;
+            return send.finish().map_err(user);
+        }
+        let Some((start, end)) = range else {
+            return bad_request(conn);
+        };
+        let end = end.min(size);
+        let aligned = start % GROUP == 0 && (end % GROUP == 0 || end == size);
+        if start > end || (self.version == 2 && (!aligned || start == end)) {
+            return self
+                .refuse(
+                    &mut send,
+                    Some(NarReply::Error {
+                        message: format!("bad range {start}..{end} of a NAR of {size} bytes"),
+                    }),
+                )
+                .await;
+        }
+        if self.version == 2 {
+            write(&mut send, &NarReply::Range { len: end - start }).await?;
+        } else {
+            write(&mut send, &NarHeader::Found { size: end - start }).await?;
+        }
+        let mut data = self.storage.read(&blake3, start, end).await.map_err(user)?;
+        let source = match held {
+            Held::Store { .. } => "store",
+            Held::File { .. } => "file",
+        };
+        let counter = self
+            .metrics
+            .served_bytes
+            .get_or_create(&SourceLabels { source })
+            .clone();
+        while let Some(piece) = data.recv().await {
+            let piece = piece.map_err(user)?;
+            counter.inc_by(piece.len() as u64);
+            timed(send.write_chunk(piece)).await?;
+        }
+        send.finish().map_err(user)
+    }
+
+    /// The NAR if this node holds it and has a record of it: how, and its size.
+    async fn held(&self, blake3: &[u8; 32]) -> Option<(Held, u64)> {
+        let held = self.storage.held(blake3).await.ok()??;
+        let db = self.storage.db().clone();
+        let b = *blake3;
+        let size = tokio::task::spawn_blocking(move || {
+            db.by_blake3(&b)
+                .ok()?
+                .iter()
+                .find_map(|r| r.claim(&b).map(|c| c.nar_size))
+        })
+        .await
+        .ok()??;
+        Some((held, size))
+    }
+
+    async fn refuse(
+        &self,
+        send: &mut SendStream,
+        reply: Option<NarReply>,
+    ) -> Result<(), AcceptError> {
+        if self.version == 2 {
+            write(send, &reply.unwrap_or(NarReply::NotFound)).await?;
+        } else {
+            let header = match reply {
+                Some(NarReply::Busy) => NarHeader::Error {
+                    message: "busy".into(),
+                },
+                Some(NarReply::Error { message }) => NarHeader::Error { message },
+                _ => NarHeader::NotFound,
+            };
+            write(send, &header).await?;
+        }
+        send.finish().map_err(user)
+    }
+}
+
+fn bad_request(conn: &Connection) -> Result<(), AcceptError> {
+    tracing::warn!("mesh nar: bad request from {}", conn.remote_id());
+    conn.close(400u32.into(), b"bad request");
+    Ok(())
+}
+
+async fn timed<T, E: std::fmt::Display>(
+    f: impl Future<Output = Result<T, E>>,
+) -> Result<T, AcceptError> {
+    match tokio::time::timeout(WRITE_STALL, f).await {
+        Err(_) => Err(user("the peer stopped taking data")),
+        Ok(r) => r.map_err(user),
+    }
+}
+
+async fn write<T: serde::Serialize>(send: &mut SendStream, msg: &T) -> Result<(), AcceptError> {
+    timed(wire::write(send, msg)).await
+}

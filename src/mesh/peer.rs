@@ -1,0 +1,260 @@
+//! The client side of NAR transfer: one pooled QUIC connection per provider and protocol
+//! version, streams side by side on it, and a deadline on every step (connect, open a stream,
+//! the answer's head, each piece of data). Version 2 asks for leaves and ranges; a provider that
+//! speaks only version 1 (an older node) is asked for the whole NAR from an offset.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use iroh::endpoint::{Connection, RecvStream};
+use iroh::{Endpoint, EndpointId};
+use narmesh_proto::sync::{
+    NAR_ALPN, NAR_ALPN_V1, NarHeader, NarQuery, NarReply, NarRequest, NarWhat,
+};
+
+use super::wire;
+
+/// Deadline of a connection's handshake.
+pub const CONNECT: Duration = Duration::from_secs(5);
+/// Deadline of opening a stream and of an answer's head.
+pub const ANSWER: Duration = Duration::from_secs(10);
+/// A provider that sends nothing for this long is given up on.
+pub const STALL: Duration = Duration::from_secs(10);
+
+/// What went wrong with a provider.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("connect: {0}")]
+    Connect(String),
+    /// The provider speaks only version 1 of the NAR protocol.
+    #[error("speaks only version 1")]
+    OnlyV1,
+    #[error("{0}")]
+    Stream(String),
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    #[error("does not hold it")]
+    NotFound,
+    #[error("busy")]
+    Busy,
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+impl PeerError {
+    /// True if the provider misbehaved (as opposed to being unreachable or busy).
+    pub fn misbehaved(&self) -> bool {
+        matches!(self, PeerError::Protocol(_))
+    }
+}
+
+/// Open connections to providers, by (provider, protocol version).
+#[derive(Debug)]
+pub struct Pool {
+    ep: Endpoint,
+    conns: Mutex<HashMap<(EndpointId, u8), Connection>>,
+}
+
+async fn within<T, E: std::fmt::Display>(
+    d: Duration,
+    what: &'static str,
+    f: impl Future<Output = Result<T, E>>,
+) -> Result<T, PeerError> {
+    match tokio::time::timeout(d, f).await {
+        Err(_) => Err(PeerError::Timeout(what)),
+        Ok(Err(e)) => Err(PeerError::Stream(format!("{what}: {e}"))),
+        Ok(Ok(v)) => Ok(v),
+    }
+}
+
+impl Pool {
+    pub fn new(ep: Endpoint) -> Self {
+        Pool {
+            ep,
+            conns: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.ep
+    }
+
+    fn cached(&self, key: (EndpointId, u8)) -> Option<Connection> {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        match conns.get(&key) {
+            Some(c) if c.close_reason().is_none() => Some(c.clone()),
+            Some(_) => {
+                conns.remove(&key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// A connection to `peer` for protocol `version` (1 or 2), reused while it is open.
+    pub async fn conn(&self, peer: EndpointId, version: u8) -> Result<Connection, PeerError> {
+        if let Some(c) = self.cached((peer, version)) {
+            return Ok(c);
+        }
+        let alpn = if version == 2 { NAR_ALPN } else { NAR_ALPN_V1 };
+        let conn = match tokio::time::timeout(CONNECT, self.ep.connect(peer, alpn)).await {
+            Err(_) => return Err(PeerError::Timeout("connect")),
+            Ok(Err(e)) => {
+                let msg = crate::error_chain(&e);
+                // A node that does not serve the ALPN fails the handshake with "no application
+                // protocol" (TLS alert 120).
+                if version == 2 && (msg.contains("application protocol") || msg.contains("120")) {
+                    return Err(PeerError::OnlyV1);
+                }
+                return Err(PeerError::Connect(msg));
+            }
+            Ok(Ok(c)) => c,
+        };
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((peer, version), conn.clone());
+        Ok(conn)
+    }
+
+    /// Forget a connection that failed.
+    pub fn drop_conn(&self, peer: EndpointId, version: u8) {
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(peer, version));
+    }
+
+    async fn ask(
+        &self,
+        peer: EndpointId,
+        blake3: [u8; 32],
+        what: NarWhat,
+    ) -> Result<(NarReply, RecvStream), PeerError> {
+        let conn = self.conn(peer, 2).await?;
+        let res = async {
+            let (mut send, mut recv) = within(ANSWER, "open a stream", conn.open_bi()).await?;
+            let q = NarQuery {
+                version: narmesh_proto::MESH_PROTOCOL_VERSION,
+                blake3,
+                what,
+            };
+            within(ANSWER, "send the request", wire::write(&mut send, &q)).await?;
+            send.finish()
+                .map_err(|e| PeerError::Stream(e.to_string()))?;
+            let reply: NarReply = match tokio::time::timeout(ANSWER, wire::read(&mut recv)).await {
+                Err(_) => return Err(PeerError::Timeout("answer")),
+                Ok(Err(e)) => return Err(PeerError::Protocol(format!("answer: {e}"))),
+                Ok(Ok(r)) => r,
+            };
+            Ok((reply, recv))
+        }
+        .await;
+        if matches!(&res, Err(PeerError::Stream(_) | PeerError::Timeout(_))) {
+            self.drop_conn(peer, 2);
+        }
+        res
+    }
+
+    /// The NAR's leaves (unchecked: the caller checks them against the BLAKE3).
+    pub async fn leaves(
+        &self,
+        peer: EndpointId,
+        blake3: [u8; 32],
+        size: u64,
+    ) -> Result<Vec<u8>, PeerError> {
+        let (reply, mut recv) = self.ask(peer, blake3, NarWhat::Leaves).await?;
+        match reply {
+            NarReply::Leaves { size: s } if s == size => {}
+            NarReply::Leaves { size: s } => {
+                return Err(PeerError::Protocol(format!(
+                    "says the NAR is {s} bytes, not {size}"
+                )));
+            }
+            other => return Err(refusal(other)),
+        }
+        let len = crate::chunks::groups(size) as usize * 32;
+        let mut buf = vec![0u8; len];
+        within(STALL, "leaves", recv.read_exact(&mut buf)).await?;
+        Ok(buf)
+    }
+
+    /// Ask for bytes `start..end`; returns the stream they follow on.
+    pub async fn range(
+        &self,
+        peer: EndpointId,
+        blake3: [u8; 32],
+        start: u64,
+        end: u64,
+    ) -> Result<RecvStream, PeerError> {
+        let (reply, recv) = self
+            .ask(peer, blake3, NarWhat::Range { start, end })
+            .await?;
+        match reply {
+            NarReply::Range { len } if len == end - start => Ok(recv),
+            NarReply::Range { len } => Err(PeerError::Protocol(format!(
+                "offers {len} bytes, asked for {}",
+                end - start
+            ))),
+            other => Err(refusal(other)),
+        }
+    }
+
+    /// Version 1: the NAR from `offset` to its end; returns the stream the bytes follow on.
+    pub async fn v1_from(
+        &self,
+        peer: EndpointId,
+        blake3: [u8; 32],
+        offset: u64,
+        size: u64,
+    ) -> Result<RecvStream, PeerError> {
+        let conn = self.conn(peer, 1).await?;
+        let (mut send, mut recv) = within(ANSWER, "open a stream", conn.open_bi()).await?;
+        let req = NarRequest {
+            version: 1,
+            blake3,
+            offset,
+        };
+        within(ANSWER, "send the request", wire::write(&mut send, &req)).await?;
+        send.finish()
+            .map_err(|e| PeerError::Stream(e.to_string()))?;
+        let header: NarHeader = match tokio::time::timeout(ANSWER, wire::read(&mut recv)).await {
+            Err(_) => return Err(PeerError::Timeout("answer")),
+            Ok(Err(e)) => return Err(PeerError::Protocol(format!("answer: {e}"))),
+            Ok(Ok(h)) => h,
+        };
+        match header {
+            NarHeader::Found { size: s } if s == size - offset => Ok(recv),
+            NarHeader::Found { size: s } => Err(PeerError::Protocol(format!(
+                "offers {s} bytes, expected {}",
+                size - offset
+            ))),
+            NarHeader::NotFound => Err(PeerError::NotFound),
+            NarHeader::Error { message } => Err(PeerError::Refused(message)),
+        }
+    }
+}
+
+fn refusal(reply: NarReply) -> PeerError {
+    match reply {
+        NarReply::NotFound => PeerError::NotFound,
+        NarReply::Busy => PeerError::Busy,
+        NarReply::Error { message } => PeerError::Refused(message),
+        other => PeerError::Protocol(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// The next piece of a data stream, within the stall deadline; `None` at its end.
+pub async fn next_piece(
+    recv: &mut RecvStream,
+    max: usize,
+) -> Result<Option<bytes::Bytes>, PeerError> {
+    match tokio::time::timeout(STALL, recv.read_chunk(max)).await {
+        Err(_) => Err(PeerError::Timeout("stalled")),
+        Ok(Err(e)) => Err(PeerError::Stream(crate::error_chain(&e))),
+        Ok(Ok(c)) => Ok(c),
+    }
+}

@@ -1,0 +1,252 @@
+//! Catch-up, client and server, both versions: every node keeps a log of its records (a path
+//! moves to the end whenever its record or what this node holds of it changes); a peer asks for
+//! the entries after its cursor, batch by batch. The client checks each entry as an
+//! announcement and stores its cursor in the same commit as the records.
+//!
+//! Liveness: peers are caught up with concurrently, each within a round budget of time and
+//! batches, so a slow or endless peer delays nobody else and cannot keep a node busy; every
+//! network step has a deadline. A peer that speaks only version 1 is asked in version 1.
+
+use std::time::{Duration, Instant};
+
+use iroh::EndpointId;
+use iroh::endpoint::Connection;
+use iroh::protocol::{AcceptError, ProtocolHandler};
+use narmesh_proto::gossip::PathAnnounce;
+use narmesh_proto::sync::{
+    MAX_SYNC_BATCH, SYNC_ALPN, SYNC_ALPN_V1, SyncBatch, SyncBatchV2, SyncRequest,
+};
+
+use super::{Ctx, wire};
+
+/// Bytes of narinfo text per catch-up batch, so a batch frame stays far below the frame limit.
+const SYNC_BATCH_BYTES: usize = 512 * 1024;
+/// Batches taken from one peer per round, at most.
+const BATCHES_PER_ROUND: usize = 64;
+/// Time one peer gets per round.
+pub const ROUND_BUDGET: Duration = Duration::from_secs(20);
+/// Deadline of a connection's handshake, and of each answer.
+const CONNECT: Duration = Duration::from_secs(5);
+const ANSWER: Duration = Duration::from_secs(15);
+/// A request must arrive within this.
+const REQUEST: Duration = Duration::from_secs(10);
+
+/// Answers catch-up requests of version `version` (1 or 2) from this node's log.
+#[derive(Debug, Clone)]
+pub struct SyncServer {
+    pub ctx: std::sync::Arc<Ctx>,
+    pub version: u8,
+}
+
+fn user(e: impl std::fmt::Display) -> AcceptError {
+    AcceptError::from_err(std::io::Error::other(e.to_string()))
+}
+
+impl ProtocolHandler for SyncServer {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        loop {
+            let Ok(Ok((mut send, mut recv))) =
+                tokio::time::timeout(Duration::from_secs(30), conn.accept_bi()).await
+            else {
+                return Ok(());
+            };
+            let req: SyncRequest = match tokio::time::timeout(REQUEST, wire::read(&mut recv)).await
+            {
+                Ok(Ok(r)) => r,
+                _ => {
+                    tracing::warn!("mesh sync: bad request from {}", conn.remote_id());
+                    conn.close(400u32.into(), b"bad request");
+                    return Ok(());
+                }
+            };
+            let ctx = self.ctx.clone();
+            let version = self.version;
+            let answer = tokio::task::spawn_blocking(move || batch(&ctx, &req, version))
+                .await
+                .map_err(user)?
+                .map_err(user)?;
+            let sent = tokio::time::timeout(ANSWER, async {
+                match answer {
+                    Answer::V1(b) => wire::write(&mut send, &b).await,
+                    Answer::V2(b) => wire::write(&mut send, &b).await,
+                }
+            })
+            .await;
+            match sent {
+                Ok(Ok(())) => {}
+                _ => return Ok(()),
+            }
+            send.finish().map_err(user)?;
+        }
+    }
+}
+
+enum Answer {
+    V1(SyncBatch),
+    V2(SyncBatchV2),
+}
+
+/// The entries after `req.after`, as announcements of the version asked. Blocking.
+fn batch(ctx: &Ctx, req: &SyncRequest, version: u8) -> Result<Answer, String> {
+    let limit = req.limit.clamp(1, MAX_SYNC_BATCH) as usize;
+    let (rows, mut more) = ctx
+        .db
+        .log_after(req.after, limit)
+        .map_err(|e| e.to_string())?;
+    let (mut next, mut bytes) = (req.after, 0);
+    let now = super::now_ms();
+    let me = ctx.endpoint_key.clone();
+    let my_id = *me.public().as_bytes();
+    let mut v1 = Vec::new();
+    let mut v2 = Vec::new();
+    for (seq, rec) in rows {
+        let Some(c) = rec.active() else {
+            next = seq;
+            continue;
+        };
+        bytes += c.narinfo.len();
+        if bytes > SYNC_BATCH_BYTES && !(v1.is_empty() && v2.is_empty()) {
+            more = true;
+            break;
+        }
+        let holds = ctx.storage.holds_blocking(&c.blake3);
+        if version == 2 {
+            if let Some(a) = super::accept::announce_of(&rec, &me, &ctx.key, holds, now) {
+                v2.push(a);
+            }
+        } else if let Some(a) = super::accept::announce_v1_of(&rec, my_id, holds) {
+            v1.push(a);
+        }
+        next = seq;
+    }
+    Ok(if version == 2 {
+        Answer::V2(SyncBatchV2 {
+            entries: v2,
+            next,
+            more,
+        })
+    } else {
+        Answer::V1(SyncBatch {
+            entries: v1,
+            next,
+            more,
+        })
+    })
+}
+
+/// Entries of one batch, whatever the version.
+enum Entries {
+    V1(Vec<narmesh_proto::gossip::v1::Announce>),
+    V2(Vec<PathAnnounce>),
+}
+
+/// Catch up with `peer`: its log after our cursor, batch by batch, within the round budget.
+/// Returns the entries taken.
+pub async fn from_peer(ctx: &std::sync::Arc<Ctx>, peer: EndpointId) -> Result<usize, String> {
+    let started = Instant::now();
+    let (conn, version) = connect(ctx, peer).await?;
+    let db = ctx.db.clone();
+    let mut after = tokio::task::spawn_blocking(move || db.cursor(peer.as_bytes()))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let mut taken = 0;
+    for _ in 0..BATCHES_PER_ROUND {
+        let left = ROUND_BUDGET.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        let (entries, next, more) =
+            match tokio::time::timeout(left, ask(&conn, after, version)).await {
+                Err(_) => return Err("catch-up round budget spent".into()),
+                Ok(r) => r?,
+            };
+        let n = match &entries {
+            Entries::V1(e) => e.len(),
+            Entries::V2(e) => e.len(),
+        };
+        // `next` must move forward past what was sent, never backwards.
+        if next < after || n > MAX_SYNC_BATCH as usize || (n > 0 && next == after) {
+            ctx.refused(
+                &peer.to_string(),
+                "inconsistent-batch",
+                "an inconsistent catch-up batch",
+            );
+            return Err("peer sent an inconsistent catch-up batch".into());
+        }
+        taken += n;
+        let advanced = next > after;
+        ctx.take(
+            entries_to_incoming(entries),
+            Some((peer, next)),
+            &peer.to_string(),
+        )
+        .await;
+        after = next;
+        if !more || !advanced {
+            break;
+        }
+    }
+    conn.close(0u32.into(), b"done");
+    Ok(taken)
+}
+
+fn entries_to_incoming(e: Entries) -> Vec<narmesh_proto::gossip::Incoming> {
+    use narmesh_proto::gossip::Incoming;
+    match e {
+        Entries::V1(v) => v.into_iter().map(Incoming::V1).collect(),
+        Entries::V2(v) => v.into_iter().map(Incoming::V2).collect(),
+    }
+}
+
+/// A catch-up connection to `peer`, version 2 if it speaks it.
+async fn connect(ctx: &Ctx, peer: EndpointId) -> Result<(Connection, u8), String> {
+    match tokio::time::timeout(CONNECT, ctx.ep.connect(peer, SYNC_ALPN)).await {
+        Err(_) => Err("connect timed out".into()),
+        Ok(Ok(c)) => Ok((c, 2)),
+        Ok(Err(e)) => {
+            let msg = crate::error_chain(&e);
+            if msg.contains("application protocol") || msg.contains("120") {
+                let c = tokio::time::timeout(CONNECT, ctx.ep.connect(peer, SYNC_ALPN_V1))
+                    .await
+                    .map_err(|_| "connect timed out".to_owned())?
+                    .map_err(|e| crate::error_chain(&e))?;
+                Ok((c, 1))
+            } else {
+                Err(msg)
+            }
+        }
+    }
+}
+
+async fn ask(conn: &Connection, after: u64, version: u8) -> Result<(Entries, u64, bool), String> {
+    let (mut send, mut recv) = tokio::time::timeout(ANSWER, conn.open_bi())
+        .await
+        .map_err(|_| "opening a stream timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let req = SyncRequest {
+        version: version as u16,
+        after,
+        limit: MAX_SYNC_BATCH,
+    };
+    tokio::time::timeout(ANSWER, wire::write(&mut send, &req))
+        .await
+        .map_err(|_| "sending timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    let answer = tokio::time::timeout(ANSWER, async {
+        if version == 2 {
+            wire::read::<SyncBatchV2>(&mut recv)
+                .await
+                .map(|b| (Entries::V2(b.entries), b.next, b.more))
+        } else {
+            wire::read::<SyncBatch>(&mut recv)
+                .await
+                .map(|b| (Entries::V1(b.entries), b.next, b.more))
+        }
+    })
+    .await
+    .map_err(|_| "catch-up answer timed out".to_owned())?
+    .map_err(|e| e.to_string())?;
+    Ok(answer)
+}

@@ -1,0 +1,600 @@
+//! Fetching NARs from peers: one transfer per NAR, shared by every reader that wants it (the
+//! local Nix on demand, the eager wish list, the mirror). A transfer first gets the NAR's leaves
+//! (checked against its bound BLAKE3), then splits the NAR into ranges of whole chunk groups and
+//! has every provider that holds it work through them at once: a slow provider simply does
+//! fewer; a provider whose bytes fail their chunk group is dropped within that group and its
+//! range goes back to the others. Only verified groups are written to the NAR's partial file,
+//! and readers see only the verified prefix. The sha256 follows that prefix; at the end it must
+//! equal the signed NarHash, or the claim is marked failed (never served, never fetched again).
+//!
+//! A provider that speaks only version 1 sends the whole NAR from an offset: its bytes are
+//! checked group by group when leaves came from a version 2 provider, else at the end.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::os::unix::fs::FileExt as _;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use iroh::EndpointId;
+use sha2::Digest as _;
+use tokio::sync::watch;
+
+use super::peer::{PeerError, Pool, next_piece};
+use crate::chunks::{GROUP, Leaves};
+use crate::db::{Claim, Db};
+use crate::metrics::Metrics;
+use crate::nix::NarInfo;
+use crate::storage::{PartialNar, Storage, StorageError};
+
+/// How long a provider that misbehaved is skipped.
+const AVOID_FOR: Duration = Duration::from_secs(60);
+/// Providers a transfer uses at once.
+const PROVIDERS_AT_ONCE: usize = 4;
+/// Transfers at once; more wait.
+pub const MAX_TRANSFERS: usize = 32;
+
+/// Where a transfer stands, as readers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes from the start that are verified and written.
+    pub verified: u64,
+    /// `Some` once over.
+    pub done: Option<Result<(), String>>,
+}
+
+/// One NAR being fetched.
+#[derive(Debug)]
+pub struct Transfer {
+    pub blake3: [u8; 32],
+    pub size: u64,
+    progress: watch::Sender<Progress>,
+    /// The partial file (kept open by readers after it becomes the NAR file).
+    file: Mutex<Option<Arc<File>>>,
+}
+
+impl Transfer {
+    pub fn progress(&self) -> watch::Receiver<Progress> {
+        self.progress.subscribe()
+    }
+
+    /// The file verified bytes are read from, once the transfer has one.
+    pub fn file(&self) -> Option<Arc<File>> {
+        self.file.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn advance(&self, verified: u64) {
+        self.progress.send_if_modified(|p| {
+            if verified > p.verified {
+                p.verified = verified;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    fn end(&self, result: Result<(), String>) {
+        self.progress.send_modify(|p| p.done = Some(result));
+    }
+}
+
+/// Every transfer in progress, and what they share.
+#[derive(Debug)]
+pub struct Transfers {
+    pub pool: Pool,
+    storage: Storage,
+    db: Db,
+    metrics: Arc<Metrics>,
+    active: Mutex<HashMap<[u8; 32], Weak<Transfer>>>,
+    avoid: Mutex<HashMap<EndpointId, Instant>>,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// What to fetch: the claim and the providers to ask.
+#[derive(Debug, Clone)]
+pub struct Want {
+    pub claim: Claim,
+    /// Hash parts of the records with this claim (marked failed if its bytes are bad).
+    pub paths: Vec<String>,
+}
+
+impl Transfers {
+    pub fn new(pool: Pool, storage: Storage, db: Db, metrics: Arc<Metrics>) -> Self {
+        Transfers {
+            pool,
+            storage,
+            db,
+            metrics,
+            active: Mutex::new(HashMap::new()),
+            avoid: Mutex::new(HashMap::new()),
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS)),
+        }
+    }
+
+    fn avoided(&self, id: &EndpointId) -> bool {
+        let map = self.avoid.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(id).is_some_and(|t| t.elapsed() < AVOID_FOR)
+    }
+
+    fn avoid(&self, id: EndpointId, why: &str) {
+        tracing::warn!("mesh: avoiding peer {id} for {AVOID_FOR:?}: {why}");
+        self.avoid
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Instant::now());
+    }
+
+    /// The providers to ask for a claim's NAR, the ones not avoided first.
+    pub fn providers(&self, claim: &Claim) -> Vec<EndpointId> {
+        let me = self.pool.endpoint().id();
+        let mut all: Vec<EndpointId> = claim
+            .providers
+            .iter()
+            .filter(|p| p.holds)
+            .filter_map(|p| EndpointId::from_bytes(&p.id).ok())
+            .filter(|p| *p != me)
+            .collect();
+        all.sort_by_key(|p| self.avoided(p));
+        all
+    }
+
+    /// The transfer of this claim's NAR: the one in progress, or a new one.
+    pub fn start(self: &Arc<Self>, want: Want) -> Arc<Transfer> {
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = active.get(&want.claim.blake3).and_then(Weak::upgrade) {
+            return t;
+        }
+        active.retain(|_, w| w.strong_count() > 0);
+        let t = Arc::new(Transfer {
+            blake3: want.claim.blake3,
+            size: want.claim.nar_size,
+            progress: watch::Sender::new(Progress {
+                verified: 0,
+                done: None,
+            }),
+            file: Mutex::new(None),
+        });
+        active.insert(want.claim.blake3, Arc::downgrade(&t));
+        drop(active);
+        let (this, task) = (self.clone(), t.clone());
+        tokio::spawn(async move {
+            let Ok(_slot) = this.slots.clone().acquire_owned().await else {
+                return;
+            };
+            let started = Instant::now();
+            let result = this.run(&task, &want).await;
+            match &result {
+                Ok(()) => tracing::info!(
+                    "fetched {} ({} bytes) from peers in {:?}, verified",
+                    want.paths.first().map(String::as_str).unwrap_or("?"),
+                    task.size,
+                    started.elapsed()
+                ),
+                Err(e) => {
+                    tracing::warn!("mesh: fetching {}: {e}", crate::storage::hex(&task.blake3))
+                }
+            }
+            task.end(result);
+        });
+        t
+    }
+
+    async fn run(self: &Arc<Self>, t: &Arc<Transfer>, want: &Want) -> Result<(), String> {
+        let info = NarInfo::parse(&want.claim.narinfo).map_err(|e| e.to_string())?;
+        let providers = self.providers(&want.claim);
+        if providers.is_empty() {
+            return Err("no provider holds it".into());
+        }
+        let storage = self.storage.clone();
+        let (b, size) = (t.blake3, t.size);
+        let partial = tokio::task::spawn_blocking(move || storage.begin(&b, size))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e: StorageError| e.to_string())?;
+        *t.file.lock().unwrap_or_else(|p| p.into_inner()) = Some(partial.file());
+        let partial = Arc::new(partial);
+        let leaves = self.leaves(t, &providers).await;
+        let fetched = match &leaves {
+            Some(l) => self.ranges(t, l.clone(), &partial, &providers).await,
+            None => self.whole_v1(t, &partial, &providers).await,
+        };
+        let leaves = fetched?;
+        // Every byte is written; the sha256 must match the signed NarHash.
+        let file = partial.file();
+        let sha = tokio::task::spawn_blocking(move || sha256_of(&file, size))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        if sha != info.nar_hash.0 {
+            self.claim_failed(want, &providers).await;
+            return Err(
+                "the bytes match the BLAKE3 but not the signed NarHash: claim dropped".into(),
+            );
+        }
+        let partial =
+            Arc::try_unwrap(partial).map_err(|_| "a writer is still running".to_owned())?;
+        let bytes = leaves.to_bytes();
+        tokio::task::spawn_blocking(move || partial.finish(&bytes))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        self.metrics
+            .served_bytes
+            .get_or_create(&crate::metrics::SourceLabels { source: "peer-in" })
+            .inc_by(size);
+        Ok(())
+    }
+
+    /// The claim's bytes are not what its narinfo says: never serve nor fetch it again.
+    async fn claim_failed(&self, want: &Want, providers: &[EndpointId]) {
+        for p in providers {
+            self.avoid(*p, "sent a NAR whose sha256 is not the signed NarHash");
+        }
+        let db = self.db.clone();
+        let (paths, b) = (want.paths.clone(), want.claim.blake3);
+        let _ = tokio::task::spawn_blocking(move || {
+            for h in paths {
+                let _ = db.update_record(&h, |rec| match rec.claim_mut(&b) {
+                    Some(c) if !c.failed => {
+                        c.failed = true;
+                        true
+                    }
+                    _ => false,
+                });
+            }
+        })
+        .await;
+    }
+
+    /// The NAR's leaves, from the first version 2 provider that has them right; `None` if
+    /// none does (only version 1 providers).
+    async fn leaves(&self, t: &Transfer, providers: &[EndpointId]) -> Option<Arc<Leaves>> {
+        if t.size <= GROUP {
+            // One group: its only leaf is the BLAKE3 itself.
+            return Leaves::verified(t.size, &t.blake3, &t.blake3)
+                .ok()
+                .map(Arc::new);
+        }
+        for p in providers {
+            match self.pool.leaves(*p, t.blake3, t.size).await {
+                Ok(bytes) => match Leaves::verified(t.size, &bytes, &t.blake3) {
+                    Ok(l) => return Some(Arc::new(l)),
+                    Err(e) => self.avoid(*p, &format!("sent bad leaves: {e}")),
+                },
+                Err(PeerError::OnlyV1) => {}
+                Err(e) if e.misbehaved() => self.avoid(*p, &e.to_string()),
+                Err(e) => tracing::debug!("mesh: leaves from {p}: {e}"),
+            }
+        }
+        None
+    }
+
+    /// Fetch every range, from every provider at once.
+    async fn ranges(
+        self: &Arc<Self>,
+        t: &Arc<Transfer>,
+        leaves: Arc<Leaves>,
+        partial: &Arc<PartialNar>,
+        providers: &[EndpointId],
+    ) -> Result<Arc<Leaves>, String> {
+        let plan = Arc::new(Mutex::new(Ranges::new(t.size, providers.len())));
+        let mut workers = tokio::task::JoinSet::new();
+        for p in providers.iter().take(PROVIDERS_AT_ONCE) {
+            let (this, t, leaves, partial, plan, p) = (
+                self.clone(),
+                t.clone(),
+                leaves.clone(),
+                partial.clone(),
+                plan.clone(),
+                *p,
+            );
+            workers.spawn(async move { this.worker(p, &t, &leaves, &partial, &plan).await });
+        }
+        while workers.join_next().await.is_some() {}
+        let done = plan.lock().unwrap_or_else(|p| p.into_inner()).complete();
+        if done {
+            Ok(leaves)
+        } else {
+            Err("no provider could send the whole NAR".into())
+        }
+    }
+
+    /// One provider works through the ranges until none is left or it fails.
+    async fn worker(
+        &self,
+        peer: EndpointId,
+        t: &Transfer,
+        leaves: &Leaves,
+        partial: &PartialNar,
+        plan: &Mutex<Ranges>,
+    ) {
+        let mut failures = 0;
+        loop {
+            let Some((start, end)) = plan.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+                return;
+            };
+            let mut got = start;
+            let res = self
+                .pull_range(peer, t, leaves, partial, start, end, &mut got)
+                .await;
+            let mut p = plan.lock().unwrap_or_else(|p| p.into_inner());
+            p.finished(start, got, end);
+            t.advance(p.prefix());
+            drop(p);
+            match res {
+                Ok(()) => failures = 0,
+                Err(PeerError::OnlyV1) => {
+                    // Cannot serve ranges: the others will.
+                    return;
+                }
+                Err(e) if e.misbehaved() => {
+                    self.avoid(
+                        peer,
+                        &format!("fetching {}: {e}", crate::storage::hex(&t.blake3)),
+                    );
+                    return;
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::debug!("mesh: range from {peer}: {e}");
+                    if failures >= 3 {
+                        self.avoid(peer, &e.to_string());
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fetch `start..end` from `peer`, writing each verified group; `got` tracks how far.
+    #[allow(clippy::too_many_arguments)]
+    async fn pull_range(
+        &self,
+        peer: EndpointId,
+        t: &Transfer,
+        leaves: &Leaves,
+        partial: &PartialNar,
+        start: u64,
+        end: u64,
+        got: &mut u64,
+    ) -> Result<(), PeerError> {
+        let mut recv = self.pool.range(peer, t.blake3, start, end).await?;
+        let mut group = BytesMut::with_capacity(GROUP as usize);
+        let mut ready = BytesMut::new();
+        let mut pos = start;
+        while pos < end {
+            let Some(piece) = next_piece(&mut recv, 1 << 20).await? else {
+                return Err(PeerError::Protocol("range ended early".into()));
+            };
+            if pos + group.len() as u64 + piece.len() as u64 > end {
+                return Err(PeerError::Protocol("sent more than asked".into()));
+            }
+            let mut piece = &piece[..];
+            while !piece.is_empty() {
+                let g = pos / GROUP;
+                let want = crate::chunks::group_range(t.size, g);
+                let need = (want.end - want.start) as usize - group.len();
+                let n = need.min(piece.len());
+                group.extend_from_slice(&piece[..n]);
+                piece = &piece[n..];
+                if group.len() == (want.end - want.start) as usize {
+                    if !leaves.check(g, &group) {
+                        flush(partial, &mut ready, got).await?;
+                        return Err(PeerError::Protocol(format!(
+                            "chunk group {g} does not match the NAR's BLAKE3"
+                        )));
+                    }
+                    ready.extend_from_slice(&group);
+                    group.clear();
+                    pos = want.end;
+                    if ready.len() >= 1 << 20 {
+                        flush(partial, &mut ready, got).await?;
+                    }
+                }
+            }
+        }
+        flush(partial, &mut ready, got).await
+    }
+
+    /// Version 1 providers: the whole NAR, in order, from one provider after another (resuming
+    /// where the last stopped); checked when complete.
+    async fn whole_v1(
+        &self,
+        t: &Arc<Transfer>,
+        partial: &Arc<PartialNar>,
+        providers: &[EndpointId],
+    ) -> Result<Arc<Leaves>, String> {
+        let mut got = 0u64;
+        for p in providers {
+            for _ in 0..3 {
+                let before = got;
+                let res = async {
+                    let mut recv = self.pool.v1_from(*p, t.blake3, got, t.size).await?;
+                    let mut ready = BytesMut::new();
+                    while got + (ready.len() as u64) < t.size {
+                        let Some(piece) = next_piece(&mut recv, 1 << 20).await? else {
+                            break;
+                        };
+                        if got + (ready.len() + piece.len()) as u64 > t.size {
+                            return Err(PeerError::Protocol("sent more than the NAR".into()));
+                        }
+                        ready.extend_from_slice(&piece);
+                        if ready.len() >= 1 << 20 {
+                            flush(partial, &mut ready, &mut got).await?;
+                            t.advance(got);
+                        }
+                    }
+                    flush(partial, &mut ready, &mut got).await?;
+                    t.advance(got);
+                    Ok::<_, PeerError>(())
+                }
+                .await;
+                if got == t.size {
+                    break;
+                }
+                if let Err(e) = res {
+                    tracing::debug!("mesh: version 1 fetch from {p}: {e}");
+                }
+                if got == before {
+                    break;
+                }
+            }
+            if got == t.size {
+                break;
+            }
+        }
+        if got != t.size {
+            return Err("no provider sent the whole NAR".into());
+        }
+        let file = partial.file();
+        let size = t.size;
+        let leaves = tokio::task::spawn_blocking(move || leaves_of(&file, size))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        if leaves.root() != t.blake3 {
+            for p in providers {
+                self.avoid(*p, "sent a NAR that does not match its BLAKE3");
+            }
+            return Err("the NAR from version 1 providers does not match its BLAKE3".into());
+        }
+        Ok(Arc::new(leaves))
+    }
+}
+
+/// Write verified bytes at `*got` and move it on.
+async fn flush(partial: &PartialNar, ready: &mut BytesMut, got: &mut u64) -> Result<(), PeerError> {
+    if ready.is_empty() {
+        return Ok(());
+    }
+    let data: Bytes = ready.split().freeze();
+    let file = partial.file();
+    let at = *got;
+    let n = data.len() as u64;
+    tokio::task::spawn_blocking(move || file.write_all_at(&data, at))
+        .await
+        .map_err(|e| PeerError::Stream(e.to_string()))?
+        .map_err(|e| PeerError::Stream(format!("writing the NAR: {e}")))?;
+    *got += n;
+    Ok(())
+}
+
+fn sha256_of(file: &File, size: u64) -> std::io::Result<[u8; 32]> {
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0;
+    while pos < size {
+        let n = (size - pos).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], pos)?;
+        h.update(&buf[..n]);
+        pos += n as u64;
+    }
+    Ok(h.finalize().into())
+}
+
+fn leaves_of(file: &File, size: u64) -> std::io::Result<Leaves> {
+    let mut h = crate::chunks::LeafHasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0;
+    while pos < size {
+        let n = (size - pos).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], pos)?;
+        h.update(&buf[..n]);
+        pos += n as u64;
+    }
+    Ok(h.finish())
+}
+
+/// The ranges of one NAR: what is left to fetch, what is being fetched, what is done.
+#[derive(Debug)]
+struct Ranges {
+    size: u64,
+    todo: VecDeque<(u64, u64)>,
+    /// Done, by start: end.
+    done: std::collections::BTreeMap<u64, u64>,
+}
+
+impl Ranges {
+    fn new(size: u64, providers: usize) -> Self {
+        // Several ranges per provider, so a slow one holds back little; whole groups each.
+        let per = (size / (4 * providers.max(1) as u64)).clamp(256 << 10, 8 << 20);
+        let per = per.div_ceil(GROUP) * GROUP;
+        let mut todo = VecDeque::new();
+        let mut s = 0;
+        while s < size {
+            let e = (s + per).min(size);
+            todo.push_back((s, e));
+            s = e;
+        }
+        Ranges {
+            size,
+            todo,
+            done: Default::default(),
+        }
+    }
+
+    fn take(&mut self) -> Option<(u64, u64)> {
+        self.todo.pop_front()
+    }
+
+    /// A range was worked on: `start..got` is done, `got..end` goes back to the front.
+    fn finished(&mut self, start: u64, got: u64, end: u64) {
+        if got > start {
+            self.done.insert(start, got);
+        }
+        if got < end {
+            self.todo.push_front((got, end));
+        }
+    }
+
+    /// Bytes from the start that are done.
+    fn prefix(&self) -> u64 {
+        let mut p = 0;
+        for (s, e) in &self.done {
+            if *s > p {
+                break;
+            }
+            p = p.max(*e);
+        }
+        p
+    }
+
+    fn complete(&self) -> bool {
+        self.prefix() >= self.size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_cover_the_nar_and_return_what_failed() {
+        let size = 100 * GROUP + 5;
+        let mut r = Ranges::new(size, 4);
+        let mut seen = Vec::new();
+        while let Some(x) = r.take() {
+            seen.push(x);
+        }
+        assert_eq!(seen.first().unwrap().0, 0);
+        assert_eq!(seen.last().unwrap().1, size);
+        for w in seen.windows(2) {
+            assert_eq!(w[0].1, w[1].0);
+            assert_eq!(w[0].1 % GROUP, 0);
+        }
+        // The first range half done, the second whole: the prefix stops at the gap.
+        let (a, b) = (seen[0], seen[1]);
+        r.finished(a.0, a.0 + GROUP, a.1);
+        r.finished(b.0, b.1, b.1);
+        assert_eq!(r.prefix(), GROUP);
+        assert_eq!(r.take(), Some((a.0 + GROUP, a.1)));
+        r.finished(a.0 + GROUP, a.1, a.1);
+        assert_eq!(r.prefix(), b.1);
+        for x in &seen[2..] {
+            r.finished(x.0, x.1, x.1);
+        }
+        assert!(r.complete());
+    }
+}

@@ -1,0 +1,272 @@
+//! NAR files: reconciling the directory with the database at start (a crash leaves at most a
+//! partial fetch or a file without its row: both removed), room for a new NAR within the cap
+//! (evicting the least recently used), and the partial file a fetch writes its verified chunk
+//! groups into before it becomes a NAR file (fsync'd, renamed, then recorded).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::{Inner, Storage, StorageError, hex, now_secs};
+use crate::db::NarFile;
+
+fn parse_hex(name: &str) -> Option<[u8; 32]> {
+    let h = name.strip_suffix(".nar")?;
+    if h.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl Storage {
+    pub(super) fn partial_dir(&self) -> PathBuf {
+        self.inner.dir.join("partial")
+    }
+
+    /// Make the directory and the database agree: partial fetches and files without a row are
+    /// removed, rows without a file (or of another size) are forgotten.
+    pub(super) fn reconcile(&self) -> Result<(), StorageError> {
+        let partial = self.partial_dir();
+        let _ = std::fs::remove_dir_all(&partial);
+        std::fs::create_dir_all(&partial)?;
+        let rows = self.inner.db.nar_files()?;
+        let mut on_disk = std::collections::HashMap::new();
+        for e in std::fs::read_dir(&self.inner.dir)? {
+            let e = e?;
+            let name = e.file_name();
+            let Some(b) = parse_hex(&name.to_string_lossy()) else {
+                continue;
+            };
+            on_disk.insert(b, e.metadata()?.len());
+        }
+        let mut gone = Vec::new();
+        let mut st = self.inner.lock();
+        for (b, f) in &rows {
+            match on_disk.remove(b) {
+                Some(len) if len == f.size => st.lru.insert(*b, f.size, f.last_used),
+                _ => gone.push(*b),
+            }
+        }
+        drop(st);
+        for b in on_disk.keys() {
+            tracing::info!("storage: removing {}.nar, left without a record", hex(b));
+            let _ = std::fs::remove_file(self.file_path(b));
+        }
+        if !gone.is_empty() {
+            tracing::warn!(
+                "storage: {} NAR file(s) missing on disk; forgotten",
+                gone.len()
+            );
+            self.inner.db.remove_nar_files(&gone, false)?;
+        }
+        Ok(())
+    }
+
+    /// Start a NAR file of `size` bytes: room is made within the cap (evicting if need be) and
+    /// reserved until the fetch finishes or is dropped. Blocking.
+    pub fn begin(&self, blake3: &[u8; 32], size: u64) -> Result<PartialNar, StorageError> {
+        let cap = self.inner.cfg.max_size;
+        if size > cap {
+            return Err(StorageError::TooLarge { size, cap });
+        }
+        self.make_room(size)?;
+        let path = self
+            .partial_dir()
+            .join(format!("{}.{}.nar", hex(blake3), fastrand_suffix()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .inspect_err(|_| {
+                self.inner.lock().reserved -= size;
+            })?;
+        if let Err(e) = file.set_len(size) {
+            self.inner.lock().reserved -= size;
+            let _ = std::fs::remove_file(&path);
+            return Err(e.into());
+        }
+        Ok(PartialNar {
+            inner: self.inner.clone(),
+            storage: self.clone(),
+            blake3: *blake3,
+            size,
+            file: Arc::new(file),
+            path,
+            done: false,
+        })
+    }
+
+    /// Evict until `need` more bytes fit within the cap and the disk's free-space floor, and
+    /// reserve them.
+    pub(super) fn make_room(&self, need: u64) -> Result<(), StorageError> {
+        let free = free_space(&self.inner.dir);
+        let (evict, nothing_to_do) = {
+            let mut st = self.inner.lock();
+            let cap = self.inner.cfg.max_size;
+            let over_cap = (st.lru.bytes() + st.reserved + need).saturating_sub(cap);
+            let under_floor = match free {
+                Some(f) => (self.inner.cfg.min_free + need).saturating_sub(f),
+                None => 0,
+            };
+            let want = over_cap.max(under_floor);
+            if want == 0 {
+                st.reserved += need;
+                (Vec::new(), true)
+            } else {
+                let plan = st.lru.plan(want, |b| {
+                    st.readers.contains_key(b) || st.protected.contains(b) || st.pinned.contains(b)
+                });
+                match plan {
+                    Some(p) => {
+                        st.reserved += need;
+                        (p, false)
+                    }
+                    None => return Err(StorageError::Full { need }),
+                }
+            }
+        };
+        if nothing_to_do {
+            return Ok(());
+        }
+        if let Err(e) = self.forget_files(&evict, true) {
+            self.inner.lock().reserved -= need;
+            return Err(e);
+        }
+        tracing::info!("storage: evicted {} NAR file(s) to make room", evict.len());
+        Ok(())
+    }
+
+    /// Evict what is over the cap or under the free-space floor now (the floor may have moved
+    /// because other programs wrote to the disk). Blocking.
+    pub(super) fn trim(&self) -> Result<(), StorageError> {
+        match self.make_room(0) {
+            Ok(()) | Err(StorageError::Full { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Delete NAR files and their rows (`evicted`: counted as evictions). Blocking.
+    pub(super) fn forget_files(
+        &self,
+        blake3s: &[[u8; 32]],
+        evicted: bool,
+    ) -> Result<(), StorageError> {
+        {
+            let mut st = self.inner.lock();
+            for b in blake3s {
+                st.lru.remove(b);
+            }
+        }
+        for b in blake3s {
+            match std::fs::remove_file(self.file_path(b)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.inner.db.remove_nar_files(blake3s, evicted)?;
+        if evicted {
+            self.inner
+                .metrics
+                .storage_evictions
+                .inc_by(blake3s.len() as u64);
+        }
+        self.publish();
+        Ok(())
+    }
+}
+
+/// Free bytes on the file system of `dir` (for unprivileged users), if it can be asked.
+pub(super) fn free_space(dir: &std::path::Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(dir).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// A suffix that keeps two concurrent fetches of one NAR apart.
+fn fastrand_suffix() -> String {
+    let mut b = [0u8; 6];
+    let _ = getrandom::fill(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A NAR file being written by a fetch: verified chunk groups are written at their offsets (from
+/// any number of tasks); [`PartialNar::finish`] makes it a NAR file of the storage. Dropped
+/// unfinished, it is removed and its reservation returned.
+#[derive(Debug)]
+pub struct PartialNar {
+    inner: Arc<Inner>,
+    storage: Storage,
+    blake3: [u8; 32],
+    size: u64,
+    file: Arc<File>,
+    path: PathBuf,
+    done: bool,
+}
+
+impl PartialNar {
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Where the partial file is.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// The open file (for writers on other threads and for readers of the verified prefix).
+    pub fn file(&self) -> Arc<File> {
+        self.file.clone()
+    }
+
+    /// Write verified bytes at `offset`. Blocking.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+
+    /// The fetch is complete and verified: fsync, rename into place, fsync the directory, and
+    /// record the file with its leaves. Blocking.
+    pub fn finish(mut self, leaves: &[u8]) -> Result<(), StorageError> {
+        self.file.sync_all()?;
+        let dest = self.storage.file_path(&self.blake3);
+        std::fs::rename(&self.path, &dest)?;
+        crate::fsutil::sync_dir(&self.inner.dir)?;
+        let now = now_secs();
+        let recorded = self.inner.db.add_nar_file(
+            &self.blake3,
+            NarFile {
+                size: self.size,
+                last_used: now,
+            },
+            leaves,
+        );
+        {
+            let mut st = self.inner.lock();
+            st.reserved -= self.size;
+            if recorded.is_ok() {
+                st.lru.insert(self.blake3, self.size, now);
+            }
+        }
+        self.done = true;
+        if let Err(e) = recorded {
+            let _ = std::fs::remove_file(&dest);
+            return Err(e.into());
+        }
+        self.storage.publish();
+        Ok(())
+    }
+}
+
+impl Drop for PartialNar {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.path);
+            self.inner.lock().reserved -= self.size;
+        }
+    }
+}

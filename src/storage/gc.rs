@@ -1,0 +1,116 @@
+//! The storage's housekeeping: own paths checked against the local Nix store whenever its
+//! database changed (Nix GC or `nix-store --delete` removes paths this node serves from it:
+//! they stop being held, and peers learn it), last-used times written back in batches, and the
+//! disk's free-space floor kept.
+
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{Storage, StorageError};
+use crate::nix::StorePath;
+
+/// How often last-used times are written back and the free-space floor checked.
+const FLUSH_EVERY: Duration = Duration::from_secs(10);
+
+/// What tells that the store database changed: the size and time of its file and its WAL.
+fn store_stamp(storage: &Storage) -> Option<Vec<(u64, SystemTime)>> {
+    let db = crate::nix::store_db::db_path(storage.inner.store.root());
+    let mut out = Vec::new();
+    for p in [db.clone(), db.with_extension("sqlite-wal")] {
+        match std::fs::metadata(&p) {
+            Ok(m) => out.push((m.len(), m.modified().ok()?)),
+            Err(_) => out.push((0, SystemTime::UNIX_EPOCH)),
+        }
+    }
+    Some(out)
+}
+
+pub(super) async fn run(storage: Storage, cancel: CancellationToken) {
+    let mut last_stamp = None;
+    let mut next_check = tokio::time::Instant::now();
+    let mut next_flush = tokio::time::Instant::now() + FLUSH_EVERY;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep_until(next_check.min(next_flush)) => {}
+        }
+        let now = tokio::time::Instant::now();
+        if now >= next_check {
+            next_check = now + storage.inner.cfg.gc_interval;
+            let stamp = store_stamp(&storage);
+            if stamp.is_none() || stamp != last_stamp {
+                let s = storage.clone();
+                match tokio::task::spawn_blocking(move || s.check_own_paths()).await {
+                    Ok(Ok(())) => last_stamp = stamp,
+                    Ok(Err(e)) => tracing::warn!("storage: checking own paths: {e}"),
+                    Err(e) => tracing::warn!("storage: checking own paths: {e}"),
+                }
+            }
+        }
+        if now >= next_flush {
+            next_flush = now + FLUSH_EVERY;
+            let s = storage.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Err(e) = s.flush_touched().and_then(|()| s.trim()) {
+                    tracing::warn!("storage: {e}");
+                }
+                s.publish();
+            })
+            .await;
+        }
+    }
+    let _ = tokio::task::spawn_blocking(move || storage.flush_touched()).await;
+}
+
+impl Storage {
+    /// Own paths no longer valid in the local store stop being held. Blocking.
+    pub fn check_own_paths(&self) -> Result<(), StorageError> {
+        let own = self.inner.db.own_paths()?;
+        if own.is_empty() {
+            return Ok(());
+        }
+        let parsed: Vec<Option<StorePath>> = own
+            .iter()
+            .map(|(_, _, p)| StorePath::parse(p).ok())
+            .collect();
+        let valid: Vec<bool> = self
+            .inner
+            .store
+            .with(|db| {
+                parsed
+                    .iter()
+                    .map(|p| match p {
+                        Some(p) => db.is_valid(p),
+                        None => Ok(false),
+                    })
+                    .collect()
+            })
+            .map_err(|e| StorageError::Task(e.to_string()))?;
+        let lost: Vec<([u8; 32], String)> = own
+            .into_iter()
+            .zip(valid)
+            .filter(|(_, v)| !v)
+            .map(|((b, h, p), _)| {
+                tracing::info!("storage: {p} left the local Nix store; no longer served from it");
+                (b, h)
+            })
+            .collect();
+        if lost.is_empty() {
+            return Ok(());
+        }
+        for (b, _) in &lost {
+            self.inner.layouts.remove(b);
+        }
+        let n = self.inner.db.own_lost(&lost)?;
+        self.inner.metrics.storage_gc_lost.inc_by(n as u64);
+        self.publish();
+        Ok(())
+    }
+
+    /// Write back last-used times.
+    fn flush_touched(&self) -> Result<(), StorageError> {
+        let touched = std::mem::take(&mut self.inner.lock().touched);
+        Ok(self.inner.db.touch_nar_files(&touched)?)
+    }
+}
