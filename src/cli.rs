@@ -56,6 +56,16 @@ pub enum Command {
     /// Benchmark replication on this machine: N node processes on loopback, a workload fed
     /// through the real hook, optionally an S3 mirror, beside baselines from the same run.
     Bench(crate::bench::BenchArgs),
+    /// Keep the closures of store paths from eviction (`--remove` to stop keeping them).
+    Pin {
+        #[arg(long, env = "NARMESH_SOCKET", default_value = config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Stop keeping them.
+        #[arg(long)]
+        remove: bool,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Show the running node's state.
     Status {
         #[arg(long, env = "NARMESH_SOCKET", default_value = config::DEFAULT_SOCKET)]
@@ -105,6 +115,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             paths,
         } => push(&socket, &paths, no_wait, timeout),
         Command::Status { socket, json } => status(&socket, json),
+        Command::Pin {
+            socket,
+            remove,
+            paths,
+        } => pin(&socket, &paths, !remove),
         Command::Bench(args) => crate::bench::run(args),
     }
 }
@@ -194,6 +209,20 @@ fn push(socket: &Path, paths: &[PathBuf], no_wait: bool, timeout: u64) -> anyhow
     }
 }
 
+fn pin(socket: &Path, paths: &[PathBuf], pinned: bool) -> anyhow::Result<()> {
+    let paths: Vec<String> = paths
+        .iter()
+        .map(|p| store_path_arg(p))
+        .collect::<anyhow::Result<_>>()?;
+    let n = paths.len();
+    Client::connect(socket)?.call(Request::Pin { paths, pinned })?;
+    eprintln!(
+        "{} the closure(s) of {n} path(s)",
+        if pinned { "pinned" } else { "unpinned" }
+    );
+    Ok(())
+}
+
 fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
     let mut client = Client::connect(socket)?;
     let Response::Status(s) = client.call(Request::Status)? else {
@@ -209,7 +238,17 @@ fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
     println!("http:            {}", s.http_listen.join(", "));
     println!("queue depth:     {}", s.queue_depth);
     println!("paths recorded:  {}", s.paths_recorded);
-    println!("NAR bytes:       {}", s.nar_bytes);
+    println!("NAR bytes held:  {}", s.nar_bytes);
+    let st = &s.storage;
+    println!(
+        "own paths:       {} ({} NAR bytes), served from the Nix store",
+        st.own_paths, st.own_bytes
+    );
+    println!(
+        "NAR files:       {} ({} of {} bytes cap), {} evicted",
+        st.files, st.file_bytes, st.cap_bytes, st.evictions
+    );
+    println!("lost to Nix GC:  {}", st.gc_lost);
     println!("ingest failures: {}", s.ingest_failures);
     println!("spool taken:     {}", s.spool_taken);
     println!("spool waiting:   {}", s.spool_waiting);

@@ -142,6 +142,7 @@ impl Ingest {
                 self.accept(vec![report]).await
             }
             Request::Lookup { paths } => self.lookup(paths).await,
+            Request::Pin { paths, pinned } => self.pin(paths, pinned).await,
             Request::Status => self.status_report().await,
         }
     }
@@ -197,6 +198,22 @@ impl Ingest {
         match res {
             Ok(Ok(recorded)) => Response::Known { recorded },
             Ok(Err(e)) => error(e.to_string()),
+            Err(e) => error(e.to_string()),
+        }
+    }
+
+    async fn pin(&self, paths: Vec<String>, pinned: bool) -> Response {
+        let hashes: Result<Vec<String>, _> = paths
+            .iter()
+            .map(|p| StorePath::parse(p).map(|p| p.hash_part().to_owned()))
+            .collect();
+        let hashes = match hashes {
+            Ok(h) => h,
+            Err(e) => return error(e.to_string()),
+        };
+        let n = hashes.len() as u32;
+        match self.storage.pin(hashes, pinned).await {
+            Ok(()) => Response::Accepted { paths: n },
             Err(e) => error(e.to_string()),
         }
     }

@@ -17,6 +17,8 @@ pub enum Request {
     Lookup { paths: Vec<String> },
     /// The node's state.
     Status,
+    /// Keep (or stop keeping) the closures of these store paths (full paths) from eviction.
+    Pin { paths: Vec<String>, pinned: bool },
 }
 
 /// What every frame carries: the sender's protocol version, then the request.

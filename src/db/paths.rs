@@ -129,12 +129,13 @@ impl Db {
 
     /// Take in claims learnt from a peer, and move the peer's catch-up cursor to `cursor` if
     /// given, in one fsync'd transaction. A record that is new or changed moves to the end of
-    /// the log. Returns the records that are new or changed, as they now stand.
+    /// the log. Returns the records that are new or changed, as they now stand, each with
+    /// whether the claim it took in is new to it (not merely news of its providers).
     pub fn record_remote(
         &self,
         claims: Vec<RemoteClaim>,
         cursor: Option<(&[u8; 32], u64)>,
-    ) -> Result<Vec<PathRecord>, DbError> {
+    ) -> Result<Vec<(PathRecord, bool)>, DbError> {
         let tx = durable(&self.db)?;
         let mut out = Vec::new();
         let mut changed = Vec::new();
@@ -156,6 +157,7 @@ impl Db {
                     recorded_at: now_secs(),
                 });
                 let blake3 = c.claim.blake3;
+                let new_claim = rec.claim(&blake3).is_none();
                 if !rec.merge(c.claim) {
                     continue;
                 }
@@ -165,7 +167,7 @@ impl Db {
                 }
                 relog(&mut log, &mut index, &mut meta, &hash)?;
                 changed.push(hash);
-                out.push(rec);
+                out.push((rec, new_claim));
             }
             if let Some((peer, seq)) = cursor {
                 tx.open_table(CURSORS)?.insert(peer.as_slice(), seq)?;

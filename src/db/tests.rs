@@ -130,7 +130,8 @@ fn a_peer_record_first_does_not_stop_our_own_and_changes_move_to_the_end_of_the_
         .record_remote(vec![remote(&a, 9, 5, 2, false)], None)
         .unwrap();
     assert_eq!(changed.len(), 1);
-    assert!(!changed[0].claims[0].providers[0].holds);
+    assert!(!changed[0].1, "no new claim, only news of a provider");
+    assert!(!changed[0].0.claims[0].providers[0].holds);
     assert_eq!(log_order(&db), vec![b.clone(), a.clone()]);
     // Our own build of `b` (other bytes than the peer's) comes first in its record.
     db.record_own(&[], &[own(&b, 3, 10)], 0).unwrap();

@@ -11,3 +11,4 @@ mod nar_vs_nix;
 mod node;
 mod node_harness;
 mod s3_harness;
+mod storage;

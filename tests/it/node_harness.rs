@@ -85,6 +85,23 @@ impl Node {
         key.public().to_string()
     }
 
+    /// Turn the mesh on with the endpoint key already in the data dir (a data dir of an earlier
+    /// run); returns its peer address.
+    pub fn enable_mesh_with_key(&mut self) -> String {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .expect("udp")
+            .local_addr()
+            .expect("addr")
+            .port();
+        self.mesh_port = Some(port);
+        let raw: [u8; 32] = std::fs::read(self.dir.join("data/endpoint-key"))
+            .expect("endpoint key")
+            .try_into()
+            .expect("32 bytes");
+        let id = iroh::SecretKey::from_bytes(&raw).public();
+        format!("{id}@127.0.0.1:{port}")
+    }
+
     /// Turn the mesh on: a fixed loopback UDP port and an endpoint key made now, so other
     /// nodes can name this one in `peers` before it starts. Returns its peer address.
     pub fn enable_mesh(&mut self) -> String {
@@ -284,6 +301,16 @@ fn rand_bytes() -> [u8; 32] {
 /// trusts every node's signing key.
 pub fn full_mesh(nodes: &mut [Node]) {
     let addrs: Vec<String> = nodes.iter_mut().map(|n| n.enable_mesh()).collect();
+    mesh_of(nodes, addrs);
+}
+
+/// `full_mesh` for nodes whose data dirs hold their endpoint keys already.
+pub fn keep_mesh_keys(nodes: &mut [Node]) {
+    let addrs: Vec<String> = nodes.iter_mut().map(|n| n.enable_mesh_with_key()).collect();
+    mesh_of(nodes, addrs);
+}
+
+fn mesh_of(nodes: &mut [Node], addrs: Vec<String>) {
     let keys: Vec<String> = nodes.iter().map(|n| n.public_key()).collect();
     for (i, node) in nodes.iter_mut().enumerate() {
         node.peers = addrs

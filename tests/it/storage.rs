@@ -1,0 +1,371 @@
+//! Bounded disk, with real Nix and real node processes: a node keeps no copy of what its host
+//! built (it serves it from the Nix store), keeps what it fetched from peers within its cap
+//! (least recently used evicted, never a NAR being read), follows Nix GC, and takes over a data
+//! dir of the previous format.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::Duration;
+
+use narmesh::nix::StorePath;
+
+use crate::harness::{NixHost, http, run_ok, wait_until};
+use crate::node_harness::Node;
+
+/// Bytes the process has caused to be written to storage (`/proc/PID/io`).
+fn write_bytes(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("/proc/PID/io");
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("write_bytes")
+}
+
+/// Bytes on disk under `dir` (allocated blocks, partial files included).
+fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    for e in rd.flatten() {
+        let Ok(m) = e.metadata() else { continue };
+        if m.is_dir() {
+            total += disk_usage(&e.path());
+        } else {
+            total += m.blocks() * 512;
+        }
+    }
+    total
+}
+
+/// `n` paths of `mib` MiB of random bytes each (plus `marker` in each), built by `host`.
+fn build_big(host: &NixHost, tag: &str, n: usize, mib: usize, marker: &str) -> Vec<StorePath> {
+    host.build(&format!(
+        r#"builtins.genList (i: mk "{tag}-${{toString i}}" "mkdir $out; head -c {} /dev/urandom > $out/data; echo {marker} > $out/marker") {n}"#,
+        mib << 20
+    ))
+}
+
+fn full(paths: &[StorePath]) -> Vec<String> {
+    paths.iter().map(|p| p.full()).collect()
+}
+
+/// Nodes A (building host, hook), B and C, meshed; C's host substitutes through C's node.
+struct Three {
+    _t: tempfile::TempDir,
+    a: NixHost,
+    nodes: Vec<Node>,
+}
+
+fn three(b_replicate: &'static str, b_extra: &str) -> Three {
+    let t = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|i| Node::new(&t.path().join(format!("n{i}")), &t.path().join("unused")))
+        .collect();
+    let a = NixHost::with_hook(&nodes[0].socket(), &nodes[0].spool());
+    crate::node_harness::full_mesh(&mut nodes);
+    nodes[0].store_root = a.root.clone();
+    nodes[0].extra_config = "[store]\ngc-check-secs = 1\n".into();
+    for (i, n) in nodes.iter_mut().enumerate().skip(1) {
+        n.store_root = n.dir.join("store");
+        if i == 1 {
+            n.replicate = b_replicate;
+            n.extra_config = b_extra.into();
+        }
+    }
+    Three { _t: t, a, nodes }
+}
+
+/// A builds 100 MiB; eager B, capped at 20 MiB, stays within its cap at every sample (a fetch
+/// reserves its room before it starts), and a third host still substitutes every path through
+/// its own node, from A's store or B's files.
+#[test]
+fn a_capped_eager_node_stays_within_its_cap_and_everything_stays_substitutable() {
+    let mut cl = three(
+        "eager",
+        "[store]\nmax-size = \"20MiB\"\nmin-free = \"1MiB\"\n",
+    );
+    for n in cl.nodes.iter_mut() {
+        n.start();
+    }
+    let b_nars = cl.nodes[1].dir.join("data/nars");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (stop, dir) = (stop.clone(), b_nars.clone());
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                peak = peak.max(disk_usage(&dir));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
+    let outs = build_big(&cl.a, "capped", 10, 10, "m");
+    let paths = full(&outs);
+    wait_until(60, "A to serve everything", || cl.nodes[0].serves(&paths));
+    // B fetches everything it learns, evicting to stay within its cap.
+    wait_until(60, "B to have fetched every NAR once", || {
+        let st = cl.nodes[1].status().storage;
+        st.evictions + st.files == 10
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let peak = sampler.join().unwrap();
+    let nar = 10 << 20;
+    assert!(
+        peak <= (20 << 20) + nar,
+        "B's NAR files reached {peak} bytes on disk, over the cap of 20 MiB plus one NAR"
+    );
+    let st = cl.nodes[1].status().storage;
+    assert!(st.file_bytes <= 20 << 20, "{st:?}");
+    assert_eq!(st.cap_bytes, 20 << 20);
+    // Evicted NARs are not wanted again: the eviction count stays put.
+    let evictions = st.evictions;
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        cl.nodes[1].status().storage.evictions,
+        evictions,
+        "no fetch-evict loop"
+    );
+    // A third host, through its own node, gets every path.
+    let key = cl.nodes[2].public_key();
+    let c = NixHost::substituter(&format!("http://{}", cl.nodes[2].http), &key);
+    let mut args = vec!["-r"];
+    args.extend(paths.iter().map(|s| s.as_str()));
+    run_ok(c.cmd("nix-store").args(&args));
+    assert_eq!(c.closure(&outs).len(), 10);
+}
+
+/// The building host's node writes no NAR bytes: about 50 MiB of builds cost it a few hundred
+/// KiB of writes (records, leaves, logs), and a marker inside the outputs is nowhere in its data
+/// dir. It still serves everything, verified, from the Nix store.
+#[test]
+fn the_building_node_keeps_no_copy_of_what_it_built() {
+    let mut cl = three("on-demand", "");
+    cl.nodes[0].start();
+    let marker = format!("narmesh-marker-{}", std::process::id() as u64 * 7919 + 4242);
+    let before = write_bytes(cl.nodes[0].pid());
+    let outs = build_big(&cl.a, "nocopy", 5, 10, &marker);
+    let paths = full(&outs);
+    wait_until(60, "A to serve everything", || cl.nodes[0].serves(&paths));
+    let written = write_bytes(cl.nodes[0].pid()) - before;
+    let built: u64 = 50 << 20;
+    assert!(
+        written * 50 < built,
+        "A wrote {written} bytes for {built} bytes of builds (at most 2% allowed)"
+    );
+    let data = cl.nodes[0].dir.join("data");
+    let mut stack = vec![data.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                assert!(
+                    !bytes.windows(marker.len()).any(|w| w == marker.as_bytes()),
+                    "the marker is in {}",
+                    p.display()
+                );
+            }
+        }
+    }
+    assert!(
+        !data
+            .join("nars")
+            .read_dir()
+            .unwrap()
+            .any(|e| e.unwrap().path().is_file())
+    );
+    let st = cl.nodes[0].status().storage;
+    assert_eq!((st.own_paths, st.files), (5, 0), "{st:?}");
+    // Served from the store, byte for byte as Nix dumps it.
+    let (_, _, info) = http(
+        &cl.nodes[0].http,
+        "GET",
+        &format!("/{}.narinfo", outs[0].hash_part()),
+        &[],
+    );
+    let info = narmesh::nix::NarInfo::parse(std::str::from_utf8(&info).unwrap()).unwrap();
+    let (code, _, body) = http(&cl.nodes[0].http, "GET", &format!("/{}", info.url), &[]);
+    assert_eq!(code, 200);
+    assert!(
+        body == cl.a.dump(&outs[0]),
+        "the NAR served equals Nix's own"
+    );
+    let (code, _, part) = http(
+        &cl.nodes[0].http,
+        "GET",
+        &format!("/{}", info.url),
+        &[("Range", "bytes=5000000-5100000")],
+    );
+    assert_eq!(code, 206);
+    assert!(
+        part == body[5_000_000..=5_100_000],
+        "a range from the middle"
+    );
+}
+
+/// `nix-store --delete` on A: A stops serving the path as its own. Where a peer holds it, it
+/// stays substitutable (through A too); where none does, A answers 404 for its narinfo.
+#[test]
+fn nix_gc_on_the_building_host_is_followed() {
+    let mut cl = three("on-demand", "");
+    for n in cl.nodes.iter_mut() {
+        n.start();
+    }
+    let outs = cl.a.build(
+        r#"[ (mk "gc-kept" "head -c 100000 /dev/urandom > $out") (mk "gc-alone" "head -c 100000 /dev/urandom > $out") ]"#,
+    );
+    let (kept, alone) = (outs[0].clone(), outs[1].clone());
+    wait_until(30, "B to learn the paths", || {
+        cl.nodes[1].serves(&full(&outs))
+    });
+    // B fetches `kept` (its Nix substitutes it), so B holds a copy.
+    let key = cl.nodes[1].public_key();
+    let b_host = NixHost::substituter(&format!("http://{}", cl.nodes[1].http), &key);
+    run_ok(b_host.cmd("nix-store").args(["-r", &kept.full()]));
+    wait_until(10, "B to keep the NAR", || {
+        cl.nodes[1].status().storage.files == 1
+    });
+    for p in [&kept, &alone] {
+        run_ok(cl.a.cmd("nix-store").args(["--delete", &p.full()]));
+    }
+    wait_until(20, "A to notice the deletions", || {
+        cl.nodes[0].status().storage.gc_lost == 2
+    });
+    assert_eq!(cl.nodes[0].status().storage.own_paths, 0);
+    let narinfo = |p: &StorePath| format!("/{}.narinfo", p.hash_part());
+    wait_until(20, "A to stop offering the path no peer holds", || {
+        http(&cl.nodes[0].http, "GET", &narinfo(&alone), &[]).0 == 404
+    });
+    wait_until(20, "the others to stop offering it", || {
+        http(&cl.nodes[1].http, "GET", &narinfo(&alone), &[]).0 == 404
+            && http(&cl.nodes[2].http, "GET", &narinfo(&alone), &[]).0 == 404
+    });
+    // `kept` is still had from B, also through A and C.
+    for n in [&cl.nodes[0], &cl.nodes[2]] {
+        assert_eq!(http(&n.http, "GET", &narinfo(&kept), &[]).0, 200);
+        let host = NixHost::substituter(&format!("http://{}", n.http), &n.public_key());
+        run_ok(host.cmd("nix-store").args(["-r", &kept.full()]));
+        run_ok(host.cmd("nix-store").args(["--verify-path", &kept.full()]));
+    }
+}
+
+/// A NAR being read is never evicted: B holds a 24 MiB NAR that a slow client reads through
+/// B's cache while newer NARs push B past its cap; the read completes with the right bytes,
+/// and the NAR goes once the client is done.
+#[test]
+fn a_nar_being_read_is_never_evicted() {
+    let mut cl = three(
+        "eager",
+        "[store]\nmax-size = \"40MiB\"\nmin-free = \"1MiB\"\n",
+    );
+    cl.nodes[0].start();
+    cl.nodes[1].start();
+    let first = build_big(&cl.a, "read-first", 1, 24, "x");
+    wait_until(60, "B to hold the first NAR", || {
+        cl.nodes[1].status().storage.files == 1
+    });
+    let (_, _, info) = http(
+        &cl.nodes[1].http,
+        "GET",
+        &format!("/{}.narinfo", first[0].hash_part()),
+        &[],
+    );
+    let info = narmesh::nix::NarInfo::parse(std::str::from_utf8(&info).unwrap()).unwrap();
+    let mut conn = TcpStream::connect(&cl.nodes[1].http).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    write!(
+        conn,
+        "GET /{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        info.url
+    )
+    .unwrap();
+    let mut got = vec![0u8; 64 << 10];
+    conn.read_exact(&mut got).unwrap();
+    // Newer NARs arrive: B must evict, but not the one being read.
+    let more = build_big(&cl.a, "read-more", 4, 8, "y");
+    wait_until(60, "B to fetch the newer NARs", || {
+        cl.nodes[1].status().storage.evictions >= 1
+    });
+    let nar_file = cl.nodes[1].dir.join("data/nars").join(format!(
+        "{}.nar",
+        info.url.trim_start_matches("nar/").trim_end_matches(".nar")
+    ));
+    assert!(nar_file.exists(), "the NAR being read was evicted");
+    let mut rest = Vec::new();
+    conn.read_to_end(&mut rest).unwrap();
+    got.extend_from_slice(&rest);
+    let split = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let body = &got[split + 4..];
+    assert!(
+        body == cl.a.dump(&first[0]),
+        "the slow reader got the whole NAR, intact"
+    );
+    drop(conn);
+    // Once nobody reads it, it may go like any other.
+    let _ = more;
+    let c = cl.nodes[1].status().storage;
+    assert!(c.file_bytes <= 40 << 20, "{c:?}");
+}
+
+/// A data dir written by `e5a6e05` (golden fixture: n0 built four paths, n1 replicated them
+/// into its iroh-blobs store): n0's own paths are served from its store with no copy, n1's
+/// NARs become files counted against its cap, and Nix substitutes everything from both.
+#[test]
+fn a_data_dir_of_the_previous_format_keeps_working() {
+    let t = tempfile::tempdir().unwrap();
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/datadir-e5a6e05.tar.zst");
+    run_ok(
+        std::process::Command::new("tar")
+            .arg("--zstd")
+            .arg("-xf")
+            .arg(&fixture)
+            .arg("-C")
+            .arg(t.path()),
+    );
+    let paths: Vec<String> = std::fs::read_to_string(t.path().join("paths.txt"))
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let store_a = t.path().join("store-a");
+    let mut nodes = vec![
+        Node::new(&t.path().join("n0"), &store_a),
+        Node::new(&t.path().join("n1"), &t.path().join("n1/store")),
+    ];
+    crate::node_harness::keep_mesh_keys(&mut nodes);
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    for n in &nodes {
+        wait_until(30, "the migrated records to be served", || n.serves(&paths));
+        assert!(
+            !n.dir.join("data/blobs").exists(),
+            "the old blob store is gone"
+        );
+    }
+    let s0 = nodes[0].status().storage;
+    assert_eq!(
+        (s0.own_paths, s0.files),
+        (4, 0),
+        "n0 serves its builds from its store: {s0:?}"
+    );
+    let s1 = nodes[1].status().storage;
+    assert_eq!(s1.files, 4, "n1 keeps the NARs it had: {s1:?}");
+    assert!(s1.file_bytes > 200_000, "{s1:?}");
+    let top: Vec<StorePath> = paths.iter().map(|p| StorePath::parse(p).unwrap()).collect();
+    for n in &nodes {
+        let host = NixHost::substituter(&format!("http://{}", n.http), &n.public_key());
+        let mut args = vec!["-r"];
+        args.extend(paths.iter().map(|s| s.as_str()));
+        run_ok(host.cmd("nix-store").args(&args));
+        assert_eq!(host.closure(&top).len(), 4);
+    }
+}
