@@ -67,14 +67,30 @@ fn time_hook(program: &std::path::Path, env: &[(&str, String)], n: usize) -> Spr
     spread(v)
 }
 
-fn wrk(url: &str) -> f64 {
+/// Requests per second of `wrk -t1 -c<conns>` against `base`, rotating over `targets` (a Lua
+/// script picks the next one for every request); `misses` allows 404 answers.
+fn wrk(base: &str, targets: &[String], conns: u32, misses: bool, dir: &std::path::Path) -> f64 {
+    let script = dir.join(format!("rotate-{}.lua", std::process::id()));
+    let list: Vec<String> = targets.iter().map(|t| format!("{t:?}")).collect();
+    std::fs::write(
+        &script,
+        format!(
+            "local paths = {{{}}}\nlocal i = 0\nrequest = function()\n  i = i + 1\n  return wrk.format(\"GET\", paths[(i % #paths) + 1])\nend\n",
+            list.join(", ")
+        ),
+    )
+    .expect("write lua");
     let out = Command::new("wrk")
-        .args(["-t1", "-c16", "-d5s", "--latency", url])
+        .args(["-t1", &format!("-c{conns}"), "-d4s", "-s"])
+        .arg(&script)
+        .arg(base)
         .output()
         .expect("wrk");
     let text = String::from_utf8_lossy(&out.stdout);
-    let non2xx = text.lines().any(|l| l.contains("Non-2xx"));
-    assert!(!non2xx, "wrk saw errors from {url}:\n{text}");
+    let non2xx = text
+        .lines()
+        .any(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
+    assert!(misses || !non2xx, "wrk saw errors from {base}:\n{text}");
     text.lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse().ok())
@@ -187,19 +203,34 @@ fn main() {
     ];
     let seed = time_hook(&seed_hook, &nix_env, SEED_CALLS);
 
-    // narinfo serving: the node vs nginx over the same narinfo, same client.
-    let hash = &one["/nix/store/".len()..]["".len()..32];
+    // narinfo serving: the node vs nginx serving the same narinfos as static files, same
+    // client, rotating over 200 recorded paths (hits) and 200 unknown ones (misses).
     let static_dir = t.path().join("static");
     std::fs::create_dir_all(&static_dir).expect("mkdir");
-    let (_, _, body) = harness::http(&node.http, "GET", &format!("/{hash}.narinfo"), &[]);
-    std::fs::write(static_dir.join(format!("{hash}.narinfo")), &body).expect("write narinfo");
+    let mut hits = Vec::new();
+    for p in paths.iter().take(200) {
+        let hash = &p["/nix/store/".len()..][..32];
+        let target = format!("/{hash}.narinfo");
+        let (_, _, body) = harness::http(&node.http, "GET", &target, &[]);
+        std::fs::write(static_dir.join(format!("{hash}.narinfo")), &body).expect("write narinfo");
+        hits.push(target);
+    }
+    let misses: Vec<String> = (0..200u32)
+        .map(|i| {
+            let h = blake3::hash(&i.to_le_bytes());
+            format!(
+                "/{}.narinfo",
+                narmesh::nix::base32::encode(&h.as_bytes()[..20])
+            )
+        })
+        .collect();
     let nginx_port = free_port();
     let nginx_conf = t.path().join("nginx.conf");
     std::fs::write(
         &nginx_conf,
         format!(
             "worker_processes auto;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx.err;\nevents {{ worker_connections 1024; }}\n\
-             http {{ access_log off; server {{ listen 127.0.0.1:{nginx_port}; root {root}; \
+             http {{ access_log off; log_not_found off; server {{ listen 127.0.0.1:{nginx_port}; root {root}; \
              location / {{ default_type text/x-nix-narinfo; }} }} }}\n",
             dir = t.path().display(),
             root = static_dir.display()
@@ -215,8 +246,16 @@ fn main() {
     wait_until(10, "nginx", || {
         std::net::TcpStream::connect(("127.0.0.1", nginx_port)).is_ok()
     });
-    let node_rps = wrk(&format!("http://{}/{hash}.narinfo", node.http));
-    let nginx_rps = wrk(&format!("http://127.0.0.1:{nginx_port}/{hash}.narinfo"));
+    let node_base = format!("http://{}", node.http);
+    let nginx_base = format!("http://127.0.0.1:{nginx_port}");
+    let mut narinfo_rows = Vec::new();
+    for (what, targets, is_miss) in [("hits", &hits, false), ("misses", &misses, true)] {
+        for conns in [1, 16] {
+            let n = wrk(&node_base, targets, conns, is_miss, t.path());
+            let x = wrk(&nginx_base, targets, conns, is_miss, t.path());
+            narinfo_rows.push((what, conns, n, x));
+        }
+    }
     let _ = nginx.kill();
     let _ = nginx.wait();
     node.stop();
@@ -249,14 +288,16 @@ fn main() {
         acked.as_secs_f64(),
         ingest_rate / 1000.0
     );
-    println!(
-        "| narinfo serving (wrk -t1 -c16, 5 s) | {node_rps:.0} req/s | nginx: {nginx_rps:.0} req/s | {:.2}x |",
-        node_rps / nginx_rps
-    );
+    for (what, conns, n, x) in &narinfo_rows {
+        println!(
+            "| narinfo {what}, 200 rotating (wrk -t1 -c{conns}, 4 s) | {n:.0} req/s | nginx: {x:.0} req/s | {:.2}x |",
+            n / x
+        );
+    }
     let json = format!(
         "{{\"hook_up_ms\":{{\"p50\":{},\"p99\":{},\"max\":{}}},\"hook_down_ms\":{{\"p50\":{},\"p99\":{},\"max\":{}}},\
          \"seed_hook_ms\":{{\"p50\":{},\"p99\":{},\"max\":{}}},\"ingest_paths_per_s\":{ingest_rate},\
-         \"narinfo_rps\":{node_rps},\"nginx_rps\":{nginx_rps}}}",
+         \"narinfo\":[{}]}}",
         ms(up.p50),
         ms(up.p99),
         ms(up.max),
@@ -265,7 +306,14 @@ fn main() {
         ms(down.max),
         ms(seed.p50),
         ms(seed.p99),
-        ms(seed.max)
+        ms(seed.max),
+        narinfo_rows
+            .iter()
+            .map(|(w, c, n, x)| format!(
+                "{{\"what\":\"{w}\",\"conns\":{c},\"narmesh\":{n},\"nginx\":{x}}}"
+            ))
+            .collect::<Vec<_>>()
+            .join(",")
     );
     let _ = std::fs::write("target/bench-node.json", json);
 }

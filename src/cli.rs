@@ -148,8 +148,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cfg.secret_key_file = Some(k);
     }
     cfg.validate()?;
+    // Everything but the front (hook acknowledgements, on a thread of its own) runs a little
+    // below normal priority: the host's builds come first.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_start(|| crate::background::set_nice(5))
         .build()?;
     rt.block_on(crate::node::serve(cfg))
 }

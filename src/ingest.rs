@@ -132,7 +132,12 @@ impl Ingest {
                     .hook_reports
                     .get_or_create(&crate::metrics::HookLabels { outputs })
                     .inc();
-                self.accept(vec![report]).await
+                let t = std::time::Instant::now();
+                let r = self.accept(vec![report]).await;
+                self.metrics
+                    .hook_ack_seconds
+                    .observe(t.elapsed().as_secs_f64());
+                r
             }
             Request::Push { paths } => {
                 let report = HookReport {

@@ -24,6 +24,7 @@
 //! - [`metrics`]: the Prometheus registry.
 //! - [`chunks`]: BLAKE3's tree over 16 KiB chunk groups: leaves that verify any range on its own.
 //! - [`units`]: byte sizes with units (`50GiB`), in configs and flags.
+//! - [`background`]: low-priority threads for bulk hashing and compression.
 //! - [`fsutil`]: atomic, durable file writes (a leaf: depends on nothing of ours).
 //! - [`node`]: builds and runs the parts; owns the shutdown order.
 //! - [`bench`]: `narmesh bench`, replication measured on one machine beside its baselines.
@@ -31,6 +32,7 @@
 //!
 //! The hook (`src/bin/narmesh-hook.rs`) is std-only and uses only `narmesh-proto`.
 
+pub mod background;
 pub mod bench;
 pub mod binding;
 pub mod chunks;

@@ -39,6 +39,10 @@ pub struct Metrics {
     pub spool_taken: Counter,
     pub spool_deferred: Counter,
     pub batch_seconds: Histogram,
+    /// From a hook report's last byte to its acknowledgement (validation and the fsync'd queue
+    /// commit).
+    pub hook_ack_seconds: Histogram,
+    pub queue_commit_seconds: Histogram,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_seconds: Family<RouteLabels, Histogram>,
     pub mirror_pending_paths: Gauge,
@@ -93,6 +97,8 @@ impl Metrics {
             spool_taken: Counter::default(),
             spool_deferred: Counter::default(),
             batch_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            hook_ack_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
+            queue_commit_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             http_requests: Family::default(),
             http_seconds: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.00005, 2.0, 16))
@@ -151,6 +157,16 @@ impl Metrics {
             "pipeline_batch_seconds",
             "Time to ingest one batch",
             m.batch_seconds.clone(),
+        );
+        registry.register(
+            "hook_ack_seconds",
+            "Hook report received to acknowledged (validation and the fsync'd queue commit)",
+            m.hook_ack_seconds.clone(),
+        );
+        registry.register(
+            "queue_commit_seconds",
+            "One group commit of the durable queue, fsync included",
+            m.queue_commit_seconds.clone(),
         );
         registry.register(
             "http_requests",

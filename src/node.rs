@@ -84,7 +84,6 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
             .context("opening the storage")?
     };
     let wake = Arc::new(Notify::new());
-    let (queue, queue_task) = QueueHandle::spawn(db.clone(), wake.clone());
     let (recorded, _) = broadcast::channel(4096);
     let mesh = if cfg.mesh.enabled {
         let parts = MeshParts {
@@ -136,23 +135,29 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
         peer_address: mesh.as_ref().map(|m| m.peer_address()).unwrap_or_default(),
         ..Default::default()
     };
-    let ingest = Ingest {
-        queue,
-        db: db.clone(),
-        store: open_store(),
-        metrics: metrics.clone(),
-        status: Arc::new(status),
-        mesh: mesh.clone(),
-        mirror: mirror.as_ref().map(|(h, _)| h.clone()),
-        spool: spool.clone(),
-        storage: storage.clone(),
-    };
+    let front = CancellationToken::new();
+    let ingest = front_thread(
+        IngestParts {
+            db: db.clone(),
+            store: open_store(),
+            metrics: metrics.clone(),
+            status: Arc::new(status),
+            mesh: mesh.clone(),
+            mirror: mirror.as_ref().map(|(h, _)| h.clone()),
+            spool: spool.clone(),
+            storage: storage.clone(),
+            wake: wake.clone(),
+        },
+        socket,
+        front.clone(),
+    )?;
     let pipeline = Pipeline {
         db: db.clone(),
         store: open_store(),
         key,
         upstream: cfg.upstream_trusted_keys()?,
         workers: cfg.pipeline.workers,
+        hashing: crate::background::Background::new("narmesh-hash", cfg.pipeline.workers),
         batch: cfg.pipeline.batch,
         wake,
         metrics: metrics.clone(),
@@ -167,7 +172,6 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
     );
 
     let tasks = tokio_util::task::TaskTracker::new();
-    let front = CancellationToken::new();
     for l in http_listeners {
         let (st, c) = (http_state.clone(), front.clone());
         tasks.spawn(async move {
@@ -176,8 +180,6 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
             }
         });
     }
-    tasks.spawn(ingest.clone().serve_socket(socket, front.clone()));
-    tasks.spawn(ingest.watch_spool(spool, front.clone()));
     let back = CancellationToken::new();
     let pipeline_task = tokio::spawn(pipeline.run(back.clone()));
     let storage_task = tokio::spawn(storage.clone().run(back.clone()));
@@ -191,6 +193,7 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
     front.cancel();
     tasks.close();
     tasks.wait().await;
+    let _ = tokio::task::spawn_blocking(move || ingest.join()).await;
     back.cancel();
     let _ = pipeline_task.await;
     let _ = storage_task.await;
@@ -198,12 +201,67 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
     if let Some((_, task)) = mirror {
         let _ = task.await;
     }
-    queue_task.abort();
     if let Some(m) = &mesh {
         m.shutdown().await;
     }
     let _ = std::fs::remove_file(&cfg.socket);
     Ok(())
+}
+
+/// What the front (hook reports and CLI requests) needs.
+struct IngestParts {
+    db: Db,
+    store: Arc<LocalStore>,
+    metrics: Arc<Metrics>,
+    status: Arc<StatusReport>,
+    mesh: Option<MeshHandle>,
+    mirror: Option<crate::mirror::MirrorHandle>,
+    spool: PathBuf,
+    storage: Storage,
+    /// Notified after every queue commit (the pipeline listens).
+    wake: Arc<Notify>,
+}
+
+/// Run the front on a thread and runtime of its own at normal priority: a hook's
+/// acknowledgement (validation, the fsync'd queue commit) never waits for the node's bulk work
+/// (hashing, transfers, the mirror), which runs at a lower priority on the main runtime.
+fn front_thread(
+    p: IngestParts,
+    socket: std::os::unix::net::UnixListener,
+    cancel: CancellationToken,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("narmesh-front")
+        .build()?;
+    let handle = std::thread::Builder::new()
+        .name("narmesh-front".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let (queue, queue_task) =
+                    QueueHandle::spawn(p.db.clone(), p.wake, p.metrics.clone());
+                let socket = match UnixListener::from_std(socket) {
+                    Ok(s) => s,
+                    Err(e) => return tracing::error!("socket: {e}"),
+                };
+                let ingest = Ingest {
+                    queue,
+                    db: p.db,
+                    store: p.store,
+                    metrics: p.metrics,
+                    status: p.status,
+                    mesh: p.mesh,
+                    mirror: p.mirror,
+                    spool: p.spool.clone(),
+                    storage: p.storage,
+                };
+                let spool = tokio::spawn(ingest.clone().watch_spool(p.spool, cancel.clone()));
+                ingest.serve_socket(socket, cancel).await;
+                let _ = spool.await;
+                queue_task.abort();
+            });
+        })?;
+    Ok(handle)
 }
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
@@ -216,7 +274,7 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Bind the Unix socket, replacing a stale one left by a killed node.
-fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+fn bind_socket(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -225,8 +283,9 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
         anyhow::bail!("another node is already listening on {}", path.display());
     }
     let _ = std::fs::remove_file(path);
-    let l =
-        UnixListener::bind(path).with_context(|| format!("binding socket {}", path.display()))?;
+    let l = std::os::unix::net::UnixListener::bind(path)
+        .with_context(|| format!("binding socket {}", path.display()))?;
+    l.set_nonblocking(true)?;
     // Any local user's Nix may report builds; reports name store paths only, which are checked.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
     Ok(l)

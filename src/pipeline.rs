@@ -29,6 +29,8 @@ pub struct Pipeline {
     pub upstream: TrustedKeys,
     pub workers: usize,
     pub batch: usize,
+    /// Where NARs are serialized and hashed: low-priority threads (builds come first).
+    pub hashing: crate::background::Background,
     pub wake: Arc<Notify>,
     pub metrics: Arc<Metrics>,
     /// Every newly recorded path, for whoever listens (the mesh).
@@ -98,10 +100,15 @@ impl Pipeline {
             .map(|info| {
                 let (store, key, upstream) =
                     (self.store.clone(), self.key.clone(), upstream.clone());
+                let hashing = self.hashing.clone();
                 async move {
-                    tokio::task::spawn_blocking(move || ingest_one(&store, &key, info, &upstream))
+                    let path = info.path.to_string();
+                    hashing
+                        .run(move || ingest_one(&store, &key, info, &upstream))
                         .await
-                        .unwrap_or_else(|e| Err(Failure::Path(format!("ingest task: {e}"))))
+                        .unwrap_or_else(|| {
+                            Err(Failure::Path(format!("{path}: ingest task failed")))
+                        })
                 }
             })
             .buffered(self.workers);

@@ -19,9 +19,13 @@ const MAX_GROUP: usize = 512;
 
 impl QueueHandle {
     /// Start the writer; `wake` is notified after every commit (the pipeline listens).
-    pub fn spawn(db: Db, wake: Arc<Notify>) -> (Self, tokio::task::JoinHandle<()>) {
+    pub fn spawn(
+        db: Db,
+        wake: Arc<Notify>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(1024);
-        let task = tokio::spawn(run(db, rx, wake));
+        let task = tokio::spawn(run(db, rx, wake, metrics));
         (QueueHandle { tx }, task)
     }
 
@@ -37,7 +41,12 @@ impl QueueHandle {
     }
 }
 
-async fn run(db: Db, mut rx: mpsc::Receiver<(Vec<QueueItem>, Reply)>, wake: Arc<Notify>) {
+async fn run(
+    db: Db,
+    mut rx: mpsc::Receiver<(Vec<QueueItem>, Reply)>,
+    wake: Arc<Notify>,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
     while let Some(first) = rx.recv().await {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -48,10 +57,16 @@ async fn run(db: Db, mut rx: mpsc::Receiver<(Vec<QueueItem>, Reply)>, wake: Arc<
         }
         let items: Vec<QueueItem> = group.iter().flat_map(|(i, _)| i.iter().cloned()).collect();
         let db = db.clone();
-        let res = tokio::task::spawn_blocking(move || db.enqueue(&items))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
+        let m = metrics.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let t = std::time::Instant::now();
+            let r = db.enqueue(&items);
+            m.queue_commit_seconds.observe(t.elapsed().as_secs_f64());
+            r
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
         if let Err(e) = &res {
             tracing::error!("queue commit failed: {e}");
         }

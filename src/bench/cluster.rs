@@ -227,6 +227,17 @@ impl Node {
     }
 
     /// Peak resident memory in bytes (`VmHWM`).
+    /// Bytes the process has caused to be written to disk (`/proc/PID/io` `write_bytes`).
+    pub fn written_bytes(&self) -> u64 {
+        let Some(c) = &self.child else { return 0 };
+        std::fs::read_to_string(format!("/proc/{}/io", c.id()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("write_bytes:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     pub fn peak_rss(&self) -> u64 {
         let Some(c) = &self.child else { return 0 };
         std::fs::read_to_string(format!("/proc/{}/status", c.id()))

@@ -297,6 +297,8 @@ fn bench(
     });
 
     phase(&progress, "building (hook calls)", work.len());
+    // Disk writes are counted from here: the nodes' start-up (new databases) is not the run.
+    let written_before: Vec<u64> = nodes.iter().map(|n| n.written_bytes()).collect();
     let feed_started = Instant::now();
     feed(args, hook, &nodes[0], &work, &tl, &progress)?;
     let _ = deadline.set(Instant::now() + Duration::from_secs(args.timeout));
@@ -365,6 +367,40 @@ fn bench(
         per_peer.push(d);
     }
 
+    // The same NARs again: from the origin (its own builds, from its Nix store) and from the
+    // first peer (NAR files it now holds).
+    let serving = if args.nodes > 1 {
+        phase(&progress, "serving: Nix store vs NAR files", work.len() * 2);
+        let (store_d, ok_s, errs_s) = rt.block_on(fetch_all(
+            &nodes[0].http,
+            &work,
+            Duration::from_secs(args.timeout),
+            &progress,
+        ));
+        let (file_d, ok_f, errs_f) = rt.block_on(fetch_all(
+            &nodes[1].http,
+            &work,
+            Duration::from_secs(args.timeout),
+            &progress,
+        ));
+        errors.extend(errs_s.into_iter().map(|e| format!("origin serving: {e}")));
+        errors.extend(
+            errs_f
+                .into_iter()
+                .map(|e| format!("peer file serving: {e}")),
+        );
+        (ok_s == work.len() && ok_f == work.len()).then(|| {
+            let (s, f) = (mib_s(total_bytes, store_d), mib_s(total_bytes, file_d));
+            report::Serving {
+                from_store_mib_s: s,
+                from_file_mib_s: f,
+                ratio: s / f,
+            }
+        })
+    } else {
+        None
+    };
+
     // The mirror.
     if let Some(w) = bucket_watcher
         && let Err(e) = w
@@ -375,10 +411,12 @@ fn bench(
     }
     let usage: Vec<report::NodeUsage> = nodes
         .iter()
-        .map(|n| report::NodeUsage {
+        .zip(&written_before)
+        .map(|(n, before)| report::NodeUsage {
             name: n.name.clone(),
             cpu_seconds: n.cpu_seconds(),
             peak_rss_mib: n.peak_rss() as f64 / (1u64 << 20) as f64,
+            written_bytes: n.written_bytes().saturating_sub(*before),
         })
         .collect();
     for n in nodes.iter_mut() {
@@ -565,6 +603,10 @@ fn bench(
         all_nodes_servable_ms,
         ingest_paths_per_sec,
         peer_transfer,
+        origin_written_per_nar_byte: usage
+            .first()
+            .map_or(0.0, |u| u.written_bytes as f64 / total_bytes.max(1) as f64),
+        serving,
         mirror,
         seed,
         nodes: usage,

@@ -61,6 +61,19 @@ pub struct NodeUsage {
     pub name: String,
     pub cpu_seconds: f64,
     pub peak_rss_mib: f64,
+    /// Bytes the node process caused to be written to disk from the first hook call to the end
+    /// of the run (`/proc/PID/io`), the serving phases included.
+    pub written_bytes: u64,
+}
+
+/// The same NARs served by the origin (its own builds, serialized from its Nix store, no
+/// copy) and by a peer (NAR files it fetched), each through its HTTP cache.
+#[derive(Debug, Clone, Serialize)]
+pub struct Serving {
+    pub from_store_mib_s: f64,
+    pub from_file_mib_s: f64,
+    /// Store / file.
+    pub ratio: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -114,6 +127,9 @@ pub struct Report {
     /// Paths recorded per second on the origin, first hook call to last path servable.
     pub ingest_paths_per_sec: f64,
     pub peer_transfer: Option<PeerTransfer>,
+    /// The origin's disk writes over the run per NAR byte built (it keeps no NAR copy).
+    pub origin_written_per_nar_byte: f64,
+    pub serving: Option<Serving>,
     pub mirror: Option<Mirror>,
     pub seed: Option<Seed>,
     pub nodes: Vec<NodeUsage>,
@@ -189,6 +205,20 @@ impl Report {
                 format!("{:.2}x", p.ratio),
             ]);
         }
+        rows.push([
+            "origin disk written per NAR byte built".into(),
+            format!("{:.3}%", self.origin_written_per_nar_byte * 100.0),
+            "a node that copies NARs: 100%".into(),
+            "-".into(),
+        ]);
+        if let Some(s) = &self.serving {
+            rows.push([
+                "NARs served from the Nix store (origin)".into(),
+                format!("{:.0} MiB/s", s.from_store_mib_s),
+                format!("from NAR files (peer): {:.0} MiB/s", s.from_file_mib_s),
+                format!("{:.2}x", s.ratio),
+            ]);
+        }
         if let Some(m) = &self.mirror {
             rows.push([
                 "hook -> narinfo in S3 (mirror lag)".into(),
@@ -207,8 +237,10 @@ impl Report {
             rows.push([
                 format!("node {}", n.name),
                 format!(
-                    "{:.2} CPU-s, peak RSS {:.0} MiB",
-                    n.cpu_seconds, n.peak_rss_mib
+                    "{:.2} CPU-s, peak RSS {:.0} MiB, {:.1} MiB written",
+                    n.cpu_seconds,
+                    n.peak_rss_mib,
+                    n.written_bytes as f64 / (1u64 << 20) as f64
                 ),
                 "-".into(),
                 "-".into(),

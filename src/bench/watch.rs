@@ -123,7 +123,7 @@ pub fn watch_node(
                 }
             }
         }
-        std::thread::sleep(Duration::from_micros(500));
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 

@@ -5,8 +5,8 @@
 //! node to take in later. It always exits 0 and starts no child process: it never fails a build.
 //!
 //! Its time budget: connecting, sending and waiting for the acknowledgement share one deadline,
-//! `NARMESH_HOOK_TIMEOUT_MS` (default 500) from the hook's start; a connect that blocks (the
-//! listen backlog of a frozen node is full) is abandoned on its thread at that deadline. Then,
+//! `NARMESH_HOOK_TIMEOUT_MS` (default 500) from the hook's start; a connect refused because the
+//! listen backlog of a frozen node is full is tried again until that deadline. Then,
 //! only if needed, the spool write: a small file written, fsync'd and renamed, bounded by the
 //! disk alone (about a millisecond on an idle disk; a full disk fails it at once with ENOSPC, and
 //! the report is then lost with a message on stderr while the build still succeeds). When it
@@ -15,9 +15,11 @@
 //! Environment: `DRV_PATH`, `OUT_PATHS` (set by Nix; 2.8 leaves `OUT_PATHS` empty, the node then
 //! reads the outputs of `DRV_PATH` from the store database), `NARMESH_SOCKET` (default
 //! `/run/narmesh/narmesh.sock`), `NARMESH_SPOOL` (default `/var/lib/narmesh/spool`),
-//! `NARMESH_HOOK_TIMEOUT_MS` (default 500).
+//! `NARMESH_HOOK_TIMEOUT_MS` (default 500), `NARMESH_HOOK_TRACE` (set: print the phases' times
+//! on every call, not only when spooling).
 //!
-//! Std-only (plus the wire types), so it starts in about a millisecond.
+//! Std-only (plus the wire types, and rustix for a non-blocking connect), so it starts in about
+//! a millisecond.
 
 use std::io::Write as _;
 use std::os::unix::net::UnixStream;
@@ -89,7 +91,15 @@ fn run() {
         .unwrap_or(Duration::from_millis(DEFAULT_TIMEOUT_MS));
     let mut phases = Phases::default();
     let why = match send(Path::new(&socket), &bytes, started + timeout, &mut phases) {
-        Ok(Response::Accepted { .. }) => return,
+        Ok(Response::Accepted { .. }) => {
+            if env("NARMESH_HOOK_TRACE").is_some() {
+                eprintln!(
+                    "narmesh-hook: acknowledged ({phases}; {:.2} ms in all)",
+                    started.elapsed().as_secs_f64() * 1e3
+                );
+            }
+            return;
+        }
         // Anything but an acknowledgement is spooled: a refusal may be transient (a node of
         // another release during a rolling upgrade, a store database briefly unreadable); the
         // node sorts out what can never succeed when it takes the spool in.
@@ -114,26 +124,38 @@ fn run() {
     }
 }
 
-/// Connect before `deadline`. `connect(2)` on a Unix socket has no timeout of its own and blocks
-/// while the node's listen backlog is full (a frozen node): it runs on a thread of its own,
-/// which is simply left behind (and ends with the process) if the deadline passes first.
+/// Connect before `deadline`. `connect(2)` on a blocking Unix socket has no timeout and blocks
+/// while the node's listen backlog is full (a frozen node); a non-blocking socket is refused
+/// with EAGAIN instead, and the hook tries again every millisecond until its deadline.
 fn connect(socket: &Path, deadline: Instant) -> Result<UnixStream, String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let path = socket.to_owned();
-    std::thread::Builder::new()
-        .name("connect".into())
-        .spawn(move || {
-            let _ = tx.send(UnixStream::connect(&path));
-        })
-        .map_err(|e| format!("connect {}: {e}", socket.display()))?;
-    let wait = deadline.saturating_duration_since(Instant::now());
-    match rx.recv_timeout(wait) {
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) => Err(format!("connect {}: {e}", socket.display())),
-        Err(_) => Err(format!(
-            "connect {}: no connection within the deadline (node frozen or overloaded)",
-            socket.display()
-        )),
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let fail = |e: std::io::Error| format!("connect {}: {e}", socket.display());
+    let addr = SocketAddrUnix::new(socket).map_err(|e| fail(e.into()))?;
+    loop {
+        let fd = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+            None,
+        )
+        .map_err(|e| fail(e.into()))?;
+        match rustix::net::connect(&fd, &addr) {
+            Ok(()) => {
+                let stream = UnixStream::from(fd);
+                stream.set_nonblocking(false).map_err(fail)?;
+                return Ok(stream);
+            }
+            Err(rustix::io::Errno::AGAIN) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(rustix::io::Errno::AGAIN) => {
+                return Err(format!(
+                    "connect {}: no connection within the deadline (node frozen or overloaded)",
+                    socket.display()
+                ));
+            }
+            Err(e) => return Err(fail(e.into())),
+        }
     }
 }
 

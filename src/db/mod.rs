@@ -1,4 +1,7 @@
-//! The node's own database (redb): the durable queue of reports, the recorded paths and their
+//! The node's own databases. The durable queue of hook reports is an append-only journal of its
+//! own (`queue.log`, [`journal`]), so acknowledging a hook waits only for one small fsync'd
+//! append, never behind the pipeline's or the mesh's commits. The main file (redb) holds the
+//! recorded paths and their
 //! claims, the append-only log of changes (for catch-up), what the storage holds (own paths in
 //! the Nix store, NAR files, their BLAKE3 leaves, pins, eager wishes), the S3 mirror's outbox,
 //! and counters. This module owns every table definition; redb types stay inside it. All calls
@@ -7,6 +10,7 @@
 //! Files: [`records`] (the record types), `paths` (recording, the log), `storage` (the
 //! storage's tables), `outbox` (the mirror's), `migrate` (reading a data dir of `e5a6e05`).
 
+mod journal;
 mod migrate;
 mod outbox;
 mod paths;
@@ -27,7 +31,8 @@ pub use paths::{OwnRecord, RemoteClaim};
 pub use records::{Claim, Counters, PathRecord, Provider, QueueItem, hash_part_of, merge_provider};
 pub use storage::{NarFile, StorageCounters};
 
-/// Reports waiting to be ingested, by sequence number.
+/// Reports waiting to be ingested, as `e5a6e05` kept them in the main file: taken over into the
+/// journal at start.
 const QUEUE: TableDefinition<u64, &[u8]> = TableDefinition::new("queue_v1");
 /// Recorded paths by hash part ([`PathRecord`]).
 const PATHS: TableDefinition<&str, &[u8]> = TableDefinition::new("paths_v3");
@@ -56,6 +61,8 @@ pub enum DbError {
     Redb(#[from] redb::Error),
     #[error("node database: undecodable record: {0}")]
     Decode(#[from] postcard::Error),
+    #[error("queue journal: {0}")]
+    Journal(#[from] std::io::Error),
 }
 
 macro_rules! redb_from {
@@ -84,6 +91,7 @@ const CACHE_BYTES: usize = 24 << 20;
 #[derive(Clone)]
 pub struct Db {
     db: Arc<Database>,
+    queue: Arc<std::sync::Mutex<journal::Journal>>,
     /// Bumped after every commit that adds or changes a record, for those who wait on records
     /// (the mirror) instead of polling.
     changes: Arc<tokio::sync::watch::Sender<u64>>,
@@ -121,14 +129,14 @@ fn durable(db: &Database) -> Result<redb::WriteTransaction, DbError> {
 }
 
 impl Db {
-    /// Open (or create) the database at `path`, creating every table and migrating the
-    /// records of an earlier format.
+    /// Open (or create) the database at `path` (and its queue beside it), creating every
+    /// table and migrating the records of an earlier format.
     pub fn open(path: &Path) -> Result<Self, DbError> {
         let db = redb::Builder::new()
             .set_cache_size(CACHE_BYTES)
             .create(path)?;
+        let queue = journal::Journal::open(&path.with_file_name("queue.log"))?;
         let tx = durable(&db)?;
-        tx.open_table(QUEUE)?;
         tx.open_table(PATHS)?;
         tx.open_table(LOG)?;
         tx.open_table(LOG_INDEX)?;
@@ -140,38 +148,60 @@ impl Db {
         tx.commit()?;
         let db = Db {
             db: Arc::new(db),
+            queue: Arc::new(std::sync::Mutex::new(queue)),
             changes: Arc::new(tokio::sync::watch::Sender::new(0)),
             changed_paths: Arc::new(tokio::sync::broadcast::channel(1024).0),
         };
         db.migrate()?;
+        db.take_over_queue()?;
         Ok(db)
     }
 
-    /// Append reports to the queue in one fsync'd transaction.
-    pub fn enqueue(&self, items: &[QueueItem]) -> Result<(), DbError> {
-        let tx = durable(&self.db)?;
-        {
-            let mut queue = tx.open_table(QUEUE)?;
-            let mut meta = tx.open_table(META)?;
-            let first = bump(&mut meta, QUEUE_NEXT, items.len() as u64)?;
-            for (i, item) in items.iter().enumerate() {
-                queue.insert(first + i as u64, postcard::to_allocvec(item)?.as_slice())?;
+    /// Move reports queued in the main file (as `e5a6e05` kept them) into the queue's file:
+    /// durably there first, then gone from the main file.
+    fn take_over_queue(&self) -> Result<(), DbError> {
+        let items: Vec<QueueItem> = {
+            let tx = self.db.begin_read()?;
+            let Ok(old) = tx.open_table(QUEUE) else {
+                return Ok(());
+            };
+            let mut out = Vec::new();
+            for entry in old.iter()? {
+                out.push(postcard::from_bytes(entry?.1.value())?);
             }
+            out
+        };
+        if !items.is_empty() {
+            self.enqueue(&items)?;
         }
+        let tx = durable(&self.db)?;
+        tx.delete_table(QUEUE)?;
+        tx.open_table(META)?.remove(QUEUE_NEXT)?;
         tx.commit()?;
         Ok(())
     }
 
+    fn journal(&self) -> std::sync::MutexGuard<'_, journal::Journal> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Append reports to the queue durably (written and fsync'd).
+    pub fn enqueue(&self, items: &[QueueItem]) -> Result<(), DbError> {
+        Ok(self.journal().append(items)?)
+    }
+
+    /// Take finished reports (a prefix of the queue) off it. Not fsync'd: a removal lost to a
+    /// crash only means a batch planned again, whose paths are found recorded.
+    pub fn dequeue(&self, done: &[u64]) -> Result<(), DbError> {
+        match done.iter().max() {
+            Some(upto) => Ok(self.journal().done(*upto)?),
+            None => Ok(()),
+        }
+    }
+
     /// Up to `max` of the oldest queued reports.
     pub fn queue_batch(&self, max: usize) -> Result<Vec<(u64, QueueItem)>, DbError> {
-        let tx = self.db.begin_read()?;
-        let queue = tx.open_table(QUEUE)?;
-        let mut out = Vec::new();
-        for entry in queue.iter()?.take(max) {
-            let (k, v) = entry?;
-            out.push((k.value(), postcard::from_bytes(v.value())?));
-        }
-        Ok(out)
+        Ok(self.journal().batch(max))
     }
 
     fn changed(&self) {
@@ -209,7 +239,7 @@ impl Db {
         let tx = self.db.begin_read()?;
         let meta = tx.open_table(META)?;
         Ok(Counters {
-            queue_depth: tx.open_table(QUEUE)?.len()?,
+            queue_depth: self.journal().depth() as u64,
             paths: tx.open_table(PATHS)?.len()?,
             failures: get_meta(&meta, FAILURES)?,
         })

@@ -8,7 +8,7 @@ use redb::{ReadableDatabase, ReadableMultimapTable, ReadableTable};
 use super::storage::{LEAVES, OWN, OWN_BYTES, OWN_PATHS};
 use super::{
     BLOBS, CURSORS, Claim, Db, DbError, FAILURES, LOG, LOG_INDEX, LOG_NEXT, META, PATHS,
-    PathRecord, QUEUE, bump, durable, lower,
+    PathRecord, bump, durable, lower,
 };
 
 /// A path the pipeline made from the local Nix store: its record's own claim, and the leaves
@@ -56,7 +56,8 @@ pub(super) fn relog(
 
 impl Db {
     /// In one fsync'd transaction: record the pipeline's paths (an own claim each, first in its
-    /// record; the NAR's leaves kept), drop the finished queue entries `done`, count `failures`.
+    /// record; the NAR's leaves kept) and count `failures`; then take the finished reports
+    /// `done` off the queue (after the records are durable: a crash in between plans them again).
     pub fn record_own(
         &self,
         done: &[u64],
@@ -70,7 +71,6 @@ impl Db {
             let mut log = tx.open_table(LOG)?;
             let mut index = tx.open_table(LOG_INDEX)?;
             let mut meta = tx.open_table(META)?;
-            let mut queue = tx.open_table(QUEUE)?;
             let mut blobs = tx.open_multimap_table(BLOBS)?;
             let mut own = tx.open_multimap_table(OWN)?;
             let mut leaves = tx.open_table(LEAVES)?;
@@ -110,14 +110,12 @@ impl Db {
                 relog(&mut log, &mut index, &mut meta, &hash)?;
                 changed.push(hash);
             }
-            for seq in done {
-                queue.remove(*seq)?;
-            }
             if failures > 0 {
                 bump(&mut meta, FAILURES, failures)?;
             }
         }
         tx.commit()?;
+        self.dequeue(done)?;
         if !records.is_empty() {
             self.changed();
         }
@@ -136,9 +134,10 @@ impl Db {
         claims: Vec<RemoteClaim>,
         cursor: Option<(&[u8; 32], u64)>,
     ) -> Result<Vec<(PathRecord, bool)>, DbError> {
-        let tx = durable(&self.db)?;
+        let mut tx = self.db.begin_write()?;
         let mut out = Vec::new();
         let mut changed = Vec::new();
+        let mut moved = false;
         {
             let mut paths = tx.open_table(PATHS)?;
             let mut log = tx.open_table(LOG)?;
@@ -170,9 +169,27 @@ impl Db {
                 out.push((rec, new_claim));
             }
             if let Some((peer, seq)) = cursor {
-                tx.open_table(CURSORS)?.insert(peer.as_slice(), seq)?;
+                let mut cursors = tx.open_table(CURSORS)?;
+                if cursors.get(peer.as_slice())?.map(|v| v.value()) != Some(seq) {
+                    cursors.insert(peer.as_slice(), seq)?;
+                    moved = true;
+                }
             }
         }
+        if out.is_empty() && !moved {
+            // Nothing new (a repeated announcement): no commit, no fsync.
+            tx.abort()?;
+            return Ok(out);
+        }
+        // A new claim is made durable at once. News of providers only are hints, and the
+        // cursor that came with them may as well go back after a crash (the same entries are
+        // asked for again): those commits are not fsync'd (the next durable one carries them).
+        let durability = if out.iter().any(|(_, new_claim)| *new_claim) {
+            redb::Durability::Immediate
+        } else {
+            redb::Durability::None
+        };
+        tx.set_durability(durability)?;
         tx.commit()?;
         if !out.is_empty() {
             self.changed();
@@ -341,5 +358,83 @@ impl Db {
             }
         }
         Ok((out, more))
+    }
+}
+
+impl Db {
+    /// The trust configuration changed (its fingerprint is new): every claim not made here is
+    /// checked again with `keep` (which returns it as it may stay, or `None`), records left
+    /// without claims are removed, and every peer's catch-up cursor goes back to 0 so entries
+    /// refused before are offered again. One fsync'd transaction. Returns (claims dropped,
+    /// records removed).
+    pub fn retrust(
+        &self,
+        fingerprint: u64,
+        keep: impl Fn(&str, &Claim) -> Option<Claim>,
+    ) -> Result<(usize, usize), DbError> {
+        let tx = durable(&self.db)?;
+        let (mut dropped, mut removed) = (0, 0);
+        let mut changed = Vec::new();
+        {
+            let mut paths = tx.open_table(PATHS)?;
+            let mut log = tx.open_table(LOG)?;
+            let mut index = tx.open_table(LOG_INDEX)?;
+            let mut meta = tx.open_table(META)?;
+            let mut blobs = tx.open_multimap_table(BLOBS)?;
+            let mut all = Vec::new();
+            for entry in paths.iter()? {
+                let (h, v) = entry?;
+                all.push((h.value().to_owned(), decode(v.value())?));
+            }
+            for (hash, mut rec) in all {
+                let before = rec.claims.clone();
+                let store_path = rec.store_path.clone();
+                rec.claims = before
+                    .iter()
+                    .filter_map(|c| {
+                        if c.own {
+                            Some(c.clone())
+                        } else {
+                            keep(&store_path, c)
+                        }
+                    })
+                    .collect();
+                if rec.claims == before {
+                    continue;
+                }
+                for c in &before {
+                    if rec.claim(&c.blake3).is_none() {
+                        dropped += 1;
+                        blobs.remove(c.blake3.as_slice(), hash.as_str())?;
+                    }
+                }
+                changed.push(hash.clone());
+                if rec.claims.is_empty() {
+                    removed += 1;
+                    paths.remove(hash.as_str())?;
+                    if let Some(seq) = index.remove(hash.as_str())?.map(|v| v.value()) {
+                        log.remove(seq)?;
+                    }
+                } else {
+                    paths.insert(hash.as_str(), postcard::to_allocvec(&rec)?.as_slice())?;
+                    relog(&mut log, &mut index, &mut meta, &hash)?;
+                }
+            }
+            let mut cursors = tx.open_table(CURSORS)?;
+            let peers: Vec<Vec<u8>> = cursors
+                .iter()?
+                .map(|e| e.map(|(k, _)| k.value().to_vec()))
+                .collect::<Result<_, _>>()?;
+            for p in peers {
+                cursors.remove(p.as_slice())?;
+            }
+            meta.insert(super::TRUST_FINGERPRINT, fingerprint)?;
+        }
+        tx.commit()?;
+        self.changed();
+        for h in changed {
+            let _ = self.changed_paths.send(h);
+        }
+        Ok((dropped, removed))
     }
 }

@@ -97,7 +97,7 @@ fn queue_record_and_counters_survive_reopen() {
     let seqs: Vec<u64> = db.queue_batch(10).unwrap().iter().map(|x| x.0).collect();
     assert_eq!(
         seqs,
-        vec![1, 2],
+        vec![2, 3],
         "sequence numbers keep growing across restarts"
     );
 }

@@ -277,12 +277,10 @@ async fn nar(st: &HttpState, hash: [u8; 32], headers: &HeaderMap, head: bool) ->
     let Some(held) = held else {
         return from_peers(st, hash, head).await;
     };
-    let len = match held {
-        Held::File { size } => size,
-        Held::Store { .. } => match nar_size(st, hash).await {
-            Some(s) => s,
-            None => return StatusCode::NOT_FOUND.into_response(),
-        },
+    // Only NARs a record names are served (a record dropped as no longer trusted leaves its
+    // NAR file to eviction, not to clients).
+    let Some(len) = nar_size(st, hash).await else {
+        return StatusCode::NOT_FOUND.into_response();
     };
     let source = match held {
         Held::File { .. } => "file",

@@ -168,6 +168,67 @@ impl<A: Fn(&[u8; 32]) -> bool> Judge<'_, A> {
     }
 }
 
+impl<A: Fn(&[u8; 32]) -> bool> Judge<'_, A> {
+    /// A stored claim (not made here) checked again after the trust configuration changed:
+    /// kept (with only the providers still allowed) if a trusted key other than this node's
+    /// own signed its narinfo, and, for a bound claim, its binding.
+    pub fn still_trusted(&self, claim: &Claim) -> Option<Claim> {
+        let mut info = NarInfo::parse(&claim.narinfo).ok()?;
+        // Our own signature was added when we took it in: it proves nothing.
+        info.sigs.retain(|s| s.key_name() != self.key.name());
+        if !info.is_trusted(self.trusted) {
+            return None;
+        }
+        let bindings: Vec<String> = claim
+            .bindings
+            .iter()
+            .filter(|b| {
+                crate::binding::verified(
+                    self.trusted,
+                    std::slice::from_ref(*b),
+                    &info.store_path,
+                    &info.nar_hash,
+                    info.nar_size,
+                    &claim.blake3,
+                )
+            })
+            .cloned()
+            .collect();
+        if !claim.bindings.is_empty() && bindings.is_empty() {
+            return None;
+        }
+        Some(Claim {
+            bindings,
+            providers: claim
+                .providers
+                .iter()
+                .filter(|p| (self.allowed)(&p.id))
+                .cloned()
+                .collect(),
+            ..claim.clone()
+        })
+    }
+}
+
+/// A fingerprint of what decides trust (`trusted-public-keys`, the allowed peers): when it
+/// changes, stored claims are checked again and catch-up starts over.
+pub fn trust_fingerprint(trusted: &TrustedKeys, allowed: &[[u8; 32]]) -> u64 {
+    let mut keys: Vec<String> = trusted.keys().iter().map(|k| k.to_string()).collect();
+    keys.sort();
+    let mut ids = allowed.to_vec();
+    ids.sort();
+    let mut h = blake3::Hasher::new();
+    for k in keys {
+        h.update(k.as_bytes());
+        h.update(b"\n");
+    }
+    for id in ids {
+        h.update(&id);
+    }
+    let b = h.finalize();
+    u64::from_le_bytes(b.as_bytes()[..8].try_into().unwrap_or([0; 8])).max(1)
+}
+
 /// True if a provider statement is signed by its provider.
 pub fn statement_checks(blake3: &[u8; 32], p: &ProviderStatement) -> bool {
     let Ok(key) = EndpointKey::from_bytes(&p.id) else {

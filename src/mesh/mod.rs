@@ -195,6 +195,7 @@ impl MeshHandle {
         for id in &cfg.allowed_peers {
             allowed.insert(parse_endpoint_id(id).map_err(anyhow::Error::msg)?);
         }
+        retrust(&parts, &allowed).await?;
         let allow = endpoint::AllowList(Arc::new(RwLock::new(allowed)));
         let book = MemoryLookup::new();
         for p in &static_peers {
@@ -403,6 +404,42 @@ impl MeshHandle {
             }
         });
     }
+}
+
+/// If the trust configuration changed since the records were last checked: check every stored
+/// claim again, drop what is no longer trusted (the HTTP cache stops serving it), and start
+/// catch-up over with every peer, so what was refused before is learnt now.
+async fn retrust(parts: &MeshParts, allowed: &HashSet<EndpointId>) -> anyhow::Result<()> {
+    let ids: Vec<[u8; 32]> = allowed.iter().map(|id| *id.as_bytes()).collect();
+    let fp = accept::trust_fingerprint(&parts.trusted, &ids);
+    let (db, trusted, key, max) = (
+        parts.db.clone(),
+        parts.trusted.clone(),
+        parts.key.clone(),
+        parts.max_nar_size,
+    );
+    let allowed: HashSet<[u8; 32]> = ids.into_iter().collect();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let old = db.trust_fingerprint()?;
+        if old == fp {
+            return Ok(());
+        }
+        let judge = accept::Judge {
+            trusted: &trusted,
+            key: &key,
+            allowed: |id: &[u8; 32]| allowed.contains(id),
+            max_nar_size: max,
+        };
+        let (dropped, removed) = db.retrust(fp, |_, c| judge.still_trusted(c))?;
+        if old != 0 {
+            tracing::info!(
+                "mesh: trust configuration changed: {dropped} claim(s) no longer trusted, \
+                 {removed} path(s) removed; catching up with every peer from the start"
+            );
+        }
+        Ok(())
+    })
+    .await?
 }
 
 /// Catch up with every peer at once, every `sync-interval` and whenever a neighbor comes up;

@@ -258,6 +258,46 @@ fn a_tampered_store_copy_is_never_served() {
     assert!(cl.nodes[1].try_status().is_some(), "B keeps running");
 }
 
+/// B refuses A's paths while it does not trust A's key; restarted with the key trusted it
+/// learns them (catch-up starts over); restarted without it again it stops serving them.
+#[test]
+fn trusting_a_key_later_brings_back_what_was_refused_and_untrusting_drops_it() {
+    let mut cl = cluster(2, &[]);
+    let a_key = cl.nodes[0].public_key();
+    let b_key = cl.nodes[1].public_key();
+    cl.nodes[1].trusted = vec![b_key.clone()];
+    cl.nodes[0].start();
+    cl.nodes[1].start();
+    let top = cl.a.build(CHAIN)[0].clone();
+    let paths = cl.a.closure(std::slice::from_ref(&top));
+    wait_until(30, "A to record", || cl.nodes[0].serves(&paths));
+    wait_until(30, "B to refuse A's paths", || {
+        cl.nodes[1]
+            .log()
+            .contains("not signed by any trusted public key")
+    });
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(cl.nodes[1].status().paths_recorded, 0);
+    cl.nodes[1].stop();
+    cl.nodes[1].trusted = vec![a_key, b_key.clone()];
+    cl.nodes[1].start();
+    wait_until(30, "B to learn what it refused before", || {
+        cl.nodes[1].serves(&paths)
+    });
+    substitute_from(&cl.nodes[1], &top, 3);
+    cl.nodes[1].stop();
+    cl.nodes[1].trusted = vec![b_key];
+    cl.nodes[1].start();
+    let narinfo = format!("/{}.narinfo", top.hash_part());
+    // B fetched `top`'s closure for its Nix, but what only A's key signed is no longer served.
+    wait_until(
+        10,
+        "B to stop serving what only an untrusted key signed",
+        || http(&cl.nodes[1].http, "GET", &narinfo, &[]).0 == 404,
+    );
+    assert_eq!(cl.nodes[1].status().paths_recorded, 0);
+}
+
 #[test]
 fn garbage_on_every_alpn_is_refused_and_harmless() {
     let mut cl = cluster(2, &[]);
