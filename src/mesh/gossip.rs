@@ -129,7 +129,7 @@ async fn on_event(ctx: &Arc<Ctx>, ev: Event) {
         Event::Received(msg) => match gossip::decode(&msg.content) {
             Ok(inc) => {
                 ctx.take(vec![inc], None, &msg.delivered_from.to_string())
-                    .await
+                    .await;
             }
             Err(e) => {
                 ctx.refused(

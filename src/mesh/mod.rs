@@ -72,6 +72,9 @@ struct PeerState {
     neighbor: bool,
     last_sync: Option<Instant>,
     failing: bool,
+    /// A peer whose catch-up entries were not acceptable is left alone until then, for a time
+    /// that doubles each round it stays so (up to 5 minutes).
+    penalty: Option<(Instant, Duration)>,
 }
 
 /// What the mesh's tasks share.
@@ -92,6 +95,8 @@ pub struct Ctx {
     peers: Mutex<HashMap<EndpointId, PeerState>>,
     sync_now: Notify,
     sync_every: Duration,
+    /// When each refusal reason was last logged, and how many were not logged since.
+    refusal_log: Mutex<HashMap<&'static str, (Instant, u64)>>,
 }
 
 impl Ctx {
@@ -106,17 +111,33 @@ impl Ctx {
             .mesh_refused
             .get_or_create(&ReasonLabels { reason })
             .inc();
-        tracing::warn!("mesh: refused an announcement from {from}: {why}");
+        // A peer that floods refusals must not flood the log: one line per reason a second.
+        let mut last = self.refusal_log.lock().unwrap_or_else(|p| p.into_inner());
+        let (at, skipped) = last
+            .entry(reason)
+            .or_insert((Instant::now() - Duration::from_secs(2), 0));
+        if at.elapsed() >= Duration::from_secs(1) {
+            let more = if *skipped > 0 {
+                format!(" ({skipped} more refused for this reason meanwhile)")
+            } else {
+                String::new()
+            };
+            tracing::warn!("mesh: refused an announcement from {from}: {why}{more}");
+            *at = Instant::now();
+            *skipped = 0;
+        } else {
+            *skipped += 1;
+        }
     }
 
     /// Check and record announcements (and move a peer's cursor); an eager node wishes for
-    /// the NARs it does not hold.
+    /// the NARs it does not hold. Returns how many were acceptable.
     async fn take(
         self: &Arc<Self>,
         anns: Vec<Incoming>,
         cursor: Option<(EndpointId, u64)>,
         from: &str,
-    ) {
+    ) -> usize {
         let ctx = self.clone();
         let from2 = from.to_owned();
         // Signature checks are CPU work: off the async threads.
@@ -141,6 +162,7 @@ impl Ctx {
                     Err(e) => ctx.refused(&from2, e.reason(), &e.to_string()),
                 }
             }
+            let accepted = claims.len();
             let cur = cursor.map(|(id, seq)| (*id.as_bytes(), seq));
             let changed = ctx
                 .db
@@ -156,19 +178,27 @@ impl Ctx {
                     .collect();
                 ctx.db.want(&wishes)?;
             }
-            Ok::<_, crate::db::DbError>(changed.len())
+            Ok::<_, crate::db::DbError>((accepted, changed.len()))
         })
         .await;
         match res {
-            Ok(Ok(n)) if n > 0 => {
-                tracing::debug!("mesh: recorded {n} new or changed path(s) from {from}");
-                if self.eager {
-                    self.eager_wake.notify_one();
+            Ok(Ok((accepted, n))) => {
+                if n > 0 {
+                    tracing::debug!("mesh: recorded {n} new or changed path(s) from {from}");
+                    if self.eager {
+                        self.eager_wake.notify_one();
+                    }
                 }
+                accepted
             }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::error!("mesh: recording announcements: {e}"),
-            Err(e) => tracing::error!("mesh: recording announcements: {e}"),
+            Ok(Err(e)) => {
+                tracing::error!("mesh: recording announcements: {e}");
+                0
+            }
+            Err(e) => {
+                tracing::error!("mesh: recording announcements: {e}");
+                0
+            }
         }
     }
 }
@@ -243,6 +273,7 @@ impl MeshHandle {
             ),
             sync_now: Notify::new(),
             sync_every: Duration::from_millis(cfg.sync_interval_ms),
+            refusal_log: Mutex::new(HashMap::new()),
         });
         let serving = Arc::new(tokio::sync::Semaphore::new(nar::MAX_SERVING));
         let nar_server = |version| nar::NarServer {
@@ -457,8 +488,16 @@ async fn sync_loop(ctx: Arc<Ctx>, cancel: CancellationToken) {
             .keys()
             .copied()
             .collect();
+        let now = Instant::now();
         for peer in peers {
-            if !busy.insert(peer) {
+            let penalised = ctx
+                .peers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&peer)
+                .and_then(|s| s.penalty)
+                .is_some_and(|(until, _)| until > now);
+            if penalised || !busy.insert(peer) {
                 continue;
             }
             let ctx = ctx.clone();
@@ -488,6 +527,16 @@ async fn sync_loop(ctx: Arc<Ctx>, cancel: CancellationToken) {
                             ctx.peer_state(peer, |s| {
                                 s.last_sync = Some(Instant::now());
                                 s.failing = false;
+                                s.penalty = None;
+                            });
+                        }
+                        Err(e) if e.starts_with(sync::PENALTY_PREFIX) => {
+                            ctx.peer_state(peer, |s| {
+                                let wait = s.penalty.map_or(ctx.sync_every * 2, |(_, w)| {
+                                    (w * 2).min(Duration::from_secs(300))
+                                });
+                                tracing::info!("mesh: catch-up from {peer}: {e}; left alone for {wait:?}");
+                                s.penalty = Some((Instant::now() + wait, wait));
                             });
                         }
                         Err(e) => {

@@ -134,6 +134,10 @@ fn batch(ctx: &Ctx, req: &SyncRequest, version: u8) -> Result<Answer, String> {
     })
 }
 
+/// How a round that ended because the peer's entries were not acceptable shows in its error:
+/// such a peer is asked again only after a backoff.
+pub const PENALTY_PREFIX: &str = "nothing acceptable: ";
+
 /// Entries of one batch, whatever the version.
 enum Entries {
     V1(Vec<narmesh_proto::gossip::v1::Announce>),
@@ -165,8 +169,9 @@ pub async fn from_peer(ctx: &std::sync::Arc<Ctx>, peer: EndpointId) -> Result<us
             Entries::V1(e) => e.len(),
             Entries::V2(e) => e.len(),
         };
-        // `next` must move forward past what was sent, never backwards.
-        if next < after || n > MAX_SYNC_BATCH as usize || (n > 0 && next == after) {
+        // `next` must move forward past what was sent (sequence numbers are unique), never
+        // backwards.
+        if next < after || n > MAX_SYNC_BATCH as usize || next < after + n as u64 {
             ctx.refused(
                 &peer.to_string(),
                 "inconsistent-batch",
@@ -176,12 +181,19 @@ pub async fn from_peer(ctx: &std::sync::Arc<Ctx>, peer: EndpointId) -> Result<us
         }
         taken += n;
         let advanced = next > after;
-        ctx.take(
-            entries_to_incoming(entries),
-            Some((peer, next)),
-            &peer.to_string(),
-        )
-        .await;
+        let accepted = ctx
+            .take(
+                entries_to_incoming(entries),
+                Some((peer, next)),
+                &peer.to_string(),
+            )
+            .await;
+        if n > 0 && accepted == 0 {
+            // A batch with nothing acceptable: this peer is not worth more of this round (an
+            // untrusted or hostile peer; a trusted one's refused entries come back once trust
+            // changes, since catch-up then starts over).
+            return Err(format!("{PENALTY_PREFIX}{n} entries, none acceptable"));
+        }
         after = next;
         if !more || !advanced {
             break;

@@ -90,6 +90,8 @@ pub struct Transfers {
     active: Mutex<HashMap<[u8; 32], Weak<Transfer>>>,
     avoid: Mutex<HashMap<EndpointId, Instant>>,
     slots: Arc<tokio::sync::Semaphore>,
+    /// Transfers that met a provider speaking only version 1.
+    only_v1: Mutex<std::collections::HashSet<[u8; 32]>>,
 }
 
 /// What to fetch: the claim and the providers to ask.
@@ -110,6 +112,7 @@ impl Transfers {
             active: Mutex::new(HashMap::new()),
             avoid: Mutex::new(HashMap::new()),
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS)),
+            only_v1: Mutex::new(Default::default()),
         }
     }
 
@@ -197,9 +200,27 @@ impl Transfers {
         let partial = Arc::new(partial);
         let leaves = self.leaves(t, &providers).await;
         let fetched = match &leaves {
-            Some(l) => self.ranges(t, l.clone(), &partial, &providers).await,
+            Some(l) => match self.ranges(t, l.clone(), &partial, &providers).await {
+                // Providers that speak only version 1 cannot send ranges: ask them for the
+                // whole NAR.
+                Err(e)
+                    if self
+                        .only_v1
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .contains(&t.blake3) =>
+                {
+                    tracing::debug!("mesh: ranges failed ({e}); asking version 1 providers");
+                    self.whole_v1(t, &partial, &providers).await
+                }
+                other => other,
+            },
             None => self.whole_v1(t, &partial, &providers).await,
         };
+        self.only_v1
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&t.blake3);
         let leaves = fetched?;
         // Every byte is written; the sha256 must match the signed NarHash.
         let file = partial.file();
@@ -280,17 +301,34 @@ impl Transfers {
         providers: &[EndpointId],
     ) -> Result<Arc<Leaves>, String> {
         let plan = Arc::new(Mutex::new(Ranges::new(t.size, providers.len())));
+        let returned = Arc::new(tokio::sync::Notify::new());
         let mut workers = tokio::task::JoinSet::new();
-        for p in providers.iter().take(PROVIDERS_AT_ONCE) {
-            let (this, t, leaves, partial, plan, p) = (
+        // Providers avoided lately only if there is nobody else.
+        let fresh: Vec<EndpointId> = providers
+            .iter()
+            .filter(|p| !self.avoided(p))
+            .copied()
+            .collect();
+        let chosen = if fresh.is_empty() {
+            providers.to_vec()
+        } else {
+            fresh
+        };
+        for p in chosen.into_iter().take(PROVIDERS_AT_ONCE) {
+            let (this, t, leaves, partial, plan, returned) = (
                 self.clone(),
                 t.clone(),
                 leaves.clone(),
                 partial.clone(),
                 plan.clone(),
-                *p,
+                returned.clone(),
             );
-            workers.spawn(async move { this.worker(p, &t, &leaves, &partial, &plan).await });
+            workers.spawn(async move {
+                this.worker(p, &t, &leaves, &partial, &plan, &returned)
+                    .await;
+                // A worker leaving may leave the others waiting for a range that will not come.
+                returned.notify_waiters();
+            });
         }
         while workers.join_next().await.is_some() {}
         let done = plan.lock().unwrap_or_else(|p| p.into_inner()).complete();
@@ -309,11 +347,22 @@ impl Transfers {
         leaves: &Leaves,
         partial: &PartialNar,
         plan: &Mutex<Ranges>,
+        returned: &tokio::sync::Notify,
     ) {
         let mut failures = 0;
         loop {
-            let Some((start, end)) = plan.lock().unwrap_or_else(|p| p.into_inner()).take() else {
-                return;
+            let next = plan.lock().unwrap_or_else(|p| p.into_inner()).next();
+            let (start, end) = match next {
+                Next::Range(s, e) => (s, e),
+                Next::Done => return,
+                Next::Wait => {
+                    // Another provider's range may come back if it fails: stay to take it.
+                    tokio::select! {
+                        _ = returned.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    }
+                    continue;
+                }
             };
             let mut got = start;
             let res = self
@@ -323,10 +372,15 @@ impl Transfers {
             p.finished(start, got, end);
             t.advance(p.prefix());
             drop(p);
+            returned.notify_waiters();
             match res {
                 Ok(()) => failures = 0,
                 Err(PeerError::OnlyV1) => {
-                    // Cannot serve ranges: the others will.
+                    // Cannot serve ranges: the others will, or it sends the whole NAR later.
+                    self.only_v1
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(t.blake3);
                     return;
                 }
                 Err(e) if e.misbehaved() => {
@@ -514,6 +568,16 @@ struct Ranges {
     todo: VecDeque<(u64, u64)>,
     /// Done, by start: end.
     done: std::collections::BTreeMap<u64, u64>,
+    /// Ranges being fetched (one that fails comes back to `todo`).
+    in_flight: usize,
+}
+
+/// What a worker gets from the plan.
+enum Next {
+    Range(u64, u64),
+    /// Nothing to take now, but ranges in flight may come back: wait.
+    Wait,
+    Done,
 }
 
 impl Ranges {
@@ -532,15 +596,29 @@ impl Ranges {
             size,
             todo,
             done: Default::default(),
+            in_flight: 0,
         }
     }
 
     fn take(&mut self) -> Option<(u64, u64)> {
-        self.todo.pop_front()
+        let r = self.todo.pop_front();
+        if r.is_some() {
+            self.in_flight += 1;
+        }
+        r
+    }
+
+    fn next(&mut self) -> Next {
+        match self.take() {
+            Some((s, e)) => Next::Range(s, e),
+            None if self.in_flight > 0 => Next::Wait,
+            None => Next::Done,
+        }
     }
 
     /// A range was worked on: `start..got` is done, `got..end` goes back to the front.
     fn finished(&mut self, start: u64, got: u64, end: u64) {
+        self.in_flight = self.in_flight.saturating_sub(1);
         if got > start {
             self.done.insert(start, got);
         }

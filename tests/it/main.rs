@@ -4,6 +4,7 @@
 mod bench_cli;
 mod faults;
 mod harness;
+mod hostile;
 mod keys_interop;
 mod mesh;
 mod mirror;
@@ -12,3 +13,4 @@ mod node;
 mod node_harness;
 mod s3_harness;
 mod storage;
+mod trust;

@@ -26,6 +26,8 @@ pub struct Node {
     pub replicate: &'static str,
     /// Extra environment for the node process (such as S3 credentials).
     pub env: Vec<(String, String)>,
+    /// This node's peer address (`<endpoint id>@127.0.0.1:<port>`), once its mesh is on.
+    pub address: String,
     /// More lines of the `[mesh]` section (tests catch up every 500 ms, not every 5 s).
     pub mesh_extra: String,
     /// A command the node is started under (such as `unshare -n ...`), which must `exec` it.
@@ -51,6 +53,7 @@ impl Node {
             env: Vec::new(),
             wrap: Vec::new(),
             mesh_extra: "sync-interval-ms = 500\n".into(),
+            address: String::new(),
             child: None,
             http: String::new(),
         }
@@ -99,7 +102,8 @@ impl Node {
             .try_into()
             .expect("32 bytes");
         let id = iroh::SecretKey::from_bytes(&raw).public();
-        format!("{id}@127.0.0.1:{port}")
+        self.address = format!("{id}@127.0.0.1:{port}");
+        self.address.clone()
     }
 
     /// Turn the mesh on: a fixed loopback UDP port and an endpoint key made now, so other
@@ -116,7 +120,8 @@ impl Node {
         let raw: [u8; 32] = rand_bytes();
         std::fs::write(data.join("endpoint-key"), raw).expect("write endpoint key");
         let id = iroh::SecretKey::from_bytes(&raw).public();
-        format!("{id}@127.0.0.1:{port}")
+        self.address = format!("{id}@127.0.0.1:{port}");
+        self.address.clone()
     }
 
     fn config_file(&self) -> PathBuf {
@@ -288,6 +293,16 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill9();
+        if std::thread::panicking() {
+            // The test failed: show the end of this node's log before its directory goes.
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!(
+                "--- last lines of {} ---\n{}",
+                self.dir.join("node.log").display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
     }
 }
 

@@ -1,0 +1,416 @@
+//! A hostile peer for the mesh tests: a real iroh endpoint that the honest nodes allow (it is in
+//! their `peers`), with or without a Nix key they trust. It speaks our protocols from our wire
+//! types, but lies: it replays trusted narinfos with BLAKE3 hashes and sizes of its choosing,
+//! answers catch-up forever, serves junk NAR bytes (or a consistent fake NAR for a BLAKE3 it
+//! made up), reads NARs one byte a second, and opens hundreds of streams. It can also play a
+//! node of version 1 (`e5a6e05`), speaking only the `/1` protocols, with honest bytes.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use iroh::address_lookup::MemoryLookup;
+use iroh::endpoint::{Connection, presets};
+use iroh::protocol::{AcceptError, ProtocolHandler, Router};
+use iroh::{Endpoint, EndpointAddr, EndpointId, RelayMode, SecretKey};
+use narmesh_proto::gossip::{PathAnnounce, ProviderStatement, v1};
+use narmesh_proto::sync::{
+    NAR_ALPN, NAR_ALPN_V1, NarHeader, NarQuery, NarReply, NarRequest, NarWhat, SYNC_ALPN,
+    SYNC_ALPN_V1, SyncBatch, SyncBatchV2, SyncRequest,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// What the hostile peer does when asked.
+#[derive(Default)]
+pub struct Mode {
+    /// Answer catch-up with `entries` junk announcements and `more: true`, forever.
+    pub endless_catchup: AtomicBool,
+    /// Answer NAR ranges with junk bytes.
+    pub junk_ranges: AtomicBool,
+    /// NARs it serves consistently (leaves and ranges that match), by BLAKE3: honest bytes, or
+    /// a fake NAR whose BLAKE3 it made up.
+    pub nars: Mutex<HashMap<[u8; 32], Vec<u8>>>,
+    /// Speak only version 1 (`/1` ALPNs; `/2` is not served).
+    pub v1_only: bool,
+    /// What it answers catch-up with (version 1 entries, when playing an old node).
+    pub log_v1: Mutex<Vec<v1::Announce>>,
+    pub log_v2: Mutex<Vec<PathAnnounce>>,
+}
+
+/// A hostile (or old) peer on loopback.
+pub struct Hostile {
+    pub rt: tokio::runtime::Runtime,
+    pub ep: Endpoint,
+    router: Option<Router>,
+    pub gossip: iroh_gossip::Gossip,
+    pub key: SecretKey,
+    /// What honest nodes put in `peers`.
+    pub address: String,
+    pub mode: Arc<Mode>,
+    book: MemoryLookup,
+}
+
+async fn read_frame<T: serde::de::DeserializeOwned>(r: &mut (impl AsyncRead + Unpin)) -> Option<T> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await.ok()?;
+    let len = narmesh_proto::frame::payload_len(len).ok()?;
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).await.ok()?;
+    narmesh_proto::frame::decode(&buf).ok()
+}
+
+async fn write_frame<T: serde::Serialize>(w: &mut (impl AsyncWrite + Unpin), msg: &T) {
+    if let Ok(bytes) = narmesh_proto::frame::encode(msg) {
+        let _ = w.write_all(&bytes).await;
+    }
+}
+
+/// The leaves of `data` as our wire carries them (32 bytes per 16 KiB chunk group).
+pub fn leaves_of(data: &[u8]) -> Vec<u8> {
+    narmesh::chunks::Leaves::of(data).to_bytes()
+}
+
+#[derive(Clone)]
+struct Sync(Arc<Mode>, u8);
+
+impl std::fmt::Debug for Sync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HostileSync")
+    }
+}
+
+impl ProtocolHandler for Sync {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let Some(req) = read_frame::<SyncRequest>(&mut recv).await else {
+                return Ok(());
+            };
+            if self.0.endless_catchup.load(Ordering::SeqCst) {
+                // Junk that decodes, `next` moving just enough, and always more.
+                let n = 512;
+                let junk = PathAnnounce {
+                    narinfo: "StorePath: /nix/store/00000000000000000000000000000000-junk\n".into(),
+                    blake3: [1; 32],
+                    nar_size: 1,
+                    bindings: vec![],
+                    upstream_refs: vec![],
+                    providers: vec![],
+                };
+                write_frame(
+                    &mut send,
+                    &SyncBatchV2 {
+                        entries: vec![junk; n],
+                        next: req.after + n as u64,
+                        more: true,
+                    },
+                )
+                .await;
+            } else if self.1 == 2 {
+                let log = self.0.log_v2.lock().unwrap().clone();
+                let from = (req.after as usize).min(log.len());
+                write_frame(
+                    &mut send,
+                    &SyncBatchV2 {
+                        entries: log[from..].to_vec(),
+                        next: log.len() as u64,
+                        more: false,
+                    },
+                )
+                .await;
+            } else {
+                let log = self.0.log_v1.lock().unwrap().clone();
+                let from = (req.after as usize).min(log.len());
+                write_frame(
+                    &mut send,
+                    &SyncBatch {
+                        entries: log[from..].to_vec(),
+                        next: log.len() as u64,
+                        more: false,
+                    },
+                )
+                .await;
+            }
+            let _ = send.finish();
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct Nar(Arc<Mode>, u8);
+
+impl std::fmt::Debug for Nar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HostileNar")
+    }
+}
+
+impl ProtocolHandler for Nar {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let mode = self.0.clone();
+            let version = self.1;
+            tokio::spawn(async move {
+                if version == 1 {
+                    let Some(req) = read_frame::<NarRequest>(&mut recv).await else {
+                        return;
+                    };
+                    let nar = mode.nars.lock().unwrap().get(&req.blake3).cloned();
+                    match nar {
+                        Some(nar) if (req.offset as usize) <= nar.len() => {
+                            let rest = &nar[req.offset as usize..];
+                            write_frame(
+                                &mut send,
+                                &NarHeader::Found {
+                                    size: rest.len() as u64,
+                                },
+                            )
+                            .await;
+                            let _ = send.write_all(rest).await;
+                        }
+                        _ => write_frame(&mut send, &NarHeader::NotFound).await,
+                    }
+                    let _ = send.finish();
+                    return;
+                }
+                let Some(q) = read_frame::<NarQuery>(&mut recv).await else {
+                    return;
+                };
+                let nar = mode.nars.lock().unwrap().get(&q.blake3).cloned();
+                match (q.what, nar) {
+                    (NarWhat::Leaves, Some(nar)) => {
+                        write_frame(
+                            &mut send,
+                            &NarReply::Leaves {
+                                size: nar.len() as u64,
+                            },
+                        )
+                        .await;
+                        let _ = send.write_all(&leaves_of(&nar)).await;
+                    }
+                    (NarWhat::Range { start, end }, nar) => {
+                        let len = end.saturating_sub(start);
+                        write_frame(&mut send, &NarReply::Range { len }).await;
+                        let body = match nar {
+                            Some(n) if !mode.junk_ranges.load(Ordering::SeqCst) => {
+                                n[start as usize..(end as usize).min(n.len())].to_vec()
+                            }
+                            _ => vec![0x5a; len as usize],
+                        };
+                        let _ = send.write_all(&body).await;
+                    }
+                    (NarWhat::Leaves, None) => write_frame(&mut send, &NarReply::NotFound).await,
+                }
+                let _ = send.finish();
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Hostile {
+    /// Start a hostile peer on loopback (its endpoint key fixed by `seed`).
+    pub fn start(seed: u8, v1_only: bool) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let key = SecretKey::from_bytes(&[seed; 32]);
+        let mode = Arc::new(Mode {
+            v1_only,
+            ..Default::default()
+        });
+        let book = MemoryLookup::new();
+        let (ep, router, gossip) = rt.block_on(async {
+            let ep = Endpoint::builder(presets::Minimal)
+                .secret_key(key.clone())
+                .relay_mode(RelayMode::Disabled)
+                .clear_address_lookup()
+                .address_lookup(book.clone())
+                .clear_ip_transports()
+                .bind_addr("127.0.0.1:0")
+                .expect("bind addr")
+                .bind()
+                .await
+                .expect("bind");
+            let gossip = iroh_gossip::Gossip::builder()
+                .max_message_size(70 * 1024)
+                .spawn(ep.clone());
+            let mut r = Router::builder(ep.clone())
+                .accept(iroh_gossip::ALPN, gossip.clone())
+                .accept(SYNC_ALPN_V1, Sync(mode.clone(), 1))
+                .accept(NAR_ALPN_V1, Nar(mode.clone(), 1));
+            if !v1_only {
+                r = r
+                    .accept(SYNC_ALPN, Sync(mode.clone(), 2))
+                    .accept(NAR_ALPN, Nar(mode.clone(), 2));
+            }
+            (ep.clone(), r.spawn(), gossip)
+        });
+        let port = ep.bound_sockets()[0].port();
+        let address = format!("{}@127.0.0.1:{port}", key.public());
+        Hostile {
+            rt,
+            ep,
+            router: Some(router),
+            gossip,
+            key,
+            address,
+            mode,
+            book,
+        }
+    }
+
+    pub fn id(&self) -> [u8; 32] {
+        *self.key.public().as_bytes()
+    }
+
+    pub fn endpoint_id(&self) -> String {
+        self.key.public().to_string()
+    }
+
+    fn addr_of(&self, peer: &str) -> EndpointAddr {
+        let (id, addr) = peer.split_once('@').expect("peer address");
+        let id: EndpointId = id.parse().expect("endpoint id");
+        let a = EndpointAddr::new(id).with_ip_addr(addr.parse().expect("socket address"));
+        self.book.add_endpoint_info(a.clone());
+        a
+    }
+
+    /// A statement, signed by this peer's endpoint key, that it holds a NAR.
+    pub fn holds(&self, blake3: &[u8; 32]) -> ProviderStatement {
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let msg = ProviderStatement::signed_bytes(blake3, true, at_ms);
+        ProviderStatement {
+            id: self.id(),
+            holds: true,
+            at_ms,
+            sig: self.key.sign(&msg).to_bytes().to_vec(),
+        }
+    }
+
+    /// The honest log of `peer` (catch-up, version 2): announcements to replay.
+    pub fn catch_up_from(&self, peer: &str) -> Vec<PathAnnounce> {
+        let addr = self.addr_of(peer);
+        self.rt.block_on(async {
+            let conn = self
+                .ep
+                .connect(addr, SYNC_ALPN)
+                .await
+                .expect("connect sync");
+            let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+            write_frame(
+                &mut send,
+                &SyncRequest {
+                    version: 2,
+                    after: 0,
+                    limit: 512,
+                },
+            )
+            .await;
+            let _ = send.finish();
+            let batch: SyncBatchV2 = read_frame(&mut recv).await.expect("batch");
+            batch.entries
+        })
+    }
+
+    /// Say `messages` (encoded gossip messages) on the cluster's topic, through `peers`.
+    pub fn gossip(&self, peers: &[String], messages: Vec<Vec<u8>>) {
+        let ids: Vec<EndpointId> = peers.iter().map(|p| self.addr_of(p).id).collect();
+        let topic =
+            iroh_gossip::TopicId::from_bytes(*blake3::hash(b"narmesh-cluster:narmesh").as_bytes());
+        self.rt.block_on(async {
+            let (sender, mut receiver) = self
+                .gossip
+                .subscribe(topic, ids)
+                .await
+                .expect("subscribe")
+                .split();
+            let _ = tokio::time::timeout(Duration::from_secs(5), receiver.joined()).await;
+            for m in messages {
+                sender.broadcast(Bytes::from(m)).await.expect("broadcast");
+            }
+            // Let the messages out before the subscription is dropped.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        });
+    }
+
+    /// Open `n` streams on a NAR connection to `peer` and send nothing on them; they stay open
+    /// until `hold` has passed.
+    pub fn flood_streams(&self, peer: &str, n: usize, hold: Duration) {
+        let addr = self.addr_of(peer);
+        let ep = self.ep.clone();
+        self.rt.spawn(async move {
+            let Ok(conn) = ep.connect(addr, NAR_ALPN).await else {
+                return;
+            };
+            let mut kept = Vec::new();
+            for _ in 0..n {
+                match tokio::time::timeout(Duration::from_secs(2), conn.open_bi()).await {
+                    Ok(Ok((mut send, recv))) => {
+                        let _ = send.write_all(&[1, 0]).await;
+                        kept.push((send, recv));
+                    }
+                    _ => break,
+                }
+            }
+            tokio::time::sleep(hold).await;
+            drop(kept);
+        });
+    }
+
+    /// Ask `peer` for the whole NAR `blake3` of `size` bytes on `n` streams, and read each one
+    /// byte a second for `hold`.
+    pub fn slow_readers(&self, peer: &str, blake3: [u8; 32], size: u64, n: usize, hold: Duration) {
+        let addr = self.addr_of(peer);
+        let ep = self.ep.clone();
+        self.rt.spawn(async move {
+            let Ok(conn) = ep.connect(addr, NAR_ALPN).await else {
+                return;
+            };
+            let end = size.min(1 << 20);
+            for _ in 0..n {
+                let conn = conn.clone();
+                tokio::spawn(async move {
+                    let Ok((mut send, mut recv)) = conn.open_bi().await else {
+                        return;
+                    };
+                    write_frame(
+                        &mut send,
+                        &NarQuery {
+                            version: 2,
+                            blake3,
+                            what: NarWhat::Range { start: 0, end },
+                        },
+                    )
+                    .await;
+                    let _ = send.finish();
+                    let started = std::time::Instant::now();
+                    let mut b = [0u8; 1];
+                    while started.elapsed() < hold {
+                        if recv.read_exact(&mut b).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                });
+            }
+        });
+    }
+}
+
+impl Drop for Hostile {
+    fn drop(&mut self) {
+        if let Some(r) = self.router.take() {
+            let _ = self.rt.block_on(r.shutdown());
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! The mesh against hostile, lying, old, frozen and killed peers, with real node processes and
+//! real Nix: nothing untrusted is believed, nothing stalls or exhausts an honest node, a lying
+//! claim gives way to an honest one, a node of version 1 is still heard, and replication never
+//! gives up.
+
+use std::time::Duration;
+
+use narmesh::nix::{NarInfo, SecretKey, StorePath};
+use narmesh_proto::gossip::{PathAnnounce, v1};
+
+use crate::harness::{NixHost, http, run_ok, wait_until};
+use crate::hostile::{Hostile, leaves_of};
+use crate::node_harness::Node;
+
+const CHAIN: &str = r#"
+  let
+    a = mk "trust-a" "echo a > $out";
+    b = mk "trust-b" "mkdir -p $out; echo ${a} > $out/ref; head -c 40000 /dev/zero | tr '\0' b > $out/b";
+  in mk "trust-top" "mkdir $out; echo ${b} > $out/ref; head -c 3000000 /dev/urandom > $out/blob"
+"#;
+
+/// `VmHWM` (peak RSS, bytes) and `Threads` of a process.
+fn budget(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmHWM:") * 1024, field("Threads:"))
+}
+
+/// A counter of the node's metrics (`name{labels} value`), 0 if absent.
+fn metric(node: &Node, line_prefix: &str) -> f64 {
+    let (_, _, body) = http(&node.http, "GET", "/metrics", &[]);
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix(line_prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Honest nodes, all of them also naming `hostile` as a peer (so it is allowed and caught up
+/// with), trusting each other's keys (and `extra_trusted`).
+fn honest_with(
+    t: &tempfile::TempDir,
+    n: usize,
+    hostile: &Hostile,
+    extra_trusted: &[String],
+) -> (NixHost, Vec<Node>) {
+    let mut nodes: Vec<Node> = (0..n)
+        .map(|i| Node::new(&t.path().join(format!("n{i}")), &t.path().join("unused")))
+        .collect();
+    let a = NixHost::with_hook(&nodes[0].socket(), &nodes[0].spool());
+    crate::node_harness::full_mesh(&mut nodes);
+    for (i, node) in nodes.iter_mut().enumerate() {
+        node.store_root = if i == 0 {
+            a.root.clone()
+        } else {
+            node.dir.join("store")
+        };
+        node.peers.push(hostile.address.clone());
+        node.trusted.extend(extra_trusted.iter().cloned());
+    }
+    (a, nodes)
+}
+
+fn substitute_all(node: &Node, paths: &[String]) {
+    let host = NixHost::substituter(&format!("http://{}", node.http), &node.public_key());
+    let mut args = vec!["-r"];
+    args.extend(paths.iter().map(|s| s.as_str()));
+    run_ok(host.cmd("nix-store").args(&args));
+    for p in paths {
+        run_ok(host.cmd("nix-store").args(["--verify-path", p]));
+    }
+}
+
+/// An allowed but untrusted peer replays trusted narinfos with BLAKE3 hashes and sizes of its
+/// choosing, names itself a provider of honest claims and serves junk for them, answers
+/// catch-up forever, floods a node with streams and reads its NARs a byte a second. The honest
+/// nodes believe none of it, stay within their budgets, count what they refused by reason, and
+/// their hosts still substitute everything through real Nix.
+#[test]
+fn an_untrusted_peer_cannot_poison_stall_or_exhaust_the_mesh() {
+    let t = tempfile::tempdir().unwrap();
+    let h = Hostile::start(41, false);
+    h.mode
+        .endless_catchup
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    h.mode
+        .junk_ranges
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (a, mut nodes) = honest_with(&t, 3, &h, &[]);
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    let top = a.build(CHAIN)[0].clone();
+    let paths = a.closure(std::slice::from_ref(&top));
+    for n in &nodes {
+        wait_until(30, "every node to serve the paths", || n.serves(&paths));
+    }
+    // Replays: the honest announcements with another BLAKE3 (bindings copied), with a huge
+    // size, and with the hostile peer named as a provider of the honest bytes.
+    let honest = h.catch_up_from(&nodes[0].address);
+    assert_eq!(honest.len(), 3, "the hostile peer learnt the honest log");
+    let mut lies = Vec::new();
+    for ann in &honest {
+        let mut wrong = ann.clone();
+        wrong.blake3 = *blake3::hash(b"not these bytes").as_bytes();
+        wrong.providers = vec![h.holds(&wrong.blake3)];
+        lies.push(wrong.encode().unwrap());
+        let mut huge = ann.clone();
+        huge.nar_size = 1 << 40;
+        lies.push(huge.encode().unwrap());
+        let mut providing = ann.clone();
+        providing.providers.push(h.holds(&ann.blake3));
+        lies.push(providing.encode().unwrap());
+    }
+    let peers: Vec<String> = nodes.iter().map(|n| n.address.clone()).collect();
+    h.gossip(&peers, lies);
+    // Abuse of the honest nodes' NAR service.
+    let top_ann = honest
+        .iter()
+        .find(|a| a.narinfo.contains(&top.full()))
+        .unwrap();
+    h.flood_streams(&peers[0], 300, Duration::from_secs(30));
+    h.slow_readers(
+        &peers[0],
+        top_ann.blake3,
+        top_ann.nar_size,
+        40,
+        Duration::from_secs(30),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    // Every host still substitutes everything, through its own node.
+    for n in &nodes[1..] {
+        substitute_all(n, &paths);
+    }
+    // Nothing untrusted was believed: the served narinfos name the honest BLAKE3.
+    for n in &nodes {
+        for ann in &honest {
+            let info = NarInfo::parse(&ann.narinfo).unwrap();
+            let (code, _, body) = http(
+                &n.http,
+                "GET",
+                &format!("/{}.narinfo", info.store_path.hash_part()),
+                &[],
+            );
+            assert_eq!(code, 200);
+            let served = NarInfo::parse(std::str::from_utf8(&body).unwrap()).unwrap();
+            assert_eq!(served.url, narmesh::pipeline::nar_url(&ann.blake3));
+        }
+    }
+    for n in &nodes[1..] {
+        assert!(
+            metric(n, "narmesh_mesh_refused_total{reason=\"unbound-blake3\"}") >= 1.0,
+            "refusals counted by reason"
+        );
+        assert!(
+            metric(n, "narmesh_mesh_refused_total{reason=\"size-mismatch\"}") >= 1.0,
+            "refusals counted by reason"
+        );
+        assert!(
+            n.log().contains("left alone for"),
+            "the endless catch-up was cut short"
+        );
+    }
+    assert!(
+        nodes[1].log().contains("does not match the NAR's BLAKE3")
+            || nodes[2].log().contains("does not match the NAR's BLAKE3")
+            || nodes[1].log().contains("avoiding peer"),
+        "the junk provider was caught"
+    );
+    // Budgets: memory and threads stay bounded under the abuse.
+    for n in &nodes {
+        let (rss, threads) = budget(n.pid());
+        assert!(rss < 150 << 20, "peak RSS {} MiB", rss >> 20);
+        assert!(threads < 64, "{threads} threads");
+    }
+    // And the mesh still works: a new build reaches every node.
+    let more = a.build(r#"mk "trust-later" "echo later > $out""#)[0].full();
+    for n in &nodes {
+        wait_until(30, "a later build on every node", || {
+            n.serves(std::slice::from_ref(&more))
+        });
+    }
+}
+
+/// A peer with a trusted key claims a path first, bound to a BLAKE3 of junk it serves
+/// consistently: every chunk group checks out, the NarHash does not. An eager node drops that
+/// claim (and avoids the peer); the honest build's claim takes its place, and a host
+/// substituting through that node gets the honest path.
+#[test]
+fn a_trusted_peer_that_lies_loses_its_claim_to_the_honest_one() {
+    let t = tempfile::tempdir().unwrap();
+    let h = Hostile::start(42, false);
+    let liar = SecretKey::generate("liar-1").unwrap();
+    let (a, mut nodes) = honest_with(&t, 2, &h, &[liar.public().to_string()]);
+    nodes[1].replicate = "eager";
+    // The same derivation built elsewhere: the liar knows the path's real metadata.
+    let x = NixHost::new("");
+    let expr = r#"mk "trust-lied-about" "head -c 200000 /dev/zero | tr '\0' L > $out""#;
+    let path = x.build(expr)[0].clone();
+    let info = narmesh::nix::store_db::StoreDb::open(&x.root)
+        .unwrap()
+        .query_path(&path)
+        .unwrap()
+        .unwrap();
+    let junk: Vec<u8> = (0..info.nar_size).map(|i| (i % 251) as u8).collect();
+    let fake = *blake3::hash(&junk).as_bytes();
+    h.mode.nars.lock().unwrap().insert(fake, junk);
+    let mut narinfo = NarInfo {
+        store_path: path.clone(),
+        url: "nar/x.nar".into(),
+        compression: "none".into(),
+        file_hash: None,
+        file_size: None,
+        nar_hash: info.nar_hash,
+        nar_size: info.nar_size,
+        references: info.references.iter().cloned().collect(),
+        deriver: None,
+        sigs: vec![],
+        ca: None,
+    };
+    narinfo.sign(&liar);
+    let lie = PathAnnounce {
+        narinfo: narinfo.render(),
+        blake3: fake,
+        nar_size: info.nar_size,
+        bindings: vec![narmesh::binding::sign(
+            &liar,
+            &path,
+            &info.nar_hash,
+            info.nar_size,
+            &fake,
+        )],
+        upstream_refs: vec![],
+        providers: vec![h.holds(&fake)],
+    };
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    let peers: Vec<String> = nodes.iter().map(|n| n.address.clone()).collect();
+    h.gossip(&peers[1..], vec![lie.encode().unwrap()]);
+    wait_until(30, "B to drop the lying claim", || {
+        nodes[1].log().contains("claim dropped")
+    });
+    // The honest build of the same path.
+    let built = a.build(expr)[0].clone();
+    assert_eq!(built, path);
+    wait_until(30, "B to hold the honest NAR", || {
+        nodes[1].status().storage.files == 1
+    });
+    let (_, _, body) = http(
+        &nodes[1].http,
+        "GET",
+        &format!("/{}.narinfo", path.hash_part()),
+        &[],
+    );
+    let served = NarInfo::parse(std::str::from_utf8(&body).unwrap()).unwrap();
+    assert_ne!(
+        served.url,
+        narmesh::pipeline::nar_url(&fake),
+        "the lie is not served"
+    );
+    substitute_all(&nodes[1], &[path.full()]);
+}
+
+/// A node of version 1 (only the `/1` protocols, unbound BLAKE3s) is still heard: its catch-up
+/// log and its gossip are taken in, and its NARs are fetched (whole, checked against the signed
+/// NarHash) so a host substitutes them through a node of this version.
+#[test]
+fn a_version_1_peer_is_heard() {
+    let t = tempfile::tempdir().unwrap();
+    let old = Hostile::start(43, true);
+    let key = SecretKey::generate("old-1").unwrap();
+    let x = NixHost::new("");
+    let outs = x.build(
+        r#"[ (mk "v1-first" "head -c 50000 /dev/urandom > $out") (mk "v1-second" "echo second > $out") ]"#,
+    );
+    let db = narmesh::nix::store_db::StoreDb::open(&x.root).unwrap();
+    let mut anns = Vec::new();
+    for p in &outs {
+        let info = db.query_path(p).unwrap().unwrap();
+        let nar = x.dump(p);
+        let b3 = *blake3::hash(&nar).as_bytes();
+        old.mode.nars.lock().unwrap().insert(b3, nar);
+        let mut n = NarInfo {
+            store_path: p.clone(),
+            url: format!("nar/{}.nar", narmesh::storage::hex(&b3)),
+            compression: "none".into(),
+            file_hash: Some(info.nar_hash),
+            file_size: Some(info.nar_size),
+            nar_hash: info.nar_hash,
+            nar_size: info.nar_size,
+            references: info.references.iter().cloned().collect(),
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+        };
+        n.sign(&key);
+        anns.push(v1::Announce {
+            version: 1,
+            narinfo: n.render(),
+            blake3: b3,
+            nar_size: info.nar_size,
+            providers: vec![old.id()],
+        });
+    }
+    // The first through catch-up, the second through gossip.
+    old.mode.log_v1.lock().unwrap().push(anns[0].clone());
+    let mut b = Node::new(&t.path().join("b"), &t.path().join("b/store"));
+    let b_addr = b.enable_mesh();
+    b.peers = vec![old.address.clone()];
+    b.trusted = vec![key.public().to_string(), b.public_key()];
+    b.start();
+    wait_until(30, "B to catch up from the old node", || {
+        b.serves(&[outs[0].full()])
+    });
+    old.gossip(&[b_addr], vec![postcard::to_allocvec(&anns[1]).unwrap()]);
+    wait_until(30, "B to take in its gossip", || {
+        b.serves(&[outs[1].full()])
+    });
+    let paths: Vec<String> = outs.iter().map(StorePath::full).collect();
+    substitute_all(&b, &paths);
+    let fixture = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/v1/announce.postcard"),
+    )
+    .unwrap();
+    assert!(matches!(
+        narmesh_proto::gossip::decode(&fixture),
+        Ok(narmesh_proto::gossip::Incoming::V1(_))
+    ));
+    let _ = leaves_of(&[]);
+}
