@@ -4,6 +4,7 @@
 //! Requests are matched by hand against the few shapes Nix asks for; everything else is 404,
 //! and anything that looks like traversal is 400. Internals never leak to clients.
 
+mod capped;
 mod range;
 
 use std::sync::Arc;
@@ -101,15 +102,10 @@ pub async fn serve(
     state: HttpState,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt as _;
     let app = axum::Router::new().fallback(handle).with_state(state);
-    // Without TCP_NODELAY a streamed NAR's small writes wait for the client's delayed ACK
-    // (40 ms per small NAR on Linux).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("TCP_NODELAY: {e}");
-        }
-    });
+    // Capped, and every connection with TCP_NODELAY: without it a streamed NAR's small writes
+    // wait for the client's delayed ACK (40 ms per small NAR on Linux).
+    let listener = capped::Capped::new(listener, capped::MAX_CONNECTIONS);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await

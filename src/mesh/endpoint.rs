@@ -144,3 +144,52 @@ pub fn peer_address(ep: &Endpoint) -> String {
 pub fn add_peer(book: &MemoryLookup, peer: &PeerAddr) {
     book.add_endpoint_info(EndpointAddr::new(peer.id).with_ip_addr(peer.addr));
 }
+
+/// Connections one peer may have open to one of our protocols at once; more are closed with
+/// QUIC application code 429 (a peer needs one or two; a hostile one gets no more).
+pub const CONNECTIONS_PER_PEER: usize = 8;
+
+/// Counts each peer's open connections to a protocol.
+#[derive(Debug, Clone, Default)]
+pub struct PeerSlots(Arc<std::sync::Mutex<std::collections::HashMap<EndpointId, usize>>>);
+
+/// A connection's place among its peer's; given back when dropped.
+#[derive(Debug)]
+pub struct PeerSlot {
+    slots: PeerSlots,
+    peer: EndpointId,
+}
+
+impl PeerSlots {
+    /// A place for one more connection of `peer`, or `None` (the connection is then closed).
+    pub fn take(&self, conn: &Connection) -> Option<PeerSlot> {
+        let peer = conn.remote_id();
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(peer).or_default();
+        if *n >= CONNECTIONS_PER_PEER {
+            drop(map);
+            tracing::warn!(
+                "mesh: {peer} has {CONNECTIONS_PER_PEER} connections open already; refused another"
+            );
+            conn.close(VarInt::from_u32(429), b"too many connections");
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            slots: self.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut map = self.slots.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.peer);
+            }
+        }
+    }
+}

@@ -276,28 +276,24 @@ impl MeshHandle {
             refusal_log: Mutex::new(HashMap::new()),
         });
         let serving = Arc::new(tokio::sync::Semaphore::new(nar::MAX_SERVING));
+        let nar_slots = endpoint::PeerSlots::default();
+        let sync_slots = endpoint::PeerSlots::default();
         let nar_server = |version| nar::NarServer {
             storage: parts.storage.clone(),
             metrics: parts.metrics.clone(),
             slots: serving.clone(),
             version,
+            per_peer: nar_slots.clone(),
+        };
+        let sync_server = |version| sync::SyncServer {
+            ctx: ctx.clone(),
+            version,
+            per_peer: sync_slots.clone(),
         };
         let router = Router::builder(ep.clone())
             .accept(iroh_gossip::ALPN, gossip.clone())
-            .accept(
-                SYNC_ALPN,
-                sync::SyncServer {
-                    ctx: ctx.clone(),
-                    version: 2,
-                },
-            )
-            .accept(
-                SYNC_ALPN_V1,
-                sync::SyncServer {
-                    ctx: ctx.clone(),
-                    version: 1,
-                },
-            )
+            .accept(SYNC_ALPN, sync_server(2))
+            .accept(SYNC_ALPN_V1, sync_server(1))
             .accept(NAR_ALPN, nar_server(2))
             .accept(NAR_ALPN_V1, nar_server(1))
             .spawn();

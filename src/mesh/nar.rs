@@ -33,6 +33,7 @@ pub struct NarServer {
     pub metrics: Arc<Metrics>,
     pub slots: Arc<tokio::sync::Semaphore>,
     pub version: u8,
+    pub per_peer: super::endpoint::PeerSlots,
 }
 
 fn user(e: impl std::fmt::Display) -> AcceptError {
@@ -41,6 +42,9 @@ fn user(e: impl std::fmt::Display) -> AcceptError {
 
 impl ProtocolHandler for NarServer {
     async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        let Some(_slot) = self.per_peer.take(&conn) else {
+            return Ok(());
+        };
         let mut streams = tokio::task::JoinSet::new();
         let per_conn = Arc::new(tokio::sync::Semaphore::new(STREAMS_PER_CONNECTION));
         while let Ok((send, recv)) = conn.accept_bi().await {

@@ -36,6 +36,7 @@ const REQUEST: Duration = Duration::from_secs(10);
 pub struct SyncServer {
     pub ctx: std::sync::Arc<Ctx>,
     pub version: u8,
+    pub per_peer: super::endpoint::PeerSlots,
 }
 
 fn user(e: impl std::fmt::Display) -> AcceptError {
@@ -44,6 +45,9 @@ fn user(e: impl std::fmt::Display) -> AcceptError {
 
 impl ProtocolHandler for SyncServer {
     async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        let Some(_slot) = self.per_peer.take(&conn) else {
+            return Ok(());
+        };
         loop {
             let Ok(Ok((mut send, mut recv))) =
                 tokio::time::timeout(Duration::from_secs(30), conn.accept_bi()).await

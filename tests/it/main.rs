@@ -6,6 +6,7 @@ mod faults;
 mod harness;
 mod hostile;
 mod keys_interop;
+mod liveness;
 mod mesh;
 mod mirror;
 mod nar_vs_nix;

@@ -41,12 +41,12 @@ fn setup(s3: &S3Server, mirror_extra: &str, creds: (&str, &str)) -> Setup {
     Setup { _t: t, a, nodes }
 }
 
-fn mirror(node: &Node) -> MirrorStatus {
+pub(crate) fn mirror(node: &Node) -> MirrorStatus {
     node.status().mirror.expect("mirror status")
 }
 
 /// Wait until the mirror has nothing pending and has completed at least `paths`.
-fn wait_mirrored(node: &Node, paths: u64, secs: u64) {
+pub(crate) fn wait_mirrored(node: &Node, paths: u64, secs: u64) {
     wait_until(secs, "the mirror to finish", || {
         let m = mirror(node);
         m.pending_paths == 0 && m.uploaded_paths >= paths
@@ -55,7 +55,7 @@ fn wait_mirrored(node: &Node, paths: u64, secs: u64) {
 
 /// Read the bucket with an independent client: every narinfo's NAR is there with the right
 /// FileHash and FileSize, every reference's narinfo is there, and `expect` are all there.
-fn check_bucket(s3: &S3Server, expect: &[String]) -> usize {
+pub(crate) fn check_bucket(s3: &S3Server, expect: &[String]) -> usize {
     check_bucket_but(s3, expect, &[])
 }
 
