@@ -2,7 +2,6 @@
 //! fetches finish after restarts (and the mirror uploads what waited on them), a frozen and a
 //! killed node catch up, and a NAR nobody can send is a clear 502 before any header.
 
-use std::time::Duration;
 
 use crate::harness::{NixHost, http, run_ok, wait_until};
 use crate::node_harness::Node;
