@@ -101,17 +101,21 @@ impl Pipeline {
                 let (store, key, upstream) =
                     (self.store.clone(), self.key.clone(), upstream.clone());
                 let hashing = self.hashing.clone();
+                let (path, refs) = (info.path.clone(), info.references.clone());
                 async move {
-                    let path = info.path.to_string();
-                    hashing
+                    let r = hashing
                         .run(move || ingest_one(&store, &key, info, &upstream))
                         .await
                         .unwrap_or_else(|| {
                             Err(Failure::Path(format!("{path}: ingest task failed")))
-                        })
+                        });
+                    (path, refs, r)
                 }
             })
             .buffered(self.workers);
+        // Paths of this batch that failed: whatever references them (directly or through
+        // others; the batch is ordered references first) is not recorded either.
+        let mut failed: HashSet<StorePath> = HashSet::new();
         loop {
             let next = if pending.is_empty() {
                 results.next().await
@@ -125,11 +129,22 @@ impl Pipeline {
                     }
                 }
             };
-            match next {
-                None => break,
-                Some(Ok(r)) => pending.push(r),
-                Some(Err(Failure::Path(why))) => {
+            let Some((path, refs, result)) = next else {
+                break;
+            };
+            if let Some(bad) = refs.iter().find(|r| **r != path && failed.contains(*r)) {
+                tracing::error!(
+                    "ingest: {path}: it references {bad}, which could not be ingested; not recorded"
+                );
+                failed.insert(path);
+                failures += 1;
+                continue;
+            }
+            match result {
+                Ok(r) => pending.push(r),
+                Err(Failure::Path(why)) => {
                     tracing::error!("ingest: {why}");
+                    failed.insert(path);
                     failures += 1;
                 }
             }
@@ -534,6 +549,67 @@ mod tests {
             chain: paths,
             seed,
         }
+    }
+
+    /// Flip a byte of the first regular file of `path` in the store under `root`.
+    fn tamper(root: &std::path::Path, path: &StorePath) {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mut todo = vec![crate::nix::store_db::real_path(root, path)];
+        while let Some(p) = todo.pop() {
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            if meta.is_dir() {
+                for e in std::fs::read_dir(&p).unwrap() {
+                    todo.push(e.unwrap().path());
+                }
+            } else if meta.is_file() && meta.len() > 0 {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+                let mut bytes = std::fs::read(&p).unwrap();
+                bytes[0] ^= 1;
+                std::fs::write(&p, bytes).unwrap();
+                return;
+            }
+        }
+        panic!("no file to tamper with in {path}");
+    }
+
+    /// p1 references p0, p2 references p1; p1's bytes no longer match the store database, so
+    /// its NAR fails while being hashed: p2 must not be recorded either (a referrer of a path
+    /// that is not there), p0 is.
+    #[test]
+    fn referrers_of_a_nar_that_fails_are_not_recorded() {
+        let (dir, work, root) = setup(chain(3, 11));
+        tamper(&root, &work[1].path);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let db = Db::open(&dir.path().join("db.redb")).unwrap();
+        let items: Vec<QueueItem> = work
+            .iter()
+            .map(|w| QueueItem {
+                drv: None,
+                outs: vec![w.path.full()],
+            })
+            .collect();
+        db.enqueue(&items).unwrap();
+        let pipeline = Pipeline {
+            db: db.clone(),
+            store: Arc::new(LocalStore::new(&root)),
+            key: SecretKey::generate("test-1").unwrap(),
+            upstream: TrustedKeys::new(Vec::new()),
+            workers: 2,
+            batch: 100,
+            hashing: crate::background::Background::new("test-hash", 2),
+            wake: Arc::new(Notify::new()),
+            metrics: Arc::new(Metrics::new()),
+            recorded: broadcast::channel(16).0,
+        };
+        assert!(rt.block_on(pipeline.step()).unwrap());
+        let hashes: Vec<&str> = work.iter().map(|w| w.path.hash_part()).collect();
+        assert_eq!(db.known(&hashes).unwrap(), vec![true, false, false]);
+        assert_eq!(db.counters().unwrap().failures, 2);
+        assert_eq!(
+            db.counters().unwrap().queue_depth,
+            0,
+            "the reports are done"
+        );
     }
 
     #[test]

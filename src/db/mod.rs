@@ -144,6 +144,7 @@ impl Db {
         tx.open_multimap_table(BLOBS)?;
         tx.open_table(CURSORS)?;
         tx.open_table(outbox::OUTBOX)?;
+        tx.open_table(outbox::UPLOADS)?;
         storage::create_tables(&tx)?;
         tx.commit()?;
         let db = Db {

@@ -10,6 +10,9 @@ use super::{Db, DbError, LOG, META, PATHS, PathRecord};
 
 /// Upload state by hash part.
 pub(super) const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("mirror_outbox_v1");
+/// Multipart uploads this node's mirror started and has not completed or aborted: upload id ->
+/// object key. At start they are aborted (never anyone else's).
+pub(super) const UPLOADS: TableDefinition<&str, &str> = TableDefinition::new("mirror_uploads_v1");
 /// The last log sequence number the mirror has taken in.
 const CURSOR: &str = "mirror.cursor";
 
@@ -89,6 +92,56 @@ impl Db {
         }
         tx.commit()?;
         Ok((out, more))
+    }
+
+    /// A multipart upload started (fsync'd before its first part goes up).
+    pub fn upload_started(&self, id: &str, key: &str) -> Result<(), DbError> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate)
+            .map_err(redb::Error::from)?;
+        tx.open_table(UPLOADS)?.insert(id, key)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A multipart upload completed or was aborted (not fsync'd: if lost, it is aborted again
+    /// at start, which the bucket answers harmlessly).
+    pub fn upload_ended(&self, id: &str) -> Result<(), DbError> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::None)
+            .map_err(redb::Error::from)?;
+        tx.open_table(UPLOADS)?.remove(id)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Multipart uploads this mirror left open: (upload id, key).
+    pub fn open_uploads(&self) -> Result<Vec<(String, String)>, DbError> {
+        let tx = self.db.begin_read()?;
+        let Ok(t) = tx.open_table(UPLOADS) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            let (k, v) = e?;
+            out.push((k.value().to_owned(), v.value().to_owned()));
+        }
+        Ok(out)
+    }
+
+    /// Which of these paths (by hash part) the mirror has completed in the bucket.
+    pub fn outbox_done(&self, hashes: &[String]) -> Result<Vec<bool>, DbError> {
+        let tx = self.db.begin_read()?;
+        let outbox = tx.open_table(OUTBOX)?;
+        hashes
+            .iter()
+            .map(|h| {
+                Ok(match outbox.get(h.as_str())? {
+                    Some(v) => decode(v.value())? == MirrorState::Done,
+                    None => false,
+                })
+            })
+            .collect()
     }
 
     /// Every path the mirror has not finished, with its record and state.

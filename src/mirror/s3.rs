@@ -25,6 +25,13 @@ pub enum S3Error {
     Auth { bucket: String, message: String },
     #[error("S3 bucket {bucket} does not exist")]
     NoBucket { bucket: String },
+    /// The bucket asked to slow down (`SlowDown`, 503): the mirror lowers its request rate.
+    #[error("S3 {op} {key}: slow down ({message})")]
+    SlowDown {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
     /// Anything else (unreachable server, 5xx after the SDK's retries, timeouts, ...).
     #[error("S3 {op} {key}: {message}")]
     Other {
@@ -48,6 +55,19 @@ pub struct Bucket {
     part_size: u64,
     threshold: u64,
     concurrency: usize,
+}
+
+/// Where a mirror keeps the ids of the multipart uploads it starts, so that after a crash it
+/// aborts its own and never anyone else's.
+pub trait UploadLog: Send + Sync {
+    fn started(&self, id: &str, key: &str) -> impl Future<Output = Result<(), S3Error>> + Send;
+    fn ended(&self, id: &str) -> impl Future<Output = ()> + Send;
+}
+
+/// The deadline of one attempt to send `len` bytes: a minute plus the time at 1 MiB/s, so a
+/// large part on a slow link is not cut off, and a small request does not wait minutes.
+pub fn attempt_timeout(len: u64) -> Duration {
+    Duration::from_secs(60) + Duration::from_secs(len / (1 << 20))
 }
 
 /// Content types Nix's own S3 store writes.
@@ -82,7 +102,8 @@ impl Bucket {
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(5))
-                    .operation_attempt_timeout(Duration::from_secs(300))
+                    // Bodies set their own, by size (`attempt_timeout`).
+                    .operation_attempt_timeout(Duration::from_secs(60))
                     .build(),
             );
         if shared.region().is_none() {
@@ -107,10 +128,14 @@ impl Bucket {
         format!("{}{rel}", self.prefix)
     }
 
-    fn err<E, R>(&self, op: &'static str, key: &str, e: SdkError<E, R>) -> S3Error
+    fn err<E>(
+        &self,
+        op: &'static str,
+        key: &str,
+        e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+    ) -> S3Error
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
-        R: std::fmt::Debug + 'static,
     {
         let code = e.code().unwrap_or_default().to_owned();
         // Connection failures and timeouts have no S3 code: give the whole cause chain.
@@ -130,6 +155,20 @@ impl Bucket {
             "NoSuchBucket" => S3Error::NoBucket {
                 bucket: self.bucket.clone(),
             },
+            "SlowDown" | "ServiceUnavailable" | "RequestLimitExceeded" | "Throttling" => {
+                S3Error::SlowDown {
+                    op,
+                    key: key.to_owned(),
+                    message,
+                }
+            }
+            _ if e.raw_response().is_some_and(|r| r.status().as_u16() == 503) => {
+                S3Error::SlowDown {
+                    op,
+                    key: key.to_owned(),
+                    message,
+                }
+            }
             _ => S3Error::Other {
                 op,
                 key: key.to_owned(),
@@ -200,14 +239,25 @@ impl Bucket {
         Ok(())
     }
 
+    /// A per-request config whose attempt deadline fits a body of `len` bytes.
+    fn timeout_for(len: u64) -> aws_sdk_s3::config::Builder {
+        aws_sdk_s3::config::Builder::default().timeout_config(
+            TimeoutConfig::builder()
+                .operation_attempt_timeout(attempt_timeout(len))
+                .build(),
+        )
+    }
+
     /// Put the file `path` (`size` bytes) as object `rel`: one PUT below the multipart
-    /// threshold, else parts in parallel; a failed multipart upload is aborted.
+    /// threshold, else parts in parallel; a multipart upload's id is in `log` from its start
+    /// to its end, and a failed one is aborted.
     pub async fn put_file(
         &self,
         rel: &str,
         path: &Path,
         size: u64,
         content_type: &str,
+        log: &impl UploadLog,
     ) -> Result<(), S3Error> {
         let key = self.key(rel);
         if size < self.threshold {
@@ -219,6 +269,8 @@ impl Bucket {
                 .content_type(content_type)
                 .content_length(size as i64)
                 .body(body)
+                .customize()
+                .config_override(Self::timeout_for(size))
                 .send()
                 .await
                 .map_err(|e| self.err("PUT", &key, e))?;
@@ -234,7 +286,11 @@ impl Bucket {
             .await
             .map_err(|e| self.err("CreateMultipartUpload", &key, e))?;
         let id = created.upload_id().unwrap_or_default().to_owned();
-        match self.upload_parts(&key, &id, path, size).await {
+        if let Err(e) = log.started(&id, &key).await {
+            let _ = self.abort(&key, &id).await;
+            return Err(e);
+        }
+        let result = match self.upload_parts(&key, &id, path, size).await {
             Ok(()) => Ok(()),
             Err(e) => {
                 if let Err(abort) = self.abort(&key, &id).await {
@@ -242,7 +298,9 @@ impl Bucket {
                 }
                 Err(e)
             }
-        }
+        };
+        log.ended(&id).await;
+        result
     }
 
     async fn upload_parts(
@@ -268,6 +326,8 @@ impl Bucket {
                     .part_number(number)
                     .content_length(len as i64)
                     .body(body)
+                    .customize()
+                    .config_override(Self::timeout_for(len))
                     .send()
                     .await
                     .map_err(|e| self.err("UploadPart", key, e))?;
@@ -298,7 +358,8 @@ impl Bucket {
         Ok(())
     }
 
-    async fn abort(&self, key: &str, id: &str) -> Result<(), S3Error> {
+    /// Abort a multipart upload (the key as the bucket has it, prefix included).
+    pub async fn abort(&self, key: &str, id: &str) -> Result<(), S3Error> {
         self.client
             .abort_multipart_upload()
             .bucket(&self.bucket)
@@ -308,28 +369,6 @@ impl Bucket {
             .await
             .map_err(|e| self.err("AbortMultipartUpload", key, e))?;
         Ok(())
-    }
-
-    /// Abort every unfinished multipart upload under `rel_prefix` (left by a killed node);
-    /// returns how many.
-    pub async fn abort_stale_uploads(&self, rel_prefix: &str) -> Result<usize, S3Error> {
-        let prefix = self.key(rel_prefix);
-        let listed = self
-            .client
-            .list_multipart_uploads()
-            .bucket(&self.bucket)
-            .prefix(&prefix)
-            .send()
-            .await
-            .map_err(|e| self.err("ListMultipartUploads", &prefix, e))?;
-        let mut n = 0;
-        for u in listed.uploads() {
-            if let (Some(key), Some(id)) = (u.key(), u.upload_id()) {
-                self.abort(key, id).await?;
-                n += 1;
-            }
-        }
-        Ok(n)
     }
 
     async fn file_part(&self, path: &Path, offset: u64, len: u64) -> Result<ByteStream, S3Error> {

@@ -2,7 +2,6 @@
 //! fetches finish after restarts (and the mirror uploads what waited on them), a frozen and a
 //! killed node catch up, and a NAR nobody can send is a clear 502 before any header.
 
-
 use crate::harness::{NixHost, http, run_ok, wait_until};
 use crate::node_harness::Node;
 use crate::s3_harness::{ACCESS_KEY, S3Server, SECRET_KEY, credentials_env};

@@ -161,8 +161,10 @@ fn a_mirror_killed_mid_upload_resumes_and_the_bucket_ends_consistent() {
     )[0]
     .clone();
     let paths = st.a.closure(std::slice::from_ref(&top));
+    // Someone else's upload under nar/ in the same bucket: never the mirror's to abort.
+    let foreign = s3.start_upload("nar/someone-elses.nar.zst");
     wait_until(60, "a multipart upload to be in flight", || {
-        s3.open_uploads() > 0
+        s3.open_uploads() > 1
     });
     st.nodes[1].kill9();
     // Whatever is in the bucket now, no narinfo points at a missing NAR.
@@ -170,11 +172,19 @@ fn a_mirror_killed_mid_upload_resumes_and_the_bucket_ends_consistent() {
     st.nodes[1].start();
     wait_mirrored(&st.nodes[1], 1, 120);
     assert_eq!(check_bucket(&s3, &paths), 2);
-    assert_eq!(s3.open_uploads(), 0, "the killed run's parts were aborted");
+    assert_eq!(
+        s3.open_uploads(),
+        1,
+        "the killed run's upload was aborted, and only it"
+    );
+    assert!(
+        s3.upload_is_open(&foreign),
+        "someone else's upload is left alone"
+    );
     assert!(
         st.nodes[1]
             .log()
-            .contains("unfinished upload(s) left by a previous run"),
+            .contains("unfinished upload(s) of a previous run"),
         "{}",
         st.nodes[1].log()
     );

@@ -261,6 +261,39 @@ impl S3Server {
     }
 }
 
+impl S3Server {
+    /// Start a multipart upload of `key` (as another writer of the bucket would); its id.
+    pub fn start_upload(&self, key: &str) -> String {
+        let (rt, client) = self.client();
+        rt.block_on(async {
+            client
+                .create_multipart_upload()
+                .bucket(BUCKET)
+                .key(key)
+                .send()
+                .await
+                .expect("create multipart upload")
+                .upload_id()
+                .expect("upload id")
+                .to_owned()
+        })
+    }
+
+    /// True if the multipart upload `id` is still open.
+    pub fn upload_is_open(&self, id: &str) -> bool {
+        let (rt, client) = self.client();
+        rt.block_on(async {
+            let listed = client
+                .list_multipart_uploads()
+                .bucket(BUCKET)
+                .send()
+                .await
+                .expect("list uploads");
+            listed.uploads().iter().any(|u| u.upload_id() == Some(id))
+        })
+    }
+}
+
 impl Drop for S3Server {
     fn drop(&mut self) {
         self.stop();
