@@ -180,6 +180,8 @@ in
       users.groups.narmesh = { };
 
       environment.systemPackages = [ cfg.package ];
+      # Where `narmesh status`, `push`, `pin` and `doctor` look for the node's settings.
+      environment.etc."narmesh.toml".source = configFile;
 
       networking.firewall.allowedUDPPorts = lib.mkIf (cfg.openFirewall && meshEnabled) [ (port meshListen) ];
 
@@ -231,6 +233,10 @@ in
           ProtectHome = true;
           PrivateTmp = true;
           PrivateDevices = true;
+          PrivateMounts = true;
+          # Other processes are hidden; /proc/sys stays (the default key name is the hostname).
+          ProtectProc = "invisible";
+          RemoveIPC = true;
           NoNewPrivileges = true;
           CapabilityBoundingSet = "";
           AmbientCapabilities = "";

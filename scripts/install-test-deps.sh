@@ -5,6 +5,7 @@
 #     in a virtualenv at $NARMESH_S3_VENV (default /opt/narmesh-s3).
 #   - Debian trixie's Nix 2.26 in a root of its own (scripts/install-nix-2.26.sh), so the
 #     end-to-end tests run with a current Nix as well as 2.8.
+#   - systemd (systemd-analyze, systemd-sysusers) and jq, for the unit checks (tests/nixos/verify-units.sh).
 #   - rustfmt and clippy components for the quality gates.
 set -euo pipefail
 
@@ -15,6 +16,10 @@ need_apt=()
 command -v nix-store >/dev/null 2>&1 || need_apt+=(nix-bin)
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+# tests/nixos/verify-units.sh: systemd-analyze and systemd-sysusers check the units, jq reads
+# the module's evaluation.
+{ command -v systemd-analyze && command -v systemd-sysusers; } >/dev/null 2>&1 || need_apt+=(systemd)
+command -v jq >/dev/null 2>&1 || need_apt+=(jq)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing from Debian: ${need_apt[*]}"
   $SUDO apt-get update -q

@@ -5,7 +5,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 use narmesh_proto::control::{Request, Response};
 
@@ -41,8 +41,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Hand store paths (and their closures) to the running node, showing progress.
     Push {
-        #[arg(long, env = "NARMESH_SOCKET", default_value = config::DEFAULT_SOCKET)]
-        socket: PathBuf,
+        #[command(flatten)]
+        node: NodeArgs,
         /// Return once the node has queued the paths, without waiting for them to be signed.
         #[arg(long)]
         no_wait: bool,
@@ -58,8 +58,8 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Keep the closures of store paths from eviction (`--remove` to stop keeping them).
     Pin {
-        #[arg(long, env = "NARMESH_SOCKET", default_value = config::DEFAULT_SOCKET)]
-        socket: PathBuf,
+        #[command(flatten)]
+        node: NodeArgs,
         /// Stop keeping them.
         #[arg(long)]
         remove: bool,
@@ -68,26 +68,79 @@ pub enum Command {
     },
     /// Show the running node's state.
     Status {
-        #[arg(long, env = "NARMESH_SOCKET", default_value = config::DEFAULT_SOCKET)]
-        socket: PathBuf,
+        #[command(flatten)]
+        node: NodeArgs,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
+    /// Check a configuration file and print it resolved, every default filled in.
+    CheckConfig {
+        /// The TOML file `narmesh serve --config` would read.
+        file: PathBuf,
+    },
+    /// Check this host the way an operator would: the node, the hook, the socket, keys,
+    /// peers, the bucket and the local Nix's settings; one line each, with the fix.
+    Doctor(crate::doctor::DoctorArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (`narmesh.1` and one per subcommand) into a directory.
+    Man {
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
 }
 
-/// `narmesh serve` flags; each overrides the config file.
+/// How a command finds the running node's socket: `--socket`, else the `socket` of the
+/// config file (`--config`, or `NARMESH_CONFIG`), else `NARMESH_SOCKET` (the hook's variable),
+/// else the `socket` of /etc/narmesh.toml if there is one, else /run/narmesh/narmesh.sock.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct NodeArgs {
+    /// The node's configuration file (its `socket` is used).
+    #[arg(long, short, env = "NARMESH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The node's Unix socket (overrides the config file).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+}
+
+impl NodeArgs {
+    /// The socket to talk to, by the precedence above.
+    pub fn socket(&self) -> anyhow::Result<PathBuf> {
+        if let Some(s) = &self.socket {
+            return Ok(s.clone());
+        }
+        if let Some(c) = &self.config {
+            return Ok(Config::load(c)?.socket);
+        }
+        if let Some(s) = std::env::var_os("NARMESH_SOCKET").filter(|s| !s.is_empty()) {
+            return Ok(s.into());
+        }
+        let host = Path::new(crate::doctor::DEFAULT_CONFIG);
+        if host.exists() {
+            return Ok(Config::load(host)?.socket);
+        }
+        Ok(PathBuf::from(config::DEFAULT_SOCKET))
+    }
+}
+
+/// `narmesh serve` flags; each overrides the config file. Precedence for the socket and the
+/// spool: the flag, else the config file, else (only without `--config`) `NARMESH_SOCKET` /
+/// `NARMESH_SPOOL`, else the defaults: a variable exported for the hook never overrides what
+/// the config file says.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// TOML configuration (every key optional).
-    #[arg(long, short)]
+    /// TOML configuration (every key optional; `NARMESH_CONFIG` if not given).
+    #[arg(long, short, env = "NARMESH_CONFIG")]
     pub config: Option<PathBuf>,
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    #[arg(long, env = "NARMESH_SOCKET")]
+    /// The Unix socket (else the config file's, else `NARMESH_SOCKET` without a config file).
+    #[arg(long)]
     pub socket: Option<PathBuf>,
-    /// Where the hook spools reports while the node is down.
-    #[arg(long, env = "NARMESH_SPOOL")]
+    /// Where the hook spools reports while the node is down (else as for `--socket`, with
+    /// `NARMESH_SPOOL`).
+    #[arg(long)]
     pub spool_dir: Option<PathBuf>,
     #[arg(long)]
     pub store_root: Option<PathBuf>,
@@ -109,25 +162,42 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Nar { path } => nar(&path),
         Command::Serve(args) => serve(args),
         Command::Push {
-            socket,
+            node,
             no_wait,
             timeout,
             paths,
-        } => push(&socket, &paths, no_wait, timeout),
-        Command::Status { socket, json } => status(&socket, json),
+        } => push(&node.socket()?, &paths, no_wait, timeout),
+        Command::Status { node, json } => status(&node.socket()?, json),
         Command::Pin {
-            socket,
+            node,
             remove,
             paths,
-        } => pin(&socket, &paths, !remove),
+        } => pin(&node.socket()?, &paths, !remove),
         Command::Bench(args) => crate::bench::run(args),
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Doctor(args) => crate::doctor::run(args),
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "narmesh", &mut script);
+            write_stdout(&script)
+        }
+        Command::Man { dir } => man(&dir),
     }
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut cfg = match &args.config {
         Some(p) => Config::load(p)?,
-        None => Config::default(),
+        None => {
+            let mut cfg = Config::default();
+            if let Some(s) = std::env::var_os("NARMESH_SOCKET").filter(|s| !s.is_empty()) {
+                cfg.socket = s.into();
+            }
+            if let Some(s) = std::env::var_os("NARMESH_SPOOL").filter(|s| !s.is_empty()) {
+                cfg.spool_dir = Some(s.into());
+            }
+            cfg
+        }
     };
     if let Some(d) = args.data_dir {
         cfg.data_dir = d;
@@ -252,6 +322,9 @@ fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
         st.files, st.file_bytes, st.cap_bytes, st.evictions
     );
     println!("lost to Nix GC:  {}", st.gc_lost);
+    for p in &s.problems {
+        println!("problem:         {p}");
+    }
     println!("ingest failures: {}", s.ingest_failures);
     println!("spool taken:     {}", s.spool_taken);
     println!("spool waiting:   {}", s.spool_waiting);
@@ -285,6 +358,28 @@ fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
             println!("mirror error:    {e}");
         }
     }
+    Ok(())
+}
+
+fn check_config(file: &Path) -> anyhow::Result<()> {
+    let cfg = Config::load(file)?;
+    cfg.validate()?;
+    write_stdout(cfg.to_toml()?.as_bytes())
+}
+
+/// Write to stdout; a reader that went away (`| head`) is not an error.
+fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    match io::stdout().lock().write_all(bytes) {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+fn man(dir: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    clap_mangen::generate_to(Cli::command(), dir)
+        .with_context(|| format!("writing man pages into {}", dir.display()))?;
     Ok(())
 }
 

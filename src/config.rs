@@ -34,10 +34,12 @@ pub enum ConfigError {
     },
     #[error("config key {key}: {why}")]
     Invalid { key: &'static str, why: String },
+    #[error("rendering the config: {0}")]
+    Render(#[from] toml::ser::Error),
 }
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct Config {
     /// Where the node keeps its database, blobs and generated keys.
@@ -46,6 +48,11 @@ pub struct Config {
     pub socket: PathBuf,
     /// Where `narmesh-hook` spools reports while the node is down; taken in at start and while running.
     pub spool_dir: Option<PathBuf>,
+    /// A group (name from /etc/group, or numeric gid) whose members may use the socket and the
+    /// spool besides the node's own user. Unset: only the node's user (and root) may. The hook
+    /// runs as root under nix-daemon (nothing needed), and as the building user on a
+    /// single-user Nix install.
+    pub socket_group: Option<String>,
     /// The Nix-format secret key to sign narinfos with; without one the node makes and keeps its own.
     pub secret_key_file: Option<PathBuf>,
     /// Name of the key the node makes for itself (default `<hostname>-1`).
@@ -87,7 +94,7 @@ impl Default for StoreConfig {
 }
 
 /// How a node replicates NARs its peers announce.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Replicate {
     /// Fetch a NAR when the local Nix asks for it.
@@ -98,7 +105,7 @@ pub enum Replicate {
 }
 
 /// `[mesh]`: the peers this node shares with, over iroh.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct MeshConfig {
     /// Run the mesh at all.
@@ -122,7 +129,7 @@ pub struct MeshConfig {
 }
 
 /// `[mirror]`: what this node mirrors the cluster's paths into.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct MirrorConfig {
     /// An S3 binary cache; setting it makes this node the mirror (and replicate eagerly).
@@ -130,7 +137,7 @@ pub struct MirrorConfig {
 }
 
 /// How NARs are compressed in the bucket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Compression {
     #[default]
@@ -161,7 +168,7 @@ impl Compression {
 
 /// `[mirror.s3]`: the bucket, in the layout `nix copy --to s3://` writes. Credentials come the
 /// usual AWS way (environment, shared config and credentials files, `profile`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct S3Config {
     pub bucket: String,
@@ -202,7 +209,7 @@ impl Default for S3Config {
 }
 
 /// `[nix]`: the local Nix store.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct NixConfig {
     /// `/` for the system store, or the root of a chroot store.
@@ -210,7 +217,7 @@ pub struct NixConfig {
 }
 
 /// `[http]`: the binary cache the local Nix substitutes from.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct HttpConfig {
     /// Addresses to listen on (loopback only by default).
@@ -220,7 +227,7 @@ pub struct HttpConfig {
 }
 
 /// `[pipeline]`: how paths are turned into signed NARs.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct PipelineConfig {
     /// NARs serialized at once.
@@ -235,6 +242,7 @@ impl Default for Config {
             data_dir: DEFAULT_DATA_DIR.into(),
             socket: DEFAULT_SOCKET.into(),
             spool_dir: None,
+            socket_group: None,
             secret_key_file: None,
             key_name: None,
             trusted_public_keys: Vec::new(),
@@ -317,11 +325,28 @@ impl Config {
         })
     }
 
+    /// The configuration as TOML with every default filled in (what `check-config` prints).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        Ok(toml::to_string(self)?)
+    }
+
     /// Check every value that serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, why: String| ConfigError::Invalid { key, why };
         self.trusted_keys()?;
         self.upstream_trusted_keys()?;
+        if let Some(g) = &self.socket_group
+            && g.parse::<u32>().is_err()
+            && (g.is_empty()
+                || !g
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)))
+        {
+            return Err(invalid(
+                "socket-group",
+                format!("{g:?} is not a group name or gid"),
+            ));
+        }
         if self.http.listen.is_empty() {
             return Err(invalid(
                 "http.listen",
@@ -404,6 +429,30 @@ impl Config {
                 .map_err(|e| invalid("key-name", e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// The gid of `socket-group`, looked up in /etc/group unless it is a number.
+    pub fn socket_gid(&self) -> Result<Option<u32>, ConfigError> {
+        let Some(g) = &self.socket_group else {
+            return Ok(None);
+        };
+        if let Ok(n) = g.parse() {
+            return Ok(Some(n));
+        }
+        let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+        groups
+            .lines()
+            .find_map(|l| {
+                let mut f = l.split(':');
+                (f.next() == Some(g.as_str()))
+                    .then(|| f.nth(1).and_then(|gid| gid.parse().ok()))
+                    .flatten()
+            })
+            .map(Some)
+            .ok_or_else(|| ConfigError::Invalid {
+                key: "socket-group",
+                why: format!("no group {g:?} in /etc/group (give its numeric gid)"),
+            })
     }
 
     /// The largest NAR the mesh takes in.

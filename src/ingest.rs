@@ -237,6 +237,7 @@ impl Ingest {
         report.nar_bytes = report.storage.own_bytes + report.storage.file_bytes;
         report.ingest_failures = counters.failures;
         report.spool_taken = self.metrics.spool_taken.get();
+        report.problems = self.metrics.problems();
         let spool = self.spool.clone();
         (report.spool_waiting, report.spool_rejected) =
             tokio::task::spawn_blocking(move || spool_counts(&spool))
@@ -277,8 +278,12 @@ impl Ingest {
         let mut wait = SPOOL_POLL;
         loop {
             match self.take_spool(&dir).await {
-                Ok(_) => wait = SPOOL_POLL,
+                Ok(_) => {
+                    wait = SPOOL_POLL;
+                    self.metrics.problem("spool", None);
+                }
                 Err(e) => {
+                    self.metrics.problem("spool", Some(e.to_string()));
                     tracing::warn!("spool {}: {e}; trying again in {wait:?}", dir.display());
                     self.metrics.spool_deferred.inc();
                     wait = (wait * 2).min(Duration::from_secs(30));

@@ -40,6 +40,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod db;
+pub mod doctor;
 pub mod fsutil;
 pub mod http;
 pub mod ingest;

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub storage_gc_lost: Counter,
     pub served_bytes: Family<SourceLabels, Counter>,
     pub mesh_refused: Family<ReasonLabels, Counter>,
+    /// What is wrong now, by part ("queue", "pipeline", ...), for `narmesh status`.
+    problems: std::sync::Mutex<std::collections::BTreeMap<&'static str, String>>,
 }
 
 /// Why the mesh refused something from a peer.
@@ -115,6 +117,7 @@ impl Metrics {
             storage_gc_lost: Counter::default(),
             served_bytes: Family::default(),
             mesh_refused: Family::default(),
+            problems: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -239,6 +242,25 @@ impl Metrics {
             m.mesh_refused.clone(),
         );
         Metrics { registry, ..m }
+    }
+
+    /// Say what is wrong with `part` now (`None`: nothing any more).
+    pub fn problem(&self, part: &'static str, what: Option<String>) {
+        let mut p = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+        match what {
+            Some(w) => {
+                p.insert(part, w);
+            }
+            None => {
+                p.remove(part);
+            }
+        }
+    }
+
+    /// What is wrong now, one line per part.
+    pub fn problems(&self) -> Vec<String> {
+        let p = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+        p.iter().map(|(k, v)| format!("{k}: {v}")).collect()
     }
 
     /// The Prometheus text exposition of every metric.

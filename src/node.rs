@@ -56,10 +56,19 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
         tracing::info!("mirror node: replicating eagerly");
         cfg.mesh.replicate = Replicate::Eager;
     }
-    create_private_dir(&cfg.data_dir)?;
+    // Whatever the node creates is its own unless said otherwise (keys, databases, NARs).
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let gid = cfg.socket_gid()?;
     let spool = cfg.spool_dir();
-    std::fs::create_dir_all(&spool)
-        .with_context(|| format!("creating spool dir {}", spool.display()))?;
+    // With a socket group, the data dir lets the group through (not list it) to the spool.
+    let data_mode = if gid.is_some() && spool.starts_with(&cfg.data_dir) {
+        0o711
+    } else {
+        0o700
+    };
+    crate::fsutil::create_dir_mode(&cfg.data_dir, data_mode)
+        .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    prepare_spool(&spool, gid)?;
     let key = load_or_make_key(&cfg)?;
     println!("narmesh: public key {}", key.public());
     let db = Db::open(&cfg.data_dir.join("narmesh.redb")).context("opening the node database")?;
@@ -125,7 +134,7 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
         http_addrs.push(l.local_addr()?.to_string());
         http_listeners.push(l);
     }
-    let socket = bind_socket(&cfg.socket)?;
+    let socket = bind_socket(&cfg.socket, gid)?;
     let status = StatusReport {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         public_key: key.public().to_string(),
@@ -264,20 +273,31 @@ fn front_thread(
     Ok(handle)
 }
 
-fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating data dir {}", dir.display()))
+/// The spool directory: the node's own (0700), or with a socket group, writable by the group
+/// (setgid, so spooled files belong to it).
+fn prepare_spool(spool: &Path, gid: Option<u32>) -> anyhow::Result<()> {
+    let mode = if gid.is_some() { 0o2770 } else { 0o700 };
+    crate::fsutil::create_dir_mode(spool, mode)
+        .with_context(|| format!("creating spool dir {}", spool.display()))?;
+    if let Some(g) = gid {
+        std::os::unix::fs::chown(spool, None, Some(g))
+            .with_context(|| format!("giving {} to group {g}", spool.display()))?;
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(spool, std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
 }
 
-/// Bind the Unix socket, replacing a stale one left by a killed node.
-fn bind_socket(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
+/// Bind the Unix socket, replacing a stale one left by a killed node. Only the node's user (and
+/// root) may connect, or also `socket-group`'s members.
+fn bind_socket(path: &Path, gid: Option<u32>) -> anyhow::Result<std::os::unix::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        // Made here (not by systemd's RuntimeDirectory): others may pass through to the socket.
+        crate::fsutil::create_dir_mode(dir, 0o755)
+            .with_context(|| format!("creating {}", dir.display()))?;
     }
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         anyhow::bail!("another node is already listening on {}", path.display());
@@ -286,8 +306,16 @@ fn bind_socket(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> 
     let l = std::os::unix::net::UnixListener::bind(path)
         .with_context(|| format!("binding socket {}", path.display()))?;
     l.set_nonblocking(true)?;
-    // Any local user's Nix may report builds; reports name store paths only, which are checked.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    // Who may report builds is who may have them signed with the host key, gossiped and
+    // mirrored: not any local user.
+    match gid {
+        Some(g) => {
+            std::os::unix::fs::chown(path, None, Some(g))
+                .with_context(|| format!("giving {} to group {g}", path.display()))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        }
+        None => std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?,
+    }
     Ok(l)
 }
 

@@ -52,7 +52,12 @@ impl Pipeline {
             if cancel.is_cancelled() {
                 return;
             }
-            match self.step().await {
+            let r = self.step().await;
+            match &r {
+                Err(e) => self.metrics.problem("pipeline", Some(e.clone())),
+                Ok(_) => self.metrics.problem("pipeline", None),
+            }
+            match r {
                 Ok(true) => backoff = Duration::from_millis(100),
                 Ok(false) => {
                     tokio::select! {

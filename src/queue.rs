@@ -67,8 +67,17 @@ async fn run(
         .await
         .map_err(|e| e.to_string())
         .and_then(|r| r.map_err(|e| e.to_string()));
-        if let Err(e) = &res {
-            tracing::error!("queue commit failed: {e}");
+        match &res {
+            Err(e) => {
+                tracing::error!("queue commit failed: {e}");
+                metrics.problem(
+                    "queue",
+                    Some(format!(
+                        "hook reports cannot be recorded (hooks spool): {e}"
+                    )),
+                );
+            }
+            Ok(()) => metrics.problem("queue", None),
         }
         for (_, reply) in group {
             let _ = reply.send(res.clone());

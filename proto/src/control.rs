@@ -76,6 +76,8 @@ pub struct StatusReport {
     pub spool_rejected: u64,
     /// What the node holds on disk.
     pub storage: StorageStatus,
+    /// What is wrong now (a full disk, an unreadable store database, ...), one line each.
+    pub problems: Vec<String>,
 }
 
 /// What a node holds, and its disk budget.
@@ -118,7 +120,8 @@ pub struct MirrorStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct PeerStatus {
     pub endpoint_id: String,
-    /// `neighbor` (gossip link up), `known` (configured or discovered, no link), `unreachable`.
+    /// `unreachable` (the last catch-up failed), `neighbor` (gossip link up), `known`
+    /// (configured or discovered, no link).
     pub state: String,
     /// Last log sequence number taken from this peer by catch-up.
     pub cursor: u64,

@@ -39,6 +39,8 @@ pub struct Journal {
     len: u64,
     pending: VecDeque<(u64, QueueItem)>,
     next: u64,
+    /// A failed append left bytes that could not be removed.
+    poisoned: bool,
 }
 
 fn record(e: &Entry) -> io::Result<Vec<u8>> {
@@ -114,11 +116,17 @@ impl Journal {
             len: valid as u64,
             pending,
             next,
+            poisoned: false,
         })
     }
 
     /// Append items durably (written and fsync'd) and return when they are.
     pub fn append(&mut self, items: &[QueueItem]) -> io::Result<()> {
+        if self.poisoned {
+            // A failed append could not be cut off: replay the file to find where it is sound.
+            let fresh = Journal::open(&self.path)?;
+            *self = fresh;
+        }
         let mut buf = Vec::new();
         let first = self.next;
         for (i, item) in items.iter().enumerate() {
@@ -127,8 +135,23 @@ impl Journal {
                 item: item.clone(),
             })?);
         }
-        self.file.write_all(&buf)?;
-        self.file.sync_data()?;
+        if let Err(e) = self
+            .file
+            .write_all(&buf)
+            .and_then(|()| self.file.sync_data())
+        {
+            // A full disk may have taken part of the record: cut it off again, or every later
+            // record would follow garbage and be lost at the next replay.
+            let cut = self
+                .file
+                .set_len(self.len)
+                .and_then(|()| self.file.sync_data());
+            if let Err(c) = cut {
+                tracing::error!("queue journal: removing a failed append: {c}");
+                self.poisoned = true;
+            }
+            return Err(e);
+        }
         self.len += buf.len() as u64;
         self.next += items.len() as u64;
         for (i, item) in items.iter().enumerate() {
@@ -163,7 +186,14 @@ impl Journal {
             return Ok(());
         }
         let rec = record(&Entry::Done { upto })?;
-        self.file.write_all(&rec)?;
+        if let Err(e) = self.file.write_all(&rec) {
+            // Not written (a full disk): the batch is planned again after a restart, and its
+            // paths are found recorded. What may have been written is cut off.
+            if self.file.set_len(self.len).is_err() {
+                self.poisoned = true;
+            }
+            return Err(e);
+        }
         self.len += rec.len() as u64;
         if self.len > COMPACT_AT {
             self.compact()?;

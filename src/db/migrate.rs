@@ -36,7 +36,8 @@ impl Db {
     /// stay until the storage has moved the old blobs).
     pub(super) fn migrate(&self) -> Result<(), DbError> {
         {
-            let tx = self.db.begin_read()?;
+            let db = self.db.get()?;
+            let tx = db.begin_read()?;
             if !table_exists(&tx, "paths_v2")? || tx.open_table(PATHS)?.len()? > 0 {
                 return Ok(());
             }
@@ -44,7 +45,8 @@ impl Db {
                 return Ok(());
             }
         }
-        let tx = durable(&self.db)?;
+        let db = self.db.get()?;
+        let tx = durable(&db)?;
         let mut n = 0;
         {
             let old = tx.open_table(PATHS_V2)?;
@@ -101,7 +103,8 @@ impl Db {
     /// The NARs the old blob store held (records marked local in `paths_v2`), while the old
     /// tables are there.
     pub fn legacy_blobs(&self) -> Result<Vec<LegacyBlob>, DbError> {
-        let tx = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
         if !table_exists(&tx, "paths_v2")? {
             return Ok(Vec::new());
         }
@@ -124,7 +127,8 @@ impl Db {
 
     /// Remove the tables of the previous format (after the storage moved their blobs).
     pub fn drop_legacy(&self) -> Result<(), DbError> {
-        let tx = durable(&self.db)?;
+        let db = self.db.get()?;
+        let tx = durable(&db)?;
         tx.delete_table(PATHS_V2)?;
         tx.delete_table(LOG_V1)?;
         tx.delete_table(BLOBS_V2)?;

@@ -10,6 +10,7 @@
 //! Files: [`records`] (the record types), `paths` (recording, the log), `storage` (the
 //! storage's tables), `outbox` (the mirror's), `migrate` (reading a data dir of `e5a6e05`).
 
+mod handle;
 mod journal;
 mod migrate;
 mod outbox;
@@ -58,18 +59,27 @@ const TRUST_FINGERPRINT: &str = "trust.fingerprint";
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("node database: {0}")]
-    Redb(#[from] redb::Error),
+    Redb(redb::Error),
+    #[error("node database: closed after an I/O error, not yet opened again")]
+    Closed,
     #[error("node database: undecodable record: {0}")]
     Decode(#[from] postcard::Error),
     #[error("queue journal: {0}")]
     Journal(#[from] std::io::Error),
 }
 
+impl From<redb::Error> for DbError {
+    fn from(e: redb::Error) -> Self {
+        handle::note(&e);
+        DbError::Redb(e)
+    }
+}
+
 macro_rules! redb_from {
     ($($t:ty),*) => {$(
         impl From<$t> for DbError {
             fn from(e: $t) -> Self {
-                DbError::Redb(e.into())
+                redb::Error::from(e).into()
             }
         }
     )*};
@@ -90,7 +100,7 @@ const CACHE_BYTES: usize = 24 << 20;
 /// A handle to the node database; cheap to clone.
 #[derive(Clone)]
 pub struct Db {
-    db: Arc<Database>,
+    db: Arc<handle::Handle>,
     queue: Arc<std::sync::Mutex<journal::Journal>>,
     /// Bumped after every commit that adds or changes a record, for those who wait on records
     /// (the mirror) instead of polling.
@@ -132,9 +142,8 @@ impl Db {
     /// Open (or create) the database at `path` (and its queue beside it), creating every
     /// table and migrating the records of an earlier format.
     pub fn open(path: &Path) -> Result<Self, DbError> {
-        let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .create(path)?;
+        let handle = handle::Handle::open(path, CACHE_BYTES)?;
+        let db = handle.get()?;
         let queue = journal::Journal::open(&path.with_file_name("queue.log"))?;
         let tx = durable(&db)?;
         tx.open_table(PATHS)?;
@@ -147,8 +156,9 @@ impl Db {
         tx.open_table(outbox::UPLOADS)?;
         storage::create_tables(&tx)?;
         tx.commit()?;
+        drop(db);
         let db = Db {
-            db: Arc::new(db),
+            db: Arc::new(handle),
             queue: Arc::new(std::sync::Mutex::new(queue)),
             changes: Arc::new(tokio::sync::watch::Sender::new(0)),
             changed_paths: Arc::new(tokio::sync::broadcast::channel(1024).0),
@@ -162,7 +172,8 @@ impl Db {
     /// durably there first, then gone from the main file.
     fn take_over_queue(&self) -> Result<(), DbError> {
         let items: Vec<QueueItem> = {
-            let tx = self.db.begin_read()?;
+            let db = self.db.get()?;
+            let tx = db.begin_read()?;
             let Ok(old) = tx.open_table(QUEUE) else {
                 return Ok(());
             };
@@ -175,7 +186,8 @@ impl Db {
         if !items.is_empty() {
             self.enqueue(&items)?;
         }
-        let tx = durable(&self.db)?;
+        let db = self.db.get()?;
+        let tx = durable(&db)?;
         tx.delete_table(QUEUE)?;
         tx.open_table(META)?.remove(QUEUE_NEXT)?;
         tx.commit()?;
@@ -221,7 +233,8 @@ impl Db {
 
     /// The catch-up cursor of a peer (0 if never synced).
     pub fn cursor(&self, peer: &[u8; 32]) -> Result<u64, DbError> {
-        let tx = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
         Ok(tx
             .open_table(CURSORS)?
             .get(peer.as_slice())?
@@ -231,13 +244,15 @@ impl Db {
 
     /// The trust fingerprint the records were last checked against (0: never).
     pub fn trust_fingerprint(&self) -> Result<u64, DbError> {
-        let tx = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
         get_meta(&tx.open_table(META)?, TRUST_FINGERPRINT)
     }
 
     /// Current counters.
     pub fn counters(&self) -> Result<Counters, DbError> {
-        let tx = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
         let meta = tx.open_table(META)?;
         Ok(Counters {
             queue_depth: self.journal().depth() as u64,

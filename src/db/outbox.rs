@@ -42,7 +42,8 @@ impl Db {
     pub fn outbox_take(&self, limit: usize) -> Result<(Vec<PathRecord>, bool), DbError> {
         // Most calls find nothing new: answer those from a read, without a commit.
         {
-            let tx = self.db.begin_read()?;
+            let db = self.db.get()?;
+            let tx = db.begin_read()?;
             let after = tx
                 .open_table(META)?
                 .get(CURSOR)?
@@ -57,7 +58,8 @@ impl Db {
                 return Ok((Vec::new(), false));
             }
         }
-        let mut tx = self.db.begin_write()?;
+        let db = self.db.get()?;
+        let mut tx = db.begin_write()?;
         tx.set_durability(Durability::Immediate)
             .map_err(redb::Error::from)?;
         let mut out = Vec::new();
@@ -96,7 +98,8 @@ impl Db {
 
     /// A multipart upload started (fsync'd before its first part goes up).
     pub fn upload_started(&self, id: &str, key: &str) -> Result<(), DbError> {
-        let mut tx = self.db.begin_write()?;
+        let db = self.db.get()?;
+        let mut tx = db.begin_write()?;
         tx.set_durability(Durability::Immediate)
             .map_err(redb::Error::from)?;
         tx.open_table(UPLOADS)?.insert(id, key)?;
@@ -107,7 +110,8 @@ impl Db {
     /// A multipart upload completed or was aborted (not fsync'd: if lost, it is aborted again
     /// at start, which the bucket answers harmlessly).
     pub fn upload_ended(&self, id: &str) -> Result<(), DbError> {
-        let mut tx = self.db.begin_write()?;
+        let db = self.db.get()?;
+        let mut tx = db.begin_write()?;
         tx.set_durability(Durability::None)
             .map_err(redb::Error::from)?;
         tx.open_table(UPLOADS)?.remove(id)?;
@@ -117,7 +121,8 @@ impl Db {
 
     /// Multipart uploads this mirror left open: (upload id, key).
     pub fn open_uploads(&self) -> Result<Vec<(String, String)>, DbError> {
-        let tx = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
         let Ok(t) = tx.open_table(UPLOADS) else {
             return Ok(Vec::new());
         };
@@ -131,7 +136,8 @@ impl Db {
 
     /// Which of these paths (by hash part) the mirror has completed in the bucket.
     pub fn outbox_done(&self, hashes: &[String]) -> Result<Vec<bool>, DbError> {
-        let tx = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
         let outbox = tx.open_table(OUTBOX)?;
         hashes
             .iter()
@@ -146,7 +152,8 @@ impl Db {
 
     /// Every path the mirror has not finished, with its record and state.
     pub fn outbox_unfinished(&self) -> Result<Vec<(PathRecord, MirrorState)>, DbError> {
-        let tx = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
         let outbox = tx.open_table(OUTBOX)?;
         let paths = tx.open_table(PATHS)?;
         let mut out = Vec::new();
@@ -165,7 +172,8 @@ impl Db {
 
     /// The mirror state of one path (`None`: not taken in by the mirror).
     pub fn outbox_state(&self, hash_part: &str) -> Result<Option<MirrorState>, DbError> {
-        let tx = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
         let outbox = tx.open_table(OUTBOX)?;
         match outbox.get(hash_part)? {
             Some(v) => Ok(Some(decode(v.value())?)),
@@ -178,7 +186,8 @@ impl Db {
         if states.is_empty() {
             return Ok(());
         }
-        let mut tx = self.db.begin_write()?;
+        let db = self.db.get()?;
+        let mut tx = db.begin_write()?;
         tx.set_durability(Durability::Immediate)
             .map_err(redb::Error::from)?;
         {

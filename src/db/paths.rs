@@ -64,7 +64,8 @@ impl Db {
         records: &[OwnRecord],
         failures: u64,
     ) -> Result<(), DbError> {
-        let tx = durable(&self.db)?;
+        let db = self.db.get()?;
+        let tx = durable(&db)?;
         let mut changed = Vec::new();
         {
             let mut paths = tx.open_table(PATHS)?;
@@ -134,7 +135,8 @@ impl Db {
         claims: Vec<RemoteClaim>,
         cursor: Option<(&[u8; 32], u64)>,
     ) -> Result<Vec<(PathRecord, bool)>, DbError> {
-        let mut tx = self.db.begin_write()?;
+        let db = self.db.get()?;
+        let mut tx = db.begin_write()?;
         let mut out = Vec::new();
         let mut changed = Vec::new();
         let mut moved = false;
@@ -202,7 +204,8 @@ impl Db {
 
     /// Move the peer's catch-up cursor alone (a batch with nothing to take in).
     pub fn set_cursor(&self, peer: &[u8; 32], seq: u64) -> Result<(), DbError> {
-        let tx = durable(&self.db)?;
+        let db = self.db.get()?;
+        let tx = durable(&db)?;
         tx.open_table(CURSORS)?.insert(peer.as_slice(), seq)?;
         tx.commit()?;
         Ok(())
@@ -214,7 +217,8 @@ impl Db {
         if hashes.is_empty() {
             return Ok(());
         }
-        let tx = durable(&self.db)?;
+        let db = self.db.get()?;
+        let tx = durable(&db)?;
         {
             let paths = tx.open_table(PATHS)?;
             let mut log = tx.open_table(LOG)?;
@@ -241,7 +245,8 @@ impl Db {
         hash: &str,
         f: impl FnOnce(&mut PathRecord) -> bool,
     ) -> Result<Option<PathRecord>, DbError> {
-        let tx = durable(&self.db)?;
+        let db = self.db.get()?;
+        let tx = durable(&db)?;
         let rec = {
             let mut paths = tx.open_table(PATHS)?;
             let Some(mut rec) = paths.get(hash)?.map(|v| decode(v.value())).transpose()? else {
@@ -265,7 +270,8 @@ impl Db {
 
     /// Which of these hash parts are recorded.
     pub fn known(&self, hash_parts: &[&str]) -> Result<Vec<bool>, DbError> {
-        let tx = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
         let paths = tx.open_table(PATHS)?;
         hash_parts
             .iter()
@@ -276,7 +282,8 @@ impl Db {
     /// Which of these hash parts are recorded with a claim of this node's own (made from its
     /// store): the pipeline skips those, and ingests the rest even if peers recorded them.
     pub fn has_own(&self, hash_parts: &[&str]) -> Result<Vec<bool>, DbError> {
-        let tx = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
         let paths = tx.open_table(PATHS)?;
         let own = tx.open_multimap_table(OWN)?;
         hash_parts
@@ -299,14 +306,16 @@ impl Db {
 
     /// The record of one path, by hash part.
     pub fn path(&self, hash_part: &str) -> Result<Option<PathRecord>, DbError> {
-        let tx = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
         let paths = tx.open_table(PATHS)?;
         paths.get(hash_part)?.map(|v| decode(v.value())).transpose()
     }
 
     /// The records of many paths, in one read.
     pub fn paths(&self, hash_parts: &[String]) -> Result<Vec<Option<PathRecord>>, DbError> {
-        let tx = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
         let paths = tx.open_table(PATHS)?;
         hash_parts
             .iter()
@@ -321,7 +330,8 @@ impl Db {
 
     /// The records with a claim on the NAR with this BLAKE3.
     pub fn by_blake3(&self, blake3: &[u8; 32]) -> Result<Vec<PathRecord>, DbError> {
-        let tx = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
         let blobs = tx.open_multimap_table(BLOBS)?;
         let paths = tx.open_table(PATHS)?;
         let mut out = Vec::new();
@@ -342,7 +352,8 @@ impl Db {
         after: u64,
         limit: usize,
     ) -> Result<(Vec<(u64, PathRecord)>, bool), DbError> {
-        let tx = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
         let log = tx.open_table(LOG)?;
         let paths = tx.open_table(PATHS)?;
         let mut out = Vec::new();
@@ -372,7 +383,8 @@ impl Db {
         fingerprint: u64,
         keep: impl Fn(&str, &Claim) -> Option<Claim>,
     ) -> Result<(usize, usize), DbError> {
-        let tx = durable(&self.db)?;
+        let db = self.db.get()?;
+        let tx = durable(&db)?;
         let (mut dropped, mut removed) = (0, 0);
         let mut changed = Vec::new();
         {

@@ -108,7 +108,8 @@ impl Db {
 
     /// An own path holding this NAR in the local store: (hash part, full store path).
     pub fn own_holder(&self, blake3: &[u8; 32]) -> Result<Option<(String, String)>, DbError> {
-        let tx = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
         let own = tx.open_multimap_table(OWN)?;
         let paths = tx.open_table(PATHS)?;
         for h in own.get(blake3.as_slice())? {
@@ -123,7 +124,8 @@ impl Db {
 
     /// Every own path held in the local store: (BLAKE3, hash part, full store path).
     pub fn own_paths(&self) -> Result<Vec<([u8; 32], String, String)>, DbError> {
-        let tx = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
         let own = tx.open_multimap_table(OWN)?;
         let paths = tx.open_table(PATHS)?;
         let mut out = Vec::new();
@@ -149,7 +151,8 @@ impl Db {
         if lost.is_empty() {
             return Ok(0);
         }
-        let tx = durable(&self.db)?;
+        let db = self.db.get()?;
+        let tx = durable(&db)?;
         let mut changed = Vec::new();
         {
             let mut own = tx.open_multimap_table(OWN)?;
@@ -197,7 +200,8 @@ impl Db {
 
     /// The leaves of a NAR held here.
     pub fn leaves(&self, blake3: &[u8; 32]) -> Result<Option<Vec<u8>>, DbError> {
-        let tx = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
         Ok(tx
             .open_table(LEAVES)?
             .get(blake3.as_slice())?
@@ -206,7 +210,8 @@ impl Db {
 
     /// The NAR file of this BLAKE3, if the storage holds one.
     pub fn nar_file(&self, blake3: &[u8; 32]) -> Result<Option<NarFile>, DbError> {
-        let tx = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
         tx.open_table(NARS)?
             .get(blake3.as_slice())?
             .map(|v| Ok(postcard::from_bytes(v.value())?))
@@ -215,7 +220,8 @@ impl Db {
 
     /// Every NAR file: (BLAKE3, file).
     pub fn nar_files(&self) -> Result<Vec<([u8; 32], NarFile)>, DbError> {
-        let tx = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
         let nars = tx.open_table(NARS)?;
         let mut out = Vec::with_capacity(nars.len()? as usize);
         for entry in nars.iter()? {
@@ -235,7 +241,8 @@ impl Db {
         file: NarFile,
         leaves: &[u8],
     ) -> Result<(), DbError> {
-        let tx = durable(&self.db)?;
+        let db = self.db.get()?;
+        let tx = durable(&db)?;
         let mut changed = Vec::new();
         {
             let mut nars = tx.open_table(NARS)?;
@@ -260,7 +267,8 @@ impl Db {
         if blake3s.is_empty() {
             return Ok(());
         }
-        let tx = durable(&self.db)?;
+        let db = self.db.get()?;
+        let tx = durable(&db)?;
         let mut changed = Vec::new();
         {
             let mut nars = tx.open_table(NARS)?;
@@ -299,7 +307,8 @@ impl Db {
         if used.is_empty() {
             return Ok(());
         }
-        let tx = self.db.begin_write()?;
+        let db = self.db.get()?;
+        let tx = db.begin_write()?;
         {
             let mut nars = tx.open_table(NARS)?;
             for (b, at) in used {
@@ -319,7 +328,8 @@ impl Db {
 
     /// Pin (or unpin) paths by hash part.
     pub fn set_pins(&self, hashes: &[String], pinned: bool) -> Result<(), DbError> {
-        let tx = durable(&self.db)?;
+        let db = self.db.get()?;
+        let tx = durable(&db)?;
         {
             let mut pins = tx.open_table(PINS)?;
             let now = std::time::SystemTime::now()
@@ -340,7 +350,8 @@ impl Db {
 
     /// Pinned paths, by hash part.
     pub fn pins(&self) -> Result<Vec<String>, DbError> {
-        let tx = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
         let pins = tx.open_table(PINS)?;
         let mut out = Vec::new();
         for entry in pins.iter()? {
@@ -354,7 +365,8 @@ impl Db {
         if wishes.is_empty() {
             return Ok(());
         }
-        let tx = durable(&self.db)?;
+        let db = self.db.get()?;
+        let tx = durable(&db)?;
         {
             let mut wants = tx.open_table(WANTS)?;
             let nars = tx.open_table(NARS)?;
@@ -374,7 +386,8 @@ impl Db {
         if blake3s.is_empty() {
             return Ok(());
         }
-        let tx = durable(&self.db)?;
+        let db = self.db.get()?;
+        let tx = durable(&db)?;
         {
             let mut wants = tx.open_table(WANTS)?;
             for b in blake3s {
@@ -387,7 +400,8 @@ impl Db {
 
     /// Every wish: (BLAKE3, hash part of a path that wants it).
     pub fn wants(&self) -> Result<Vec<([u8; 32], String)>, DbError> {
-        let tx = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
         let wants = tx.open_table(WANTS)?;
         let mut out = Vec::new();
         for entry in wants.iter()? {
@@ -401,7 +415,8 @@ impl Db {
 
     /// What the storage holds.
     pub fn storage_counters(&self) -> Result<StorageCounters, DbError> {
-        let tx = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
         let meta = tx.open_table(META)?;
         Ok(StorageCounters {
             own_bytes: get_meta(&meta, OWN_BYTES)?,

@@ -350,10 +350,11 @@ impl MeshHandle {
             .iter()
             .map(|(id, st)| PeerStatus {
                 endpoint_id: id.to_string(),
-                state: if st.neighbor {
-                    "neighbor"
-                } else if st.failing {
+                // A failing catch-up says more than a gossip link that has not timed out yet.
+                state: if st.failing {
                     "unreachable"
+                } else if st.neighbor {
+                    "neighbor"
                 } else {
                     "known"
                 }

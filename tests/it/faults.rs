@@ -216,3 +216,153 @@ fn transient_spool_failures_wait_and_permanent_ones_are_counted() {
     assert!(!stale.exists(), "the stale temporary file is removed");
     node.stop();
 }
+
+/// Who may report builds (have paths signed with the host key, gossiped, mirrored): by default
+/// only the node's user and root; with `socket-group`, that group too. A hook of another user
+/// is refused at the socket and cannot spool either, and still exits 0.
+#[test]
+fn the_socket_and_the_spool_admit_only_the_node_and_its_group() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    crate::harness::require("setpriv");
+    let t = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let host = NixHost::new("");
+    let paths = built_paths(&host, 2, "access");
+    let mut node = Node::new(&t.path().join("node"), &host.root);
+    std::fs::set_permissions(&node.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    node.extra_config = "socket-group = \"4242\"\n".into();
+    node.start();
+    let sock = std::fs::metadata(node.socket()).unwrap();
+    assert_eq!((sock.mode() & 0o777, sock.gid()), (0o660, 4242));
+    let spool = std::fs::metadata(node.spool()).unwrap();
+    assert_eq!((spool.mode() & 0o7777, spool.gid()), (0o2770, 4242));
+    let hook_as = |gid: u32, path: &str| {
+        let out = Command::new("setpriv")
+            .args([
+                "--reuid",
+                "65534",
+                "--regid",
+                &gid.to_string(),
+                "--clear-groups",
+            ])
+            .arg(bin("narmesh-hook"))
+            .env("OUT_PATHS", path)
+            .env("NARMESH_SOCKET", node.socket())
+            .env("NARMESH_SPOOL", node.spool())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // A member of the group: heard.
+    let err = hook_as(4242, &paths[0]);
+    assert!(err.is_empty(), "{err}");
+    wait_until(30, "the group member's report", || {
+        recorded(&node, &paths[..1]) == 1
+    });
+    // Anyone else: neither the socket nor the spool.
+    let err = hook_as(65534, &paths[1]);
+    assert!(
+        err.contains("Permission denied") && err.contains("not shared"),
+        "{err}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(recorded(&node, &paths[1..]), 0);
+    node.stop();
+    // Without a socket group: the node's user only.
+    node.extra_config = String::new();
+    node.start();
+    let sock = std::fs::metadata(node.socket()).unwrap();
+    assert_eq!(sock.mode() & 0o777, 0o600);
+    node.stop();
+}
+
+/// A mounted tmpfs of its own for a test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("mount");
+        assert!(
+            ok.success(),
+            "mounting a tmpfs at {} (the tests run as root)",
+            dir.display()
+        );
+        Tmpfs(dir.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fill the file system of `dir` with one file; returns it.
+fn fill(dir: &Path) -> std::path::PathBuf {
+    use std::io::Write as _;
+    let p = dir.join("filler");
+    let mut f = std::fs::File::create(&p).unwrap();
+    // Down to the last byte, so that no page is left half used.
+    let block = vec![0xabu8; 64 << 10];
+    for size in [64 << 10, 4096, 1] {
+        while f.write_all(&block[..size]).is_ok() {}
+    }
+    let _ = f.sync_all();
+    p
+}
+
+/// The data dir's disk fills up while builds go on: every hook still exits 0 within its
+/// deadline (spooling what the node cannot record), status says why, nothing acknowledged is
+/// lost, and once space is freed everything is taken in and served.
+#[test]
+fn a_full_disk_loses_nothing_and_everything_arrives_once_space_is_freed() {
+    let t = tempfile::tempdir().unwrap();
+    let host = NixHost::new("");
+    let before = built_paths(&host, 3, "full-before");
+    let during = built_paths(&host, 4, "full-during");
+    let mut node = Node::new(&t.path().join("node"), &host.root);
+    let data = Tmpfs::mount(&node.dir.join("data"), "16m");
+    node.start();
+    for p in &before {
+        let run = run_hook(&node.socket(), &node.spool(), "", p, 2000);
+        assert!(!run.stderr.contains("spooled"), "{}", run.stderr);
+    }
+    wait_until(30, "the first builds to be served", || node.serves(&before));
+    let filler = fill(&data.0);
+    // Each report is either acknowledged (the queue's last page had room) or spooled; the
+    // hook exits 0 within its deadline either way.
+    for p in &during {
+        let run = run_hook(&node.socket(), &node.spool(), "", p, 2000);
+        assert!(
+            run.took < Duration::from_secs(10),
+            "hook took {:?}",
+            run.took
+        );
+    }
+    wait_until(30, "the problem to show in status", || {
+        node.status()
+            .problems
+            .iter()
+            .any(|p| p.contains("No space left"))
+    });
+    assert!(
+        node.serves(&before),
+        "what was acknowledged is still served"
+    );
+    std::fs::remove_file(filler).unwrap();
+    wait_until(90, "everything to arrive once space is freed", || {
+        node.serves(&during) && node.serves(&before)
+    });
+    wait_until(30, "the problems to clear", || {
+        node.status().problems.is_empty()
+    });
+    node.stop();
+    drop(data);
+}

@@ -2,6 +2,8 @@
 //! client, real `narmesh` processes, SIGKILL).
 
 mod bench_cli;
+mod deploy;
+mod doctor;
 mod faults;
 mod harness;
 mod hostile;

@@ -286,6 +286,12 @@ impl Node {
                 "node exited with {status} on SIGTERM; log:\n{}",
                 self.log()
             );
+            // A clean stop closes the mesh's endpoint (else iroh aborts its connections).
+            let log = self.log();
+            assert!(
+                !log.contains("Endpoint dropped without calling"),
+                "the node dropped its endpoint without closing it; log:\n{log}"
+            );
         }
     }
 }

@@ -35,6 +35,8 @@ in
           serviceConfig
           ;
       };
+  # The unit file NixOS would write for it (render-unit.nix), for systemd-analyze verify.
+  unitText = if svc == null then null else import ./render-unit.nix { inherit lib pkgs; } "narmesh" svc;
   inherit (services.narmesh) finalSettings;
   # The file the module hands to `narmesh check-config`, as the stub renders it.
   configToml = builtins.readFile ((pkgs.formats.toml { }).generate "narmesh.toml" services.narmesh.finalSettings);

@@ -108,6 +108,14 @@ let
       before = list;
       path = list;
       restartTriggers = list;
+      script = mkOption {
+        type = types.lines;
+        default = "";
+      };
+      preStart = mkOption {
+        type = types.lines;
+        default = "";
+      };
       environment = loose;
       serviceConfig = loose;
       unitConfig = loose;
@@ -151,6 +159,10 @@ in
     };
     nix.settings = loose;
     environment.systemPackages = list;
+    environment.etc = mkOption {
+      type = types.attrsOf (types.submodule { freeformType = types.attrsOf types.anything; });
+      default = { };
+    };
   };
 
   config._module.args.pkgs = pkgs;

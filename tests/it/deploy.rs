@@ -1,0 +1,52 @@
+//! The deployment files are right: the NixOS module (nix/module.nix) evaluated with nixpkgs'
+//! module system, the unit NixOS would write for it and the plain unit (deploy/systemd/) pass
+//! `systemd-analyze verify` and `security`, the sysusers snippet passes `systemd-sysusers`, and
+//! the configuration files pass `narmesh check-config`. tests/nixos/verify-units.sh does the
+//! checking (runnable by hand; it says what it checks); these tests run it with our binary.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use crate::harness::{Nix, bin, require};
+
+/// Run `tests/nixos/verify-units.sh PART` with the built `narmesh`; panic with its output unless
+/// every check passed.
+fn verify_units(part: &str) {
+    for tool in ["bash", "systemd-analyze", "systemd-sysusers", "jq"] {
+        require(tool);
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nixos/verify-units.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(part)
+        .env("NARMESH_BIN", bin("narmesh"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {}: {e}", script.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{} {part} failed ({}):\n{stdout}\n{stderr}",
+        script.display(),
+        out.status
+    );
+    assert!(
+        stdout.contains(&format!("PASS: all checks ({part})")),
+        "{} {part} did not report success:\n{stdout}\n{stderr}",
+        script.display()
+    );
+}
+
+/// The module for a typical and a minimal host: its unit, its settings, its assertions.
+#[test]
+fn nixos_module_units_and_config_pass() {
+    Nix::V2_26.require();
+    verify_units("module");
+}
+
+/// deploy/systemd/narmesh.service, narmesh.sysusers and deploy/narmesh.toml.example.
+#[test]
+fn plain_systemd_unit_passes() {
+    verify_units("plain");
+}

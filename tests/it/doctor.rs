@@ -1,0 +1,169 @@
+//! `narmesh doctor` on a healthy two-node mesh with an S3 mirror (every check passes), then
+//! with each piece broken in turn: the right line fails, with its fix, and doctor exits 1.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::harness::{bin, wait_until};
+use crate::node_harness::{Node, full_mesh};
+use crate::s3_harness::{ACCESS_KEY, S3Server, SECRET_KEY};
+
+/// A `nix.conf` as a host using the node would have it.
+fn nix_conf(dir: &Path, node: &Node, hook: &Path, keys: &[String]) -> PathBuf {
+    let http = &node.status().http_listen[0];
+    let p = dir.join("nix.conf");
+    std::fs::write(
+        &p,
+        format!(
+            "build-users-group =\npost-build-hook = {}\nsubstituters = https://cache.nixos.org\nextra-substituters = http://{http}\ntrusted-public-keys = cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY= {}\n",
+            hook.display(),
+            keys.join(" ")
+        ),
+    )
+    .unwrap();
+    p
+}
+
+struct Run {
+    ok: bool,
+    out: String,
+}
+
+fn doctor(node: &Node, nix_conf: &Path, env_file: Option<&Path>) -> Run {
+    let mut cmd = Command::new(bin("narmesh"));
+    cmd.arg("doctor")
+        .arg("--config")
+        .arg(node.dir.join("narmesh.toml"))
+        .arg("--nix-conf")
+        .arg(nix_conf)
+        .env_remove("NARMESH_CONFIG")
+        .env_remove("NARMESH_SOCKET");
+    for (k, _) in crate::s3_harness::credentials_env("", "") {
+        cmd.env_remove(k);
+    }
+    if let Some(f) = env_file {
+        cmd.arg("--environment-file").arg(f);
+    }
+    let out = cmd.output().unwrap();
+    Run {
+        ok: out.status.success(),
+        out: format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// The line of check `name` (the first if several).
+fn line<'a>(run: &'a Run, name: &str) -> &'a str {
+    run.out
+        .lines()
+        .find(|l| l[6.min(l.len())..].starts_with(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} line in:\n{}", run.out))
+}
+
+fn assert_only_fails(run: &Run, name: &str) {
+    assert!(!run.ok, "doctor should fail:\n{}", run.out);
+    assert!(
+        line(run, name).starts_with("FAIL"),
+        "{name} should fail:\n{}",
+        run.out
+    );
+    let fails = run.out.lines().filter(|l| l.starts_with("FAIL")).count();
+    assert_eq!(fails, 1, "only {name} fails:\n{}", run.out);
+    assert!(run.out.contains("fix: "), "{}", run.out);
+}
+
+#[test]
+fn doctor_passes_a_healthy_mesh_and_names_each_broken_piece() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start();
+    let mut nodes: Vec<Node> = (0..2)
+        .map(|i| Node::new(&t.path().join(format!("n{i}")), &t.path().join("unused")))
+        .collect();
+    full_mesh(&mut nodes);
+    for n in nodes.iter_mut() {
+        n.store_root = n.dir.join("store");
+    }
+    nodes[1].extra_config = s3.mirror_config("");
+    nodes[1].env = crate::s3_harness::credentials_env(ACCESS_KEY, SECRET_KEY);
+    let keys: Vec<String> = nodes.iter().map(|n| n.public_key()).collect();
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    wait_until(60, "both nodes to catch up with each other", || {
+        nodes.iter().all(|n| {
+            let peers = n.status().peers;
+            !peers.is_empty() && peers.iter().all(|p| p.last_sync_secs_ago.is_some())
+        })
+    });
+    let hook = bin("narmesh-hook");
+    let env_file = t.path().join("s3.env");
+    std::fs::write(
+        &env_file,
+        format!("AWS_ACCESS_KEY_ID={ACCESS_KEY}\nAWS_SECRET_ACCESS_KEY={SECRET_KEY}\n"),
+    )
+    .unwrap();
+    let confs: Vec<PathBuf> = nodes
+        .iter()
+        .map(|n| nix_conf(&n.dir, n, &hook, &keys))
+        .collect();
+
+    // Healthy: every check passes on both hosts.
+    for (i, n) in nodes.iter().enumerate() {
+        let run = doctor(n, &confs[i], (i == 1).then_some(env_file.as_path()));
+        assert!(run.ok, "node {i}:\n{}", run.out);
+        assert!(run.out.contains("all checks passed"), "{}", run.out);
+        assert!(line(&run, "peer").starts_with("ok"), "{}", run.out);
+        if i == 1 {
+            assert!(line(&run, "bucket").starts_with("ok"), "{}", run.out);
+        }
+    }
+
+    // The hook missing from nix.conf.
+    let no_hook = t.path().join("no-hook.conf");
+    let text = std::fs::read_to_string(&confs[0]).unwrap();
+    std::fs::write(
+        &no_hook,
+        text.lines()
+            .filter(|l| !l.starts_with("post-build-hook"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .unwrap();
+    assert_only_fails(&doctor(&nodes[0], &no_hook, None), "hook");
+
+    // The node's key not trusted by the local Nix.
+    let untrusted = t.path().join("untrusted.conf");
+    std::fs::write(&untrusted, text.replace(&keys[0], "")).unwrap();
+    let run = doctor(&nodes[0], &untrusted, None);
+    assert_only_fails(&run, "keys");
+    assert!(line(&run, "keys").contains("n0-1"), "{}", run.out);
+
+    // Wrong bucket credentials.
+    let wrong = t.path().join("wrong.env");
+    std::fs::write(
+        &wrong,
+        "AWS_ACCESS_KEY_ID=nobody\nAWS_SECRET_ACCESS_KEY=wrong-secret\n",
+    )
+    .unwrap();
+    assert_only_fails(&doctor(&nodes[1], &confs[1], Some(&wrong)), "bucket");
+
+    // A peer that went away.
+    nodes[1].kill9();
+    wait_until(30, "node 0 to notice its peer is gone", || {
+        nodes[0]
+            .status()
+            .peers
+            .iter()
+            .any(|p| p.state == "unreachable")
+    });
+    assert_only_fails(&doctor(&nodes[0], &confs[0], None), "peer");
+
+    // And the node itself down.
+    nodes[0].stop();
+    let run = doctor(&nodes[0], &confs[0], None);
+    assert!(!run.ok);
+    assert!(line(&run, "node").starts_with("FAIL"), "{}", run.out);
+}
