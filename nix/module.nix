@@ -204,7 +204,7 @@ in
         ];
         environment.NARMESH_LOG = "info";
         serviceConfig = {
-          Type = "simple";
+          Type = "notify";
           ExecStart = "${cfg.package}/bin/narmesh serve --config ${configFile}";
           Restart = "on-failure";
 

@@ -46,4 +46,10 @@ for tool in nix-store nix-build nix-hash nix; do
   command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool still missing after install" >&2; exit 1; }
 done
 "$(dirname "$0")/install-nix-2.26.sh"
+# The install guide's test (tests/guide/run.sh) installs nix-setup-systemd into its hosts from here.
+GUIDE_DEBS="${NARMESH_GUIDE_DEBS:-/var/cache/narmesh-guide/debs}"
+if ! compgen -G "$GUIDE_DEBS/nix-setup-systemd_*.deb" >/dev/null; then
+  $SUDO mkdir -p "$GUIDE_DEBS/partial"
+  $SUDO apt-get install -y -q --download-only -o Dir::Cache::Archives="$GUIDE_DEBS" nix-setup-systemd
+fi
 echo "test prerequisites present: $(nix-store --version), SeaweedFS $("$NARMESH_WEED" version 2>&1 | head -1)"

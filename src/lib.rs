@@ -44,6 +44,7 @@ pub mod doctor;
 pub mod fsutil;
 pub mod http;
 pub mod ingest;
+pub mod killpoint;
 pub mod mesh;
 pub mod metrics;
 pub mod mirror;

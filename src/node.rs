@@ -101,7 +101,16 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
             db: db.clone(),
             storage: storage.clone(),
             key: key.clone(),
-            trusted: cfg.trusted_keys()?,
+            // This node's own signatures count too: its paths come back from peers that
+            // fetched them, and must not be refused (nor the peer held off for it).
+            trusted: {
+                let mut keys = cfg.trusted_keys()?.keys().to_vec();
+                let own = key.public();
+                if !keys.contains(&own) {
+                    keys.push(own);
+                }
+                crate::nix::TrustedKeys::new(keys)
+            },
             recorded: recorded.subscribe(),
             metrics: metrics.clone(),
             max_nar_size: cfg.max_nar_size(),
@@ -197,6 +206,7 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
         cfg.socket.display(),
         http_addrs.join(", ")
     );
+    notify_ready();
 
     cancel.cancelled().await;
     front.cancel();
@@ -350,4 +360,26 @@ fn hostname() -> String {
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty() && crate::nix::SecretKey::generate(h).is_ok())
         .unwrap_or_else(|| "narmesh".to_owned())
+}
+
+/// Tell systemd (a `Type=notify` unit) that the socket and the HTTP cache are up, so that
+/// `systemctl start` returns only when `narmesh status` and the hook can reach the node.
+fn notify_ready() {
+    use std::os::linux::net::SocketAddrExt as _;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let sent = (|| -> std::io::Result<()> {
+        let sock = std::os::unix::net::UnixDatagram::unbound()?;
+        let addr = match path.strip_prefix('@') {
+            Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name)?,
+            None => std::os::unix::net::SocketAddr::from_pathname(&path)?,
+        };
+        sock.send_to_addr(b"READY=1", &addr)?;
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        tracing::warn!("telling systemd the node is ready ({path}): {e}");
+    }
 }

@@ -183,12 +183,18 @@ impl Pipeline {
         let db = self.db.clone();
         let recs = std::mem::take(records);
         let done = done.to_vec();
+        if !recs.is_empty() {
+            crate::killpoint::reach("pipeline.hashed");
+        }
         let recs = blocking(move || {
             db.record_own(&done, &recs, failures)
                 .map(|()| recs)
                 .map_err(|e| e.to_string())
         })
         .await?;
+        if !recs.is_empty() {
+            crate::killpoint::reach("pipeline.recorded");
+        }
         let n: u64 = recs.iter().map(|r| r.claim.nar_size).sum();
         self.metrics.paths_recorded.inc_by(recs.len() as u64);
         self.metrics.nar_bytes.inc_by(n);

@@ -62,6 +62,9 @@ async fn run(
             let t = std::time::Instant::now();
             let r = db.enqueue(&items);
             m.queue_commit_seconds.observe(t.elapsed().as_secs_f64());
+            if r.is_ok() {
+                crate::killpoint::reach("queue.appended");
+            }
             r
         })
         .await

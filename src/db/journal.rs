@@ -83,6 +83,11 @@ impl Journal {
             .append(true)
             .create(true)
             .open(path)?;
+        // The file's directory entry must be on disk before anything in it is acknowledged.
+        file.sync_all()?;
+        if let Some(dir) = path.parent() {
+            crate::fsutil::sync_dir(dir)?;
+        }
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
         let (entries, valid) = replay(&bytes);

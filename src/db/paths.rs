@@ -129,11 +129,14 @@ impl Db {
     /// Take in claims learnt from a peer, and move the peer's catch-up cursor to `cursor` if
     /// given, in one fsync'd transaction. A record that is new or changed moves to the end of
     /// the log. Returns the records that are new or changed, as they now stand, each with
-    /// whether the claim it took in is new to it (not merely news of its providers).
+    /// whether the claim it took in is new to it (not merely news of its providers). With
+    /// `wish` (an eager node), the NAR of each new active claim not held yet is wished for in
+    /// the same commit, so that no crash can leave a claim recorded and never fetched.
     pub fn record_remote(
         &self,
         claims: Vec<RemoteClaim>,
         cursor: Option<(&[u8; 32], u64)>,
+        wish: bool,
     ) -> Result<Vec<(PathRecord, bool)>, DbError> {
         let db = self.db.get()?;
         let mut tx = db.begin_write()?;
@@ -169,6 +172,18 @@ impl Db {
                 relog(&mut log, &mut index, &mut meta, &hash)?;
                 changed.push(hash);
                 out.push((rec, new_claim));
+            }
+            if wish {
+                let mut wants = tx.open_table(super::storage::WANTS)?;
+                let nars = tx.open_table(super::storage::NARS)?;
+                let own = tx.open_multimap_table(super::storage::OWN)?;
+                for (rec, _) in out.iter().filter(|(_, new_claim)| *new_claim) {
+                    let Some(c) = rec.active() else { continue };
+                    let b = c.blake3.as_slice();
+                    if nars.get(b)?.is_none() && own.get(b)?.next().is_none() {
+                        wants.insert(b, rec.hash_part())?;
+                    }
+                }
             }
             if let Some((peer, seq)) = cursor {
                 let mut cursors = tx.open_table(CURSORS)?;

@@ -21,11 +21,11 @@ pub(super) const OWN: MultimapTableDefinition<&[u8], &str> = MultimapTableDefini
 /// The BLAKE3 leaves of every NAR held (own or file).
 pub(super) const LEAVES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("leaves_v1");
 /// NAR files held by the storage ([`NarFile`]).
-const NARS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("nars_v1");
+pub(super) const NARS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("nars_v1");
 /// Pinned paths (closures kept from eviction), by hash part: when pinned.
 const PINS: TableDefinition<&str, u64> = TableDefinition::new("pins_v1");
 /// NARs an eager node still wants, by BLAKE3: the hash part of a path that wants it.
-const WANTS: TableDefinition<&[u8], &str> = TableDefinition::new("wants_v1");
+pub(super) const WANTS: TableDefinition<&[u8], &str> = TableDefinition::new("wants_v1");
 
 pub(super) const OWN_BYTES: &str = "own.bytes";
 pub(super) const OWN_PATHS: &str = "own.paths";

@@ -111,6 +111,7 @@ fn a_peer_record_first_does_not_stop_our_own_and_changes_move_to_the_end_of_the_
         .record_remote(
             vec![remote(&a, 9, 5, 1, true), remote(&b, 8, 5, 1, true)],
             None,
+            false,
         )
         .unwrap();
     assert_eq!(new.len(), 2);
@@ -122,12 +123,12 @@ fn a_peer_record_first_does_not_stop_our_own_and_changes_move_to_the_end_of_the_
     assert_eq!(log_order(&db), vec![a.clone(), b.clone()]);
     // The same statement again changes nothing; a later withdrawal does.
     assert!(
-        db.record_remote(vec![remote(&a, 9, 5, 1, true)], None)
+        db.record_remote(vec![remote(&a, 9, 5, 1, true)], None, false)
             .unwrap()
             .is_empty()
     );
     let changed = db
-        .record_remote(vec![remote(&a, 9, 5, 2, false)], None)
+        .record_remote(vec![remote(&a, 9, 5, 2, false)], None, false)
         .unwrap();
     assert_eq!(changed.len(), 1);
     assert!(!changed[0].1, "no new claim, only news of a provider");
@@ -155,7 +156,7 @@ fn nar_files_are_counted_and_evictions_clear_wishes() {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(&dir.path().join("db")).unwrap();
     let a = "a".repeat(32);
-    db.record_remote(vec![remote(&a, 9, 5, 1, true)], None)
+    db.record_remote(vec![remote(&a, 9, 5, 1, true)], None, false)
         .unwrap();
     db.want(&[([9; 32], a.clone())]).unwrap();
     assert_eq!(db.wants().unwrap().len(), 1);
@@ -215,4 +216,23 @@ fn a_data_dir_of_e5a6e05_is_migrated() {
     // Opened again: nothing to migrate, nothing lost.
     let db = Db::open(&t.path().join("n1/data/narmesh.redb")).unwrap();
     assert_eq!(db.counters().unwrap().paths, 4);
+}
+
+#[test]
+fn an_eager_node_wishes_for_new_claims_in_the_same_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("db")).unwrap();
+    let (a, b) = ("a".repeat(32), "b".repeat(32));
+    db.record_remote(vec![remote(&a, 9, 5, 1, true)], None, true)
+        .unwrap();
+    assert_eq!(db.wants().unwrap(), vec![([9; 32], a.clone())]);
+    // News of a provider is no new claim: nothing wished again once the wish is gone.
+    db.unwant(&[[9; 32]]).unwrap();
+    db.record_remote(vec![remote(&a, 9, 5, 2, true)], None, true)
+        .unwrap();
+    assert!(db.wants().unwrap().is_empty());
+    // Not eager: no wish.
+    db.record_remote(vec![remote(&b, 8, 5, 1, true)], None, false)
+        .unwrap();
+    assert!(db.wants().unwrap().is_empty());
 }

@@ -166,18 +166,10 @@ impl Ctx {
             let cur = cursor.map(|(id, seq)| (*id.as_bytes(), seq));
             let changed = ctx
                 .db
-                .record_remote(claims, cur.as_ref().map(|(id, s)| (id, *s)))?;
-            if ctx.eager {
-                // Only claims new to this node are wished for: news of providers (or of this
-                // node's own eviction coming back from peers) never starts a fetch again.
-                let wishes: Vec<([u8; 32], String)> = changed
-                    .iter()
-                    .filter(|(_, new_claim)| *new_claim)
-                    .filter_map(|(r, _)| r.active().map(|c| (c.blake3, r.hash_part().to_owned())))
-                    .filter(|(b, _)| !ctx.storage.holds_blocking(b))
-                    .collect();
-                ctx.db.want(&wishes)?;
-            }
+                // An eager node wishes for the NARs of claims new to it in the same commit
+                // (news of providers, or of its own eviction coming back from peers, never
+                // starts a fetch again).
+                .record_remote(claims, cur.as_ref().map(|(id, s)| (id, *s)), ctx.eager)?;
             Ok::<_, crate::db::DbError>((accepted, changed.len()))
         })
         .await;

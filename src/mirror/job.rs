@@ -170,6 +170,7 @@ impl NarJob {
         .await;
         remove(self.tmp.clone()).await;
         result?;
+        crate::killpoint::reach("mirror.nar-stored");
         tracing::debug!(
             "mirror: {} -> {url} ({} bytes): compressed in {compressed:?}, stored in {:?}",
             self.rec.store_path,
@@ -223,5 +224,6 @@ pub async fn put_narinfo(
             NARINFO_TYPE,
         )
         .await?;
+    crate::killpoint::reach("mirror.narinfo-put");
     Ok(())
 }

@@ -331,6 +331,7 @@ impl Bucket {
                     .send()
                     .await
                     .map_err(|e| self.err("UploadPart", key, e))?;
+                crate::killpoint::reach("mirror.part-uploaded");
                 Ok::<_, S3Error>(
                     CompletedPart::builder()
                         .part_number(number)

@@ -233,6 +233,7 @@ impl PartialNar {
     /// record the file with its leaves. Blocking.
     pub fn finish(mut self, leaves: &[u8]) -> Result<(), StorageError> {
         self.file.sync_all()?;
+        crate::killpoint::reach("storage.fetched");
         let dest = self.storage.file_path(&self.blake3);
         std::fs::rename(&self.path, &dest)?;
         crate::fsutil::sync_dir(&self.inner.dir)?;

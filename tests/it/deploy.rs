@@ -50,3 +50,23 @@ fn nixos_module_units_and_config_pass() {
 fn plain_systemd_unit_passes() {
     verify_units("plain");
 }
+
+/// The units are `Type=notify`: the node says READY=1 on `NOTIFY_SOCKET` once its socket and
+/// HTTP cache answer, so `systemctl start` returns only when the node can be reached.
+#[test]
+fn the_node_tells_systemd_when_it_is_ready() {
+    let t = tempfile::tempdir().unwrap();
+    let notify = t.path().join("notify");
+    let sock = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let mut node = crate::node_harness::Node::new(&t.path().join("node"), &t.path().join("store"));
+    node.env
+        .push(("NOTIFY_SOCKET".into(), notify.display().to_string()));
+    node.start();
+    let mut buf = [0u8; 64];
+    let n = sock.recv(&mut buf).expect("READY=1 from the node");
+    assert_eq!(&buf[..n], b"READY=1");
+    assert!(node.try_status().is_some(), "ready means answering");
+    node.stop();
+}

@@ -80,7 +80,7 @@ fn hook_within(limit: Duration, socket: &Path, spool: &Path, out: &str, timeout_
 }
 
 /// The node frozen (SIGSTOP) in a network namespace whose `net.core.somaxconn` is 16, so its
-/// socket's listen backlog holds 16 connections; 24 hooks then arrive at once. The first ones
+/// socket's listen backlog holds 16 connections; 40 hooks then arrive at once. The first ones
 /// connect into the backlog and wait for an answer that never comes, the others block in
 /// `connect(2)` itself: every one must give up at its deadline, spool, and exit 0. After SIGCONT
 /// every report is taken in.
@@ -89,7 +89,7 @@ fn a_frozen_node_with_a_full_backlog_never_stalls_a_hook() {
     crate::harness::require("unshare");
     let t = tempfile::tempdir().unwrap();
     let host = NixHost::new("");
-    let paths = built_paths(&host, 24, "frozen");
+    let paths = built_paths(&host, 40, "frozen");
     let mut node = Node::new(&t.path().join("node"), &host.root);
     node.wrap = vec![
         "unshare".into(),
@@ -112,8 +112,10 @@ fn a_frozen_node_with_a_full_backlog_never_stalls_a_hook() {
         })
         .collect();
     let mut blocked_in_connect = 0;
+    let mut sample = String::new();
     for h in hooks {
         let err = h.join().expect("hook thread");
+        sample = err.clone();
         assert!(err.contains("spooled to"), "{err}");
         if err.contains("no connection within the deadline") {
             blocked_in_connect += 1;
@@ -128,9 +130,9 @@ fn a_frozen_node_with_a_full_backlog_never_stalls_a_hook() {
     }
     assert!(
         blocked_in_connect > 0,
-        "with 24 hooks and a backlog of 16, some must have blocked in connect"
+        "with 40 hooks and a backlog of 16, some must have blocked in connect; the last hook said: {sample}"
     );
-    assert_eq!(spooled(&spool).len(), 24, "every report spooled");
+    assert_eq!(spooled(&spool).len(), 40, "every report spooled");
     node.signal("CONT");
     wait_until(60, "every report to be taken in after SIGCONT", || {
         recorded(&node, &paths) == paths.len()

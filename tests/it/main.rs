@@ -2,9 +2,12 @@
 //! client, real `narmesh` processes, SIGKILL).
 
 mod bench_cli;
+mod crash;
 mod deploy;
 mod doctor;
+mod durable;
 mod faults;
+mod guide;
 mod harness;
 mod hostile;
 mod keys_interop;

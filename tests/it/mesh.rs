@@ -95,6 +95,18 @@ fn a_build_on_a_is_substituted_on_c_through_the_mesh() {
         info.sigs.len() >= 2,
         "the origin's signature and C's: {info:?}"
     );
+    // C now provides A's paths and says so: A hears its own paths come back and refuses
+    // nothing (its own key counts, though no operator lists it in trusted-public-keys).
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    for n in &cl.nodes {
+        let (_, _, body) = http(&n.http, "GET", "/metrics", &[]);
+        let refused: f64 = String::from_utf8_lossy(&body)
+            .lines()
+            .filter(|l| l.starts_with("narmesh_mesh_refused_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(refused, 0.0, "an honest mesh refuses nothing:\n{}", n.log());
+    }
 }
 
 #[test]

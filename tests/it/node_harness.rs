@@ -268,6 +268,21 @@ impl Node {
         assert!(ok.success(), "kill -{signal} {pid}");
     }
 
+    /// Wait up to `secs` for the process to exit by itself (a kill point); true if it did.
+    pub fn wait_exit(&mut self, secs: u64) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        while std::time::Instant::now() < deadline {
+            match self.child.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(Some(_))) | None => {
+                    self.child = None;
+                    return true;
+                }
+                _ => std::thread::sleep(std::time::Duration::from_millis(50)),
+            }
+        }
+        false
+    }
+
     /// SIGKILL, no chance to clean up.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -319,7 +334,7 @@ fn rand_bytes() -> [u8; 32] {
 }
 
 /// Make `nodes` a full mesh: each gets a mesh endpoint, lists every other node in `peers`, and
-/// trusts every node's signing key.
+/// trusts every other node's signing key (as an operator writes it: not its own).
 pub fn full_mesh(nodes: &mut [Node]) {
     let addrs: Vec<String> = nodes.iter_mut().map(|n| n.enable_mesh()).collect();
     mesh_of(nodes, addrs);
@@ -340,6 +355,11 @@ fn mesh_of(nodes: &mut [Node], addrs: Vec<String>) {
             .filter(|(j, _)| *j != i)
             .map(|(_, a)| a.clone())
             .collect();
-        node.trusted = keys.clone();
+        node.trusted = keys
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, k)| k.clone())
+            .collect();
     }
 }

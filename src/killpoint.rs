@@ -1,0 +1,65 @@
+//! Named points in ingest, storage and mirroring where a test can make the node die at once
+//! (SIGKILL to itself, as a crash or power cut would). `NARMESH_TEST_KILL_AT=NAME` (or
+//! `NAME:N`, the Nth time the point is reached) arms one point; unset, each point costs one
+//! load of a cached value. The fault-injection test loops over [`POINTS`] and checks that,
+//! after a restart, nothing acknowledged is missing and the bucket is closure-complete.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Every point, in the order a path passes them.
+pub const POINTS: &[&str] = &[
+    // The queue's append is fsync'd; the hook has not been answered yet.
+    "queue.appended",
+    // A NAR was hashed (and stored or found in the Nix store); its record is not committed.
+    "pipeline.hashed",
+    // The records are committed and their reports marked done; nothing announced yet.
+    "pipeline.recorded",
+    // A NAR fetched from a peer is complete on disk; not yet renamed into place nor recorded.
+    "storage.fetched",
+    // One part of a multipart NAR upload is in the bucket; the upload is not complete.
+    "mirror.part-uploaded",
+    // A NAR is in the bucket; the mirror's outbox does not know it yet.
+    "mirror.nar-stored",
+    // A narinfo is in the bucket; the outbox does not know it yet.
+    "mirror.narinfo-put",
+];
+
+struct Armed {
+    name: String,
+    nth: u64,
+    seen: AtomicU64,
+}
+
+fn armed() -> Option<&'static Armed> {
+    static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
+    ARMED
+        .get_or_init(|| {
+            let v = std::env::var("NARMESH_TEST_KILL_AT").ok()?;
+            let (name, nth) = match v.split_once(':') {
+                Some((n, k)) => (n.to_owned(), k.parse().unwrap_or(1)),
+                None => (v, 1),
+            };
+            if !POINTS.contains(&name.as_str()) {
+                tracing::error!("NARMESH_TEST_KILL_AT: no kill point {name:?}");
+            }
+            Some(Armed {
+                name,
+                nth,
+                seen: AtomicU64::new(0),
+            })
+        })
+        .as_ref()
+}
+
+/// Die here if this point is armed (and reached for the Nth time).
+pub fn reach(name: &'static str) {
+    debug_assert!(POINTS.contains(&name), "unlisted kill point {name}");
+    let Some(a) = armed() else { return };
+    if a.name == name && a.seen.fetch_add(1, Ordering::SeqCst) + 1 == a.nth {
+        eprintln!("narmesh: killed at {name} (NARMESH_TEST_KILL_AT)");
+        let _ =
+            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+        std::process::abort();
+    }
+}
