@@ -7,3 +7,5 @@ export NARMESH_WEED="${NARMESH_S3_VENV:-/opt/narmesh-s3}/bin/weed"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+# Every fuzz target for 20 s, no sanitizer (the corpora also replay in cargo test above).
+scripts/fuzz.sh 20 none

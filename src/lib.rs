@@ -35,7 +35,7 @@
 pub mod background;
 pub mod bench;
 pub mod binding;
-pub mod chunks;
+pub use narmesh_formats::chunks;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -1,15 +1,8 @@
-//! The Nix formats, written here (the registry's `nix-compat` is only a placeholder) and checked
-//! byte for byte against the real Nix in `tests/`: base32, hashes, store paths, NAR, narinfo,
-//! signing keys, and a read-only reader of the store database.
+//! The Nix formats (in the `narmesh-formats` crate, re-exported here) and a read-only reader of
+//! the store database.
 
-pub mod base32;
-pub mod hash;
-pub mod keys;
-pub mod nar;
-pub mod nar_layout;
-pub mod narinfo;
+pub use narmesh_formats::nix::{base32, hash, keys, nar, nar_layout, narinfo, store_path};
 pub mod store_db;
-pub mod store_path;
 
 pub use hash::Sha256;
 pub use keys::{PublicKey, SecretKey, Signature, TrustedKeys};
