@@ -7,6 +7,7 @@ mod deploy;
 mod doctor;
 mod durable;
 mod faults;
+mod flaky;
 mod guide;
 mod harness;
 mod hostile;

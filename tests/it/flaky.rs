@@ -1,0 +1,287 @@
+//! A flaky S3: a fault-injecting proxy in front of the real S3 server answers a share of the
+//! mirror's connections with 500s, 503 SlowDown, resets, stalls and truncated answers, in a
+//! seeded random mix. An independent client snapshots the bucket over and over while the faults
+//! run: every snapshot must show every narinfo's NAR and complete closures; at the end the
+//! bucket holds everything. (The long mix is `FLAKY_S3_SECS` long; the test runs a short one.)
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::harness::{NixHost, wait_until};
+use crate::mirror::{check_bucket, mirror};
+use crate::node_harness::{Node, full_mesh};
+use crate::s3_harness::{ACCESS_KEY, BUCKET, S3Server, SECRET_KEY, credentials_env};
+
+/// What the proxy did, by kind.
+#[derive(Default)]
+struct Counts {
+    passed: AtomicU64,
+    errors_500: AtomicU64,
+    slow_down: AtomicU64,
+    resets: AtomicU64,
+    stalls: AtomicU64,
+    truncated: AtomicU64,
+}
+
+/// A small xorshift generator: the mix is reproducible from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Read a request head (up to the blank line); returns it, or None if the client went away.
+fn read_head(c: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if c.read(&mut b).ok()? == 0 || head.len() > 64 << 10 {
+            return None;
+        }
+        head.push(b[0]);
+    }
+    Some(head)
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream, limit: Option<u64>) {
+    let mut buf = [0u8; 16 << 10];
+    let mut sent = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let n = match limit {
+            Some(l) if sent + n as u64 > l => (l - sent) as usize,
+            _ => n,
+        };
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        sent += n as u64;
+        if limit.is_some_and(|l| sent >= l) {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
+}
+
+fn error_answer(c: &mut TcpStream, status: &str, code: &str) {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected</Message></Error>"
+    );
+    let _ = write!(
+        c,
+        "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = c.shutdown(Shutdown::Both);
+}
+
+/// One client connection: a fault (with probability `rate` percent) or a faithful relay.
+fn handle(mut c: TcpStream, upstream: u16, roll: u64, rate: u64, counts: &Counts) {
+    let kind = if roll % 100 < rate {
+        (roll >> 8) % 5
+    } else {
+        99
+    };
+    match kind {
+        0 | 1 => {
+            if read_head(&mut c).is_some() {
+                if kind == 0 {
+                    counts.errors_500.fetch_add(1, Ordering::Relaxed);
+                    error_answer(&mut c, "500 Internal Server Error", "InternalError");
+                } else {
+                    counts.slow_down.fetch_add(1, Ordering::Relaxed);
+                    error_answer(&mut c, "503 Slow Down", "SlowDown");
+                }
+            }
+        }
+        2 => {
+            counts.resets.fetch_add(1, Ordering::Relaxed);
+            let _ = read_head(&mut c);
+            let _ = rustix::net::sockopt::set_socket_linger(&c, Some(Duration::ZERO));
+            drop(c);
+        }
+        _ => {
+            // One request per connection (`Connection: close` both ways), so that every
+            // request of a client that keeps connections alive meets the dice.
+            let Some(head) = read_head(&mut c) else {
+                return;
+            };
+            let text = String::from_utf8_lossy(&head);
+            let mut head: String = text
+                .trim_end_matches("\r\n")
+                .split("\r\n")
+                .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+                .map(|l| format!("{l}\r\n"))
+                .collect();
+            head.push_str("Connection: close\r\n\r\n");
+            let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                return;
+            };
+            if up.write_all(head.as_bytes()).is_err() {
+                return;
+            }
+            let limit = if kind == 3 {
+                counts.stalls.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(1500 + roll % 2000));
+                None
+            } else if kind == 4 {
+                counts.truncated.fetch_add(1, Ordering::Relaxed);
+                Some(40 + (roll >> 16) % 400)
+            } else {
+                counts.passed.fetch_add(1, Ordering::Relaxed);
+                None
+            };
+            let (c2, up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
+            let t = std::thread::spawn(move || pipe(c2, up2, None));
+            pipe(up, c, limit);
+            let _ = t.join();
+        }
+    }
+}
+
+/// Start the proxy in front of `upstream`; returns its port.
+fn start_proxy(
+    upstream: u16,
+    seed: u64,
+    rate: u64,
+    counts: Arc<Counts>,
+    stop: Arc<AtomicBool>,
+) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut rng = Rng(seed | 1);
+        for c in l.incoming() {
+            let Ok(c) = c else { continue };
+            let roll = if stop.load(Ordering::Relaxed) {
+                99
+            } else {
+                rng.next()
+            };
+            let counts = counts.clone();
+            std::thread::spawn(move || handle(c, upstream, roll, rate, &counts));
+        }
+    });
+    port
+}
+
+#[test]
+fn a_flaky_s3_never_shows_a_broken_closure_and_ends_complete() {
+    let secs: u64 = std::env::var("FLAKY_S3_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start();
+    let counts = Arc::new(Counts::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let proxy = start_proxy(s3.port(), 0x5eed_f1a4, 40, counts.clone(), stop.clone());
+    let mut nodes: Vec<Node> = (0..2)
+        .map(|i| Node::new(&t.path().join(format!("n{i}")), &t.path().join("unused")))
+        .collect();
+    let a = NixHost::with_hook(&nodes[0].socket(), &nodes[0].spool());
+    full_mesh(&mut nodes);
+    nodes[0].store_root = a.root.clone();
+    nodes[1].store_root = nodes[1].dir.join("store");
+    nodes[1].extra_config = format!(
+        "[mirror.s3]\nbucket = \"{BUCKET}\"\nendpoint = \"http://127.0.0.1:{proxy}\"\nregion = \"us-east-1\"\nmultipart-threshold = 5242880\npart-size = 5242880\n"
+    );
+    nodes[1].env = credentials_env(ACCESS_KEY, SECRET_KEY);
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    wait_until(
+        60,
+        "the mirror to write nix-cache-info through the flaky S3",
+        || s3.objects().iter().any(|(k, _)| k == "nix-cache-info"),
+    );
+    // Snapshots by an independent client (straight to the S3 server) all along.
+    let done = Arc::new(AtomicBool::new(false));
+    let snapshots = {
+        let done = done.clone();
+        let s3 = &s3;
+        std::thread::scope(|scope| {
+            let h = scope.spawn(|| {
+                let mut n = 0;
+                while !done.load(Ordering::Relaxed) {
+                    check_bucket(s3, &[]);
+                    n += 1;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                n
+            });
+            let mut paths: Vec<String> = Vec::new();
+            let rounds = 3 + secs / 20;
+            for r in 0..rounds {
+                let top = a.build(&format!(
+                    r#"
+  let
+    big = mk "flaky-{r}-big" "head -c 11000000 /dev/urandom > $out";
+    leaves = builtins.genList (i: mk "flaky-{r}-leaf-${{toString i}}" "echo ${{toString i}} > $out") 10;
+    mid = mk "flaky-{r}-mid" "mkdir $out; echo ${{big}} ${{toString leaves}} > $out/ref";
+  in mk "flaky-{r}-top" "mkdir $out; echo ${{mid}} > $out/ref"
+"#
+                ))[0]
+                    .clone();
+                paths.extend(a.closure(std::slice::from_ref(&top)).iter().cloned());
+            }
+            // Faults keep coming until every path is in; then the bucket must be complete.
+            wait_until(
+                240 + secs,
+                "everything mirrored through the flaky S3",
+                || {
+                    let keys: Vec<String> = s3.objects().into_iter().map(|(k, _)| k).collect();
+                    paths.iter().all(|p| {
+                        let hash = &p.trim_start_matches("/nix/store/")[..32];
+                        keys.contains(&format!("{hash}.narinfo"))
+                    }) && mirror(&nodes[1]).pending_paths == 0
+                },
+            );
+            done.store(true, Ordering::Relaxed);
+            let n = h.join().expect("snapshot thread");
+            check_bucket(s3, &paths);
+            n
+        })
+    };
+    stop.store(true, Ordering::Relaxed);
+    let c = &counts;
+    let faults = [
+        c.errors_500.load(Ordering::Relaxed),
+        c.slow_down.load(Ordering::Relaxed),
+        c.resets.load(Ordering::Relaxed),
+        c.stalls.load(Ordering::Relaxed),
+        c.truncated.load(Ordering::Relaxed),
+    ];
+    eprintln!(
+        "flaky S3: {snapshots} consistent snapshots; connections passed {}, 500 {}, SlowDown {}, reset {}, stalled {}, truncated {}",
+        c.passed.load(Ordering::Relaxed),
+        faults[0],
+        faults[1],
+        faults[2],
+        faults[3],
+        faults[4]
+    );
+    assert!(
+        snapshots > 0,
+        "the bucket was snapshotted while the faults ran"
+    );
+    assert!(
+        faults.iter().filter(|n| **n > 0).count() >= 4,
+        "most kinds of fault were injected: {faults:?}"
+    );
+    for n in nodes.iter_mut() {
+        n.stop();
+    }
+}
