@@ -6,6 +6,7 @@
 #   - Debian trixie's Nix 2.26 in a root of its own (scripts/install-nix-2.26.sh), so the
 #     end-to-end tests run with a current Nix as well as 2.8.
 #   - systemd (systemd-analyze, systemd-sysusers) and jq, for the unit checks (tests/nixos/verify-units.sh).
+#   - strace, iproute2, util-linux, curl and procps for the fault tests and the install guide's test.
 #   - rustfmt and clippy components for the quality gates.
 set -euo pipefail
 
@@ -15,11 +16,21 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 need_apt=()
 command -v nix-store >/dev/null 2>&1 || need_apt+=(nix-bin)
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
+# libFuzzer (cargo-fuzz's libfuzzer-sys) is C++.
+command -v c++ >/dev/null 2>&1 || need_apt+=(g++)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 # tests/nixos/verify-units.sh: systemd-analyze and systemd-sysusers check the units, jq reads
 # the module's evaluation.
 { command -v systemd-analyze && command -v systemd-sysusers; } >/dev/null 2>&1 || need_apt+=(systemd)
 command -v jq >/dev/null 2>&1 || need_apt+=(jq)
+# Fault tests: strace (power-loss order), ip/unshare/nsenter/setpriv (namespaces, other users),
+# curl and ss (the install guide's test), debootstrap and bwrap (Nix 2.26's root).
+command -v strace >/dev/null 2>&1 || need_apt+=(strace)
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+command -v ss >/dev/null 2>&1 || need_apt+=(iproute2)
+{ command -v unshare && command -v nsenter && command -v setpriv; } >/dev/null 2>&1 || need_apt+=(util-linux)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl ca-certificates)
+command -v pkill >/dev/null 2>&1 || need_apt+=(procps)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing from Debian: ${need_apt[*]}"
   $SUDO apt-get update -q
