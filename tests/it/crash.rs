@@ -4,10 +4,9 @@
 //! S3 server. Right after the crash the bucket is consistent; after a restart nothing that was
 //! acknowledged or spooled is missing, and the bucket is complete, closures and all.
 
-use crate::harness::{NixHost, wait_until};
-use crate::mirror::{check_bucket, mirror};
-use crate::node_harness::{Node, full_mesh};
-use crate::s3_harness::{ACCESS_KEY, S3Server, SECRET_KEY, credentials_env};
+use crate::harness::wait_until;
+use crate::mirror::{Setup, check_bucket, setup, wait_in_bucket};
+use crate::s3_harness::{ACCESS_KEY, S3Server, SECRET_KEY};
 
 /// The points reached on the builder; the others are reached on the mirror.
 const ON_BUILDER: &[&str] = &["queue.appended", "pipeline.hashed", "pipeline.recorded"];
@@ -24,18 +23,13 @@ fn chain(tag: &str) -> String {
 }
 
 fn crash_at(point: &str) {
-    let t = tempfile::tempdir().unwrap();
     let s3 = S3Server::start();
-    let mut nodes: Vec<Node> = (0..2)
-        .map(|i| Node::new(&t.path().join(format!("n{i}")), &t.path().join("unused")))
-        .collect();
-    let a = NixHost::with_hook(&nodes[0].socket(), &nodes[0].spool());
-    full_mesh(&mut nodes);
-    nodes[0].store_root = a.root.clone();
-    nodes[1].store_root = nodes[1].dir.join("store");
     // Parts of 5 MiB, so that the 12 MB NAR goes up in three.
-    nodes[1].extra_config = s3.mirror_config("multipart-threshold = 5242880\npart-size = 5242880");
-    nodes[1].env = credentials_env(ACCESS_KEY, SECRET_KEY);
+    let Setup { _t, a, mut nodes } = setup(
+        &s3,
+        "multipart-threshold = 5242880\npart-size = 5242880",
+        (ACCESS_KEY, SECRET_KEY),
+    );
     let victim = usize::from(!ON_BUILDER.contains(&point));
     nodes[victim]
         .env
@@ -73,13 +67,7 @@ fn crash_at(point: &str) {
     wait_until(60, "every built path to be served by the builder", || {
         nodes[0].serves(&paths)
     });
-    wait_until(120, "every path to be mirrored", || {
-        let keys: Vec<String> = s3.objects().into_iter().map(|(k, _)| k).collect();
-        paths.iter().all(|p| {
-            let hash = &p.trim_start_matches("/nix/store/")[..32];
-            keys.contains(&format!("{hash}.narinfo"))
-        }) && mirror(&nodes[1]).pending_paths == 0
-    });
+    wait_in_bucket(&s3, &nodes[1], &paths, 120);
     check_bucket(&s3, &paths);
     assert_eq!(
         s3.open_uploads(),

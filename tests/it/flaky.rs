@@ -10,10 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::harness::{NixHost, wait_until};
-use crate::mirror::{check_bucket, mirror};
-use crate::node_harness::{Node, full_mesh};
-use crate::s3_harness::{ACCESS_KEY, BUCKET, S3Server, SECRET_KEY, credentials_env};
+use crate::harness::wait_until;
+use crate::mirror::{Setup, check_bucket, setup, wait_in_bucket};
+use crate::s3_harness::{ACCESS_KEY, BUCKET, S3Server, SECRET_KEY};
 
 /// What the proxy did, by kind.
 #[derive(Default)]
@@ -183,22 +182,15 @@ fn a_flaky_s3_never_shows_a_broken_closure_and_ends_complete() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let t = tempfile::tempdir().unwrap();
     let s3 = S3Server::start();
     let counts = Arc::new(Counts::default());
     let stop = Arc::new(AtomicBool::new(false));
     let proxy = start_proxy(s3.port(), 0x5eed_f1a4, 40, counts.clone(), stop.clone());
-    let mut nodes: Vec<Node> = (0..2)
-        .map(|i| Node::new(&t.path().join(format!("n{i}")), &t.path().join("unused")))
-        .collect();
-    let a = NixHost::with_hook(&nodes[0].socket(), &nodes[0].spool());
-    full_mesh(&mut nodes);
-    nodes[0].store_root = a.root.clone();
-    nodes[1].store_root = nodes[1].dir.join("store");
+    let Setup { _t, a, mut nodes } = setup(&s3, "", (ACCESS_KEY, SECRET_KEY));
+    // The mirror talks to the bucket through the proxy.
     nodes[1].extra_config = format!(
         "[mirror.s3]\nbucket = \"{BUCKET}\"\nendpoint = \"http://127.0.0.1:{proxy}\"\nregion = \"us-east-1\"\nmultipart-threshold = 5242880\npart-size = 5242880\n"
     );
-    nodes[1].env = credentials_env(ACCESS_KEY, SECRET_KEY);
     for n in nodes.iter_mut() {
         n.start();
     }
@@ -238,17 +230,7 @@ fn a_flaky_s3_never_shows_a_broken_closure_and_ends_complete() {
                 paths.extend(a.closure(std::slice::from_ref(&top)).iter().cloned());
             }
             // Faults keep coming until every path is in; then the bucket must be complete.
-            wait_until(
-                240 + secs,
-                "everything mirrored through the flaky S3",
-                || {
-                    let keys: Vec<String> = s3.objects().into_iter().map(|(k, _)| k).collect();
-                    paths.iter().all(|p| {
-                        let hash = &p.trim_start_matches("/nix/store/")[..32];
-                        keys.contains(&format!("{hash}.narinfo"))
-                    }) && mirror(&nodes[1]).pending_paths == 0
-                },
-            );
+            wait_in_bucket(s3, &nodes[1], &paths, 240 + secs);
             done.store(true, Ordering::Relaxed);
             let n = h.join().expect("snapshot thread");
             check_bucket(s3, &paths);

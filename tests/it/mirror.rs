@@ -21,13 +21,13 @@ const CHAIN: &str = r#"
 "#;
 
 /// Builder node A (serving host A's hook) and mirror node M, meshed.
-struct Setup {
-    _t: tempfile::TempDir,
-    a: NixHost,
-    nodes: Vec<Node>,
+pub(crate) struct Setup {
+    pub(crate) _t: tempfile::TempDir,
+    pub(crate) a: NixHost,
+    pub(crate) nodes: Vec<Node>,
 }
 
-fn setup(s3: &S3Server, mirror_extra: &str, creds: (&str, &str)) -> Setup {
+pub(crate) fn setup(s3: &S3Server, mirror_extra: &str, creds: (&str, &str)) -> Setup {
     let t = tempfile::tempdir().unwrap();
     let mut nodes: Vec<Node> = (0..2)
         .map(|i| Node::new(&t.path().join(format!("n{i}")), &t.path().join("unused")))
@@ -39,6 +39,18 @@ fn setup(s3: &S3Server, mirror_extra: &str, creds: (&str, &str)) -> Setup {
     nodes[1].extra_config = s3.mirror_config(mirror_extra);
     nodes[1].env = credentials_env(creds.0, creds.1);
     Setup { _t: t, a, nodes }
+}
+
+/// Wait until every one of `paths` has its narinfo in the bucket and mirror `m` has nothing
+/// pending.
+pub(crate) fn wait_in_bucket(s3: &S3Server, m: &Node, paths: &[String], secs: u64) {
+    wait_until(secs, "every path to be mirrored", || {
+        let keys: BTreeSet<String> = s3.objects().into_iter().map(|(k, _)| k).collect();
+        paths.iter().all(|p| {
+            let hash = &p.trim_start_matches("/nix/store/")[..32];
+            keys.contains(&format!("{hash}.narinfo"))
+        }) && mirror(m).pending_paths == 0
+    });
 }
 
 pub(crate) fn mirror(node: &Node) -> MirrorStatus {
