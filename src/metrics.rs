@@ -57,6 +57,9 @@ pub struct Metrics {
     pub storage_gc_lost: Counter,
     pub served_bytes: Family<SourceLabels, Counter>,
     pub mesh_refused: Family<ReasonLabels, Counter>,
+    /// Records new or changed by what peers said (gossip and catch-up): flat once the mesh
+    /// has settled.
+    pub mesh_records_changed: Counter,
     /// What is wrong now, by part ("queue", "pipeline", ...), for `narmesh status`.
     problems: std::sync::Mutex<std::collections::BTreeMap<&'static str, String>>,
 }
@@ -117,6 +120,7 @@ impl Metrics {
             storage_gc_lost: Counter::default(),
             served_bytes: Family::default(),
             mesh_refused: Family::default(),
+            mesh_records_changed: Counter::default(),
             problems: Default::default(),
             registry: Registry::default(),
         };
@@ -240,6 +244,11 @@ impl Metrics {
             "mesh_refused",
             "Announcements, catch-up entries and transfers refused from peers, by reason",
             m.mesh_refused.clone(),
+        );
+        registry.register(
+            "mesh_records_changed",
+            "Records new or changed by what peers said; flat once the mesh has settled",
+            m.mesh_records_changed.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -143,15 +143,19 @@ impl PathRecord {
     }
 }
 
-/// Keep the latest statement of each provider; true if `p` changed anything.
+/// Keep the latest statement of each provider; true if `p` is news: the provider now says the
+/// opposite, is new, or signs what it had only hinted. A provider restates what it holds with a
+/// fresh time whenever it announces a record; taking that as news would move the record to
+/// the end of the log, where the provider reads it back and restates it again: two nodes that
+/// hold the same paths would trade them for ever.
 pub fn merge_provider(list: &mut Vec<Provider>, p: Provider) -> bool {
     if let Some(old) = list.iter_mut().find(|o| o.id == p.id) {
-        if p.at_ms > old.at_ms || (p.at_ms == old.at_ms && old.sig.is_empty() && !p.sig.is_empty())
-        {
+        let signs = p.at_ms >= old.at_ms && old.sig.is_empty() && !p.sig.is_empty();
+        let news = signs || (p.at_ms > old.at_ms && p.holds != old.holds);
+        if news || p.at_ms > old.at_ms {
             *old = p;
-            return true;
         }
-        return false;
+        return news;
     }
     if list.len() >= MAX_PROVIDERS {
         // Forget the oldest statement to make room.
@@ -262,5 +266,26 @@ mod tests {
         y.sort_by_key(|p| p.id);
         assert_eq!(x, y);
         assert!(!x[0].holds, "the withdrawal at 9 is the latest");
+    }
+
+    #[test]
+    fn a_restatement_is_not_news() {
+        let mut x = vec![prov(1, true, 5)];
+        assert!(
+            !merge_provider(&mut x, prov(1, true, 9)),
+            "same, only later"
+        );
+        assert!(!merge_provider(&mut x, prov(1, false, 7)), "older");
+        assert!(merge_provider(&mut x, prov(1, false, 10)), "withdrawn");
+        assert!(merge_provider(&mut x, prov(1, true, 11)), "held again");
+        assert!(merge_provider(&mut x, prov(2, true, 1)), "a new provider");
+        let mut hint = vec![Provider {
+            sig: vec![],
+            ..prov(3, true, 0)
+        }];
+        assert!(
+            merge_provider(&mut hint, prov(3, true, 4)),
+            "signed at last"
+        );
     }
 }

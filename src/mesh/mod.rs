@@ -176,6 +176,7 @@ impl Ctx {
         match res {
             Ok(Ok((accepted, n))) => {
                 if n > 0 {
+                    self.metrics.mesh_records_changed.inc_by(n as u64);
                     tracing::debug!("mesh: recorded {n} new or changed path(s) from {from}");
                     if self.eager {
                         self.eager_wake.notify_one();

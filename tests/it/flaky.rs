@@ -23,6 +23,8 @@ struct Counts {
     resets: AtomicU64,
     stalls: AtomicU64,
     truncated: AtomicU64,
+    /// Connections that met an outage (counted again in their kind).
+    outages: AtomicU64,
 }
 
 /// A small xorshift generator: the mix is reproducible from its seed.
@@ -86,9 +88,13 @@ fn error_answer(c: &mut TcpStream, status: &str, code: &str) {
     let _ = c.shutdown(Shutdown::Both);
 }
 
-/// One client connection: a fault (with probability `rate` percent) or a faithful relay.
-fn handle(mut c: TcpStream, upstream: u16, roll: u64, rate: u64, counts: &Counts) {
-    let kind = if roll % 100 < rate {
+/// One client connection: a fault (with probability `rate` percent, or for sure during an
+/// outage) or a faithful relay.
+fn handle(mut c: TcpStream, upstream: u16, roll: u64, rate: u64, outage: bool, counts: &Counts) {
+    let kind = if outage {
+        // The server is down: every request fails fast, as a 500, a SlowDown or a reset.
+        (roll >> 8) % 3
+    } else if roll % 100 < rate {
         (roll >> 8) % 5
     } else {
         99
@@ -150,6 +156,13 @@ fn handle(mut c: TcpStream, upstream: u16, roll: u64, rate: u64, counts: &Counts
     }
 }
 
+/// Outages: the first second of every four, every request fails.
+const OUTAGE_EVERY: Duration = Duration::from_secs(4);
+const OUTAGE_FOR: Duration = Duration::from_secs(1);
+
+/// The long mix's pace: a round of builds every so often.
+const ROUND_EVERY: Duration = Duration::from_secs(5);
+
 /// Start the proxy in front of `upstream`; returns its port.
 fn start_proxy(
     upstream: u16,
@@ -162,15 +175,18 @@ fn start_proxy(
     let port = l.local_addr().unwrap().port();
     std::thread::spawn(move || {
         let mut rng = Rng(seed | 1);
+        let start = std::time::Instant::now();
         for c in l.incoming() {
             let Ok(c) = c else { continue };
-            let roll = if stop.load(Ordering::Relaxed) {
-                99
-            } else {
-                rng.next()
-            };
+            let stopped = stop.load(Ordering::Relaxed);
+            let roll = if stopped { 99 } else { rng.next() };
+            let since = start.elapsed().as_millis() % OUTAGE_EVERY.as_millis();
+            let outage = !stopped && since < OUTAGE_FOR.as_millis();
+            if outage {
+                counts.outages.fetch_add(1, Ordering::Relaxed);
+            }
             let counts = counts.clone();
-            std::thread::spawn(move || handle(c, upstream, roll, rate, &counts));
+            std::thread::spawn(move || handle(c, upstream, roll, rate, outage, &counts));
         }
     });
     port
@@ -201,7 +217,7 @@ fn a_flaky_s3_never_shows_a_broken_closure_and_ends_complete() {
     );
     // Snapshots by an independent client (straight to the S3 server) all along.
     let done = Arc::new(AtomicBool::new(false));
-    let snapshots = {
+    let (snapshots, npaths) = {
         let done = done.clone();
         let s3 = &s3;
         std::thread::scope(|scope| {
@@ -215,8 +231,10 @@ fn a_flaky_s3_never_shows_a_broken_closure_and_ends_complete() {
                 n
             });
             let mut paths: Vec<String> = Vec::new();
-            let rounds = 3 + secs / 20;
-            for r in 0..rounds {
+            // Three rounds of builds (the CI test), or rounds for `FLAKY_S3_SECS` (the long mix).
+            let started = std::time::Instant::now();
+            let mut r = 0;
+            while r < 3 || started.elapsed() < Duration::from_secs(secs) {
                 let top = a.build(&format!(
                     r#"
   let
@@ -228,13 +246,20 @@ fn a_flaky_s3_never_shows_a_broken_closure_and_ends_complete() {
                 ))[0]
                     .clone();
                 paths.extend(a.closure(std::slice::from_ref(&top)).iter().cloned());
+                r += 1;
+                // The long mix builds at a steady pace (one round of 11 MB every 5 s), not
+                // as fast as Nix can.
+                let next = ROUND_EVERY * r;
+                if secs > 0 && started.elapsed() < next {
+                    std::thread::sleep(next - started.elapsed());
+                }
             }
             // Faults keep coming until every path is in; then the bucket must be complete.
             wait_in_bucket(s3, &nodes[1], &paths, 240 + secs);
             done.store(true, Ordering::Relaxed);
             let n = h.join().expect("snapshot thread");
             check_bucket(s3, &paths);
-            n
+            (n, paths.len())
         })
     };
     stop.store(true, Ordering::Relaxed);
@@ -247,8 +272,10 @@ fn a_flaky_s3_never_shows_a_broken_closure_and_ends_complete() {
         c.truncated.load(Ordering::Relaxed),
     ];
     eprintln!(
-        "flaky S3: {snapshots} consistent snapshots; connections passed {}, 500 {}, SlowDown {}, reset {}, stalled {}, truncated {}",
+        "flaky S3: {} paths; {snapshots} consistent snapshots; connections passed {}, in outages {}, 500 {}, SlowDown {}, reset {}, stalled {}, truncated {}",
+        npaths,
         c.passed.load(Ordering::Relaxed),
+        c.outages.load(Ordering::Relaxed),
         faults[0],
         faults[1],
         faults[2],

@@ -163,6 +163,29 @@ fn eager_nodes_hold_every_nar_and_serve_with_the_origin_gone() {
     wait_until(60, "B to hold every NAR", || {
         cl.nodes[1].status().nar_bytes >= bytes
     });
+    // With nothing new, the mesh settles: no record keeps changing (a node restating what it
+    // holds is not news, or A and B would trade these paths every catch-up round for ever).
+    let changed = |n: &Node| -> f64 {
+        let (_, _, body) = http(&n.http, "GET", "/metrics", &[]);
+        String::from_utf8_lossy(&body)
+            .lines()
+            .filter(|l| l.starts_with("narmesh_mesh_records_changed_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let mut last = (changed(&cl.nodes[0]), changed(&cl.nodes[1]));
+    let mut quiet = 0;
+    wait_until(
+        30,
+        "the mesh to settle (6 catch-up rounds with no change)",
+        || {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            let now = (changed(&cl.nodes[0]), changed(&cl.nodes[1]));
+            quiet = if now == last { quiet + 1 } else { 0 };
+            last = now;
+            quiet >= 6
+        },
+    );
     cl.nodes[0].kill9();
     let key = cl.nodes[1].public_key();
     let c = NixHost::substituter(&format!("http://{}", cl.nodes[1].http), &key);
