@@ -36,8 +36,8 @@ fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// `VmHWM` and `VmRSS` of a process, in MiB.
-fn memory(pid: u32) -> (f64, f64) {
+/// `VmHWM`, `VmRSS` and `RssAnon` of a process, in MiB, and its threads.
+fn memory(pid: u32) -> (f64, f64, f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
     let field = |name: &str| -> f64 {
         status
@@ -48,7 +48,12 @@ fn memory(pid: u32) -> (f64, f64) {
             .expect("a memory field")
             / 1024.0
     };
-    (field("VmHWM:"), field("VmRSS:"))
+    (
+        field("VmHWM:"),
+        field("VmRSS:"),
+        field("RssAnon:"),
+        field("Threads:") * 1024.0,
+    )
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -144,6 +149,21 @@ fn main() {
     let mut rows: Vec<String> = Vec::new();
 
     // 1. Latency on n nodes, healthy then with the last one frozen.
+    let only = std::env::var("NARMESH_BENCH_ONLY").unwrap_or_default();
+    if only.is_empty() || only == "latency" {
+        latency_part(&t, n_nodes, &mut rows);
+    }
+    if only.is_empty() || only == "records" {
+        records_part(&t, records, &mut rows);
+    }
+    println!("\n| measure | narmesh | baseline (same run) | ratio / goal |");
+    println!("|---|---|---|---|");
+    for r in rows {
+        println!("{r}");
+    }
+}
+
+fn latency_part(t: &tempfile::TempDir, n_nodes: usize, rows: &mut Vec<String>) {
     println!("building {} small paths with Nix...", 2 * LATENCY_PATHS);
     let a = NixHost::new("");
     let outs = a.build(&format!(
@@ -194,8 +214,9 @@ fn main() {
     for n in nodes.iter_mut() {
         n.stop();
     }
-    drop(nodes);
+}
 
+fn records_part(t: &tempfile::TempDir, records: usize, rows: &mut Vec<String>) {
     // 2. Catch-up of 20,000 records, and memory with `records` known.
     println!("generating {records} synthetic store paths...");
     let store = t.path().join("synth");
@@ -220,6 +241,10 @@ fn main() {
         .collect();
     node_harness::full_mesh(&mut nodes);
     nodes[1].store_root = nodes[1].dir.join("store");
+    // A profiler to run the node that catches up under, such as `heaptrack -o /tmp/away`.
+    if let Ok(w) = std::env::var("NARMESH_BENCH_WRAP_AWAY") {
+        nodes[1].wrap = w.split_whitespace().map(str::to_owned).collect();
+    }
     let mut idle = Node::new(&t.path().join("idle"), &t.path().join("idle/store"));
     node_harness::full_mesh(std::slice::from_mut(&mut idle));
     idle.start();
@@ -277,8 +302,14 @@ fn main() {
     let origin = memory(nodes[0].pid());
     let idle_mem = memory(idle.pid());
     rows.push(format!(
-        "| peak RSS (VmHWM) of a node knowing {records} records, after catch-up / after serving each narinfo once | {:.0} / {:.0} MiB (RSS now {:.0}) | an idle node: {:.0} MiB; the origin that ingested them: {:.0} MiB | goal < 100 MiB |",
-        after_catch_up.0, after_serving.0, after_serving.1, idle_mem.0, origin.0
+        "| peak RSS (VmHWM) of a node knowing {records} records, after catch-up / after serving each narinfo once | {:.0} / {:.0} MiB (RSS now {:.0}, anonymous {:.0}; {:.0} threads) | an idle node: {:.0} MiB; the origin that ingested them: {:.0} MiB | goal < 100 MiB |",
+        after_catch_up.0,
+        after_serving.0,
+        after_serving.1,
+        after_serving.2,
+        after_serving.3,
+        idle_mem.0,
+        origin.0
     ));
     rows.push(format!(
         "| ingest of {records} paths by the origin (first {CATCH_UP} / all) | {:.1} s / {:.1} s ({:.0} paths/s) | | |",
@@ -296,10 +327,4 @@ fn main() {
         n.stop();
     }
     idle.stop();
-
-    println!("\n| measure | narmesh | baseline (same run) | ratio / goal |");
-    println!("|---|---|---|---|");
-    for r in rows {
-        println!("{r}");
-    }
 }

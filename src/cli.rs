@@ -218,6 +218,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cfg.secret_key_file = Some(k);
     }
     cfg.validate()?;
+    crate::memory::start_trimming();
     // Everything but the front (hook acknowledgements, on a thread of its own) runs a little
     // below normal priority: the host's builds come first.
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 fn main() -> ExitCode {
+    narmesh::memory::limit_arenas();
     let cli = narmesh::cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

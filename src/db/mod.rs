@@ -95,7 +95,7 @@ redb_from!(
 
 /// Bytes of redb's page cache: enough for the hot part of 100,000 records, far below redb's
 /// default (1 GiB), which would let a node's memory grow with its history.
-const CACHE_BYTES: usize = 24 << 20;
+const CACHE_BYTES: usize = 16 << 20;
 
 /// A handle to the node database; cheap to clone.
 #[derive(Clone)]
@@ -107,7 +107,13 @@ pub struct Db {
     changes: Arc<tokio::sync::watch::Sender<u64>>,
     /// Hash parts of records written or changed: for caches of rendered records and answers.
     changed_paths: Arc<tokio::sync::broadcast::Sender<String>>,
+    /// When a commit of claims learnt from peers was last fsync'd (see `record_remote`).
+    remote_synced: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
+
+/// How long claims learnt from peers may wait for an fsync: they are copies, asked for again
+/// after a crash (see `record_remote`).
+const REMOTE_SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -162,6 +168,7 @@ impl Db {
             queue: Arc::new(std::sync::Mutex::new(queue)),
             changes: Arc::new(tokio::sync::watch::Sender::new(0)),
             changed_paths: Arc::new(tokio::sync::broadcast::channel(1024).0),
+            remote_synced: Arc::new(std::sync::Mutex::new(None)),
         };
         db.migrate()?;
         db.take_over_queue()?;

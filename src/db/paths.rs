@@ -198,10 +198,20 @@ impl Db {
             tx.abort()?;
             return Ok(out);
         }
-        // A new claim is made durable at once. News of providers only are hints, and the
-        // cursor that came with them may as well go back after a crash (the same entries are
-        // asked for again): those commits are not fsync'd (the next durable one carries them).
-        let durability = if out.iter().any(|(_, new_claim)| *new_claim) {
+        // Claims learnt from peers are copies: a commit that is not fsync'd is lost in a crash
+        // together with every later one (redb keeps commits in order), the catch-up cursors
+        // with them, so whatever is lost is asked for again. New claims are fsync'd at most
+        // once a second (and news of providers only, hints, never by themselves): an fsync per
+        // gossip message on every node made a narinfo wait for the disk on each.
+        let due = out.iter().any(|(_, new_claim)| *new_claim) && {
+            let mut last = self.remote_synced.lock().unwrap_or_else(|p| p.into_inner());
+            let due = last.is_none_or(|t| t.elapsed() >= super::REMOTE_SYNC_EVERY);
+            if due {
+                *last = Some(std::time::Instant::now());
+            }
+            due
+        };
+        let durability = if due {
             redb::Durability::Immediate
         } else {
             redb::Durability::None

@@ -41,7 +41,7 @@ pub struct HttpState {
 }
 
 /// Bytes of narinfo answers kept in memory.
-pub const NARINFO_CACHE_BYTES: u64 = 16 << 20;
+pub const NARINFO_CACHE_BYTES: u64 = 8 << 20;
 
 /// The weight of a cached answer: its bytes and its key.
 #[derive(Debug, Clone)]

@@ -10,7 +10,7 @@
 //! the originals.
 
 use iroh::{PublicKey as EndpointKey, SecretKey as EndpointSecret};
-use narmesh_proto::gossip::{PathAnnounce, ProviderStatement, v1};
+use narmesh_proto::gossip::{Incoming, PathAnnounce, ProviderStatement, v1};
 
 use crate::db::{Claim, PathRecord, Provider, RemoteClaim};
 use crate::nix::{NarInfo, SecretKey, TrustedKeys};
@@ -79,6 +79,36 @@ impl<A: Fn(&[u8; 32]) -> bool> Judge<'_, A> {
         info.file_size = Some(info.nar_size);
         info.sign(self.key);
         Ok((info, path))
+    }
+
+    /// Every announcement of a batch as a claim, or why not, in the batch's order. Each takes
+    /// three or more signature checks: a catch-up batch is split across the cores, a small
+    /// batch (gossip) stays on this thread.
+    pub fn judge_all(&self, anns: &[Incoming]) -> Vec<Result<RemoteClaim, Refused>>
+    where
+        A: Sync,
+    {
+        let one = |ann: &Incoming| match ann {
+            Incoming::V1(a) => self.claim_v1(a),
+            Incoming::V2(a) => self.claim(a),
+        };
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(4);
+        if threads < 2 || anns.len() < 64 {
+            return anns.iter().map(one).collect();
+        }
+        let per = anns.len().div_ceil(threads);
+        std::thread::scope(|s| {
+            let parts: Vec<_> = anns
+                .chunks(per)
+                .map(|part| s.spawn(move || part.iter().map(one).collect::<Vec<_>>()))
+                .collect();
+            parts
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        })
     }
 
     /// A version 2 announcement as a claim, or why not.

@@ -151,12 +151,9 @@ impl Ctx {
                 },
                 max_nar_size: ctx.max_nar_size,
             };
+            let judged = judge.judge_all(&anns);
             let mut claims: Vec<RemoteClaim> = Vec::with_capacity(anns.len());
-            for ann in &anns {
-                let r = match ann {
-                    Incoming::V1(a) => judge.claim_v1(a),
-                    Incoming::V2(a) => judge.claim(a),
-                };
+            for r in judged {
                 match r {
                     Ok(c) => claims.push(c),
                     Err(e) => ctx.refused(&from2, e.reason(), &e.to_string()),

@@ -27,6 +27,15 @@ struct Counts {
     outages: AtomicU64,
 }
 
+/// Sets its flag when dropped.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// A small xorshift generator: the mix is reproducible from its seed.
 struct Rng(u64);
 
@@ -230,6 +239,8 @@ fn a_flaky_s3_never_shows_a_broken_closure_and_ends_complete() {
                 }
                 n
             });
+            // However this thread ends (a panic too), the snapshots stop, so the scope ends.
+            let _stop = SetOnDrop(&done);
             let mut paths: Vec<String> = Vec::new();
             // Three rounds of builds (the CI test), or rounds for `FLAKY_S3_SECS` (the long mix).
             let started = std::time::Instant::now();

@@ -230,3 +230,30 @@ fn proto_statement(p: Provider) -> ProviderStatement {
         sig: p.sig,
     }
 }
+
+#[test]
+fn a_large_batch_is_judged_on_several_threads_in_order() {
+    let w = world();
+    let anns: Vec<Incoming> = (0..200u8)
+        .map(|i| {
+            // Every third is bound to other bytes (refused), the rest are taken in.
+            let bound_to = if i % 3 == 0 { [0xee; 32] } else { [i; 32] };
+            Incoming::V2(announce(&w, [i; 32], bound_to))
+        })
+        .collect();
+    let j = judge(&w, &[]);
+    let all = j.judge_all(&anns);
+    assert_eq!(all.len(), anns.len());
+    for (i, r) in all.iter().enumerate() {
+        match r {
+            Ok(c) => {
+                assert!(i % 3 != 0, "entry {i} should be refused");
+                assert_eq!(c.claim.blake3, [i as u8; 32], "entry {i} out of order");
+            }
+            Err(e) => {
+                assert_eq!(i % 3, 0, "entry {i} refused: {e}");
+                assert_eq!(e.reason(), "unbound-blake3");
+            }
+        }
+    }
+}
