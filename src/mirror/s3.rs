@@ -1,13 +1,14 @@
 //! The bucket, behind our own small interface: put a small object, put a file (in parts above
 //! a threshold, parts in parallel, aborted on failure), ask for an object's size, and clean up
 //! parts left by a killed upload. No aws-sdk type leaves this module. Retries with backoff for
-//! 5xx, throttling (SlowDown) and timeouts are the SDK's standard retry mode.
+//! 5xx, throttling (SlowDown) and timeouts are the SDK's standard retry mode, without its retry
+//! quota.
 
 use std::path::Path;
 use std::time::Duration;
 
 use aws_sdk_s3::Client;
-use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::retry::{RetryConfig, RetryPartition, TokenBucket};
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{BehaviorVersion, Region, RequestChecksumCalculation};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
@@ -98,6 +99,15 @@ impl Bucket {
                 RetryConfig::standard()
                     .with_max_attempts(4)
                     .with_initial_backoff(Duration::from_millis(200)),
+            )
+            // No retry quota: the SDK's default bucket runs dry under sustained faults and then
+            // stops retrying at all, so every request of a multipart upload had one try and a
+            // large NAR almost never got up (seen: one stuck for minutes behind a 40% fault
+            // rate). The mirror paces itself instead (`throttle`, and backoff per path).
+            .retry_partition(
+                RetryPartition::custom("narmesh-mirror")
+                    .token_bucket(TokenBucket::unlimited())
+                    .build(),
             )
             .timeout_config(
                 TimeoutConfig::builder()
