@@ -159,16 +159,27 @@ pub async fn from_peer(ctx: &std::sync::Arc<Ctx>, peer: EndpointId) -> Result<us
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
     let mut taken = 0;
+    // The next batch is asked for while this one is checked and recorded (the peer reads and
+    // signs while we verify).
+    let ask_from = |after: u64| {
+        let conn = conn.clone();
+        // Aborted when dropped: a round that ends early leaves no request behind.
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            ask(&conn, after, version).await
+        }))
+    };
+    let mut asking = Some(ask_from(after));
     for _ in 0..BATCHES_PER_ROUND {
         let left = ROUND_BUDGET.saturating_sub(started.elapsed());
+        let Some(pending) = asking.take() else { break };
         if left.is_zero() {
             break;
         }
-        let (entries, next, more) =
-            match tokio::time::timeout(left, ask(&conn, after, version)).await {
-                Err(_) => return Err("catch-up round budget spent".into()),
-                Ok(r) => r?,
-            };
+        let (entries, next, more) = match tokio::time::timeout(left, pending).await {
+            Err(_) => return Err("catch-up round budget spent".into()),
+            Ok(Err(e)) => return Err(format!("asking for a batch: {e}")),
+            Ok(Ok(r)) => r?,
+        };
         let n = match &entries {
             Entries::V1(e) => e.len(),
             Entries::V2(e) => e.len(),
@@ -185,6 +196,9 @@ pub async fn from_peer(ctx: &std::sync::Arc<Ctx>, peer: EndpointId) -> Result<us
         }
         taken += n;
         let advanced = next > after;
+        if more && advanced {
+            asking = Some(ask_from(next));
+        }
         let accepted = ctx
             .take(
                 entries_to_incoming(entries),
@@ -203,6 +217,7 @@ pub async fn from_peer(ctx: &std::sync::Arc<Ctx>, peer: EndpointId) -> Result<us
             break;
         }
     }
+    drop(asking);
     conn.close(0u32.into(), b"done");
     Ok(taken)
 }
