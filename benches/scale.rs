@@ -9,7 +9,9 @@
 //!   every narinfo once (goal: < 100 MiB), beside an idle node's.
 //!
 //! Run: `cargo bench --bench scale` (needs nix-bin). `NARMESH_BENCH_RECORDS` sets the records of
-//! the memory measure (100,000), `NARMESH_BENCH_NODES` the nodes of the latency one (12).
+//! the memory measure (100,000), `NARMESH_BENCH_NODES` the nodes of the latency one (12),
+//! `NARMESH_BENCH_ONLY` (`latency` or `records`) runs one part; `NARMESH_BENCH_DUMP` prints
+//! each path's latency in order (periodic spikes show work done in rounds).
 
 #[path = "../tests/it/harness.rs"]
 mod harness;
@@ -134,6 +136,10 @@ fn latency(nodes: &[Node], live: &[usize], paths: &[narmesh::nix::StorePath]) ->
         }
         lat.push(acked.elapsed());
     }
+    if std::env::var("NARMESH_BENCH_DUMP").is_ok() {
+        let ms: Vec<u128> = lat.iter().map(|d| d.as_millis()).collect();
+        println!("{ms:?}");
+    }
     lat.sort();
     lat
 }
@@ -177,6 +183,11 @@ fn latency_part(t: &tempfile::TempDir, n_nodes: usize, rows: &mut Vec<String>) {
     for (i, node) in nodes.iter_mut().enumerate() {
         if i > 0 {
             node.store_root = node.dir.join("store");
+        }
+        // Catch-up every 0.5 s (the test harness's, a tenth of the default): ten rounds with
+        // every peer per second of the measure. `NARMESH_BENCH_MESH_EXTRA` replaces it.
+        if let Ok(extra) = std::env::var("NARMESH_BENCH_MESH_EXTRA") {
+            node.mesh_extra = extra;
         }
         node.start();
     }

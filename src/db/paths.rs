@@ -293,6 +293,36 @@ impl Db {
         Ok(Some(rec))
     }
 
+    /// Which of these claims could change what is recorded (see [`PathRecord::could_change`]),
+    /// by hash part, BLAKE3, bindings and provider statements; in one read.
+    pub fn could_change<'a>(
+        &self,
+        claims: impl IntoIterator<
+            Item = (
+                &'a str,
+                &'a [u8; 32],
+                u64,
+                &'a [String],
+                Vec<super::records::StatementView>,
+            ),
+        >,
+    ) -> Result<Vec<bool>, DbError> {
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
+        let paths = tx.open_table(PATHS)?;
+        claims
+            .into_iter()
+            .map(|(h, blake3, nar_size, bindings, providers)| {
+                Ok(match paths.get(h)? {
+                    None => true,
+                    Some(v) => {
+                        decode(v.value())?.could_change(blake3, nar_size, bindings, providers)
+                    }
+                })
+            })
+            .collect()
+    }
+
     /// Which of these hash parts are recorded.
     pub fn known(&self, hash_parts: &[&str]) -> Result<Vec<bool>, DbError> {
         let db = self.db.get()?;

@@ -150,8 +150,7 @@ impl PathRecord {
 /// hold the same paths would trade them for ever.
 pub fn merge_provider(list: &mut Vec<Provider>, p: Provider) -> bool {
     if let Some(old) = list.iter_mut().find(|o| o.id == p.id) {
-        let signs = p.at_ms >= old.at_ms && old.sig.is_empty() && !p.sig.is_empty();
-        let news = signs || (p.at_ms > old.at_ms && p.holds != old.holds);
+        let news = is_news(old, p.holds, p.at_ms, !p.sig.is_empty());
         if news || p.at_ms > old.at_ms {
             *old = p;
         }
@@ -168,6 +167,49 @@ pub fn merge_provider(list: &mut Vec<Provider>, p: Provider) -> bool {
     }
     list.push(p);
     true
+}
+
+/// Whether a statement (`holds`, made at `at_ms`, signed or a hint) is news against the one
+/// kept of the same provider: it says the opposite later, or signs what was only hinted.
+fn is_news(old: &Provider, holds: bool, at_ms: u64, signed: bool) -> bool {
+    let signs = at_ms >= old.at_ms && old.sig.is_empty() && signed;
+    signs || (at_ms > old.at_ms && holds != old.holds)
+}
+
+/// One provider statement as [`PathRecord::could_change`] weighs it: id, holds, time, signed.
+pub type StatementView = ([u8; 32], bool, u64, bool);
+
+impl PathRecord {
+    /// Whether taking a claim on the bytes `blake3` of `nar_size` with these bindings and
+    /// provider statements could change this record. False when a claim on those bytes, of that
+    /// size, already knows every binding (or is full) and no statement is news: then the claim
+    /// is known, whatever its signatures say, and the checks can be skipped (a size that
+    /// differs goes to the checks, to be refused and counted). Every peer restates the paths it learnt in its own
+    /// catch-up log, so most catch-up entries are known: this makes each cost a lookup instead
+    /// of three signature checks. Anything that might change the record is checked as before.
+    pub fn could_change(
+        &self,
+        blake3: &[u8; 32],
+        nar_size: u64,
+        bindings: &[String],
+        providers: impl IntoIterator<Item = StatementView>,
+    ) -> bool {
+        let Some(c) = self.claim(blake3) else {
+            return true;
+        };
+        if c.nar_size != nar_size {
+            return true;
+        }
+        if c.bindings.len() < 8 && bindings.iter().any(|b| !c.bindings.contains(b)) {
+            return true;
+        }
+        providers.into_iter().any(|(id, holds, at_ms, signed)| {
+            match c.providers.iter().find(|o| o.id == id) {
+                Some(old) => is_news(old, holds, at_ms, signed),
+                None => true,
+            }
+        })
+    }
 }
 
 /// The hash part of a full store path (or of whatever the string is, cut to 32 characters).
@@ -287,5 +329,84 @@ mod tests {
             merge_provider(&mut hint, prov(3, true, 4)),
             "signed at last"
         );
+    }
+
+    fn views(c: &Claim) -> Vec<StatementView> {
+        c.providers
+            .iter()
+            .map(|p| (p.id, p.holds, p.at_ms, !p.sig.is_empty()))
+            .collect()
+    }
+
+    #[test]
+    fn a_known_claim_could_not_change_the_record() {
+        let mut r = PathRecord {
+            store_path: "/nix/store/x".into(),
+            claims: vec![],
+            recorded_at: 0,
+        };
+        let mut c = claim(1, false, true);
+        c.providers = vec![prov(1, true, 5)];
+        assert!(
+            r.could_change(&c.blake3, c.nar_size, &c.bindings, views(&c)),
+            "new"
+        );
+        r.merge(c.clone());
+        assert!(
+            !r.could_change(&c.blake3, c.nar_size, &c.bindings, views(&c)),
+            "the same"
+        );
+        let later = vec![(c.providers[0].id, true, 9, true)];
+        assert!(
+            !r.could_change(&c.blake3, c.nar_size, &c.bindings, later),
+            "restated"
+        );
+        let withdrawn = vec![(c.providers[0].id, false, 9, true)];
+        assert!(r.could_change(&c.blake3, c.nar_size, &c.bindings, withdrawn));
+        assert!(
+            r.could_change(&c.blake3, c.nar_size, &["k2:t".into()], views(&c)),
+            "new binding"
+        );
+        assert!(r.could_change(
+            &c.blake3,
+            c.nar_size,
+            &c.bindings,
+            vec![([2; 32], true, 1, true)]
+        ));
+        assert!(
+            r.could_change(&c.blake3, 7, &c.bindings, views(&c)),
+            "another size"
+        );
+        assert!(
+            r.could_change(&[9; 32], c.nar_size, &c.bindings, views(&c)),
+            "other bytes"
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever the record and the incoming claim, a claim said not to change the record
+        /// does not change it when merged.
+        #[test]
+        fn could_change_never_misses_a_change(
+            kept in proptest::collection::vec((0u8..3, proptest::bool::ANY, 0u64..6, proptest::bool::ANY), 0..6),
+            came in proptest::collection::vec((0u8..4, proptest::bool::ANY, 0u64..8, proptest::bool::ANY), 0..6),
+            kept_bound in proptest::bool::ANY,
+            came_bound in proptest::bool::ANY,
+            same_bytes in proptest::bool::ANY,
+        ) {
+            let mut r = PathRecord { store_path: "/nix/store/x".into(), claims: vec![], recorded_at: 0 };
+            let mut k = claim(1, false, kept_bound);
+            for (id, holds, at, signed) in kept {
+                merge_provider(&mut k.providers, Provider { id: [id; 32], holds, at_ms: at, sig: if signed { vec![1] } else { vec![] } });
+            }
+            r.merge(k);
+            let mut c = claim(if same_bytes { 1 } else { 2 }, false, came_bound);
+            c.bindings = if came_bound { vec!["k2:s".into()] } else { vec![] };
+            c.providers = came.iter().map(|&(id, holds, at, signed)| Provider { id: [id; 32], holds, at_ms: at, sig: if signed { vec![1] } else { vec![] } }).collect();
+            let could = r.could_change(&c.blake3, c.nar_size, &c.bindings, views(&c));
+            let mut merged = r.clone();
+            let changed = merged.merge(c);
+            proptest::prop_assert!(could || !changed, "said unchanged, but merge changed it");
+        }
     }
 }

@@ -30,6 +30,11 @@ const CONNECT: Duration = Duration::from_secs(5);
 const ANSWER: Duration = Duration::from_secs(15);
 /// A request must arrive within this.
 const REQUEST: Duration = Duration::from_secs(10);
+/// How long the server waits for the next request on a connection before it lets it go.
+const IDLE: Duration = Duration::from_secs(30);
+/// A kept catch-up connection is used again only if its last round ended this recently, well
+/// inside the server's [`IDLE`], so a round never races the server closing it.
+const REUSE_WITHIN: Duration = Duration::from_secs(20);
 
 /// Answers catch-up requests of version `version` (1 or 2) from this node's log.
 #[derive(Debug, Clone)]
@@ -49,8 +54,7 @@ impl ProtocolHandler for SyncServer {
             return Ok(());
         };
         loop {
-            let Ok(Ok((mut send, mut recv))) =
-                tokio::time::timeout(Duration::from_secs(30), conn.accept_bi()).await
+            let Ok(Ok((mut send, mut recv))) = tokio::time::timeout(IDLE, conn.accept_bi()).await
             else {
                 return Ok(());
             };
@@ -152,7 +156,58 @@ enum Entries {
 /// Returns the entries taken.
 pub async fn from_peer(ctx: &std::sync::Arc<Ctx>, peer: EndpointId) -> Result<usize, String> {
     let started = Instant::now();
+    let (conn, version, reused) = kept_or_new(ctx, peer).await?;
+    let mut r = round(ctx, peer, &conn, version, started).await;
+    let (conn, version) = match r {
+        // The peer may have let a kept connection go (restarted, or idle past its limit) just
+        // as it was used: once, start over on a fresh one.
+        Err(_) if reused && conn.close_reason().is_some() => {
+            conn.close(0u32.into(), b"stale");
+            let (conn, version) = connect(ctx, peer).await?;
+            r = round(ctx, peer, &conn, version, started).await;
+            (conn, version)
+        }
+        _ => (conn, version),
+    };
+    // A round that went well and left no request in flight leaves its connection for the next
+    // one; anything else drops it, so the next round starts on a fresh one.
+    let keep = matches!(r, Ok((_, true))) && conn.close_reason().is_none();
+    if !keep {
+        conn.close(0u32.into(), b"done");
+    }
+    ctx.peer_state(peer, |s| {
+        s.sync_conn = keep.then(|| (conn, version, Instant::now()));
+    });
+    r.map(|(taken, _)| taken)
+}
+
+/// The connection kept from the last round with `peer` if it is still fresh and open, else a
+/// new one.
+async fn kept_or_new(
+    ctx: &std::sync::Arc<Ctx>,
+    peer: EndpointId,
+) -> Result<(Connection, u8, bool), String> {
+    let mut kept = None;
+    ctx.peer_state(peer, |s| kept = s.sync_conn.take());
+    if let Some((conn, version, used)) = kept {
+        if used.elapsed() < REUSE_WITHIN && conn.close_reason().is_none() {
+            return Ok((conn, version, true));
+        }
+        conn.close(0u32.into(), b"stale");
+    }
     let (conn, version) = connect(ctx, peer).await?;
+    Ok((conn, version, false))
+}
+
+/// One round on `conn`: batches until the peer has nothing more, the batch cap or the budget.
+/// Returns the entries taken, and whether no request was left in flight.
+async fn round(
+    ctx: &std::sync::Arc<Ctx>,
+    peer: EndpointId,
+    conn: &Connection,
+    version: u8,
+    started: Instant,
+) -> Result<(usize, bool), String> {
     let db = ctx.db.clone();
     let mut after = tokio::task::spawn_blocking(move || db.cursor(peer.as_bytes()))
         .await
@@ -217,9 +272,9 @@ pub async fn from_peer(ctx: &std::sync::Arc<Ctx>, peer: EndpointId) -> Result<us
             break;
         }
     }
+    let clean = asking.is_none();
     drop(asking);
-    conn.close(0u32.into(), b"done");
-    Ok(taken)
+    Ok((taken, clean))
 }
 
 fn entries_to_incoming(e: Entries) -> Vec<narmesh_proto::gossip::Incoming> {
