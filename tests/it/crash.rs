@@ -37,6 +37,12 @@ fn crash_at(point: &str) {
     for n in nodes.iter_mut() {
         n.start();
     }
+    // The bucket is checked right after the crash: a builder killed at its first commit could
+    // otherwise die before the mirror has prepared the bucket (`nix-cache-info`), which the
+    // check requires; seen once in a full run.
+    wait_until(60, "the mirror to prepare the bucket", || {
+        s3.objects().iter().any(|(k, _)| k == "nix-cache-info")
+    });
     let tag = point.replace('.', "-");
     // First paths that nothing references (a report lost with them would not come back as
     // part of a later report's closure), then the chain.
