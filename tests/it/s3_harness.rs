@@ -279,6 +279,39 @@ impl S3Server {
         })
     }
 
+    /// Parts uploaded so far in the open multipart uploads other than `except`.
+    pub fn parts_uploaded_except(&self, except: &str) -> usize {
+        let (rt, client) = self.client();
+        rt.block_on(async {
+            let listed = client
+                .list_multipart_uploads()
+                .bucket(BUCKET)
+                .send()
+                .await
+                .expect("list uploads");
+            let mut n = 0;
+            for u in listed.uploads() {
+                let (Some(id), Some(key)) = (u.upload_id(), u.key()) else {
+                    continue;
+                };
+                if id == except {
+                    continue;
+                }
+                if let Ok(parts) = client
+                    .list_parts()
+                    .bucket(BUCKET)
+                    .key(key)
+                    .upload_id(id)
+                    .send()
+                    .await
+                {
+                    n += parts.parts().len();
+                }
+            }
+            n
+        })
+    }
+
     /// True if the multipart upload `id` is still open.
     pub fn upload_is_open(&self, id: &str) -> bool {
         let (rt, client) = self.client();
