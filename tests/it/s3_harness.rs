@@ -248,6 +248,11 @@ impl S3Server {
 
     /// Unfinished multipart uploads in the bucket.
     pub fn open_uploads(&self) -> usize {
+        self.uploads().len()
+    }
+
+    /// The unfinished multipart uploads in the bucket, as (id, key).
+    fn uploads(&self) -> Vec<(String, String)> {
         let (rt, c) = self.client();
         rt.block_on(async {
             c.list_multipart_uploads()
@@ -256,7 +261,9 @@ impl S3Server {
                 .await
                 .expect("list uploads")
                 .uploads()
-                .len()
+                .iter()
+                .filter_map(|u| Some((u.upload_id()?.to_owned(), u.key()?.to_owned())))
+                .collect()
         })
     }
 }
@@ -281,22 +288,11 @@ impl S3Server {
 
     /// Parts uploaded so far in the open multipart uploads other than `except`.
     pub fn parts_uploaded_except(&self, except: &str) -> usize {
+        let open = self.uploads();
         let (rt, client) = self.client();
         rt.block_on(async {
-            let listed = client
-                .list_multipart_uploads()
-                .bucket(BUCKET)
-                .send()
-                .await
-                .expect("list uploads");
             let mut n = 0;
-            for u in listed.uploads() {
-                let (Some(id), Some(key)) = (u.upload_id(), u.key()) else {
-                    continue;
-                };
-                if id == except {
-                    continue;
-                }
+            for (id, key) in open.iter().filter(|(id, _)| id != except) {
                 if let Ok(parts) = client
                     .list_parts()
                     .bucket(BUCKET)
@@ -314,16 +310,7 @@ impl S3Server {
 
     /// True if the multipart upload `id` is still open.
     pub fn upload_is_open(&self, id: &str) -> bool {
-        let (rt, client) = self.client();
-        rt.block_on(async {
-            let listed = client
-                .list_multipart_uploads()
-                .bucket(BUCKET)
-                .send()
-                .await
-                .expect("list uploads");
-            listed.uploads().iter().any(|u| u.upload_id() == Some(id))
-        })
+        self.uploads().iter().any(|(u, _)| u == id)
     }
 }
 
