@@ -126,6 +126,9 @@ pub struct MeshConfig {
     pub sync_interval_ms: u64,
     /// Largest NAR taken in from peers (default: `[store] max-size`).
     pub max_nar_size: Option<ByteSize>,
+    /// Bytes per second all peers together may take from this node (`"100MiB"`; default: no
+    /// limit), so a host that builds keeps the rest of its link.
+    pub serve_rate: Option<ByteSize>,
 }
 
 /// `[mirror]`: what this node mirrors the cluster's paths into.
@@ -269,6 +272,7 @@ impl Default for MeshConfig {
             cluster: "narmesh".to_owned(),
             sync_interval_ms: 5000,
             max_nar_size: None,
+            serve_rate: None,
         }
     }
 }
@@ -385,6 +389,12 @@ impl Config {
             return Err(invalid(
                 "mesh.max-nar-size",
                 "must not be above store.max-size (a NAR over the cap cannot be kept)".into(),
+            ));
+        }
+        if self.mesh.serve_rate.is_some_and(|r| r.0 < 64 << 10) {
+            return Err(invalid(
+                "mesh.serve-rate",
+                "must be at least 64KiB (per second), or left out for no limit".into(),
             ));
         }
         if self.mesh.cluster.is_empty() {

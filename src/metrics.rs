@@ -57,6 +57,8 @@ pub struct Metrics {
     pub storage_gc_lost: Counter,
     pub served_bytes: Family<SourceLabels, Counter>,
     pub mesh_refused: Family<ReasonLabels, Counter>,
+    /// Verified NAR bytes fetched, by the provider that sent them.
+    pub mesh_fetched_bytes: Family<PeerLabels, Counter>,
     /// Records new or changed by what peers said (gossip and catch-up): flat once the mesh
     /// has settled.
     pub mesh_records_changed: Counter,
@@ -68,6 +70,12 @@ pub struct Metrics {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
+}
+
+/// A peer, by endpoint id (only allowed peers send NAR bytes, so these are few).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub peer: String,
 }
 
 /// Where served NAR bytes came from: `store` (an own path, serialized from the Nix store),
@@ -120,6 +128,7 @@ impl Metrics {
             storage_gc_lost: Counter::default(),
             served_bytes: Family::default(),
             mesh_refused: Family::default(),
+            mesh_fetched_bytes: Family::default(),
             mesh_records_changed: Counter::default(),
             problems: Default::default(),
             registry: Registry::default(),
@@ -244,6 +253,11 @@ impl Metrics {
             "mesh_refused",
             "Announcements, catch-up entries and transfers refused from peers, by reason",
             m.mesh_refused.clone(),
+        );
+        registry.register(
+            "mesh_fetched_bytes",
+            "Verified NAR bytes fetched from peers, by provider (endpoint id)",
+            m.mesh_fetched_bytes.clone(),
         );
         registry.register(
             "mesh_records_changed",

@@ -10,6 +10,7 @@ mod eager;
 mod endpoint;
 mod gossip;
 mod nar;
+mod pace;
 mod peer;
 mod sync;
 mod transfer;
@@ -326,7 +327,9 @@ impl MeshHandle {
         let serving = Arc::new(tokio::sync::Semaphore::new(nar::MAX_SERVING));
         let nar_slots = endpoint::PeerSlots::default();
         let sync_slots = endpoint::PeerSlots::default();
+        let pacer = cfg.serve_rate.map(|r| Arc::new(pace::Pacer::new(r.0)));
         let nar_server = |version| nar::NarServer {
+            pacer: pacer.clone(),
             storage: parts.storage.clone(),
             metrics: parts.metrics.clone(),
             slots: serving.clone(),

@@ -3,7 +3,8 @@
 //! verified reader, so corrupt or tampered bytes are never sent. Version 2 answers leaves and
 //! ranges of whole chunk groups; version 1 the whole NAR from an offset. Streams of one
 //! connection are served side by side, at most [`STREAMS_PER_CONNECTION`] at once, and at most
-//! [`MAX_SERVING`] across all peers (more get `Busy`); every write has a deadline.
+//! [`MAX_SERVING`] across all peers (more get `Busy`); every write has a deadline, and every
+//! byte waits for the node's upload budget when `[mesh] serve-rate` sets one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +35,8 @@ pub struct NarServer {
     pub slots: Arc<tokio::sync::Semaphore>,
     pub version: u8,
     pub per_peer: super::endpoint::PeerSlots,
+    /// `[mesh] serve-rate`, shared by every stream served.
+    pub pacer: Option<Arc<super::pace::Pacer>>,
 }
 
 fn user(e: impl std::fmt::Display) -> AcceptError {
@@ -138,6 +141,9 @@ impl NarServer {
             .clone();
         while let Some(piece) = data.recv().await {
             let piece = piece.map_err(user)?;
+            if let Some(p) = &self.pacer {
+                p.take(piece.len() as u64).await;
+            }
             counter.inc_by(piece.len() as u64);
             timed(send.write_chunk(piece)).await?;
         }

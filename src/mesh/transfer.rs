@@ -129,6 +129,18 @@ impl Transfers {
             .insert(id, Instant::now());
     }
 
+    /// Count verified bytes `peer` sent.
+    fn fetched_from(&self, peer: EndpointId, n: u64) {
+        if n > 0 {
+            self.metrics
+                .mesh_fetched_bytes
+                .get_or_create(&crate::metrics::PeerLabels {
+                    peer: peer.to_string(),
+                })
+                .inc_by(n);
+        }
+    }
+
     /// The providers to ask for a claim's NAR, the ones not avoided first.
     pub fn providers(&self, claim: &Claim) -> Vec<EndpointId> {
         let me = self.pool.endpoint().id();
@@ -368,6 +380,7 @@ impl Transfers {
             let res = self
                 .pull_range(peer, t, leaves, partial, start, end, &mut got)
                 .await;
+            self.fetched_from(peer, got - start);
             let mut p = plan.lock().unwrap_or_else(|p| p.into_inner());
             p.finished(start, got, end);
             t.advance(p.prefix());
@@ -485,6 +498,8 @@ impl Transfers {
                     Ok::<_, PeerError>(())
                 }
                 .await;
+                // Checked only once whole (version 1), but a bad NAR fails the transfer.
+                self.fetched_from(*p, got - before);
                 if got == t.size {
                     break;
                 }

@@ -2,8 +2,9 @@
 //! their `peers`), with or without a Nix key they trust. It speaks our protocols from our wire
 //! types, but lies: it replays trusted narinfos with BLAKE3 hashes and sizes of its choosing,
 //! answers catch-up forever, serves junk NAR bytes (or a consistent fake NAR for a BLAKE3 it
-//! made up), reads NARs one byte a second, and opens hundreds of streams. It can also play a
-//! node of version 1 (`e5a6e05`), speaking only the `/1` protocols, with honest bytes.
+//! made up, or honest bytes with one wrong in the middle of each range), reads NARs one byte a
+//! second, and opens hundreds of streams. It can also play a node of version 1 (`e5a6e05`),
+//! speaking only the `/1` protocols, with honest bytes.
 
 #![allow(dead_code)]
 
@@ -24,6 +25,9 @@ use narmesh_proto::sync::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+/// A chunk group: the unit a fetcher verifies.
+pub const GROUP: u64 = 16 * 1024;
+
 /// What the hostile peer does when asked.
 #[derive(Default)]
 pub struct Mode {
@@ -31,6 +35,11 @@ pub struct Mode {
     pub endless_catchup: AtomicBool,
     /// Answer NAR ranges with junk bytes.
     pub junk_ranges: AtomicBool,
+    /// Answer NAR ranges with the honest bytes, but one byte wrong in the second chunk group of
+    /// each range: it lies in the middle of a stream that started well.
+    pub lie_mid_range: AtomicBool,
+    /// The ranges it was asked for (version 2), in order.
+    pub asked: Mutex<Vec<(u64, u64)>>,
     /// NARs it serves consistently (leaves and ranges that match), by BLAKE3: honest bytes, or
     /// a fake NAR whose BLAKE3 it made up.
     pub nars: Mutex<HashMap<[u8; 32], Vec<u8>>>,
@@ -193,14 +202,19 @@ impl ProtocolHandler for Nar {
                         let _ = send.write_all(&leaves_of(&nar)).await;
                     }
                     (NarWhat::Range { start, end }, nar) => {
+                        mode.asked.lock().unwrap().push((start, end));
                         let len = end.saturating_sub(start);
                         write_frame(&mut send, &NarReply::Range { len }).await;
-                        let body = match nar {
+                        let mut body = match nar {
                             Some(n) if !mode.junk_ranges.load(Ordering::SeqCst) => {
                                 n[start as usize..(end as usize).min(n.len())].to_vec()
                             }
                             _ => vec![0x5a; len as usize],
                         };
+                        let lie_at = GROUP as usize + 100;
+                        if mode.lie_mid_range.load(Ordering::SeqCst) && body.len() > lie_at {
+                            body[lie_at] ^= 0xff;
+                        }
                         let _ = send.write_all(&body).await;
                     }
                     (NarWhat::Leaves, None) => write_frame(&mut send, &NarReply::NotFound).await,

@@ -20,4 +20,5 @@ mod node;
 mod node_harness;
 mod s3_harness;
 mod storage;
+mod transfer;
 mod trust;

@@ -33,7 +33,7 @@ fn budget(pid: u32) -> (u64, u64) {
 }
 
 /// A counter of the node's metrics (`name{labels} value`), 0 if absent.
-fn metric(node: &Node, line_prefix: &str) -> f64 {
+pub fn metric(node: &Node, line_prefix: &str) -> f64 {
     let (_, _, body) = http(&node.http, "GET", "/metrics", &[]);
     String::from_utf8_lossy(&body)
         .lines()
@@ -44,7 +44,7 @@ fn metric(node: &Node, line_prefix: &str) -> f64 {
 
 /// Honest nodes, all of them also naming `hostile` as a peer (so it is allowed and caught up
 /// with), trusting each other's keys (and `extra_trusted`).
-fn honest_with(
+pub fn honest_with(
     t: &tempfile::TempDir,
     n: usize,
     hostile: &Hostile,
@@ -67,7 +67,7 @@ fn honest_with(
     (a, nodes)
 }
 
-fn substitute_all(node: &Node, paths: &[String]) {
+pub fn substitute_all(node: &Node, paths: &[String]) {
     let host = NixHost::substituter(&format!("http://{}", node.http), &node.public_key());
     let mut args = vec!["-r"];
     args.extend(paths.iter().map(|s| s.as_str()));

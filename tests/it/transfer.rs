@@ -1,0 +1,166 @@
+//! Peer transfer from several providers, with real node processes and real Nix: a provider that
+//! lies in the middle of a NAR is caught within one chunk group and the fetch completes from
+//! another; two providers send ranges of one NAR at once, and the fetch survives one of them
+//! being killed mid-fetch.
+
+use crate::harness::{NixHost, http, wait_until};
+use crate::hostile::{GROUP, Hostile};
+use crate::node_harness::Node;
+use crate::trust::{honest_with, metric, substitute_all};
+
+/// The node's verified bytes fetched from the peer with endpoint id `id`.
+fn fetched_from(node: &Node, id: &str) -> f64 {
+    metric(
+        node,
+        &format!("narmesh_mesh_fetched_bytes_total{{peer=\"{id}\"}}"),
+    )
+}
+
+fn endpoint_id(address: &str) -> &str {
+    address.split_once('@').expect("peer address").0
+}
+
+/// A trusted, allowed peer names itself a provider of an honest NAR and serves its ranges with
+/// one byte wrong in the second chunk group of each. The fetcher takes that range's first
+/// group, refuses the second (the log names it), drops the liar for the rest, and completes
+/// from the honest provider: real Nix substitutes the path, and the NAR served over HTTP is
+/// byte for byte the honest one.
+#[test]
+fn a_provider_lying_mid_nar_is_caught_within_one_chunk_group() {
+    let t = tempfile::tempdir().unwrap();
+    let h = Hostile::start(44, false);
+    h.mode
+        .lie_mid_range
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (a, mut nodes) = honest_with(&t, 2, &h, &[]);
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    let path = a.build(r#"mk "transfer-liar" "head -c 3000000 /dev/urandom > $out""#)[0].clone();
+    wait_until(30, "B to learn the path", || {
+        nodes[1].serves(&[path.full()])
+    });
+    // The liar relays A's honest announcement, naming itself a provider too.
+    let honest = h.catch_up_from(&nodes[0].address);
+    let mut ann = honest
+        .into_iter()
+        .find(|x| x.narinfo.contains(&path.full()))
+        .expect("the honest announcement");
+    let nar = a.dump(&path);
+    assert_eq!(nar.len() as u64, ann.nar_size);
+    h.mode.nars.lock().unwrap().insert(ann.blake3, nar.clone());
+    ann.providers.push(h.holds(&ann.blake3));
+    let changed = metric(&nodes[1], "narmesh_mesh_records_changed_total");
+    h.gossip(&[nodes[1].address.clone()], vec![ann.encode().unwrap()]);
+    wait_until(30, "B to take the liar as a provider", || {
+        metric(&nodes[1], "narmesh_mesh_records_changed_total") > changed
+    });
+    // Real Nix substitutes through B, which fetches from A and the liar at once.
+    substitute_all(&nodes[1], &[path.full()]);
+    let asked = h.mode.asked.lock().unwrap().clone();
+    assert_eq!(
+        asked.len(),
+        1,
+        "the liar was asked for one range, then dropped: {asked:?}"
+    );
+    let (start, end) = asked[0];
+    assert!(end - start > GROUP, "its range spans more than one group");
+    let log = nodes[1].log();
+    let bad = start / GROUP + 1;
+    assert!(
+        log.contains(&format!("chunk group {bad} does not match")),
+        "the lie was caught at its own chunk group {bad}; B's log:\n{log}"
+    );
+    // Of the liar's range, only the group before the lie was taken.
+    let from_liar = fetched_from(&nodes[1], &h.endpoint_id());
+    let from_a = fetched_from(&nodes[1], endpoint_id(&nodes[0].address));
+    assert_eq!(
+        from_liar, GROUP as f64,
+        "verified bytes taken from the liar"
+    );
+    assert_eq!(from_a, (nar.len() as u64 - GROUP) as f64, "the rest from A");
+    let (code, _, body) = http(
+        &nodes[1].http,
+        "GET",
+        &format!("/{}", narmesh::pipeline::nar_url(&ann.blake3)),
+        &[],
+    );
+    assert_eq!(code, 200);
+    assert!(body == nar, "the NAR B serves is the honest one");
+}
+
+/// Two providers (A built the path, C replicated it eagerly) each serve at most 8 MiB/s
+/// (`[mesh] serve-rate`). D fetches the NAR for real Nix from both at once: both counters move.
+/// A is killed mid-fetch; C takes over A's ranges and Nix still gets the path.
+#[test]
+fn two_providers_send_ranges_at_once_and_one_killed_mid_fetch_is_taken_over() {
+    let t = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|i| Node::new(&t.path().join(format!("n{i}")), &t.path().join("unused")))
+        .collect();
+    let a = NixHost::with_hook(&nodes[0].socket(), &nodes[0].spool());
+    crate::node_harness::full_mesh(&mut nodes);
+    for (i, node) in nodes.iter_mut().enumerate() {
+        node.store_root = if i == 0 {
+            a.root.clone()
+        } else {
+            node.dir.join("store")
+        };
+        node.mesh_extra = "serve-rate = \"8MiB\"\n".into();
+    }
+    nodes[1].replicate = "eager";
+    nodes[0].start();
+    nodes[1].start();
+    let path = a.build(r#"mk "transfer-two" "head -c 25000000 /dev/urandom > $out""#)[0].clone();
+    let size = a.dump(&path).len() as f64;
+    wait_until(60, "C to hold the NAR", || {
+        nodes[1].status().storage.files == 1
+    });
+    // D starts now and learns the path from C, whose record names both providers.
+    nodes[2].start();
+    let c_id = endpoint_id(&nodes[1].address).to_owned();
+    let a_id = endpoint_id(&nodes[0].address).to_owned();
+    wait_until(30, "D to learn C provides the path", || {
+        nodes[2]
+            .log()
+            .contains(&format!("new or changed path(s) from {c_id}"))
+    });
+    let d_http = nodes[2].http.clone();
+    let d_key = nodes[2].public_key();
+    let full = path.full();
+    let nix = std::thread::spawn(move || {
+        let host = NixHost::substituter(&format!("http://{d_http}"), &d_key);
+        let out = host.output("nix-store", &["-r", &full]);
+        (out, host)
+    });
+    wait_until(30, "both providers to send ranges", || {
+        fetched_from(&nodes[2], &a_id) > 0.0 && fetched_from(&nodes[2], &c_id) > 0.0
+    });
+    let at_kill = fetched_from(&nodes[2], &a_id) + fetched_from(&nodes[2], &c_id);
+    assert!(
+        at_kill < size,
+        "the fetch is still under way when A is killed"
+    );
+    nodes[0].kill9();
+    let (out, host) = nix.join().expect("nix thread");
+    assert!(
+        out.status.success(),
+        "Nix substitutes through D with A killed mid-fetch: {}\nD's log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        nodes[2].log()
+    );
+    crate::harness::run_ok(host.cmd("nix-store").args(["--verify-path", &path.full()]));
+    let (from_a, from_c) = (
+        fetched_from(&nodes[2], &a_id),
+        fetched_from(&nodes[2], &c_id),
+    );
+    assert_eq!(
+        from_a + from_c,
+        size,
+        "every byte came from one of them, once"
+    );
+    assert!(
+        from_c > size / 2.0,
+        "C took over A's part: A {from_a}, C {from_c} of {size}"
+    );
+}
