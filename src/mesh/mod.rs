@@ -12,6 +12,7 @@ mod gossip;
 mod nar;
 mod pace;
 mod peer;
+mod ranges;
 mod sync;
 mod transfer;
 mod wire;

@@ -1,8 +1,9 @@
 //! Fetching NARs from peers: one transfer per NAR, shared by every reader that wants it (the
 //! local Nix on demand, the eager wish list, the mirror). A transfer first gets the NAR's leaves
 //! (checked against its bound BLAKE3), then splits the NAR into ranges of whole chunk groups and
-//! has every provider that holds it work through them at once: a slow provider simply does
-//! fewer; a provider whose bytes fail their chunk group is dropped within that group and its
+//! has every provider that holds it work through them at once (the plan is [`super::ranges`]):
+//! a slow provider simply does fewer, and near the end the others split or take over what it
+//! still has; a provider whose bytes fail their chunk group is dropped within that group and its
 //! range goes back to the others. Only verified groups are written to the NAR's partial file,
 //! and readers see only the verified prefix. The sha256 follows that prefix; at the end it must
 //! equal the signed NarHash, or the claim is marked failed (never served, never fetched again).
@@ -10,7 +11,7 @@
 //! A provider that speaks only version 1 sends the whole NAR from an offset: its bytes are
 //! checked group by group when leaves came from a version 2 provider, else at the end.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt as _;
 use std::sync::{Arc, Mutex, Weak};
@@ -22,6 +23,7 @@ use sha2::Digest as _;
 use tokio::sync::watch;
 
 use super::peer::{PeerError, Pool, next_piece};
+use super::ranges::{Next, Ranges};
 use crate::chunks::{GROUP, Leaves};
 use crate::db::{Claim, Db};
 use crate::metrics::Metrics;
@@ -363,9 +365,12 @@ impl Transfers {
     ) {
         let mut failures = 0;
         loop {
-            let next = plan.lock().unwrap_or_else(|p| p.into_inner()).next();
-            let (start, end) = match next {
-                Next::Range(s, e) => (s, e),
+            let next = plan
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .next(Instant::now());
+            let (id, start, end) = match next {
+                Next::Range { id, start, end } => (id, start, end),
                 Next::Done => return,
                 Next::Wait => {
                     // Another provider's range may come back if it fails: stay to take it.
@@ -378,11 +383,11 @@ impl Transfers {
             };
             let mut got = start;
             let res = self
-                .pull_range(peer, t, leaves, partial, start, end, &mut got)
+                .pull_range(peer, t, leaves, partial, (id, start, end), plan, &mut got)
                 .await;
             self.fetched_from(peer, got - start);
             let mut p = plan.lock().unwrap_or_else(|p| p.into_inner());
-            p.finished(start, got, end);
+            p.finished(id, start, got);
             t.advance(p.prefix());
             drop(p);
             returned.notify_waiters();
@@ -415,7 +420,9 @@ impl Transfers {
         }
     }
 
-    /// Fetch `start..end` from `peer`, writing each verified group; `got` tracks how far.
+    /// Fetch range `id` (`start..end`) from `peer`, writing each verified group; `got` tracks
+    /// how far. Stops early, with what it has, where the plan says another provider took the
+    /// rest.
     #[allow(clippy::too_many_arguments)]
     async fn pull_range(
         &self,
@@ -423,8 +430,8 @@ impl Transfers {
         t: &Transfer,
         leaves: &Leaves,
         partial: &PartialNar,
-        start: u64,
-        end: u64,
+        (id, start, end): (u64, u64, u64),
+        plan: &Mutex<Ranges>,
         got: &mut u64,
     ) -> Result<(), PeerError> {
         let mut recv = self.pool.range(peer, t.blake3, start, end).await?;
@@ -452,6 +459,14 @@ impl Transfers {
                         return Err(PeerError::Protocol(format!(
                             "chunk group {g} does not match the NAR's BLAKE3"
                         )));
+                    }
+                    let mine = plan.lock().unwrap_or_else(|p| p.into_inner()).progress(
+                        id,
+                        want.end,
+                        Instant::now(),
+                    );
+                    if !mine {
+                        return flush(partial, &mut ready, got).await;
                     }
                     ready.extend_from_slice(&group);
                     group.clear();
@@ -574,120 +589,4 @@ fn leaves_of(file: &File, size: u64) -> std::io::Result<Leaves> {
         pos += n as u64;
     }
     Ok(h.finish())
-}
-
-/// The ranges of one NAR: what is left to fetch, what is being fetched, what is done.
-#[derive(Debug)]
-struct Ranges {
-    size: u64,
-    todo: VecDeque<(u64, u64)>,
-    /// Done, by start: end.
-    done: std::collections::BTreeMap<u64, u64>,
-    /// Ranges being fetched (one that fails comes back to `todo`).
-    in_flight: usize,
-}
-
-/// What a worker gets from the plan.
-enum Next {
-    Range(u64, u64),
-    /// Nothing to take now, but ranges in flight may come back: wait.
-    Wait,
-    Done,
-}
-
-impl Ranges {
-    fn new(size: u64, providers: usize) -> Self {
-        // Several ranges per provider, so a slow one holds back little; whole groups each.
-        let per = (size / (4 * providers.max(1) as u64)).clamp(256 << 10, 8 << 20);
-        let per = per.div_ceil(GROUP) * GROUP;
-        let mut todo = VecDeque::new();
-        let mut s = 0;
-        while s < size {
-            let e = (s + per).min(size);
-            todo.push_back((s, e));
-            s = e;
-        }
-        Ranges {
-            size,
-            todo,
-            done: Default::default(),
-            in_flight: 0,
-        }
-    }
-
-    fn take(&mut self) -> Option<(u64, u64)> {
-        let r = self.todo.pop_front();
-        if r.is_some() {
-            self.in_flight += 1;
-        }
-        r
-    }
-
-    fn next(&mut self) -> Next {
-        match self.take() {
-            Some((s, e)) => Next::Range(s, e),
-            None if self.in_flight > 0 => Next::Wait,
-            None => Next::Done,
-        }
-    }
-
-    /// A range was worked on: `start..got` is done, `got..end` goes back to the front.
-    fn finished(&mut self, start: u64, got: u64, end: u64) {
-        self.in_flight = self.in_flight.saturating_sub(1);
-        if got > start {
-            self.done.insert(start, got);
-        }
-        if got < end {
-            self.todo.push_front((got, end));
-        }
-    }
-
-    /// Bytes from the start that are done.
-    fn prefix(&self) -> u64 {
-        let mut p = 0;
-        for (s, e) in &self.done {
-            if *s > p {
-                break;
-            }
-            p = p.max(*e);
-        }
-        p
-    }
-
-    fn complete(&self) -> bool {
-        self.prefix() >= self.size
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ranges_cover_the_nar_and_return_what_failed() {
-        let size = 100 * GROUP + 5;
-        let mut r = Ranges::new(size, 4);
-        let mut seen = Vec::new();
-        while let Some(x) = r.take() {
-            seen.push(x);
-        }
-        assert_eq!(seen.first().unwrap().0, 0);
-        assert_eq!(seen.last().unwrap().1, size);
-        for w in seen.windows(2) {
-            assert_eq!(w[0].1, w[1].0);
-            assert_eq!(w[0].1 % GROUP, 0);
-        }
-        // The first range half done, the second whole: the prefix stops at the gap.
-        let (a, b) = (seen[0], seen[1]);
-        r.finished(a.0, a.0 + GROUP, a.1);
-        r.finished(b.0, b.1, b.1);
-        assert_eq!(r.prefix(), GROUP);
-        assert_eq!(r.take(), Some((a.0 + GROUP, a.1)));
-        r.finished(a.0 + GROUP, a.1, a.1);
-        assert_eq!(r.prefix(), b.1);
-        for x in &seen[2..] {
-            r.finished(x.0, x.1, x.1);
-        }
-        assert!(r.complete());
-    }
 }
