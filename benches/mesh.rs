@@ -1,12 +1,18 @@
 //! The mesh's speed goals, each beside its baseline measured in the same run:
 //! - peer NAR transfer of a 256 MiB NAR on loopback (node B fetching from node A over iroh,
 //!   verified and kept), beside a plain TCP copy of the same bytes into a file;
-//! - from the hook's acknowledgement on A to the narinfo being served on every one of 3 nodes.
+//! - the CPU seconds per GiB both nodes spend on it, beside a verified TCP copy's;
+//! - from the hook's acknowledgement on A to the narinfo being served on every one of 3 nodes;
+//! - the transfer over emulated 10 and 1 Gbit/s links, real Nix over them, and two providers at
+//!   once (`links`: needs root; `NARMESH_BENCH_LINKS=0` leaves them out).
 //!
-//! Run: `cargo bench --bench mesh` (needs nix-bin). Prints a table.
+//! Run: `cargo bench --bench mesh` (needs nix-bin, and for the links iproute2, curl and nginx).
+//! Prints a table.
 
 #[path = "../tests/it/harness.rs"]
 mod harness;
+#[path = "mesh/links.rs"]
+mod links;
 #[path = "../tests/it/node_harness.rs"]
 mod node_harness;
 
@@ -116,6 +122,13 @@ fn main() {
     }
     require("nix-build");
     let t = tempfile::tempdir().expect("tempdir");
+    // NARMESH_BENCH_ONLY=links: only the emulated links.
+    if std::env::var("NARMESH_BENCH_ONLY").as_deref() == Ok("links") {
+        for r in links::run(t.path()) {
+            println!("{r}");
+        }
+        return;
+    }
     let a = NixHost::new("");
     println!("building a 256 MiB store path and {LATENCY_PATHS} small ones with Nix...");
     let big = a.build(&format!(r#"mk "big" "head -c {BIG} /dev/urandom > $out""#))[0].clone();
@@ -130,6 +143,7 @@ fn main() {
     let mut tcp_times = Vec::new();
     let mut floor_times = Vec::new();
     let mut cpu = Vec::new();
+    let mut floor_cpu = Vec::new();
     for run in 0..runs() {
         let dir = t.path().join(format!("transfer{run}"));
         let nodes = mesh(&dir, &a, 2, "on-demand");
@@ -206,7 +220,11 @@ fn main() {
         for (verify, times) in [(false, &mut tcp_times), (true, &mut floor_times)] {
             settle();
             let dest = t.path().join(format!("copy{run}-{verify}.nar"));
+            let cpu0 = own_cpu_seconds();
             let took = tcp_copy(&nar_file, &dest, verify);
+            if verify {
+                floor_cpu.push(own_cpu_seconds() - cpu0);
+            }
             if std::env::var_os("NARMESH_BENCH_LOGS").is_some() {
                 println!("TCP copy (verify: {verify}): {took:?}");
             }
@@ -279,10 +297,41 @@ fn main() {
         "| CPU time of the transfer (run of median sender CPU) | sender {ca:.2} s, receiver {cb:.2} s, for {:.2} s of wall time | 2 cores | |",
         mi.as_secs_f64()
     );
+    floor_cpu.sort_by(f64::total_cmp);
+    let per_gib = |s: f64| s * (1u64 << 30) as f64 / BIG as f64;
+    let floor = per_gib(floor_cpu[floor_cpu.len() / 2]);
+    println!(
+        "| CPU seconds per GiB moved, sender + receiver | {:.2} s | verified TCP copy (sender + receiver, median): {floor:.2} s | {:.2}x (goal <= 2x) |",
+        per_gib(ca + cb),
+        per_gib(ca + cb) / floor
+    );
     println!(
         "| hook ack -> narinfo served on all 3 nodes, {LATENCY_PATHS} paths | p50 {:.1} / p99 {:.1} / max {:.1} ms | goal p99 < 50 ms | |",
         pct(0.5),
         pct(0.99),
         pct(1.0)
     );
+    if std::env::var("NARMESH_BENCH_LINKS").as_deref() != Ok("0") {
+        drop(nodes);
+        println!("\nover emulated links (network namespaces, tc tbf):");
+        let rows = links::run(t.path());
+        println!("\n| measure | narmesh | baseline (same run) | ratio |");
+        println!("|---|---|---|---|");
+        for r in rows {
+            println!("{r}");
+        }
+    }
+}
+
+/// CPU seconds (user + system) this process has used so far.
+fn own_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum::<f64>() / 100.0
 }

@@ -32,6 +32,8 @@ pub struct Node {
     pub mesh_extra: String,
     /// A command the node is started under (such as `unshare -n ...`), which must `exec` it.
     pub wrap: Vec<String>,
+    /// The address the mesh listens on (loopback unless the node runs in a network namespace).
+    pub mesh_ip: String,
     child: Option<Child>,
     pub http: String,
 }
@@ -52,6 +54,7 @@ impl Node {
             replicate: "on-demand",
             env: Vec::new(),
             wrap: Vec::new(),
+            mesh_ip: "127.0.0.1".into(),
             mesh_extra: "sync-interval-ms = 500\n".into(),
             address: String::new(),
             child: None,
@@ -102,7 +105,7 @@ impl Node {
             .try_into()
             .expect("32 bytes");
         let id = iroh::SecretKey::from_bytes(&raw).public();
-        self.address = format!("{id}@127.0.0.1:{port}");
+        self.address = format!("{id}@{}:{port}", self.mesh_ip);
         self.address.clone()
     }
 
@@ -120,7 +123,7 @@ impl Node {
         let raw: [u8; 32] = rand_bytes();
         std::fs::write(data.join("endpoint-key"), raw).expect("write endpoint key");
         let id = iroh::SecretKey::from_bytes(&raw).public();
-        self.address = format!("{id}@127.0.0.1:{port}");
+        self.address = format!("{id}@{}:{port}", self.mesh_ip);
         self.address.clone()
     }
 
@@ -129,8 +132,8 @@ impl Node {
         let _ = self.public_key();
         let mesh = match self.mesh_port {
             Some(port) => format!(
-                "[mesh]\nlisten = \"127.0.0.1:{port}\"\nlan-discovery = false\npeers = {:?}\nallowed-peers = {:?}\nreplicate = {:?}\n{}",
-                self.peers, self.allowed_peers, self.replicate, self.mesh_extra
+                "[mesh]\nlisten = \"{}:{port}\"\nlan-discovery = false\npeers = {:?}\nallowed-peers = {:?}\nreplicate = {:?}\n{}",
+                self.mesh_ip, self.peers, self.allowed_peers, self.replicate, self.mesh_extra
             ),
             None => "[mesh]\nenabled = false\n".to_owned(),
         };
