@@ -133,16 +133,21 @@ impl Ranges {
         }
     }
 
+    /// `start..got` of a range in flight is written: readers may have it.
+    pub fn written(&mut self, start: u64, got: u64) {
+        if got > start {
+            let e = self.done.entry(start).or_insert(got);
+            *e = (*e).max(got);
+        }
+    }
+
     /// Range `id` (from `start`) ended with `start..got` done; what it did not reach of its
     /// part goes back to the front.
     pub fn finished(&mut self, id: u64, start: u64, got: u64) {
         let Some(f) = self.flights.remove(&id) else {
             return;
         };
-        if got > start {
-            let e = self.done.entry(start).or_insert(got);
-            *e = (*e).max(got);
-        }
+        self.written(start, got);
         if got < f.limit {
             self.todo.push_front((got, f.limit));
         }
@@ -205,6 +210,18 @@ mod tests {
         }
         assert!(r.complete());
         assert_eq!(r.next(now), Next::Done);
+    }
+
+    #[test]
+    fn written_bytes_of_a_range_in_flight_count_for_readers() {
+        let now = Instant::now();
+        let mut r = Ranges::new(64 * GROUP, 1);
+        let (id, start, end) = range(r.next(now));
+        assert_eq!(r.prefix(), 0);
+        r.written(start, start + 4 * GROUP);
+        assert_eq!(r.prefix(), start + 4 * GROUP);
+        r.finished(id, start, end);
+        assert_eq!(r.prefix(), end);
     }
 
     #[test]

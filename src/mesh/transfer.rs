@@ -212,6 +212,8 @@ impl Transfers {
             .map_err(|e: StorageError| e.to_string())?;
         *t.file.lock().unwrap_or_else(|p| p.into_inner()) = Some(partial.file());
         let partial = Arc::new(partial);
+        // The sha256 follows the verified prefix as it grows, so it is ready with the last byte.
+        let mut sha = AbortOnDrop(tokio::spawn(follow_sha256(t.clone(), partial.file())));
         let leaves = self.leaves(t, &providers).await;
         let fetched = match &leaves {
             Some(l) => match self.ranges(t, l.clone(), &partial, &providers).await {
@@ -237,11 +239,7 @@ impl Transfers {
             .remove(&t.blake3);
         let leaves = fetched?;
         // Every byte is written; the sha256 must match the signed NarHash.
-        let file = partial.file();
-        let sha = tokio::task::spawn_blocking(move || sha256_of(&file, size))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let sha = (&mut sha.0).await.map_err(|e| e.to_string())??;
         if sha != info.nar_hash.0 {
             self.claim_failed(want, &providers).await;
             return Err(
@@ -473,6 +471,13 @@ impl Transfers {
                     pos = want.end;
                     if ready.len() >= 1 << 20 {
                         flush(partial, &mut ready, got).await?;
+                        // Readers (and the sha256) may go on up to here.
+                        let prefix = {
+                            let mut p = plan.lock().unwrap_or_else(|p| p.into_inner());
+                            p.written(start, *got);
+                            p.prefix()
+                        };
+                        t.advance(prefix);
                     }
                 }
             }
@@ -565,17 +570,49 @@ async fn flush(partial: &PartialNar, ready: &mut BytesMut, got: &mut u64) -> Res
     Ok(())
 }
 
-fn sha256_of(file: &File, size: u64) -> std::io::Result<[u8; 32]> {
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut pos = 0;
-    while pos < size {
-        let n = (size - pos).min(buf.len() as u64) as usize;
-        file.read_exact_at(&mut buf[..n], pos)?;
-        h.update(&buf[..n]);
-        pos += n as u64;
+/// A task aborted when its handle goes (a transfer that fails leaves no follower behind).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
-    Ok(h.finalize().into())
+}
+
+/// The sha256 of a transfer's NAR, hashed from its file as the verified prefix grows (read back
+/// from the page cache, on a blocking thread, a stretch at a time).
+async fn follow_sha256(t: Arc<Transfer>, file: Arc<File>) -> Result<[u8; 32], String> {
+    let mut progress = t.progress();
+    let mut h = sha2::Sha256::new();
+    let mut pos = 0u64;
+    loop {
+        let p = progress.borrow_and_update().clone();
+        if p.verified > pos {
+            let (from, to, f) = (pos, p.verified.min(t.size), file.clone());
+            h = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut at = from;
+                while at < to {
+                    let n = (to - at).min(buf.len() as u64) as usize;
+                    f.read_exact_at(&mut buf[..n], at)?;
+                    h.update(&buf[..n]);
+                    at += n as u64;
+                }
+                Ok::<_, std::io::Error>(h)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("reading the NAR back for its sha256: {e}"))?;
+            pos = to;
+            if pos >= t.size {
+                return Ok(h.finalize().into());
+            }
+            continue;
+        }
+        if p.done.is_some() || progress.changed().await.is_err() {
+            return Err("the transfer ended before its last byte".into());
+        }
+    }
 }
 
 fn leaves_of(file: &File, size: u64) -> std::io::Result<Leaves> {
