@@ -17,6 +17,8 @@ pub const POINTS: &[&str] = &[
     "pipeline.recorded",
     // A NAR fetched from a peer is complete on disk; not yet renamed into place nor recorded.
     "storage.fetched",
+    // A multipart NAR upload is created in the bucket; the mirror has not recorded its id.
+    "mirror.upload-created",
     // One part of a multipart NAR upload is in the bucket; the upload is not complete.
     "mirror.part-uploaded",
     // A NAR is in the bucket; the mirror's outbox does not know it yet.

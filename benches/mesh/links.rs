@@ -356,7 +356,6 @@ pub fn run(t: &Path) -> Vec<String> {
             "| {rate} link: 1 GiB NAR on demand through the local node (curl) | {ours:.1} MB/s | TCP copy (curl from nginx on the peer): {tcp:.1} MB/s | {:.2}x |",
             ours / tcp
         ));
-        println!("{}", rows.last().unwrap());
         if !with_nix {
             continue;
         }
@@ -395,7 +394,6 @@ pub fn run(t: &Path) -> Vec<String> {
             mbs(GIB, from_nginx),
             from_nginx.as_secs_f64() / through_node.as_secs_f64()
         ));
-        println!("{}", rows.last().unwrap());
     }
 
     // Two providers, each behind its own 1 Gbit/s link, to a fetcher on 10 Gbit/s.
@@ -492,7 +490,6 @@ pub fn run(t: &Path) -> Vec<String> {
         "| two providers, each behind its own 1 Gbit/s link, to a fetcher on 10 Gbit/s (1 GiB, curl) | {two:.1} MB/s | one provider alone: {one:.1} MB/s | {:.2}x |",
         two / one
     ));
-    println!("{}", rows.last().unwrap());
     drop(net);
     rows
 }

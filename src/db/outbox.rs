@@ -11,8 +11,27 @@ use super::{Db, DbError, LOG, META, PATHS, PathRecord};
 /// Upload state by hash part.
 pub(super) const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("mirror_outbox_v1");
 /// Multipart uploads this node's mirror started and has not completed or aborted: upload id ->
-/// object key. At start they are aborted (never anyone else's).
+/// object key; and uploads it was about to create: `intent:<token>` -> `<unix ms> <key>`. At
+/// start they are aborted (never anyone else's).
 pub(super) const UPLOADS: TableDefinition<&str, &str> = TableDefinition::new("mirror_uploads_v1");
+/// How an intent's token starts (upload ids never do: they come from the bucket, which the
+/// mirror reaches only after the intent is recorded).
+const INTENT: &str = "intent:";
+
+/// An entry of [`UPLOADS`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenUpload {
+    /// An upload the mirror started: abort it.
+    Known { id: String, key: String },
+    /// An upload the mirror was about to create at `at_ms`: abort what the bucket has open
+    /// under `key` from about then.
+    Intent {
+        token: String,
+        key: String,
+        at_ms: u64,
+    },
+}
+
 /// The last log sequence number the mirror has taken in.
 const CURSOR: &str = "mirror.cursor";
 
@@ -96,19 +115,41 @@ impl Db {
         Ok((out, more))
     }
 
-    /// A multipart upload started (fsync'd before its first part goes up).
-    pub fn upload_started(&self, id: &str, key: &str) -> Result<(), DbError> {
+    /// A multipart upload of `key` is about to be created (fsync'd before the request): should
+    /// the mirror die before it learns the upload's id, the next start finds the upload by key
+    /// and time. Returns the intent's token.
+    pub fn upload_intent(&self, key: &str, at_ms: u64) -> Result<String, DbError> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let token = format!("{INTENT}{at_ms:x}-{n}");
         let db = self.db.get()?;
         let mut tx = db.begin_write()?;
         tx.set_durability(Durability::Immediate)
             .map_err(redb::Error::from)?;
-        tx.open_table(UPLOADS)?.insert(id, key)?;
+        tx.open_table(UPLOADS)?
+            .insert(token.as_str(), format!("{at_ms} {key}").as_str())?;
+        tx.commit()?;
+        Ok(token)
+    }
+
+    /// A multipart upload started, in place of its intent (fsync'd before its first part goes
+    /// up).
+    pub fn upload_started(&self, id: &str, key: &str, intent: &str) -> Result<(), DbError> {
+        let db = self.db.get()?;
+        let mut tx = db.begin_write()?;
+        tx.set_durability(Durability::Immediate)
+            .map_err(redb::Error::from)?;
+        {
+            let mut t = tx.open_table(UPLOADS)?;
+            t.insert(id, key)?;
+            t.remove(intent)?;
+        }
         tx.commit()?;
         Ok(())
     }
 
-    /// A multipart upload completed or was aborted (not fsync'd: if lost, it is aborted again
-    /// at start, which the bucket answers harmlessly).
+    /// A multipart upload completed or was aborted, or an intent came to nothing (not
+    /// fsync'd: if lost, it is aborted again at start, which the bucket answers harmlessly).
     pub fn upload_ended(&self, id: &str) -> Result<(), DbError> {
         let db = self.db.get()?;
         let mut tx = db.begin_write()?;
@@ -119,8 +160,8 @@ impl Db {
         Ok(())
     }
 
-    /// Multipart uploads this mirror left open: (upload id, key).
-    pub fn open_uploads(&self) -> Result<Vec<(String, String)>, DbError> {
+    /// Multipart uploads this mirror left open, and uploads it was about to create.
+    pub fn open_uploads(&self) -> Result<Vec<OpenUpload>, DbError> {
         let db = self.db.get()?;
         let tx = db.begin_read()?;
         let Ok(t) = tx.open_table(UPLOADS) else {
@@ -129,7 +170,20 @@ impl Db {
         let mut out = Vec::new();
         for e in t.iter()? {
             let (k, v) = e?;
-            out.push((k.value().to_owned(), v.value().to_owned()));
+            let (k, v) = (k.value(), v.value());
+            if k.starts_with(INTENT) {
+                let (at, key) = v.split_once(' ').unwrap_or(("0", v));
+                out.push(OpenUpload::Intent {
+                    token: k.to_owned(),
+                    key: key.to_owned(),
+                    at_ms: at.parse().unwrap_or(0),
+                });
+            } else {
+                out.push(OpenUpload::Known {
+                    id: k.to_owned(),
+                    key: v.to_owned(),
+                });
+            }
         }
         Ok(out)
     }
@@ -235,5 +289,36 @@ mod tests {
         let db = Db::open(&dir.path().join("db")).unwrap();
         assert!(db.outbox_take(10).unwrap().0.is_empty());
         assert_eq!(db.outbox_unfinished().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn an_intent_becomes_its_upload_and_survives_a_reopen_until_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("db")).unwrap();
+        let t1 = db.upload_intent("nar/x.nar.zst", 1000).unwrap();
+        let t2 = db.upload_intent("nar/y.nar.zst", 2000).unwrap();
+        assert_ne!(t1, t2);
+        db.upload_started("id-1", "nar/x.nar.zst", &t1).unwrap();
+        drop(db);
+        let db = Db::open(&dir.path().join("db")).unwrap();
+        let mut open = db.open_uploads().unwrap();
+        open.sort_by_key(|u| format!("{u:?}"));
+        assert_eq!(
+            open,
+            vec![
+                OpenUpload::Intent {
+                    token: t2.clone(),
+                    key: "nar/y.nar.zst".into(),
+                    at_ms: 2000
+                },
+                OpenUpload::Known {
+                    id: "id-1".into(),
+                    key: "nar/x.nar.zst".into()
+                },
+            ]
+        );
+        db.upload_ended("id-1").unwrap();
+        db.upload_ended(&t2).unwrap();
+        assert!(db.open_uploads().unwrap().is_empty());
     }
 }

@@ -82,20 +82,39 @@ impl From<S3Error> for JobError {
 pub struct DbUploads(pub Db);
 
 impl UploadLog for DbUploads {
-    async fn started(&self, id: &str, key: &str) -> Result<(), S3Error> {
-        let (db, id2, key2) = (self.0.clone(), id.to_owned(), key.to_owned());
-        tokio::task::spawn_blocking(move || db.upload_started(&id2, &key2))
+    async fn intent(&self, key: &str) -> Result<String, S3Error> {
+        let (db, key2) = (self.0.clone(), key.to_owned());
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let failed = |message: String| S3Error::Other {
+            op: "recording an upload",
+            key: key.to_owned(),
+            message,
+        };
+        tokio::task::spawn_blocking(move || db.upload_intent(&key2, at_ms))
             .await
-            .map_err(|e| S3Error::Other {
-                op: "recording an upload",
-                key: key.to_owned(),
-                message: e.to_string(),
-            })?
-            .map_err(|e| S3Error::Other {
-                op: "recording an upload",
-                key: key.to_owned(),
-                message: e.to_string(),
-            })
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(|e| failed(e.to_string()))
+    }
+
+    async fn started(&self, id: &str, key: &str, intent: &str) -> Result<(), S3Error> {
+        let (db, id2, key2, intent) = (
+            self.0.clone(),
+            id.to_owned(),
+            key.to_owned(),
+            intent.to_owned(),
+        );
+        let failed = |message: String| S3Error::Other {
+            op: "recording an upload",
+            key: key.to_owned(),
+            message,
+        };
+        tokio::task::spawn_blocking(move || db.upload_started(&id2, &key2, &intent))
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(|e| failed(e.to_string()))
     }
 
     async fn ended(&self, id: &str) {

@@ -30,10 +30,13 @@ use plan::{Job, Plan};
 use s3::{Bucket, CACHE_INFO_TYPE};
 
 use crate::config::S3Config;
-use crate::db::{Db, MirrorState, PathRecord};
+use crate::db::{Db, MirrorState, OpenUpload, PathRecord};
 use crate::metrics::Metrics;
 use crate::storage::Storage;
 
+/// An upload found under the key of an intent is taken as this mirror's if the bucket says it
+/// was initiated at most this long before the intent was recorded (clocks differ).
+const INTENT_SKEW: Duration = Duration::from_secs(60);
 /// Log entries taken into the outbox per commit.
 const TAKE: usize = 1000;
 /// Longest wait before retrying to reach the bucket at start.
@@ -185,20 +188,39 @@ impl Mirror {
                     .ok()
                     .and_then(Result::ok)
                     .unwrap_or_default();
-                for (id, key) in &open {
-                    // Already completed or aborted is fine: the id is forgotten either way.
-                    if let Err(e) = self.bucket.abort(key, id).await {
-                        tracing::debug!("mirror: aborting {key} ({id}): {e}");
+                let mut stale = 0;
+                for entry in &open {
+                    let (entry_id, ids) = match entry {
+                        OpenUpload::Known { id, key } => (id.clone(), vec![(id.clone(), key)]),
+                        // Died between asking for an upload and recording its id: whatever the
+                        // bucket has open under that key since shortly before is this mirror's.
+                        OpenUpload::Intent { token, key, at_ms } => {
+                            let since = *at_ms as i64 - INTENT_SKEW.as_millis() as i64;
+                            let found = self.bucket.uploads_of(key).await?;
+                            let ids = found
+                                .into_iter()
+                                .filter(|(_, at)| at.is_none_or(|at| at >= since))
+                                .map(|(id, _)| (id, key))
+                                .collect();
+                            (token.clone(), ids)
+                        }
+                    };
+                    for (id, key) in ids {
+                        // Already completed or aborted is fine: the id is forgotten either way.
+                        match self.bucket.abort(key, &id).await {
+                            Ok(()) => stale += 1,
+                            Err(e) => tracing::debug!("mirror: aborting {key} ({id}): {e}"),
+                        }
                     }
-                    let (db, id) = (self.db.clone(), id.clone());
-                    let _ = tokio::task::spawn_blocking(move || db.upload_ended(&id)).await;
+                    let db = self.db.clone();
+                    let _ = tokio::task::spawn_blocking(move || db.upload_ended(&entry_id)).await;
                 }
                 if self.bucket.size_of("nix-cache-info").await?.is_none() {
                     self.bucket
                         .put("nix-cache-info", info.clone().into_bytes(), CACHE_INFO_TYPE)
                         .await?;
                 }
-                Ok::<_, s3::S3Error>(open.len())
+                Ok::<_, s3::S3Error>(stale)
             }
             .await;
             match r {

@@ -61,7 +61,16 @@ pub struct Bucket {
 /// Where a mirror keeps the ids of the multipart uploads it starts, so that after a crash it
 /// aborts its own and never anyone else's.
 pub trait UploadLog: Send + Sync {
-    fn started(&self, id: &str, key: &str) -> impl Future<Output = Result<(), S3Error>> + Send;
+    /// An upload of `key` is about to be created (durably, before the request); its token.
+    fn intent(&self, key: &str) -> impl Future<Output = Result<String, S3Error>> + Send;
+    /// It was created with `id`, in place of the intent `intent`.
+    fn started(
+        &self,
+        id: &str,
+        key: &str,
+        intent: &str,
+    ) -> impl Future<Output = Result<(), S3Error>> + Send;
+    /// An upload (or an intent) is over.
     fn ended(&self, id: &str) -> impl Future<Output = ()> + Send;
 }
 
@@ -286,6 +295,7 @@ impl Bucket {
                 .map_err(|e| self.err("PUT", &key, e))?;
             return Ok(());
         }
+        let intent = log.intent(&key).await?;
         let created = self
             .client
             .create_multipart_upload()
@@ -293,10 +303,21 @@ impl Bucket {
             .key(&key)
             .content_type(content_type)
             .send()
-            .await
-            .map_err(|e| self.err("CreateMultipartUpload", &key, e))?;
+            .await;
+        let created = match created {
+            Ok(c) => c,
+            Err(e) => {
+                // The bucket said no: nothing was created. Else (no answer) it may have been:
+                // the intent stays, and the next start looks for it.
+                if matches!(e, aws_sdk_s3::error::SdkError::ServiceError(_)) {
+                    log.ended(&intent).await;
+                }
+                return Err(self.err("CreateMultipartUpload", &key, e));
+            }
+        };
+        crate::killpoint::reach("mirror.upload-created");
         let id = created.upload_id().unwrap_or_default().to_owned();
-        if let Err(e) = log.started(&id, &key).await {
+        if let Err(e) = log.started(&id, &key, &intent).await {
             let _ = self.abort(&key, &id).await;
             return Err(e);
         }
@@ -367,6 +388,44 @@ impl Bucket {
             .await
             .map_err(|e| self.err("CompleteMultipartUpload", key, e))?;
         Ok(())
+    }
+
+    /// The multipart uploads open under exactly `key` (prefix included): id and when each was
+    /// initiated (unix ms, when the bucket says). At most 10 pages of the listing.
+    pub async fn uploads_of(&self, key: &str) -> Result<Vec<(String, Option<i64>)>, S3Error> {
+        let mut out = Vec::new();
+        let (mut key_marker, mut id_marker): (Option<String>, Option<String>) = (None, None);
+        for _ in 0..10 {
+            let page = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(key)
+                .set_key_marker(key_marker.clone())
+                .set_upload_id_marker(id_marker.clone())
+                .send()
+                .await
+                .map_err(|e| self.err("ListMultipartUploads", key, e))?;
+            for u in page.uploads() {
+                if u.key() == Some(key)
+                    && let Some(id) = u.upload_id()
+                {
+                    out.push((
+                        id.to_owned(),
+                        u.initiated().and_then(|t| t.to_millis().ok()),
+                    ));
+                }
+            }
+            if !page.is_truncated().unwrap_or(false) {
+                break;
+            }
+            key_marker = page.next_key_marker().map(str::to_owned);
+            id_marker = page.next_upload_id_marker().map(str::to_owned);
+            if key_marker.is_none() && id_marker.is_none() {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// Abort a multipart upload (the key as the bucket has it, prefix included).

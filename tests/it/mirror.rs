@@ -175,9 +175,8 @@ fn a_mirror_killed_mid_upload_resumes_and_the_bucket_ends_consistent() {
     let paths = st.a.closure(std::slice::from_ref(&top));
     // Someone else's upload under nar/ in the same bucket: never the mirror's to abort.
     let foreign = s3.start_upload("nar/someone-elses.nar.zst");
-    // A part is up: the mirror records an upload's id (fsync'd) before its first part, so the
-    // kill falls after that (a kill between CreateMultipartUpload and that record leaves an
-    // upload the mirror cannot know of: seen once in a full run).
+    // A part is up, so the upload's id is recorded (a kill between CreateMultipartUpload and
+    // that record is the crash test's `mirror.upload-created`: found again by key and time).
     wait_until(60, "a multipart upload to be in flight", || {
         s3.open_uploads() > 1 && s3.parts_uploaded_except(&foreign) > 0
     });
