@@ -129,6 +129,10 @@ pub struct MeshConfig {
     /// Bytes per second all peers together may take from this node (`"100MiB"`; default: no
     /// limit), so a host that builds keeps the rest of its link.
     pub serve_rate: Option<ByteSize>,
+    /// The opt-in bulk channel: serve NAR ranges over plain TCP on this address (tickets are
+    /// handed out over the mesh), and fetch over it from peers that offer it. Unencrypted:
+    /// for a LAN of build hosts, where QUIC's per-packet work costs more than the link is worth.
+    pub bulk_listen: Option<SocketAddr>,
 }
 
 /// `[mirror]`: what this node mirrors the cluster's paths into.
@@ -273,6 +277,7 @@ impl Default for MeshConfig {
             sync_interval_ms: 5000,
             max_nar_size: None,
             serve_rate: None,
+            bulk_listen: None,
         }
     }
 }

@@ -59,6 +59,8 @@ pub struct Metrics {
     pub mesh_refused: Family<ReasonLabels, Counter>,
     /// Verified NAR bytes fetched, by the provider that sent them.
     pub mesh_fetched_bytes: Family<PeerLabels, Counter>,
+    /// Of those, the bytes that came over providers' bulk channels (TCP).
+    pub mesh_bulk_bytes: Counter,
     /// Records new or changed by what peers said (gossip and catch-up): flat once the mesh
     /// has settled.
     pub mesh_records_changed: Counter,
@@ -129,6 +131,7 @@ impl Metrics {
             served_bytes: Family::default(),
             mesh_refused: Family::default(),
             mesh_fetched_bytes: Family::default(),
+            mesh_bulk_bytes: Counter::default(),
             mesh_records_changed: Counter::default(),
             problems: Default::default(),
             registry: Registry::default(),
@@ -258,6 +261,11 @@ impl Metrics {
             "mesh_fetched_bytes",
             "Verified NAR bytes fetched from peers, by provider (endpoint id)",
             m.mesh_fetched_bytes.clone(),
+        );
+        registry.register(
+            "mesh_bulk_bytes",
+            "Verified NAR bytes fetched over providers' bulk channels (TCP)",
+            m.mesh_bulk_bytes.clone(),
         );
         registry.register(
             "mesh_records_changed",

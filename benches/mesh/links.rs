@@ -1,9 +1,10 @@
 //! The peer transfer over emulated links: network namespaces joined by veth pairs, each end
 //! shaped with `tc tbf`, nodes, curl, nginx and Nix run inside them with `ip netns exec`. Each
 //! figure beside its baseline over the same link in the same run:
-//! - a 1 GiB NAR fetched on demand through the local node (curl), against curl fetching the
-//!   same bytes from nginx on the peer (a TCP copy), at 10 Gbit/s and at 1 Gbit/s;
-//! - real Nix substituting the 1 GiB path through its local node, against the same Nix
+//! - a 1 GiB NAR fetched on demand through the local node (curl), over QUIC and over the bulk
+//!   channel, against curl fetching the same bytes from nginx on the peer (a TCP copy), at
+//!   10 Gbit/s and at 1 Gbit/s;
+//! - real Nix substituting the 1 GiB path through its local node (both ways), against the same Nix
 //!   substituting it from nginx serving a `nix copy` cache on the peer (10 Gbit/s);
 //! - two providers, each behind its own 1 Gbit/s link, to a fetcher on 10 Gbit/s, against one.
 //!
@@ -21,6 +22,8 @@ use narmesh_proto::control::Request;
 
 const GIB: u64 = 1 << 30;
 const NGINX_PORT: u16 = 8088;
+/// The `[mesh]` line that turns the bulk channel on.
+const BULK: &str = "bulk-listen = \"0.0.0.0:0\"\n";
 
 /// The namespaces of one setup; deleted on drop.
 struct Net {
@@ -333,46 +336,41 @@ pub fn run(t: &Path) -> Vec<String> {
                 mbs(n, d)
             })
             .fold(0.0, f64::max);
-        // narmesh: B fetches from A on demand, for curl inside B's namespace.
-        let dir = t.join(format!("curl-{rate}"));
-        let mut nodes = nodes_in(
-            &dir,
-            &a,
-            &[(&ns_a, "on-demand"), (&ns_b, "on-demand")],
-            |i, _| {
-                if i == 0 { ip_b.clone() } else { ip_a.clone() }
-            },
-        );
-        for n in nodes.iter_mut() {
-            n.start();
+        // narmesh: B fetches from A on demand, for curl inside B's namespace; over QUIC, then
+        // over the bulk channel.
+        for bulk in [false, true] {
+            let dir = t.join(format!("curl-{rate}-{bulk}"));
+            let mut nodes = nodes_in(
+                &dir,
+                &a,
+                &[(&ns_a, "on-demand"), (&ns_b, "on-demand")],
+                |i, _| {
+                    if i == 0 { ip_b.clone() } else { ip_a.clone() }
+                },
+            );
+            for n in nodes.iter_mut() {
+                if bulk {
+                    n.mesh_extra.push_str(BULK);
+                }
+                n.start();
+            }
+            let url = announce(&nodes, 1, &ns_b, &big);
+            let (n, d) = curl(&ns_b, &url);
+            assert!(n >= GIB, "the whole NAR came ({n} bytes)");
+            let ours = mbs(n, d);
+            drop(nodes);
+            let _ = std::fs::remove_dir_all(&dir);
+            rows.push(format!(
+                "| {rate} link: 1 GiB NAR on demand through the local node (curl), {} | {ours:.1} MB/s | TCP copy (curl from nginx on the peer): {tcp:.1} MB/s | {:.2}x |",
+                if bulk { "bulk channel (TCP)" } else { "QUIC" },
+                ours / tcp
+            ));
         }
-        let url = announce(&nodes, 1, &ns_b, &big);
-        let (n, d) = curl(&ns_b, &url);
-        assert!(n >= GIB, "the whole NAR came ({n} bytes)");
-        let ours = mbs(n, d);
-        drop(nodes);
-        let _ = std::fs::remove_dir_all(&dir);
-        rows.push(format!(
-            "| {rate} link: 1 GiB NAR on demand through the local node (curl) | {ours:.1} MB/s | TCP copy (curl from nginx on the peer): {tcp:.1} MB/s | {:.2}x |",
-            ours / tcp
-        ));
         if !with_nix {
             continue;
         }
-        // Real Nix through its node, against the same Nix from nginx's `nix copy` cache.
-        let dir = t.join(format!("nix-{rate}"));
-        let mut nodes = nodes_in(
-            &dir,
-            &a,
-            &[(&ns_a, "on-demand"), (&ns_b, "on-demand")],
-            |i, _| {
-                if i == 0 { ip_b.clone() } else { ip_a.clone() }
-            },
-        );
-        for n in nodes.iter_mut() {
-            n.start();
-        }
-        announce(&nodes, 1, &ns_b, &big);
+        // Real Nix through its node (QUIC, then the bulk channel), against the same Nix from
+        // nginx's `nix copy` cache.
         let substitute = |cache_url: &str, key: &str| {
             let host = NixHost::substituter(cache_url, key);
             let started = Instant::now();
@@ -382,18 +380,38 @@ pub fn run(t: &Path) -> Vec<String> {
             ));
             started.elapsed()
         };
-        let through_node = substitute(&format!("http://{}", nodes[1].http), &nodes[1].public_key());
         let from_nginx = substitute(&format!("http://{ip_a}:{NGINX_PORT}"), &key);
-        drop(nodes);
-        let _ = std::fs::remove_dir_all(&dir);
-        rows.push(format!(
-            "| {rate} link: real Nix substitutes the 1 GiB path through its node | {:.1} s ({:.1} MB/s) | the same Nix from nginx serving a `nix copy` cache on the peer: {:.1} s ({:.1} MB/s) | {:.2}x |",
-            through_node.as_secs_f64(),
-            mbs(GIB, through_node),
-            from_nginx.as_secs_f64(),
-            mbs(GIB, from_nginx),
-            from_nginx.as_secs_f64() / through_node.as_secs_f64()
-        ));
+        for bulk in [false, true] {
+            let dir = t.join(format!("nix-{rate}-{bulk}"));
+            let mut nodes = nodes_in(
+                &dir,
+                &a,
+                &[(&ns_a, "on-demand"), (&ns_b, "on-demand")],
+                |i, _| {
+                    if i == 0 { ip_b.clone() } else { ip_a.clone() }
+                },
+            );
+            for n in nodes.iter_mut() {
+                if bulk {
+                    n.mesh_extra.push_str(BULK);
+                }
+                n.start();
+            }
+            announce(&nodes, 1, &ns_b, &big);
+            let through_node =
+                substitute(&format!("http://{}", nodes[1].http), &nodes[1].public_key());
+            drop(nodes);
+            let _ = std::fs::remove_dir_all(&dir);
+            rows.push(format!(
+                "| {rate} link: real Nix substitutes the 1 GiB path through its node, {} | {:.1} s ({:.1} MB/s) | the same Nix from nginx serving a `nix copy` cache on the peer: {:.1} s ({:.1} MB/s) | {:.2}x |",
+                if bulk { "bulk channel (TCP)" } else { "QUIC" },
+                through_node.as_secs_f64(),
+                mbs(GIB, through_node),
+                from_nginx.as_secs_f64(),
+                mbs(GIB, from_nginx),
+                from_nginx.as_secs_f64() / through_node.as_secs_f64()
+            ));
+        }
     }
 
     // Two providers, each behind its own 1 Gbit/s link, to a fetcher on 10 Gbit/s.

@@ -19,6 +19,8 @@ pub const SYNC_ALPN: &[u8] = b"narmesh/sync/2";
 pub const NAR_ALPN_V1: &[u8] = b"narmesh/nar/1";
 /// ALPN of NAR transfer, version 2 (leaves, then verified ranges).
 pub const NAR_ALPN: &[u8] = b"narmesh/nar/2";
+/// ALPN of the opt-in bulk channel's tickets, version 1: "may I fetch this NAR over TCP?".
+pub const BULK_ALPN: &[u8] = b"narmesh/bulk/1";
 /// Most log entries a node returns per catch-up batch.
 pub const MAX_SYNC_BATCH: u32 = 512;
 
@@ -108,6 +110,63 @@ pub enum NarReply {
     },
 }
 
+/// Asked on [`BULK_ALPN`]: a ticket to fetch ranges of this NAR over the provider's TCP bulk
+/// channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkAsk {
+    pub blake3: [u8; 32],
+}
+
+/// The answer to a [`BulkAsk`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BulkReply {
+    /// Connect to `port` (at the address the mesh connection came from) and send a
+    /// [`BulkHeader`] with `token`; good for ranges of that NAR for `valid_ms`.
+    Ticket {
+        port: u16,
+        token: [u8; 32],
+        valid_ms: u64,
+    },
+    NotFound,
+    /// Too many tickets out, or no bulk channel: use the QUIC ranges.
+    Busy,
+}
+
+/// The first bytes of a bulk TCP connection: `NMB1`, the ticket's token, then the range
+/// (`start`, `end`, big-endian u64, the same rules as a version 2 `Range`). The answer is the
+/// range's bytes, exactly, then the connection closes; anything wrong closes it at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BulkHeader {
+    pub token: [u8; 32],
+    pub start: u64,
+    pub end: u64,
+}
+
+impl BulkHeader {
+    pub const MAGIC: [u8; 4] = *b"NMB1";
+    pub const LEN: usize = 4 + 32 + 8 + 8;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        out[..4].copy_from_slice(&Self::MAGIC);
+        out[4..36].copy_from_slice(&self.token);
+        out[36..44].copy_from_slice(&self.start.to_be_bytes());
+        out[44..52].copy_from_slice(&self.end.to_be_bytes());
+        out
+    }
+
+    pub fn decode(b: &[u8; Self::LEN]) -> Option<Self> {
+        if b[..4] != Self::MAGIC {
+            return None;
+        }
+        let mut token = [0u8; 32];
+        token.copy_from_slice(&b[4..36]);
+        let start = u64::from_be_bytes(b[36..44].try_into().ok()?);
+        let end = u64::from_be_bytes(b[44..52].try_into().ok()?);
+        Some(BulkHeader { token, start, end })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +182,28 @@ mod tests {
             let _ = postcard::from_bytes::<NarHeader>(&bytes);
             let _ = postcard::from_bytes::<NarQuery>(&bytes);
             let _ = postcard::from_bytes::<NarReply>(&bytes);
+            let _ = postcard::from_bytes::<BulkAsk>(&bytes);
+            let _ = postcard::from_bytes::<BulkReply>(&bytes);
+            if let Ok(h) = <[u8; BulkHeader::LEN]>::try_from(&bytes[..bytes.len().min(BulkHeader::LEN)]) {
+                let _ = BulkHeader::decode(&h);
+            }
+        }
+
+        #[test]
+        fn bulk_headers_round_trip(token in any::<[u8; 32]>(), start in any::<u64>(), end in any::<u64>()) {
+            let h = BulkHeader { token, start, end };
+            prop_assert_eq!(BulkHeader::decode(&h.encode()), Some(h));
+            let mut bad = BulkHeader { token, start, end }.encode();
+            bad[0] ^= 1;
+            prop_assert_eq!(BulkHeader::decode(&bad), None);
+        }
+
+        #[test]
+        fn bulk_replies_round_trip(token in any::<[u8; 32]>(), port in any::<u16>(), valid_ms in any::<u64>()) {
+            for r in [BulkReply::Ticket { port, token, valid_ms }, BulkReply::NotFound, BulkReply::Busy] {
+                let bytes = postcard::to_allocvec(&r).unwrap();
+                prop_assert_eq!(postcard::from_bytes::<BulkReply>(&bytes).unwrap(), r);
+            }
         }
 
         #[test]

@@ -6,6 +6,7 @@
 //! Only allowed peers get past the handshake ([`endpoint::AllowList`]).
 
 mod accept;
+mod bulk;
 mod eager;
 mod endpoint;
 mod gossip;
@@ -27,7 +28,7 @@ use iroh::{Endpoint, EndpointId};
 use iroh_gossip::{Gossip, TopicId};
 use narmesh_proto::control::PeerStatus;
 use narmesh_proto::gossip::{Incoming, MAX_ANNOUNCE};
-use narmesh_proto::sync::{NAR_ALPN, NAR_ALPN_V1, SYNC_ALPN, SYNC_ALPN_V1};
+use narmesh_proto::sync::{BULK_ALPN, NAR_ALPN, NAR_ALPN_V1, SYNC_ALPN, SYNC_ALPN_V1};
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -301,6 +302,7 @@ impl MeshHandle {
             parts.storage.clone(),
             parts.db.clone(),
             parts.metrics.clone(),
+            cfg.bulk_listen.is_some(),
         ));
         let ctx = Arc::new(Ctx {
             ep: ep.clone(),
@@ -342,13 +344,24 @@ impl MeshHandle {
             version,
             per_peer: sync_slots.clone(),
         };
-        let router = Router::builder(ep.clone())
+        let mut router = Router::builder(ep.clone())
             .accept(iroh_gossip::ALPN, gossip.clone())
             .accept(SYNC_ALPN, sync_server(2))
             .accept(SYNC_ALPN_V1, sync_server(1))
             .accept(NAR_ALPN, nar_server(2))
-            .accept(NAR_ALPN_V1, nar_server(1))
-            .spawn();
+            .accept(NAR_ALPN_V1, nar_server(1));
+        let mut bulk_tcp = None;
+        if let Some(addr) = cfg.bulk_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("mesh bulk-listen {addr}: {e}"))?;
+            let bound = listener.local_addr()?;
+            let server = bulk::BulkServer::new(bound.port(), nar_server(2));
+            router = router.accept(BULK_ALPN, server.clone());
+            tracing::info!("mesh: bulk channel (TCP, unencrypted) on {bound}");
+            bulk_tcp = Some((server, listener));
+        }
+        let router = router.spawn();
         let handle = MeshHandle {
             ctx: ctx.clone(),
             router: Arc::new(router),
@@ -371,6 +384,9 @@ impl MeshHandle {
             cancel.clone(),
         ));
         t.spawn(sync_loop(ctx.clone(), cancel.clone()));
+        if let Some((server, listener)) = bulk_tcp {
+            t.spawn(server.serve_tcp(listener, cancel.clone()));
+        }
         if ctx.eager {
             t.spawn(eager::run(ctx.clone(), cancel.clone()));
         }

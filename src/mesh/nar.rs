@@ -130,15 +130,7 @@ impl NarServer {
             write(&mut send, &NarHeader::Found { size: end - start }).await?;
         }
         let mut data = self.storage.read(&blake3, start, end).await.map_err(user)?;
-        let source = match held {
-            Held::Store { .. } => "store",
-            Held::File { .. } => "file",
-        };
-        let counter = self
-            .metrics
-            .served_bytes
-            .get_or_create(&SourceLabels { source })
-            .clone();
+        let counter = self.counter(&held);
         while let Some(piece) = data.recv().await {
             let piece = piece.map_err(user)?;
             if let Some(p) = &self.pacer {
@@ -150,8 +142,20 @@ impl NarServer {
         send.finish().map_err(user)
     }
 
+    /// The counter of bytes served from where `held` keeps them.
+    pub(super) fn counter(&self, held: &Held) -> prometheus_client::metrics::counter::Counter {
+        let source = match held {
+            Held::Store { .. } => "store",
+            Held::File { .. } => "file",
+        };
+        self.metrics
+            .served_bytes
+            .get_or_create(&SourceLabels { source })
+            .clone()
+    }
+
     /// The NAR if this node holds it and has a record of it: how, and its size.
-    async fn held(&self, blake3: &[u8; 32]) -> Option<(Held, u64)> {
+    pub(super) async fn held(&self, blake3: &[u8; 32]) -> Option<(Held, u64)> {
         let held = self.storage.held(blake3).await.ok()??;
         let db = self.storage.db().clone();
         let b = *blake3;

@@ -1,7 +1,9 @@
 //! The client side of NAR transfer: one pooled QUIC connection per provider and protocol
 //! version, streams side by side on it, and a deadline on every step (connect, open a stream,
 //! the answer's head, each piece of data). Version 2 asks for leaves and ranges; a provider that
-//! speaks only version 1 (an older node) is asked for the whole NAR from an offset.
+//! speaks only version 1 (an older node) is asked for the whole NAR from an offset. With the bulk
+//! channel on, a range may come over TCP instead, with a ticket asked on `narmesh/bulk/1`; both
+//! arrive as a [`Source`] of pieces.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -10,8 +12,10 @@ use std::time::Duration;
 use iroh::endpoint::{Connection, RecvStream};
 use iroh::{Endpoint, EndpointId};
 use narmesh_proto::sync::{
-    NAR_ALPN, NAR_ALPN_V1, NarHeader, NarQuery, NarReply, NarRequest, NarWhat,
+    BULK_ALPN, BulkAsk, BulkHeader, BulkReply, NAR_ALPN, NAR_ALPN_V1, NarHeader, NarQuery,
+    NarReply, NarRequest, NarWhat,
 };
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::wire;
 
@@ -48,6 +52,34 @@ impl PeerError {
     /// True if the provider misbehaved (as opposed to being unreachable or busy).
     pub fn misbehaved(&self) -> bool {
         matches!(self, PeerError::Protocol(_))
+    }
+}
+
+/// The pool's key for bulk ticket connections.
+pub const BULK: u8 = 3;
+
+/// Where a range's bytes come from: a QUIC stream, or a bulk TCP connection.
+#[derive(Debug)]
+pub enum Source {
+    Quic(RecvStream),
+    Tcp(tokio::net::TcpStream, bytes::BytesMut),
+}
+
+impl Source {
+    /// The next piece (at most `max` bytes), within the stall deadline; `None` at the end.
+    pub async fn piece(&mut self, max: usize) -> Result<Option<bytes::Bytes>, PeerError> {
+        match self {
+            Source::Quic(recv) => next_piece(recv, max).await,
+            Source::Tcp(stream, buf) => {
+                buf.reserve(max);
+                match tokio::time::timeout(STALL, stream.read_buf(buf)).await {
+                    Err(_) => Err(PeerError::Timeout("stalled")),
+                    Ok(Err(e)) => Err(PeerError::Stream(format!("bulk: {e}"))),
+                    Ok(Ok(0)) => Ok(None),
+                    Ok(Ok(_)) => Ok(Some(buf.split().freeze())),
+                }
+            }
+        }
     }
 }
 
@@ -94,20 +126,29 @@ impl Pool {
         }
     }
 
-    /// A connection to `peer` for protocol `version` (1 or 2), reused while it is open.
+    /// A connection to `peer` for protocol `version` (1 or 2 of NAR transfer, [`BULK`] for
+    /// bulk tickets), reused while it is open.
     pub async fn conn(&self, peer: EndpointId, version: u8) -> Result<Connection, PeerError> {
         if let Some(c) = self.cached((peer, version)) {
             return Ok(c);
         }
-        let alpn = if version == 2 { NAR_ALPN } else { NAR_ALPN_V1 };
+        let alpn = match version {
+            2 => NAR_ALPN,
+            BULK => BULK_ALPN,
+            _ => NAR_ALPN_V1,
+        };
         let conn = match tokio::time::timeout(CONNECT, self.ep.connect(peer, alpn)).await {
             Err(_) => return Err(PeerError::Timeout("connect")),
             Ok(Err(e)) => {
                 let msg = crate::error_chain(&e);
                 // A node that does not serve the ALPN fails the handshake with "no application
                 // protocol" (TLS alert 120).
-                if version == 2 && (msg.contains("application protocol") || msg.contains("120")) {
+                let no_alpn = msg.contains("application protocol") || msg.contains("120");
+                if version == 2 && no_alpn {
                     return Err(PeerError::OnlyV1);
+                }
+                if version == BULK && no_alpn {
+                    return Err(PeerError::Refused("no bulk channel".into()));
                 }
                 return Err(PeerError::Connect(msg));
             }
@@ -157,6 +198,70 @@ impl Pool {
             self.drop_conn(peer, 2);
         }
         res
+    }
+
+    /// A ticket for `blake3` from `peer`'s bulk channel: the TCP address (the IP its mesh
+    /// connection comes from) and the token.
+    pub async fn bulk_ticket(
+        &self,
+        peer: EndpointId,
+        blake3: [u8; 32],
+    ) -> Result<(std::net::SocketAddr, [u8; 32]), PeerError> {
+        let conn = self.conn(peer, BULK).await?;
+        let res = async {
+            let (mut send, mut recv) = within(ANSWER, "open a stream", conn.open_bi()).await?;
+            within(
+                ANSWER,
+                "send the request",
+                wire::write(&mut send, &BulkAsk { blake3 }),
+            )
+            .await?;
+            send.finish()
+                .map_err(|e| PeerError::Stream(e.to_string()))?;
+            match tokio::time::timeout(ANSWER, wire::read(&mut recv)).await {
+                Err(_) => Err(PeerError::Timeout("answer")),
+                Ok(Err(e)) => Err(PeerError::Protocol(format!("answer: {e}"))),
+                Ok(Ok(r)) => Ok(r),
+            }
+        }
+        .await;
+        if matches!(&res, Err(PeerError::Stream(_) | PeerError::Timeout(_))) {
+            self.drop_conn(peer, BULK);
+        }
+        let (port, token) = match res? {
+            BulkReply::Ticket { port, token, .. } => (port, token),
+            BulkReply::NotFound => return Err(PeerError::NotFound),
+            BulkReply::Busy => return Err(PeerError::Busy),
+        };
+        let ip = conn
+            .paths()
+            .iter()
+            .filter(|p| p.is_selected())
+            .find_map(|p| match p.remote_addr() {
+                iroh::TransportAddr::Ip(a) => Some(a.ip()),
+                _ => None,
+            })
+            .ok_or_else(|| PeerError::Connect("no direct IP path for the bulk channel".into()))?;
+        Ok((std::net::SocketAddr::new(ip, port), token))
+    }
+
+    /// Range `start..end` over the bulk channel at `addr` with `token`.
+    pub async fn bulk_range(
+        addr: std::net::SocketAddr,
+        token: [u8; 32],
+        start: u64,
+        end: u64,
+    ) -> Result<Source, PeerError> {
+        let mut stream = within(
+            CONNECT,
+            "bulk connect",
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await?;
+        let _ = stream.set_nodelay(true);
+        let head = BulkHeader { token, start, end }.encode();
+        within(ANSWER, "bulk header", stream.write_all(&head)).await?;
+        Ok(Source::Tcp(stream, bytes::BytesMut::new()))
     }
 
     /// The NAR's leaves (unchecked: the caller checks them against the BLAKE3).

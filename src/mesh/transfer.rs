@@ -22,7 +22,7 @@ use iroh::EndpointId;
 use sha2::Digest as _;
 use tokio::sync::watch;
 
-use super::peer::{PeerError, Pool, next_piece};
+use super::peer::{PeerError, Pool, Source, next_piece};
 use super::ranges::{Next, Ranges};
 use crate::chunks::{GROUP, Leaves};
 use crate::db::{Claim, Db};
@@ -94,7 +94,19 @@ pub struct Transfers {
     slots: Arc<tokio::sync::Semaphore>,
     /// Transfers that met a provider speaking only version 1.
     only_v1: Mutex<std::collections::HashSet<[u8; 32]>>,
+    /// Use providers' bulk channels (`[mesh] bulk-listen` is set here).
+    bulk: bool,
+    /// Bulk tickets in hand: (provider, NAR) -> address, token, good until.
+    tickets: Mutex<HashMap<(EndpointId, [u8; 32]), HeldTicket>>,
+    /// Providers whose bulk channel failed or is off lately: QUIC for them.
+    no_bulk: Mutex<HashMap<EndpointId, Instant>>,
 }
+
+/// A bulk ticket in hand: the provider's TCP address, the token, good until.
+type HeldTicket = (std::net::SocketAddr, [u8; 32], Instant);
+
+/// How long a bulk ticket is used (the provider keeps it 60 s).
+const TICKET_USE: Duration = Duration::from_secs(45);
 
 /// What to fetch: the claim and the providers to ask.
 #[derive(Debug, Clone)]
@@ -105,7 +117,7 @@ pub struct Want {
 }
 
 impl Transfers {
-    pub fn new(pool: Pool, storage: Storage, db: Db, metrics: Arc<Metrics>) -> Self {
+    pub fn new(pool: Pool, storage: Storage, db: Db, metrics: Arc<Metrics>, bulk: bool) -> Self {
         Transfers {
             pool,
             storage,
@@ -115,7 +127,78 @@ impl Transfers {
             avoid: Mutex::new(HashMap::new()),
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS)),
             only_v1: Mutex::new(Default::default()),
+            bulk,
+            tickets: Mutex::new(HashMap::new()),
+            no_bulk: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Range `start..end` of `blake3` from `peer`'s bulk channel, if both sides use one and it
+    /// answers; else `None` (QUIC, and no bulk with that peer for a while).
+    async fn bulk_source(
+        &self,
+        peer: EndpointId,
+        blake3: [u8; 32],
+        start: u64,
+        end: u64,
+    ) -> Option<Source> {
+        if !self.bulk {
+            return None;
+        }
+        let now = Instant::now();
+        {
+            let mut no = self.no_bulk.lock().unwrap_or_else(|p| p.into_inner());
+            match no.get(&peer) {
+                Some(t) if t.elapsed() < AVOID_FOR => return None,
+                Some(_) => {
+                    no.remove(&peer);
+                }
+                None => {}
+            }
+        }
+        let key = (peer, blake3);
+        let cached = self
+            .tickets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .filter(|x| x.2 > now)
+            .map(|x| (x.0, x.1));
+        let ticket = match cached {
+            Some(t) => Ok(t),
+            None => self.pool.bulk_ticket(peer, blake3).await,
+        };
+        let res = match ticket {
+            Ok((addr, token)) => {
+                {
+                    let mut tickets = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
+                    tickets.retain(|_, x| x.2 > now);
+                    tickets.insert(key, (addr, token, now + TICKET_USE));
+                }
+                Pool::bulk_range(addr, token, start, end).await
+            }
+            Err(e) => Err(e),
+        };
+        match res {
+            Ok(src) => Some(src),
+            Err(e) => {
+                self.no_bulk_for(peer, &key, &e.to_string());
+                None
+            }
+        }
+    }
+
+    /// `peer`'s bulk channel failed: QUIC with it for a while.
+    fn no_bulk_for(&self, peer: EndpointId, key: &(EndpointId, [u8; 32]), why: &str) {
+        tracing::debug!("mesh: bulk channel of {peer}: {why}; QUIC for {AVOID_FOR:?}");
+        self.tickets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+        self.no_bulk
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer, Instant::now());
     }
 
     fn avoided(&self, id: &EndpointId) -> bool {
@@ -379,11 +462,22 @@ impl Transfers {
                     continue;
                 }
             };
-            let mut got = start;
+            let (mut got, mut bulk) = (start, false);
             let res = self
-                .pull_range(peer, t, leaves, partial, (id, start, end), plan, &mut got)
+                .pull_range(
+                    peer,
+                    t,
+                    leaves,
+                    partial,
+                    (id, start, end),
+                    plan,
+                    (&mut got, &mut bulk),
+                )
                 .await;
             self.fetched_from(peer, got - start);
+            if bulk {
+                self.metrics.mesh_bulk_bytes.inc_by(got - start);
+            }
             let mut p = plan.lock().unwrap_or_else(|p| p.into_inner());
             p.finished(id, start, got);
             t.advance(p.prefix());
@@ -419,8 +513,8 @@ impl Transfers {
     }
 
     /// Fetch range `id` (`start..end`) from `peer`, writing each verified group; `got` tracks
-    /// how far. Stops early, with what it has, where the plan says another provider took the
-    /// rest.
+    /// how far (and whether it came over the bulk channel). Stops early, with what it has,
+    /// where the plan says another provider took the rest.
     #[allow(clippy::too_many_arguments)]
     async fn pull_range(
         &self,
@@ -430,15 +524,29 @@ impl Transfers {
         partial: &PartialNar,
         (id, start, end): (u64, u64, u64),
         plan: &Mutex<Ranges>,
-        got: &mut u64,
+        (got, used_bulk): (&mut u64, &mut bool),
     ) -> Result<(), PeerError> {
-        let mut recv = self.pool.range(peer, t.blake3, start, end).await?;
+        let mut recv = match self.bulk_source(peer, t.blake3, start, end).await {
+            Some(src) => src,
+            None => Source::Quic(self.pool.range(peer, t.blake3, start, end).await?),
+        };
+        let bulk = matches!(recv, Source::Tcp(..));
+        *used_bulk = bulk;
         let mut group = BytesMut::with_capacity(GROUP as usize);
         let mut ready = BytesMut::new();
         let mut pos = start;
         while pos < end {
-            let Some(piece) = next_piece(&mut recv, 1 << 20).await? else {
-                return Err(PeerError::Protocol("range ended early".into()));
+            let piece = match recv.piece(1 << 20).await {
+                Ok(Some(p)) => p,
+                // A bulk channel that ends early or breaks (a ticket the provider no longer
+                // knows, a restart) is not a lie: QUIC with that provider from here.
+                Ok(None) | Err(_) if bulk => {
+                    flush(partial, &mut ready, got).await?;
+                    self.no_bulk_for(peer, &(peer, t.blake3), "the bulk range broke off");
+                    return Err(PeerError::Stream("bulk range broke off".into()));
+                }
+                Ok(None) => return Err(PeerError::Protocol("range ended early".into())),
+                Err(e) => return Err(e),
             };
             if pos + group.len() as u64 + piece.len() as u64 > end {
                 return Err(PeerError::Protocol("sent more than asked".into()));

@@ -164,3 +164,61 @@ fn two_providers_send_ranges_at_once_and_one_killed_mid_fetch_is_taken_over() {
         "C took over A's part: A {from_a}, C {from_c} of {size}"
     );
 }
+
+/// With `[mesh] bulk-listen` on both nodes, B fetches A's NAR ranges over TCP with a ticket from
+/// the mesh, and real Nix substitutes the path through B. A stranger on A's bulk port (a guessed
+/// token, or garbage), while B's ticket is still good, gets not one byte.
+#[test]
+fn the_bulk_channel_carries_ranges_and_a_stranger_gets_nothing() {
+    use std::io::{Read, Write};
+    let t = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<Node> = (0..2)
+        .map(|i| Node::new(&t.path().join(format!("n{i}")), &t.path().join("unused")))
+        .collect();
+    let a = NixHost::with_hook(&nodes[0].socket(), &nodes[0].spool());
+    crate::node_harness::full_mesh(&mut nodes);
+    for (i, node) in nodes.iter_mut().enumerate() {
+        node.store_root = if i == 0 {
+            a.root.clone()
+        } else {
+            node.dir.join("store")
+        };
+        node.mesh_extra.push_str("bulk-listen = \"127.0.0.1:0\"\n");
+        node.start();
+    }
+    let log = nodes[0].log();
+    let port: u16 = log
+        .lines()
+        .find_map(|l| {
+            l.split("bulk channel (TCP, unencrypted) on 127.0.0.1:")
+                .nth(1)
+        })
+        .and_then(|p| p.trim().parse().ok())
+        .expect("A's bulk port in its log");
+    let path = a.build(r#"mk "transfer-bulk" "head -c 3000000 /dev/urandom > $out""#)[0].clone();
+    let size = a.dump(&path).len() as f64;
+    wait_until(30, "B to learn the path", || {
+        nodes[1].serves(&[path.full()])
+    });
+    substitute_all(&nodes[1], &[path.full()]);
+    assert_eq!(
+        metric(&nodes[1], "narmesh_mesh_bulk_bytes_total"),
+        size,
+        "every range came over the bulk channel"
+    );
+    // Strangers, while B's ticket is out: a well-formed header with a guessed token, and
+    // garbage.
+    let mut guessed = b"NMB1".to_vec();
+    guessed.extend_from_slice(&[0x42; 32]);
+    guessed.extend_from_slice(&0u64.to_be_bytes());
+    guessed.extend_from_slice(&16384u64.to_be_bytes());
+    for attempt in [guessed, vec![0xff; 52]] {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(15)))
+            .unwrap();
+        s.write_all(&attempt).unwrap();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        assert!(got.is_empty(), "a stranger got {} bytes", got.len());
+    }
+}

@@ -1,0 +1,228 @@
+//! The opt-in bulk channel (`[mesh] bulk-listen`): NAR ranges over plain TCP, where QUIC's
+//! per-packet work (1,200-byte datagrams, each encrypted and acknowledged) costs more CPU than
+//! the link is worth. A peer asks for a ticket over its authenticated mesh connection
+//! (`narmesh/bulk/1`), then connects over TCP with the ticket's token and a range, and gets
+//! exactly the range's bytes; the fetcher checks every chunk group against the bound BLAKE3 as
+//! it does on QUIC. The bytes cross the link unencrypted. Tickets are random, one per peer and
+//! NAR, good for [`TICKET_FOR`], at most [`MAX_TICKETS`] out; a connection must send its header
+//! within [`HEADER_WITHIN`], at most [`CONNECTIONS`] at once; anything wrong closes it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use iroh::endpoint::Connection;
+use iroh::protocol::{AcceptError, ProtocolHandler};
+use narmesh_proto::sync::{BulkAsk, BulkHeader, BulkReply};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio_util::sync::CancellationToken;
+
+use super::nar::NarServer;
+use super::wire;
+use crate::chunks::GROUP;
+
+/// How long a ticket is good for.
+pub const TICKET_FOR: Duration = Duration::from_secs(60);
+/// Tickets out at once; more get `Busy`.
+pub const MAX_TICKETS: usize = 4096;
+/// A bulk connection's header must arrive within this.
+pub const HEADER_WITHIN: Duration = Duration::from_secs(10);
+/// Bulk connections at once; more are closed at once.
+pub const CONNECTIONS: usize = 64;
+/// A request for a ticket must arrive within this.
+const REQUEST: Duration = Duration::from_secs(10);
+/// A peer that takes no data for this long is dropped.
+const WRITE_STALL: Duration = Duration::from_secs(20);
+
+#[derive(Debug)]
+struct Ticket {
+    blake3: [u8; 32],
+    until: Instant,
+}
+
+/// The tickets out: token -> the NAR it is good for, until when.
+#[derive(Debug, Default)]
+struct Tickets(Mutex<HashMap<[u8; 32], Ticket>>);
+
+impl Tickets {
+    /// A new ticket for `blake3` at `now`, or `None` if too many are out.
+    fn issue(&self, blake3: [u8; 32], now: Instant) -> Option<[u8; 32]> {
+        let mut token = [0u8; 32];
+        getrandom::fill(&mut token).ok()?;
+        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if t.len() >= MAX_TICKETS {
+            t.retain(|_, x| x.until > now);
+            if t.len() >= MAX_TICKETS {
+                return None;
+            }
+        }
+        t.insert(
+            token,
+            Ticket {
+                blake3,
+                until: now + TICKET_FOR,
+            },
+        );
+        Some(token)
+    }
+
+    /// The NAR a token is good for at `now`.
+    fn redeem(&self, token: &[u8; 32], now: Instant) -> Option<[u8; 32]> {
+        let t = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        t.get(token).filter(|x| x.until > now).map(|x| x.blake3)
+    }
+}
+
+/// Hands out tickets (an iroh protocol) and serves the TCP side.
+#[derive(Debug, Clone)]
+pub struct BulkServer {
+    /// The TCP port tickets name.
+    pub port: u16,
+    /// What serves the bytes: the same storage, slots, pacer and metrics as the QUIC side.
+    pub nar: NarServer,
+    tickets: Arc<Tickets>,
+}
+
+impl BulkServer {
+    pub fn new(port: u16, nar: NarServer) -> Self {
+        BulkServer {
+            port,
+            nar,
+            tickets: Default::default(),
+        }
+    }
+
+    /// Accept bulk connections on `listener` until cancelled.
+    pub async fn serve_tcp(self, listener: tokio::net::TcpListener, cancel: CancellationToken) {
+        let conns = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS));
+        loop {
+            let accepted = tokio::select! {
+                _ = cancel.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            let (stream, from) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!("mesh bulk: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = conns.clone().try_acquire_owned() else {
+                tracing::debug!("mesh bulk: {from}: {CONNECTIONS} connections open; closed");
+                continue;
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this.serve_conn(stream).await {
+                    tracing::debug!("mesh bulk: {from}: {e}");
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    async fn serve_conn(&self, mut stream: tokio::net::TcpStream) -> Result<(), String> {
+        let mut head = [0u8; BulkHeader::LEN];
+        tokio::time::timeout(HEADER_WITHIN, stream.read_exact(&mut head))
+            .await
+            .map_err(|_| "no header in time".to_owned())?
+            .map_err(|e| format!("reading the header: {e}"))?;
+        let h = BulkHeader::decode(&head).ok_or("not a bulk header")?;
+        let blake3 = self
+            .tickets
+            .redeem(&h.token, Instant::now())
+            .ok_or("no such ticket")?;
+        let (held, size) = self.nar.held(&blake3).await.ok_or("not held here")?;
+        let end = h.end.min(size);
+        let aligned = h.start % GROUP == 0 && (end % GROUP == 0 || end == size);
+        if h.start >= end || !aligned {
+            return Err(format!("bad range {}..{} of {size} bytes", h.start, h.end));
+        }
+        let Ok(_slot) = self.nar.slots.clone().try_acquire_owned() else {
+            return Err("busy".into());
+        };
+        let _ = stream.set_nodelay(true);
+        let mut data = self
+            .nar
+            .storage
+            .read(&blake3, h.start, end)
+            .await
+            .map_err(|e| e.to_string())?;
+        let counter = self.nar.counter(&held);
+        while let Some(piece) = data.recv().await {
+            let piece = piece.map_err(|e| e.to_string())?;
+            if let Some(p) = &self.nar.pacer {
+                p.take(piece.len() as u64).await;
+            }
+            counter.inc_by(piece.len() as u64);
+            tokio::time::timeout(WRITE_STALL, stream.write_all(&piece))
+                .await
+                .map_err(|_| "the peer stopped taking data".to_owned())?
+                .map_err(|e| e.to_string())?;
+        }
+        let _ = stream.shutdown().await;
+        Ok(())
+    }
+}
+
+fn user(e: impl std::fmt::Display) -> AcceptError {
+    AcceptError::from_err(std::io::Error::other(e.to_string()))
+}
+
+impl ProtocolHandler for BulkServer {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        let Some(_slot) = self.nar.per_peer.take(&conn) else {
+            return Ok(());
+        };
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let ask: BulkAsk = match tokio::time::timeout(REQUEST, wire::read(&mut recv)).await {
+                Ok(Ok(a)) => a,
+                _ => {
+                    conn.close(400u32.into(), b"bad request");
+                    return Ok(());
+                }
+            };
+            let reply = if self.nar.held(&ask.blake3).await.is_none() {
+                BulkReply::NotFound
+            } else {
+                match self.tickets.issue(ask.blake3, Instant::now()) {
+                    Some(token) => BulkReply::Ticket {
+                        port: self.port,
+                        token,
+                        valid_ms: TICKET_FOR.as_millis() as u64,
+                    },
+                    None => BulkReply::Busy,
+                }
+            };
+            tokio::time::timeout(REQUEST, wire::write(&mut send, &reply))
+                .await
+                .map_err(user)?
+                .map_err(user)?;
+            send.finish().map_err(user)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tickets_are_capped_and_expire() {
+        let s = Tickets::default();
+        let now = Instant::now();
+        let t = s.issue([7; 32], now).unwrap();
+        assert_eq!(s.redeem(&t, now), Some([7; 32]));
+        assert_eq!(s.redeem(&[0; 32], now), None, "a guessed token is nothing");
+        for _ in 1..MAX_TICKETS {
+            s.issue([1; 32], now).unwrap();
+        }
+        assert!(s.issue([1; 32], now).is_none(), "capped");
+        // Expired tickets redeem nothing and make room.
+        let later = now + TICKET_FOR;
+        assert_eq!(s.redeem(&t, later), None);
+        assert!(s.issue([1; 32], later).is_some());
+    }
+}
