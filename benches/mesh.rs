@@ -41,12 +41,25 @@ fn settle() {
 }
 
 fn mesh(t: &std::path::Path, a: &NixHost, n: usize, replicate: &'static str) -> Vec<Node> {
+    mesh_with(t, a, n, replicate, false)
+}
+
+fn mesh_with(
+    t: &std::path::Path,
+    a: &NixHost,
+    n: usize,
+    replicate: &'static str,
+    bulk: bool,
+) -> Vec<Node> {
     let mut nodes: Vec<Node> = (0..n)
         .map(|i| Node::new(&t.join(format!("n{i}")), &a.root))
         .collect();
     node_harness::full_mesh(&mut nodes);
     for (i, node) in nodes.iter_mut().enumerate() {
         node.replicate = replicate;
+        if bulk {
+            node.mesh_extra.push_str("bulk-listen = \"127.0.0.1:0\"\n");
+        }
         if i > 0 {
             node.store_root = node.dir.join("store");
         }
@@ -144,9 +157,11 @@ fn main() {
     let mut floor_times = Vec::new();
     let mut cpu = Vec::new();
     let mut floor_cpu = Vec::new();
+    // NARMESH_BENCH_BULK=1: the transfer over the bulk channel (TCP) instead of QUIC.
+    let bulk = std::env::var_os("NARMESH_BENCH_BULK").is_some();
     for run in 0..runs() {
         let dir = t.path().join(format!("transfer{run}"));
-        let nodes = mesh(&dir, &a, 2, "on-demand");
+        let nodes = mesh_with(&dir, &a, 2, "on-demand", bulk);
         nodes[0]
             .call(Request::Push {
                 paths: vec![big.full()],
@@ -270,6 +285,14 @@ fn main() {
     );
     // Ratios compare best runs: writes into files on this disk vary from run to run with
     // writeback, and the best run of each is the least disturbed.
+    println!(
+        "\npeer transfer over {}",
+        if bulk {
+            "the bulk channel (TCP)"
+        } else {
+            "QUIC"
+        }
+    );
     println!("\n| measure | narmesh | baseline (same run) | ratio (best runs) |");
     println!("|---|---|---|---|");
     println!(
