@@ -98,6 +98,14 @@ pub fn sync_messages(data: &[u8]) {
     round_trip::<sync::NarHeader>(data);
     round_trip::<sync::NarQuery>(data);
     round_trip::<sync::NarReply>(data);
+    round_trip::<sync::BulkAsk>(data);
+    round_trip::<sync::BulkReply>(data);
+    if let Ok(head) =
+        <[u8; sync::BulkHeader::LEN]>::try_from(&data[..data.len().min(sync::BulkHeader::LEN)])
+        && let Some(h) = sync::BulkHeader::decode(&head)
+    {
+        assert_eq!(h.encode(), head, "bulk header round trip");
+    }
 }
 
 /// An HTTP path and a Range header against the binary cache.

@@ -63,12 +63,13 @@ pub struct LocalS3 {
     pub log: PathBuf,
 }
 
-/// Ten consecutive free TCP ports (SeaweedFS's services).
+/// Ten consecutive free TCP ports (SeaweedFS's services), below Linux's default ephemeral range
+/// (32768..), so no outgoing connection takes one between this check and the server's bind.
 fn free_ports() -> anyhow::Result<u16> {
     for _ in 0..200 {
         let mut b = [0u8; 2];
         getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("randomness: {e}"))?;
-        let base = 20_000 + (u16::from_le_bytes(b) % 2_000) * 10;
+        let base = 20_000 + (u16::from_le_bytes(b) % 1_200) * 10;
         if (base..base + 10).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
             return Ok(base);
         }

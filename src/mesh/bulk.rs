@@ -4,10 +4,12 @@
 //! (`narmesh/bulk/1`), then connects over TCP with the ticket's token and a range, and gets
 //! exactly the range's bytes; the fetcher checks every chunk group against the bound BLAKE3 as
 //! it does on QUIC. The bytes cross the link unencrypted. Tickets are random, one per peer and
-//! NAR, good for [`TICKET_FOR`], at most [`MAX_TICKETS`] out; a connection must send its header
+//! NAR, redeemable only from the IP address the asking connection came from, good for
+//! [`TICKET_FOR`], at most [`MAX_TICKETS`] out; a connection must send its header
 //! within [`HEADER_WITHIN`], at most [`CONNECTIONS`] at once; anything wrong closes it.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,6 +40,8 @@ const WRITE_STALL: Duration = Duration::from_secs(20);
 struct Ticket {
     blake3: [u8; 32],
     until: Instant,
+    /// The address the mesh connection that asked came from, when known: only it may redeem.
+    from: Option<IpAddr>,
 }
 
 /// The tickets out: token -> the NAR it is good for, until when.
@@ -45,8 +49,8 @@ struct Ticket {
 struct Tickets(Mutex<HashMap<[u8; 32], Ticket>>);
 
 impl Tickets {
-    /// A new ticket for `blake3` at `now`, or `None` if too many are out.
-    fn issue(&self, blake3: [u8; 32], now: Instant) -> Option<[u8; 32]> {
+    /// A new ticket for `blake3` at `now`, for a peer at `from`, or `None` if too many are out.
+    fn issue(&self, blake3: [u8; 32], from: Option<IpAddr>, now: Instant) -> Option<[u8; 32]> {
         let mut token = [0u8; 32];
         getrandom::fill(&mut token).ok()?;
         let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -61,15 +65,18 @@ impl Tickets {
             Ticket {
                 blake3,
                 until: now + TICKET_FOR,
+                from: from.map(|ip| ip.to_canonical()),
             },
         );
         Some(token)
     }
 
-    /// The NAR a token is good for at `now`.
-    fn redeem(&self, token: &[u8; 32], now: Instant) -> Option<[u8; 32]> {
+    /// The NAR a token is good for at `now`, to a connection from `by`.
+    fn redeem(&self, token: &[u8; 32], by: IpAddr, now: Instant) -> Option<[u8; 32]> {
         let t = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        t.get(token).filter(|x| x.until > now).map(|x| x.blake3)
+        t.get(token)
+            .filter(|x| x.until > now && x.from.is_none_or(|ip| ip == by.to_canonical()))
+            .map(|x| x.blake3)
     }
 }
 
@@ -129,9 +136,10 @@ impl BulkServer {
             .map_err(|_| "no header in time".to_owned())?
             .map_err(|e| format!("reading the header: {e}"))?;
         let h = BulkHeader::decode(&head).ok_or("not a bulk header")?;
+        let by = stream.peer_addr().map_err(|e| e.to_string())?.ip();
         let blake3 = self
             .tickets
-            .redeem(&h.token, Instant::now())
+            .redeem(&h.token, by, Instant::now())
             .ok_or("no such ticket")?;
         let (held, size) = self.nar.held(&blake3).await.ok_or("not held here")?;
         let end = h.end.min(size);
@@ -186,7 +194,15 @@ impl ProtocolHandler for BulkServer {
             let reply = if self.nar.held(&ask.blake3).await.is_none() {
                 BulkReply::NotFound
             } else {
-                match self.tickets.issue(ask.blake3, Instant::now()) {
+                let from = conn
+                    .paths()
+                    .iter()
+                    .filter(|p| p.is_selected())
+                    .find_map(|p| match p.remote_addr() {
+                        iroh::TransportAddr::Ip(a) => Some(a.ip()),
+                        _ => None,
+                    });
+                match self.tickets.issue(ask.blake3, from, Instant::now()) {
                     Some(token) => BulkReply::Ticket {
                         port: self.port,
                         token,
@@ -213,16 +229,29 @@ mod tests {
     fn tickets_are_capped_and_expire() {
         let s = Tickets::default();
         let now = Instant::now();
-        let t = s.issue([7; 32], now).unwrap();
-        assert_eq!(s.redeem(&t, now), Some([7; 32]));
-        assert_eq!(s.redeem(&[0; 32], now), None, "a guessed token is nothing");
+        let peer: IpAddr = "10.0.0.2".parse().unwrap();
+        let t = s.issue([7; 32], Some(peer), now).unwrap();
+        assert_eq!(s.redeem(&t, peer, now), Some([7; 32]));
+        let mapped: IpAddr = "::ffff:10.0.0.2".parse().unwrap();
+        assert_eq!(s.redeem(&t, mapped, now), Some([7; 32]), "the same address");
+        let other: IpAddr = "10.0.0.3".parse().unwrap();
+        assert_eq!(
+            s.redeem(&t, other, now),
+            None,
+            "only from where it was asked"
+        );
+        assert_eq!(
+            s.redeem(&[0; 32], peer, now),
+            None,
+            "a guessed token is nothing"
+        );
         for _ in 1..MAX_TICKETS {
-            s.issue([1; 32], now).unwrap();
+            s.issue([1; 32], None, now).unwrap();
         }
-        assert!(s.issue([1; 32], now).is_none(), "capped");
+        assert!(s.issue([1; 32], None, now).is_none(), "capped");
         // Expired tickets redeem nothing and make room.
         let later = now + TICKET_FOR;
-        assert_eq!(s.redeem(&t, later), None);
-        assert!(s.issue([1; 32], later).is_some());
+        assert_eq!(s.redeem(&t, peer, later), None);
+        assert!(s.issue([1; 32], None, later).is_some());
     }
 }

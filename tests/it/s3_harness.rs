@@ -10,8 +10,6 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::harness::wait_until;
-
 pub const BUCKET: &str = "test-bucket";
 pub const ACCESS_KEY: &str = "test";
 pub const SECRET_KEY: &str = "testtesttest";
@@ -50,12 +48,13 @@ pub struct S3Server {
     pub anonymous_write: bool,
 }
 
-/// Ten consecutive free ports.
+/// Ten consecutive free ports, below Linux's default ephemeral range (32768..), so no outgoing
+/// connection of a concurrent test takes one before the server binds it.
 fn free_ports() -> u16 {
     for _ in 0..200 {
         let mut b = [0u8; 2];
         getrandom::fill(&mut b).expect("randomness");
-        let base = 20_000 + (u16::from_le_bytes(b) % 2_000) * 10;
+        let base = 20_000 + (u16::from_le_bytes(b) % 1_200) * 10;
         if (base..base + 10).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
             return base;
         }
@@ -79,8 +78,19 @@ impl S3Server {
             child: None,
             anonymous_write,
         };
-        s.run();
-        s
+        // A port taken by another test between the check and the bind makes `weed` exit: try
+        // other ports.
+        for attempt in 1..=3 {
+            match s.try_run() {
+                Ok(()) => return s,
+                Err(e) if attempt < 3 => {
+                    eprintln!("the S3 server did not start ({e}); trying other ports");
+                    s.base = free_ports();
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        unreachable!()
     }
 
     pub fn port(&self) -> u16 {
@@ -107,6 +117,12 @@ impl S3Server {
 
     /// Start (again) on the same ports and data.
     pub fn run(&mut self) {
+        if let Err(e) = self.try_run() {
+            panic!("{e}");
+        }
+    }
+
+    fn try_run(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "S3 server already running");
         let anon = if self.anonymous_write {
             format!("\"Read:{BUCKET}\",\"List:{BUCKET}\",\"Write:{BUCKET}\"")
@@ -158,18 +174,43 @@ impl S3Server {
         // Ready when the bucket answers an anonymous read of a missing key with NoSuchKey.
         let target = format!("/{BUCKET}/narmesh-probe");
         let addr = format!("127.0.0.1:{}", self.port());
-        wait_until(60, "the S3 server to serve the bucket", || {
-            if std::net::TcpStream::connect_timeout(
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                self.child = None;
+                return Err(format!(
+                    "the S3 server exited ({status}); the end of its log:\n{}",
+                    self.log_tail()
+                ));
+            }
+            let up = std::net::TcpStream::connect_timeout(
                 &addr.parse().expect("addr"),
                 Duration::from_millis(200),
             )
-            .is_err()
-            {
-                return false;
+            .is_ok()
+                && {
+                    let (code, _, body) = crate::harness::http(&addr, "GET", &target, &[]);
+                    code == 404 && String::from_utf8_lossy(&body).contains("NoSuchKey")
+                };
+            if up {
+                return Ok(());
             }
-            let (code, _, body) = crate::harness::http(&addr, "GET", &target, &[]);
-            code == 404 && String::from_utf8_lossy(&body).contains("NoSuchKey")
-        });
+            if std::time::Instant::now() > deadline {
+                self.stop();
+                return Err(format!(
+                    "timed out after 60 s waiting for the S3 server to serve the bucket; the end \
+                     of its log:\n{}",
+                    self.log_tail()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().rev().take(30).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join("\n")
     }
 
     /// Stop the server (SIGKILL: an S3 outage as the node sees it).
