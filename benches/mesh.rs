@@ -235,10 +235,10 @@ fn main() {
         for (verify, times) in [(false, &mut tcp_times), (true, &mut floor_times)] {
             settle();
             let dest = t.path().join(format!("copy{run}-{verify}.nar"));
-            let cpu0 = own_cpu_seconds();
+            let cpu0 = node_harness::proc_cpu_seconds("self");
             let took = tcp_copy(&nar_file, &dest, verify);
             if verify {
-                floor_cpu.push(own_cpu_seconds() - cpu0);
+                floor_cpu.push(node_harness::proc_cpu_seconds("self") - cpu0);
             }
             if std::env::var_os("NARMESH_BENCH_LOGS").is_some() {
                 println!("TCP copy (verify: {verify}): {took:?}");
@@ -344,17 +344,4 @@ fn main() {
             println!("{r}");
         }
     }
-}
-
-/// CPU seconds (user + system) this process has used so far.
-fn own_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<f64> = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    f.iter().sum::<f64>() / 100.0
 }

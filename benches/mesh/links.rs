@@ -137,6 +137,14 @@ fn curl(ns: &str, url: &str) -> (u64, Duration) {
     (n, took)
 }
 
+/// True if `url` answers 2xx to curl inside `ns`.
+fn answers(ns: &str, url: &str) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", ns, "curl", "-sf", "-o", "/dev/null", url])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// curl inside `ns`: the body of `url`.
 fn curl_body(ns: &str, url: &str) -> String {
     String::from_utf8_lossy(&run_ok(Command::new("ip").args([
@@ -176,21 +184,7 @@ impl Nginx {
             .spawn()
             .expect("nginx");
         let probe = format!("http://{addr}:{NGINX_PORT}/nix-cache-info");
-        wait_until(10, "nginx", || {
-            Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    ns,
-                    "curl",
-                    "-sf",
-                    "-o",
-                    "/dev/null",
-                    &probe,
-                ])
-                .status()
-                .is_ok_and(|s| s.success())
-        });
+        wait_until(10, "nginx", || answers(ns, &probe));
         Nginx(child)
     }
 }
@@ -248,6 +242,24 @@ fn nodes_in(
     nodes
 }
 
+/// Two on-demand nodes, A (serving `a`'s store) in `ns[0]` at `ip[0]` and B in `ns[1]` at
+/// `ip[1]`, started; with `bulk`, both use the bulk channel.
+fn pair(dir: &Path, a: &NixHost, ns: [&str; 2], ip: [&str; 2], bulk: bool) -> Vec<Node> {
+    let mut nodes = nodes_in(
+        dir,
+        a,
+        &[(ns[0], "on-demand"), (ns[1], "on-demand")],
+        |i, _| ip[1 - i].to_owned(),
+    );
+    for n in nodes.iter_mut() {
+        if bulk {
+            n.mesh_extra.push_str(BULK);
+        }
+        n.start();
+    }
+    nodes
+}
+
 /// The on-demand NAR URL a node serves for `path`, read from its narinfo inside `ns`.
 fn nar_url(ns: &str, node: &Node, path: &StorePath) -> String {
     let info = curl_body(
@@ -268,20 +280,9 @@ fn announce(nodes: &[Node], b: usize, ns_b: &str, path: &StorePath) -> String {
             paths: vec![path.full()],
         })
         .expect("push");
+    let probe = format!("http://{}/{}.narinfo", nodes[b].http, path.hash_part());
     wait_until(300, "the fetcher to learn the big path", || {
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                ns_b,
-                "curl",
-                "-sf",
-                "-o",
-                "/dev/null",
-                &format!("http://{}/{}.narinfo", nodes[b].http, path.hash_part()),
-            ])
-            .status()
-            .is_ok_and(|s| s.success())
+        answers(ns_b, &probe)
     });
     nar_url(ns_b, &nodes[b], path)
 }
@@ -340,20 +341,7 @@ pub fn run(t: &Path) -> Vec<String> {
         // over the bulk channel.
         for bulk in [false, true] {
             let dir = t.join(format!("curl-{rate}-{bulk}"));
-            let mut nodes = nodes_in(
-                &dir,
-                &a,
-                &[(&ns_a, "on-demand"), (&ns_b, "on-demand")],
-                |i, _| {
-                    if i == 0 { ip_b.clone() } else { ip_a.clone() }
-                },
-            );
-            for n in nodes.iter_mut() {
-                if bulk {
-                    n.mesh_extra.push_str(BULK);
-                }
-                n.start();
-            }
+            let nodes = pair(&dir, &a, [&ns_a, &ns_b], [&ip_a, &ip_b], bulk);
             let url = announce(&nodes, 1, &ns_b, &big);
             let (n, d) = curl(&ns_b, &url);
             assert!(n >= GIB, "the whole NAR came ({n} bytes)");
@@ -383,20 +371,7 @@ pub fn run(t: &Path) -> Vec<String> {
         let from_nginx = substitute(&format!("http://{ip_a}:{NGINX_PORT}"), &key);
         for bulk in [false, true] {
             let dir = t.join(format!("nix-{rate}-{bulk}"));
-            let mut nodes = nodes_in(
-                &dir,
-                &a,
-                &[(&ns_a, "on-demand"), (&ns_b, "on-demand")],
-                |i, _| {
-                    if i == 0 { ip_b.clone() } else { ip_a.clone() }
-                },
-            );
-            for n in nodes.iter_mut() {
-                if bulk {
-                    n.mesh_extra.push_str(BULK);
-                }
-                n.start();
-            }
+            let nodes = pair(&dir, &a, [&ns_a, &ns_b], [&ip_a, &ip_b], bulk);
             announce(&nodes, 1, &ns_b, &big);
             let through_node =
                 substitute(&format!("http://{}", nodes[1].http), &nodes[1].public_key());
@@ -474,19 +449,7 @@ pub fn run(t: &Path) -> Vec<String> {
         f.start();
         let probe = format!("http://{}/{}.narinfo", f.http, big.hash_part());
         wait_until(60, "the fetcher to learn the path", || {
-            Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &ns_f,
-                    "curl",
-                    "-sf",
-                    "-o",
-                    "/dev/null",
-                    &probe,
-                ])
-                .status()
-                .is_ok_and(|s| s.success())
+            answers(&ns_f, &probe)
         });
         // Let catch-up with every peer bring each one's provider statement.
         std::thread::sleep(Duration::from_secs(2));

@@ -194,14 +194,7 @@ impl ProtocolHandler for BulkServer {
             let reply = if self.nar.held(&ask.blake3).await.is_none() {
                 BulkReply::NotFound
             } else {
-                let from = conn
-                    .paths()
-                    .iter()
-                    .filter(|p| p.is_selected())
-                    .find_map(|p| match p.remote_addr() {
-                        iroh::TransportAddr::Ip(a) => Some(a.ip()),
-                        _ => None,
-                    });
+                let from = super::endpoint::remote_ip(&conn);
                 match self.tickets.issue(ask.blake3, from, Instant::now()) {
                     Some(token) => BulkReply::Ticket {
                         port: self.port,

@@ -140,6 +140,17 @@ pub fn peer_address(ep: &Endpoint) -> String {
     }
 }
 
+/// The IP address a connection's selected path reaches the peer at (none over a relay).
+pub fn remote_ip(conn: &Connection) -> Option<std::net::IpAddr> {
+    conn.paths()
+        .iter()
+        .filter(|p| p.is_selected())
+        .find_map(|p| match p.remote_addr() {
+            iroh::TransportAddr::Ip(a) => Some(a.ip()),
+            _ => None,
+        })
+}
+
 /// Tell the endpoint where a peer is.
 pub fn add_peer(book: &MemoryLookup, peer: &PeerAddr) {
     book.add_endpoint_info(EndpointAddr::new(peer.id).with_ip_addr(peer.addr));

@@ -233,14 +233,7 @@ impl Pool {
             BulkReply::NotFound => return Err(PeerError::NotFound),
             BulkReply::Busy => return Err(PeerError::Busy),
         };
-        let ip = conn
-            .paths()
-            .iter()
-            .filter(|p| p.is_selected())
-            .find_map(|p| match p.remote_addr() {
-                iroh::TransportAddr::Ip(a) => Some(a.ip()),
-                _ => None,
-            })
+        let ip = super::endpoint::remote_ip(&conn)
             .ok_or_else(|| PeerError::Connect("no direct IP path for the bulk channel".into()))?;
         Ok((std::net::SocketAddr::new(ip, port), token))
     }

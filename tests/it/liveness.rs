@@ -81,18 +81,7 @@ fn interrupted_eager_fetches_finish_and_are_mirrored() {
 #[test]
 fn a_frozen_and_a_killed_node_hold_nobody_back_and_catch_up() {
     let t = tempfile::tempdir().unwrap();
-    let mut nodes: Vec<Node> = (0..4)
-        .map(|i| Node::new(&t.path().join(format!("n{i}")), &t.path().join("unused")))
-        .collect();
-    let a = NixHost::with_hook(&nodes[0].socket(), &nodes[0].spool());
-    crate::node_harness::full_mesh(&mut nodes);
-    for (i, n) in nodes.iter_mut().enumerate() {
-        n.store_root = if i == 0 {
-            a.root.clone()
-        } else {
-            n.dir.join("store")
-        };
-    }
+    let (a, mut nodes) = crate::node_harness::built_on_first(t.path(), 4);
     for n in nodes.iter_mut() {
         n.start();
     }

@@ -244,19 +244,10 @@ impl Node {
     /// CPU seconds (user + system) the running node has used so far.
     #[allow(dead_code)]
     pub fn cpu_seconds(&self) -> f64 {
-        let Some(c) = self.child.as_ref() else {
-            return 0.0;
-        };
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.id())).unwrap_or_default();
-        // Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<f64> = rest
-            .split_whitespace()
-            .skip(11)
-            .take(2)
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        f.iter().sum::<f64>() / 100.0
+        match self.child.as_ref() {
+            Some(c) => proc_cpu_seconds(&c.id().to_string()),
+            None => 0.0,
+        }
     }
 
     /// Send `signal` (such as `STOP` or `CONT`) to the running node.
@@ -328,6 +319,38 @@ impl Drop for Node {
             );
         }
     }
+}
+
+/// CPU seconds (user + system) of process `pid` (a number, or `self`) so far, from `/proc`.
+pub fn proc_cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum::<f64>() / 100.0
+}
+
+/// `n` nodes under `dir` in a full mesh; node 0 serves the store of the returned Nix host, whose
+/// post-build hook reports to it, and the others keep stores of their own. Not started.
+pub fn built_on_first(dir: &Path, n: usize) -> (crate::harness::NixHost, Vec<Node>) {
+    let mut nodes: Vec<Node> = (0..n)
+        .map(|i| Node::new(&dir.join(format!("n{i}")), &dir.join("unused")))
+        .collect();
+    let a = crate::harness::NixHost::with_hook(&nodes[0].socket(), &nodes[0].spool());
+    full_mesh(&mut nodes);
+    for (i, node) in nodes.iter_mut().enumerate() {
+        node.store_root = if i == 0 {
+            a.root.clone()
+        } else {
+            node.dir.join("store")
+        };
+    }
+    (a, nodes)
 }
 
 fn rand_bytes() -> [u8; 32] {

@@ -5,7 +5,7 @@
 
 use crate::harness::{NixHost, http, wait_until};
 use crate::hostile::{GROUP, Hostile};
-use crate::node_harness::Node;
+use crate::node_harness::{Node, built_on_first};
 use crate::trust::{honest_with, metric, substitute_all};
 
 /// The node's verified bytes fetched from the peer with endpoint id `id`.
@@ -95,17 +95,8 @@ fn a_provider_lying_mid_nar_is_caught_within_one_chunk_group() {
 #[test]
 fn two_providers_send_ranges_at_once_and_one_killed_mid_fetch_is_taken_over() {
     let t = tempfile::tempdir().unwrap();
-    let mut nodes: Vec<Node> = (0..3)
-        .map(|i| Node::new(&t.path().join(format!("n{i}")), &t.path().join("unused")))
-        .collect();
-    let a = NixHost::with_hook(&nodes[0].socket(), &nodes[0].spool());
-    crate::node_harness::full_mesh(&mut nodes);
-    for (i, node) in nodes.iter_mut().enumerate() {
-        node.store_root = if i == 0 {
-            a.root.clone()
-        } else {
-            node.dir.join("store")
-        };
+    let (a, mut nodes) = built_on_first(t.path(), 3);
+    for node in nodes.iter_mut() {
         node.mesh_extra = "serve-rate = \"8MiB\"\n".into();
     }
     nodes[1].replicate = "eager";
@@ -172,17 +163,8 @@ fn two_providers_send_ranges_at_once_and_one_killed_mid_fetch_is_taken_over() {
 fn the_bulk_channel_carries_ranges_and_a_stranger_gets_nothing() {
     use std::io::{Read, Write};
     let t = tempfile::tempdir().unwrap();
-    let mut nodes: Vec<Node> = (0..2)
-        .map(|i| Node::new(&t.path().join(format!("n{i}")), &t.path().join("unused")))
-        .collect();
-    let a = NixHost::with_hook(&nodes[0].socket(), &nodes[0].spool());
-    crate::node_harness::full_mesh(&mut nodes);
-    for (i, node) in nodes.iter_mut().enumerate() {
-        node.store_root = if i == 0 {
-            a.root.clone()
-        } else {
-            node.dir.join("store")
-        };
+    let (a, mut nodes) = built_on_first(t.path(), 2);
+    for node in nodes.iter_mut() {
         node.mesh_extra.push_str("bulk-listen = \"127.0.0.1:0\"\n");
         node.start();
     }

@@ -50,17 +50,8 @@ pub fn honest_with(
     hostile: &Hostile,
     extra_trusted: &[String],
 ) -> (NixHost, Vec<Node>) {
-    let mut nodes: Vec<Node> = (0..n)
-        .map(|i| Node::new(&t.path().join(format!("n{i}")), &t.path().join("unused")))
-        .collect();
-    let a = NixHost::with_hook(&nodes[0].socket(), &nodes[0].spool());
-    crate::node_harness::full_mesh(&mut nodes);
-    for (i, node) in nodes.iter_mut().enumerate() {
-        node.store_root = if i == 0 {
-            a.root.clone()
-        } else {
-            node.dir.join("store")
-        };
+    let (a, mut nodes) = crate::node_harness::built_on_first(t.path(), n);
+    for node in nodes.iter_mut() {
         node.peers.push(hostile.address.clone());
         node.trusted.extend(extra_trusted.iter().cloned());
     }
