@@ -422,6 +422,8 @@ pub fn run(t: &Path) -> Vec<String> {
     let fetcher = nodes.pop().expect("fetcher");
     let f_peers = fetcher.peers.clone();
     for n in nodes.iter_mut() {
+        // The providers offer the bulk channel; each fetcher below decides whether to use it.
+        n.mesh_extra.push_str(BULK);
         n.start();
     }
     nodes[0]
@@ -432,8 +434,11 @@ pub fn run(t: &Path) -> Vec<String> {
     wait_until(300, "C to hold the 1 GiB NAR", || {
         nodes[1].status().storage.files == 1
     });
-    let fetch_with = |peers: Vec<String>, name: &str| -> f64 {
+    let fetch_with = |peers: Vec<String>, name: &str, bulk: bool| -> f64 {
         let mut f = Node::new(&dir.join(name), &dir.join(name).join("store"));
+        if bulk {
+            f.mesh_extra.push_str(BULK);
+        }
         std::fs::create_dir_all(f.dir.join("data")).expect("data dir");
         std::fs::copy(
             fetcher.dir.join("data/endpoint-key"),
@@ -464,13 +469,17 @@ pub fn run(t: &Path) -> Vec<String> {
         .filter(|p| p.contains(&format!("@{af_a}:")))
         .cloned()
         .collect();
-    let one = fetch_with(a_only, "f-one");
-    let two = fetch_with(f_peers.clone(), "f-two");
+    for bulk in [false, true] {
+        let tag = if bulk { "bulk" } else { "quic" };
+        let one = fetch_with(a_only.clone(), &format!("f-one-{tag}"), bulk);
+        let two = fetch_with(f_peers.clone(), &format!("f-two-{tag}"), bulk);
+        rows.push(format!(
+            "| two providers, each behind its own 1 Gbit/s link, to a fetcher on 10 Gbit/s (1 GiB, curl), {} | {two:.1} MB/s | one provider alone: {one:.1} MB/s | {:.2}x |",
+            if bulk { "bulk channel (TCP)" } else { "QUIC" },
+            two / one
+        ));
+    }
     drop(nodes);
-    rows.push(format!(
-        "| two providers, each behind its own 1 Gbit/s link, to a fetcher on 10 Gbit/s (1 GiB, curl) | {two:.1} MB/s | one provider alone: {one:.1} MB/s | {:.2}x |",
-        two / one
-    ));
     drop(net);
     rows
 }
