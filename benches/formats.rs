@@ -101,6 +101,7 @@ fn http_narinfo(c: &mut Criterion) {
     let mut nodes = vec![cluster::Node::new("n0", &dir.path().join("n0"), &root).expect("node")];
     let spec = cluster::Spec {
         replicate: "on-demand".into(),
+        bulk: false,
         mirror: None,
         cluster: format!("bench-formats-{}", std::process::id()),
     };

@@ -29,6 +29,8 @@ pub struct Node {
 pub struct Spec {
     /// `on-demand` or `eager`.
     pub replicate: String,
+    /// Move NARs over the bulk channel (`[mesh] bulk-listen`) instead of QUIC.
+    pub bulk: bool,
     /// The mirror node's S3 target, if the run has one.
     pub mirror: Option<MirrorSpec>,
     /// The gossip topic's name.
@@ -122,6 +124,9 @@ impl Node {
         );
         mesh.insert("replicate".into(), spec.replicate.clone().into());
         mesh.insert("cluster".into(), spec.cluster.clone().into());
+        if spec.bulk {
+            mesh.insert("bulk-listen".into(), "127.0.0.1:0".into());
+        }
         t.insert("mesh".into(), mesh.into());
         if let (true, Some(m)) = (mirror, &spec.mirror) {
             let mut s3 = toml::Table::new();

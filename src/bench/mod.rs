@@ -71,6 +71,9 @@ pub struct BenchArgs {
     /// `on-demand` or `eager`.
     #[arg(long, default_value = "on-demand", value_parser = ["on-demand", "eager"])]
     pub replicate: String,
+    /// Nodes move NARs over the opt-in bulk channel (TCP, `[mesh] bulk-listen`) instead of QUIC.
+    #[arg(long)]
+    pub bulk: bool,
     /// Add a mirror node writing to a local S3 server started for the run (SeaweedFS `weed`).
     #[arg(long)]
     pub s3_local: bool,
@@ -256,6 +259,7 @@ fn bench(
     };
     let spec = cluster::Spec {
         replicate: args.replicate.clone(),
+        bulk: args.bulk,
         mirror: target.as_ref().map(|t| cluster::MirrorSpec {
             bucket: t.bucket.clone(),
             endpoint: t.endpoint.clone(),
@@ -596,6 +600,7 @@ fn bench(
             nodes: args.nodes,
             mirror: target.is_some(),
             replicate: args.replicate.clone(),
+            transport: if args.bulk { "bulk TCP" } else { "QUIC" }.into(),
             concurrency: args.concurrency,
         },
         hook_ms,

@@ -53,6 +53,8 @@ pub struct Workload {
     pub nodes: usize,
     pub mirror: bool,
     pub replicate: String,
+    /// How NARs move between nodes: `QUIC` or `bulk TCP`.
+    pub transport: String,
     pub concurrency: usize,
 }
 
@@ -250,7 +252,7 @@ impl Report {
             .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0).max(8))
             .collect();
         let mut out = format!(
-            "narmesh bench: {} paths ({}, largest {}, {}), {} nodes{}, {} replication, {} at once\n\n",
+            "narmesh bench: {} paths ({}, largest {}, {}), {} nodes{}, {} replication over {}, {} at once\n\n",
             w.paths,
             size(w.nar_bytes),
             size(w.largest_nar),
@@ -258,6 +260,7 @@ impl Report {
             w.nodes,
             if w.mirror { " + S3 mirror" } else { "" },
             w.replicate,
+            w.transport,
             w.concurrency
         );
         let header = ["measure", "narmesh", "baseline (same run)", "ratio"];
