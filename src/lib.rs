@@ -45,6 +45,7 @@ pub mod fsutil;
 pub mod http;
 pub mod ingest;
 pub mod killpoint;
+pub mod logging;
 pub mod memory;
 pub mod mesh;
 pub mod metrics;

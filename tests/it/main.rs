@@ -13,6 +13,7 @@ mod harness;
 mod hostile;
 mod keys_interop;
 mod liveness;
+mod logs;
 mod mesh;
 mod mirror;
 mod nar_vs_nix;

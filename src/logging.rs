@@ -1,0 +1,85 @@
+//! The node's logs: tracing to stderr, filtered by `NARMESH_LOG` (default `info`). With the
+//! default filter, an event from another crate's callsite (iroh, its mDNS, QUIC) is written at
+//! most once per [`QUIET_FOR`]: a dependency that warns on every retry (mDNS on a host without a
+//! multicast route warns a few times a second) cannot fill a disk over months. An explicit
+//! `NARMESH_LOG` shows everything.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+/// How long a foreign callsite stays quiet after it logged.
+pub const QUIET_FOR: Duration = Duration::from_secs(60);
+
+/// When each foreign callsite last logged.
+#[derive(Debug, Default)]
+pub struct Repeats(Mutex<HashMap<tracing::callsite::Identifier, Instant>>);
+
+impl Repeats {
+    /// Whether an event of `callsite` at `now` is written.
+    pub fn allow(&self, callsite: tracing::callsite::Identifier, now: Instant) -> bool {
+        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match seen.get(&callsite) {
+            Some(t) if now.duration_since(*t) < QUIET_FOR => false,
+            _ => {
+                seen.insert(callsite, now);
+                true
+            }
+        }
+    }
+}
+
+/// Set up logging for the process.
+pub fn init() {
+    let explicit = std::env::var("NARMESH_LOG").ok();
+    let filter = explicit
+        .as_deref()
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    let repeats = Repeats::default();
+    let quiet = explicit.is_none();
+    // Dynamic: asked for every event (a plain filter_fn is asked once per callsite).
+    let limit = tracing_subscriber::filter::dynamic_filter_fn(move |meta, _| {
+        !quiet
+            || !meta.is_event()
+            || meta.target().starts_with("narmesh")
+            || repeats.allow(meta.callsite(), Instant::now())
+    });
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal: journald and log files show codes raw.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    use tracing_subscriber::Layer as _;
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt.with_filter(limit))
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Site;
+    static SITE: Site = Site;
+    impl tracing::callsite::Callsite for Site {
+        fn set_interest(&self, _: tracing::subscriber::Interest) {}
+        fn metadata(&self) -> &tracing::Metadata<'_> {
+            unimplemented!()
+        }
+    }
+
+    #[test]
+    fn a_callsite_logs_once_a_minute() {
+        let r = Repeats::default();
+        let id = tracing::callsite::Identifier(&SITE);
+        let t0 = Instant::now();
+        assert!(r.allow(id.clone(), t0));
+        assert!(!r.allow(id.clone(), t0 + Duration::from_secs(1)));
+        assert!(!r.allow(id.clone(), t0 + QUIET_FOR - Duration::from_millis(1)));
+        assert!(r.allow(id, t0 + QUIET_FOR));
+    }
+}

@@ -1,0 +1,69 @@
+//! The node's logs over months: with the default filter, a dependency that warns on every retry
+//! cannot flood them. A node on a host with no multicast route (a network namespace with only
+//! loopback) and LAN discovery on: mDNS fails a few times a second, and the log says so once.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::harness::{bin, run_ok};
+
+#[test]
+fn a_dependency_failing_every_second_is_logged_once_a_minute() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    run_ok(
+        Command::new(bin("narmesh"))
+            .args(["keygen", "logs-1"])
+            .arg(d.join("signing.sec"))
+            .arg(d.join("signing.pub")),
+    );
+    std::fs::create_dir_all(d.join("store")).unwrap();
+    let conf = d.join("narmesh.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "data-dir = {:?}\nsocket = {:?}\nspool-dir = {:?}\nsecret-key-file = {:?}\n\
+             [nix]\nstore-root = {:?}\n[http]\nlisten = [\"127.0.0.1:0\"]\n\
+             [mesh]\nlisten = \"127.0.0.1:0\"\nlan-discovery = true\n",
+            d.join("data"),
+            d.join("node.sock"),
+            d.join("spool"),
+            d.join("signing.sec"),
+            d.join("store"),
+        ),
+    )
+    .unwrap();
+    let ns = format!("nmlogs{}", std::process::id());
+    run_ok(Command::new("ip").args(["netns", "add", &ns]));
+    struct Ns(String);
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _ns = Ns(ns.clone());
+    run_ok(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]));
+    let log = std::fs::File::create(d.join("node.log")).unwrap();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(bin("narmesh"))
+        .args(["serve", "--config"])
+        .arg(&conf)
+        // The default filter, as an operator runs it.
+        .env_remove("NARMESH_LOG")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(6));
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(d.join("node.log")).unwrap();
+    assert!(text.contains("serving:"), "the node ran:\n{text}");
+    let mdns = text.matches("error sending mDNS").count();
+    assert!(
+        mdns <= 1,
+        "{mdns} lines of the same mDNS failure in 6 s:\n{text}"
+    );
+}
