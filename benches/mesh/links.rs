@@ -115,49 +115,35 @@ fn in_ns(ns: &str, cmd: &Command) -> Command {
     c
 }
 
+/// curl inside `ns`, given at most `secs` for the whole request, failing on HTTP errors.
+fn curl_in(ns: &str, secs: u32) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, "curl", "-sf", "--max-time"])
+        .arg(secs.to_string());
+    c
+}
+
 /// curl inside `ns`: fetch `url` into /dev/null; the bytes and the time it took.
 fn curl(ns: &str, url: &str) -> (u64, Duration) {
     let started = Instant::now();
-    let out = run_ok(Command::new("ip").args([
-        "netns",
-        "exec",
-        ns,
-        "curl",
-        "-sf",
-        "--max-time",
-        "300",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{size_download}",
-        url,
-    ]));
+    let out = run_ok(curl_in(ns, 300).args(["-o", "/dev/null", "-w", "%{size_download}", url]));
     let took = started.elapsed();
     let n = String::from_utf8_lossy(&out).trim().parse().unwrap_or(0);
     (n, took)
 }
 
-/// True if `url` answers 2xx to curl inside `ns`.
+/// True if `url` answers 2xx to curl inside `ns` within 10 s.
 fn answers(ns: &str, url: &str) -> bool {
-    Command::new("ip")
-        .args(["netns", "exec", ns, "curl", "-sf", "-o", "/dev/null", url])
+    curl_in(ns, 10)
+        .args(["-o", "/dev/null", url])
+        .stdin(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
 }
 
 /// curl inside `ns`: the body of `url`.
 fn curl_body(ns: &str, url: &str) -> String {
-    String::from_utf8_lossy(&run_ok(Command::new("ip").args([
-        "netns",
-        "exec",
-        ns,
-        "curl",
-        "-sf",
-        "--max-time",
-        "30",
-        url,
-    ])))
-    .into_owned()
+    String::from_utf8_lossy(&run_ok(curl_in(ns, 30).arg(url))).into_owned()
 }
 
 /// nginx inside `ns` on `addr`, serving `root`; killed on drop.

@@ -18,15 +18,13 @@ use iroh::address_lookup::MemoryLookup;
 use iroh::endpoint::{Connection, presets};
 use iroh::protocol::{AcceptError, ProtocolHandler, Router};
 use iroh::{Endpoint, EndpointAddr, EndpointId, RelayMode, SecretKey};
+use narmesh::chunks::GROUP;
 use narmesh_proto::gossip::{PathAnnounce, ProviderStatement, v1};
 use narmesh_proto::sync::{
     NAR_ALPN, NAR_ALPN_V1, NarHeader, NarQuery, NarReply, NarRequest, NarWhat, SYNC_ALPN,
     SYNC_ALPN_V1, SyncBatch, SyncBatchV2, SyncRequest,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-
-/// A chunk group: the unit a fetcher verifies.
-pub const GROUP: u64 = 16 * 1024;
 
 /// What the hostile peer does when asked.
 #[derive(Default)]

@@ -4,9 +4,10 @@
 //! being killed mid-fetch.
 
 use crate::harness::{NixHost, http, wait_until};
-use crate::hostile::{GROUP, Hostile};
+use crate::hostile::Hostile;
 use crate::node_harness::{Node, built_on_first};
 use crate::trust::{honest_with, metric, substitute_all};
+use narmesh::chunks::GROUP;
 
 /// The node's verified bytes fetched from the peer with endpoint id `id`.
 fn fetched_from(node: &Node, id: &str) -> f64 {
@@ -190,10 +191,13 @@ fn the_bulk_channel_carries_ranges_and_a_stranger_gets_nothing() {
     );
     // Strangers, while B's ticket is out: a well-formed header with a guessed token, and
     // garbage.
-    let mut guessed = b"NMB1".to_vec();
-    guessed.extend_from_slice(&[0x42; 32]);
-    guessed.extend_from_slice(&0u64.to_be_bytes());
-    guessed.extend_from_slice(&16384u64.to_be_bytes());
+    let guessed = narmesh_proto::sync::BulkHeader {
+        token: [0x42; 32],
+        start: 0,
+        end: GROUP,
+    }
+    .encode()
+    .to_vec();
     for attempt in [guessed, vec![0xff; 52]] {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(std::time::Duration::from_secs(15)))
