@@ -208,3 +208,37 @@ fn the_bulk_channel_carries_ranges_and_a_stranger_gets_nothing() {
         assert!(got.is_empty(), "a stranger got {} bytes", got.len());
     }
 }
+
+/// `[mesh] serve-rate` caps what peers take: 8 MB from a node serving at 4 MiB/s cannot arrive
+/// in less than about 1.9 s (a lower bound: a slower machine only takes longer).
+#[test]
+fn serve_rate_caps_what_peers_take() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, mut nodes) = built_on_first(t.path(), 2);
+    nodes[0].mesh_extra.push_str("serve-rate = \"4MiB\"\n");
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    let path = a.build(r#"mk "transfer-paced" "head -c 8000000 /dev/urandom > $out""#)[0].clone();
+    wait_until(30, "B to learn the path", || {
+        nodes[1].serves(&[path.full()])
+    });
+    let (_, _, info) = http(
+        &nodes[1].http,
+        "GET",
+        &format!("/{}.narinfo", path.hash_part()),
+        &[],
+    );
+    let url = narmesh::nix::NarInfo::parse(std::str::from_utf8(&info).unwrap())
+        .unwrap()
+        .url;
+    let started = std::time::Instant::now();
+    let (code, _, body) = http(&nodes[1].http, "GET", &format!("/{url}"), &[]);
+    let took = started.elapsed();
+    assert_eq!(code, 200);
+    assert!(body.len() >= 8_000_000);
+    assert!(
+        took >= std::time::Duration::from_millis(1500),
+        "8 MB at 4 MiB/s arrived in {took:?}"
+    );
+}
