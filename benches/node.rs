@@ -256,7 +256,8 @@ fn main() {
             narinfo_rows.push((what, conns, n, x));
         }
     }
-    let _ = nginx.kill();
+    // SIGTERM: a SIGKILLed master leaves its workers running (and holding our stdout).
+    let _ = Command::new("kill").arg(nginx.id().to_string()).status();
     let _ = nginx.wait();
     node.stop();
 

@@ -18,12 +18,15 @@ pub const MAX_CONNECTIONS: usize = 1024;
 pub struct Capped {
     listener: TcpListener,
     slots: Arc<Semaphore>,
+    /// Every connection is watched by the thread's busy-poll.
+    spin: Arc<super::spin::Spin>,
 }
 
 impl Capped {
-    pub fn new(listener: TcpListener, max: usize) -> Self {
+    pub fn new(listener: TcpListener, max: usize, spin: Arc<super::spin::Spin>) -> Self {
         Capped {
             listener,
+            spin,
             slots: Arc::new(Semaphore::new(max)),
         }
     }
@@ -51,6 +54,7 @@ impl axum::serve::Listener for Capped {
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!("TCP_NODELAY: {e}");
                     }
+                    self.spin.watch(std::os::fd::AsFd::as_fd(&stream));
                     return (
                         CappedStream {
                             stream,

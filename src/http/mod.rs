@@ -5,6 +5,7 @@
 //! and anything that looks like traversal is 400. Internals never leak to clients.
 
 mod capped;
+pub mod spin;
 use narmesh_formats::range;
 use narmesh_formats::route::{Route, route};
 
@@ -13,7 +14,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
@@ -38,6 +39,11 @@ pub struct HttpState {
     pub generation: Arc<std::sync::atomic::AtomicU64>,
     /// Where NARs this node does not hold come from.
     pub mesh: Option<MeshHandle>,
+    /// The node's main runtime: NAR answers (reads, verification, fetches from peers) run
+    /// there, below normal priority, while the HTTP thread only parses, routes and writes.
+    pub main: tokio::runtime::Handle,
+    /// The HTTP thread's busy-poll after an answer (its runtime calls `before_park`).
+    pub spin: Arc<spin::Spin>,
 }
 
 /// Bytes of narinfo answers kept in memory.
@@ -64,6 +70,8 @@ impl HttpState {
     ) -> Self {
         let st = HttpState {
             mesh,
+            main: tokio::runtime::Handle::current(),
+            spin: Arc::new(spin::Spin::default()),
             db,
             storage,
             metrics,
@@ -103,10 +111,12 @@ pub async fn serve(
     state: HttpState,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
+    let spin = state.spin.clone();
     let app = axum::Router::new().fallback(handle).with_state(state);
     // Capped, and every connection with TCP_NODELAY: without it a streamed NAR's small writes
     // wait for the client's delayed ACK (40 ms per small NAR on Linux).
-    let listener = capped::Capped::new(listener, capped::MAX_CONNECTIONS);
+    spin.watch(std::os::fd::AsFd::as_fd(&listener));
+    let listener = capped::Capped::new(listener, capped::MAX_CONNECTIONS, spin);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await
@@ -128,7 +138,19 @@ async fn handle(State(st): State<HttpState>, req: Request) -> Response {
             Route::CacheInfo => text(st.cache_info.to_string(), "text/x-nix-cache-info"),
             Route::Metrics => text(st.metrics.render(), "text/plain; version=0.0.4"),
             Route::NarInfo(h) => narinfo(&st, h).await,
-            Route::Nar(hash) => nar(&st, hash, req.headers(), head).await,
+            Route::Nar(hash) => {
+                let range = req.headers().get(header::RANGE).cloned();
+                let st = st.clone();
+                match st
+                    .main
+                    .clone()
+                    .spawn(async move { nar(&st, hash, range, head).await })
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(e) => internal(e),
+                }
+            }
             Route::NotFound => StatusCode::NOT_FOUND.into_response(),
             Route::BadRequest => StatusCode::BAD_REQUEST.into_response(),
         }
@@ -145,6 +167,7 @@ async fn handle(State(st): State<HttpState>, req: Request) -> Response {
         .http_seconds
         .get_or_create(&RouteLabels { route: name })
         .observe(started.elapsed().as_secs_f64());
+    st.spin.answered();
     if head {
         let (parts, _) = resp.into_parts();
         return Response::from_parts(parts, Body::empty());
@@ -197,7 +220,12 @@ async fn narinfo(st: &HttpState, hash: &str) -> Response {
     }
 }
 
-async fn nar(st: &HttpState, hash: [u8; 32], headers: &HeaderMap, head: bool) -> Response {
+async fn nar(
+    st: &HttpState,
+    hash: [u8; 32],
+    range_header: Option<HeaderValue>,
+    head: bool,
+) -> Response {
     let held = match st.storage.held(&hash).await {
         Ok(h) => h,
         Err(e) => return internal(e),
@@ -214,7 +242,7 @@ async fn nar(st: &HttpState, hash: [u8; 32], headers: &HeaderMap, head: bool) ->
         Held::File { .. } => "file",
         Held::Store { .. } => "store",
     };
-    let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let range_header = range_header.as_ref().and_then(|v| v.to_str().ok());
     let (status, start, count) = match range::parse(range_header, len) {
         range::RangeAnswer::Full => (StatusCode::OK, 0, len),
         range::RangeAnswer::Partial { start, end } => {
