@@ -304,7 +304,7 @@ fn bench(
     // Disk writes are counted from here: the nodes' start-up (new databases) is not the run.
     let written_before: Vec<u64> = nodes.iter().map(|n| n.written_bytes()).collect();
     let feed_started = Instant::now();
-    feed(args, hook, &nodes[0], &work, &tl, &progress)?;
+    let floor = feed(args, hook, &nodes[0], &work, &tl, &progress)?;
     let _ = deadline.set(Instant::now() + Duration::from_secs(args.timeout));
     phase(&progress, "replicating", work.len() * args.nodes);
     while !watchers.iter().all(|w| w.is_finished()) {
@@ -604,6 +604,7 @@ fn bench(
             concurrency: args.concurrency,
         },
         hook_ms,
+        hook_floor_ms: Spread::of_ms(floor),
         origin_servable_ms,
         all_nodes_servable_ms,
         ingest_paths_per_sec,

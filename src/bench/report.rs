@@ -122,6 +122,9 @@ pub struct Report {
     pub workload: Workload,
     /// The `narmesh-hook` process, start to exit: the build-loop time blocked per build.
     pub hook_ms: Spread,
+    /// The same binary started the same way during the burst, doing nothing
+    /// (`narmesh-hook --version`, every 5 ms): what starting a process costs then.
+    pub hook_floor_ms: Spread,
     /// Hook call to signed and servable on the node where the build ran.
     pub origin_servable_ms: Spread,
     /// Hook call to servable on every node (empty with one node).
@@ -177,6 +180,16 @@ impl Report {
                     s.ratio_p50, s.ratio_p99
                 )
             }),
+        ]);
+        rows.push([
+            "hook process doing nothing (`--version`), same burst".into(),
+            ms(&self.hook_floor_ms),
+            "-".into(),
+            format!(
+                "hook call minus this: p50 {:.2} / p99 {:.2} ms",
+                self.hook_ms.p50 - self.hook_floor_ms.p50,
+                self.hook_ms.p99 - self.hook_floor_ms.p99
+            ),
         ]);
         rows.push([
             "hook -> servable on origin".into(),

@@ -64,6 +64,9 @@ fn a_small_bench_run_reports_every_figure_and_replicates_everything() {
             "{spread}: {min} {p50} {p99} {max}"
         );
     }
+    // The floor under the hook's figure was measured during the burst.
+    assert!(num("/hook_floor_ms/count") >= 1.0, "{r:#}");
+    assert!(num("/hook_floor_ms/p50") > 0.0, "{r:#}");
     // Servable everywhere is never before servable on the origin.
     assert!(num("/all_nodes_servable_ms/p50") >= num("/origin_servable_ms/min"));
     for figure in [
