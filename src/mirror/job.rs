@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use super::compress::compress_into;
 use super::s3::{Bucket, NAR_TYPE, NARINFO_TYPE, S3Error, UploadLog};
 use crate::config::Compression;
-use crate::db::{Db, MirrorState, PathRecord};
+use crate::db::{Db, MirrorState, OpenUpload, PathRecord};
 use crate::nix::{NarInfo, Sha256, base32};
 use crate::storage::Storage;
 
@@ -120,6 +120,26 @@ impl UploadLog for DbUploads {
     async fn ended(&self, id: &str) {
         let (db, id) = (self.0.clone(), id.to_owned());
         let _ = tokio::task::spawn_blocking(move || db.upload_ended(&id)).await;
+    }
+
+    async fn intents_of(&self, key: &str) -> Result<Vec<(String, u64)>, S3Error> {
+        let (db, key2) = (self.0.clone(), key.to_owned());
+        let failed = |message: String| S3Error::Other {
+            op: "reading recorded uploads",
+            key: key.to_owned(),
+            message,
+        };
+        let open = tokio::task::spawn_blocking(move || db.open_uploads())
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(|e| failed(e.to_string()))?;
+        Ok(open
+            .into_iter()
+            .filter_map(|u| match u {
+                OpenUpload::Intent { token, key, at_ms } if key == key2 => Some((token, at_ms)),
+                _ => None,
+            })
+            .collect())
     }
 }
 

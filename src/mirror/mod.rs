@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use compress::{FileDigest, compress_into};
+pub use job::DbUploads;
 pub use job::bucket_narinfo;
 use job::{Entry, JobError, NarJob, put_narinfo};
 use plan::{Job, Plan};
@@ -34,9 +35,6 @@ use crate::db::{Db, MirrorState, OpenUpload, PathRecord};
 use crate::metrics::Metrics;
 use crate::storage::Storage;
 
-/// An upload found under the key of an intent is taken as this mirror's if the bucket says it
-/// was initiated at most this long before the intent was recorded (clocks differ).
-const INTENT_SKEW: Duration = Duration::from_secs(60);
 /// Log entries taken into the outbox per commit.
 const TAKE: usize = 1000;
 /// Longest wait before retrying to reach the bucket at start.
@@ -190,28 +188,22 @@ impl Mirror {
                     .unwrap_or_default();
                 let mut stale = 0;
                 for entry in &open {
-                    let (entry_id, ids) = match entry {
-                        OpenUpload::Known { id, key } => (id.clone(), vec![(id.clone(), key)]),
+                    let entry_id = match entry {
+                        OpenUpload::Known { id, key } => {
+                            // Already completed or aborted is fine: forgotten either way.
+                            match self.bucket.abort(key, id).await {
+                                Ok(()) => stale += 1,
+                                Err(e) => tracing::debug!("mirror: aborting {key} ({id}): {e}"),
+                            }
+                            id.clone()
+                        }
                         // Died between asking for an upload and recording its id: whatever the
                         // bucket has open under that key since shortly before is this mirror's.
                         OpenUpload::Intent { token, key, at_ms } => {
-                            let since = *at_ms as i64 - INTENT_SKEW.as_millis() as i64;
-                            let found = self.bucket.uploads_of(key).await?;
-                            let ids = found
-                                .into_iter()
-                                .filter(|(_, at)| at.is_none_or(|at| at >= since))
-                                .map(|(id, _)| (id, key))
-                                .collect();
-                            (token.clone(), ids)
+                            stale += self.bucket.settle_intent(key, *at_ms).await?;
+                            token.clone()
                         }
                     };
-                    for (id, key) in ids {
-                        // Already completed or aborted is fine: the id is forgotten either way.
-                        match self.bucket.abort(key, &id).await {
-                            Ok(()) => stale += 1,
-                            Err(e) => tracing::debug!("mirror: aborting {key} ({id}): {e}"),
-                        }
-                    }
                     let db = self.db.clone();
                     let _ = tokio::task::spawn_blocking(move || db.upload_ended(&entry_id)).await;
                 }

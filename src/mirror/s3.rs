@@ -72,7 +72,16 @@ pub trait UploadLog: Send + Sync {
     ) -> impl Future<Output = Result<(), S3Error>> + Send;
     /// An upload (or an intent) is over.
     fn ended(&self, id: &str) -> impl Future<Output = ()> + Send;
+    /// The intents still recorded for `key`: token and when (unix ms).
+    fn intents_of(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Vec<(String, u64)>, S3Error>> + Send;
 }
+
+/// An upload found under the key of an intent is taken as this mirror's if the bucket says it
+/// was initiated at most this long before the intent was recorded (clocks differ).
+pub const INTENT_SKEW: Duration = Duration::from_secs(60);
 
 /// The deadline of one attempt to send `len` bytes: a minute plus the time at 1 MiB/s, so a
 /// large part on a slow link is not cut off, and a small request does not wait minutes.
@@ -295,13 +304,28 @@ impl Bucket {
                 .map_err(|e| self.err("PUT", &key, e))?;
             return Ok(());
         }
+        // An earlier attempt at this key whose create went unanswered left an intent: settle
+        // it first, so intents do not pile up over a months-long run on a flaky link. If the
+        // bucket cannot say what is open, this attempt stops here and adds no intent.
+        for (token, at_ms) in log.intents_of(&key).await? {
+            self.settle_intent(&key, at_ms).await?;
+            log.ended(&token).await;
+        }
         let intent = log.intent(&key).await?;
+        // One try per intent: a retry inside the SDK after an answer was lost would create a
+        // second upload under the same intent, which the intent's settling would then abort
+        // while that upload is in use, or, if the call succeeded, never. The job's own retry
+        // (with backoff) makes a new intent instead.
         let created = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(&key)
             .content_type(content_type)
+            .customize()
+            .config_override(
+                aws_sdk_s3::config::Builder::default().retry_config(RetryConfig::disabled()),
+            )
             .send()
             .await;
         let created = match created {
@@ -426,6 +450,25 @@ impl Bucket {
             }
         }
         Ok(out)
+    }
+
+    /// Abort what the bucket has open under `key` (prefix included) initiated from
+    /// [`INTENT_SKEW`] before `at_ms` on: the uploads an intent recorded then may have created.
+    /// Returns how many were aborted.
+    pub async fn settle_intent(&self, key: &str, at_ms: u64) -> Result<usize, S3Error> {
+        let since = at_ms as i64 - INTENT_SKEW.as_millis() as i64;
+        let mut aborted = 0;
+        for (id, at) in self.uploads_of(key).await? {
+            if at.is_some_and(|at| at < since) {
+                continue;
+            }
+            // Already completed or aborted is fine: the id is forgotten either way.
+            match self.abort(key, &id).await {
+                Ok(()) => aborted += 1,
+                Err(e) => tracing::debug!("mirror: aborting {key} ({id}): {e}"),
+            }
+        }
+        Ok(aborted)
     }
 
     /// Abort a multipart upload (the key as the bucket has it, prefix included).

@@ -305,3 +305,89 @@ fn a_flaky_s3_never_shows_a_broken_closure_and_ends_complete() {
         n.stop();
     }
 }
+
+/// A proxy that relays everything faithfully, except that the first `lose` answers to
+/// CreateMultipartUpload (`POST ...?uploads`) are lost: the request reaches the bucket, which
+/// creates the upload, and the client's connection is reset instead of answered. Returns the
+/// proxy's port and the count of answers lost.
+fn start_answer_losing_proxy(upstream: u16, lose: u64) -> (u16, Arc<AtomicU64>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let lost = Arc::new(AtomicU64::new(0));
+    let counter = lost.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            let lost = counter.clone();
+            std::thread::spawn(move || {
+                let Some(head) = read_head(&mut c) else {
+                    return;
+                };
+                let text = String::from_utf8_lossy(&head).into_owned();
+                let first = text.lines().next().unwrap_or_default().to_owned();
+                let create = first.starts_with("POST ") && first.contains("?uploads");
+                let mut head: String = text
+                    .trim_end_matches("\r\n")
+                    .split("\r\n")
+                    .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+                    .map(|l| format!("{l}\r\n"))
+                    .collect();
+                head.push_str("Connection: close\r\n\r\n");
+                let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    return;
+                };
+                if up.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                if create && lost.fetch_add(1, Ordering::Relaxed) < lose {
+                    // The bucket creates the upload; its answer never reaches the mirror.
+                    let mut answer = Vec::new();
+                    let _ = up.read_to_end(&mut answer);
+                    let _ = rustix::net::sockopt::set_socket_linger(&c, Some(Duration::ZERO));
+                    return;
+                }
+                if create {
+                    lost.fetch_sub(1, Ordering::Relaxed);
+                }
+                let (c2, up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
+                let t = std::thread::spawn(move || pipe(c2, up2, None));
+                pipe(up, c, None);
+                let _ = t.join();
+            });
+        }
+    });
+    (port, lost)
+}
+
+/// A CreateMultipartUpload whose answer is lost leaves an intent and an upload open in the
+/// bucket. The mirror settles it before its next attempt at that key (while it runs, not only
+/// at its next start): nothing stays open and no intent piles up on a flaky link.
+#[test]
+fn uploads_created_without_an_answer_are_aborted_while_the_mirror_runs() {
+    let s3 = S3Server::start();
+    let (proxy, lost) = start_answer_losing_proxy(s3.port(), 2);
+    let Setup { _t, a, mut nodes } = setup(&s3, "", (ACCESS_KEY, SECRET_KEY));
+    nodes[1].extra_config = format!(
+        "[mirror.s3]\nbucket = \"{BUCKET}\"\nendpoint = \"http://127.0.0.1:{proxy}\"\nregion = \"us-east-1\"\nmultipart-threshold = 5242880\npart-size = 5242880\n"
+    );
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    let top = a.build(r#"mk "lost-create-big" "head -c 11000000 /dev/urandom > $out""#)[0].clone();
+    let paths = vec![top.full()];
+    wait_in_bucket(&s3, &nodes[1], &paths, 180);
+    check_bucket(&s3, &paths);
+    assert!(
+        lost.load(Ordering::Relaxed) >= 2,
+        "the proxy lost {} CreateMultipartUpload answers",
+        lost.load(Ordering::Relaxed)
+    );
+    assert_eq!(
+        s3.open_uploads(),
+        0,
+        "the uploads created without an answer were aborted while the mirror ran"
+    );
+    for n in nodes.iter_mut() {
+        n.stop();
+    }
+}
