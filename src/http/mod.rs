@@ -140,13 +140,13 @@ async fn handle(State(st): State<HttpState>, req: Request) -> Response {
             Route::NarInfo(h) => narinfo(&st, h).await,
             Route::Nar(hash) => {
                 let range = req.headers().get(header::RANGE).cloned();
-                let st = st.clone();
-                match st
+                let st2 = st.clone();
+                // Aborted if the client goes away first: an on-demand fetch's wait for its
+                // first bytes holds a storage guard and the transfer.
+                let task = st
                     .main
-                    .clone()
-                    .spawn(async move { nar(&st, hash, range, head).await })
-                    .await
-                {
+                    .spawn(async move { nar(&st2, hash, range, head).await });
+                match tokio_util::task::AbortOnDropHandle::new(task).await {
                     Ok(r) => r,
                     Err(e) => internal(e),
                 }

@@ -295,8 +295,12 @@ impl Transfers {
             .map_err(|e: StorageError| e.to_string())?;
         *t.file.lock().unwrap_or_else(|p| p.into_inner()) = Some(partial.file());
         let partial = Arc::new(partial);
-        // The sha256 follows the verified prefix as it grows, so it is ready with the last byte.
-        let mut sha = AbortOnDrop(tokio::spawn(follow_sha256(t.clone(), partial.file())));
+        // The sha256 follows the verified prefix as it grows, so it is ready with the last byte
+        // (aborted if the transfer fails, so it leaves no follower behind).
+        let mut sha = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(follow_sha256(
+            t.clone(),
+            partial.file(),
+        )));
         let leaves = self.leaves(t, &providers).await;
         let fetched = match &leaves {
             Some(l) => match self.ranges(t, l.clone(), &partial, &providers).await {
@@ -322,7 +326,7 @@ impl Transfers {
             .remove(&t.blake3);
         let leaves = fetched?;
         // Every byte is written; the sha256 must match the signed NarHash.
-        let sha = (&mut sha.0).await.map_err(|e| e.to_string())??;
+        let sha = (&mut sha).await.map_err(|e| e.to_string())??;
         if sha != info.nar_hash.0 {
             self.claim_failed(want, &providers).await;
             return Err(
@@ -676,15 +680,6 @@ async fn flush(partial: &PartialNar, ready: &mut BytesMut, got: &mut u64) -> Res
         .map_err(|e| PeerError::Stream(format!("writing the NAR: {e}")))?;
     *got += n;
     Ok(())
-}
-
-/// A task aborted when its handle goes (a transfer that fails leaves no follower behind).
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// The sha256 of a transfer's NAR, hashed from its file as the verified prefix grows (read back
