@@ -239,38 +239,28 @@ fn front_thread(
     socket: std::os::unix::net::UnixListener,
     cancel: CancellationToken,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .thread_name("narmesh-front")
-        .build()?;
-    let handle = std::thread::Builder::new()
-        .name("narmesh-front".into())
-        .spawn(move || {
-            rt.block_on(async move {
-                let (queue, queue_task) =
-                    QueueHandle::spawn(p.db.clone(), p.wake, p.metrics.clone());
-                let socket = match UnixListener::from_std(socket) {
-                    Ok(s) => s,
-                    Err(e) => return tracing::error!("socket: {e}"),
-                };
-                let ingest = Ingest {
-                    queue,
-                    db: p.db,
-                    store: p.store,
-                    metrics: p.metrics,
-                    status: p.status,
-                    mesh: p.mesh,
-                    mirror: p.mirror,
-                    spool: p.spool.clone(),
-                    storage: p.storage,
-                };
-                let spool = tokio::spawn(ingest.clone().watch_spool(p.spool, cancel.clone()));
-                ingest.serve_socket(socket, cancel).await;
-                let _ = spool.await;
-                queue_task.abort();
-            });
-        })?;
-    Ok(handle)
+    runtime_thread("narmesh-front", None, move || async move {
+        let (queue, queue_task) = QueueHandle::spawn(p.db.clone(), p.wake, p.metrics.clone());
+        let socket = match UnixListener::from_std(socket) {
+            Ok(s) => s,
+            Err(e) => return tracing::error!("socket: {e}"),
+        };
+        let ingest = Ingest {
+            queue,
+            db: p.db,
+            store: p.store,
+            metrics: p.metrics,
+            status: p.status,
+            mesh: p.mesh,
+            mirror: p.mirror,
+            spool: p.spool.clone(),
+            storage: p.storage,
+        };
+        let spool = tokio::spawn(ingest.clone().watch_spool(p.spool, cancel.clone()));
+        ingest.serve_socket(socket, cancel).await;
+        let _ = spool.await;
+        queue_task.abort();
+    })
 }
 
 /// Serve the HTTP cache on a thread and runtime of its own at normal priority: a narinfo is
@@ -287,31 +277,62 @@ fn http_thread(
         .map(|l| l.into_std())
         .collect::<std::io::Result<Vec<_>>>()?;
     let spin = state.spin.clone();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .thread_name("narmesh-http")
-        .on_thread_park(move || spin.before_park())
-        .build()?;
-    let handle = std::thread::Builder::new()
-        .name("narmesh-http".into())
-        .spawn(move || {
-            rt.block_on(async move {
-                let tasks = tokio_util::task::TaskTracker::new();
-                for l in listeners {
-                    let l = match TcpListener::from_std(l) {
-                        Ok(l) => l,
-                        Err(e) => return tracing::error!("http listener: {e}"),
-                    };
-                    let (st, c) = (state.clone(), cancel.clone());
-                    tasks.spawn(async move {
-                        if let Err(e) = http::serve(l, st, c).await {
-                            tracing::error!("http server: {e}");
-                        }
-                    });
+    let park: Box<dyn Fn() + Send + Sync> = Box::new(move || spin.before_park());
+    runtime_thread("narmesh-http", Some(park), move || async move {
+        let tasks = tokio_util::task::TaskTracker::new();
+        for l in listeners {
+            let l = match TcpListener::from_std(l) {
+                Ok(l) => l,
+                Err(e) => return tracing::error!("http listener: {e}"),
+            };
+            let (st, c) = (state.clone(), cancel.clone());
+            tasks.spawn(async move {
+                if let Err(e) = http::serve(l, st, c).await {
+                    tracing::error!("http server: {e}");
                 }
-                tasks.close();
-                tasks.wait().await;
             });
+        }
+        tasks.close();
+        // A graceful shutdown waits for answers in flight; a client that stalls one
+        // gets `HTTP_GRACE`, then its connection is dropped with the runtime.
+        tokio::select! {
+            _ = tasks.wait() => {}
+            _ = async {
+                cancel.cancelled().await;
+                tokio::time::sleep(HTTP_GRACE).await;
+            } => tracing::warn!(
+                "http: answers still in flight {HTTP_GRACE:?} into shutdown; dropped"
+            ),
+        }
+    })
+}
+
+/// How long a stopping node lets HTTP answers in flight finish.
+const HTTP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A thread named `name` with a current-thread runtime of its own, at the priority of the
+/// thread that starts it (normal: the main runtime's workers run lower), running the future
+/// `main` makes; `park` runs each time before the thread sleeps. Tasks left when the future
+/// ends are dropped, and blocking work gets a second to finish.
+fn runtime_thread<Fut>(
+    name: &str,
+    park: Option<Box<dyn Fn() + Send + Sync>>,
+    main: impl FnOnce() -> Fut + Send + 'static,
+) -> anyhow::Result<std::thread::JoinHandle<()>>
+where
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    builder.enable_all().thread_name(name);
+    if let Some(park) = park {
+        builder.on_thread_park(park);
+    }
+    let rt = builder.build()?;
+    let handle = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            rt.block_on(main());
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
         })?;
     Ok(handle)
 }

@@ -122,8 +122,8 @@ pub struct Report {
     pub workload: Workload,
     /// The `narmesh-hook` process, start to exit: the build-loop time blocked per build.
     pub hook_ms: Spread,
-    /// The same binary started the same way during the burst, doing nothing
-    /// (`narmesh-hook --version`, every 5 ms): what starting a process costs then.
+    /// The same binary started the same way during the burst with nothing to report (it exits
+    /// at once), every 5 ms: what starting a process costs then.
     pub hook_floor_ms: Spread,
     /// Hook call to signed and servable on the node where the build ran.
     pub origin_servable_ms: Spread,
@@ -182,7 +182,7 @@ impl Report {
             }),
         ]);
         rows.push([
-            "hook process doing nothing (`--version`), same burst".into(),
+            "hook process with nothing to report, same burst".into(),
             ms(&self.hook_floor_ms),
             "-".into(),
             format!(

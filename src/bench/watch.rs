@@ -37,8 +37,18 @@ impl Timeline {
     }
 }
 
+/// Clears its flag when dropped.
+struct ClearOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
 /// Run the real hook once per path against `origin`, `--concurrency` at a time, each at its
-/// scheduled time when `--duration` spreads them.
+/// scheduled time when `--duration` spreads them. Returns the floor's samples (the hook
+/// started with nothing to report, during the same burst).
 pub fn feed(
     args: &BenchArgs,
     hook: &Path,
@@ -55,12 +65,16 @@ pub fn feed(
     let step = Duration::from_secs_f64(args.duration.max(0.0) / work.len() as f64);
     std::thread::scope(|s| {
         // The floor under the hook's figure, in the same burst: the same binary started the
-        // same way, doing nothing (`--version`), every 5 ms while the builds are reported.
+        // same way with nothing to report (it exits at once), every 5 ms while the builds are
+        // reported, at least once.
         s.spawn(|| {
-            while feeding.load(Ordering::Relaxed) {
+            loop {
                 let t0 = Instant::now();
                 let ok = std::process::Command::new(hook)
-                    .arg("--version")
+                    .env_remove("DRV_PATH")
+                    .env_remove("OUT_PATHS")
+                    .env("NARMESH_SOCKET", origin.socket())
+                    .env("NARMESH_SPOOL", origin.spool())
                     .stdin(std::process::Stdio::null())
                     .stdout(std::process::Stdio::null())
                     .stderr(std::process::Stdio::null())
@@ -72,9 +86,14 @@ pub fn feed(
                         .unwrap_or_else(|e| e.into_inner())
                         .push(t0.elapsed());
                 }
+                if !feeding.load(Ordering::Relaxed) {
+                    return;
+                }
                 std::thread::sleep(Duration::from_millis(5));
             }
         });
+        // However the feeders end (a thread that cannot start panics here), the floor stops.
+        let _stop_floor = ClearOnDrop(&feeding);
         let feeders: Vec<_> = (0..args.concurrency.min(work.len()))
             .map(|_| {
                 s.spawn(|| {
@@ -111,7 +130,6 @@ pub fn feed(
         for f in feeders {
             let _ = f.join();
         }
-        feeding.store(false, Ordering::Relaxed);
     });
     match failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
         Some(e) => anyhow::bail!(e),

@@ -126,6 +126,8 @@ async fn handle(State(st): State<HttpState>, req: Request) -> Response {
     let started = Instant::now();
     let r = route(req.uri().path());
     let name = r.name();
+    // A NAR's body comes from other threads: no busy-poll after it.
+    let quick = !matches!(r, Route::Nar(_));
     let head = req.method() == Method::HEAD;
     let resp = if req.method() != Method::GET && !head {
         (
@@ -146,6 +148,7 @@ async fn handle(State(st): State<HttpState>, req: Request) -> Response {
                 let task = st
                     .main
                     .spawn(async move { nar(&st2, hash, range, head).await });
+                let _waiting = st.spin.waiting();
                 match tokio_util::task::AbortOnDropHandle::new(task).await {
                     Ok(r) => r,
                     Err(e) => internal(e),
@@ -167,7 +170,9 @@ async fn handle(State(st): State<HttpState>, req: Request) -> Response {
         .http_seconds
         .get_or_create(&RouteLabels { route: name })
         .observe(started.elapsed().as_secs_f64());
-    st.spin.answered();
+    if quick {
+        st.spin.answered();
+    }
     if head {
         let (parts, _) = resp.into_parts();
         return Response::from_parts(parts, Body::empty());
@@ -196,6 +201,7 @@ async fn narinfo(st: &HttpState, hash: &str) -> Response {
     let generation = st.generation.load(Ordering::SeqCst);
     let (db, storage, mesh) = (st.db.clone(), st.storage.clone(), st.mesh.clone());
     let key = hash.to_owned();
+    let _waiting = st.spin.waiting();
     let found = tokio::task::spawn_blocking(move || -> Result<Option<Bytes>, String> {
         let Some(rec) = db.path(&key).map_err(|e| e.to_string())? else {
             return Ok(None);

@@ -7,11 +7,17 @@
 //! thread about to park first polls its connections without sleeping; a request that arrives
 //! then is read at once. Idle, nothing spins: the cost is bounded by `WINDOW` per answer.
 //!
+//! It does not spin while a request waits for work on other threads (a store lookup, a NAR
+//! answer from the main runtime): their wake-ups go to the runtime's own epoll, which the spin
+//! does not see. Nor after a NAR answer, whose body comes from other threads. A watched
+//! descriptor that stays readable unread (a pipelined request, a client that half-closed, the
+//! listener at the connection cap) ends every spin at once, which only costs the speed-up.
+//!
 //! Owns a second epoll set (level-triggered, readable only) holding the listeners and the
 //! connections; the kernel drops a connection from it when the connection closes.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::event::{Timespec, epoll};
@@ -26,6 +32,17 @@ pub struct Spin {
     base: Instant,
     /// Nanoseconds after `base` of the last answer (0: none yet).
     last: AtomicU64,
+    /// Requests now waiting for work on other threads: no spinning meanwhile.
+    waiting: AtomicUsize,
+}
+
+/// A request waiting for other threads; ends when dropped.
+pub struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Spin {
@@ -40,6 +57,7 @@ impl Spin {
             window,
             base: Instant::now(),
             last: AtomicU64::new(0),
+            waiting: AtomicUsize::new(0),
         }
     }
 
@@ -57,6 +75,12 @@ impl Spin {
         }
     }
 
+    /// A request is about to wait for other threads: no spinning until the guard goes.
+    pub fn waiting(&self) -> Waiting<'_> {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(&self.waiting)
+    }
+
     /// A request was just answered.
     pub fn answered(&self) {
         let now = self.base.elapsed().as_nanos() as u64;
@@ -68,7 +92,7 @@ impl Spin {
     pub fn before_park(&self) {
         let Some(ep) = &self.epoll else { return };
         let last = self.last.load(Ordering::Relaxed);
-        if last == 0 {
+        if last == 0 || self.waiting.load(Ordering::Relaxed) > 0 {
             return;
         }
         let until = last + self.window.as_nanos() as u64;
@@ -119,6 +143,13 @@ mod tests {
             quiet >= window / 2,
             "stopped after {quiet:?} with nothing to read"
         );
+
+        spin.answered();
+        let waiting = spin.waiting();
+        let t = Instant::now();
+        spin.before_park();
+        assert!(t.elapsed() < window / 2, "spun while a request waited");
+        drop(waiting);
 
         a.write_all(b"x").unwrap();
         spin.answered();

@@ -24,7 +24,6 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use compress::{FileDigest, compress_into};
-pub use job::DbUploads;
 pub use job::bucket_narinfo;
 use job::{Entry, JobError, NarJob, put_narinfo};
 use plan::{Job, Plan};

@@ -2,9 +2,11 @@
 //! a threshold, parts in parallel, aborted on failure), ask for an object's size, and clean up
 //! parts left by a killed upload. No aws-sdk type leaves this module. Retries with backoff for
 //! 5xx, throttling (SlowDown) and timeouts are the SDK's standard retry mode, without its retry
-//! quota.
+//! quota; CreateMultipartUpload alone is retried here, each try under its own intent.
 
+use std::collections::HashSet;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_sdk_s3::Client;
@@ -56,7 +58,27 @@ pub struct Bucket {
     part_size: u64,
     threshold: u64,
     concurrency: usize,
+    /// Keys with a multipart upload of this mirror in flight.
+    uploading: Arc<Mutex<HashSet<String>>>,
 }
+
+/// A key being uploaded; released when dropped.
+struct KeyClaim {
+    keys: Arc<Mutex<HashSet<String>>>,
+    key: String,
+}
+
+impl Drop for KeyClaim {
+    fn drop(&mut self) {
+        self.keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
+/// Tries of CreateMultipartUpload in one attempt at a NAR (200 ms apart, doubling).
+const CREATE_TRIES: u32 = 4;
 
 /// Where a mirror keeps the ids of the multipart uploads it starts, so that after a crash it
 /// aborts its own and never anyone else's.
@@ -81,7 +103,7 @@ pub trait UploadLog: Send + Sync {
 
 /// An upload found under the key of an intent is taken as this mirror's if the bucket says it
 /// was initiated at most this long before the intent was recorded (clocks differ).
-pub const INTENT_SKEW: Duration = Duration::from_secs(60);
+const INTENT_SKEW: Duration = Duration::from_secs(60);
 
 /// The deadline of one attempt to send `len` bytes: a minute plus the time at 1 MiB/s, so a
 /// large part on a slow link is not cut off, and a small request does not wait minutes.
@@ -144,6 +166,7 @@ impl Bucket {
             part_size: cfg.part_size,
             threshold: cfg.multipart_threshold,
             concurrency: cfg.concurrency,
+            uploading: Arc::default(),
         }
     }
 
@@ -304,43 +327,11 @@ impl Bucket {
                 .map_err(|e| self.err("PUT", &key, e))?;
             return Ok(());
         }
-        // An earlier attempt at this key whose create went unanswered left an intent: settle
-        // it first, so intents do not pile up over a months-long run on a flaky link. If the
-        // bucket cannot say what is open, this attempt stops here and adds no intent.
-        for (token, at_ms) in log.intents_of(&key).await? {
-            self.settle_intent(&key, at_ms).await?;
-            log.ended(&token).await;
-        }
-        let intent = log.intent(&key).await?;
-        // One try per intent: a retry inside the SDK after an answer was lost would create a
-        // second upload under the same intent, which the intent's settling would then abort
-        // while that upload is in use, or, if the call succeeded, never. The job's own retry
-        // (with backoff) makes a new intent instead.
-        let created = self
-            .client
-            .create_multipart_upload()
-            .bucket(&self.bucket)
-            .key(&key)
-            .content_type(content_type)
-            .customize()
-            .config_override(
-                aws_sdk_s3::config::Builder::default().retry_config(RetryConfig::disabled()),
-            )
-            .send()
-            .await;
-        let created = match created {
-            Ok(c) => c,
-            Err(e) => {
-                // The bucket said no: nothing was created. Else (no answer) it may have been:
-                // the intent stays, and the next start looks for it.
-                if matches!(e, aws_sdk_s3::error::SdkError::ServiceError(_)) {
-                    log.ended(&intent).await;
-                }
-                return Err(self.err("CreateMultipartUpload", &key, e));
-            }
-        };
+        // One upload of a key at a time: two store paths with identical NARs share the key, and
+        // settling one's intents must not abort the other's upload.
+        let _key = self.claim_key(&key)?;
+        let (intent, id) = self.create_upload(&key, content_type, log).await?;
         crate::killpoint::reach("mirror.upload-created");
-        let id = created.upload_id().unwrap_or_default().to_owned();
         if let Err(e) = log.started(&id, &key, &intent).await {
             let _ = self.abort(&key, &id).await;
             return Err(e);
@@ -452,6 +443,73 @@ impl Bucket {
         Ok(out)
     }
 
+    /// Mark `key` as being uploaded by this mirror until the guard goes; refused if it is
+    /// already (the job retries later and then finds the object there).
+    fn claim_key(&self, key: &str) -> Result<KeyClaim, S3Error> {
+        let mut keys = self.uploading.lock().unwrap_or_else(|p| p.into_inner());
+        if !keys.insert(key.to_owned()) {
+            return Err(S3Error::Other {
+                op: "CreateMultipartUpload",
+                key: key.to_owned(),
+                message: "an upload of the same bytes is in flight".into(),
+            });
+        }
+        Ok(KeyClaim {
+            keys: self.uploading.clone(),
+            key: key.to_owned(),
+        })
+    }
+
+    /// Create a multipart upload of `key`, each try under a fresh intent. An earlier try whose
+    /// answer never came (the bucket may have created an upload) is settled before the next:
+    /// the uploads under the key from then are aborted and its intent ends, so intents do not
+    /// pile up on a flaky link. The SDK does not retry this call itself: a second upload made
+    /// under one intent after a lost answer would be recorded nowhere.
+    async fn create_upload(
+        &self,
+        key: &str,
+        content_type: &str,
+        log: &impl UploadLog,
+    ) -> Result<(String, String), S3Error> {
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            // If the bucket cannot say what is open, this try stops here and adds no intent.
+            for (token, at_ms) in log.intents_of(key).await? {
+                self.settle_intent(key, at_ms).await?;
+                log.ended(&token).await;
+            }
+            let intent = log.intent(key).await?;
+            let created = self
+                .client
+                .create_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .content_type(content_type)
+                .customize()
+                .config_override(
+                    aws_sdk_s3::config::Builder::default().retry_config(RetryConfig::disabled()),
+                )
+                .send()
+                .await;
+            let e = match created {
+                Ok(c) => return Ok((intent, c.upload_id().unwrap_or_default().to_owned())),
+                Err(e) => e,
+            };
+            // The bucket said no: nothing was created. Else (no answer) it may have been: the
+            // intent stays for the next try (or the next start) to settle.
+            if matches!(e, aws_sdk_s3::error::SdkError::ServiceError(_)) {
+                log.ended(&intent).await;
+            }
+            let e = self.err("CreateMultipartUpload", key, e);
+            if tries >= CREATE_TRIES || matches!(e, S3Error::Auth { .. } | S3Error::NoBucket { .. })
+            {
+                return Err(e);
+            }
+            tokio::time::sleep(Duration::from_millis(200) * 2u32.pow(tries - 1)).await;
+        }
+    }
+
     /// Abort what the bucket has open under `key` (prefix included) initiated from
     /// [`INTENT_SKEW`] before `at_ms` on: the uploads an intent recorded then may have created.
     /// Returns how many were aborted.
@@ -462,26 +520,34 @@ impl Bucket {
             if at.is_some_and(|at| at < since) {
                 continue;
             }
-            // Already completed or aborted is fine: the id is forgotten either way.
-            match self.abort(key, &id).await {
-                Ok(()) => aborted += 1,
-                Err(e) => tracing::debug!("mirror: aborting {key} ({id}): {e}"),
-            }
+            // An error (other than already gone) keeps the intent for a later try.
+            self.abort(key, &id).await?;
+            aborted += 1;
         }
         Ok(aborted)
     }
 
     /// Abort a multipart upload (the key as the bucket has it, prefix included).
+    /// An upload already completed or aborted (`NoSuchUpload`, 404) counts as aborted.
     pub async fn abort(&self, key: &str, id: &str) -> Result<(), S3Error> {
-        self.client
+        match self
+            .client
             .abort_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
             .upload_id(id)
             .send()
             .await
-            .map_err(|e| self.err("AbortMultipartUpload", key, e))?;
-        Ok(())
+        {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.code() == Some("NoSuchUpload")
+                    || e.raw_response().is_some_and(|r| r.status().as_u16() == 404) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(self.err("AbortMultipartUpload", key, e)),
+        }
     }
 
     async fn file_part(&self, path: &Path, offset: u64, len: u64) -> Result<ByteStream, S3Error> {

@@ -61,6 +61,24 @@ fn read_head(c: &mut TcpStream) -> Option<Vec<u8>> {
     Some(head)
 }
 
+/// Read a request head from `c` and send it upstream with `Connection: close` (one request
+/// per connection); returns the request line and the upstream connection.
+fn relay_head(c: &mut TcpStream, upstream: u16) -> Option<(String, TcpStream)> {
+    let head = read_head(c)?;
+    let text = String::from_utf8_lossy(&head);
+    let first = text.lines().next().unwrap_or_default().to_owned();
+    let mut head: String = text
+        .trim_end_matches("\r\n")
+        .split("\r\n")
+        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+        .map(|l| format!("{l}\r\n"))
+        .collect();
+    head.push_str("Connection: close\r\n\r\n");
+    let mut up = TcpStream::connect(("127.0.0.1", upstream)).ok()?;
+    up.write_all(head.as_bytes()).ok()?;
+    Some((first, up))
+}
+
 fn pipe(mut from: TcpStream, mut to: TcpStream, limit: Option<u64>) {
     let mut buf = [0u8; 16 << 10];
     let mut sent = 0u64;
@@ -129,23 +147,9 @@ fn handle(mut c: TcpStream, upstream: u16, roll: u64, rate: u64, outage: bool, c
         _ => {
             // One request per connection (`Connection: close` both ways), so that every
             // request of a client that keeps connections alive meets the dice.
-            let Some(head) = read_head(&mut c) else {
+            let Some((_, up)) = relay_head(&mut c, upstream) else {
                 return;
             };
-            let text = String::from_utf8_lossy(&head);
-            let mut head: String = text
-                .trim_end_matches("\r\n")
-                .split("\r\n")
-                .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
-                .map(|l| format!("{l}\r\n"))
-                .collect();
-            head.push_str("Connection: close\r\n\r\n");
-            let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)) else {
-                return;
-            };
-            if up.write_all(head.as_bytes()).is_err() {
-                return;
-            }
             let limit = if kind == 3 {
                 counts.stalls.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(1500 + roll % 2000));
@@ -320,25 +324,10 @@ fn start_answer_losing_proxy(upstream: u16, lose: u64) -> (u16, Arc<AtomicU64>) 
             let Ok(mut c) = c else { continue };
             let lost = counter.clone();
             std::thread::spawn(move || {
-                let Some(head) = read_head(&mut c) else {
+                let Some((first, mut up)) = relay_head(&mut c, upstream) else {
                     return;
                 };
-                let text = String::from_utf8_lossy(&head).into_owned();
-                let first = text.lines().next().unwrap_or_default().to_owned();
                 let create = first.starts_with("POST ") && first.contains("?uploads");
-                let mut head: String = text
-                    .trim_end_matches("\r\n")
-                    .split("\r\n")
-                    .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
-                    .map(|l| format!("{l}\r\n"))
-                    .collect();
-                head.push_str("Connection: close\r\n\r\n");
-                let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)) else {
-                    return;
-                };
-                if up.write_all(head.as_bytes()).is_err() {
-                    return;
-                }
                 if create && lost.fetch_add(1, Ordering::Relaxed) < lose {
                     // The bucket creates the upload; its answer never reaches the mirror.
                     let mut answer = Vec::new();
@@ -390,4 +379,7 @@ fn uploads_created_without_an_answer_are_aborted_while_the_mirror_runs() {
     for n in nodes.iter_mut() {
         n.stop();
     }
+    // And no intent was left behind in the mirror's database.
+    let db = narmesh::db::Db::open(&nodes[1].dir.join("data/narmesh.redb")).unwrap();
+    assert_eq!(db.open_uploads().unwrap().len(), 0, "intents left recorded");
 }
