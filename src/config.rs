@@ -231,6 +231,9 @@ pub struct HttpConfig {
     pub listen: Vec<SocketAddr>,
     /// `Priority` in nix-cache-info (lower wins; cache.nixos.org uses 40).
     pub priority: u32,
+    /// Microseconds the HTTP thread polls its connections after a narinfo answer before it
+    /// sleeps (0: never).
+    pub busy_poll_us: u64,
 }
 
 /// `[pipeline]`: how paths are turned into signed NARs.
@@ -295,6 +298,7 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 5480))],
             priority: 30,
+            busy_poll_us: 50,
         }
     }
 }
@@ -379,6 +383,9 @@ impl Config {
         }
         for p in &self.mesh.allowed_peers {
             crate::mesh::parse_endpoint_id(p).map_err(|e| invalid("mesh.allowed-peers", e))?;
+        }
+        if self.http.busy_poll_us > 1000 {
+            return Err(invalid("http.busy-poll-us", "must be 0..=1000".into()));
         }
         if !(50..=3_600_000).contains(&self.mesh.sync_interval_ms) {
             return Err(invalid(
@@ -574,5 +581,15 @@ mod tests {
         ));
         let cfg: Config = toml::from_str("[pipeline]\nworkers = 0").unwrap();
         assert!(cfg.validate().is_err());
+        let cfg: Config = toml::from_str("[http]\nbusy-poll-us = 5000").unwrap();
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::Invalid {
+                key: "http.busy-poll-us",
+                ..
+            })
+        ));
+        let cfg: Config = toml::from_str("[http]\nbusy-poll-us = 0").unwrap();
+        assert!(cfg.validate().is_ok());
     }
 }

@@ -186,6 +186,7 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
         storage.clone(),
         metrics.clone(),
         cfg.http.priority,
+        std::time::Duration::from_micros(cfg.http.busy_poll_us),
         mesh.clone(),
     );
 

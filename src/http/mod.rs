@@ -66,12 +66,13 @@ impl HttpState {
         storage: Storage,
         metrics: Arc<Metrics>,
         priority: u32,
+        busy_poll: std::time::Duration,
         mesh: Option<MeshHandle>,
     ) -> Self {
         let st = HttpState {
             mesh,
             main: tokio::runtime::Handle::current(),
-            spin: Arc::new(spin::Spin::default()),
+            spin: Arc::new(spin::Spin::new(busy_poll)),
             db,
             storage,
             metrics,

@@ -3,9 +3,10 @@
 //! On these hosts most of a one-connection round trip is not work but sleep and wake-up: the
 //! thread sleeps in `epoll_wait`, and the client's next request must wake it on its CPU (an
 //! inter-processor interrupt, costly in a VM). A Nix client asks narinfos one after another, so
-//! the next question usually comes within microseconds. For `WINDOW` after an answer, the
-//! thread about to park first polls its connections without sleeping; a request that arrives
-//! then is read at once. Idle, nothing spins: the cost is bounded by `WINDOW` per answer.
+//! the next question usually comes within microseconds. For a window after an answer
+//! (`[http] busy-poll-us`, 50 by default, 0: off), the thread about to park first polls its
+//! connections without sleeping; a request that arrives then is read at once. Idle, nothing
+//! spins: the cost is bounded by the window per answer.
 //!
 //! It does not spin while a request waits for work on other threads (a store lookup, a NAR
 //! answer from the main runtime): their wake-ups go to the runtime's own epoll, which the spin
@@ -21,9 +22,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::event::{Timespec, epoll};
-
-/// How long after an answer the thread polls before it sleeps.
-pub const WINDOW: Duration = Duration::from_micros(50);
 
 /// The busy-poll of one HTTP thread.
 pub struct Spin {
@@ -92,7 +90,7 @@ impl Spin {
     pub fn before_park(&self) {
         let Some(ep) = &self.epoll else { return };
         let last = self.last.load(Ordering::Relaxed);
-        if last == 0 || self.waiting.load(Ordering::Relaxed) > 0 {
+        if last == 0 || self.window.is_zero() || self.waiting.load(Ordering::Relaxed) > 0 {
             return;
         }
         let until = last + self.window.as_nanos() as u64;
@@ -110,12 +108,6 @@ impl Spin {
                 _ => return,
             }
         }
-    }
-}
-
-impl Default for Spin {
-    fn default() -> Self {
-        Self::new(WINDOW)
     }
 }
 
