@@ -37,6 +37,18 @@ impl Timeline {
     }
 }
 
+/// The hook as Nix starts it for `origin`, without a derivation, output and stdio.
+fn hook_command(hook: &Path, origin: &Node) -> std::process::Command {
+    let mut c = std::process::Command::new(hook);
+    c.env_remove("DRV_PATH")
+        .env("NARMESH_SOCKET", origin.socket())
+        .env("NARMESH_SPOOL", origin.spool())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    c
+}
+
 /// Clears its flag when dropped.
 struct ClearOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
 
@@ -70,14 +82,8 @@ pub fn feed(
         s.spawn(|| {
             loop {
                 let t0 = Instant::now();
-                let ok = std::process::Command::new(hook)
-                    .env_remove("DRV_PATH")
+                let ok = hook_command(hook, origin)
                     .env_remove("OUT_PATHS")
-                    .env("NARMESH_SOCKET", origin.socket())
-                    .env("NARMESH_SPOOL", origin.spool())
-                    .stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
                     .status()
                     .is_ok();
                 if ok {
@@ -108,14 +114,8 @@ pub fn feed(
                         }
                         let t0 = Instant::now();
                         let _ = tl.hook_start[i].set(t0);
-                        let res = std::process::Command::new(hook)
-                            .env_remove("DRV_PATH")
+                        let res = hook_command(hook, origin)
                             .env("OUT_PATHS", work[i].path.full())
-                            .env("NARMESH_SOCKET", origin.socket())
-                            .env("NARMESH_SPOOL", origin.spool())
-                            .stdin(std::process::Stdio::null())
-                            .stdout(std::process::Stdio::null())
-                            .stderr(std::process::Stdio::null())
                             .status();
                         let _ = tl.hook_end[i].set(Instant::now());
                         if let Err(e) = res {

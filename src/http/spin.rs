@@ -90,7 +90,7 @@ impl Spin {
     pub fn before_park(&self) {
         let Some(ep) = &self.epoll else { return };
         let last = self.last.load(Ordering::Relaxed);
-        if last == 0 || self.window.is_zero() || self.waiting.load(Ordering::Relaxed) > 0 {
+        if last == 0 || self.waiting.load(Ordering::Relaxed) > 0 {
             return;
         }
         let until = last + self.window.as_nanos() as u64;

@@ -187,22 +187,26 @@ impl Mirror {
                     .unwrap_or_default();
                 let mut stale = 0;
                 for entry in &open {
-                    let entry_id = match entry {
+                    let (entry_id, settled) = match entry {
+                        // Already completed or aborted counts as aborted.
                         OpenUpload::Known { id, key } => {
-                            // Already completed or aborted is fine: forgotten either way.
-                            match self.bucket.abort(key, id).await {
-                                Ok(()) => stale += 1,
-                                Err(e) => tracing::debug!("mirror: aborting {key} ({id}): {e}"),
-                            }
-                            id.clone()
+                            (id.clone(), self.bucket.abort(key, id).await.map(|()| 1))
                         }
                         // Died between asking for an upload and recording its id: whatever the
                         // bucket has open under that key since shortly before is this mirror's.
                         OpenUpload::Intent { token, key, at_ms } => {
-                            stale += self.bucket.settle_intent(key, *at_ms).await?;
-                            token.clone()
+                            (token.clone(), self.bucket.settle_intent(key, *at_ms).await)
                         }
                     };
+                    // One the bucket would not abort now stays recorded for the next start
+                    // (and an intent for the next upload of its key); the mirror goes on.
+                    match settled {
+                        Ok(n) => stale += n,
+                        Err(e) => {
+                            tracing::warn!("mirror: an upload of a previous run stays open: {e}");
+                            continue;
+                        }
+                    }
                     let db = self.db.clone();
                     let _ = tokio::task::spawn_blocking(move || db.upload_ended(&entry_id)).await;
                 }
