@@ -86,6 +86,7 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<()> {
         "keys",
         keys(&args.nix_conf, &nix_conf, &cfg, status.as_ref()),
     ));
+    checks.push(("disk", disk(&cfg)));
     checks.extend(peers(&cfg, status.as_ref()));
     checks.push(("bucket", bucket(&cfg, args.environment_file.as_deref())));
     let mut failed = 0;
@@ -104,6 +105,31 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<()> {
         Ok(())
     } else {
         anyhow::bail!("{failed} check(s) failed")
+    }
+}
+
+/// The data dir's disk against `[store] min-free`: under it, no NAR from peers is kept.
+fn disk(cfg: &Config) -> Outcome {
+    let floor = cfg.store.min_free.0;
+    match crate::storage::free_space(&cfg.data_dir) {
+        None => Skip(format!(
+            "cannot ask {} for its free space (no node has run yet?)",
+            cfg.data_dir.display()
+        )),
+        Some(free) if free < floor => Fail(
+            format!(
+                "{} has {} MiB free, under [store] min-free ({} MiB): no NAR from peers is kept",
+                cfg.data_dir.display(),
+                free >> 20,
+                floor >> 20
+            ),
+            "free space on that disk, or lower [store] min-free".into(),
+        ),
+        Some(free) => Pass(format!(
+            "{} MiB free on the data dir's disk, above [store] min-free ({} MiB)",
+            free >> 20,
+            floor >> 20
+        )),
     }
 }
 

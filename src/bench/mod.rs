@@ -212,6 +212,21 @@ fn bench(
         }
     };
     let total_bytes: u64 = work.iter().map(|p| p.nar_size).sum();
+    // Every node but the origin keeps a copy (and the mirror a compressed one on its way): a
+    // disk that cannot take them would stall the run, not fail it.
+    let need = total_bytes.saturating_mul(args.nodes as u64) + (512 << 20);
+    if let Some(free) = crate::storage::free_space(dir) {
+        anyhow::ensure!(
+            free >= need,
+            "{} has {} MiB free; this workload needs about {} MiB (its {} MiB of NARs on each \
+             of {} nodes, and room to spare): free some space, or give --dir elsewhere",
+            dir.display(),
+            free >> 20,
+            need >> 20,
+            total_bytes >> 20,
+            args.nodes
+        );
+    }
 
     // S3.
     let local_s3 = if args.s3_local {

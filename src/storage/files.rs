@@ -127,7 +127,23 @@ impl Storage {
                         st.reserved += need;
                         (p, false)
                     }
-                    None => return Err(StorageError::Full { need }),
+                    None => {
+                        // Name the limit that cannot be met: an operator fixes the two
+                        // differently (a larger cap, or space freed on the disk).
+                        let why = match free {
+                            Some(f) if under_floor >= over_cap => format!(
+                                "the disk has {f} bytes free and [store] min-free keeps {} \
+                                 free; the NAR files that may go would not make up the rest",
+                                self.inner.cfg.min_free
+                            ),
+                            _ => format!(
+                                "[store] max-size is {cap} bytes and the NAR files that may go \
+                                 would not make up the rest (the others are in use, pinned or \
+                                 waiting for the mirror)"
+                            ),
+                        };
+                        return Err(StorageError::Full { need, why });
+                    }
                 }
             }
         };
@@ -183,7 +199,7 @@ impl Storage {
 }
 
 /// Free bytes on the file system of `dir` (for unprivileged users), if it can be asked.
-pub(super) fn free_space(dir: &std::path::Path) -> Option<u64> {
+pub fn free_space(dir: &std::path::Path) -> Option<u64> {
     let st = rustix::fs::statvfs(dir).ok()?;
     Some(st.f_bavail.saturating_mul(st.f_frsize))
 }

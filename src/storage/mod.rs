@@ -26,7 +26,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-pub use files::PartialNar;
+pub use files::{PartialNar, free_space};
 pub use read::ReadError;
 
 use crate::chunks::Leaves;
@@ -48,8 +48,8 @@ pub enum StorageError {
     NotHeld,
     #[error("a NAR of {size} bytes is larger than the store's cap of {cap} bytes")]
     TooLarge { size: u64, cap: u64 },
-    #[error("no room for {need} bytes: every NAR file is in use, pinned or waiting for the mirror")]
-    Full { need: u64 },
+    #[error("no room for {need} bytes: {why}")]
+    Full { need: u64, why: String },
     #[error("{0}")]
     Read(#[from] ReadError),
     #[error("storage task: {0}")]
@@ -434,6 +434,21 @@ impl Storage {
         if let Ok(c) = self.inner.db.storage_counters() {
             m.storage_own_paths.set(c.own_paths as i64);
         }
+        // A disk under the floor refuses every NAR from peers: say so where an operator looks
+        // (`narmesh status`, doctor), not only in each failed fetch's log line.
+        let floor = self.inner.cfg.min_free;
+        let low = files::free_space(&self.inner.dir).filter(|free| *free < floor);
+        m.problem(
+            "storage",
+            low.map(|free| {
+                format!(
+                    "the data dir's disk has {} MiB free, under [store] min-free ({} MiB): no \
+                     NAR from peers is kept until space is freed or min-free lowered",
+                    free >> 20,
+                    floor >> 20
+                )
+            }),
+        );
     }
 
     /// Run the storage's housekeeping (own paths against the Nix store, last-used times, free

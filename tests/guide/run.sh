@@ -11,8 +11,8 @@
 #   - a network namespace each, build1 at 10.0.0.1 and build2 at 10.0.0.2, on one bridge with
 #     a third namespace that runs the S3 server (SeaweedFS) at the guide's S3 endpoint;
 #   - a filesystem view each (a mount namespace): /etc, /usr, /var and /nix are overlays on
-#     this machine's (writes go to the test's directory, never to the real ones), /root is a
-#     directory of its own, /run a tmpfs; hostname build1 or build2.
+#     this machine's (writes go to the test's directory, a tmpfs of 8 GiB, never to the real
+#     ones), /root is a directory of its own, /run a tmpfs; hostname build1 or build2.
 #
 # What the hosts cannot do here is done by stand-ins, first on PATH, each saying so when it
 # runs (tests/guide/shims/):
@@ -119,8 +119,9 @@ cleanup() {
         ip netns del "$n" 2> /dev/null
     done
     if [ -n "${NARMESH_GUIDE_KEEP:-}" ]; then
-        echo "kept $work"
+        echo "kept $work (a tmpfs: umount it when done)"
     else
+        mountpoint -q "$work" && { umount "$work" || umount -l "$work"; }
         rm -rf "$work"
     fi
     if [ $rc -eq 0 ]; then
@@ -131,6 +132,10 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+# The hosts' disks: everything the hosts and the S3 server write (the overlays' upper layers,
+# the bucket) goes to a tmpfs of 8 GiB, so the nodes see a disk with room above their default
+# free-space floor (5 GiB) and SeaweedFS one above its own, whatever this machine has free.
+mount -t tmpfs -o size=8g,mode=0755 narmesh-guide "$work"
 
 # ---------------------------------------------------------------------------------------------
 step "extracting the guide's blocks from $readme"

@@ -30,10 +30,14 @@ struct Run {
 }
 
 fn doctor(node: &Node, nix_conf: &Path, env_file: Option<&Path>) -> Run {
+    doctor_with(&node.dir.join("narmesh.toml"), nix_conf, env_file)
+}
+
+fn doctor_with(config: &Path, nix_conf: &Path, env_file: Option<&Path>) -> Run {
     let mut cmd = Command::new(bin("narmesh"));
     cmd.arg("doctor")
         .arg("--config")
-        .arg(node.dir.join("narmesh.toml"))
+        .arg(config)
         .arg("--nix-conf")
         .arg(nix_conf)
         .env_remove("NARMESH_CONFIG")
@@ -140,6 +144,19 @@ fn doctor_passes_a_healthy_mesh_and_names_each_broken_piece() {
     let run = doctor(&nodes[0], &untrusted, None);
     assert_only_fails(&run, "keys");
     assert!(line(&run, "keys").contains("n0-1"), "{}", run.out);
+
+    // A disk with less free space than `[store] min-free` keeps.
+    let config = std::fs::read_to_string(nodes[0].dir.join("narmesh.toml")).unwrap();
+    assert!(config.contains("min-free = \"64MiB\""), "{config}");
+    let greedy = t.path().join("greedy.toml");
+    std::fs::write(
+        &greedy,
+        config.replace("min-free = \"64MiB\"", "min-free = \"1000TiB\""),
+    )
+    .unwrap();
+    let run = doctor_with(&greedy, &confs[0], None);
+    assert_only_fails(&run, "disk");
+    assert!(line(&run, "disk").contains("min-free"), "{}", run.out);
 
     // Wrong bucket credentials.
     let wrong = t.path().join("wrong.env");

@@ -183,8 +183,8 @@ impl NixHost {
     }
 
     /// A command with this host's environment, run by this host's Nix. Nix 2.26 runs in its
-    /// own root through bubblewrap, with the host's `/tmp` (where the tests' stores, sockets and
-    /// spools live) and our binaries' directory bound in at the same paths.
+    /// own root through bubblewrap, with the host's `/tmp` and `$TMPDIR` (where the tests'
+    /// stores, sockets and spools live) and our binaries' directory bound in at the same paths.
     pub fn cmd(&self, program: &str) -> Command {
         let mut c = match self.nix {
             Nix::V2_8 => Command::new(program),
@@ -196,11 +196,13 @@ impl NixHost {
                     .arg(Nix::root_2_26())
                     .arg("/")
                     .args(["--bind", "/proc", "/proc", "--dev-bind", "/dev", "/dev"])
-                    .args(["--bind", "/tmp", "/tmp"])
-                    .arg("--ro-bind")
-                    .arg(bins)
-                    .arg(bins)
-                    .arg(program);
+                    .args(["--bind", "/tmp", "/tmp"]);
+                // The tests' files are under `$TMPDIR` (`/tmp` unless it says otherwise).
+                let tmp = std::env::temp_dir();
+                if !tmp.starts_with("/tmp") {
+                    c.arg("--bind").arg(&tmp).arg(&tmp);
+                }
+                c.arg("--ro-bind").arg(bins).arg(bins).arg(program);
                 c
             }
         };

@@ -137,8 +137,16 @@ impl Node {
             ),
             None => "[mesh]\nenabled = false\n".to_owned(),
         };
+        // The disk's free-space floor (5 GiB by default) is the host's, not the test's: a test
+        // that does not set `[store]` itself keeps 64 MiB free, so a machine with little disk
+        // to spare still runs it.
+        let store = if self.extra_config.contains("[store]") {
+            ""
+        } else {
+            "[store]\nmin-free = \"64MiB\"\n"
+        };
         let text = format!(
-            "data-dir = {:?}\nsocket = {:?}\nspool-dir = {:?}\nupstream-keys = {:?}\nsecret-key-file = {:?}\ntrusted-public-keys = {:?}\n{}\n[nix]\nstore-root = {:?}\n[http]\nlisten = [\"127.0.0.1:0\"]\n{mesh}",
+            "data-dir = {:?}\nsocket = {:?}\nspool-dir = {:?}\nupstream-keys = {:?}\nsecret-key-file = {:?}\ntrusted-public-keys = {:?}\n{}\n{store}[nix]\nstore-root = {:?}\n[http]\nlisten = [\"127.0.0.1:0\"]\n{mesh}",
             self.dir.join("data"),
             self.socket(),
             self.spool(),
