@@ -466,3 +466,44 @@ impl Storage {
 pub fn hex(b: &[u8; 32]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path, max_size: u64, min_free: u64) -> (Storage, Arc<Metrics>) {
+        let db = Db::open(&dir.join("narmesh.redb")).unwrap();
+        let store = Arc::new(LocalStore::new(&dir.join("store")));
+        let metrics = Arc::new(Metrics::new());
+        let cfg = StorageConfig {
+            max_size,
+            min_free,
+            gc_interval: Duration::from_secs(60),
+        };
+        let s = Storage::open(dir, db, store, cfg, metrics.clone()).unwrap();
+        (s, metrics)
+    }
+
+    #[test]
+    fn a_refusal_names_its_limit_and_a_disk_under_the_floor_is_a_problem() {
+        // A floor no disk meets: a problem for status, and a refusal that names the disk.
+        let t = tempfile::tempdir().unwrap();
+        let (s, metrics) = open(t.path(), 1 << 30, u64::MAX / 2);
+        let problems = metrics.problems();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("storage:") && p.contains("min-free")),
+            "{problems:?}"
+        );
+        let e = s.make_room(1).unwrap_err().to_string();
+        assert!(e.contains("min-free") && !e.contains("max-size"), "{e}");
+
+        // No floor: no problem, and a NAR over what the cap can make room for names the cap.
+        let t = tempfile::tempdir().unwrap();
+        let (s, metrics) = open(t.path(), 1 << 20, 0);
+        assert!(metrics.problems().is_empty(), "{:?}", metrics.problems());
+        let e = s.make_room(2 << 20).unwrap_err().to_string();
+        assert!(e.contains("max-size") && !e.contains("min-free"), "{e}");
+    }
+}

@@ -331,6 +331,8 @@ fn a_full_disk_loses_nothing_and_everything_arrives_once_space_is_freed() {
     let during = built_paths(&host, 4, "full-during");
     let mut node = Node::new(&t.path().join("node"), &host.root);
     let data = Tmpfs::mount(&node.dir.join("data"), "16m");
+    // A floor below the 16 MiB disk: once space is freed, no problem is left.
+    node.extra_config = "[store]\nmin-free = \"1MiB\"\n".into();
     node.start();
     for p in &before {
         let run = run_hook(&node.socket(), &node.spool(), "", p, 2000);
