@@ -1,5 +1,6 @@
 //! The node end to end with the real Nix: hook -> durable queue -> signed NARs -> local HTTP
-//! substituter; the node down (spool), killed with SIGKILL mid-burst, and fed bad input.
+//! substituter; the node down (spool), killed with SIGKILL mid-burst, fed bad input, and
+//! stopped while a client stalls a NAR answer.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -447,4 +448,60 @@ fn push_and_status_cli_and_upstream_paths_skipped() {
         String::from_utf8_lossy(&refused.stderr)
     );
     node.stop();
+}
+
+/// A client that asks for a NAR and stops reading holds a stopping node for at most the HTTP
+/// grace (10 s), not for ever: the node exits, and says it dropped an answer.
+#[test]
+fn a_stalled_http_client_holds_shutdown_only_for_the_grace() {
+    let t = tempfile::tempdir().unwrap();
+    let host = NixHost::new("");
+    // Far more than the loopback socket buffers hold: the answer blocks on the client.
+    let big = host.build(r#"mk "stall-big" "head -c 64000000 /dev/urandom > $out""#)[0].clone();
+    let mut node = Node::new(&t.path().join("node"), &host.root);
+    node.start();
+    crate::harness::run_hook(&node.socket(), &node.spool(), "", &big.full(), 2000);
+    wait_until(30, "the path to be served", || {
+        node.serves(std::slice::from_ref(&big.full()))
+    });
+    let (_, _, info) = http(
+        &node.http,
+        "GET",
+        &format!("/{}.narinfo", big.hash_part()),
+        &[],
+    );
+    let info = narmesh::nix::NarInfo::parse(std::str::from_utf8(&info).unwrap()).unwrap();
+
+    let mut client = std::net::TcpStream::connect(&node.http).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(client, "GET /{} HTTP/1.1\r\nHost: cache\r\n\r\n", info.url).unwrap();
+    let mut first = [0u8; 4096];
+    let n = client.read(&mut first).unwrap();
+    assert!(
+        first[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&first[..n])
+    );
+    // The client reads nothing more and keeps its connection open.
+    let pid = node.pid();
+    let stopping = Instant::now();
+    run_ok(std::process::Command::new("kill").arg(pid.to_string()));
+    assert!(
+        node.wait_exit(30),
+        "a stalled client held the node past 30 s; log:\n{}",
+        node.log()
+    );
+    let took = stopping.elapsed();
+    assert!(
+        took < Duration::from_secs(20),
+        "the node took {took:?} to stop"
+    );
+    assert!(
+        node.log().contains("answers still in flight"),
+        "{}",
+        node.log()
+    );
+    drop(client);
 }
