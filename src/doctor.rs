@@ -116,20 +116,17 @@ fn disk(cfg: &Config) -> Outcome {
             "cannot ask {} for its free space (no node has run yet?)",
             cfg.data_dir.display()
         )),
-        Some(free) if free < floor => Fail(
-            format!(
-                "{} has {} MiB free, under [store] min-free ({} MiB): no NAR from peers is kept",
-                cfg.data_dir.display(),
+        Some(free) => match crate::storage::under_floor(&cfg.data_dir, free, floor) {
+            Some(what) => Fail(
+                what,
+                "free space on that disk, or lower [store] min-free".into(),
+            ),
+            None => Pass(format!(
+                "{} MiB free on the data dir's disk, above [store] min-free ({} MiB)",
                 free >> 20,
                 floor >> 20
-            ),
-            "free space on that disk, or lower [store] min-free".into(),
-        ),
-        Some(free) => Pass(format!(
-            "{} MiB free on the data dir's disk, above [store] min-free ({} MiB)",
-            free >> 20,
-            floor >> 20
-        )),
+            )),
+        },
     }
 }
 

@@ -204,6 +204,20 @@ pub fn free_space(dir: &std::path::Path) -> Option<u64> {
     Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
+/// What an operator is told when `dir`'s disk has `free` bytes, under the `floor` of
+/// `[store] min-free` (`None`: at or above it). Status and doctor say it alike.
+pub fn under_floor(dir: &std::path::Path, free: u64, floor: u64) -> Option<String> {
+    (free < floor).then(|| {
+        format!(
+            "the disk of {} has {} MiB free, under [store] min-free ({} MiB): no NAR from peers \
+             is kept until space is freed or min-free lowered",
+            dir.display(),
+            free >> 20,
+            floor >> 20
+        )
+    })
+}
+
 /// A suffix that keeps two concurrent fetches of one NAR apart.
 fn fastrand_suffix() -> String {
     let mut b = [0u8; 6];

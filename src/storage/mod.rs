@@ -26,7 +26,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-pub use files::{PartialNar, free_space};
+pub use files::{PartialNar, free_space, under_floor};
 pub use read::ReadError;
 
 use crate::chunks::Leaves;
@@ -436,19 +436,10 @@ impl Storage {
         }
         // A disk under the floor refuses every NAR from peers: say so where an operator looks
         // (`narmesh status`, doctor), not only in each failed fetch's log line.
-        let floor = self.inner.cfg.min_free;
-        let low = files::free_space(&self.inner.dir).filter(|free| *free < floor);
-        m.problem(
-            "storage",
-            low.map(|free| {
-                format!(
-                    "the data dir's disk has {} MiB free, under [store] min-free ({} MiB): no \
-                     NAR from peers is kept until space is freed or min-free lowered",
-                    free >> 20,
-                    floor >> 20
-                )
-            }),
-        );
+        let dir = &self.inner.dir;
+        let low = files::free_space(dir)
+            .and_then(|free| files::under_floor(dir, free, self.inner.cfg.min_free));
+        m.problem("storage", low);
     }
 
     /// Run the storage's housekeeping (own paths against the Nix store, last-used times, free
