@@ -50,6 +50,7 @@ pub struct Metrics {
     pub mirror_uploaded_paths: Counter,
     pub mirror_uploaded_bytes: Counter,
     pub mirror_failures: Counter,
+    pub mirror_streamed_nars: Counter,
     pub storage_file_bytes: Gauge,
     pub storage_cap_bytes: Gauge,
     pub storage_own_paths: Gauge,
@@ -123,6 +124,7 @@ impl Metrics {
             mirror_uploaded_paths: Counter::default(),
             mirror_uploaded_bytes: Counter::default(),
             mirror_failures: Counter::default(),
+            mirror_streamed_nars: Counter::default(),
             storage_file_bytes: Gauge::default(),
             storage_cap_bytes: Gauge::default(),
             storage_own_paths: Gauge::default(),
@@ -221,6 +223,11 @@ impl Metrics {
             "mirror_failures",
             "Failed S3 mirror attempts (each is retried)",
             m.mirror_failures.clone(),
+        );
+        registry.register(
+            "mirror_streamed_nars",
+            "NARs the S3 mirror compressed while they still arrived from peers",
+            m.mirror_streamed_nars.clone(),
         );
         registry.register(
             "storage_file_bytes",

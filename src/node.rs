@@ -129,6 +129,7 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
                 db: db.clone(),
                 storage: storage.clone(),
                 metrics: metrics.clone(),
+                arriving: mesh.as_ref().map(MeshHandle::arriving),
             },
             mirror_cancel.clone(),
         )

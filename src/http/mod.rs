@@ -20,7 +20,7 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::Db;
-use crate::mesh::{MeshHandle, Progress, Transfer, Want};
+use crate::mesh::{MeshHandle, Progress, Want};
 use crate::metrics::{HttpLabels, Metrics, RouteLabels, SourceLabels};
 use crate::storage::{Held, Storage};
 
@@ -403,51 +403,5 @@ async fn from_peers(st: &HttpState, hash: [u8; 32], head: bool) -> Response {
         }
         Ok(_) => {}
     }
-    headers(counted(st, "peer", follow(t, progress, guard)))
-}
-
-/// The verified bytes of a transfer, in order, as they become verified.
-fn follow(
-    t: Arc<Transfer>,
-    mut progress: tokio::sync::watch::Receiver<Progress>,
-    guard: impl Send + 'static,
-) -> tokio::sync::mpsc::Receiver<Result<Bytes, String>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(2);
-    tokio::spawn(async move {
-        let _guard = guard;
-        let mut pos = 0u64;
-        while pos < t.size {
-            let p = progress.borrow_and_update().clone();
-            if p.verified > pos {
-                let Some(file) = t.file() else { return };
-                let to = p.verified.min(pos + (1 << 20));
-                let read = tokio::task::spawn_blocking(move || {
-                    use std::os::unix::fs::FileExt as _;
-                    let mut buf = vec![0u8; (to - pos) as usize];
-                    file.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
-                })
-                .await;
-                let piece = match read {
-                    Ok(Ok(b)) => Ok(b),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                let failed = piece.is_err();
-                if tx.send(piece).await.is_err() || failed {
-                    return;
-                }
-                pos = to;
-                continue;
-            }
-            if let Some(Err(e)) = p.done {
-                let _ = tx.send(Err(e)).await;
-                return;
-            }
-            if progress.changed().await.is_err() {
-                let _ = tx.send(Err("the fetch ended".into())).await;
-                return;
-            }
-        }
-    });
-    rx
+    headers(counted(st, "peer", t.follow(guard, false)))
 }

@@ -256,6 +256,39 @@ pub struct MeshHandle {
     tasks: TaskTracker,
 }
 
+/// NARs on their way here from peers, as a reader that does not start fetches sees them: which
+/// are arriving, news of new ones, and their verified bytes while they arrive.
+#[derive(Clone, Debug)]
+pub struct Arriving(Arc<transfer::Transfers>);
+
+impl Arriving {
+    /// True while a transfer of this NAR is under way.
+    pub fn is_arriving(&self, blake3: &[u8; 32]) -> bool {
+        self.0
+            .in_flight(blake3)
+            .is_some_and(|t| t.progress().borrow().done.is_none())
+    }
+
+    /// News of transfers starting: the hash parts of the paths each is for.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.0.subscribe_started()
+    }
+
+    /// The bytes of an arriving NAR, verified, the last piece only once its sha256 matched
+    /// (see [`Transfer::follow`]); `None` if no transfer of it is under way (or it failed).
+    pub fn follow(
+        &self,
+        blake3: &[u8; 32],
+        guard: impl Send + 'static,
+    ) -> Option<tokio::sync::mpsc::Receiver<Result<bytes::Bytes, String>>> {
+        let t = self.0.in_flight(blake3)?;
+        if matches!(t.progress().borrow().done, Some(Err(_))) {
+            return None;
+        }
+        Some(t.follow(guard, true))
+    }
+}
+
 impl MeshHandle {
     /// Bind the endpoint, start gossip, catch-up, eager replication and the protocol handlers.
     pub async fn start(parts: MeshParts, cancel: CancellationToken) -> anyhow::Result<Self> {
@@ -438,6 +471,11 @@ impl MeshHandle {
     /// The transfer of a claim's NAR from peers (shared with whoever else fetches it).
     pub fn fetch(&self, want: Want) -> Arc<Transfer> {
         self.ctx.transfers.start(want)
+    }
+
+    /// NARs on their way here from peers (for the mirror, which reads them as they arrive).
+    pub fn arriving(&self) -> Arriving {
+        Arriving(self.ctx.transfers.clone())
     }
 
     /// The providers a claim's NAR could be fetched from (empty: nothing can be fetched).

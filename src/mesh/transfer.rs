@@ -80,6 +80,67 @@ impl Transfer {
     fn end(&self, result: Result<(), String>) {
         self.progress.send_modify(|p| p.done = Some(result));
     }
+
+    /// The verified bytes, in order and in pieces of at most 1 MiB, as they become verified;
+    /// `guard` lives as long as the reader. A failed transfer ends the stream with its error.
+    /// With `whole`, the stream also waits for the transfer's end, so its last piece comes only
+    /// once the whole NAR's sha256 matched the signed NarHash (a reader that keeps or passes on
+    /// what it read as one object, like the mirror); without, it ends with the last verified
+    /// byte (the local Nix checks the NarHash itself).
+    pub fn follow(
+        self: &Arc<Self>,
+        guard: impl Send + 'static,
+        whole: bool,
+    ) -> tokio::sync::mpsc::Receiver<Result<Bytes, String>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let (t, mut progress) = (self.clone(), self.progress());
+        tokio::spawn(async move {
+            let _guard = guard;
+            let mut pos = 0u64;
+            loop {
+                let p = progress.borrow_and_update().clone();
+                if p.verified > pos {
+                    let Some(file) = t.file() else { return };
+                    let to = p.verified.min(pos + (1 << 20));
+                    let read = tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; (to - pos) as usize];
+                        file.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
+                    })
+                    .await;
+                    let piece = match read {
+                        Ok(Ok(b)) => Ok(b),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    let failed = piece.is_err();
+                    if tx.send(piece).await.is_err() || failed {
+                        return;
+                    }
+                    pos = to;
+                    continue;
+                }
+                match p.done {
+                    Some(Err(e)) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                    Some(Ok(())) => {
+                        if pos < t.size {
+                            let _ = tx.send(Err("the fetch ended short".into())).await;
+                        }
+                        return;
+                    }
+                    None if pos >= t.size && !whole => return,
+                    None => {}
+                }
+                if progress.changed().await.is_err() {
+                    let _ = tx.send(Err("the fetch ended".into())).await;
+                    return;
+                }
+            }
+        });
+        rx
+    }
 }
 
 /// Every transfer in progress, and what they share.
@@ -96,6 +157,9 @@ pub struct Transfers {
     only_v1: Mutex<std::collections::HashSet<[u8; 32]>>,
     /// Use providers' bulk channels (`[mesh] bulk-listen` is set here).
     bulk: bool,
+    /// Hash parts of the paths each new transfer is for, as transfers start (the mirror
+    /// reads a NAR while it arrives).
+    started: tokio::sync::broadcast::Sender<String>,
     /// Bulk tickets in hand: (provider, NAR) -> address, token, good until.
     tickets: Mutex<HashMap<(EndpointId, [u8; 32]), HeldTicket>>,
     /// Providers whose bulk channel failed or is off lately: QUIC for them.
@@ -128,6 +192,7 @@ impl Transfers {
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS)),
             only_v1: Mutex::new(Default::default()),
             bulk,
+            started: tokio::sync::broadcast::channel(1024).0,
             tickets: Mutex::new(HashMap::new()),
             no_bulk: Mutex::new(HashMap::new()),
         }
@@ -240,6 +305,17 @@ impl Transfers {
         all
     }
 
+    /// The transfer of this NAR in progress (or over, while a reader still has it), if any.
+    pub fn in_flight(&self, blake3: &[u8; 32]) -> Option<Arc<Transfer>> {
+        let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        active.get(blake3).and_then(Weak::upgrade)
+    }
+
+    /// News of transfers starting: the hash parts of the paths each is for.
+    pub fn subscribe_started(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.started.subscribe()
+    }
+
     /// The transfer of this claim's NAR: the one in progress, or a new one.
     pub fn start(self: &Arc<Self>, want: Want) -> Arc<Transfer> {
         let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
@@ -258,6 +334,9 @@ impl Transfers {
         });
         active.insert(want.claim.blake3, Arc::downgrade(&t));
         drop(active);
+        for p in &want.paths {
+            let _ = self.started.send(p.clone());
+        }
         let (this, task) = (self.clone(), t.clone());
         tokio::spawn(async move {
             let Ok(_slot) = this.slots.clone().acquire_owned().await else {

@@ -1,15 +1,18 @@
-//! Compressing a NAR into a file on its way to the bucket: the bytes stream in, go through the
-//! configured compressor, and land in a file while their sha256 (the narinfo's `FileHash`) and
-//! size are taken. Never a whole NAR in memory.
+//! Compressing a NAR into a file on its way to the bucket: the bytes stream in piece by piece,
+//! go through the configured compressor, and land in a file while their sha256 (the narinfo's
+//! `FileHash`) and size are taken. Never a whole NAR in memory.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::path::Path;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use sha2::Digest as _;
-use tokio::sync::mpsc;
 
+use tokio::sync::watch;
+
+use super::s3::Growth;
 use crate::config::Compression;
 
 /// What a compressed file is: its sha256 and size.
@@ -58,69 +61,91 @@ const ZSTD_LEVEL: i32 = 3;
 /// xz preset Nix uses by default.
 const XZ_PRESET: u32 = 6;
 
-/// Compress the chunks arriving on `rx` into `dest` (created anew); blocking: run it on a
-/// blocking thread. An `Err` chunk aborts.
-pub fn compress_into(
-    mut rx: mpsc::Receiver<io::Result<Bytes>>,
-    how: Compression,
-    dest: &Path,
-) -> io::Result<FileDigest> {
-    let file = File::create(dest)?;
-    let (tx, pieces) = std::sync::mpsc::sync_channel::<Bytes>(4);
-    let writer = std::thread::Builder::new()
-        .name("narmesh-mirror-write".into())
-        .spawn(move || -> io::Result<FileDigest> {
-            let mut file = BufWriter::with_capacity(PIECE, file);
-            let mut sha = sha2::Sha256::new();
-            let mut size = 0u64;
-            for piece in pieces {
-                sha.update(&piece);
-                size += piece.len() as u64;
-                file.write_all(&piece)?;
-            }
-            // No fsync: a temporary file; after a crash the NAR is compressed again.
-            file.flush()?;
-            Ok(FileDigest {
-                sha256: sha.finalize().into(),
-                size,
-            })
-        })?;
-    let out = Forward {
-        buf: BytesMut::with_capacity(PIECE),
-        tx,
-    };
-    let mut feed = |w: &mut dyn Write| -> io::Result<()> {
-        while let Some(chunk) = rx.blocking_recv() {
-            w.write_all(&chunk?)?;
+/// The configured compressor over [`Forward`].
+enum Encoder {
+    None(Forward),
+    Zstd(zstd::stream::write::Encoder<'static, Forward>),
+    Xz(xz2::write::XzEncoder<Forward>),
+}
+
+/// A NAR being compressed into a file, fed piece by piece as its bytes come (from the storage,
+/// or from peers as they arrive): between pieces it holds no thread, so a NAR that arrives
+/// slowly does not keep the compressing threads from other NARs. Each call is blocking CPU
+/// work: run it on a low-priority thread. The file is hashed and written on a thread of its
+/// own, so compressing and hashing run on two cores.
+pub struct Compressor {
+    enc: Encoder,
+    writer: std::thread::JoinHandle<io::Result<FileDigest>>,
+}
+
+impl Compressor {
+    /// Start compressing into `dest` (created anew); `growth`, if given, learns how many bytes
+    /// the file holds as it grows (an upload may send its parts before the end).
+    pub fn new(
+        how: Compression,
+        dest: &Path,
+        growth: Option<Arc<watch::Sender<Growth>>>,
+    ) -> io::Result<Self> {
+        let mut file = File::create(dest)?;
+        let (tx, pieces) = std::sync::mpsc::sync_channel::<Bytes>(4);
+        let writer = std::thread::Builder::new()
+            .name("narmesh-mirror-write".into())
+            .spawn(move || -> io::Result<FileDigest> {
+                let mut sha = sha2::Sha256::new();
+                let mut size = 0u64;
+                // Pieces are 1 MiB (the last may be less): written as they come, unbuffered,
+                // so what `growth` counts is in the file.
+                for piece in pieces {
+                    sha.update(&piece);
+                    size += piece.len() as u64;
+                    file.write_all(&piece)?;
+                    if let Some(g) = &growth {
+                        g.send_modify(|g| g.written = size);
+                    }
+                }
+                // No fsync: a temporary file; after a crash the NAR is compressed again.
+                Ok(FileDigest {
+                    sha256: sha.finalize().into(),
+                    size,
+                })
+            })?;
+        let out = Forward {
+            buf: BytesMut::with_capacity(PIECE),
+            tx,
+        };
+        let enc = match how {
+            Compression::None => Encoder::None(out),
+            Compression::Zstd => Encoder::Zstd(zstd::stream::write::Encoder::new(out, ZSTD_LEVEL)?),
+            Compression::Xz => Encoder::Xz(xz2::write::XzEncoder::new(out, XZ_PRESET)),
+        };
+        Ok(Compressor { enc, writer })
+    }
+
+    /// Compress the next piece of the NAR.
+    pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        match &mut self.enc {
+            Encoder::None(w) => w.write_all(data),
+            Encoder::Zstd(w) => w.write_all(data),
+            Encoder::Xz(w) => w.write_all(data),
         }
-        Ok(())
-    };
-    let compressed = (|| -> io::Result<Forward> {
-        Ok(match how {
-            Compression::None => {
-                let mut out = out;
-                feed(&mut out)?;
-                out
-            }
-            Compression::Zstd => {
-                let mut enc = zstd::stream::write::Encoder::new(out, ZSTD_LEVEL)?;
-                feed(&mut enc)?;
-                enc.finish()?
-            }
-            Compression::Xz => {
-                let mut enc = xz2::write::XzEncoder::new(out, XZ_PRESET);
-                feed(&mut enc)?;
-                enc.finish()?
-            }
-        })
-    })();
-    // On success flush the last piece; either way close the channel so the writer ends.
-    let sent = compressed.and_then(|mut out| out.flush());
-    let written = writer
-        .join()
-        .map_err(|_| io::Error::other("the file writer panicked"))?;
-    sent?;
-    written
+    }
+
+    /// End the stream: the compressed file's sha256 and size, once it is all written.
+    pub fn finish(self) -> io::Result<FileDigest> {
+        let out = match self.enc {
+            Encoder::None(w) => Ok(w),
+            Encoder::Zstd(w) => w.finish(),
+            Encoder::Xz(w) => w.finish(),
+        };
+        // On success flush the last piece; either way close the channel so the writer ends.
+        let sent = out.and_then(|mut out| out.flush());
+        let written = self
+            .writer
+            .join()
+            .map_err(|_| io::Error::other("the file writer panicked"))?;
+        sent?;
+        written
+    }
 }
 
 #[cfg(test)]
@@ -131,15 +156,11 @@ mod tests {
     fn run(how: Compression, data: &[u8]) -> (FileDigest, Vec<u8>) {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("out");
-        let (tx, rx) = mpsc::channel(4);
-        let chunks: Vec<Bytes> = data.chunks(7000).map(Bytes::copy_from_slice).collect();
-        let feeder = std::thread::spawn(move || {
-            for c in chunks {
-                tx.blocking_send(Ok(c)).unwrap();
-            }
-        });
-        let d = compress_into(rx, how, &dest).unwrap();
-        feeder.join().unwrap();
+        let mut c = Compressor::new(how, &dest, None).unwrap();
+        for piece in data.chunks(7000) {
+            c.write(piece).unwrap();
+        }
+        let d = c.finish().unwrap();
         (d, std::fs::read(&dest).unwrap())
     }
 
@@ -173,14 +194,5 @@ mod tests {
             run(Compression::Zstd, &data).0,
             run(Compression::Zstd, &data).0
         );
-    }
-
-    #[test]
-    fn an_error_chunk_aborts() {
-        let dir = tempfile::tempdir().unwrap();
-        let (tx, rx) = mpsc::channel(1);
-        tx.try_send(Err(io::Error::other("gone"))).unwrap();
-        drop(tx);
-        assert!(compress_into(rx, Compression::Zstd, &dir.path().join("o")).is_err());
     }
 }

@@ -1,17 +1,25 @@
-//! The mirror's two uploads: a path's NAR (read verified from the storage, compressed to a
-//! temporary file on a low-priority thread, put in the bucket) and its narinfo (the signed
-//! record pointing at the compressed NAR). Each is idempotent: after a crash it is simply done
-//! again, and a NAR already in the bucket with the same size is not uploaded twice.
+//! The mirror's two uploads: a path's NAR and its narinfo (the signed record pointing at the
+//! compressed NAR). The NAR is read verified from the storage, or from its transfer while it
+//! still arrives from peers, and compressed into a temporary file on a low-priority thread; a
+//! file that reaches the multipart threshold goes up in parts while it is written, under
+//! `nar/<NarHash>` (known before the end), a smaller one whole once complete, under
+//! `nar/<FileHash>` as Nix names it. Each is idempotent: after a crash it is simply done again,
+//! and a NAR already in the bucket with the same size is not uploaded twice.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
+use std::sync::Arc;
 
-use super::compress::compress_into;
-use super::s3::{Bucket, NAR_TYPE, NARINFO_TYPE, S3Error, UploadLog};
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use tokio_util::task::AbortOnDropHandle;
+
+use super::compress::{Compressor, FileDigest};
+use super::s3::{Bucket, Growth, NAR_TYPE, NARINFO_TYPE, S3Error, UploadLog};
 use crate::config::Compression;
 use crate::db::{Db, MirrorState, OpenUpload, PathRecord};
+use crate::mesh::Arriving;
 use crate::nix::{NarInfo, Sha256, base32};
 use crate::storage::Storage;
 
@@ -58,6 +66,9 @@ impl Entry {
 pub enum JobError {
     /// The bucket asked to slow down.
     SlowDown(String),
+    /// The NAR is neither held here nor arriving (a transfer ended between the plan's look and
+    /// the job's): not a failure, the path waits for its NAR again.
+    NotHere,
     Other(String),
 }
 
@@ -65,6 +76,7 @@ impl std::fmt::Display for JobError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             JobError::SlowDown(m) | JobError::Other(m) => f.write_str(m),
+            JobError::NotHere => f.write_str("the NAR is not here"),
         }
     }
 }
@@ -157,33 +169,84 @@ pub struct NarJob {
     pub check_first: bool,
     /// Compressing is CPU work: a few at a time, on low-priority threads.
     pub compressing: crate::background::Background,
+    /// NARs arriving from peers (none without a mesh).
+    pub arriving: Option<Arriving>,
+}
+
+/// Hand a stream of NAR pieces on to the compressor, errors as I/O errors.
+async fn feed<E: std::fmt::Display>(
+    mut from: mpsc::Receiver<Result<Bytes, E>>,
+    to: mpsc::Sender<std::io::Result<Bytes>>,
+) {
+    while let Some(chunk) = from.recv().await {
+        let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()));
+        if to.send(chunk).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl NarJob {
-    pub async fn run(self) -> Result<MirrorState, JobError> {
+    /// Compress and upload; `Ok` says where the NAR is in the bucket, and whether it was read
+    /// while it still arrived from peers.
+    pub async fn run(self) -> Result<(MirrorState, bool), JobError> {
         let (tx, rx) = mpsc::channel(8);
-        let mut nar = self
+        let b = self.rec.blake3;
+        let held = self
             .storage
-            .read(&self.rec.blake3, 0, self.rec.nar_size)
+            .held(&b)
             .await
-            .map_err(|e| JobError::Other(e.to_string()))?;
-        let feeder = tokio::spawn(async move {
-            while let Some(chunk) = nar.recv().await {
-                let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()));
-                if tx.send(chunk).await.is_err() {
-                    return;
-                }
+            .map_err(|e| JobError::Other(e.to_string()))?
+            .is_some();
+        let arriving = if held {
+            None
+        } else {
+            let guard = self.storage.hold(&b);
+            Some(
+                self.arriving
+                    .as_ref()
+                    .and_then(|a| a.follow(&b, guard))
+                    .ok_or(JobError::NotHere)?,
+            )
+        };
+        let streamed = arriving.is_some();
+        let feeder = match arriving {
+            Some(nar) => tokio::spawn(feed(nar, tx)),
+            None => {
+                let nar = self
+                    .storage
+                    .read(&b, 0, self.rec.nar_size)
+                    .await
+                    .map_err(|e| JobError::Other(e.to_string()))?;
+                tokio::spawn(feed(nar, tx))
             }
-        });
-        let (how, tmp) = (self.how, self.tmp.clone());
+        };
         let started = Instant::now();
-        let digest = self
-            .compressing
-            .run(move || compress_into(rx, how, &tmp))
-            .await
-            .ok_or_else(|| JobError::Other("the compressing thread failed".into()))?
-            .map_err(|e| JobError::Other(format!("compressing the NAR: {e}")));
-        let _ = feeder.await;
+        // A NAR whose compressed file reaches the multipart threshold goes up in parts while it
+        // is compressed, under a key known before its end: its NarHash's.
+        let growth = Arc::new(watch::Sender::new(Growth::default()));
+        let early = match (self.check_first, self.narhash_url()) {
+            (false, Some(url)) => Some(AbortOnDropHandle::new(tokio::spawn(upload_early(
+                self.bucket.clone(),
+                url,
+                self.tmp.clone(),
+                DbUploads(self.db.clone()),
+                growth.subscribe(),
+            )))),
+            _ => None,
+        };
+        let digest = self.compress(rx, growth.clone()).await;
+        feeder.abort();
+        growth.send_modify(|g| {
+            g.end = Some(digest.as_ref().map(|d| d.size).map_err(|_| ()));
+        });
+        let early = match early {
+            Some(task) => task
+                .await
+                .map_err(|e| JobError::Other(format!("the upload task failed: {e}")))
+                .and_then(|r| r.map_err(JobError::from)),
+            None => Ok(None),
+        };
         let digest = match digest {
             Ok(d) => d,
             Err(e) => {
@@ -191,24 +254,14 @@ impl NarJob {
                 return Err(e);
             }
         };
-        let url = format!(
-            "nar/{}.nar{}",
-            base32::encode(&digest.sha256),
-            self.how.extension()
-        );
         let compressed = started.elapsed();
-        let log = DbUploads(self.db.clone());
-        let result = async {
-            if !self.check_first || self.bucket.size_of(&url).await? != Some(digest.size) {
-                self.bucket
-                    .put_file(&url, &self.tmp, digest.size, NAR_TYPE, &log)
-                    .await?;
-            }
-            Ok::<_, S3Error>(())
-        }
-        .await;
+        let result = match early {
+            Ok(Some(url)) => Ok(url),
+            Ok(None) => self.upload_whole(&digest).await.map_err(JobError::from),
+            Err(e) => Err(e),
+        };
         remove(self.tmp.clone()).await;
-        result?;
+        let url = result?;
         crate::killpoint::reach("mirror.nar-stored");
         tracing::debug!(
             "mirror: {} -> {url} ({} bytes): compressed in {compressed:?}, stored in {:?}",
@@ -216,14 +269,149 @@ impl NarJob {
             digest.size,
             started.elapsed()
         );
-        Ok(MirrorState::NarStored {
-            url,
-            compression: self.how.name().to_owned(),
-            file_hash: digest.sha256,
-            file_size: digest.size,
-        })
+        Ok((
+            MirrorState::NarStored {
+                url,
+                compression: self.how.name().to_owned(),
+                file_hash: digest.sha256,
+                file_size: digest.size,
+            },
+            streamed,
+        ))
     }
 }
+
+impl NarJob {
+    /// The key of the compressed NAR named by its NarHash (known before compressing).
+    fn narhash_url(&self) -> Option<String> {
+        let info = NarInfo::parse(&self.rec.narinfo).ok()?;
+        Some(format!(
+            "nar/{}.nar{}",
+            base32::encode(&info.nar_hash.0),
+            self.how.extension()
+        ))
+    }
+
+    /// Put the compressed file, complete, under the key its file hash names (unless a checked
+    /// earlier attempt put it there, or, for one large enough for parts, under its NarHash's):
+    /// where it is.
+    async fn upload_whole(&self, digest: &FileDigest) -> Result<String, S3Error> {
+        let url = format!(
+            "nar/{}.nar{}",
+            base32::encode(&digest.sha256),
+            self.how.extension()
+        );
+        let log = DbUploads(self.db.clone());
+        if self.check_first {
+            let mut earlier = vec![url.clone()];
+            if digest.size >= self.bucket.multipart_threshold() {
+                earlier.extend(self.narhash_url());
+            }
+            for u in earlier {
+                if self.bucket.size_of(&u).await? == Some(digest.size) {
+                    return Ok(u);
+                }
+            }
+        }
+        self.bucket
+            .put_file(&url, &self.tmp, digest.size, NAR_TYPE, &log)
+            .await?;
+        Ok(url)
+    }
+
+    /// Feed the NAR's pieces to a compressor on the low-priority threads, a batch at a time
+    /// (what has arrived, up to [`BATCH`]); between batches no thread waits for the NAR.
+    async fn compress(
+        &self,
+        mut rx: mpsc::Receiver<std::io::Result<Bytes>>,
+        growth: Arc<watch::Sender<Growth>>,
+    ) -> Result<FileDigest, JobError> {
+        let failed = || JobError::Other("the compressing thread failed".into());
+        let err = |e: std::io::Error| JobError::Other(format!("compressing the NAR: {e}"));
+        let (how, tmp) = (self.how, self.tmp.clone());
+        let mut c = self
+            .compressing
+            .run(move || Compressor::new(how, &tmp, Some(growth)))
+            .await
+            .ok_or_else(failed)?
+            .map_err(err)?;
+        let mut open = true;
+        while open {
+            let mut batch = Vec::new();
+            let mut len = 0;
+            match rx.recv().await {
+                Some(piece) => {
+                    let piece = piece.map_err(err)?;
+                    len += piece.len();
+                    batch.push(piece);
+                }
+                None => break,
+            }
+            while len < BATCH {
+                match rx.try_recv() {
+                    Ok(piece) => {
+                        let piece = piece.map_err(err)?;
+                        len += piece.len();
+                        batch.push(piece);
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            c = self
+                .compressing
+                .run(move || {
+                    for piece in &batch {
+                        c.write(piece)?;
+                    }
+                    Ok::<_, std::io::Error>(c)
+                })
+                .await
+                .ok_or_else(failed)?
+                .map_err(err)?;
+        }
+        self.compressing
+            .run(move || c.finish())
+            .await
+            .ok_or_else(failed)?
+            .map_err(err)
+    }
+}
+
+/// Wait until the compressed file reaches the multipart threshold, then put it as object `url`
+/// in parts as it grows: `Some(url)` once complete, `None` if it ended below the threshold
+/// (it then goes up whole) or its compressing failed.
+async fn upload_early(
+    bucket: Bucket,
+    url: String,
+    tmp: PathBuf,
+    log: DbUploads,
+    mut growth: watch::Receiver<Growth>,
+) -> Result<Option<String>, S3Error> {
+    let threshold = bucket.multipart_threshold();
+    loop {
+        let g = *growth.borrow_and_update();
+        match g.end {
+            Some(Ok(size)) if size >= threshold => break,
+            Some(_) => return Ok(None),
+            None if g.written >= threshold => break,
+            None => {}
+        }
+        if growth.changed().await.is_err() {
+            return Ok(None);
+        }
+    }
+    bucket
+        .put_growing(&url, &tmp, NAR_TYPE, &log, growth)
+        .await?;
+    Ok(Some(url))
+}
+
+/// Bytes compressed in one go on a compressing thread (at most; less if less has arrived).
+const BATCH: usize = 1 << 20;
 
 /// Remove a temporary file, off the async threads.
 async fn remove(path: PathBuf) {

@@ -3,7 +3,8 @@
 //! layout. It owns the outbox's progress: it takes paths from the node's log into the durable
 //! outbox and uploads them in the order [`plan`] decides (a narinfo only once its NAR and the
 //! narinfos of all its references are in the bucket, references signed upstream excepted, so a
-//! reader never finds a narinfo whose NAR or closure is missing). The uploads themselves are
+//! reader never finds a narinfo whose NAR or closure is missing). A NAR still arriving from
+//! peers is compressed as it arrives (the mesh's [`Arriving`]), not after. The uploads are
 //! [`job`]s; failures back off per path, and a `SlowDown` from the bucket lowers the number in
 //! flight ([`throttle`]). Multipart uploads are recorded while open, so after a crash exactly
 //! this mirror's are aborted. Nothing here blocks ingest, the pipeline or the mesh.
@@ -23,7 +24,7 @@ use narmesh_proto::control::MirrorStatus;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use compress::{FileDigest, compress_into};
+pub use compress::{Compressor, FileDigest};
 pub use job::bucket_narinfo;
 use job::{Entry, JobError, NarJob, put_narinfo};
 use plan::{Job, Plan};
@@ -31,6 +32,7 @@ use s3::{Bucket, CACHE_INFO_TYPE};
 
 use crate::config::S3Config;
 use crate::db::{Db, MirrorState, OpenUpload, PathRecord};
+use crate::mesh::Arriving;
 use crate::metrics::Metrics;
 use crate::storage::Storage;
 
@@ -50,6 +52,8 @@ pub struct MirrorParts {
     pub db: Db,
     pub storage: Storage,
     pub metrics: Arc<Metrics>,
+    /// NARs arriving from peers: a NAR is compressed and uploaded while it arrives, not after.
+    pub arriving: Option<Arriving>,
 }
 
 /// A handle for status; the mirror itself runs as a task.
@@ -117,6 +121,8 @@ struct Outcome {
     hash: String,
     result: Result<MirrorState, JobError>,
     bytes: u64,
+    /// The NAR was read while it still arrived from peers.
+    streamed: bool,
 }
 
 struct Mirror {
@@ -136,6 +142,7 @@ struct Mirror {
     stored: HashMap<String, MirrorState>,
     throttle: throttle::Throttle,
     compressing: crate::background::Background,
+    arriving: Option<Arriving>,
 }
 
 impl Mirror {
@@ -156,6 +163,7 @@ impl Mirror {
             tried: Default::default(),
             stored: HashMap::new(),
             compressing: crate::background::Background::new("narmesh-zstd", threads),
+            arriving: p.arriving,
         }
     }
 
@@ -274,6 +282,7 @@ impl Mirror {
         let mut tasks: JoinSet<Outcome> = JoinSet::new();
         let mut changes = self.db.subscribe();
         let mut paths = self.db.subscribe_changed_paths();
+        let mut started = self.arriving.as_ref().map(Arriving::subscribe);
         let mut recheck = tokio::time::Instant::now() + RECHECK;
         loop {
             self.take_new().await;
@@ -298,6 +307,14 @@ impl Mirror {
                         touched.extend(self.plan.not_local().map(str::to_owned));
                     }
                     Err(_) => {}
+                },
+                // A NAR the mirror waits for started to arrive: it can be read as it comes.
+                p = next_started(&mut started) => match p {
+                    Ok(h) => touched.push(h),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        touched.extend(self.plan.not_local().map(str::to_owned));
+                    }
+                    Err(_) => started = None,
                 },
                 _ = tokio::time::sleep_until(recheck) => {
                     recheck = tokio::time::Instant::now() + RECHECK;
@@ -337,13 +354,17 @@ impl Mirror {
         ask.dedup();
         let batch: std::collections::HashSet<String> =
             entries.iter().map(|(e, _, _)| e.hash.clone()).collect();
-        let (db, storage) = (self.db.clone(), self.storage.clone());
+        let (db, storage, arriving) =
+            (self.db.clone(), self.storage.clone(), self.arriving.clone());
         let blakes: Vec<[u8; 32]> = entries.iter().map(|(e, _, _)| e.blake3).collect();
         let looked = tokio::task::spawn_blocking(move || {
             let done = db
                 .outbox_done(&ask)
                 .unwrap_or_else(|_| vec![false; ask.len()]);
-            let held: Vec<bool> = blakes.iter().map(|b| storage.holds_blocking(b)).collect();
+            let held: Vec<bool> = blakes
+                .iter()
+                .map(|b| readable(&storage, arriving.as_ref(), b))
+                .collect();
             (ask.into_iter().zip(done).collect::<HashMap<_, _>>(), held)
         })
         .await;
@@ -399,7 +420,8 @@ impl Mirror {
         }
     }
 
-    /// Of these paths, those the plan waits for whose NAR is here now.
+    /// Of these paths, those the plan waits for whose NAR is here now (or arriving: it is read
+    /// as it comes).
     async fn refresh_held(&mut self, touched: Vec<String>) {
         let waiting: Vec<(String, [u8; 32])> = touched
             .into_iter()
@@ -408,11 +430,11 @@ impl Mirror {
         if waiting.is_empty() {
             return;
         }
-        let storage = self.storage.clone();
+        let (storage, arriving) = (self.storage.clone(), self.arriving.clone());
         let held = tokio::task::spawn_blocking(move || {
             waiting
                 .into_iter()
-                .filter(|(_, b)| storage.holds_blocking(b))
+                .filter(|(_, b)| readable(&storage, arriving.as_ref(), b))
                 .map(|(h, _)| h)
                 .collect::<Vec<_>>()
         })
@@ -441,9 +463,13 @@ impl Mirror {
                         db: self.db.clone(),
                         check_first: self.tried.contains(&hash),
                         compressing: self.compressing.clone(),
+                        arriving: self.arriving.clone(),
                     };
                     tasks.spawn(async move {
-                        let result = job.run().await;
+                        let (result, streamed) = match job.run().await {
+                            Ok((state, streamed)) => (Ok(state), streamed),
+                            Err(e) => (Err(e), false),
+                        };
                         let bytes = match &result {
                             Ok(MirrorState::NarStored { file_size, .. }) => *file_size,
                             _ => 0,
@@ -452,6 +478,7 @@ impl Mirror {
                             hash,
                             result,
                             bytes,
+                            streamed,
                         }
                     });
                 }
@@ -471,6 +498,7 @@ impl Mirror {
                             hash,
                             result,
                             bytes: 0,
+                            streamed: false,
                         }
                     });
                 }
@@ -499,8 +527,12 @@ impl Mirror {
                 }
             };
             match out.result {
+                Err(JobError::NotHere) => self.plan.not_held(&out.hash),
                 Ok(state) => {
                     self.throttle.success();
+                    if out.streamed {
+                        self.metrics.mirror_streamed_nars.inc();
+                    }
                     if out.bytes > 0 {
                         self.metrics.mirror_uploaded_bytes.inc_by(out.bytes);
                         let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
@@ -566,5 +598,20 @@ impl Mirror {
         let (paths, bytes) = self.plan.pending();
         self.metrics.mirror_pending_paths.set(paths as i64);
         self.metrics.mirror_pending_bytes.set(bytes as i64);
+    }
+}
+
+/// True if the NAR can be read now: held here, or arriving from peers. Blocking.
+fn readable(storage: &Storage, arriving: Option<&Arriving>, blake3: &[u8; 32]) -> bool {
+    storage.holds_blocking(blake3) || arriving.is_some_and(|a| a.is_arriving(blake3))
+}
+
+/// The next news of a transfer starting; never, without a mesh.
+async fn next_started(
+    rx: &mut Option<tokio::sync::broadcast::Receiver<String>>,
+) -> Result<String, tokio::sync::broadcast::error::RecvError> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }

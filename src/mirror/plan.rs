@@ -28,7 +28,8 @@ struct Item {
     /// Log order: ties go to the path taken in first.
     order: u64,
     state: MirrorState,
-    /// The NAR is held here (else the mesh is still fetching it).
+    /// The NAR is held here, or arriving from peers (readable as it comes); else the mirror
+    /// waits for it.
     local: bool,
     /// References whose narinfos are not in the bucket yet.
     missing: usize,
@@ -211,6 +212,15 @@ impl Plan {
                 i.missing = i.missing.saturating_sub(1);
             }
             self.wake(&r);
+        }
+    }
+
+    /// The path's NAR turned out not to be here (nor arriving) when its upload began: it waits
+    /// for [`Plan::held`] again, with no backoff (nothing failed).
+    pub fn not_held(&mut self, hash: &str) {
+        if let Some(i) = self.items.get_mut(hash) {
+            i.busy = false;
+            i.local = false;
         }
     }
 

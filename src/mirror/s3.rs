@@ -17,7 +17,7 @@ use aws_sdk_s3::config::{BehaviorVersion, Region, RequestChecksumCalculation};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
-use futures::{StreamExt as _, TryStreamExt as _};
+use futures::TryStreamExt as _;
 
 use crate::config::S3Config;
 
@@ -288,19 +288,60 @@ impl Bucket {
                 .map_err(|e| self.err("PUT", &key, e))?;
             return Ok(());
         }
+        let count = size.div_ceil(self.part_size);
+        let part = self.part_size;
+        let parts = futures::stream::iter(
+            (0..count).map(move |i| Ok((i * part, part.min(size - i * part)))),
+        );
+        self.multipart(&key, path, content_type, log, parts).await
+    }
+
+    /// Put the file `path` as object `rel` while it is still being written (the mirror's
+    /// compressor writes it): always in parts, each sent as soon as the file holds it, the last
+    /// once `growth` says the file is complete; an end in error aborts the upload. The caller
+    /// decides it is large enough for parts (at least `multipart_threshold()`).
+    pub async fn put_growing(
+        &self,
+        rel: &str,
+        path: &Path,
+        content_type: &str,
+        log: &impl UploadLog,
+        growth: tokio::sync::watch::Receiver<Growth>,
+    ) -> Result<(), S3Error> {
+        let key = self.key(rel);
+        let parts = growing_parts(self.part_size, growth, path.display().to_string());
+        self.multipart(&key, path, content_type, log, parts).await
+    }
+
+    /// Objects at least this large go up in parts.
+    pub fn multipart_threshold(&self) -> u64 {
+        self.threshold
+    }
+
+    /// A multipart upload of `key` from the ranges `(offset, len)` of `path` that `parts`
+    /// yields (in order; each but the last `part_size` long), recorded in `log` from its start
+    /// to its end, aborted on failure.
+    async fn multipart(
+        &self,
+        key: &str,
+        path: &Path,
+        content_type: &str,
+        log: &impl UploadLog,
+        parts: impl futures::Stream<Item = Result<(u64, u64), S3Error>>,
+    ) -> Result<(), S3Error> {
         // One upload of a key at a time: two store paths with identical NARs share the key, and
         // settling one's intents must not abort the other's upload.
-        let _key = self.claim_key(&key)?;
-        let (intent, id) = self.create_upload(&key, content_type, log).await?;
+        let _key = self.claim_key(key)?;
+        let (intent, id) = self.create_upload(key, content_type, log).await?;
         crate::killpoint::reach("mirror.upload-created");
-        if let Err(e) = log.started(&id, &key, &intent).await {
-            let _ = self.abort(&key, &id).await;
+        if let Err(e) = log.started(&id, key, &intent).await {
+            let _ = self.abort(key, &id).await;
             return Err(e);
         }
-        let result = match self.upload_parts(&key, &id, path, size).await {
+        let result = match self.upload_parts(key, &id, path, parts).await {
             Ok(()) => Ok(()),
             Err(e) => {
-                if let Err(abort) = self.abort(&key, &id).await {
+                if let Err(abort) = self.abort(key, &id).await {
                     tracing::warn!("mirror: aborting the upload of {key}: {abort}");
                 }
                 Err(e)
@@ -315,14 +356,11 @@ impl Bucket {
         key: &str,
         id: &str,
         path: &Path,
-        size: u64,
+        ranges: impl futures::Stream<Item = Result<(u64, u64), S3Error>>,
     ) -> Result<(), S3Error> {
-        let count = size.div_ceil(self.part_size);
-        let mut parts: Vec<CompletedPart> = futures::stream::iter(0..count)
-            .map(|i| async move {
-                let offset = i * self.part_size;
-                let len = self.part_size.min(size - offset);
-                let number = (i + 1) as i32;
+        let mut parts: Vec<CompletedPart> = ranges
+            .map_ok(|(offset, len)| async move {
+                let number = (offset / self.part_size + 1) as i32;
                 let body = self.file_part(path, offset, len).await?;
                 let out = self
                     .client
@@ -346,7 +384,7 @@ impl Bucket {
                         .build(),
                 )
             })
-            .buffer_unordered(self.concurrency)
+            .try_buffer_unordered(self.concurrency)
             .try_collect()
             .await?;
         parts.sort_by_key(|p| p.part_number());
@@ -377,5 +415,102 @@ impl Bucket {
                 path: path.display().to_string(),
                 source: std::io::Error::other(e.to_string()),
             })
+    }
+}
+
+/// How far a file being written has come: bytes in it so far, and its end (its size, or a
+/// failure) once known.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Growth {
+    pub written: u64,
+    pub end: Option<Result<u64, ()>>,
+}
+
+/// The parts of a growing file, each as soon as the file holds it: whole `part`s while it
+/// grows, then the rest once its end is known.
+fn growing_parts(
+    part: u64,
+    growth: tokio::sync::watch::Receiver<Growth>,
+    path: String,
+) -> impl futures::Stream<Item = Result<(u64, u64), S3Error>> {
+    let failed = move |why: &str| S3Error::File {
+        path: path.clone(),
+        source: std::io::Error::other(why.to_owned()),
+    };
+    futures::stream::unfold((growth, 0u64, false), move |(mut rx, next, over)| {
+        let failed = failed.clone();
+        async move {
+            if over {
+                return None;
+            }
+            loop {
+                let g = *rx.borrow_and_update();
+                match g.end {
+                    Some(Err(())) => {
+                        return Some((Err(failed("writing it failed")), (rx, next, true)));
+                    }
+                    Some(Ok(size)) => {
+                        if next >= size {
+                            return None;
+                        }
+                        let len = part.min(size - next);
+                        return Some((Ok((next, len)), (rx, next + len, false)));
+                    }
+                    None if g.written >= next + part => {
+                        return Some((Ok((next, part)), (rx, next + part, false)));
+                    }
+                    None => {}
+                }
+                if rx.changed().await.is_err() {
+                    return Some((Err(failed("its writer went away")), (rx, next, true)));
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt as _;
+
+    #[tokio::test]
+    async fn a_growing_file_yields_whole_parts_as_it_grows_then_the_rest() {
+        let (tx, rx) = tokio::sync::watch::channel(Growth::default());
+        let mut parts = Box::pin(growing_parts(10, rx, "f".into()));
+        tx.send_modify(|g| g.written = 25);
+        assert_eq!(parts.next().await.unwrap().unwrap(), (0, 10));
+        assert_eq!(parts.next().await.unwrap().unwrap(), (10, 10));
+        // 25 written: the third part waits for more, or for the end.
+        let waiting = tokio::time::timeout(Duration::from_millis(50), parts.next()).await;
+        assert!(waiting.is_err());
+        tx.send_modify(|g| g.end = Some(Ok(27)));
+        assert_eq!(parts.next().await.unwrap().unwrap(), (20, 7));
+        assert!(parts.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_failed_or_abandoned_file_ends_the_parts_in_error() {
+        let (tx, rx) = tokio::sync::watch::channel(Growth::default());
+        let mut parts = Box::pin(growing_parts(10, rx, "f".into()));
+        tx.send_modify(|g| g.end = Some(Err(())));
+        assert!(parts.next().await.unwrap().is_err());
+        assert!(parts.next().await.is_none());
+        let (tx, rx) = tokio::sync::watch::channel(Growth::default());
+        let mut parts = Box::pin(growing_parts(10, rx, "f".into()));
+        drop(tx);
+        assert!(parts.next().await.unwrap().is_err());
+    }
+
+    #[tokio::test]
+    async fn an_end_on_a_part_boundary_adds_no_empty_part() {
+        let (tx, rx) = tokio::sync::watch::channel(Growth::default());
+        tx.send_modify(|g| {
+            g.written = 20;
+            g.end = Some(Ok(20));
+        });
+        let parts: Vec<_> = growing_parts(10, rx, "f".into()).collect().await;
+        let parts: Vec<(u64, u64)> = parts.into_iter().map(Result::unwrap).collect();
+        assert_eq!(parts, vec![(0, 10), (10, 10)]);
     }
 }

@@ -322,3 +322,42 @@ fn paths_signed_upstream_are_not_mirrored_and_do_not_hold_back_their_referrers()
         "the upstream path is not mirrored"
     );
 }
+
+/// A NAR still arriving from a peer is compressed and uploaded as it comes, not after: A serves
+/// its peers at 4 MiB/s, so M's eager fetch of a 12 MB path takes about 3 s, and M's mirror
+/// reads it from the transfer (its streamed counter moves; with the mirror blind to arriving
+/// NARs it stays 0). Its compressed file passes the 5 MiB multipart threshold, so its parts go
+/// up while it is compressed, under the key its NarHash names (the only key known before the
+/// end; a NAR put once complete is named by its file hash). The bucket ends consistent and Nix
+/// substitutes from it.
+#[test]
+fn a_nar_still_arriving_from_a_peer_is_mirrored_as_it_comes() {
+    let s3 = S3Server::start();
+    let mut st = setup(
+        &s3,
+        "multipart-threshold = 5242880\npart-size = 5242880",
+        (ACCESS_KEY, SECRET_KEY),
+    );
+    st.nodes[0].mesh_extra.push_str("serve-rate = \"4MiB\"\n");
+    for n in st.nodes.iter_mut() {
+        n.start();
+    }
+    let out =
+        st.a.build(r#"mk "mirror-arriving" "head -c 12000000 /dev/urandom > $out""#)[0].clone();
+    wait_mirrored(&st.nodes[1], 1, 120);
+    assert_eq!(check_bucket(&s3, &[out.full()]), 1);
+    let (text, _) = s3.get(&format!("{}.narinfo", out.hash_part()));
+    let info = NarInfo::parse(std::str::from_utf8(&text).unwrap()).unwrap();
+    let narhash = narmesh::nix::base32::encode(&info.nar_hash.0);
+    assert_eq!(info.url, format!("nar/{narhash}.nar.zst"));
+    let (_, _, metrics) = http(&st.nodes[1].http, "GET", "/metrics", &[]);
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains("narmesh_mirror_streamed_nars_total 1"),
+        "{metrics}"
+    );
+    let key = st.nodes[0].public_key();
+    let c = NixHost::substituter_nix(Nix::V2_8, &s3.cache_url(), &key);
+    run_ok(c.cmd("nix-store").args(["-r", &out.full()]));
+    run_ok(c.cmd("nix-store").args(["--verify-path", &out.full()]));
+}
