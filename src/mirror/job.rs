@@ -1,7 +1,7 @@
 //! The mirror's two uploads: a path's NAR and its narinfo (the signed record pointing at the
 //! compressed NAR). The NAR is read verified from the storage, or from its transfer while it
 //! still arrives from peers, and compressed into a temporary file on a low-priority thread; a
-//! file that reaches the multipart threshold goes up in parts while it is written, under
+//! NAR of at least the multipart threshold goes up in parts while it is compressed, under
 //! `nar/<NarHash>` (known before the end), a smaller one whole once complete, under
 //! `nar/<FileHash>` as Nix names it. Each is idempotent: after a crash it is simply done again,
 //! and a NAR already in the bucket with the same size is not uploaded twice.
@@ -222,10 +222,11 @@ impl NarJob {
             }
         };
         let started = Instant::now();
-        // A NAR whose compressed file reaches the multipart threshold goes up in parts while it
-        // is compressed, under a key known before its end: its NarHash's.
+        // A NAR of at least the multipart threshold goes up in parts while it is compressed,
+        // under a key known before its end: its NarHash's.
         let growth = Arc::new(watch::Sender::new(Growth::default()));
-        let early = match (self.check_first, self.narhash_url()) {
+        let large = self.rec.nar_size >= self.bucket.multipart_threshold();
+        let early = match (self.check_first || !large, self.narhash_url()) {
             (false, Some(url)) => Some(AbortOnDropHandle::new(tokio::spawn(upload_early(
                 self.bucket.clone(),
                 url,
@@ -235,7 +236,7 @@ impl NarJob {
             )))),
             _ => None,
         };
-        let digest = self.compress(rx, growth.clone()).await;
+        let digest = self.compress(rx, growth.clone(), streamed).await;
         feeder.abort();
         growth.send_modify(|g| {
             g.end = Some(digest.as_ref().map(|d| d.size).map_err(|_| ()));
@@ -319,16 +320,34 @@ impl NarJob {
         Ok(url)
     }
 
-    /// Feed the NAR's pieces to a compressor on the low-priority threads, a batch at a time
-    /// (what has arrived, up to [`BATCH`]); between batches no thread waits for the NAR.
+    /// Compress the NAR's pieces on the low-priority threads. One held here is read from
+    /// the local disk: it is compressed in one go, one NAR after another on each thread, so each
+    /// is complete (and uploaded) while the next compresses. One still arriving is fed a batch
+    /// at a time (what has arrived, up to [`BATCH`]): between batches no thread waits for the
+    /// network.
     async fn compress(
         &self,
         mut rx: mpsc::Receiver<std::io::Result<Bytes>>,
         growth: Arc<watch::Sender<Growth>>,
+        arriving: bool,
     ) -> Result<FileDigest, JobError> {
         let failed = || JobError::Other("the compressing thread failed".into());
         let err = |e: std::io::Error| JobError::Other(format!("compressing the NAR: {e}"));
         let (how, tmp) = (self.how, self.tmp.clone());
+        if !arriving {
+            return self
+                .compressing
+                .run(move || {
+                    let mut c = Compressor::new(how, &tmp, Some(growth))?;
+                    while let Some(piece) = rx.blocking_recv() {
+                        c.write(&piece?)?;
+                    }
+                    c.finish()
+                })
+                .await
+                .ok_or_else(failed)?
+                .map_err(err);
+        }
         let mut c = self
             .compressing
             .run(move || Compressor::new(how, &tmp, Some(growth)))
@@ -381,9 +400,9 @@ impl NarJob {
     }
 }
 
-/// Wait until the compressed file reaches the multipart threshold, then put it as object `url`
-/// in parts as it grows: `Some(url)` once complete, `None` if it ended below the threshold
-/// (it then goes up whole) or its compressing failed.
+/// Wait until the compressed file holds its first part, then put it as object `url` in parts
+/// as it grows: `Some(url)` once complete, `None` if it ended smaller than one part (it then
+/// goes up whole) or its compressing failed.
 async fn upload_early(
     bucket: Bucket,
     url: String,
@@ -391,13 +410,13 @@ async fn upload_early(
     log: DbUploads,
     mut growth: watch::Receiver<Growth>,
 ) -> Result<Option<String>, S3Error> {
-    let threshold = bucket.multipart_threshold();
+    let part = bucket.part_size();
     loop {
         let g = *growth.borrow_and_update();
         match g.end {
-            Some(Ok(size)) if size >= threshold => break,
+            Some(Ok(size)) if size >= part => break,
             Some(_) => return Ok(None),
-            None if g.written >= threshold => break,
+            None if g.written >= part => break,
             None => {}
         }
         if growth.changed().await.is_err() {

@@ -299,7 +299,7 @@ impl Bucket {
     /// Put the file `path` as object `rel` while it is still being written (the mirror's
     /// compressor writes it): always in parts, each sent as soon as the file holds it, the last
     /// once `growth` says the file is complete; an end in error aborts the upload. The caller
-    /// decides it is large enough for parts (at least `multipart_threshold()`).
+    /// decides it is worth parts (its NAR is at least `multipart_threshold()`).
     pub async fn put_growing(
         &self,
         rel: &str,
@@ -316,6 +316,11 @@ impl Bucket {
     /// Objects at least this large go up in parts.
     pub fn multipart_threshold(&self) -> u64 {
         self.threshold
+    }
+
+    /// The size of each part but the last.
+    pub fn part_size(&self) -> u64 {
+        self.part_size
     }
 
     /// A multipart upload of `key` from the ranges `(offset, len)` of `path` that `parts`

@@ -326,7 +326,7 @@ fn paths_signed_upstream_are_not_mirrored_and_do_not_hold_back_their_referrers()
 /// A NAR still arriving from a peer is compressed and uploaded as it comes, not after: A serves
 /// its peers at 4 MiB/s, so M's eager fetch of a 12 MB path takes about 3 s, and M's mirror
 /// reads it from the transfer (its streamed counter moves; with the mirror blind to arriving
-/// NARs it stays 0). Its compressed file passes the 5 MiB multipart threshold, so its parts go
+/// NARs it stays 0). It is over the 5 MiB multipart threshold, so its parts go
 /// up while it is compressed, under the key its NarHash names (the only key known before the
 /// end; a NAR put once complete is named by its file hash). The bucket ends consistent and Nix
 /// substitutes from it.
