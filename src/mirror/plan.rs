@@ -325,4 +325,21 @@ mod tests {
         p.complete("old");
         assert_eq!(p.next_jobs(t, 8), vec![Job::Narinfo("x".into())]);
     }
+
+    #[test]
+    fn a_nar_gone_when_its_job_began_waits_again_without_backoff() {
+        let mut p = Plan::default();
+        let t = Instant::now();
+        p.add("a", MirrorState::Pending, true, 1, &[]);
+        assert_eq!(p.next_jobs(t, 8), vec![Job::Nar("a".into())]);
+        // Its transfer ended between the plan's look and the job's.
+        p.not_held("a");
+        assert!(p.next_jobs(t, 8).is_empty(), "it waits for its NAR");
+        p.held("a");
+        assert_eq!(
+            p.next_jobs(t, 8),
+            vec![Job::Nar("a".into())],
+            "at once: no backoff"
+        );
+    }
 }
