@@ -1,7 +1,8 @@
 //! Eager replication: what an eager node still wants is durable (the wish list in redb, written
 //! in the commit that records a claim it does not hold), and is fetched, a few at a time, with a
 //! backoff per NAR, across restarts, until it is held or no trusted record wants it any more.
-//! Eviction clears a wish, so nothing is fetched and evicted in a loop.
+//! Eviction clears a wish, so nothing is fetched and evicted in a loop. Up to eight at once, of
+//! which two large: a small NAR is never stuck behind large ones.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,7 +15,11 @@ use super::Ctx;
 use super::transfer::Want;
 
 /// Eager fetches at once.
-const AT_ONCE: usize = 2;
+const AT_ONCE: usize = 8;
+/// Of those, large NARs (over [`LARGE`]): two fill a link by themselves and more only share it,
+/// while a small NAR's fetch is a few round trips: small ones never wait behind large ones.
+const LARGE_AT_ONCE: usize = 2;
+const LARGE: u64 = 4 << 20;
 /// Longest wait before trying a NAR again.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
@@ -22,7 +27,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
     // When each NAR may be tried again, and the wait after the next failure.
     let mut retry: HashMap<[u8; 32], (Instant, Duration)> = HashMap::new();
-    let mut running: HashMap<[u8; 32], ()> = HashMap::new();
+    // What runs, and whether it is large.
+    let mut running: HashMap<[u8; 32], bool> = HashMap::new();
+    // Wished-for NARs known to be large (skipped without a lookup while large slots are full).
+    let mut large_known: std::collections::HashSet<[u8; 32]> = Default::default();
     let mut fetches: JoinSet<([u8; 32], Result<(), String>)> = JoinSet::new();
     loop {
         let db = ctx.db.clone();
@@ -33,11 +41,17 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
             .unwrap_or_default();
         let now = Instant::now();
         let mut gone = Vec::new();
+        let wished: std::collections::HashSet<[u8; 32]> = wants.iter().map(|(b, _)| *b).collect();
+        large_known.retain(|b| wished.contains(b));
+        let mut large_running = running.values().filter(|l| **l).count();
         for (b, hash) in wants {
             if fetches.len() >= AT_ONCE {
                 break;
             }
             if running.contains_key(&b) || retry.get(&b).is_some_and(|(t, _)| *t > now) {
+                continue;
+            }
+            if large_running >= LARGE_AT_ONCE && large_known.contains(&b) {
                 continue;
             }
             let db = ctx.db.clone();
@@ -52,11 +66,19 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                 gone.push(b);
                 continue;
             };
+            let large = claim.nar_size > LARGE;
+            if large {
+                large_known.insert(b);
+                if large_running >= LARGE_AT_ONCE {
+                    continue;
+                }
+                large_running += 1;
+            }
             let t = ctx.transfers.start(Want {
                 claim: claim.clone(),
                 paths: vec![hash],
             });
-            running.insert(b, ());
+            running.insert(b, large);
             fetches.spawn(async move {
                 let mut p = t.progress();
                 let r = loop {

@@ -242,3 +242,36 @@ fn serve_rate_caps_what_peers_take() {
         "8 MB at 4 MiB/s arrived in {took:?}"
     );
 }
+
+/// An eager node fetches small NARs beside large ones instead of behind them: A serves peers at
+/// 4 MiB/s, so B's eager fetches of two 12 MB NARs take about 6 s; a small path built after
+/// them is held on B while neither large one is (with two fetches at once whatever their size,
+/// the small one waited for a large one to finish).
+#[test]
+fn an_eager_node_fetches_small_nars_beside_large_ones() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, mut nodes) = built_on_first(t.path(), 2);
+    nodes[0].mesh_extra.push_str("serve-rate = \"4MiB\"\n");
+    nodes[1].replicate = "eager";
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    let large = a.build(
+        r#"builtins.genList (i: mk "eager-large-${toString i}" "head -c 12000000 /dev/urandom > $out") 2"#,
+    );
+    let large: Vec<String> = large.iter().map(|p| p.full()).collect();
+    wait_until(30, "B to learn the large paths", || nodes[1].serves(&large));
+    let small = a.build(r#"mk "eager-small" "echo small > $out""#)[0].full();
+    wait_until(30, "B to hold a NAR", || {
+        nodes[1].status().storage.files >= 1
+    });
+    let st = nodes[1].status().storage;
+    assert!(
+        st.files == 1 && st.file_bytes < 1_000_000,
+        "the first NAR B holds is the small one: {st:?}"
+    );
+    assert!(nodes[1].serves(std::slice::from_ref(&small)));
+    wait_until(60, "B to hold all three", || {
+        nodes[1].status().storage.files == 3
+    });
+}
