@@ -190,7 +190,8 @@ pub struct S3Config {
     pub compression: Compression,
     /// Uploads (NARs, narinfos, parts) in flight at once.
     pub concurrency: usize,
-    /// NARs whose compressed size reaches this many bytes go up in parts.
+    /// NARs of at least this many bytes go up in parts, while they are compressed (and so do
+    /// compressed files of this size).
     pub multipart_threshold: u64,
     /// Bytes per part (S3 needs at least 5 MiB).
     pub part_size: u64,

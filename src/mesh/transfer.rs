@@ -83,10 +83,10 @@ impl Transfer {
 
     /// The verified bytes, in order and in pieces of at most 1 MiB, as they become verified;
     /// `guard` lives as long as the reader. A failed transfer ends the stream with its error.
-    /// With `whole`, the stream also waits for the transfer's end, so its last piece comes only
-    /// once the whole NAR's sha256 matched the signed NarHash (a reader that keeps or passes on
-    /// what it read as one object, like the mirror); without, it ends with the last verified
-    /// byte (the local Nix checks the NarHash itself).
+    /// With `whole`, the stream's end (not its last piece) also waits for the transfer's end,
+    /// so a reader that takes the end as complete (like the mirror) has a NAR whose sha256
+    /// matched the signed NarHash; without, it ends with the last verified byte (the local Nix
+    /// checks the NarHash itself).
     pub fn follow(
         self: &Arc<Self>,
         guard: impl Send + 'static,
@@ -100,7 +100,10 @@ impl Transfer {
             loop {
                 let p = progress.borrow_and_update().clone();
                 if p.verified > pos {
-                    let Some(file) = t.file() else { return };
+                    let Some(file) = t.file() else {
+                        let _ = tx.send(Err("the transfer has no file".into())).await;
+                        return;
+                    };
                     let to = p.verified.min(pos + (1 << 20));
                     let read = tokio::task::spawn_blocking(move || {
                         let mut buf = vec![0u8; (to - pos) as usize];
@@ -140,6 +143,22 @@ impl Transfer {
             }
         });
         rx
+    }
+}
+
+/// Ends a transfer in error if its task stops before ending it, so no reader waits for ever.
+struct EndOnDrop(Arc<Transfer>);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        self.0.progress.send_if_modified(|p| {
+            if p.done.is_none() {
+                p.done = Some(Err("the transfer stopped".into()));
+                true
+            } else {
+                false
+            }
+        });
     }
 }
 
@@ -339,6 +358,8 @@ impl Transfers {
         }
         let (this, task) = (self.clone(), t.clone());
         tokio::spawn(async move {
+            // However this task ends (a panic, the runtime dropping it), readers learn it.
+            let _ends = EndOnDrop(task.clone());
             let Ok(_slot) = this.slots.clone().acquire_owned().await else {
                 return;
             };

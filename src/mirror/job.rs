@@ -192,25 +192,26 @@ impl NarJob {
     pub async fn run(self) -> Result<(MirrorState, bool), JobError> {
         let (tx, rx) = mpsc::channel(8);
         let b = self.rec.blake3;
-        let held = self
-            .storage
-            .held(&b)
-            .await
-            .map_err(|e| JobError::Other(e.to_string()))?
-            .is_some();
-        let arriving = if held {
+        let held = || async {
+            self.storage
+                .held(&b)
+                .await
+                .map(|h| h.is_some())
+                .map_err(|e| JobError::Other(e.to_string()))
+        };
+        let arriving = if held().await? {
             None
         } else {
             let guard = self.storage.hold(&b);
-            Some(
-                self.arriving
-                    .as_ref()
-                    .and_then(|a| a.follow(&b, guard))
-                    .ok_or(JobError::NotHere)?,
-            )
+            match self.arriving.as_ref().and_then(|a| a.follow(&b, guard)) {
+                Some(nar) => Some(nar),
+                // Its transfer may have ended just now, leaving it held.
+                None if held().await? => None,
+                None => return Err(JobError::NotHere),
+            }
         };
         let streamed = arriving.is_some();
-        let feeder = match arriving {
+        let feeder = AbortOnDropHandle::new(match arriving {
             Some(nar) => tokio::spawn(feed(nar, tx)),
             None => {
                 let nar = self
@@ -220,7 +221,7 @@ impl NarJob {
                     .map_err(|e| JobError::Other(e.to_string()))?;
                 tokio::spawn(feed(nar, tx))
             }
-        };
+        });
         let started = Instant::now();
         // A NAR of at least the multipart threshold goes up in parts while it is compressed,
         // under a key known before its end: its NarHash's.
@@ -293,9 +294,9 @@ impl NarJob {
         ))
     }
 
-    /// Put the compressed file, complete, under the key its file hash names (unless a checked
-    /// earlier attempt put it there, or, for one large enough for parts, under its NarHash's):
-    /// where it is.
+    /// Put the compressed file, complete, under the key its file hash names, unless (on a
+    /// retry) an earlier attempt put it there or, for a NAR of at least the threshold, under its
+    /// NarHash's: where it is.
     async fn upload_whole(&self, digest: &FileDigest) -> Result<String, S3Error> {
         let url = format!(
             "nar/{}.nar{}",
@@ -305,7 +306,8 @@ impl NarJob {
         let log = DbUploads(self.db.clone());
         if self.check_first {
             let mut earlier = vec![url.clone()];
-            if digest.size >= self.bucket.multipart_threshold() {
+            // A first attempt put a NAR of at least the threshold in parts, under its NarHash.
+            if self.rec.nar_size >= self.bucket.multipart_threshold() {
                 earlier.extend(self.narhash_url());
             }
             for u in earlier {
@@ -333,14 +335,24 @@ impl NarJob {
     ) -> Result<FileDigest, JobError> {
         let failed = || JobError::Other("the compressing thread failed".into());
         let err = |e: std::io::Error| JobError::Other(format!("compressing the NAR: {e}"));
-        let (how, tmp) = (self.how, self.tmp.clone());
+        let (how, tmp, size) = (self.how, self.tmp.clone(), self.rec.nar_size);
+        // A stream that ends early without an error is never taken for the whole NAR.
+        let short = move |got: u64| {
+            std::io::Error::other(format!("the NAR ended after {got} of its {size} bytes"))
+        };
         if !arriving {
             return self
                 .compressing
                 .run(move || {
                     let mut c = Compressor::new(how, &tmp, Some(growth))?;
+                    let mut got = 0u64;
                     while let Some(piece) = rx.blocking_recv() {
-                        c.write(&piece?)?;
+                        let piece = piece?;
+                        got += piece.len() as u64;
+                        c.write(&piece)?;
+                    }
+                    if got != size {
+                        return Err(short(got));
                     }
                     c.finish()
                 })
@@ -354,43 +366,38 @@ impl NarJob {
             .await
             .ok_or_else(failed)?
             .map_err(err)?;
-        let mut open = true;
-        while open {
-            let mut batch = Vec::new();
-            let mut len = 0;
-            match rx.recv().await {
-                Some(piece) => {
-                    let piece = piece.map_err(err)?;
-                    len += piece.len();
-                    batch.push(piece);
+        let mut got = 0u64;
+        loop {
+            let (batch, open) = match next_batch(&mut rx).await {
+                Ok(b) => b,
+                // The transfer failed (the mesh retries it): the path waits for its NAR again,
+                // and the compressor is dropped where dropping it may still compress.
+                Err(_) => {
+                    let _ = self.compressing.run(move || drop(c)).await;
+                    return Err(JobError::NotHere);
                 }
-                None => break,
+            };
+            got += batch.iter().map(|p| p.len() as u64).sum::<u64>();
+            if !batch.is_empty() {
+                c = self
+                    .compressing
+                    .run(move || {
+                        for piece in &batch {
+                            c.write(piece)?;
+                        }
+                        Ok::<_, std::io::Error>(c)
+                    })
+                    .await
+                    .ok_or_else(failed)?
+                    .map_err(err)?;
             }
-            while len < BATCH {
-                match rx.try_recv() {
-                    Ok(piece) => {
-                        let piece = piece.map_err(err)?;
-                        len += piece.len();
-                        batch.push(piece);
-                    }
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => {
-                        open = false;
-                        break;
-                    }
-                }
+            if !open {
+                break;
             }
-            c = self
-                .compressing
-                .run(move || {
-                    for piece in &batch {
-                        c.write(piece)?;
-                    }
-                    Ok::<_, std::io::Error>(c)
-                })
-                .await
-                .ok_or_else(failed)?
-                .map_err(err)?;
+        }
+        if got != size {
+            let _ = self.compressing.run(move || drop(c)).await;
+            return Err(err(short(got)));
         }
         self.compressing
             .run(move || c.finish())
@@ -398,6 +405,35 @@ impl NarJob {
             .ok_or_else(failed)?
             .map_err(err)
     }
+}
+
+/// The pieces that have arrived, up to [`BATCH`] bytes, waiting only for the first; and
+/// whether more may come. An error piece is the stream's error.
+async fn next_batch(
+    rx: &mut mpsc::Receiver<std::io::Result<Bytes>>,
+) -> std::io::Result<(Vec<Bytes>, bool)> {
+    let mut batch = Vec::new();
+    let mut len = 0;
+    match rx.recv().await {
+        Some(piece) => {
+            let piece = piece?;
+            len += piece.len();
+            batch.push(piece);
+        }
+        None => return Ok((batch, false)),
+    }
+    while len < BATCH {
+        match rx.try_recv() {
+            Ok(piece) => {
+                let piece = piece?;
+                len += piece.len();
+                batch.push(piece);
+            }
+            Err(mpsc::error::TryRecvError::Empty) => break,
+            Err(mpsc::error::TryRecvError::Disconnected) => return Ok((batch, false)),
+        }
+    }
+    Ok((batch, true))
 }
 
 /// Wait until the compressed file holds its first part, then put it as object `url` in parts

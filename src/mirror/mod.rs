@@ -324,6 +324,9 @@ impl Mirror {
             while let Ok(h) = paths.try_recv() {
                 touched.push(h);
             }
+            while let Some(Ok(h)) = started.as_mut().map(|s| s.try_recv()) {
+                touched.push(h);
+            }
             self.refresh_held(touched).await;
             self.finish(done).await;
         }

@@ -343,17 +343,22 @@ impl Bucket {
             let _ = self.abort(key, &id).await;
             return Err(e);
         }
-        let result = match self.upload_parts(key, &id, path, parts).await {
-            Ok(()) => Ok(()),
+        match self.upload_parts(key, &id, path, parts).await {
+            Ok(()) => {
+                log.ended(&id).await;
+                Ok(())
+            }
             Err(e) => {
-                if let Err(abort) = self.abort(key, &id).await {
-                    tracing::warn!("mirror: aborting the upload of {key}: {abort}");
+                // One the bucket would not abort stays recorded: the next start aborts it.
+                match self.abort(key, &id).await {
+                    Ok(()) => log.ended(&id).await,
+                    Err(abort) => tracing::warn!(
+                        "mirror: aborting the upload of {key}: {abort}; kept for the next start"
+                    ),
                 }
                 Err(e)
             }
-        };
-        log.ended(&id).await;
-        result
+        }
     }
 
     async fn upload_parts(
