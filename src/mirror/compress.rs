@@ -75,7 +75,8 @@ enum Encoder {
 /// own, so compressing and hashing run on two cores.
 pub struct Compressor {
     enc: Encoder,
-    writer: std::thread::JoinHandle<io::Result<FileDigest>>,
+    /// `None` once joined early (it stopped: its error was the answer).
+    writer: Option<std::thread::JoinHandle<io::Result<FileDigest>>>,
 }
 
 impl Compressor {
@@ -118,15 +119,35 @@ impl Compressor {
             Compression::Zstd => Encoder::Zstd(zstd::stream::write::Encoder::new(out, ZSTD_LEVEL)?),
             Compression::Xz => Encoder::Xz(xz2::write::XzEncoder::new(out, XZ_PRESET)),
         };
-        Ok(Compressor { enc, writer })
+        Ok(Compressor {
+            enc,
+            writer: Some(writer),
+        })
     }
 
     /// Compress the next piece of the NAR.
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        match &mut self.enc {
+        let written = match &mut self.enc {
             Encoder::None(w) => w.write_all(data),
             Encoder::Zstd(w) => w.write_all(data),
             Encoder::Xz(w) => w.write_all(data),
+        };
+        // The writer stopped (its end of the channel is gone): its own error (a full disk,
+        // say) says more than the broken channel.
+        match written {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                Err(self.writer_error().unwrap_or(e))
+            }
+            r => r,
+        }
+    }
+
+    /// The error the writer stopped with; only once it has stopped.
+    fn writer_error(&mut self) -> Option<io::Error> {
+        match self.writer.take()?.join() {
+            Ok(Err(e)) => Some(e),
+            Ok(Ok(_)) => None,
+            Err(_) => Some(io::Error::other("the file writer panicked")),
         }
     }
 
@@ -139,12 +160,16 @@ impl Compressor {
         };
         // On success flush the last piece; either way close the channel so the writer ends.
         let sent = out.and_then(|mut out| out.flush());
-        let written = self
-            .writer
+        let Some(writer) = self.writer else {
+            return Err(io::Error::other("the file writer stopped"));
+        };
+        let written = writer
             .join()
             .map_err(|_| io::Error::other("the file writer panicked"))?;
+        // The writer's error first: it is the cause when both failed.
+        let digest = written?;
         sent?;
-        written
+        Ok(digest)
     }
 }
 
@@ -194,5 +219,24 @@ mod tests {
             run(Compression::Zstd, &data).0,
             run(Compression::Zstd, &data).0
         );
+    }
+
+    #[test]
+    fn a_full_disk_is_named_not_hidden_behind_the_broken_channel() {
+        // /dev/full takes the open and fails every write with ENOSPC.
+        let mut c = Compressor::new(Compression::None, Path::new("/dev/full"), None).unwrap();
+        let piece = vec![7u8; 1 << 20];
+        let mut failed = None;
+        for _ in 0..64 {
+            if let Err(e) = c.write(&piece) {
+                failed = Some(e);
+                break;
+            }
+        }
+        let e = match failed {
+            Some(e) => e,
+            None => c.finish().expect_err("nothing fits on /dev/full"),
+        };
+        assert_eq!(e.kind(), io::ErrorKind::StorageFull, "{e}");
     }
 }
