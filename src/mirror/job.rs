@@ -281,28 +281,23 @@ impl NarJob {
             streamed,
         ))
     }
-}
 
-impl NarJob {
+    /// The bucket key of the compressed NAR named by `hash` (its file hash, or its NarHash).
+    fn nar_key(&self, hash: &[u8; 32]) -> String {
+        format!("nar/{}.nar{}", base32::encode(hash), self.how.extension())
+    }
+
     /// The key of the compressed NAR named by its NarHash (known before compressing).
     fn narhash_url(&self) -> Option<String> {
         let info = NarInfo::parse(&self.rec.narinfo).ok()?;
-        Some(format!(
-            "nar/{}.nar{}",
-            base32::encode(&info.nar_hash.0),
-            self.how.extension()
-        ))
+        Some(self.nar_key(&info.nar_hash.0))
     }
 
     /// Put the compressed file, complete, under the key its file hash names, unless (on a
     /// retry) an earlier attempt put it there or, for a NAR of at least the threshold, under its
     /// NarHash's: where it is.
     async fn upload_whole(&self, digest: &FileDigest) -> Result<String, S3Error> {
-        let url = format!(
-            "nar/{}.nar{}",
-            base32::encode(&digest.sha256),
-            self.how.extension()
-        );
+        let url = self.nar_key(&digest.sha256);
         let log = DbUploads(self.db.clone());
         if self.check_first {
             let mut earlier = vec![url.clone()];

@@ -24,7 +24,7 @@ use narmesh_proto::control::MirrorStatus;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use compress::{Compressor, FileDigest};
+pub use compress::FileDigest;
 pub use job::bucket_narinfo;
 use job::{Entry, JobError, NarJob, put_narinfo};
 use plan::{Job, Plan};
