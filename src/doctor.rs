@@ -199,7 +199,15 @@ fn hook(path: &Path, conf: &NixConf) -> Outcome {
     };
     match std::fs::metadata(hook) {
         Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => {
-            Pass(format!("post-build-hook = {hook}"))
+            // How it starts is most of what a build waits for; any kind works.
+            let how = match crate::linkage::of_file(Path::new(hook)) {
+                Ok(l @ crate::linkage::Linkage::Static) => l.to_string(),
+                Ok(l) => format!(
+                    "{l}: starts slower than the static build under load (README, \"The binaries\")"
+                ),
+                Err(e) => format!("unreadable: {e}"),
+            };
+            Pass(format!("post-build-hook = {hook} ({how})"))
         }
         Ok(_) => Fail(format!("post-build-hook {hook} is not executable"), fix),
         Err(e) => Fail(format!("post-build-hook {hook}: {e}"), fix),

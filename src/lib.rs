@@ -26,11 +26,12 @@
 //! - [`units`]: byte sizes with units (`50GiB`), in configs and flags.
 //! - [`background`]: low-priority threads for bulk hashing and compression.
 //! - [`fsutil`]: atomic, durable file writes (a leaf: depends on nothing of ours).
+//! - [`linkage`]: whether an executable (the hook) starts statically linked.
 //! - [`node`]: builds and runs the parts; owns the shutdown order.
 //! - [`bench`]: `narmesh bench`, replication measured on one machine beside its baselines.
 //! - [`cli`], [`client`]: the command line and its socket client; `main.rs` only runs it.
 //!
-//! The hook (`src/bin/narmesh-hook.rs`) is std-only and uses only `narmesh-proto`.
+//! The hook is a package of its own (`hook/`): std, rustix and `narmesh-proto` only.
 
 pub mod background;
 pub mod bench;
@@ -45,6 +46,7 @@ pub mod fsutil;
 pub mod http;
 pub mod ingest;
 pub mod killpoint;
+pub mod linkage;
 pub mod logging;
 pub mod memory;
 pub mod mesh;

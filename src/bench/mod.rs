@@ -65,6 +65,9 @@ pub struct BenchArgs {
     /// Builds finishing at once (hook calls in flight, like Nix's max-jobs).
     #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
+    /// The `narmesh-hook` executable the builds run (default: the one beside `narmesh`).
+    #[arg(long, env = "NARMESH_HOOK_BIN")]
+    pub hook: Option<PathBuf>,
     /// Spread the builds evenly over this many seconds (0: back to back).
     #[arg(long, default_value_t = 0.0)]
     pub duration: f64,
@@ -138,11 +141,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "--duration must be between 0 and 86400 seconds"
     );
     let exe = std::env::current_exe().context("finding the narmesh executable")?;
-    let hook = exe.with_file_name("narmesh-hook");
+    let hook = match &args.hook {
+        Some(h) => h.clone(),
+        None => exe.with_file_name("narmesh-hook"),
+    };
     anyhow::ensure!(
         hook.is_file(),
-        "narmesh-hook is not beside {} (build or install both binaries)",
-        exe.display()
+        "{} is missing (build or install both binaries, or give --hook)",
+        hook.display()
     );
     let (_tmp, dir) = match &args.dir {
         Some(d) => {
@@ -617,6 +623,8 @@ fn bench(
             replicate: args.replicate.clone(),
             transport: if args.bulk { "bulk TCP" } else { "QUIC" }.into(),
             concurrency: args.concurrency,
+            hook: crate::linkage::of_file(hook)
+                .map_or_else(|e| format!("unreadable: {e}"), |l| l.to_string()),
         },
         hook_ms,
         hook_floor_ms: Spread::of_ms(floor),

@@ -56,6 +56,9 @@ pub struct Workload {
     /// How NARs move between nodes: `QUIC` or `bulk TCP`.
     pub transport: String,
     pub concurrency: usize,
+    /// How the hook binary starts (`statically linked`, `dynamically linked`, ...): most of a
+    /// hook call's time on a busy machine.
+    pub hook: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -265,7 +268,7 @@ impl Report {
             .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0).max(8))
             .collect();
         let mut out = format!(
-            "narmesh bench: {} paths ({}, largest {}, {}), {} nodes{}, {} replication over {}, {} at once\n\n",
+            "narmesh bench: {} paths ({}, largest {}, {}), {} nodes{}, {} replication over {}, {} at once, hook {}\n\n",
             w.paths,
             size(w.nar_bytes),
             size(w.largest_nar),
@@ -274,7 +277,8 @@ impl Report {
             if w.mirror { " + S3 mirror" } else { "" },
             w.replicate,
             w.transport,
-            w.concurrency
+            w.concurrency,
+            w.hook
         );
         let header = ["measure", "narmesh", "baseline (same run)", "ratio"];
         let line = |r: &[String]| {

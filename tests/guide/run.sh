@@ -16,7 +16,8 @@
 #
 # What the hosts cannot do here is done by stand-ins, first on PATH, each saying so when it
 # runs (tests/guide/shims/):
-#   cargo      `cargo build --release` links the binaries under test into target/release/
+#   cargo      `cargo build --release` (and the hook's static `cargo rustc`) links the binaries
+#              under test into target/release/
 #              ($NARMESH_BIN_DIR, default target/debug of this repository) instead of compiling;
 #   apt-get    `update` is skipped (no network); `install` is skipped for packages this machine
 #              has, others are installed for real into the host's view from .deb files fetched

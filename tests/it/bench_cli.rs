@@ -24,6 +24,7 @@ fn a_small_bench_run_reports_every_figure_and_replicates_everything() {
         .args(["--s3-local", "--json", "--dir"])
         .arg(dir.path())
         .env("NARMESH_WEED", weed())
+        .env("NARMESH_HOOK_BIN", bin("narmesh-hook"))
         .stdin(Stdio::null())
         .output()
         .expect("run narmesh bench");
@@ -41,6 +42,8 @@ fn a_small_bench_run_reports_every_figure_and_replicates_everything() {
     };
     assert_eq!(r["errors"], serde_json::json!([]), "{r:#}");
     assert_eq!(num("/workload/paths"), 24.0);
+    // The report says how the hook it ran starts: the README's static build here.
+    assert_eq!(r["workload"]["hook"], "statically linked", "{r:#}");
     assert_eq!(num("/replicated_paths"), 24.0);
     // Every NAR fetched from both peers' caches and checked against its narinfo.
     assert_eq!(num("/verified_nars"), 48.0);

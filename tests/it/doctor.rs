@@ -120,6 +120,12 @@ fn doctor_passes_a_healthy_mesh_and_names_each_broken_piece() {
         assert!(run.ok, "node {i}:\n{}", run.out);
         assert!(run.out.contains("all checks passed"), "{}", run.out);
         assert!(line(&run, "peer").starts_with("ok"), "{}", run.out);
+        // The hook under test is the README's static build (scripts/test.sh makes it).
+        assert!(
+            line(&run, "hook").contains("(statically linked)"),
+            "{}",
+            run.out
+        );
         if i == 1 {
             assert!(line(&run, "bucket").starts_with("ok"), "{}", run.out);
         }

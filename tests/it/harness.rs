@@ -326,11 +326,28 @@ fn serve_one(conn: TcpStream, dir: &Path) {
     }
 }
 
-/// The path of one of our binaries, built by cargo for the integration tests.
+/// The path of one of our binaries: `narmesh` as cargo built it for the integration tests;
+/// `narmesh-hook` (its own package, which cargo does not build for these tests) as installed:
+/// `$NARMESH_HOOK_BIN`, else `target/release/narmesh-hook`, the static build of the README's
+/// install step, which `scripts/test.sh` makes first. Missing is a loud failure.
 pub fn bin(name: &str) -> PathBuf {
     match name {
         "narmesh" => PathBuf::from(env!("CARGO_BIN_EXE_narmesh")),
-        "narmesh-hook" => PathBuf::from(env!("CARGO_BIN_EXE_narmesh-hook")),
+        "narmesh-hook" => {
+            let hook = std::env::var_os("NARMESH_HOOK_BIN")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/narmesh-hook")
+                });
+            assert!(
+                hook.is_file(),
+                "{} is missing: build the hook as the README installs it (`cargo rustc --release \
+                 --locked -p narmesh-hook -- -C target-feature=+crt-static`; scripts/test.sh does) \
+                 or set NARMESH_HOOK_BIN",
+                hook.display()
+            );
+            hook
+        }
         other => panic!("unknown binary {other}"),
     }
 }
