@@ -62,6 +62,8 @@ pub struct Metrics {
     pub mesh_fetched_bytes: Family<PeerLabels, Counter>,
     /// Of those, the bytes that came over providers' bulk channels (TCP).
     pub mesh_bulk_bytes: Counter,
+    /// NAR transfers from peers running now (eager and on demand), past their slot.
+    pub mesh_transfers: Gauge,
     /// Records new or changed by what peers said (gossip and catch-up): flat once the mesh
     /// has settled.
     pub mesh_records_changed: Counter,
@@ -134,6 +136,7 @@ impl Metrics {
             mesh_refused: Family::default(),
             mesh_fetched_bytes: Family::default(),
             mesh_bulk_bytes: Counter::default(),
+            mesh_transfers: Gauge::default(),
             mesh_records_changed: Counter::default(),
             problems: Default::default(),
             registry: Registry::default(),
@@ -273,6 +276,11 @@ impl Metrics {
             "mesh_bulk_bytes",
             "Verified NAR bytes fetched over providers' bulk channels (TCP)",
             m.mesh_bulk_bytes.clone(),
+        );
+        registry.register(
+            "mesh_transfers",
+            "NAR transfers from peers running now (eager and on demand)",
+            m.mesh_transfers.clone(),
         );
         registry.register(
             "mesh_records_changed",

@@ -275,3 +275,31 @@ fn an_eager_node_fetches_small_nars_beside_large_ones() {
         nodes[1].status().storage.files == 3
     });
 }
+
+/// An eager node fetches at most two large NARs (over 4 MiB) at once: two fill a link, and the
+/// other slots stay free for small paths (README). A serves peers at 4 MiB/s, so three 6 MB
+/// NARs wished at the same time would all run for seconds if nothing held the third back;
+/// B's `narmesh_mesh_transfers` is sampled throughout.
+#[test]
+fn an_eager_node_fetches_at_most_two_large_nars_at_once() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, mut nodes) = built_on_first(t.path(), 2);
+    nodes[0].mesh_extra.push_str("serve-rate = \"4MiB\"\n");
+    nodes[1].replicate = "eager";
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    a.build(
+        r#"builtins.genList (i: mk "eager-cap-${toString i}" "head -c 6000000 /dev/urandom > $out") 3"#,
+    );
+    let (mut most, mut samples) = (0.0f64, 0);
+    wait_until(90, "B to hold all three", || {
+        most = most.max(metric(&nodes[1], "narmesh_mesh_transfers "));
+        samples += 1;
+        nodes[1].status().storage.files == 3
+    });
+    assert_eq!(
+        most, 2.0,
+        "large transfers running at once on B, the most of {samples} samples"
+    );
+}
