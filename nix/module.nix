@@ -21,12 +21,21 @@ let
     cp ${rawFile} $out
   '';
 
-  # The hook finds the socket and the spool only through its environment, which Nix does not set.
-  hook = pkgs.writeShellScript "narmesh-post-build-hook" ''
-    export NARMESH_SOCKET=${lib.escapeShellArg cfg.settings.socket}
-    export NARMESH_SPOOL=${lib.escapeShellArg cfg.settings.spool-dir}
-    exec ${cfg.package}/bin/narmesh-hook
-  '';
+  # The hook finds the socket and the spool through its environment, which Nix does not set, and
+  # else uses the node's defaults. Nix starts it once per build: with the defaults it is the
+  # binary itself; other paths need a script to set them, a shell started before every call.
+  hookDefaults =
+    cfg.settings.socket == "/run/narmesh/narmesh.sock"
+    && cfg.settings.spool-dir == "/var/lib/narmesh/spool";
+  hook =
+    if hookDefaults then
+      "${cfg.package}/bin/narmesh-hook"
+    else
+      pkgs.writeShellScript "narmesh-post-build-hook" ''
+        export NARMESH_SOCKET=${lib.escapeShellArg cfg.settings.socket}
+        export NARMESH_SPOOL=${lib.escapeShellArg cfg.settings.spool-dir}
+        exec ${cfg.package}/bin/narmesh-hook
+      '';
 
   port = addr: lib.toInt (lib.last (lib.splitString ":" addr));
   meshEnabled = cfg.settings.mesh.enabled or true;

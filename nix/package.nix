@@ -18,11 +18,20 @@ rustPlatform.buildRustPackage {
       ../src
       ../hook
       ../proto
+      ../formats
+      ../fuzz-checks
       ../benches
     ];
   };
 
   cargoLock.lockFile = ../Cargo.lock;
+  # The node and its hook (a package of its own, not built by default; linked dynamically here).
+  cargoBuildFlags = [
+    "-p"
+    "narmesh"
+    "-p"
+    "narmesh-hook"
+  ];
 
   nativeBuildInputs = [ installShellFiles ];
 

@@ -14,7 +14,8 @@ cargo test --workspace --locked --no-run
 # The hook the tests run is the one the README installs: its own package, statically linked
 # (seconds to build; it has three dependencies). tests/it/harness.rs finds it here.
 cargo rustc --release --locked -p narmesh-hook -- -C target-feature=+crt-static
-export NARMESH_HOOK_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/narmesh-hook"
+NARMESH_HOOK_BIN=$(realpath -m "${CARGO_TARGET_DIR:-target}/release/narmesh-hook")
+export NARMESH_HOOK_BIN
 # The tests write their stores, nodes and buckets under $TMPDIR: about 2 GiB at the most, and
 # SeaweedFS keeps about 1% of its file system free (measured: with 700 MB free of 98 GB it took
 # no writes, with 1.5 GB it did). Too little is a clear failure here, not dozens of tests

@@ -199,12 +199,15 @@ fn hook(path: &Path, conf: &NixConf) -> Outcome {
     };
     match std::fs::metadata(hook) {
         Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => {
-            // How it starts is most of what a build waits for; any kind works.
+            // How it starts is about half of what a build waits for; any kind works.
+            use crate::linkage::Linkage;
             let how = match crate::linkage::of_file(Path::new(hook)) {
-                Ok(l @ crate::linkage::Linkage::Static) => l.to_string(),
-                Ok(l) => format!(
-                    "{l}: starts slower than the static build under load (README, \"The binaries\")"
-                ),
+                Ok(Linkage::Static) => "statically linked".to_string(),
+                Ok(Linkage::Dynamic) => "dynamically linked: starts slower under load than the \
+                                         static build (README, \"The binaries\")"
+                    .to_string(),
+                Ok(Linkage::Script) => "a script: a shell starts before the hook".to_string(),
+                Ok(Linkage::Unknown) => "not an ELF executable this check reads".to_string(),
                 Err(e) => format!("unreadable: {e}"),
             };
             Pass(format!("post-build-hook = {hook} ({how})"))

@@ -1,9 +1,9 @@
 //! How an executable starts: statically linked, through the dynamic loader, or as a script. The
-//! hook runs once per build, so how it starts is most of its cost on a busy host: in the
-//! default `narmesh bench` burst a dynamically linked hook's start alone took p99 4.4 ms
-//! (median of 19 runs), a statically linked one's 2.2 ms (BENCHMARKS.md). `narmesh doctor` and `narmesh bench`
-//! say which one they see. Reads the first bytes and the ELF program headers; never trusts
-//! them (any file gives an answer, never a panic).
+//! hook runs once per build, and on a busy host starting the process is about half of a call:
+//! in the default `narmesh bench` burst a dynamically linked hook's start alone took p99 4.4 ms
+//! (median of 19 runs), a statically linked one's 2.2 ms (BENCHMARKS.md). `narmesh doctor` and
+//! `narmesh bench` say which one they see. Reads the first bytes and the ELF program headers;
+//! never trusts them (any file gives an answer, never a panic).
 
 use std::io::Read as _;
 use std::path::Path;
@@ -17,7 +17,7 @@ pub enum Linkage {
     Dynamic,
     /// A `#!` script: its interpreter starts first.
     Script,
-    /// Anything else (not ELF, truncated, or a byte order or class we do not read).
+    /// Anything else (not an ELF executable, truncated, or a byte order or class we do not read).
     Unknown,
 }
 
@@ -34,7 +34,13 @@ impl std::fmt::Display for Linkage {
 
 /// The program headers read at most (real executables have about a dozen).
 const MAX_HEADERS: usize = 256;
-/// ELF program header type of the interpreter's path.
+/// Size of an ELF64 program header.
+const PHENT: usize = 56;
+/// ELF file types that run: an executable, a position-independent one.
+const ET_EXEC: u16 = 2;
+const ET_DYN: u16 = 3;
+/// ELF program header types: a loaded segment, the interpreter's path.
+const PT_LOAD: u32 = 1;
 const PT_INTERP: u32 = 3;
 
 /// The linkage of the file at `path` (following symlinks).
@@ -60,10 +66,11 @@ pub fn of_bytes(b: &[u8]) -> Linkage {
     let Ok(phoff) = usize::try_from(u64::from_le_bytes(b[0x20..0x28].try_into().unwrap())) else {
         return Linkage::Unknown;
     };
-    let (entsize, count) = (u16_at(0x36), u16_at(0x38));
-    if entsize < 4 || count > MAX_HEADERS {
+    let (etype, entsize, count) = (u16_at(0x10) as u16, u16_at(0x36), u16_at(0x38));
+    if !matches!(etype, ET_EXEC | ET_DYN) || entsize != PHENT || count == 0 || count > MAX_HEADERS {
         return Linkage::Unknown;
     }
+    let (mut loads, mut interp) = (false, false);
     for i in 0..count {
         let Some(at) = i.checked_mul(entsize).and_then(|o| o.checked_add(phoff)) else {
             return Linkage::Unknown;
@@ -71,11 +78,17 @@ pub fn of_bytes(b: &[u8]) -> Linkage {
         let Some(t) = at.checked_add(4).and_then(|end| b.get(at..end)) else {
             return Linkage::Unknown;
         };
-        if u32::from_le_bytes(t.try_into().unwrap()) == PT_INTERP {
-            return Linkage::Dynamic;
+        match u32::from_le_bytes(t.try_into().unwrap()) {
+            PT_LOAD => loads = true,
+            PT_INTERP => interp = true,
+            _ => {}
         }
     }
-    Linkage::Static
+    match (loads, interp) {
+        (false, _) => Linkage::Unknown,
+        (true, true) => Linkage::Dynamic,
+        (true, false) => Linkage::Static,
+    }
 }
 
 #[cfg(test)]
@@ -83,10 +96,11 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// A minimal ELF64 header with program headers of these types right after it.
+    /// A minimal ELF64 executable's header with program headers of these types right after it.
     fn elf(types: &[u32]) -> Vec<u8> {
         let mut b = vec![0u8; 64];
         b[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        b[0x10..0x12].copy_from_slice(&ET_DYN.to_le_bytes());
         b[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
         b[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
         b[0x38..0x3a].copy_from_slice(&(types.len() as u16).to_le_bytes());
@@ -102,6 +116,12 @@ mod tests {
     fn an_interpreter_header_is_dynamic_and_none_is_static() {
         assert_eq!(of_bytes(&elf(&[6, PT_INTERP, 1, 1])), Linkage::Dynamic);
         assert_eq!(of_bytes(&elf(&[6, 1, 1, 2])), Linkage::Static);
+        // Not something that runs: no segment to load, no header, an object file.
+        assert_eq!(of_bytes(&elf(&[6, 2])), Linkage::Unknown);
+        assert_eq!(of_bytes(&elf(&[])), Linkage::Unknown);
+        let mut object = elf(&[1]);
+        object[0x10] = 1;
+        assert_eq!(of_bytes(&object), Linkage::Unknown);
         assert_eq!(of_bytes(b"#!/bin/sh\nexec narmesh-hook\n"), Linkage::Script);
         assert_eq!(of_bytes(b"\x7fELF"), Linkage::Unknown);
         // Program headers said to lie beyond the bytes read.
@@ -115,7 +135,6 @@ mod tests {
         // Cargo links test binaries dynamically on the gnu targets we build for.
         let me = std::env::current_exe().unwrap();
         assert_eq!(of_file(&me).unwrap(), Linkage::Dynamic);
-        assert_eq!(of_file(Path::new("/bin/sh")).unwrap(), Linkage::Dynamic);
     }
 
     proptest! {
@@ -129,7 +148,7 @@ mod tests {
             phoff in any::<u64>(), entsize in any::<u16>(), count in any::<u16>(),
             tail in proptest::collection::vec(any::<u8>(), 0..400),
         ) {
-            let mut b = elf(&[]);
+            let mut b = elf(&[1]);
             b[0x20..0x28].copy_from_slice(&phoff.to_le_bytes());
             b[0x36..0x38].copy_from_slice(&entsize.to_le_bytes());
             b[0x38..0x3a].copy_from_slice(&count.to_le_bytes());

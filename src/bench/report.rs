@@ -56,8 +56,8 @@ pub struct Workload {
     /// How NARs move between nodes: `QUIC` or `bulk TCP`.
     pub transport: String,
     pub concurrency: usize,
-    /// How the hook binary starts (`statically linked`, `dynamically linked`, ...): most of a
-    /// hook call's time on a busy machine.
+    /// How the hook binary starts (`statically linked`, `dynamically linked`, ...): starting
+    /// the process is about half of a hook call on a busy machine.
     pub hook: String,
 }
 

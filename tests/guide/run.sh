@@ -18,7 +18,8 @@
 # runs (tests/guide/shims/):
 #   cargo      `cargo build --release` (and the hook's static `cargo rustc`) links the binaries
 #              under test into target/release/
-#              ($NARMESH_BIN_DIR, default target/debug of this repository) instead of compiling;
+#              ($NARMESH_BIN_DIR; default target/debug/narmesh of this repository and the
+#              hook's static build, target/release/narmesh-hook) instead of compiling;
 #   apt-get    `update` is skipped (no network); `install` is skipped for packages this machine
 #              has, others are installed for real into the host's view from .deb files fetched
 #              here beforehand ($NARMESH_GUIDE_DEBS, default /var/cache/narmesh-guide/debs);
@@ -40,7 +41,11 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 readme=$repo/README.md
+# The binaries under test: both from $NARMESH_BIN_DIR, else narmesh from target/debug and the
+# hook's static build ($NARMESH_HOOK_BIN, else target/release/narmesh-hook).
 bin_dir=${NARMESH_BIN_DIR:-$repo/target/debug}
+hook_bin=${NARMESH_BIN_DIR:+$NARMESH_BIN_DIR/narmesh-hook}
+hook_bin=${hook_bin:-${NARMESH_HOOK_BIN:-$repo/target/release/narmesh-hook}}
 weed=${NARMESH_WEED:-/opt/narmesh-s3/bin/weed}
 debs=${NARMESH_GUIDE_DEBS:-/var/cache/narmesh-guide/debs}
 hosts=(build1 build2)
@@ -58,10 +63,10 @@ for tool in ip unshare nsenter setpriv ss curl awk apt-get dpkg-query; do
     command -v "$tool" > /dev/null || die "$tool is missing"
 done
 [ -x "$weed" ] || die "SeaweedFS is not at $weed (set NARMESH_WEED; scripts/test.sh installs it)"
-for b in narmesh narmesh-hook; do
-    [ -x "$bin_dir/$b" ] || die "$bin_dir/$b is missing (set NARMESH_BIN_DIR)"
-done
-bin_dir=$(cd "$bin_dir" && pwd)
+[ -x "$bin_dir/narmesh" ] || die "$bin_dir/narmesh is missing (set NARMESH_BIN_DIR)"
+[ -x "$hook_bin" ] || die "$hook_bin is missing (build it as README step 2 does; or set NARMESH_HOOK_BIN)"
+narmesh_bin=$(realpath "$bin_dir/narmesh")
+hook_bin=$(realpath "$hook_bin")
 
 work=$(mktemp -d /tmp/narmesh-guide.XXXXXX)
 chmod 0755 "$work"
@@ -137,6 +142,11 @@ trap 'exit 130' INT TERM
 # the bucket) goes to a tmpfs of 8 GiB, so the nodes see a disk with room above their default
 # free-space floor (5 GiB) and SeaweedFS one above its own, whatever this machine has free.
 mount -t tmpfs -o size=8g,mode=0755 narmesh-guide "$work"
+# The binaries under test, side by side, as the guide's `install` takes them.
+bin_dir=$work/bin
+mkdir "$bin_dir"
+ln -s "$narmesh_bin" "$bin_dir/narmesh"
+ln -s "$hook_bin" "$bin_dir/narmesh-hook"
 
 # ---------------------------------------------------------------------------------------------
 step "extracting the guide's blocks from $readme"

@@ -184,7 +184,7 @@ impl NixHost {
 
     /// A command with this host's environment, run by this host's Nix. Nix 2.26 runs in its
     /// own root through bubblewrap, with the host's `/tmp` and `$TMPDIR` (where the tests'
-    /// stores, sockets and spools live) and our binaries' directory bound in at the same paths.
+    /// stores, sockets and spools live) and the hook's directory bound in at the same paths.
     pub fn cmd(&self, program: &str) -> Command {
         let mut c = match self.nix {
             Nix::V2_8 => Command::new(program),
@@ -328,28 +328,58 @@ fn serve_one(conn: TcpStream, dir: &Path) {
 
 /// The path of one of our binaries: `narmesh` as cargo built it for the integration tests;
 /// `narmesh-hook` (its own package, which cargo does not build for these tests) as installed:
-/// `$NARMESH_HOOK_BIN`, else `target/release/narmesh-hook`, the static build of the README's
-/// install step, which `scripts/test.sh` makes first. Missing is a loud failure.
+/// `$NARMESH_HOOK_BIN`, else `release/narmesh-hook` of the target directory, the static build
+/// of the README's install step, which `scripts/test.sh` makes first. Missing, or older than
+/// its sources, is a loud failure.
 pub fn bin(name: &str) -> PathBuf {
     match name {
         "narmesh" => PathBuf::from(env!("CARGO_BIN_EXE_narmesh")),
         "narmesh-hook" => {
-            let hook = std::env::var_os("NARMESH_HOOK_BIN")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/narmesh-hook")
-                });
-            assert!(
-                hook.is_file(),
-                "{} is missing: build the hook as the README installs it (`cargo rustc --release \
-                 --locked -p narmesh-hook -- -C target-feature=+crt-static`; scripts/test.sh does) \
-                 or set NARMESH_HOOK_BIN",
-                hook.display()
-            );
-            hook
+            static HOOK: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+            HOOK.get_or_init(hook_bin).clone()
         }
         other => panic!("unknown binary {other}"),
     }
+}
+
+fn hook_bin() -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let hook = std::env::var_os("NARMESH_HOOK_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map_or_else(|| repo.join("target"), PathBuf::from);
+            target.join("release/narmesh-hook")
+        });
+    let hook = std::path::absolute(&hook).expect("the hook's absolute path");
+    let build = "build the hook as the README installs it (`cargo rustc --release --locked -p \
+                 narmesh-hook -- -C target-feature=+crt-static`; scripts/test.sh does) or set \
+                 NARMESH_HOOK_BIN";
+    let built = std::fs::metadata(&hook)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| panic!("{}: {e}: {build}", hook.display()));
+    // Its sources: the hook's package and the wire types it speaks.
+    let mut newest = None;
+    let mut dirs = vec![repo.join("hook"), repo.join("proto/src")];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let (p, m) = (e.path(), e.metadata());
+            if p.is_dir() {
+                dirs.push(p);
+            } else if let Ok(t) = m.and_then(|m| m.modified()) {
+                newest = newest.max(Some((t, p)));
+            }
+        }
+    }
+    if let Some((t, p)) = newest {
+        assert!(
+            t <= built,
+            "{} is older than {}: {build}",
+            hook.display(),
+            p.display()
+        );
+    }
+    hook
 }
 
 /// Poll `cond` every 20 ms until it holds; panic with `what` after `secs`.

@@ -40,7 +40,14 @@ in
   inherit (services.narmesh) finalSettings;
   # The file the module hands to `narmesh check-config`, as the stub renders it.
   configToml = builtins.readFile ((pkgs.formats.toml { }).generate "narmesh.toml" services.narmesh.finalSettings);
-  hookScript = if nix.settings ? post-build-hook then builtins.readFile nix.settings.post-build-hook else null;
+  # The hook as nix.conf names it, and the script's text when it is a script (not the package's
+  # binary, which is not built here).
+  hook = if nix.settings ? post-build-hook then toString nix.settings.post-build-hook else null;
+  hookScript =
+    if !(nix.settings ? post-build-hook) || lib.hasPrefix "${narmeshPackage}/" (toString nix.settings.post-build-hook) then
+      null
+    else
+      builtins.readFile nix.settings.post-build-hook;
   inherit (networking.firewall) allowedUDPPorts;
   nixSettings = nix.settings;
   users = {

@@ -177,11 +177,10 @@ check_module() {
     grep -qxF 'secret-key-file = "/run/credentials/narmesh.service/secret-key"' "$WORK/typical/narmesh.toml" &&
       pass "module (typical) config: secret-key-file is the unit's credential" ||
       fail "module (typical) config: secret-key-file is not /run/credentials/narmesh.service/secret-key"
-    jq_check "module (typical): post-build-hook finds the socket and the spool" "$json" \
-      '(.nixSettings."post-build-hook" | type == "string")
-       and (.hookScript | contains("export NARMESH_SOCKET=/run/narmesh/narmesh.sock\n"))
-       and (.hookScript | contains("export NARMESH_SPOOL=/var/lib/narmesh/spool\n"))
-       and (.hookScript | test("exec /nix/store/[^ ]+/bin/narmesh-hook\n$"))'
+    # The default socket and spool are the hook's own: Nix runs the binary, no shell first.
+    jq_check "module (typical): post-build-hook is the hook binary itself" "$json" \
+      '.hook == "/nix/store/00000000000000000000000000000000-narmesh/bin/narmesh-hook"
+       and .hookScript == null'
     jq_check "module (typical): substituter and its keys" "$json" \
       '.nixSettings."extra-substituters" == ["http://127.0.0.1:5480"]
        and .nixSettings."extra-trusted-public-keys" == [.finalSettings."trusted-public-keys"[0], "buildhost-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="]'
@@ -193,6 +192,16 @@ check_module() {
       "LoadCredential=" "EnvironmentFile=" "SupplementaryGroups="
     jq_check "module (minimal): no hook, no substituter, no open port" "$json" \
       '.nixSettings == {} and .allowedUDPPorts == [] and (.finalSettings | has("secret-key-file") | not)'
+  fi
+
+  # Another socket or spool: a script gives the hook both.
+  json="$WORK/custom-hook.json"
+  if eval_to "module (hook with another socket and spool)" \
+    '{ services.narmesh = { enable = true; hook.enable = true; settings = { socket = "/run/narmesh/other.sock"; spool-dir = "/var/lib/narmesh/other spool"; }; }; }' "$json"; then
+    jq_check "module (another socket and spool): post-build-hook finds them" "$json" \
+      '(.hookScript | contains("export NARMESH_SOCKET=/run/narmesh/other.sock\n"))
+       and (.hookScript | contains("export NARMESH_SPOOL=\u0027/var/lib/narmesh/other spool\u0027\n"))
+       and (.hookScript | test("exec /nix/store/[^ ]+/bin/narmesh-hook\n$"))'
   fi
 
   # A store path (world-readable) or a relative path is refused.
