@@ -5,7 +5,13 @@
 //! workers and blocking threads take turns at catch-up batches, redb commits and HTTP answers
 //! kept about three times its live heap that way: 219 MiB peak RSS with 100,000 records known,
 //! for a heap that never passed 44 MiB (heaptrack). Two arenas, and handing free pages back to
-//! the system every second, keep it near the heap (`cargo bench --bench scale`; BENCHMARKS.md).
+//! the system once more than [`KEEP_FREE`] is free, keep it near the heap (`cargo bench --bench
+//! scale`; BENCHMARKS.md).
+//!
+//! Not every second whatever is free: a node moving NARs allocates and frees its 1 MiB pieces
+//! all the time, and pages handed back are faulted in and zeroed again at the next piece. On a
+//! VM that cost more than the copies themselves: page faults in the transfers' reads and in
+//! `calloc`'s memset were a third of a receiving node's CPU (BENCHMARKS.md).
 
 /// Cap glibc's malloc arenas at two (`MALLOC_ARENA_MAX`, if set, still wins). Call before any
 /// other thread starts.
@@ -19,8 +25,12 @@ pub fn limit_arenas() {
     }
 }
 
-/// Hand free pages back to the system every second, on a thread of its own (a few
-/// milliseconds each time, in the arenas' free lists only).
+/// Free bytes the arenas may keep for reuse before they are handed back.
+pub const KEEP_FREE: usize = 16 << 20;
+
+/// Every second, hand free pages back to the system if the arenas hold more than
+/// [`KEEP_FREE`] free, on a thread of its own (a few milliseconds each time, in the arenas'
+/// free lists only).
 pub fn start_trimming() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -29,9 +39,11 @@ pub fn start_trimming() {
             .spawn(|| {
                 loop {
                     std::thread::sleep(std::time::Duration::from_secs(1));
-                    // SAFETY: malloc_trim is thread-safe; it takes each arena's lock in turn.
+                    // SAFETY: both are thread-safe; they take each arena's lock in turn.
                     unsafe {
-                        libc::malloc_trim(0);
+                        if libc::mallinfo2().fordblks > KEEP_FREE {
+                            libc::malloc_trim(0);
+                        }
                     }
                 }
             });

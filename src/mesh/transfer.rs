@@ -805,12 +805,13 @@ async fn follow_sha256(t: Arc<Transfer>, file: Arc<File>) -> Result<[u8; 32], St
     let mut progress = t.progress();
     let mut h = sha2::Sha256::new();
     let mut pos = 0u64;
+    // One buffer for every stretch (a fresh one each time is a megabyte of page faults).
+    let mut buf = vec![0u8; 1 << 20];
     loop {
         let p = progress.borrow_and_update().clone();
         if p.verified > pos {
             let (from, to, f) = (pos, p.verified.min(t.size), file.clone());
-            h = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; 1 << 20];
+            (h, buf) = tokio::task::spawn_blocking(move || {
                 let mut at = from;
                 while at < to {
                     let n = (to - at).min(buf.len() as u64) as usize;
@@ -818,7 +819,7 @@ async fn follow_sha256(t: Arc<Transfer>, file: Arc<File>) -> Result<[u8; 32], St
                     h.update(&buf[..n]);
                     at += n as u64;
                 }
-                Ok::<_, std::io::Error>(h)
+                Ok::<_, std::io::Error>((h, buf))
             })
             .await
             .map_err(|e| e.to_string())?
