@@ -10,8 +10,8 @@
 //!
 //! Not every second whatever is free: a node moving NARs allocates and frees its 1 MiB pieces
 //! all the time, and pages handed back are faulted in and zeroed again at the next piece. On a
-//! VM that cost more than the copies themselves: page faults in the transfers' reads and in
-//! `calloc`'s memset were a third of a receiving node's CPU (BENCHMARKS.md).
+//! VM, where touching a page the guest gave up is slow, zeroing fresh pages took 4-17% of each
+//! node's CPU in `narmesh bench --s3-local` (BENCHMARKS.md).
 
 /// Cap glibc's malloc arenas at two (`MALLOC_ARENA_MAX`, if set, still wins). Call before any
 /// other thread starts.
