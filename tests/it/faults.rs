@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use narmesh_proto::control::{Request, Response};
 
-use crate::harness::{NixHost, bin, run_hook, spooled, wait_until};
+use crate::harness::{NixHost, Tmpfs, bin, run_hook, spooled, wait_until};
 use crate::node_harness::Node;
 
 /// Which of `paths` the node has recorded, asked over its socket.
@@ -278,32 +278,6 @@ fn the_socket_and_the_spool_admit_only_the_node_and_its_group() {
     let sock = std::fs::metadata(node.socket()).unwrap();
     assert_eq!(sock.mode() & 0o777, 0o600);
     node.stop();
-}
-
-/// A mounted tmpfs of its own for a test, unmounted when dropped.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .expect("mount");
-        assert!(
-            ok.success(),
-            "mounting a tmpfs at {} (the tests run as root)",
-            dir.display()
-        );
-        Tmpfs(dir.to_owned())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 /// Fill the file system of `dir` with one file; returns it.
