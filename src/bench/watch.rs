@@ -146,6 +146,8 @@ pub fn watch_node(
     tl: &Timeline,
     deadline: &OnceLock<Instant>,
 ) -> anyhow::Result<()> {
+    // The watchers are the bench's, not the host's: they yield to the hooks and the nodes.
+    crate::background::set_nice(10);
     let mut client = Client::connect(socket)?;
     let col = &tl.servable[k];
     loop {
@@ -170,9 +172,13 @@ pub fn watch_node(
                 }
             }
         }
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(Duration::from_millis(WATCH_EVERY_MS));
     }
 }
+
+/// How often a watcher asks its node (each ask is served by the node's front thread, the one
+/// that acknowledges hooks).
+const WATCH_EVERY_MS: u64 = 10;
 
 /// List the bucket's narinfos until every path's is there or the deadline passes. A listing
 /// that fails or hangs (10 s) is retried; the last failure is reported if paths are missing.
