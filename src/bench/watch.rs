@@ -147,7 +147,7 @@ pub fn watch_node(
     deadline: &OnceLock<Instant>,
 ) -> anyhow::Result<()> {
     // The watchers are the bench's, not the host's: they yield to the hooks and the nodes.
-    crate::background::set_nice(10);
+    crate::background::set_nice(crate::background::NICE);
     let mut client = Client::connect(socket)?;
     let col = &tl.servable[k];
     loop {

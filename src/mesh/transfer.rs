@@ -379,7 +379,7 @@ impl Transfers {
             let Ok(_slot) = this.slots.clone().acquire_owned().await else {
                 return;
             };
-            let _running = Running::new(&this.metrics.mesh_transfers);
+            let running = Running::new(&this.metrics.mesh_transfers);
             let started = Instant::now();
             let result = this.run(&task, &want).await;
             match &result {
@@ -393,6 +393,8 @@ impl Transfers {
                     tracing::warn!("mesh: fetching {}: {e}", crate::storage::hex(&task.blake3))
                 }
             }
+            // Counted out before readers learn the end (the eager loop may start the next).
+            drop(running);
             task.end(result);
         });
         t
@@ -806,7 +808,7 @@ async fn follow_sha256(t: Arc<Transfer>, file: Arc<File>) -> Result<[u8; 32], St
     let mut h = sha2::Sha256::new();
     let mut pos = 0u64;
     // One buffer for every stretch (a fresh one each time is a megabyte of page faults).
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; (1 << 20).min(t.size as usize)];
     loop {
         let p = progress.borrow_and_update().clone();
         if p.verified > pos {

@@ -95,16 +95,24 @@ fn a_small_bench_run_reports_every_figure_and_replicates_everything() {
 }
 
 /// A run whose nodes' copies would not fit refuses at once, naming the space it needs, instead
-/// of stalling half-way: 100 MiB of room, a workload of 2 x 20 MiB kept by 3 nodes.
+/// of stalling half-way: 800 MiB of room, a workload of 2 x 50 MiB (its store takes 100 MiB
+/// of the room) kept by 3 nodes, plus 512 MiB to spare: 812 MiB. One copy would fit.
 #[test]
 fn a_bench_without_room_for_its_copies_refuses_before_starting_nodes() {
     let t = tempfile::tempdir().expect("tempdir");
     let dir = t.path().join("small");
-    let _fs = crate::harness::Tmpfs::mount(&dir, "100m");
+    let _fs = crate::harness::Tmpfs::mount(&dir, "800m");
     let started = std::time::Instant::now();
     let out = Command::new(bin("narmesh"))
-        .args(["bench", "--nodes", "3", "--paths", "2", "--large", "20MiB"])
-        .args(["--large-every", "1", "--no-seed", "--timeout", "20", "--dir"])
+        .args(["bench", "--nodes", "3", "--paths", "2", "--large", "50MiB"])
+        .args([
+            "--large-every",
+            "1",
+            "--no-seed",
+            "--timeout",
+            "20",
+            "--dir",
+        ])
         .arg(&dir)
         .env("NARMESH_HOOK_BIN", bin("narmesh-hook"))
         .stdin(Stdio::null())
@@ -113,7 +121,9 @@ fn a_bench_without_room_for_its_copies_refuses_before_starting_nodes() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "it ran: {stderr}");
     assert!(
-        stderr.contains("MiB free; this workload needs about") && stderr.contains("--dir"),
+        stderr.contains("MiB free; this workload needs about 812 MiB")
+            && stderr.contains("on each of 3 nodes")
+            && stderr.contains("--dir"),
         "{stderr}"
     );
     // Refused before any node was set up.

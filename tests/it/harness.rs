@@ -351,22 +351,32 @@ fn hook_bin() -> PathBuf {
                 .map_or_else(|| repo.join("target"), PathBuf::from);
             target.join("release/narmesh-hook")
         });
-    let hook = std::path::absolute(&hook).expect("the hook's absolute path");
     let build = "build the hook as the README installs it (`cargo rustc --release --locked -p \
                  narmesh-hook -- -C target-feature=+crt-static`; scripts/test.sh does) or set \
                  NARMESH_HOOK_BIN";
+    // Canonical: the Nix 2.26 sandbox binds the hook's own directory.
+    let hook =
+        std::fs::canonicalize(&hook).unwrap_or_else(|e| panic!("{}: {e}: {build}", hook.display()));
+    if !hook.starts_with(repo) {
+        // Built elsewhere (an install, a Nix store path): not ours to date.
+        return hook;
+    }
     let built = std::fs::metadata(&hook)
         .and_then(|m| m.modified())
         .unwrap_or_else(|e| panic!("{}: {e}: {build}", hook.display()));
-    // Its sources: the hook's package and the wire types it speaks.
+    // Its Rust sources (what makes cargo rebuild it): the hook's and the wire types'.
     let mut newest = None;
-    let mut dirs = vec![repo.join("hook"), repo.join("proto/src")];
+    let mut dirs = vec![repo.join("hook/src"), repo.join("proto/src")];
     while let Some(d) = dirs.pop() {
         for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let (p, m) = (e.path(), e.metadata());
-            if p.is_dir() {
+            let Ok(kind) = e.file_type() else { continue };
+            let p = e.path();
+            if kind.is_dir() {
                 dirs.push(p);
-            } else if let Ok(t) = m.and_then(|m| m.modified()) {
+            } else if kind.is_file()
+                && p.extension().is_some_and(|x| x == "rs")
+                && let Ok(t) = e.metadata().and_then(|m| m.modified())
+            {
                 newest = newest.max(Some((t, p)));
             }
         }

@@ -278,7 +278,8 @@ fn an_eager_node_fetches_small_nars_beside_large_ones() {
 
 /// An eager node fetches at most two large NARs (over 4 MiB) at once: two fill a link, and the
 /// other slots stay free for small paths (README). A serves peers at 4 MiB/s, so three 6 MB
-/// NARs wished at the same time would all run for seconds if nothing held the third back;
+/// NARs wished at the same time would all run for seconds if nothing held the third back.
+/// B starts only once A serves all three, so its first catch-up wishes for them together;
 /// B's `narmesh_mesh_transfers` is sampled throughout.
 #[test]
 fn an_eager_node_fetches_at_most_two_large_nars_at_once() {
@@ -286,12 +287,13 @@ fn an_eager_node_fetches_at_most_two_large_nars_at_once() {
     let (a, mut nodes) = built_on_first(t.path(), 2);
     nodes[0].mesh_extra.push_str("serve-rate = \"4MiB\"\n");
     nodes[1].replicate = "eager";
-    for n in nodes.iter_mut() {
-        n.start();
-    }
-    a.build(
+    nodes[0].start();
+    let large = a.build(
         r#"builtins.genList (i: mk "eager-cap-${toString i}" "head -c 6000000 /dev/urandom > $out") 3"#,
     );
+    let large: Vec<String> = large.iter().map(|p| p.full()).collect();
+    wait_until(30, "A to serve the three", || nodes[0].serves(&large));
+    nodes[1].start();
     let (mut most, mut samples) = (0.0f64, 0);
     wait_until(90, "B to hold all three", || {
         most = most.max(metric(&nodes[1], "narmesh_mesh_transfers "));
