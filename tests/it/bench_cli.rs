@@ -7,12 +7,21 @@ use std::process::{Command, Stdio};
 use crate::harness::{bin, require, run_ok};
 use crate::s3_harness::weed;
 
+/// `narmesh bench` with these arguments, running the hook under test, stdin closed.
+fn bench(args: &[&str]) -> Command {
+    let mut c = Command::new(bin("narmesh"));
+    c.arg("bench")
+        .args(args)
+        .env("NARMESH_HOOK_BIN", bin("narmesh-hook"))
+        .stdin(Stdio::null());
+    c
+}
+
 #[test]
 fn a_small_bench_run_reports_every_figure_and_replicates_everything() {
     require("nix");
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = Command::new(bin("narmesh"))
-        .args(["bench", "--nodes", "3", "--paths", "24", "--large", "2MiB"])
+    let out = bench(&["--nodes", "3", "--paths", "24", "--large", "2MiB"])
         .args([
             "--large-every",
             "8",
@@ -24,8 +33,6 @@ fn a_small_bench_run_reports_every_figure_and_replicates_everything() {
         .args(["--s3-local", "--json", "--dir"])
         .arg(dir.path())
         .env("NARMESH_WEED", weed())
-        .env("NARMESH_HOOK_BIN", bin("narmesh-hook"))
-        .stdin(Stdio::null())
         .output()
         .expect("run narmesh bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -103,8 +110,7 @@ fn a_bench_without_room_for_its_copies_refuses_before_starting_nodes() {
     let dir = t.path().join("small");
     let _fs = crate::harness::Tmpfs::mount(&dir, "800m");
     let started = std::time::Instant::now();
-    let out = Command::new(bin("narmesh"))
-        .args(["bench", "--nodes", "3", "--paths", "2", "--large", "50MiB"])
+    let out = bench(&["--nodes", "3", "--paths", "2", "--large", "50MiB"])
         .args([
             "--large-every",
             "1",
@@ -114,8 +120,6 @@ fn a_bench_without_room_for_its_copies_refuses_before_starting_nodes() {
             "--dir",
         ])
         .arg(&dir)
-        .env("NARMESH_HOOK_BIN", bin("narmesh-hook"))
-        .stdin(Stdio::null())
         .output()
         .expect("run narmesh bench");
     let stderr = String::from_utf8_lossy(&out.stderr);

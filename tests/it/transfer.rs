@@ -243,6 +243,14 @@ fn serve_rate_caps_what_peers_take() {
     );
 }
 
+/// Node A, built on, serving peers at 4 MiB/s, and node B, eager; neither started.
+fn slow_provider_and_eager_node(t: &tempfile::TempDir) -> (NixHost, Vec<Node>) {
+    let (a, mut nodes) = built_on_first(t.path(), 2);
+    nodes[0].mesh_extra.push_str("serve-rate = \"4MiB\"\n");
+    nodes[1].replicate = "eager";
+    (a, nodes)
+}
+
 /// An eager node fetches small NARs beside large ones instead of behind them: A serves peers at
 /// 4 MiB/s, so B's eager fetches of two 12 MB NARs take about 6 s; a small path built after
 /// them is held on B while neither large one is (with two fetches at once whatever their size,
@@ -250,9 +258,7 @@ fn serve_rate_caps_what_peers_take() {
 #[test]
 fn an_eager_node_fetches_small_nars_beside_large_ones() {
     let t = tempfile::tempdir().unwrap();
-    let (a, mut nodes) = built_on_first(t.path(), 2);
-    nodes[0].mesh_extra.push_str("serve-rate = \"4MiB\"\n");
-    nodes[1].replicate = "eager";
+    let (a, mut nodes) = slow_provider_and_eager_node(&t);
     for n in nodes.iter_mut() {
         n.start();
     }
@@ -284,9 +290,7 @@ fn an_eager_node_fetches_small_nars_beside_large_ones() {
 #[test]
 fn an_eager_node_fetches_at_most_two_large_nars_at_once() {
     let t = tempfile::tempdir().unwrap();
-    let (a, mut nodes) = built_on_first(t.path(), 2);
-    nodes[0].mesh_extra.push_str("serve-rate = \"4MiB\"\n");
-    nodes[1].replicate = "eager";
+    let (a, mut nodes) = slow_provider_and_eager_node(&t);
     nodes[0].start();
     let large = a.build(
         r#"builtins.genList (i: mk "eager-cap-${toString i}" "head -c 6000000 /dev/urandom > $out") 3"#,
