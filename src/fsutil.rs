@@ -62,6 +62,29 @@ pub fn create_dir_mode(dir: &Path, mode: u32) -> io::Result<()> {
     fs::set_permissions(dir, fs::Permissions::from_mode(mode))
 }
 
+/// `len` bytes of `file` from `offset`, read into a new buffer that is never zeroed first (a
+/// NAR's pieces are megabytes). Blocking; an early end of file is `UnexpectedEof`.
+pub fn read_vec_at(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    while buf.len() < len {
+        let (at, want) = (offset + buf.len() as u64, len - buf.len());
+        let n = match rustix::io::pread(file, &mut buf.spare_capacity_mut()[..want], at) {
+            Ok((read, _)) => read.len(),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the file ends early",
+            ));
+        }
+        // SAFETY: pread initialised the first `n` bytes of the spare capacity.
+        unsafe { buf.set_len(buf.len() + n) };
+    }
+    Ok(buf)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,5 +110,19 @@ mod tests {
         // A path whose parent is a file cannot be written.
         assert!(write_atomic(&p.join("x"), b"new", 0o600).is_err());
         assert_eq!(fs::read(&p).unwrap(), b"old");
+    }
+
+    #[test]
+    fn read_vec_at_reads_exactly_and_refuses_a_short_file() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("f");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        fs::write(&p, &data).unwrap();
+        let f = File::open(&p).unwrap();
+        assert_eq!(read_vec_at(&f, 0, data.len()).unwrap(), data);
+        assert_eq!(read_vec_at(&f, 1000, 5000).unwrap(), &data[1000..6000]);
+        assert!(read_vec_at(&f, 0, 0).unwrap().is_empty());
+        let e = read_vec_at(&f, 299_000, 2000).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
     }
 }

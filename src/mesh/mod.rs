@@ -6,6 +6,7 @@
 //! Only allowed peers get past the handshake ([`endpoint::AllowList`]).
 
 mod accept;
+mod behind;
 mod bulk;
 mod eager;
 mod endpoint;

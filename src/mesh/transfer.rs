@@ -7,6 +7,8 @@
 //! range goes back to the others. Only verified groups are written to the NAR's partial file,
 //! and readers see only the verified prefix. The sha256 follows that prefix; at the end it must
 //! equal the signed NarHash, or the claim is marked failed (never served, never fetched again).
+//! The file's pages go to disk as they arrive and leave the page cache once every reader passed
+//! them ([`super::behind`]).
 //!
 //! A provider that speaks only version 1 sends the whole NAR from an offset: its bytes are
 //! checked group by group when leaves came from a version 2 provider, else at the end.
@@ -54,6 +56,8 @@ pub struct Transfer {
     progress: watch::Sender<Progress>,
     /// The partial file (kept open by readers after it becomes the NAR file).
     file: Mutex<Option<Arc<File>>>,
+    /// Where its readers are (pages they all passed leave the page cache).
+    readers: Arc<super::behind::Readers>,
 }
 
 impl Transfer {
@@ -94,6 +98,7 @@ impl Transfer {
     ) -> tokio::sync::mpsc::Receiver<Result<Bytes, String>> {
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let (t, mut progress) = (self.clone(), self.progress());
+        let cursor = self.readers.cursor();
         tokio::spawn(async move {
             let _guard = guard;
             let mut pos = 0u64;
@@ -106,8 +111,7 @@ impl Transfer {
                     };
                     let to = p.verified.min(pos + (1 << 20));
                     let read = tokio::task::spawn_blocking(move || {
-                        let mut buf = vec![0u8; (to - pos) as usize];
-                        file.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
+                        crate::fsutil::read_vec_at(&file, pos, (to - pos) as usize).map(Bytes::from)
                     })
                     .await;
                     let piece = match read {
@@ -116,6 +120,9 @@ impl Transfer {
                         Err(e) => Err(e.to_string()),
                     };
                     let failed = piece.is_err();
+                    if !failed {
+                        cursor.set(to);
+                    }
                     if tx.send(piece).await.is_err() || failed {
                         return;
                     }
@@ -366,6 +373,7 @@ impl Transfers {
                 done: None,
             }),
             file: Mutex::new(None),
+            readers: Default::default(),
         });
         active.insert(want.claim.blake3, Arc::downgrade(&t));
         drop(active);
@@ -416,10 +424,18 @@ impl Transfers {
         let partial = Arc::new(partial);
         // The sha256 follows the verified prefix as it grows, so it is ready with the last byte
         // (aborted if the transfer fails, so it leaves no follower behind).
+        let sha_at = t.readers.cursor();
         let mut sha = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(follow_sha256(
             t.clone(),
             partial.file(),
+            sha_at,
         )));
+        // Writeback as bytes arrive, and pages every reader passed out of the cache.
+        tokio::spawn(super::behind::run(
+            partial.file(),
+            t.readers.clone(),
+            t.progress(),
+        ));
         let leaves = self.leaves(t, &providers).await;
         let fetched = match &leaves {
             Some(l) => match self.ranges(t, l.clone(), &partial, &providers).await {
@@ -656,7 +672,7 @@ impl Transfers {
         let bulk = matches!(recv, Source::Tcp(..));
         *used_bulk = bulk;
         let mut group = BytesMut::with_capacity(GROUP as usize);
-        let mut ready = BytesMut::new();
+        let mut ready = Ready::default();
         let mut pos = start;
         while pos < end {
             let piece = match recv.piece(1 << 20).await {
@@ -674,42 +690,50 @@ impl Transfers {
             if pos + group.len() as u64 + piece.len() as u64 > end {
                 return Err(PeerError::Protocol("sent more than asked".into()));
             }
-            let mut piece = &piece[..];
-            while !piece.is_empty() {
+            let mut off = 0;
+            while off < piece.len() {
                 let g = pos / GROUP;
                 let want = crate::chunks::group_range(t.size, g);
-                let need = (want.end - want.start) as usize - group.len();
-                let n = need.min(piece.len());
-                group.extend_from_slice(&piece[..n]);
-                piece = &piece[n..];
-                if group.len() == (want.end - want.start) as usize {
-                    if !leaves.check(g, &group) {
-                        flush(partial, &mut ready, got).await?;
-                        return Err(PeerError::Protocol(format!(
-                            "chunk group {g} does not match the NAR's BLAKE3"
-                        )));
+                let len = (want.end - want.start) as usize;
+                // A group wholly in this piece is checked where it lies and written from there;
+                // one across pieces is gathered first.
+                let bytes = if group.is_empty() && piece.len() - off >= len {
+                    off += len;
+                    piece.slice(off - len..off)
+                } else {
+                    let n = (len - group.len()).min(piece.len() - off);
+                    group.extend_from_slice(&piece[off..off + n]);
+                    off += n;
+                    if group.len() < len {
+                        continue;
                     }
-                    let mine = plan.lock().unwrap_or_else(|p| p.into_inner()).progress(
-                        id,
-                        want.end,
-                        Instant::now(),
-                    );
-                    if !mine {
-                        return flush(partial, &mut ready, got).await;
-                    }
-                    ready.extend_from_slice(&group);
-                    group.clear();
-                    pos = want.end;
-                    if ready.len() >= 1 << 20 {
-                        flush(partial, &mut ready, got).await?;
-                        // Readers (and the sha256) may go on up to here.
-                        let prefix = {
-                            let mut p = plan.lock().unwrap_or_else(|p| p.into_inner());
-                            p.written(start, *got);
-                            p.prefix()
-                        };
-                        t.advance(prefix);
-                    }
+                    group.split().freeze()
+                };
+                if !leaves.check(g, &bytes) {
+                    flush(partial, &mut ready, got).await?;
+                    return Err(PeerError::Protocol(format!(
+                        "chunk group {g} does not match the NAR's BLAKE3"
+                    )));
+                }
+                let mine = plan.lock().unwrap_or_else(|p| p.into_inner()).progress(
+                    id,
+                    want.end,
+                    Instant::now(),
+                );
+                if !mine {
+                    return flush(partial, &mut ready, got).await;
+                }
+                ready.push(bytes);
+                pos = want.end;
+                if ready.len >= 1 << 20 {
+                    flush(partial, &mut ready, got).await?;
+                    // Readers (and the sha256) may go on up to here.
+                    let prefix = {
+                        let mut p = plan.lock().unwrap_or_else(|p| p.into_inner());
+                        p.written(start, *got);
+                        p.prefix()
+                    };
+                    t.advance(prefix);
                 }
             }
         }
@@ -730,16 +754,16 @@ impl Transfers {
                 let before = got;
                 let res = async {
                     let mut recv = self.pool.v1_from(*p, t.blake3, got, t.size).await?;
-                    let mut ready = BytesMut::new();
-                    while got + (ready.len() as u64) < t.size {
+                    let mut ready = Ready::default();
+                    while got + (ready.len as u64) < t.size {
                         let Some(piece) = next_piece(&mut recv, 1 << 20).await? else {
                             break;
                         };
-                        if got + (ready.len() + piece.len()) as u64 > t.size {
+                        if got + (ready.len + piece.len()) as u64 > t.size {
                             return Err(PeerError::Protocol("sent more than the NAR".into()));
                         }
-                        ready.extend_from_slice(&piece);
-                        if ready.len() >= 1 << 20 {
+                        ready.push(piece);
+                        if ready.len >= 1 << 20 {
                             flush(partial, &mut ready, &mut got).await?;
                             t.advance(got);
                         }
@@ -784,26 +808,51 @@ impl Transfers {
     }
 }
 
+/// Verified pieces waiting to be written, in order.
+#[derive(Default)]
+struct Ready {
+    pieces: Vec<Bytes>,
+    len: usize,
+}
+
+impl Ready {
+    fn push(&mut self, b: Bytes) {
+        self.len += b.len();
+        self.pieces.push(b);
+    }
+}
+
 /// Write verified bytes at `*got` and move it on.
-async fn flush(partial: &PartialNar, ready: &mut BytesMut, got: &mut u64) -> Result<(), PeerError> {
-    if ready.is_empty() {
+async fn flush(partial: &PartialNar, ready: &mut Ready, got: &mut u64) -> Result<(), PeerError> {
+    if ready.len == 0 {
         return Ok(());
     }
-    let data: Bytes = ready.split().freeze();
+    let pieces = std::mem::take(&mut ready.pieces);
+    let n = std::mem::take(&mut ready.len) as u64;
     let file = partial.file();
     let at = *got;
-    let n = data.len() as u64;
-    tokio::task::spawn_blocking(move || file.write_all_at(&data, at))
-        .await
-        .map_err(|e| PeerError::Stream(e.to_string()))?
-        .map_err(|e| PeerError::Stream(format!("writing the NAR: {e}")))?;
+    tokio::task::spawn_blocking(move || {
+        let mut pos = at;
+        for p in pieces {
+            file.write_all_at(&p, pos)?;
+            pos += p.len() as u64;
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await
+    .map_err(|e| PeerError::Stream(e.to_string()))?
+    .map_err(|e| PeerError::Stream(format!("writing the NAR: {e}")))?;
     *got += n;
     Ok(())
 }
 
 /// The sha256 of a transfer's NAR, hashed from its file as the verified prefix grows (read back
 /// from the page cache, on a blocking thread, a stretch at a time).
-async fn follow_sha256(t: Arc<Transfer>, file: Arc<File>) -> Result<[u8; 32], String> {
+async fn follow_sha256(
+    t: Arc<Transfer>,
+    file: Arc<File>,
+    at: super::behind::Cursor,
+) -> Result<[u8; 32], String> {
     let mut progress = t.progress();
     let mut h = sha2::Sha256::new();
     let mut pos = 0u64;
@@ -827,6 +876,7 @@ async fn follow_sha256(t: Arc<Transfer>, file: Arc<File>) -> Result<[u8; 32], St
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("reading the NAR back for its sha256: {e}"))?;
             pos = to;
+            at.set(pos);
             if pos >= t.size {
                 return Ok(h.finalize().into());
             }

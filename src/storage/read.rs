@@ -7,7 +7,6 @@
 //! a slow consumer holds no thread, only a small buffer.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -51,16 +50,20 @@ impl Source {
         }
     }
 
-    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ReadError> {
+    /// `len` bytes from `offset`, in a buffer not zeroed first.
+    fn read_vec_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, ReadError> {
         match self {
             Source::File { file, path } => {
-                file.read_exact_at(buf, offset)
-                    .map_err(|source| ReadError::Io {
-                        what: path.display().to_string(),
-                        source,
-                    })
+                crate::fsutil::read_vec_at(file, offset, len).map_err(|source| ReadError::Io {
+                    what: path.display().to_string(),
+                    source,
+                })
             }
-            Source::Store(layout) => Ok(layout.read_exact_at(offset, buf)?),
+            Source::Store(layout) => {
+                let mut buf = Vec::new();
+                layout.read_into(offset, len, &mut buf)?;
+                Ok(buf)
+            }
         }
     }
 }
@@ -95,11 +98,13 @@ impl RangeReader {
         let groups = (last - first + 1).min(PIECE_GROUPS);
         let from = first * GROUP;
         let to = ((first + groups) * GROUP).min(size);
-        let mut buf = vec![0u8; (to - from) as usize];
-        if let Err(e) = self.source.read_exact_at(from, &mut buf) {
-            self.pos = self.end;
-            return Some(Err(e));
-        }
+        let buf = match self.source.read_vec_at(from, (to - from) as usize) {
+            Ok(b) => b,
+            Err(e) => {
+                self.pos = self.end;
+                return Some(Err(e));
+            }
+        };
         for (k, chunk) in buf.chunks(GROUP as usize).enumerate() {
             let g = first + k as u64;
             if !self.leaves.check(g, chunk) {

@@ -309,3 +309,59 @@ fn an_eager_node_fetches_at_most_two_large_nars_at_once() {
         "large transfers running at once on B, the most of {samples} samples"
     );
 }
+
+/// Bytes of `path` in the page cache (`mincore` over a mapping of it).
+fn cached_bytes(path: &std::path::Path) -> u64 {
+    let f = std::fs::File::open(path).expect("open");
+    let len = f.metadata().expect("stat").len() as usize;
+    let page = 4096usize;
+    let mut vec = vec![0u8; len.div_ceil(page)];
+    // SAFETY: a read-only shared mapping of an open file, unmapped before returning; mincore
+    // writes one byte per page into `vec`, which has one per page.
+    unsafe {
+        use std::os::fd::AsRawFd as _;
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED, "mmap");
+        assert_eq!(libc::mincore(p, len, vec.as_mut_ptr()), 0, "mincore");
+        libc::munmap(p, len);
+    }
+    vec.iter().filter(|b| **b & 1 == 1).count() as u64 * page as u64
+}
+
+/// A fetched NAR goes through the page cache instead of staying in it: its pages are written
+/// back as they arrive and dropped once every reader passed them (README). B fetches a 64 MB
+/// NAR eagerly; once it holds it, at most half of the file is still cached (all of it was,
+/// before).
+#[test]
+fn a_fetched_nar_leaves_the_page_cache_behind_its_readers() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, mut nodes) = built_on_first(t.path(), 2);
+    nodes[1].replicate = "eager";
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    a.build(r#"mk "cache-large" "head -c 64000000 /dev/urandom > $out""#);
+    wait_until(90, "B to hold the NAR", || {
+        nodes[1].status().storage.files == 1
+    });
+    let nars = nodes[1].dir.join("data/nars");
+    let file = std::fs::read_dir(&nars)
+        .expect("nars dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "nar"))
+        .expect("B's NAR file");
+    let (cached, size) = (cached_bytes(&file), file.metadata().unwrap().len());
+    assert!(size >= 64_000_000, "{size}");
+    assert!(
+        cached < size / 2,
+        "{cached} of the NAR's {size} bytes are still in the page cache"
+    );
+}

@@ -9,9 +9,9 @@
 
 use std::ffi::OsString;
 use std::fs::{self, File};
-use std::io;
+use std::io::{self, Read, Seek};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::nar::NarError;
@@ -74,30 +74,47 @@ impl NarLayout {
 
     /// Fill `buf` with the NAR's bytes from `offset` on. Files are read at the position asked;
     /// a file that is shorter than laid out (changed since) is an error.
-    pub fn read_exact_at(&self, mut offset: u64, mut buf: &mut [u8]) -> Result<(), NarError> {
-        if offset + buf.len() as u64 > self.size {
+    pub fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), NarError> {
+        let mut v = Vec::with_capacity(buf.len());
+        self.read_into(offset, buf.len(), &mut v)?;
+        buf.copy_from_slice(&v);
+        Ok(())
+    }
+
+    /// Append `len` of the NAR's bytes from `offset` on to `out` (whose spare room is never
+    /// zeroed first: pieces are megabytes). Files are read at the position asked; a file that is
+    /// shorter than laid out (changed since) is an error.
+    pub fn read_into(
+        &self,
+        mut offset: u64,
+        len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), NarError> {
+        if offset + len as u64 > self.size {
             return Err(NarError::Read {
                 path: self.root.clone(),
                 source: io::Error::new(io::ErrorKind::UnexpectedEof, "read past the NAR's end"),
             });
         }
+        out.reserve(len);
+        let mut left = len;
         let mut i = match self.pieces.binary_search_by_key(&offset, |(o, _)| *o) {
             Ok(i) => i,
             Err(i) => i - 1,
         };
         let mut open: Option<(usize, File)> = None;
-        while !buf.is_empty() {
+        while left > 0 {
             let (start, piece) = &self.pieces[i];
             let within = offset - start;
             let n = match piece {
                 Piece::Structure { start: s, len } => {
-                    let n = (*len - within as usize).min(buf.len());
+                    let n = (*len - within as usize).min(left);
                     let from = s + within as usize;
-                    buf[..n].copy_from_slice(&self.structure[from..from + n]);
+                    out.extend_from_slice(&self.structure[from..from + n]);
                     n
                 }
                 Piece::File { file, len } => {
-                    let n = ((len - within) as usize).min(buf.len());
+                    let n = ((len - within) as usize).min(left);
                     let rel = &self.files[*file];
                     // A root that is a file has an empty relative path (joining it would add a '/').
                     let path = if rel.as_os_str().is_empty() {
@@ -112,20 +129,21 @@ impl NarLayout {
                     if open.as_ref().is_none_or(|(f, _)| f != file) {
                         open = Some((*file, File::open(&path).map_err(read_err)?));
                     }
-                    let Some((_, f)) = &open else {
+                    let Some((_, f)) = &mut open else {
                         unreachable!("opened above")
                     };
-                    f.read_exact_at(&mut buf[..n], within).map_err(|e| {
-                        if e.kind() == io::ErrorKind::UnexpectedEof {
-                            NarError::Changed(path.clone())
-                        } else {
-                            read_err(e)
-                        }
-                    })?;
+                    f.seek(io::SeekFrom::Start(within)).map_err(read_err)?;
+                    // `read_to_end` reads into the spare room without zeroing it.
+                    let got = Read::take(&mut *f, n as u64)
+                        .read_to_end(out)
+                        .map_err(read_err)?;
+                    if got < n {
+                        return Err(NarError::Changed(path.clone()));
+                    }
                     n
                 }
             };
-            buf = &mut buf[n..];
+            left -= n;
             offset += n as u64;
             i += 1;
         }
