@@ -27,6 +27,12 @@ const LAG: u64 = 16 << 20;
 /// ...this many at a time.
 const DROP_STEP: u64 = 8 << 20;
 
+/// Whether a NAR of `size` bytes is worth the advice (smaller ones are written and fsync'd at
+/// once).
+pub fn worth(size: u64) -> bool {
+    size > WRITE_STEP
+}
+
 /// Where each reader of a transfer is.
 #[derive(Debug, Default)]
 pub struct Readers {

@@ -431,11 +431,13 @@ impl Transfers {
             sha_at,
         )));
         // Writeback as bytes arrive, and pages every reader passed out of the cache.
-        tokio::spawn(super::behind::run(
-            partial.file(),
-            t.readers.clone(),
-            t.progress(),
-        ));
+        if super::behind::worth(t.size) {
+            tokio::spawn(super::behind::run(
+                partial.file(),
+                t.readers.clone(),
+                t.progress(),
+            ));
+        }
         let leaves = self.leaves(t, &providers).await;
         let fetched = match &leaves {
             Some(l) => match self.ranges(t, l.clone(), &partial, &providers).await {
