@@ -365,3 +365,62 @@ fn a_fetched_nar_leaves_the_page_cache_behind_its_readers() {
         "{cached} of the NAR's {size} bytes are still in the page cache"
     );
 }
+
+/// A client that leaves in the middle of a NAR B fetches on demand leaves the fetch and the node
+/// whole (README: hostile HTTP clients): A serves peers at 8 MiB/s, the client reads 1 MB of a
+/// 48 MB NAR and hangs up; B still completes and keeps the NAR, serves it whole to the next
+/// client, and its pages still leave the page cache (the leaver no longer holds them back).
+#[test]
+fn a_client_leaving_mid_nar_leaves_the_fetch_and_the_node_whole() {
+    use std::io::{Read as _, Write as _};
+    let t = tempfile::tempdir().unwrap();
+    let (a, mut nodes) = built_on_first(t.path(), 2);
+    nodes[0].mesh_extra.push_str("serve-rate = \"8MiB\"\n");
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    let path = a.build(r#"mk "leaver" "head -c 48000000 /dev/urandom > $out""#)[0].clone();
+    wait_until(30, "B to learn the path", || {
+        nodes[1].serves(&[path.full()])
+    });
+    let (code, _, info) = http(
+        &nodes[1].http,
+        "GET",
+        &format!("/{}.narinfo", path.hash_part()),
+        &[],
+    );
+    assert_eq!(code, 200);
+    let url = String::from_utf8(info)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: ").map(str::to_owned))
+        .expect("URL line");
+
+    let mut conn = std::net::TcpStream::connect(&nodes[1].http).expect("connect");
+    write!(conn, "GET /{url} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let (mut got, mut buf) = (0, vec![0u8; 64 << 10]);
+    while got < 1_000_000 {
+        let n = conn.read(&mut buf).expect("read");
+        assert!(n > 0, "the answer ended after {got} bytes");
+        got += n;
+    }
+    drop(conn);
+    assert_eq!(
+        nodes[1].status().storage.files,
+        0,
+        "the fetch is still running"
+    );
+
+    wait_until(60, "B to hold the NAR", || {
+        nodes[1].status().storage.files == 1
+    });
+    let file = nodes[1].dir.join("data").join(url.replace("nar/", "nars/"));
+    let (cached, size) = (cached_bytes(&file), file.metadata().unwrap().len());
+    assert!(
+        cached < size / 2,
+        "{cached} of the NAR's {size} bytes are still in the page cache"
+    );
+    let (code, _, body) = http(&nodes[1].http, "GET", &format!("/{url}"), &[]);
+    assert_eq!(code, 200);
+    assert!(body == a.dump(&path), "the NAR B serves is whole and right");
+}
