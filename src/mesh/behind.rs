@@ -7,7 +7,9 @@
 //! not touched lately costs a host fault: BENCHMARKS.md, the 10 Gbit/s link). The bytes stay in
 //! the NAR file: a dropped page is read from disk again by whoever asks for it later.
 //!
-//! Advice only: what a reader reads never changes, and a failed call is logged and ignored.
+//! Advice only: what a reader reads never changes, and a failed call is logged and ignored. The
+//! task giving it ends by itself, like the transfer's other tasks: at a failed end, or once the
+//! transfer is over and its last reader left.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -116,24 +118,43 @@ fn next(
     (write, drop)
 }
 
-/// Advise the kernel on `file` until the transfer ends. The sha256's cursor must exist before
-/// this starts (no reader at all means nothing is dropped).
-pub async fn run(file: Arc<File>, readers: Arc<Readers>, mut progress: watch::Receiver<Progress>) {
+/// Advise the kernel on `file` while the transfer runs and its readers read. The sha256's cursor
+/// must exist before this starts (no reader at all means nothing is dropped). After a successful
+/// end the NAR file is fsync'd, so its pages are clean: they go right behind each reader, and
+/// all of them once the last reader left (pages that were still dirty when first asked go then).
+pub async fn run(
+    file: Arc<File>,
+    size: u64,
+    readers: Arc<Readers>,
+    mut progress: watch::Receiver<Progress>,
+) {
     let (mut written, mut dropped) = (0u64, 0u64);
     loop {
         let p = progress.borrow_and_update().clone();
-        let (write, drop) = next(
-            p.verified,
-            p.done.is_some(),
-            readers.slowest(),
-            (&mut written, &mut dropped),
-        );
+        let over = match &p.done {
+            Some(Err(_)) => return,
+            Some(Ok(())) => true,
+            None => false,
+        };
+        let slowest = readers.slowest();
+        let (write, mut drop) = next(p.verified, over, slowest, (&mut written, &mut dropped));
+        let last = over && slowest.is_none();
+        if over {
+            // Clean pages: no lag; with no reader left, the whole file.
+            let upto = if last { size } else { slowest.unwrap_or(0) };
+            drop = (upto > dropped || last).then_some((if last { 0 } else { dropped }, upto));
+            dropped = dropped.max(upto);
+        }
         if write.is_some() || drop.is_some() {
             let f = file.clone();
             let _ = tokio::task::spawn_blocking(move || advise(&f, write, drop)).await;
         }
-        if p.done.is_some() {
+        if last {
             return;
+        }
+        if over {
+            readers.moved.notified().await;
+            continue;
         }
         tokio::select! {
             r = progress.changed() => if r.is_err() { return },
@@ -143,6 +164,7 @@ pub async fn run(file: Arc<File>, readers: Arc<Readers>, mut progress: watch::Re
 }
 
 fn advise(file: &File, write: Option<Span>, drop: Option<Span>) {
+    let (write, drop) = (write.filter(|(a, b)| b > a), drop.filter(|(a, b)| b > a));
     if let Some((from, to)) = write {
         // SAFETY: a plain syscall on an open descriptor; no memory is passed.
         let r = unsafe {

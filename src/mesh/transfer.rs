@@ -434,6 +434,7 @@ impl Transfers {
         if super::behind::worth(t.size) {
             tokio::spawn(super::behind::run(
                 partial.file(),
+                t.size,
                 t.readers.clone(),
                 t.progress(),
             ));
@@ -699,9 +700,11 @@ impl Transfers {
                 let len = (want.end - want.start) as usize;
                 // A group wholly in this piece is checked where it lies and written from there;
                 // one across pieces is gathered first.
-                let bytes = if group.is_empty() && piece.len() - off >= len {
+                let gathered;
+                let span = if group.is_empty() && piece.len() - off >= len {
                     off += len;
-                    piece.slice(off - len..off)
+                    gathered = None;
+                    off - len..off
                 } else {
                     let n = (len - group.len()).min(piece.len() - off);
                     group.extend_from_slice(&piece[off..off + n]);
@@ -709,9 +712,11 @@ impl Transfers {
                     if group.len() < len {
                         continue;
                     }
-                    group.split().freeze()
+                    gathered = Some(group.split().freeze());
+                    0..len
                 };
-                if !leaves.check(g, &bytes) {
+                let bytes = gathered.as_ref().unwrap_or(&piece);
+                if !leaves.check(g, &bytes[span.clone()]) {
                     flush(partial, &mut ready, got).await?;
                     return Err(PeerError::Protocol(format!(
                         "chunk group {g} does not match the NAR's BLAKE3"
@@ -725,7 +730,7 @@ impl Transfers {
                 if !mine {
                     return flush(partial, &mut ready, got).await;
                 }
-                ready.push(bytes);
+                ready.push(bytes, span);
                 pos = want.end;
                 if ready.len >= 1 << 20 {
                     flush(partial, &mut ready, got).await?;
@@ -764,7 +769,8 @@ impl Transfers {
                         if got + (ready.len + piece.len()) as u64 > t.size {
                             return Err(PeerError::Protocol("sent more than the NAR".into()));
                         }
-                        ready.push(piece);
+                        let n = piece.len();
+                        ready.push(&piece, 0..n);
                         if ready.len >= 1 << 20 {
                             flush(partial, &mut ready, &mut got).await?;
                             t.advance(got);
@@ -810,17 +816,26 @@ impl Transfers {
     }
 }
 
-/// Verified pieces waiting to be written, in order.
+/// Verified bytes waiting to be written, in order: spans of received pieces (adjacent spans of
+/// one piece are one write).
 #[derive(Default)]
 struct Ready {
-    pieces: Vec<Bytes>,
+    pieces: Vec<(Bytes, std::ops::Range<usize>)>,
     len: usize,
 }
 
 impl Ready {
-    fn push(&mut self, b: Bytes) {
-        self.len += b.len();
-        self.pieces.push(b);
+    fn push(&mut self, piece: &Bytes, span: std::ops::Range<usize>) {
+        self.len += span.len();
+        if let Some((p, last)) = self.pieces.last_mut()
+            && p.as_ptr() == piece.as_ptr()
+            && p.len() == piece.len()
+            && last.end == span.start
+        {
+            last.end = span.end;
+            return;
+        }
+        self.pieces.push((piece.clone(), span));
     }
 }
 
@@ -835,9 +850,9 @@ async fn flush(partial: &PartialNar, ready: &mut Ready, got: &mut u64) -> Result
     let at = *got;
     tokio::task::spawn_blocking(move || {
         let mut pos = at;
-        for p in pieces {
-            file.write_all_at(&p, pos)?;
-            pos += p.len() as u64;
+        for (p, span) in pieces {
+            file.write_all_at(&p[span.clone()], pos)?;
+            pos += span.len() as u64;
         }
         Ok::<_, std::io::Error>(())
     })

@@ -72,8 +72,9 @@ impl NarLayout {
             + self.pieces.len() * 32
     }
 
-    /// Fill `buf` with the NAR's bytes from `offset` on. Files are read at the position asked;
-    /// a file that is shorter than laid out (changed since) is an error.
+    /// Fill `buf` with the NAR's bytes from `offset` on (the tests' shorthand for
+    /// [`NarLayout::read_into`]).
+    #[cfg(test)]
     pub fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), NarError> {
         let mut v = Vec::with_capacity(buf.len());
         self.read_into(offset, buf.len(), &mut v)?;
