@@ -15,6 +15,7 @@ mod nar;
 mod pace;
 mod peer;
 mod ranges;
+mod ready;
 mod sync;
 mod transfer;
 mod wire;

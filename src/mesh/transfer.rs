@@ -26,6 +26,7 @@ use tokio::sync::watch;
 
 use super::peer::{PeerError, Pool, Source, next_piece};
 use super::ranges::{Next, Ranges};
+use super::ready::{Ready, flush};
 use crate::chunks::{GROUP, Leaves};
 use crate::db::{Claim, Db};
 use crate::metrics::Metrics;
@@ -814,53 +815,6 @@ impl Transfers {
         }
         Ok(Arc::new(leaves))
     }
-}
-
-/// Verified bytes waiting to be written, in order: spans of received pieces (adjacent spans of
-/// one piece are one write).
-#[derive(Default)]
-struct Ready {
-    pieces: Vec<(Bytes, std::ops::Range<usize>)>,
-    len: usize,
-}
-
-impl Ready {
-    fn push(&mut self, piece: &Bytes, span: std::ops::Range<usize>) {
-        self.len += span.len();
-        if let Some((p, last)) = self.pieces.last_mut()
-            && p.as_ptr() == piece.as_ptr()
-            && p.len() == piece.len()
-            && last.end == span.start
-        {
-            last.end = span.end;
-            return;
-        }
-        self.pieces.push((piece.clone(), span));
-    }
-}
-
-/// Write verified bytes at `*got` and move it on.
-async fn flush(partial: &PartialNar, ready: &mut Ready, got: &mut u64) -> Result<(), PeerError> {
-    if ready.len == 0 {
-        return Ok(());
-    }
-    let pieces = std::mem::take(&mut ready.pieces);
-    let n = std::mem::take(&mut ready.len) as u64;
-    let file = partial.file();
-    let at = *got;
-    tokio::task::spawn_blocking(move || {
-        let mut pos = at;
-        for (p, span) in pieces {
-            file.write_all_at(&p[span.clone()], pos)?;
-            pos += span.len() as u64;
-        }
-        Ok::<_, std::io::Error>(())
-    })
-    .await
-    .map_err(|e| PeerError::Stream(e.to_string()))?
-    .map_err(|e| PeerError::Stream(format!("writing the NAR: {e}")))?;
-    *got += n;
-    Ok(())
 }
 
 /// The sha256 of a transfer's NAR, hashed from its file as the verified prefix grows (read back

@@ -1,0 +1,119 @@
+//! Verified bytes of a transfer on their way into its partial file: the spans of received pieces
+//! that passed their chunk group's check, kept in order without copying them (adjacent spans of
+//! one piece become one write), and written at the transfer's offset on the blocking pool.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt as _;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::peer::PeerError;
+use crate::storage::PartialNar;
+
+/// Verified bytes waiting to be written, in order: spans of received pieces (adjacent spans of
+/// one piece are one write).
+#[derive(Default)]
+pub struct Ready {
+    pieces: Vec<(Bytes, std::ops::Range<usize>)>,
+    pub len: usize,
+}
+
+impl Ready {
+    pub fn push(&mut self, piece: &Bytes, span: std::ops::Range<usize>) {
+        self.len += span.len();
+        if let Some((p, last)) = self.pieces.last_mut()
+            && p.as_ptr() == piece.as_ptr()
+            && p.len() == piece.len()
+            && last.end == span.start
+        {
+            last.end = span.end;
+            return;
+        }
+        self.pieces.push((piece.clone(), span));
+    }
+}
+
+/// Write verified bytes at `*got` and move it on.
+pub async fn flush(
+    partial: &PartialNar,
+    ready: &mut Ready,
+    got: &mut u64,
+) -> Result<(), PeerError> {
+    write_at(&partial.file(), ready, got).await
+}
+
+async fn write_at(file: &Arc<File>, ready: &mut Ready, got: &mut u64) -> Result<(), PeerError> {
+    if ready.len == 0 {
+        return Ok(());
+    }
+    let pieces = std::mem::take(&mut ready.pieces);
+    let n = std::mem::take(&mut ready.len) as u64;
+    let (file, at) = (file.clone(), *got);
+    tokio::task::spawn_blocking(move || {
+        let mut pos = at;
+        for (p, span) in pieces {
+            file.write_all_at(&p[span.clone()], pos)?;
+            pos += span.len() as u64;
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await
+    .map_err(|e| PeerError::Stream(e.to_string()))?
+    .map_err(|e| PeerError::Stream(format!("writing the NAR: {e}")))?;
+    *got += n;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adjacent_spans_of_one_piece_are_one_write_and_others_stay_apart() {
+        let a = Bytes::from(vec![1u8; 100]);
+        let b = Bytes::from(vec![2u8; 100]);
+        let mut r = Ready::default();
+        r.push(&a, 0..10);
+        r.push(&a, 10..40);
+        // A gap, another piece, then the first piece again: three more spans.
+        r.push(&a, 50..60);
+        r.push(&b, 60..100);
+        r.push(&a, 60..70);
+        assert_eq!(r.len, 10 + 30 + 10 + 40 + 10);
+        let spans: Vec<_> = r.pieces.iter().map(|(_, s)| s.clone()).collect();
+        assert_eq!(spans, vec![0..40, 50..60, 60..100, 60..70]);
+        // A slice of the same bytes at another address is another piece.
+        let c = a.slice(0..100);
+        assert_eq!(c.as_ptr(), a.as_ptr());
+        let d = a.slice(1..100);
+        r.push(&d, 0..1);
+        assert_eq!(r.pieces.len(), 5);
+    }
+
+    #[tokio::test]
+    async fn flush_writes_every_span_in_order_and_moves_the_offset() {
+        let t = tempfile::tempdir().unwrap();
+        let f = std::sync::Arc::new(
+            std::fs::File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(t.path().join("f"))
+                .unwrap(),
+        );
+        let a = Bytes::from((0u8..100).collect::<Vec<_>>());
+        let mut r = Ready::default();
+        r.push(&a, 10..20);
+        r.push(&a, 20..30);
+        r.push(&a, 90..100);
+        let mut got = 5;
+        write_at(&f, &mut r, &mut got).await.unwrap();
+        assert_eq!((got, r.len, r.pieces.len()), (35, 0, 0));
+        let mut back = vec![0u8; 30];
+        f.read_exact_at(&mut back, 5).unwrap();
+        let want: Vec<u8> = (10u8..30).chain(90..100).collect();
+        assert_eq!(back, want);
+    }
+}
