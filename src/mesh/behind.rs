@@ -137,12 +137,14 @@ pub async fn run(
             None => false,
         };
         let slowest = readers.slowest();
+        let before = dropped;
         let (write, mut drop) = next(p.verified, over, slowest, (&mut written, &mut dropped));
         let last = over && slowest.is_none();
         if over {
-            // Clean pages: no lag; with no reader left, the whole file.
+            // Clean pages: no lag (from where the last drop ended, so the lagged one just
+            // planned is part of it); with no reader left, the whole file.
             let upto = if last { size } else { slowest.unwrap_or(0) };
-            drop = (upto > dropped || last).then_some((if last { 0 } else { dropped }, upto));
+            drop = (upto > before || last).then_some((if last { 0 } else { before }, upto));
             dropped = dropped.max(upto);
         }
         if write.is_some() || drop.is_some() {

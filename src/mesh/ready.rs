@@ -1,9 +1,10 @@
 //! Verified bytes of a transfer on their way into its partial file: the spans of received pieces
 //! that passed their chunk group's check, kept in order without copying them (adjacent spans of
-//! one piece become one write), and written at the transfer's offset on the blocking pool.
+//! one piece become one span), and written at the transfer's offset on the blocking pool with as
+//! few `pwritev` calls as it allows.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt as _;
+use std::io::IoSlice;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -50,24 +51,49 @@ async fn write_at(file: &Arc<File>, ready: &mut Ready, got: &mut u64) -> Result<
     let pieces = std::mem::take(&mut ready.pieces);
     let n = std::mem::take(&mut ready.len) as u64;
     let (file, at) = (file.clone(), *got);
-    tokio::task::spawn_blocking(move || {
-        let mut pos = at;
-        for (p, span) in pieces {
-            file.write_all_at(&p[span.clone()], pos)?;
-            pos += span.len() as u64;
-        }
-        Ok::<_, std::io::Error>(())
-    })
-    .await
-    .map_err(|e| PeerError::Stream(e.to_string()))?
-    .map_err(|e| PeerError::Stream(format!("writing the NAR: {e}")))?;
+    tokio::task::spawn_blocking(move || write_spans(&file, &pieces, at))
+        .await
+        .map_err(|e| PeerError::Stream(e.to_string()))?
+        .map_err(|e| PeerError::Stream(format!("writing the NAR: {e}")))?;
     *got += n;
+    Ok(())
+}
+
+/// Spans at most one `pwritev` takes (`IOV_MAX` on Linux).
+const MAX_IOV: usize = 1024;
+
+/// Write the spans one after another from `at`, with as few calls as `pwritev` allows (a QUIC
+/// range's groups are gathered one by one, a version 1 provider's pieces are a datagram each:
+/// one call per span would be tens to hundreds per MiB).
+fn write_spans(
+    file: &File,
+    pieces: &[(Bytes, std::ops::Range<usize>)],
+    mut at: u64,
+) -> std::io::Result<()> {
+    for batch in pieces.chunks(MAX_IOV) {
+        let mut bufs: Vec<IoSlice<'_>> = batch
+            .iter()
+            .map(|(p, s)| IoSlice::new(&p[s.clone()]))
+            .collect();
+        let mut bufs = &mut bufs[..];
+        while !bufs.is_empty() {
+            let n = match rustix::io::pwritev(file, bufs, at) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            at += n as u64;
+            IoSlice::advance_slices(&mut bufs, n);
+        }
+    }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt as _;
 
     #[test]
     fn adjacent_spans_of_one_piece_are_one_write_and_others_stay_apart() {
@@ -115,5 +141,19 @@ mod tests {
         f.read_exact_at(&mut back, 5).unwrap();
         let want: Vec<u8> = (10u8..30).chain(90..100).collect();
         assert_eq!(back, want);
+
+        // More spans than one call takes, each its own piece (as from QUIC).
+        let pieces: Vec<Bytes> = (0..2500u32)
+            .map(|i| Bytes::from(vec![(i % 251) as u8; 7]))
+            .collect();
+        for p in &pieces {
+            r.push(p, 0..7);
+        }
+        write_at(&f, &mut r, &mut got).await.unwrap();
+        assert_eq!(got, 35 + 2500 * 7);
+        let mut back = vec![0u8; 2500 * 7];
+        f.read_exact_at(&mut back, 35).unwrap();
+        let want: Vec<u8> = (0..2500u32).flat_map(|i| [(i % 251) as u8; 7]).collect();
+        assert!(back == want);
     }
 }
