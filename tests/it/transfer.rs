@@ -8,6 +8,7 @@ use crate::hostile::Hostile;
 use crate::node_harness::{Node, built_on_first};
 use crate::trust::{honest_with, metric, substitute_all};
 use narmesh::chunks::GROUP;
+use narmesh::nix::StorePath;
 
 /// The node's verified bytes fetched from the peer with endpoint id `id`.
 fn fetched_from(node: &Node, id: &str) -> f64 {
@@ -209,29 +210,52 @@ fn the_bulk_channel_carries_ranges_and_a_stranger_gets_nothing() {
     }
 }
 
+/// Nodes A (built on, serving peers at `rate`) and B, started, and a path of `bytes` random
+/// bytes built on A that B has learnt.
+fn paced_pair(
+    t: &tempfile::TempDir,
+    rate: &str,
+    name: &str,
+    bytes: u64,
+) -> (NixHost, Vec<Node>, StorePath) {
+    let (a, mut nodes) = built_on_first(t.path(), 2);
+    nodes[0]
+        .mesh_extra
+        .push_str(&format!("serve-rate = \"{rate}\"\n"));
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    let path = a.build(&format!(
+        r#"mk "{name}" "head -c {bytes} /dev/urandom > $out""#
+    ))[0]
+        .clone();
+    wait_until(30, "B to learn the path", || {
+        nodes[1].serves(&[path.full()])
+    });
+    (a, nodes, path)
+}
+
+/// The URL of `path`'s NAR in the narinfo `node` serves.
+fn nar_url_of(node: &Node, path: &StorePath) -> String {
+    let (code, _, info) = http(
+        &node.http,
+        "GET",
+        &format!("/{}.narinfo", path.hash_part()),
+        &[],
+    );
+    assert_eq!(code, 200);
+    narmesh::nix::NarInfo::parse(std::str::from_utf8(&info).unwrap())
+        .unwrap()
+        .url
+}
+
 /// `[mesh] serve-rate` caps what peers take: 8 MB from a node serving at 4 MiB/s cannot arrive
 /// in less than about 1.9 s (a lower bound: a slower machine only takes longer).
 #[test]
 fn serve_rate_caps_what_peers_take() {
     let t = tempfile::tempdir().unwrap();
-    let (a, mut nodes) = built_on_first(t.path(), 2);
-    nodes[0].mesh_extra.push_str("serve-rate = \"4MiB\"\n");
-    for n in nodes.iter_mut() {
-        n.start();
-    }
-    let path = a.build(r#"mk "transfer-paced" "head -c 8000000 /dev/urandom > $out""#)[0].clone();
-    wait_until(30, "B to learn the path", || {
-        nodes[1].serves(&[path.full()])
-    });
-    let (_, _, info) = http(
-        &nodes[1].http,
-        "GET",
-        &format!("/{}.narinfo", path.hash_part()),
-        &[],
-    );
-    let url = narmesh::nix::NarInfo::parse(std::str::from_utf8(&info).unwrap())
-        .unwrap()
-        .url;
+    let (_a, nodes, path) = paced_pair(&t, "4MiB", "transfer-paced", 8_000_000);
+    let url = nar_url_of(&nodes[1], &path);
     let started = std::time::Instant::now();
     let (code, _, body) = http(&nodes[1].http, "GET", &format!("/{url}"), &[]);
     let took = started.elapsed();
@@ -389,27 +413,8 @@ fn a_fetched_nar_leaves_the_page_cache_behind_its_readers() {
 fn a_client_leaving_mid_nar_leaves_the_fetch_and_the_node_whole() {
     use std::io::{Read as _, Write as _};
     let t = tempfile::tempdir().unwrap();
-    let (a, mut nodes) = built_on_first(t.path(), 2);
-    nodes[0].mesh_extra.push_str("serve-rate = \"8MiB\"\n");
-    for n in nodes.iter_mut() {
-        n.start();
-    }
-    let path = a.build(r#"mk "leaver" "head -c 48000000 /dev/urandom > $out""#)[0].clone();
-    wait_until(30, "B to learn the path", || {
-        nodes[1].serves(&[path.full()])
-    });
-    let (code, _, info) = http(
-        &nodes[1].http,
-        "GET",
-        &format!("/{}.narinfo", path.hash_part()),
-        &[],
-    );
-    assert_eq!(code, 200);
-    let url = String::from_utf8(info)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("URL: ").map(str::to_owned))
-        .expect("URL line");
+    let (a, nodes, path) = paced_pair(&t, "8MiB", "leaver", 48_000_000);
+    let url = nar_url_of(&nodes[1], &path);
 
     let mut conn = std::net::TcpStream::connect(&nodes[1].http).expect("connect");
     write!(conn, "GET /{url} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
