@@ -38,17 +38,24 @@ pub fn worth(size: u64) -> bool {
 /// Where each reader of a transfer is.
 #[derive(Debug, Default)]
 pub struct Readers {
-    at: Mutex<(u64, HashMap<u64, u64>)>,
+    at: Mutex<Places>,
     moved: Notify,
+}
+
+/// Each reader's place, by its id.
+#[derive(Debug, Default)]
+struct Places {
+    next_id: u64,
+    at: HashMap<u64, u64>,
 }
 
 impl Readers {
     /// A new reader, at the start.
     pub fn cursor(self: &Arc<Self>) -> Cursor {
         let mut at = self.at.lock().unwrap_or_else(|p| p.into_inner());
-        let id = at.0;
-        at.0 += 1;
-        at.1.insert(id, 0);
+        let id = at.next_id;
+        at.next_id += 1;
+        at.at.insert(id, 0);
         Cursor {
             readers: self.clone(),
             id,
@@ -58,7 +65,7 @@ impl Readers {
     /// How far the slowest reader has got (`None`: no reader).
     fn slowest(&self) -> Option<u64> {
         let at = self.at.lock().unwrap_or_else(|p| p.into_inner());
-        at.1.values().min().copied()
+        at.at.values().min().copied()
     }
 }
 
@@ -73,7 +80,7 @@ impl Cursor {
     /// The reader has everything before `pos` (read into memory, or hashed).
     pub fn set(&self, pos: u64) {
         let mut at = self.readers.at.lock().unwrap_or_else(|p| p.into_inner());
-        at.1.insert(self.id, pos);
+        at.at.insert(self.id, pos);
         drop(at);
         self.readers.moved.notify_one();
     }
@@ -82,7 +89,7 @@ impl Cursor {
 impl Drop for Cursor {
     fn drop(&mut self) {
         let mut at = self.readers.at.lock().unwrap_or_else(|p| p.into_inner());
-        at.1.remove(&self.id);
+        at.at.remove(&self.id);
         drop(at);
         self.readers.moved.notify_one();
     }

@@ -1,0 +1,157 @@
+//! One NAR being fetched, as its readers see it: how far its verified prefix has got, whether
+//! it ended, the file the verified bytes are read from, and a stream of those bytes in order.
+
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+/// Where a transfer stands, as readers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes from the start that are verified and written.
+    pub verified: u64,
+    /// `Some` once over.
+    pub done: Option<Result<(), String>>,
+}
+
+/// One NAR being fetched.
+#[derive(Debug)]
+pub struct Transfer {
+    pub blake3: [u8; 32],
+    pub size: u64,
+    progress: watch::Sender<Progress>,
+    /// The partial file (kept open by readers after it becomes the NAR file).
+    file: Mutex<Option<Arc<File>>>,
+    /// Where its readers are (pages they all passed leave the page cache).
+    pub(super) readers: Arc<super::super::behind::Readers>,
+}
+
+impl Transfer {
+    /// A transfer of `size` bytes with nothing verified yet and no file.
+    pub(super) fn new(blake3: [u8; 32], size: u64) -> Self {
+        Transfer {
+            blake3,
+            size,
+            progress: watch::Sender::new(Progress {
+                verified: 0,
+                done: None,
+            }),
+            file: Mutex::new(None),
+            readers: Default::default(),
+        }
+    }
+
+    /// The file verified bytes are written to and read from.
+    pub(super) fn set_file(&self, file: Arc<File>) {
+        *self.file.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
+    }
+
+    pub fn progress(&self) -> watch::Receiver<Progress> {
+        self.progress.subscribe()
+    }
+
+    /// The file verified bytes are read from, once the transfer has one.
+    pub fn file(&self) -> Option<Arc<File>> {
+        self.file.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(super) fn advance(&self, verified: u64) {
+        self.progress.send_if_modified(|p| {
+            if verified > p.verified {
+                p.verified = verified;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    pub(super) fn end(&self, result: Result<(), String>) {
+        self.progress.send_modify(|p| p.done = Some(result));
+    }
+
+    /// The verified bytes, in order and in pieces of at most 1 MiB, as they become verified;
+    /// `guard` lives as long as the reader. A failed transfer ends the stream with its error.
+    /// With `whole`, the stream's end (not its last piece) also waits for the transfer's end,
+    /// so a reader that takes the end as complete (like the mirror) has a NAR whose sha256
+    /// matched the signed NarHash; without, it ends with the last verified byte (the local Nix
+    /// checks the NarHash itself).
+    pub fn follow(
+        self: &Arc<Self>,
+        guard: impl Send + 'static,
+        whole: bool,
+    ) -> tokio::sync::mpsc::Receiver<Result<Bytes, String>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let (t, mut progress) = (self.clone(), self.progress());
+        let cursor = self.readers.cursor();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let mut pos = 0u64;
+            loop {
+                let p = progress.borrow_and_update().clone();
+                if p.verified > pos {
+                    let Some(file) = t.file() else {
+                        let _ = tx.send(Err("the transfer has no file".into())).await;
+                        return;
+                    };
+                    let to = p.verified.min(pos + (1 << 20));
+                    let read = tokio::task::spawn_blocking(move || {
+                        crate::fsutil::read_vec_at(&file, pos, (to - pos) as usize).map(Bytes::from)
+                    })
+                    .await;
+                    let piece = match read {
+                        Ok(Ok(b)) => Ok(b),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    let failed = piece.is_err();
+                    if !failed {
+                        cursor.set(to);
+                    }
+                    if tx.send(piece).await.is_err() || failed {
+                        return;
+                    }
+                    pos = to;
+                    continue;
+                }
+                match p.done {
+                    Some(Err(e)) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                    Some(Ok(())) => {
+                        if pos < t.size {
+                            let _ = tx.send(Err("the fetch ended short".into())).await;
+                        }
+                        return;
+                    }
+                    None if pos >= t.size && !whole => return,
+                    None => {}
+                }
+                if progress.changed().await.is_err() {
+                    let _ = tx.send(Err("the fetch ended".into())).await;
+                    return;
+                }
+            }
+        });
+        rx
+    }
+}
+
+/// Ends a transfer in error if its task stops before ending it, so no reader waits for ever.
+pub(super) struct EndOnDrop(pub(super) Arc<Transfer>);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        self.0.progress.send_if_modified(|p| {
+            if p.done.is_none() {
+                p.done = Some(Err("the transfer stopped".into()));
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
