@@ -64,6 +64,9 @@ pub struct Metrics {
     pub mesh_bulk_bytes: Counter,
     /// NAR transfers from peers running now (eager and on demand), past their slot.
     pub mesh_transfers: Gauge,
+    /// Streams of NAR bytes (ranges, leaves, whole NARs; QUIC and bulk) this node serves to
+    /// peers now.
+    pub mesh_serving: Gauge,
     /// Records new or changed by what peers said (gossip and catch-up): flat once the mesh
     /// has settled.
     pub mesh_records_changed: Counter,
@@ -137,6 +140,7 @@ impl Metrics {
             mesh_fetched_bytes: Family::default(),
             mesh_bulk_bytes: Counter::default(),
             mesh_transfers: Gauge::default(),
+            mesh_serving: Gauge::default(),
             mesh_records_changed: Counter::default(),
             problems: Default::default(),
             registry: Registry::default(),
@@ -281,6 +285,11 @@ impl Metrics {
             "mesh_transfers",
             "NAR transfers from peers running now (eager and on demand)",
             m.mesh_transfers.clone(),
+        );
+        registry.register(
+            "mesh_serving",
+            "Streams of NAR bytes served to peers now (QUIC and bulk)",
+            m.mesh_serving.clone(),
         );
         registry.register(
             "mesh_records_changed",

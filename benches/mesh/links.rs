@@ -8,6 +8,9 @@
 //!   substituting it from nginx serving a `nix copy` cache on the peer (10 Gbit/s);
 //! - two providers, each behind its own 1 Gbit/s link, to a fetcher on 10 Gbit/s, against one.
 //!
+//! `NARMESH_BENCH_LINKS_PART=two` runs only the last, `curl10` only the 10 Gbit/s fetches with
+//! curl, `bulk10` only the one over the bulk channel (a profiling aid).
+//!
 //! Needs root (network namespaces), iproute2, curl and nginx. Traffic stays on the namespaces'
 //! own addresses; every namespace is deleted when the bench ends, also when it fails.
 
@@ -311,7 +314,15 @@ pub fn run(t: &Path) -> Vec<String> {
         .expect("the NAR in the cache");
     let nar_rel = format!("nar/{}", nar_file.file_name().unwrap().to_string_lossy());
 
+    // NARMESH_BENCH_LINKS_PART: `two` (only the two providers), `curl10` (only the 10 Gbit/s
+    // fetches with curl) or `bulk10` (only the 10 Gbit/s fetch over the bulk channel: a
+    // profiling aid).
+    let part = std::env::var("NARMESH_BENCH_LINKS_PART").unwrap_or_default();
     for (rate, with_nix) in [("10gbit", true), ("1gbit", false)] {
+        let curl10 = part == "bulk10" || part == "curl10";
+        if part == "two" || (curl10 && rate != "10gbit") {
+            break;
+        }
         let mut net = Net::new(if with_nix { "x" } else { "g" });
         let (ns_a, ns_b) = (net.space("a"), net.space("b"));
         let (ip_a, ip_b) = net.link(&ns_a, &ns_b, Some(rate), Some(rate));
@@ -326,6 +337,9 @@ pub fn run(t: &Path) -> Vec<String> {
         // narmesh: B fetches from A on demand, for curl inside B's namespace; over QUIC, then
         // over the bulk channel.
         for bulk in [false, true] {
+            if part == "bulk10" && !bulk {
+                continue;
+            }
             let dir = t.join(format!("curl-{rate}-{bulk}"));
             let nodes = pair(&dir, &a, [&ns_a, &ns_b], [&ip_a, &ip_b], bulk);
             let url = announce(&nodes, 1, &ns_b, &big);
@@ -340,7 +354,7 @@ pub fn run(t: &Path) -> Vec<String> {
                 ours / tcp
             ));
         }
-        if !with_nix {
+        if !with_nix || curl10 {
             continue;
         }
         // Real Nix through its node (QUIC, then the bulk channel), against the same Nix from
@@ -375,6 +389,9 @@ pub fn run(t: &Path) -> Vec<String> {
         }
     }
 
+    if part == "bulk10" || part == "curl10" {
+        return rows;
+    }
     // Two providers, each behind its own 1 Gbit/s link, to a fetcher on 10 Gbit/s.
     let mut net = Net::new("p");
     let (ns_a, ns_c, ns_f) = (net.space("a"), net.space("c"), net.space("f"));
@@ -420,7 +437,7 @@ pub fn run(t: &Path) -> Vec<String> {
     wait_until(300, "C to hold the 1 GiB NAR", || {
         nodes[1].status().storage.files == 1
     });
-    let fetch_with = |peers: Vec<String>, name: &str, bulk: bool| -> f64 {
+    let fetch_with = |peers: Vec<String>, name: &str, bulk: bool| -> (f64, String) {
         let mut f = Node::new(&dir.join(name), &dir.join(name).join("store"));
         if bulk {
             f.mesh_extra.push_str(BULK);
@@ -447,8 +464,17 @@ pub fn run(t: &Path) -> Vec<String> {
         let url = nar_url(&ns_f, &f, &big);
         let (n, d) = curl(&ns_f, &url);
         assert!(n >= GIB, "the whole NAR came ({n} bytes)");
+        // What each provider sent, in MB (the fetcher's verified bytes per peer).
+        let metrics = curl_body(&ns_f, &format!("http://{}/metrics", f.http));
+        let mut shares: Vec<String> = metrics
+            .lines()
+            .filter(|l| l.starts_with("narmesh_mesh_fetched_bytes_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|b| format!("{:.0}", b / 1e6))
+            .collect();
+        shares.sort();
         drop(f);
-        mbs(n, d)
+        (mbs(n, d), shares.join(" + "))
     };
     let a_only: Vec<String> = f_peers
         .iter()
@@ -457,10 +483,10 @@ pub fn run(t: &Path) -> Vec<String> {
         .collect();
     for bulk in [false, true] {
         let tag = if bulk { "bulk" } else { "quic" };
-        let one = fetch_with(a_only.clone(), &format!("f-one-{tag}"), bulk);
-        let two = fetch_with(f_peers.clone(), &format!("f-two-{tag}"), bulk);
+        let (one, _) = fetch_with(a_only.clone(), &format!("f-one-{tag}"), bulk);
+        let (two, shares) = fetch_with(f_peers.clone(), &format!("f-two-{tag}"), bulk);
         rows.push(format!(
-            "| two providers, each behind its own 1 Gbit/s link, to a fetcher on 10 Gbit/s (1 GiB, curl), {} | {two:.1} MB/s | one provider alone: {one:.1} MB/s | {:.2}x |",
+            "| two providers, each behind its own 1 Gbit/s link, to a fetcher on 10 Gbit/s (1 GiB, curl), {} | {two:.1} MB/s (MB from each: {shares}) | one provider alone: {one:.1} MB/s | {:.2}x |",
             if bulk { "bulk channel (TCP)" } else { "QUIC" },
             two / one
         ));

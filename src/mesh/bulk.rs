@@ -147,7 +147,7 @@ impl BulkServer {
         if h.start >= end || !aligned {
             return Err(format!("bad range {}..{} of {size} bytes", h.start, h.end));
         }
-        let Ok(_slot) = self.nar.slots.clone().try_acquire_owned() else {
+        let Some(_slot) = self.nar.slot() else {
             return Err("busy".into());
         };
         let _ = stream.set_nodelay(true);

@@ -71,7 +71,29 @@ impl ProtocolHandler for NarServer {
     }
 }
 
+/// One of the [`MAX_SERVING`] places, counted in `narmesh_mesh_serving` while held.
+pub struct ServingSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Drop for ServingSlot {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
 impl NarServer {
+    /// A place to serve one more stream, or `None` when [`MAX_SERVING`] are served (`Busy`).
+    pub fn slot(&self) -> Option<ServingSlot> {
+        let permit = self.slots.clone().try_acquire_owned().ok()?;
+        self.metrics.mesh_serving.inc();
+        Some(ServingSlot {
+            _permit: permit,
+            gauge: self.metrics.mesh_serving.clone(),
+        })
+    }
+
     async fn serve_stream(
         &self,
         conn: &Connection,
@@ -97,7 +119,7 @@ impl NarServer {
         let Some((held, size)) = self.held(&blake3).await else {
             return self.refuse(&mut send, None).await;
         };
-        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
+        let Some(_slot) = self.slot() else {
             return self.refuse(&mut send, Some(NarReply::Busy)).await;
         };
         if v2_leaves {

@@ -439,3 +439,30 @@ fn a_client_leaving_mid_nar_leaves_the_fetch_and_the_node_whole() {
     assert_eq!(code, 200);
     assert!(body == a.dump(&path), "the NAR B serves is whole and right");
 }
+
+/// A large NAR comes as two ranges of its one provider at once (while one range starts or is
+/// written, the other's bytes flow): the provider, paced at 8 MiB/s so the fetch of 48 MB takes
+/// seconds, serves two streams at the same time (`narmesh_mesh_serving`), and what B serves is
+/// the whole NAR. With one range per provider at a time the gauge never passes 1.
+#[test]
+fn a_large_nar_comes_as_two_ranges_of_one_provider_at_once() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, nodes, path) = paced_pair(&t, "8MiB", "overlap", 48_000_000);
+    let url = nar_url_of(&nodes[1], &path);
+    let get = {
+        let (addr, url) = (nodes[1].http.clone(), url.clone());
+        std::thread::spawn(move || http(&addr, "GET", &format!("/{url}"), &[]))
+    };
+    let mut most = 0.0f64;
+    while !get.is_finished() {
+        most = most.max(metric(&nodes[0], "narmesh_mesh_serving"));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (code, _, body) = get.join().expect("the GET");
+    assert_eq!(code, 200);
+    assert!(body == a.dump(&path), "the NAR B serves is whole and right");
+    assert!(
+        most >= 2.0,
+        "A served at most {most} streams at once during the fetch"
+    );
+}

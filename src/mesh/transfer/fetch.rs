@@ -17,6 +17,12 @@ use crate::storage::PartialNar;
 
 /// Providers a transfer uses at once.
 const PROVIDERS_AT_ONCE: usize = 4;
+/// Ranges each provider sends at once for a large NAR: while one range starts (a request, a
+/// provider opening the NAR at an offset) or is written, the other's bytes still flow.
+const RANGES_PER_PROVIDER: usize = 2;
+/// NARs from this size on have several ranges of each provider in flight; a smaller one is
+/// over before that pays, and would take more of its providers' serving slots.
+const OVERLAP_FROM: u64 = 32 << 20;
 
 impl Transfers {
     /// Fetch every range, from every provider at once.
@@ -27,7 +33,15 @@ impl Transfers {
         partial: &Arc<PartialNar>,
         providers: &[EndpointId],
     ) -> Result<Arc<Leaves>, String> {
-        let plan = Arc::new(Mutex::new(Ranges::new(t.size, providers.len())));
+        let per_provider = if t.size >= OVERLAP_FROM {
+            RANGES_PER_PROVIDER
+        } else {
+            1
+        };
+        let plan = Arc::new(Mutex::new(Ranges::new(
+            t.size,
+            providers.len() * per_provider,
+        )));
         let returned = Arc::new(tokio::sync::Notify::new());
         let mut workers = tokio::task::JoinSet::new();
         // Providers avoided lately only if there is nobody else.
@@ -41,7 +55,11 @@ impl Transfers {
         } else {
             fresh
         };
-        for p in chosen.into_iter().take(PROVIDERS_AT_ONCE) {
+        let workers_of = chosen
+            .into_iter()
+            .take(PROVIDERS_AT_ONCE)
+            .flat_map(|p| std::iter::repeat_n(p, per_provider));
+        for p in workers_of {
             let (this, t, leaves, partial, plan, returned) = (
                 self.clone(),
                 t.clone(),
