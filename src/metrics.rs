@@ -27,6 +27,24 @@ pub struct RouteLabels {
     pub route: &'static str,
 }
 
+/// Counts one of something in a gauge for as long as it lives (a transfer running, a stream
+/// being served).
+#[derive(Debug)]
+pub struct Counted(Gauge);
+
+impl Counted {
+    pub fn new(g: &Gauge) -> Self {
+        g.inc();
+        Counted(g.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Every metric the node exports.
 pub struct Metrics {
     registry: Registry,

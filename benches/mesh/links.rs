@@ -318,8 +318,8 @@ pub fn run(t: &Path) -> Vec<String> {
     // fetches with curl) or `bulk10` (only the 10 Gbit/s fetch over the bulk channel: a
     // profiling aid).
     let part = std::env::var("NARMESH_BENCH_LINKS_PART").unwrap_or_default();
+    let curl10 = part == "bulk10" || part == "curl10";
     for (rate, with_nix) in [("10gbit", true), ("1gbit", false)] {
-        let curl10 = part == "bulk10" || part == "curl10";
         if part == "two" || (curl10 && rate != "10gbit") {
             break;
         }
@@ -389,7 +389,7 @@ pub fn run(t: &Path) -> Vec<String> {
         }
     }
 
-    if part == "bulk10" || part == "curl10" {
+    if curl10 {
         return rows;
     }
     // Two providers, each behind its own 1 Gbit/s link, to a fetcher on 10 Gbit/s.

@@ -74,23 +74,16 @@ impl ProtocolHandler for NarServer {
 /// One of the [`MAX_SERVING`] places, counted in `narmesh_mesh_serving` while held.
 pub struct ServingSlot {
     _permit: tokio::sync::OwnedSemaphorePermit,
-    gauge: prometheus_client::metrics::gauge::Gauge,
-}
-
-impl Drop for ServingSlot {
-    fn drop(&mut self) {
-        self.gauge.dec();
-    }
+    _counted: crate::metrics::Counted,
 }
 
 impl NarServer {
     /// A place to serve one more stream, or `None` when [`MAX_SERVING`] are served (`Busy`).
     pub fn slot(&self) -> Option<ServingSlot> {
         let permit = self.slots.clone().try_acquire_owned().ok()?;
-        self.metrics.mesh_serving.inc();
         Some(ServingSlot {
             _permit: permit,
-            gauge: self.metrics.mesh_serving.clone(),
+            _counted: crate::metrics::Counted::new(&self.metrics.mesh_serving),
         })
     }
 

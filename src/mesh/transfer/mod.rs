@@ -43,22 +43,6 @@ const AVOID_FOR: Duration = Duration::from_secs(60);
 /// Transfers at once; more wait.
 pub const MAX_TRANSFERS: usize = 32;
 
-/// Counts a running transfer in a gauge for as long as it lives.
-struct Running(prometheus_client::metrics::gauge::Gauge);
-
-impl Running {
-    fn new(g: &prometheus_client::metrics::gauge::Gauge) -> Self {
-        g.inc();
-        Running(g.clone())
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 /// Every transfer in progress, and what they share.
 #[derive(Debug)]
 pub struct Transfers {
@@ -178,7 +162,7 @@ impl Transfers {
             let Ok(_slot) = this.slots.clone().acquire_owned().await else {
                 return;
             };
-            let running = Running::new(&this.metrics.mesh_transfers);
+            let running = crate::metrics::Counted::new(&this.metrics.mesh_transfers);
             let started = Instant::now();
             let result = this.run(&task, &want).await;
             match &result {
