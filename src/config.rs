@@ -209,8 +209,8 @@ impl Default for S3Config {
             prefix: String::new(),
             compression: Compression::Zstd,
             concurrency: 8,
-            multipart_threshold: 64 << 20,
-            part_size: 16 << 20,
+            multipart_threshold: 16 << 20,
+            part_size: 8 << 20,
             priority: 50,
         }
     }

@@ -6,8 +6,9 @@
 //! `narmesh-hook` process per build, as Nix runs it, `--concurrency` at a time. Watchers ask each
 //! node which paths it serves (batched lookups over its socket) and list the bucket, so every
 //! path gets its time from the hook call to servable on the origin, on every node and in S3.
-//! Then each peer's HTTP cache is asked for every NAR (fetched over the mesh on demand), which is
-//! checked against the narinfo's hash and size. In the same run: the same NAR bytes over a plain
+//! Then (once the mirror has every narinfo in the bucket, so neither measure takes the other's
+//! CPU) each peer's HTTP cache is asked for every NAR (fetched over the mesh on demand), which
+//! is checked against the narinfo's hash and size. In the same run: the same NAR bytes over a plain
 //! TCP copy, plain aws-sdk-s3 PUTs of them, and the seed approach (`nix copy` per build).
 //!
 //! Parts: [`synth`] (workloads), [`cluster`] (node processes), [`watch`] (the hook calls and
@@ -342,6 +343,18 @@ fn bench(
             errors.push(e.to_string());
         }
     }
+    // The mirror: every narinfo in the bucket before the peers are asked for NARs, so neither
+    // measure takes the other's CPU (all nodes and the S3 server share this machine's cores;
+    // on a farm each node has its own).
+    if let Some(w) = bucket_watcher {
+        phase(&progress, "mirror uploading", 1);
+        if let Err(e) = w
+            .join()
+            .map_err(|_| anyhow::anyhow!("bucket watcher panicked"))?
+        {
+            errors.push(e.to_string());
+        }
+    }
     let spooled = std::fs::read_dir(nodes[0].spool())
         .map(|d| d.count())
         .unwrap_or(0);
@@ -426,14 +439,6 @@ fn bench(
         None
     };
 
-    // The mirror.
-    if let Some(w) = bucket_watcher
-        && let Err(e) = w
-            .join()
-            .map_err(|_| anyhow::anyhow!("bucket watcher panicked"))?
-    {
-        errors.push(e.to_string());
-    }
     let usage: Vec<report::NodeUsage> = nodes
         .iter()
         .zip(&written_before)

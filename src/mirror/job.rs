@@ -233,6 +233,8 @@ impl NarJob {
                 url,
                 self.tmp.clone(),
                 DbUploads(self.db.clone()),
+                self.bucket
+                    .part_size_for(compressed_bound(self.rec.nar_size)),
                 growth.subscribe(),
             )))),
             _ => None,
@@ -439,9 +441,9 @@ async fn upload_early(
     url: String,
     tmp: PathBuf,
     log: DbUploads,
+    part: u64,
     mut growth: watch::Receiver<Growth>,
 ) -> Result<Option<String>, S3Error> {
-    let part = bucket.part_size();
     loop {
         let g = *growth.borrow_and_update();
         match g.end {
@@ -455,9 +457,15 @@ async fn upload_early(
         }
     }
     bucket
-        .put_growing(&url, &tmp, NAR_TYPE, &log, growth)
+        .put_growing(&url, &tmp, NAR_TYPE, &log, part, growth)
         .await?;
     Ok(Some(url))
+}
+
+/// The most a NAR of `size` bytes can take compressed (zstd's and xz's worst cases are a
+/// fraction of a percent over the input; `none` is the input).
+fn compressed_bound(size: u64) -> u64 {
+    size.saturating_add(size / 64).saturating_add(1 << 20)
 }
 
 /// Bytes compressed in one go on a compressing thread (at most; less if less has arrived).

@@ -288,29 +288,33 @@ impl Bucket {
                 .map_err(|e| self.err("PUT", &key, e))?;
             return Ok(());
         }
-        let count = size.div_ceil(self.part_size);
-        let part = self.part_size;
+        let part = self.part_size_for(size);
+        let count = size.div_ceil(part);
         let parts = futures::stream::iter(
             (0..count).map(move |i| Ok((i * part, part.min(size - i * part)))),
         );
-        self.multipart(&key, path, content_type, log, parts).await
+        self.multipart(&key, path, content_type, log, part, parts)
+            .await
     }
 
     /// Put the file `path` as object `rel` while it is still being written (the mirror's
     /// compressor writes it): always in parts, each sent as soon as the file holds it, the last
     /// once `growth` says the file is complete; an end in error aborts the upload. The caller
-    /// decides it is worth parts (its NAR is at least `multipart_threshold()`).
+    /// decides it is worth parts (its NAR is at least `multipart_threshold()`), and the parts
+    /// are `part` bytes long ([`Bucket::part_size_for`] the file's largest size).
     pub async fn put_growing(
         &self,
         rel: &str,
         path: &Path,
         content_type: &str,
         log: &impl UploadLog,
+        part: u64,
         growth: tokio::sync::watch::Receiver<Growth>,
     ) -> Result<(), S3Error> {
         let key = self.key(rel);
-        let parts = growing_parts(self.part_size, growth, path.display().to_string());
-        self.multipart(&key, path, content_type, log, parts).await
+        let parts = growing_parts(part, growth, path.display().to_string());
+        self.multipart(&key, path, content_type, log, part, parts)
+            .await
     }
 
     /// Objects at least this large go up in parts.
@@ -318,9 +322,11 @@ impl Bucket {
         self.threshold
     }
 
-    /// The size of each part but the last.
-    pub fn part_size(&self) -> u64 {
-        self.part_size
+    /// The size of each part but the last of an object of at most `size` bytes: the
+    /// configured `part-size`, or more where that would take over S3's 10,000 parts (in whole
+    /// MiB; 8 MiB parts reach 78 GiB, a NAR can be larger).
+    pub fn part_size_for(&self, size: u64) -> u64 {
+        part_size_for(self.part_size, size)
     }
 
     /// A multipart upload of `key` from the ranges `(offset, len)` of `path` that `parts`
@@ -332,6 +338,7 @@ impl Bucket {
         path: &Path,
         content_type: &str,
         log: &impl UploadLog,
+        part: u64,
         parts: impl futures::Stream<Item = Result<(u64, u64), S3Error>>,
     ) -> Result<(), S3Error> {
         // One upload of a key at a time: two store paths with identical NARs share the key, and
@@ -343,7 +350,7 @@ impl Bucket {
             let _ = self.abort(key, &id).await;
             return Err(e);
         }
-        match self.upload_parts(key, &id, path, parts).await {
+        match self.upload_parts(key, &id, path, part, parts).await {
             Ok(()) => {
                 log.ended(&id).await;
                 Ok(())
@@ -366,11 +373,12 @@ impl Bucket {
         key: &str,
         id: &str,
         path: &Path,
+        part: u64,
         ranges: impl futures::Stream<Item = Result<(u64, u64), S3Error>>,
     ) -> Result<(), S3Error> {
         let mut parts: Vec<CompletedPart> = ranges
             .map_ok(|(offset, len)| async move {
-                let number = (offset / self.part_size + 1) as i32;
+                let number = (offset / part + 1) as i32;
                 let body = self.file_part(path, offset, len).await?;
                 let out = self
                     .client
@@ -426,6 +434,15 @@ impl Bucket {
                 source: std::io::Error::other(e.to_string()),
             })
     }
+}
+
+/// Parts S3 takes in one upload, at most.
+const MAX_PARTS: u64 = 10_000;
+
+/// See [`Bucket::part_size_for`].
+fn part_size_for(configured: u64, size: u64) -> u64 {
+    const MIB: u64 = 1 << 20;
+    configured.max(size.div_ceil(MAX_PARTS).div_ceil(MIB) * MIB)
 }
 
 /// How far a file being written has come: bytes in it so far, and its end (its size, or a
@@ -510,6 +527,20 @@ mod tests {
         let mut parts = Box::pin(growing_parts(10, rx, "f".into()));
         drop(tx);
         assert!(parts.next().await.unwrap().is_err());
+    }
+
+    #[test]
+    fn parts_grow_so_that_no_object_takes_more_than_s3s_ten_thousand() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(part_size_for(8 * MIB, 0), 8 * MIB);
+        assert_eq!(part_size_for(8 * MIB, 10_000 * 8 * MIB), 8 * MIB);
+        let big = 10_000 * 8 * MIB + 1;
+        assert_eq!(part_size_for(8 * MIB, big), 9 * MIB);
+        for size in [big, 300 << 30, 5 << 40, u64::MAX / 2] {
+            let part = part_size_for(8 * MIB, size);
+            assert!(size.div_ceil(part) <= MAX_PARTS, "{size}: {part}");
+            assert_eq!(part % MIB, 0);
+        }
     }
 
     #[tokio::test]
