@@ -133,6 +133,9 @@ pub struct MeshConfig {
     /// handed out over the mesh), and fetch over it from peers that offer it. Unencrypted:
     /// for a LAN of build hosts, where QUIC's per-packet work costs more than the link is worth.
     pub bulk_listen: Option<SocketAddr>,
+    /// Memory all fetches from peers together may hold in flight: each range being fetched
+    /// buffers up to 2 MiB, and ranges beyond this wait for one to end.
+    pub fetch_memory: ByteSize,
 }
 
 /// `[mirror]`: what this node mirrors the cluster's paths into.
@@ -282,6 +285,7 @@ impl Default for MeshConfig {
             max_nar_size: None,
             serve_rate: None,
             bulk_listen: None,
+            fetch_memory: ByteSize(64 << 20),
         }
     }
 }
@@ -408,6 +412,12 @@ impl Config {
             return Err(invalid(
                 "mesh.serve-rate",
                 "must be at least 64KiB (per second), or left out for no limit".into(),
+            ));
+        }
+        if !(2 << 20..=4 << 30).contains(&self.mesh.fetch_memory.0) {
+            return Err(invalid(
+                "mesh.fetch-memory",
+                "must be 2MiB..=4GiB (a range in flight takes up to 2 MiB)".into(),
             ));
         }
         if self.mesh.cluster.is_empty() {
@@ -592,5 +602,9 @@ mod tests {
         ));
         let cfg: Config = toml::from_str("[http]\nbusy-poll-us = 0").unwrap();
         assert!(cfg.validate().is_ok());
+        for (bad, ok) in [("1MiB", false), ("8GiB", false), ("2MiB", true)] {
+            let cfg: Config = toml::from_str(&format!("[mesh]\nfetch-memory = \"{bad}\"")).unwrap();
+            assert_eq!(cfg.validate().is_ok(), ok, "fetch-memory {bad}");
+        }
     }
 }

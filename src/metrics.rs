@@ -82,6 +82,9 @@ pub struct Metrics {
     pub mesh_bulk_bytes: Counter,
     /// NAR transfers from peers running now (eager and on demand), past their slot.
     pub mesh_transfers: Gauge,
+    /// Ranges of NARs being fetched from peers now (each buffers up to 2 MiB; `[mesh]
+    /// fetch-memory` caps them).
+    pub mesh_ranges: Gauge,
     /// Streams of NAR bytes (ranges, leaves, whole NARs; QUIC and bulk) this node serves to
     /// peers now.
     pub mesh_serving: Gauge,
@@ -159,6 +162,7 @@ impl Metrics {
             mesh_bulk_bytes: Counter::default(),
             mesh_transfers: Gauge::default(),
             mesh_serving: Gauge::default(),
+            mesh_ranges: Gauge::default(),
             mesh_records_changed: Counter::default(),
             problems: Default::default(),
             registry: Registry::default(),
@@ -303,6 +307,11 @@ impl Metrics {
             "mesh_transfers",
             "NAR transfers from peers running now (eager and on demand)",
             m.mesh_transfers.clone(),
+        );
+        registry.register(
+            "mesh_ranges",
+            "Ranges of NARs being fetched from peers now, each buffering up to 2 MiB ([mesh] fetch-memory caps them)",
+            m.mesh_ranges.clone(),
         );
         registry.register(
             "mesh_serving",

@@ -343,9 +343,19 @@ pub fn run(t: &Path) -> Vec<String> {
             let dir = t.join(format!("curl-{rate}-{bulk}"));
             let nodes = pair(&dir, &a, [&ns_a, &ns_b], [&ip_a, &ip_b], bulk);
             let url = announce(&nodes, 1, &ns_b, &big);
+            let wall = std::time::SystemTime::now();
             let (n, d) = curl(&ns_b, &url);
             assert!(n >= GIB, "the whole NAR came ({n} bytes)");
             let ours = mbs(n, d);
+            if std::env::var_os("NARMESH_BENCH_LOGS").is_some() {
+                let at = wall
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                println!("curl from {:.3} s (Unix time)", at.as_secs_f64());
+            }
+            if std::env::var_os("NARMESH_BENCH_LOGS").is_some() {
+                println!("curl {d:?}\n--- B's log ---\n{}", nodes[1].log());
+            }
             drop(nodes);
             let _ = std::fs::remove_dir_all(&dir);
             rows.push(format!(

@@ -338,6 +338,7 @@ impl MeshHandle {
             parts.db.clone(),
             parts.metrics.clone(),
             cfg.bulk_listen.is_some(),
+            cfg.fetch_memory.0,
         ));
         let ctx = Arc::new(Ctx {
             ep: ep.clone(),

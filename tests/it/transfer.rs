@@ -466,3 +466,50 @@ fn a_large_nar_comes_as_two_ranges_of_one_provider_at_once() {
         "A served at most {most} streams at once during the fetch"
     );
 }
+
+/// `[mesh] fetch-memory` caps the ranges in flight over all transfers together: with room for
+/// two ranges (4 MiB), two large NARs fetched at once (each of which would take two ranges of
+/// its provider) never have more than two ranges running, and both arrive whole.
+#[test]
+fn fetch_memory_caps_the_ranges_in_flight_over_all_transfers() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, mut nodes) = built_on_first(t.path(), 2);
+    nodes[0].mesh_extra.push_str("serve-rate = \"16MiB\"\n");
+    nodes[1].mesh_extra.push_str("fetch-memory = \"4MiB\"\n");
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    let paths: Vec<StorePath> = ["capped-1", "capped-2"]
+        .iter()
+        .map(|name| {
+            a.build(&format!(
+                r#"mk "{name}" "head -c 40000000 /dev/urandom > $out""#
+            ))[0]
+                .clone()
+        })
+        .collect();
+    wait_until(30, "B to learn both paths", || {
+        nodes[1].serves(&paths.iter().map(StorePath::full).collect::<Vec<_>>())
+    });
+    let gets: Vec<_> = paths
+        .iter()
+        .map(|p| {
+            let (addr, url) = (nodes[1].http.clone(), nar_url_of(&nodes[1], p));
+            std::thread::spawn(move || http(&addr, "GET", &format!("/{url}"), &[]))
+        })
+        .collect();
+    let mut most = 0.0f64;
+    while !gets.iter().all(|g| g.is_finished()) {
+        most = most.max(metric(&nodes[1], "narmesh_mesh_ranges "));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for (get, p) in gets.into_iter().zip(&paths) {
+        let (code, _, body) = get.join().expect("the GET");
+        assert_eq!(code, 200);
+        assert!(body == a.dump(p), "{} arrives whole and right", p.full());
+    }
+    assert_eq!(
+        most, 2.0,
+        "ranges in flight on B at most (room for 2 in [mesh] fetch-memory)"
+    );
+}

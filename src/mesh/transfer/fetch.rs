@@ -1,6 +1,7 @@
 //! Fetching one NAR's bytes: every provider works through the plan's ranges at once, each group
 //! checked against the NAR's leaves before it is written ([`super::super::ranges`] is the plan);
-//! providers that speak only version 1 send the whole NAR from an offset instead.
+//! providers that speak only version 1 send the whole NAR from an offset instead. Every range
+//! (and version 1 fetch) holds room of the node's `[mesh] fetch-memory` while it runs.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -96,6 +97,11 @@ impl Transfers {
     ) {
         let mut failures = 0;
         loop {
+            // A range is taken from the plan only with room for its buffers ([mesh]
+            // fetch-memory), so none sits claimed while it waits.
+            let Ok(room) = self.ranges.acquire().await else {
+                return;
+            };
             let next = plan
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -104,6 +110,7 @@ impl Transfers {
                 Next::Range { id, start, end } => (id, start, end),
                 Next::Done => return,
                 Next::Wait => {
+                    drop(room);
                     // Another provider's range may come back if it fails: stay to take it.
                     tokio::select! {
                         _ = returned.notified() => {}
@@ -112,6 +119,7 @@ impl Transfers {
                     continue;
                 }
             };
+            let counted = crate::metrics::Counted::new(&self.metrics.mesh_ranges);
             let (mut got, mut bulk) = (start, false);
             let res = self
                 .pull_range(
@@ -124,6 +132,7 @@ impl Transfers {
                     (&mut got, &mut bulk),
                 )
                 .await;
+            drop((counted, room));
             self.fetched_from(peer, got - start);
             if bulk {
                 self.metrics.mesh_bulk_bytes.inc_by(got - start);
@@ -267,6 +276,10 @@ impl Transfers {
         for p in providers {
             for _ in 0..3 {
                 let before = got;
+                let Ok(_room) = self.ranges.acquire().await else {
+                    return Err("the node is stopping".into());
+                };
+                let _counted = crate::metrics::Counted::new(&self.metrics.mesh_ranges);
                 let res = async {
                     let mut recv = self.pool.v1_from(*p, t.blake3, got, t.size).await?;
                     let mut ready = Ready::default();

@@ -42,6 +42,10 @@ use tickets::HeldTicket;
 const AVOID_FOR: Duration = Duration::from_secs(60);
 /// Transfers at once; more wait.
 pub const MAX_TRANSFERS: usize = 32;
+/// What one range being fetched may buffer at most: a piece read from the provider (up to
+/// 1 MiB), verified groups not yet written (up to 1 MiB and a group), a group gathered
+/// across pieces. `[mesh] fetch-memory` divided by this is how many ranges run at once.
+pub const RANGE_MEMORY: u64 = 2 << 20;
 
 /// Every transfer in progress, and what they share.
 #[derive(Debug)]
@@ -53,6 +57,9 @@ pub struct Transfers {
     active: Mutex<HashMap<[u8; 32], Weak<Transfer>>>,
     avoid: Mutex<HashMap<EndpointId, Instant>>,
     slots: Arc<tokio::sync::Semaphore>,
+    /// Ranges (and version 1 whole-NAR fetches) in flight, over every transfer: what caps
+    /// the memory fetches hold.
+    ranges: tokio::sync::Semaphore,
     /// Transfers that met a provider speaking only version 1.
     only_v1: Mutex<std::collections::HashSet<[u8; 32]>>,
     /// Use providers' bulk channels (`[mesh] bulk-listen` is set here).
@@ -75,7 +82,17 @@ pub struct Want {
 }
 
 impl Transfers {
-    pub fn new(pool: Pool, storage: Storage, db: Db, metrics: Arc<Metrics>, bulk: bool) -> Self {
+    /// `fetch_memory`: what all ranges in flight may buffer together (at least one range's).
+    pub fn new(
+        pool: Pool,
+        storage: Storage,
+        db: Db,
+        metrics: Arc<Metrics>,
+        bulk: bool,
+        fetch_memory: u64,
+    ) -> Self {
+        let ranges =
+            (fetch_memory / RANGE_MEMORY).clamp(1, tokio::sync::Semaphore::MAX_PERMITS as u64);
         Transfers {
             pool,
             storage,
@@ -84,6 +101,7 @@ impl Transfers {
             active: Mutex::new(HashMap::new()),
             avoid: Mutex::new(HashMap::new()),
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS)),
+            ranges: tokio::sync::Semaphore::new(ranges as usize),
             only_v1: Mutex::new(Default::default()),
             bulk,
             started: tokio::sync::broadcast::channel(1024).0,
