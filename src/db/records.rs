@@ -151,7 +151,11 @@ impl PathRecord {
 pub fn merge_provider(list: &mut Vec<Provider>, p: Provider) -> bool {
     if let Some(old) = list.iter_mut().find(|o| o.id == p.id) {
         let news = is_news(old, p.holds, p.at_ms, !p.sig.is_empty());
-        if news || p.at_ms > old.at_ms {
+        // A later restatement of the same thing refreshes the time, but an unsigned hint never
+        // takes the place of a signed statement (that would lose the signature, and make the
+        // signed restatement that follows look like news).
+        let refresh = p.at_ms > old.at_ms && (!p.sig.is_empty() || old.sig.is_empty());
+        if news || refresh {
             *old = p;
         }
         return news;
