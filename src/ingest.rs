@@ -160,25 +160,22 @@ impl Ingest {
         }
     }
 
-    /// Validate reports and queue them durably (all or nothing); returns the roots queued.
+    /// Validate reports and queue them durably (all or nothing); returns the roots queued. The
+    /// validation reads the Nix database on this (the front's) thread: ingest has a connection
+    /// of its own, and a hand-over to another thread and back costs more than the read.
     async fn queue_reports(&self, reports: Vec<HookReport>) -> Result<u32, Refusal> {
-        let store = self.store.clone();
-        let checked = tokio::task::spawn_blocking(move || {
-            store.with(|db| {
-                Ok(reports
-                    .iter()
-                    .map(|r| validate(db, r))
-                    .collect::<Result<Vec<_>, Refusal>>())
-            })
-        })
-        .await;
+        let checked = self.store.with(|db| {
+            Ok(reports
+                .iter()
+                .map(|r| validate(db, r))
+                .collect::<Result<Vec<_>, Refusal>>())
+        });
         let items = match checked {
-            Ok(Ok(Ok(items))) => items,
-            Ok(Ok(Err(refusal))) => return Err(refusal),
+            Ok(Ok(items)) => items,
+            Ok(Err(refusal)) => return Err(refusal),
             // The store database could not be read: that may pass (it is being replaced,
             // recovered, or briefly locked).
-            Ok(Err(e)) => return Err(Refusal::transient(e.to_string())),
-            Err(e) => return Err(Refusal::transient(format!("validation failed: {e}"))),
+            Err(e) => return Err(Refusal::transient(e.to_string())),
         };
         let roots = items.iter().map(|i| i.outs.len().max(1)).sum::<usize>() as u32;
         self.queue

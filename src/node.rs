@@ -235,7 +235,8 @@ struct IngestParts {
 
 /// Run the front on a thread and runtime of its own at normal priority: a hook's
 /// acknowledgement (validation, the fsync'd queue commit) never waits for the node's bulk work
-/// (hashing, transfers, the mirror), which runs at a lower priority on the main runtime.
+/// (hashing, transfers, the mirror), which runs at a lower priority on the main runtime. Both
+/// steps run on this thread itself, with no hand-over to a blocking pool and back.
 fn front_thread(
     p: IngestParts,
     socket: std::os::unix::net::UnixListener,

@@ -1,5 +1,9 @@
 //! The durable queue writer: an actor that group-commits reports into redb, so a burst of hook
-//! calls shares one fsync. A report is acknowledged only after its commit.
+//! calls shares one fsync. A report is acknowledged only after its commit. It runs on the
+//! front's own thread and commits there, blocking it (reports arriving meanwhile wait in the
+//! socket and join the next group): handing each commit to a blocking-pool thread and back
+//! cost two wake-ups, each a wait for a CPU on a loaded build host (hook p99 6.7 against 4.7
+//! ms in `narmesh bench`, BENCHMARKS.md).
 
 use std::sync::Arc;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -18,7 +22,8 @@ pub struct QueueHandle {
 const MAX_GROUP: usize = 512;
 
 impl QueueHandle {
-    /// Start the writer; `wake` is notified after every commit (the pipeline listens).
+    /// Start the writer on the current runtime (the front's: its commits block that thread);
+    /// `wake` is notified after every commit (the pipeline listens).
     pub fn spawn(
         db: Db,
         wake: Arc<Notify>,
@@ -58,18 +63,15 @@ async fn run(
         let items: Vec<QueueItem> = group.iter().flat_map(|(i, _)| i.iter().cloned()).collect();
         let db = db.clone();
         let m = metrics.clone();
-        let res = tokio::task::spawn_blocking(move || {
+        let res = {
             let t = std::time::Instant::now();
             let r = db.enqueue(&items);
             m.queue_commit_seconds.observe(t.elapsed().as_secs_f64());
             if r.is_ok() {
                 crate::killpoint::reach("queue.appended");
             }
-            r
-        })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
+            r.map_err(|e| e.to_string())
+        };
         match &res {
             Err(e) => {
                 tracing::error!("queue commit failed: {e}");
