@@ -27,6 +27,15 @@ pub const MAX_CONNECTIONS: usize = 256;
 /// How often the spool directory is looked at while running.
 const SPOOL_POLL: Duration = Duration::from_millis(500);
 
+/// Where a report's validation (reads of the Nix database) runs.
+#[derive(Clone, Copy)]
+enum Validate {
+    /// On the calling thread: the front's, for a hook waiting on it.
+    Here,
+    /// On a blocking thread: a push of many paths, the spool.
+    Blocking,
+}
+
 /// What the request handlers share.
 #[derive(Clone)]
 pub struct Ingest {
@@ -41,6 +50,9 @@ pub struct Ingest {
     /// The hook's spool directory.
     pub spool: PathBuf,
     pub storage: crate::storage::Storage,
+    /// The node's main runtime: every request but a hook report is answered there, so the
+    /// front's thread is free for hooks.
+    pub main: tokio::runtime::Handle,
 }
 
 impl Ingest {
@@ -119,32 +131,54 @@ impl Ingest {
         }
     }
 
-    /// Answer one request.
+    /// Answer one request: a hook report here, on the front's thread; anything else on the
+    /// main runtime (a push of a closure, a status, a watcher's lookups never hold up a hook).
     pub async fn handle(&self, request: Request) -> Response {
         match request {
-            Request::Hook(report) => {
-                let outputs = if report.out_paths.is_empty() {
-                    "from-derivation"
-                } else {
-                    "named"
-                };
-                self.metrics
-                    .hook_reports
-                    .get_or_create(&crate::metrics::HookLabels { outputs })
-                    .inc();
-                let t = std::time::Instant::now();
-                let r = self.accept(vec![report]).await;
-                self.metrics
-                    .hook_ack_seconds
-                    .observe(t.elapsed().as_secs_f64());
-                r
+            Request::Hook(report) => self.hook(report, Validate::Here).await,
+            other => {
+                let me = self.clone();
+                match self
+                    .main
+                    .spawn(async move { me.off_front(other).await })
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(e) => error(format!("the request failed: {e}")),
+                }
             }
+        }
+    }
+
+    /// A hook's report, validated and committed where `how` says.
+    async fn hook(&self, report: HookReport, how: Validate) -> Response {
+        let outputs = if report.out_paths.is_empty() {
+            "from-derivation"
+        } else {
+            "named"
+        };
+        self.metrics
+            .hook_reports
+            .get_or_create(&crate::metrics::HookLabels { outputs })
+            .inc();
+        let t = std::time::Instant::now();
+        let r = self.accept(vec![report], how).await;
+        self.metrics
+            .hook_ack_seconds
+            .observe(t.elapsed().as_secs_f64());
+        r
+    }
+
+    /// Requests other than hook reports, on the main runtime.
+    async fn off_front(&self, request: Request) -> Response {
+        match request {
+            Request::Hook(report) => self.hook(report, Validate::Blocking).await,
             Request::Push { paths } => {
                 let report = HookReport {
                     drv_path: None,
                     out_paths: paths,
                 };
-                self.accept(vec![report]).await
+                self.accept(vec![report], Validate::Blocking).await
             }
             Request::Lookup { paths } => self.lookup(paths).await,
             Request::Pin { paths, pinned } => self.pin(paths, pinned).await,
@@ -153,23 +187,33 @@ impl Ingest {
     }
 
     /// Validate reports and queue them durably; all or nothing.
-    pub async fn accept(&self, reports: Vec<HookReport>) -> Response {
-        match self.queue_reports(reports).await {
+    async fn accept(&self, reports: Vec<HookReport>, how: Validate) -> Response {
+        match self.queue_reports(reports, how).await {
             Ok(paths) => Response::Accepted { paths },
             Err(r) => error(r.message),
         }
     }
 
-    /// Validate reports and queue them durably (all or nothing); returns the roots queued. The
-    /// validation reads the Nix database on this (the front's) thread: ingest has a connection
-    /// of its own, and a hand-over to another thread and back costs more than the read.
-    async fn queue_reports(&self, reports: Vec<HookReport>) -> Result<u32, Refusal> {
-        let checked = self.store.with(|db| {
-            Ok(reports
-                .iter()
-                .map(|r| validate(db, r))
-                .collect::<Result<Vec<_>, Refusal>>())
-        });
+    /// Validate reports and queue them durably (all or nothing); returns the roots queued. A
+    /// hook's report is validated on the front's own thread (ingest has its own connection to
+    /// the Nix database, and a hand-over to another thread and back costs more than the read);
+    /// a push, or the spool's reports, on a blocking thread.
+    async fn queue_reports(&self, reports: Vec<HookReport>, how: Validate) -> Result<u32, Refusal> {
+        let store = self.store.clone();
+        let check = move || {
+            store.with(|db| {
+                Ok(reports
+                    .iter()
+                    .map(|r| validate(db, r))
+                    .collect::<Result<Vec<_>, Refusal>>())
+            })
+        };
+        let checked = match how {
+            Validate::Here => check(),
+            Validate::Blocking => tokio::task::spawn_blocking(check)
+                .await
+                .map_err(|e| Refusal::transient(format!("validation failed: {e}")))?,
+        };
         let items = match checked {
             Ok(Ok(items)) => items,
             Ok(Err(refusal)) => return Err(refusal),
@@ -311,7 +355,7 @@ impl Ingest {
         let mut stopped = None;
         for (path, report) in files {
             match report {
-                Ok(report) => match self.queue_reports(vec![report]).await {
+                Ok(report) => match self.queue_reports(vec![report], Validate::Blocking).await {
                     Ok(_) => taken.push(path),
                     Err(r) if r.permanent => rejected.push((path, r.message)),
                     Err(r) => {

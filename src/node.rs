@@ -166,6 +166,7 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
             spool: spool.clone(),
             storage: storage.clone(),
             wake: wake.clone(),
+            main: tokio::runtime::Handle::current(),
         },
         socket,
         front.clone(),
@@ -231,6 +232,8 @@ struct IngestParts {
     storage: Storage,
     /// Notified after every queue commit (the pipeline listens).
     wake: Arc<Notify>,
+    /// The main runtime, for every request but a hook report.
+    main: tokio::runtime::Handle,
 }
 
 /// Run the front on a thread and runtime of its own at normal priority: a hook's
@@ -258,6 +261,7 @@ fn front_thread(
             mirror: p.mirror,
             spool: p.spool.clone(),
             storage: p.storage,
+            main: p.main,
         };
         let spool = tokio::spawn(ingest.clone().watch_spool(p.spool, cancel.clone()));
         ingest.serve_socket(socket, cancel).await;
