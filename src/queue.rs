@@ -1,5 +1,5 @@
-//! The durable queue writer: an actor that group-commits reports into redb, so a burst of hook
-//! calls shares one fsync. A report is acknowledged only after its commit. It runs on the
+//! The durable queue writer: an actor that group-commits reports into the queue's journal
+//! (`db::journal`), so a burst of hook calls shares one fsync. A report is acknowledged only after its commit. It runs on the
 //! front's own thread and commits there, blocking it (reports arriving meanwhile wait in the
 //! socket and join the next group): handing each commit to a blocking-pool thread and back
 //! cost two wake-ups, each a wait for a CPU on a loaded build host (hook p99 6.7 against 4.7
@@ -61,12 +61,12 @@ async fn run(
             }
         }
         let items: Vec<QueueItem> = group.iter().flat_map(|(i, _)| i.iter().cloned()).collect();
-        let db = db.clone();
-        let m = metrics.clone();
         let res = {
             let t = std::time::Instant::now();
             let r = db.enqueue(&items);
-            m.queue_commit_seconds.observe(t.elapsed().as_secs_f64());
+            metrics
+                .queue_commit_seconds
+                .observe(t.elapsed().as_secs_f64());
             if r.is_ok() {
                 crate::killpoint::reach("queue.appended");
             }
