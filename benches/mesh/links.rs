@@ -351,10 +351,11 @@ pub fn run(t: &Path) -> Vec<String> {
                 let at = wall
                     .duration_since(std::time::UNIX_EPOCH)
                     .unwrap_or_default();
-                println!("curl from {:.3} s (Unix time)", at.as_secs_f64());
-            }
-            if std::env::var_os("NARMESH_BENCH_LOGS").is_some() {
-                println!("curl {d:?}\n--- B's log ---\n{}", nodes[1].log());
+                println!(
+                    "curl from {:.3} s (Unix time) for {d:?}\n--- B's log ---\n{}",
+                    at.as_secs_f64(),
+                    nodes[1].log()
+                );
             }
             drop(nodes);
             let _ = std::fs::remove_dir_all(&dir);

@@ -99,6 +99,28 @@ fn a_small_bench_run_reports_every_figure_and_replicates_everything() {
         assert!(n["cpu_seconds"].as_f64().unwrap_or(0.0) > 0.0, "{n}");
         assert!(n["peak_rss_mib"].as_f64().unwrap_or(0.0) > 1.0, "{n}");
     }
+    // The peers are asked for NARs only once the mirror is done (README): each peer's first
+    // fetch ends after the mirror's last, which came before its last narinfo went up.
+    let fetched = |node: &str| -> Vec<String> {
+        let log = std::fs::read_to_string(dir.path().join(node).join("node.log"))
+            .unwrap_or_else(|e| panic!("{node}'s log: {e}"));
+        log.lines()
+            .filter(|l| l.contains("narmesh::mesh::transfer: fetched "))
+            // RFC 3339 UTC with fixed-width fractions: ordered as strings.
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect()
+    };
+    let mirror_last = fetched("mirror")
+        .into_iter()
+        .max()
+        .expect("the mirror fetched");
+    for peer in ["n1", "n2"] {
+        let first = fetched(peer).into_iter().min().expect("the peer fetched");
+        assert!(
+            first > mirror_last,
+            "{peer} fetched at {first}, before the mirror's last fetch at {mirror_last}"
+        );
+    }
 }
 
 /// A run whose nodes' copies would not fit refuses at once, naming the space it needs, instead

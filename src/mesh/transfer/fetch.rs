@@ -85,6 +85,16 @@ impl Transfers {
         }
     }
 
+    /// Room for one range's buffers in `[mesh] fetch-memory`, counted in `narmesh_mesh_ranges`
+    /// while held (`None`: the node is stopping).
+    async fn room(&self) -> Option<(tokio::sync::SemaphorePermit<'_>, crate::metrics::Counted)> {
+        let permit = self.ranges.acquire().await.ok()?;
+        Some((
+            permit,
+            crate::metrics::Counted::new(&self.metrics.mesh_ranges),
+        ))
+    }
+
     /// One provider works through the ranges until none is left or it fails.
     async fn worker(
         &self,
@@ -99,7 +109,7 @@ impl Transfers {
         loop {
             // A range is taken from the plan only with room for its buffers ([mesh]
             // fetch-memory), so none sits claimed while it waits.
-            let Ok(room) = self.ranges.acquire().await else {
+            let Some(room) = self.room().await else {
                 return;
             };
             let next = plan
@@ -119,7 +129,6 @@ impl Transfers {
                     continue;
                 }
             };
-            let counted = crate::metrics::Counted::new(&self.metrics.mesh_ranges);
             let (mut got, mut bulk) = (start, false);
             let res = self
                 .pull_range(
@@ -132,7 +141,7 @@ impl Transfers {
                     (&mut got, &mut bulk),
                 )
                 .await;
-            drop((counted, room));
+            drop(room);
             self.fetched_from(peer, got - start);
             if bulk {
                 self.metrics.mesh_bulk_bytes.inc_by(got - start);
@@ -276,10 +285,9 @@ impl Transfers {
         for p in providers {
             for _ in 0..3 {
                 let before = got;
-                let Ok(_room) = self.ranges.acquire().await else {
+                let Some(_room) = self.room().await else {
                     return Err("the node is stopping".into());
                 };
-                let _counted = crate::metrics::Counted::new(&self.metrics.mesh_ranges);
                 let res = async {
                     let mut recv = self.pool.v1_from(*p, t.blake3, got, t.size).await?;
                     let mut ready = Ready::default();
