@@ -400,14 +400,33 @@ impl Db {
 
     /// Every wish: (BLAKE3, hash part of a path that wants it).
     pub fn wants(&self) -> Result<Vec<([u8; 32], String)>, DbError> {
+        self.wants_after(None, usize::MAX)
+    }
+
+    /// At most `limit` wishes in BLAKE3 order, from just after `after` (from the first without):
+    /// a window of the wish list, so whoever walks it pays for the window, not the whole list.
+    pub fn wants_after(
+        &self,
+        after: Option<&[u8; 32]>,
+        limit: usize,
+    ) -> Result<Vec<([u8; 32], String)>, DbError> {
+        use std::ops::Bound;
         let db = self.db.get()?;
         let tx = db.begin_read()?;
         let wants = tx.open_table(WANTS)?;
+        let from = match after {
+            Some(a) => Bound::Excluded(a.as_slice()),
+            None => Bound::Unbounded,
+        };
         let mut out = Vec::new();
-        for entry in wants.iter()? {
+        for entry in wants.range::<&[u8]>((from, Bound::Unbounded))? {
+            if out.len() >= limit {
+                break;
+            }
             let (k, v) = entry?;
-            let mut b = [0u8; 32];
-            b.copy_from_slice(k.value());
+            let Ok(b) = <[u8; 32]>::try_from(k.value()) else {
+                continue;
+            };
             out.push((b, v.value().to_owned()));
         }
         Ok(out)

@@ -236,3 +236,31 @@ fn an_eager_node_wishes_for_new_claims_in_the_same_commit() {
         .unwrap();
     assert!(db.wants().unwrap().is_empty());
 }
+
+#[test]
+fn the_wish_list_is_read_a_window_at_a_time_in_blake3_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("db")).unwrap();
+    let hashes: Vec<String> = ["d", "a", "f", "c", "b"]
+        .iter()
+        .map(|c| c.repeat(32))
+        .collect();
+    for (i, h) in hashes.iter().enumerate() {
+        // BLAKE3s 5, 1, 4, 3, 2 (out of the order they are recorded in).
+        let b = [5u8, 1, 4, 3, 2][i];
+        db.record_remote(vec![remote(h, b, 5, 1, true)], None, true)
+            .unwrap();
+    }
+    let keys = |w: Vec<([u8; 32], String)>| w.iter().map(|(b, _)| b[0]).collect::<Vec<_>>();
+    assert_eq!(keys(db.wants_after(None, 2).unwrap()), vec![1, 2]);
+    assert_eq!(keys(db.wants_after(Some(&[2; 32]), 2).unwrap()), vec![3, 4]);
+    // A window that reaches the end is short; after the last key there is nothing.
+    assert_eq!(keys(db.wants_after(Some(&[4; 32]), 2).unwrap()), vec![5]);
+    assert!(db.wants_after(Some(&[5; 32]), 2).unwrap().is_empty());
+    // From a key no longer wished: the next one after it.
+    db.unwant(&[[3; 32]]).unwrap();
+    assert_eq!(keys(db.wants_after(Some(&[2; 32]), 9).unwrap()), vec![4, 5]);
+    assert_eq!(db.wants().unwrap().len(), 4);
+    let (_, hash_of_one) = &db.wants_after(None, 1).unwrap()[0];
+    assert_eq!(hash_of_one, &"a".repeat(32));
+}

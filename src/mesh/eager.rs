@@ -3,6 +3,12 @@
 //! backoff per NAR, across restarts, until it is held or no trusted record wants it any more.
 //! Eviction clears a wish, so nothing is fetched and evicted in a loop. Up to eight at once, of
 //! which two large: a small NAR is never stuck behind large ones.
+//!
+//! The wish list is walked a window at a time ([`WINDOW`] wishes in BLAKE3 order, from where the
+//! last look stopped, round and round): a look costs the same whether ten wishes wait or a
+//! million (a new eager node, or the mirror node, catching up on a farm's history), and every
+//! wish gets its turn. What the walk remembers of a wish (its backoff, that it is large) is
+//! forgotten once a whole round passes without it: it is no longer wished.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,75 +28,166 @@ const LARGE_AT_ONCE: usize = 2;
 const LARGE: u64 = 4 << 20;
 /// Longest wait before trying a NAR again.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Wishes read from the list at a time.
+const WINDOW: usize = 256;
+/// Windows one look reads at most when none of their wishes can start (all fetching or waiting
+/// out a backoff): the rest of the round waits for the next look.
+const WINDOWS_PER_LOOK: usize = 64;
+
+/// What the walk over the wish list remembers between looks.
+#[derive(Debug, Default)]
+struct Walk {
+    /// The next look starts after this wish (`None`: from the first).
+    cursor: Option<[u8; 32]>,
+    /// Rounds of the list completed.
+    round: u64,
+    /// When each NAR may be tried again, the wait after its next failure, and the round it was
+    /// last seen in.
+    retry: HashMap<[u8; 32], (Instant, Duration, u64)>,
+    /// Wished-for NARs known to be large (skipped without a lookup while the large slots are
+    /// full), with the round each was last seen in.
+    large: HashMap<[u8; 32], u64>,
+}
+
+impl Walk {
+    /// The walk passes `b`, a wish.
+    fn pass(&mut self, b: &[u8; 32]) {
+        self.cursor = Some(*b);
+        if let Some(r) = self.retry.get_mut(b) {
+            r.2 = self.round;
+        }
+        if let Some(r) = self.large.get_mut(b) {
+            *r = self.round;
+        }
+    }
+
+    /// The walk reached the end of the list: what a whole round passed without is no longer
+    /// wished and is forgotten; the next look starts from the first wish.
+    fn wrap(&mut self) {
+        let round = self.round;
+        self.retry.retain(|_, r| r.2 == round);
+        self.large.retain(|_, r| *r == round);
+        self.round += 1;
+        self.cursor = None;
+    }
+
+    /// Whether `b` waits out a backoff at `now`.
+    fn backing_off(&self, b: &[u8; 32], now: Instant) -> bool {
+        self.retry.get(b).is_some_and(|(t, _, _)| *t > now)
+    }
+
+    fn known_large(&self, b: &[u8; 32]) -> bool {
+        self.large.contains_key(b)
+    }
+
+    fn is_large(&mut self, b: [u8; 32]) {
+        self.large.insert(b, self.round);
+    }
+
+    /// `b`'s fetch failed at `now`: how long until it is tried again (doubling each time).
+    fn failed(&mut self, b: [u8; 32], now: Instant) -> Duration {
+        let wait = self
+            .retry
+            .get(&b)
+            .map_or(Duration::from_secs(1), |(_, w, _)| *w);
+        self.retry
+            .insert(b, (now + wait, (wait * 2).min(MAX_BACKOFF), self.round));
+        wait
+    }
+
+    /// `b` is held, or no longer wished: nothing to remember.
+    fn forget(&mut self, b: &[u8; 32]) {
+        self.retry.remove(b);
+        self.large.remove(b);
+    }
+}
 
 /// Fetch wished-for NARs until cancelled.
 pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
-    // When each NAR may be tried again, and the wait after the next failure.
-    let mut retry: HashMap<[u8; 32], (Instant, Duration)> = HashMap::new();
+    let mut walk = Walk::default();
     // What runs, and whether it is large.
     let mut running: HashMap<[u8; 32], bool> = HashMap::new();
-    // Wished-for NARs known to be large (skipped without a lookup while large slots are full).
-    let mut large_known: std::collections::HashSet<[u8; 32]> = Default::default();
     let mut fetches: JoinSet<([u8; 32], Result<(), String>)> = JoinSet::new();
     loop {
-        let db = ctx.db.clone();
-        let wants = tokio::task::spawn_blocking(move || db.wants())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
         let now = Instant::now();
         let mut gone = Vec::new();
-        let wished: std::collections::HashSet<[u8; 32]> = wants.iter().map(|(b, _)| *b).collect();
-        large_known.retain(|b| wished.contains(b));
         let mut large_running = running.values().filter(|l| **l).count();
-        for (b, hash) in wants {
+        // Windows of the list until the slots are full, the list ends, or the look has read
+        // its share.
+        for _ in 0..WINDOWS_PER_LOOK {
             if fetches.len() >= AT_ONCE {
                 break;
             }
-            if running.contains_key(&b) || retry.get(&b).is_some_and(|(t, _)| *t > now) {
-                continue;
-            }
-            if large_running >= LARGE_AT_ONCE && large_known.contains(&b) {
-                continue;
-            }
             let db = ctx.db.clone();
-            let h = hash.clone();
-            let rec = tokio::task::spawn_blocking(move || db.path(&h))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .flatten();
-            let Some(claim) = rec.as_ref().and_then(|r| r.claim(&b)).filter(|c| !c.failed) else {
-                // No record wants these bytes any more.
-                gone.push(b);
-                continue;
+            let after = walk.cursor;
+            let Some(window) =
+                tokio::task::spawn_blocking(move || db.wants_after(after.as_ref(), WINDOW))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            else {
+                break;
             };
-            let large = claim.nar_size > LARGE;
-            if large {
-                large_known.insert(b);
-                if large_running >= LARGE_AT_ONCE {
+            let last_window = window.len() < WINDOW;
+            for (b, hash) in window {
+                if fetches.len() >= AT_ONCE {
+                    break;
+                }
+                walk.pass(&b);
+                if running.contains_key(&b) || walk.backing_off(&b, now) {
                     continue;
                 }
-                large_running += 1;
-            }
-            let t = ctx.transfers.start(Want {
-                claim: claim.clone(),
-                paths: vec![hash],
-            });
-            running.insert(b, large);
-            fetches.spawn(async move {
-                let mut p = t.progress();
-                let r = loop {
-                    if let Some(r) = p.borrow().done.clone() {
-                        break r;
-                    }
-                    if p.changed().await.is_err() {
-                        break Err("transfer gone".into());
-                    }
+                if large_running >= LARGE_AT_ONCE && walk.known_large(&b) {
+                    continue;
+                }
+                let db = ctx.db.clone();
+                let h = hash.clone();
+                let rec = tokio::task::spawn_blocking(move || db.path(&h))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten();
+                let Some(claim) = rec.as_ref().and_then(|r| r.claim(&b)).filter(|c| !c.failed)
+                else {
+                    // No record wants these bytes any more.
+                    walk.forget(&b);
+                    gone.push(b);
+                    continue;
                 };
-                (b, r)
-            });
+                let large = claim.nar_size > LARGE;
+                if large {
+                    walk.is_large(b);
+                    if large_running >= LARGE_AT_ONCE {
+                        continue;
+                    }
+                    large_running += 1;
+                }
+                let t = ctx.transfers.start(Want {
+                    claim: claim.clone(),
+                    paths: vec![hash],
+                });
+                running.insert(b, large);
+                fetches.spawn(async move {
+                    let mut p = t.progress();
+                    let r = loop {
+                        if let Some(r) = p.borrow().done.clone() {
+                            break r;
+                        }
+                        if p.changed().await.is_err() {
+                            break Err("transfer gone".into());
+                        }
+                    };
+                    (b, r)
+                });
+            }
+            if fetches.len() >= AT_ONCE {
+                // The rest of this window is read again from after the last one started.
+                break;
+            }
+            if last_window {
+                walk.wrap();
+                break;
+            }
         }
         if !gone.is_empty() {
             let db = ctx.db.clone();
@@ -104,11 +201,10 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                 if let Ok((b, r)) = done {
                     running.remove(&b);
                     match r {
-                        Ok(()) => { retry.remove(&b); }
+                        Ok(()) => walk.forget(&b),
                         Err(e) => {
-                            let wait = retry.get(&b).map_or(Duration::from_secs(1), |(_, w)| *w);
+                            let wait = walk.failed(b, Instant::now());
                             tracing::info!("mesh: eager fetch failed ({e}); trying again in {wait:?}");
-                            retry.insert(b, (Instant::now() + wait, (wait * 2).min(MAX_BACKOFF)));
                         }
                     }
                 }
@@ -116,4 +212,52 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
         }
     }
     fetches.abort_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_fetch_waits_twice_as_long_each_time_up_to_the_cap() {
+        let mut w = Walk::default();
+        let now = Instant::now();
+        let waits: Vec<u64> = (0..12).map(|_| w.failed([1; 32], now).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        assert!(w.backing_off(&[1; 32], now));
+        assert!(!w.backing_off(&[1; 32], now + MAX_BACKOFF));
+        assert!(!w.backing_off(&[2; 32], now));
+        w.forget(&[1; 32]);
+        assert_eq!(
+            w.failed([1; 32], now),
+            Duration::from_secs(1),
+            "held: backoff anew"
+        );
+    }
+
+    #[test]
+    fn what_a_whole_round_passes_without_is_forgotten() {
+        let mut w = Walk::default();
+        let now = Instant::now();
+        w.failed([1; 32], now);
+        w.failed([2; 32], now);
+        w.is_large([3; 32]);
+        w.is_large([4; 32]);
+        // This round passes 1 and 3 (still wished) and ends.
+        w.pass(&[1; 32]);
+        w.pass(&[3; 32]);
+        assert_eq!(w.cursor, Some([3; 32]));
+        w.wrap();
+        assert_eq!(w.cursor, None, "the next round starts from the first wish");
+        // Learned during the round that just ended: kept for one more round.
+        assert!(w.backing_off(&[1; 32], now) && w.backing_off(&[2; 32], now));
+        assert!(w.known_large(&[3; 32]) && w.known_large(&[4; 32]));
+        // The next round passes 1 and 3 again, not 2 and 4: those are no longer wished.
+        w.pass(&[1; 32]);
+        w.pass(&[3; 32]);
+        w.wrap();
+        assert!(w.backing_off(&[1; 32], now) && w.known_large(&[3; 32]));
+        assert!(!w.backing_off(&[2; 32], now) && !w.known_large(&[4; 32]));
+        assert_eq!((w.retry.len(), w.large.len()), (1, 1));
+    }
 }

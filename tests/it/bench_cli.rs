@@ -17,6 +17,17 @@ fn bench(args: &[&str]) -> Command {
     c
 }
 
+/// The JSON report of a run that must have succeeded.
+fn report(out: &std::process::Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "narmesh bench failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout).expect("JSON report")
+}
+
 #[test]
 fn a_small_bench_run_reports_every_figure_and_replicates_everything() {
     require("nix");
@@ -35,13 +46,7 @@ fn a_small_bench_run_reports_every_figure_and_replicates_everything() {
         .env("NARMESH_WEED", weed())
         .output()
         .expect("run narmesh bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "narmesh bench failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_str(&stdout).expect("JSON report");
+    let r = report(&out);
     let num = |ptr: &str| {
         r.pointer(ptr)
             .and_then(|v| v.as_f64())
@@ -121,6 +126,32 @@ fn a_small_bench_run_reports_every_figure_and_replicates_everything() {
             "{peer} fetched at {first}, before the mirror's last fetch at {mirror_last}"
         );
     }
+}
+
+/// An eager node walks its wish list a window at a time (256 wishes), round and round: with 700
+/// wishes arriving while it fetches (more than two windows, some behind where the walk is), it
+/// still comes to hold every NAR.
+#[test]
+fn an_eager_node_fetches_a_wish_list_longer_than_its_window() {
+    let out = bench(&["--nodes", "2", "--paths", "700", "--replicate", "eager"])
+        .args([
+            "--large-every",
+            "0",
+            "--small",
+            "1KiB..2KiB",
+            "--chain",
+            "1",
+        ])
+        .args(["--no-seed", "--timeout", "120", "--json"])
+        .output()
+        .expect("run narmesh bench");
+    let r = report(&out);
+    assert_eq!(r["errors"], serde_json::json!([]), "{r:#}");
+    assert_eq!(r["replicated_paths"], serde_json::json!(700), "{r:#}");
+    let eager = r["peer_transfer"]["per_peer_mib_s"][0]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!(eager > 0.0, "the eager peer came to hold every NAR: {r:#}");
 }
 
 /// A run whose nodes' copies would not fit refuses at once, naming the space it needs, instead
