@@ -241,20 +241,34 @@ impl Db {
         file: NarFile,
         leaves: &[u8],
     ) -> Result<(), DbError> {
+        self.add_nar_files(&[(*blake3, file, leaves)])
+    }
+
+    /// Record NAR files, each with its leaves, in one commit (and their wishes gone).
+    pub fn add_nar_files(&self, files: &[([u8; 32], NarFile, &[u8])]) -> Result<(), DbError> {
+        if files.is_empty() {
+            return Ok(());
+        }
         let db = self.db.get()?;
         let tx = durable(&db)?;
         let mut changed = Vec::new();
         {
             let mut nars = tx.open_table(NARS)?;
             let mut meta = tx.open_table(META)?;
-            if nars.get(blake3.as_slice())?.is_none() {
-                bump(&mut meta, FILE_BYTES, file.size)?;
+            let mut leaves_t = tx.open_table(LEAVES)?;
+            let mut wants = tx.open_table(WANTS)?;
+            for (blake3, file, leaves) in files {
+                if nars.get(blake3.as_slice())?.is_none() {
+                    bump(&mut meta, FILE_BYTES, file.size)?;
+                }
+                nars.insert(blake3.as_slice(), postcard::to_allocvec(file)?.as_slice())?;
+                leaves_t.insert(blake3.as_slice(), *leaves)?;
+                wants.remove(blake3.as_slice())?;
             }
-            nars.insert(blake3.as_slice(), postcard::to_allocvec(&file)?.as_slice())?;
-            tx.open_table(LEAVES)?.insert(blake3.as_slice(), leaves)?;
-            tx.open_table(WANTS)?.remove(blake3.as_slice())?;
         }
-        relog_holders(&tx, blake3, false, &mut changed)?;
+        for (blake3, _, _) in files {
+            relog_holders(&tx, blake3, false, &mut changed)?;
+        }
         tx.commit()?;
         self.announce_changes(changed);
         Ok(())

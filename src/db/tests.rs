@@ -264,3 +264,32 @@ fn the_wish_list_is_read_a_window_at_a_time_in_blake3_order() {
     let (_, hash_of_one) = &db.wants_after(None, 1).unwrap()[0];
     assert_eq!(hash_of_one, &"a".repeat(32));
 }
+
+#[test]
+fn nar_files_recorded_together_are_each_counted_once_in_one_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("db")).unwrap();
+    let (a, b) = ("a".repeat(32), "b".repeat(32));
+    db.record_remote(
+        vec![remote(&a, 1, 5, 1, true), remote(&b, 2, 5, 1, true)],
+        None,
+        true,
+    )
+    .unwrap();
+    assert_eq!(db.wants().unwrap().len(), 2);
+    let file = |size| NarFile { size, last_used: 1 };
+    // The same file twice in one group (and once more later) counts once.
+    db.add_nar_files(&[
+        ([1; 32], file(10), &[1; 32]),
+        ([2; 32], file(20), &[2; 32]),
+        ([1; 32], file(10), &[1; 32]),
+    ])
+    .unwrap();
+    db.add_nar_files(&[([1; 32], file(10), &[1; 32])]).unwrap();
+    db.add_nar_files(&[]).unwrap();
+    let s = db.storage_counters().unwrap();
+    assert_eq!((s.files, s.file_bytes), (2, 30));
+    assert!(db.wants().unwrap().is_empty(), "both held: no wish left");
+    assert_eq!(db.leaves(&[2; 32]).unwrap(), Some(vec![2; 32]));
+    assert_eq!(db.nar_file(&[2; 32]).unwrap(), Some(file(20)));
+}

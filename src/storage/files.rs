@@ -260,22 +260,27 @@ impl PartialNar {
     }
 
     /// The fetch is complete and verified: fsync, rename into place, fsync the directory, and
-    /// record the file with its leaves. Blocking.
+    /// record the file with its leaves (the last two shared with the files finished meanwhile,
+    /// `record`). Blocking.
     pub fn finish(mut self, leaves: &[u8]) -> Result<(), StorageError> {
         self.file.sync_all()?;
         crate::killpoint::reach("storage.fetched");
         let dest = self.storage.file_path(&self.blake3);
         std::fs::rename(&self.path, &dest)?;
-        crate::fsutil::sync_dir(&self.inner.dir)?;
         let now = now_secs();
-        let recorded = self.inner.db.add_nar_file(
-            &self.blake3,
-            NarFile {
-                size: self.size,
-                last_used: now,
-            },
-            leaves,
-        );
+        // The directory's fsync and the commit are shared with the files finished meanwhile.
+        let recorded = self
+            .inner
+            .recorder
+            .record(
+                self.blake3,
+                NarFile {
+                    size: self.size,
+                    last_used: now,
+                },
+                leaves,
+            )
+            .map_err(|e| StorageError::Io(std::io::Error::other(e)));
         {
             let mut st = self.inner.lock();
             st.reserved -= self.size;
@@ -286,7 +291,7 @@ impl PartialNar {
         self.done = true;
         if let Err(e) = recorded {
             let _ = std::fs::remove_file(&dest);
-            return Err(e.into());
+            return Err(e);
         }
         self.storage.publish();
         Ok(())

@@ -17,6 +17,7 @@ mod files;
 mod gc;
 mod legacy;
 mod read;
+mod record;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -92,6 +93,8 @@ struct Inner {
     state: Mutex<State>,
     /// Layouts of own paths being read (a range request need not walk the tree again).
     layouts: quick_cache::sync::Cache<[u8; 32], Arc<NarLayout>, LayoutWeight>,
+    /// Records fetched NAR files, a group per commit.
+    recorder: record::Recorder,
 }
 
 #[derive(Debug, Default)]
@@ -179,7 +182,9 @@ impl Storage {
         metrics: Arc<Metrics>,
     ) -> Result<Self, StorageError> {
         let dir = data_dir.join("nars");
+        let recorder = record::Recorder::start(db.clone(), dir.clone())?;
         let inner = Arc::new(Inner {
+            recorder,
             dir,
             db,
             store,
