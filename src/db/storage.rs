@@ -233,18 +233,9 @@ impl Db {
         Ok(out)
     }
 
-    /// A NAR file is complete and durable: keep its row and leaves, forget the wish for it,
-    /// and move the paths with a claim on it to the end of the log (this node holds it now).
-    pub fn add_nar_file(
-        &self,
-        blake3: &[u8; 32],
-        file: NarFile,
-        leaves: &[u8],
-    ) -> Result<(), DbError> {
-        self.add_nar_files(&[(*blake3, file, leaves)])
-    }
-
-    /// Record NAR files, each with its leaves, in one commit (and their wishes gone).
+    /// NAR files are complete and durable: keep their rows and leaves, forget the wishes for
+    /// them, and move the paths with a claim on them to the end of the log (this node holds
+    /// them now); one commit for them all.
     pub fn add_nar_files(&self, files: &[([u8; 32], NarFile, &[u8])]) -> Result<(), DbError> {
         if files.is_empty() {
             return Ok(());

@@ -160,14 +160,14 @@ fn nar_files_are_counted_and_evictions_clear_wishes() {
         .unwrap();
     db.want(&[([9; 32], a.clone())]).unwrap();
     assert_eq!(db.wants().unwrap().len(), 1);
-    db.add_nar_file(
-        &[9; 32],
+    db.add_nar_files(&[(
+        [9; 32],
         NarFile {
             size: 7,
             last_used: 1,
         },
         &[0; 32],
-    )
+    )])
     .unwrap();
     assert!(db.wants().unwrap().is_empty(), "held: no longer wanted");
     let s = db.storage_counters().unwrap();

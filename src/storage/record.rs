@@ -6,7 +6,7 @@
 //! waits for a timer. A leaf of the storage.
 
 use std::path::PathBuf;
-use std::sync::{Mutex, mpsc};
+use std::sync::mpsc;
 
 use crate::db::{Db, NarFile};
 
@@ -24,7 +24,7 @@ struct Job {
 /// The handle to the recording thread (it ends when the handle is dropped).
 #[derive(Debug)]
 pub(super) struct Recorder {
-    tx: Mutex<mpsc::Sender<Job>>,
+    tx: mpsc::Sender<Job>,
 }
 
 impl Recorder {
@@ -34,7 +34,7 @@ impl Recorder {
         std::thread::Builder::new()
             .name("narmesh-record".into())
             .spawn(move || run(&db, &dir, &rx))?;
-        Ok(Recorder { tx: Mutex::new(tx) })
+        Ok(Recorder { tx })
     }
 
     /// Make `blake3`'s file (already synced and in place) durable in the directory and record
@@ -53,8 +53,6 @@ impl Recorder {
             reply,
         };
         self.tx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .send(job)
             .map_err(|_| "the recording thread stopped".to_owned())?;
         answer
