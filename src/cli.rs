@@ -311,7 +311,10 @@ fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
     println!("socket:          {}", s.socket);
     println!("http:            {}", s.http_listen.join(", "));
     println!("queue depth:     {}", s.queue_depth);
-    println!("paths recorded:  {}", s.paths_recorded);
+    println!(
+        "paths recorded:  {} ({} forgotten: nobody held them any more)",
+        s.paths_recorded, s.records_forgotten
+    );
     println!("NAR bytes held:  {}", s.nar_bytes);
     let st = &s.storage;
     println!(

@@ -81,6 +81,9 @@ pub struct StoreConfig {
     pub min_free: ByteSize,
     /// Seconds between checks of own paths against the local Nix store (after Nix GC).
     pub gc_check_secs: u64,
+    /// Seconds the record of a path nobody holds any more (every provider withdrew it: Nix
+    /// GC, eviction) is kept, unchanged, before it is forgotten (0: never).
+    pub forget_after_secs: u64,
 }
 
 impl Default for StoreConfig {
@@ -89,6 +92,7 @@ impl Default for StoreConfig {
             max_size: ByteSize(50 << 30),
             min_free: ByteSize(5 << 30),
             gc_check_secs: 10,
+            forget_after_secs: 7 * 86_400,
         }
     }
 }

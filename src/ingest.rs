@@ -274,6 +274,7 @@ impl Ingest {
         let mut report = (*self.status).clone();
         report.queue_depth = counters.queue_depth;
         report.paths_recorded = counters.paths;
+        report.records_forgotten = counters.forgotten;
         report.storage = self.storage_status().await;
         report.nar_bytes = report.storage.own_bytes + report.storage.file_bytes;
         report.ingest_failures = counters.failures;

@@ -17,6 +17,7 @@
 //! - [`store`]: the local Nix store database, opened lazily.
 //! - [`storage`]: what the node holds on disk and its budget: own paths served from the Nix
 //!   store (no copy), NAR files fetched from peers within a cap, verified reads of both.
+//! - [`forget`]: when the records of paths nobody holds any more are dropped.
 //! - [`binding`]: the signature that binds a NAR's BLAKE3 to its signed narinfo.
 //! - [`mesh`]: iroh endpoint, gossip announcements, catch-up, verified NAR transfer.
 //! - [`mirror`]: the S3 mirror (durable outbox, compressed NARs, narinfos in dependency order).
@@ -42,6 +43,7 @@ pub mod client;
 pub mod config;
 pub mod db;
 pub mod doctor;
+pub mod forget;
 pub mod fsutil;
 pub mod http;
 pub mod ingest;

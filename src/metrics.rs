@@ -74,6 +74,8 @@ pub struct Metrics {
     pub storage_own_paths: Gauge,
     pub storage_evictions: Counter,
     pub storage_gc_lost: Counter,
+    /// Records of paths nobody held any more, forgotten.
+    pub records_forgotten: Counter,
     pub served_bytes: Family<SourceLabels, Counter>,
     pub mesh_refused: Family<ReasonLabels, Counter>,
     /// Verified NAR bytes fetched, by the provider that sent them.
@@ -156,6 +158,7 @@ impl Metrics {
             storage_own_paths: Gauge::default(),
             storage_evictions: Counter::default(),
             storage_gc_lost: Counter::default(),
+            records_forgotten: Counter::default(),
             served_bytes: Family::default(),
             mesh_refused: Family::default(),
             mesh_fetched_bytes: Family::default(),
@@ -282,6 +285,11 @@ impl Metrics {
             "storage_gc_lost",
             "Own paths that left the local Nix store (Nix GC, nix-store --delete)",
             m.storage_gc_lost.clone(),
+        );
+        registry.register(
+            "records_forgotten",
+            "Records of paths nobody held any more, forgotten ([store] forget-after-secs)",
+            m.records_forgotten.clone(),
         );
         registry.register(
             "served_nar_bytes",

@@ -196,6 +196,16 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
     let back = CancellationToken::new();
     let pipeline_task = tokio::spawn(pipeline.run(back.clone()));
     let storage_task = tokio::spawn(storage.clone().run(back.clone()));
+    let forget_task = tokio::spawn(
+        crate::forget::Forgetting {
+            db: db.clone(),
+            me: mesh.as_ref().map(MeshHandle::endpoint_bytes),
+            after_secs: cfg.store.forget_after_secs,
+            mirror: cfg.mirror.s3.is_some(),
+            metrics: metrics.clone(),
+        }
+        .run(back.clone()),
+    );
     tracing::info!(
         "serving: socket {}, http {}",
         cfg.socket.display(),
@@ -209,6 +219,7 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
     back.cancel();
     let _ = pipeline_task.await;
     let _ = storage_task.await;
+    let _ = forget_task.await;
     mirror_cancel.cancel();
     if let Some((_, task)) = mirror {
         let _ = task.await;

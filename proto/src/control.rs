@@ -78,6 +78,8 @@ pub struct StatusReport {
     pub storage: StorageStatus,
     /// What is wrong now (a full disk, an unreadable store database, ...), one line each.
     pub problems: Vec<String>,
+    /// Records of paths nobody held any more, forgotten (`[store] forget-after-secs`).
+    pub records_forgotten: u64,
 }
 
 /// What a node holds, and its disk budget.

@@ -8,8 +8,10 @@
 //! block: run them off async threads.
 //!
 //! Files: [`records`] (the record types), `paths` (recording, the log), `storage` (the
-//! storage's tables), `outbox` (the mirror's), `migrate` (reading a data dir of `e5a6e05`).
+//! storage's tables), `outbox` (the mirror's), `forget` (dropping the records of paths nobody
+//! holds any more), `migrate` (reading a data dir of `e5a6e05`).
 
+mod forget;
 mod handle;
 mod journal;
 mod migrate;
@@ -26,6 +28,7 @@ use redb::{
     ReadableTableMetadata, TableDefinition,
 };
 
+pub use forget::{ForgetStep, Forgotten};
 pub use migrate::LegacyBlob;
 pub use outbox::{MirrorState, OpenUpload};
 pub use paths::{OwnRecord, RemoteClaim};
@@ -161,6 +164,7 @@ impl Db {
         tx.open_table(outbox::OUTBOX)?;
         tx.open_table(outbox::UPLOADS)?;
         storage::create_tables(&tx)?;
+        tx.open_table(forget::MARKS)?;
         tx.commit()?;
         drop(db);
         let db = Db {
@@ -265,6 +269,7 @@ impl Db {
             queue_depth: self.journal().depth() as u64,
             paths: tx.open_table(PATHS)?.len()?,
             failures: get_meta(&meta, FAILURES)?,
+            forgotten: get_meta(&meta, forget::FORGOTTEN)?,
         })
     }
 }

@@ -6,7 +6,9 @@
 use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::{Db, DbError, LOG, META, PATHS, PathRecord};
+use super::paths::{record_in, relog};
+use super::storage::{NARS, OWN, held_here};
+use super::{Db, DbError, LOG, LOG_INDEX, META, PATHS, PathRecord};
 
 /// Upload state by hash part.
 pub(super) const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("mirror_outbox_v1");
@@ -235,7 +237,9 @@ impl Db {
         }
     }
 
-    /// Store new states, in one fsync'd commit.
+    /// Store new states, in one fsync'd commit. A path done whose NAR this node does not hold
+    /// moves to the end of the log: its record may be dead, and was kept only for the mirror
+    /// (see `forget`), so the walk that forgets dead records must come to it again.
     pub fn outbox_set(&self, states: &[(String, MirrorState)]) -> Result<(), DbError> {
         if states.is_empty() {
             return Ok(());
@@ -246,8 +250,27 @@ impl Db {
             .map_err(redb::Error::from)?;
         {
             let mut outbox = tx.open_table(OUTBOX)?;
+            let paths = tx.open_table(PATHS)?;
+            let nars = tx.open_table(NARS)?;
+            let own = tx.open_multimap_table(OWN)?;
+            let mut log = tx.open_table(LOG)?;
+            let mut index = tx.open_table(LOG_INDEX)?;
+            let mut meta = tx.open_table(META)?;
             for (hash, state) in states {
                 outbox.insert(hash.as_str(), postcard::to_allocvec(state)?.as_slice())?;
+                if *state != MirrorState::Done {
+                    continue;
+                }
+                let Some(rec) = record_in(&paths, hash)? else {
+                    continue;
+                };
+                let mut held = false;
+                for c in &rec.claims {
+                    held |= held_here(&nars, &own, c.blake3.as_slice())?;
+                }
+                if !held {
+                    relog(&mut log, &mut index, &mut meta, hash)?;
+                }
             }
         }
         tx.commit()?;

@@ -38,6 +38,14 @@ fn decode(v: &[u8]) -> Result<PathRecord, DbError> {
     Ok(postcard::from_bytes(v)?)
 }
 
+/// The record of `hash` in an open `PATHS` table.
+pub(super) fn record_in(
+    paths: &impl ReadableTable<&'static str, &'static [u8]>,
+    hash: &str,
+) -> Result<Option<PathRecord>, DbError> {
+    paths.get(hash)?.map(|v| decode(v.value())).transpose()
+}
+
 /// Move `hash`'s entry to the end of the log.
 pub(super) fn relog(
     log: &mut redb::Table<u64, &str>,

@@ -161,9 +161,13 @@ pub fn merge_provider(list: &mut Vec<Provider>, p: Provider) -> bool {
         return news;
     }
     if list.len() >= MAX_PROVIDERS {
-        // Forget the oldest statement to make room.
-        if let Some((i, oldest)) = list.iter().enumerate().min_by_key(|(_, o)| o.at_ms) {
-            if oldest.at_ms >= p.at_ms {
+        // Make room: the oldest withdrawal goes first, then the oldest statement of holding (a
+        // list full of withdrawals must not push out the one provider that still holds the
+        // NAR: the record would look dead, and be forgotten). A statement that would go first
+        // itself is not taken.
+        let rank = |o: &Provider| (o.holds, o.at_ms);
+        if let Some((i, first)) = list.iter().enumerate().min_by_key(|(_, o)| rank(o)) {
+            if rank(first) >= rank(&p) {
                 return false;
             }
             list.remove(i);
@@ -241,6 +245,8 @@ pub struct Counters {
     pub queue_depth: u64,
     pub paths: u64,
     pub failures: u64,
+    /// Records forgotten because nobody held their paths any more.
+    pub forgotten: u64,
 }
 
 #[cfg(test)]
@@ -312,6 +318,36 @@ mod tests {
         y.sort_by_key(|p| p.id);
         assert_eq!(x, y);
         assert!(!x[0].holds, "the withdrawal at 9 is the latest");
+    }
+
+    #[test]
+    fn a_full_list_drops_withdrawals_before_the_providers_that_hold() {
+        let mut x = vec![prov(1, true, 1)];
+        for id in 2..=MAX_PROVIDERS as u8 {
+            x.push(prov(id, false, 100 + u64::from(id)));
+        }
+        assert!(merge_provider(&mut x, prov(200, false, 500)));
+        assert!(
+            x.iter().any(|p| p.id[0] == 1 && p.holds),
+            "the holder stays"
+        );
+        assert!(
+            !x.iter().any(|p| p.id[0] == 2),
+            "the oldest withdrawal went"
+        );
+        assert!(
+            merge_provider(&mut x, prov(201, true, 2)),
+            "a holder takes a withdrawal's room"
+        );
+        assert_eq!(x.len(), MAX_PROVIDERS);
+        let mut holders: Vec<Provider> = (1..=MAX_PROVIDERS as u8)
+            .map(|i| prov(i, true, 10))
+            .collect();
+        assert!(
+            !merge_provider(&mut holders, prov(202, false, 900)),
+            "no room for a withdrawal"
+        );
+        assert!(holders.iter().all(|p| p.holds));
     }
 
     #[test]

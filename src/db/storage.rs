@@ -23,7 +23,7 @@ pub(super) const LEAVES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("l
 /// NAR files held by the storage ([`NarFile`]).
 pub(super) const NARS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("nars_v1");
 /// Pinned paths (closures kept from eviction), by hash part: when pinned.
-const PINS: TableDefinition<&str, u64> = TableDefinition::new("pins_v1");
+pub(super) const PINS: TableDefinition<&str, u64> = TableDefinition::new("pins_v1");
 /// NARs an eager node still wants, by BLAKE3: the hash part of a path that wants it.
 pub(super) const WANTS: TableDefinition<&[u8], &str> = TableDefinition::new("wants_v1");
 
@@ -40,6 +40,16 @@ pub(super) fn create_tables(tx: &redb::WriteTransaction) -> Result<(), DbError> 
     tx.open_table(PINS)?;
     tx.open_table(WANTS)?;
     Ok(())
+}
+
+/// Whether this node holds the NAR `blake3`: as a file, or in the local Nix store for an own
+/// path.
+pub(super) fn held_here(
+    nars: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    own: &impl ReadableMultimapTable<&'static [u8], &'static str>,
+    blake3: &[u8],
+) -> Result<bool, DbError> {
+    Ok(nars.get(blake3)?.is_some() || own.get(blake3)?.next().is_some())
 }
 
 /// A NAR file of the storage.
@@ -96,7 +106,7 @@ fn relog_holders(
 }
 
 impl Db {
-    fn announce_changes(&self, changed: Vec<String>) {
+    pub(super) fn announce_changes(&self, changed: Vec<String>) {
         if changed.is_empty() {
             return;
         }
@@ -337,6 +347,10 @@ impl Db {
         let tx = durable(&db)?;
         {
             let mut pins = tx.open_table(PINS)?;
+            let paths = tx.open_table(PATHS)?;
+            let mut log = tx.open_table(LOG)?;
+            let mut index = tx.open_table(LOG_INDEX)?;
+            let mut meta = tx.open_table(META)?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -344,8 +358,10 @@ impl Db {
             for h in hashes {
                 if pinned {
                     pins.insert(h.as_str(), now)?;
-                } else {
-                    pins.remove(h.as_str())?;
+                } else if pins.remove(h.as_str())?.is_some() && paths.get(h.as_str())?.is_some() {
+                    // A dead record kept only for its pin: the walk that forgets dead records
+                    // (`forget`) must come to it again.
+                    relog(&mut log, &mut index, &mut meta, h)?;
                 }
             }
         }
@@ -377,7 +393,7 @@ impl Db {
             let nars = tx.open_table(NARS)?;
             let own = tx.open_multimap_table(OWN)?;
             for (b, h) in wishes {
-                if nars.get(b.as_slice())?.is_none() && own.get(b.as_slice())?.next().is_none() {
+                if !held_here(&nars, &own, b.as_slice())? {
                     wants.insert(b.as_slice(), h.as_str())?;
                 }
             }

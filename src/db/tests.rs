@@ -77,7 +77,8 @@ fn queue_record_and_counters_survive_reopen() {
         Counters {
             queue_depth: 1,
             paths: 1,
-            failures: 1
+            failures: 1,
+            forgotten: 0,
         }
     );
     let s = db.storage_counters().unwrap();
@@ -292,4 +293,105 @@ fn nar_files_recorded_together_are_each_counted_once_in_one_commit() {
     assert!(db.wants().unwrap().is_empty(), "both held: no wish left");
     assert_eq!(db.leaves(&[2; 32]).unwrap(), Some(vec![2; 32]));
     assert_eq!(db.nar_file(&[2; 32]).unwrap(), Some(file(20)));
+}
+
+/// Records of paths nobody holds are forgotten once unchanged for the time given, with every
+/// row that names them; a holder (a peer's statement, an own path, a NAR file) or a pin keeps
+/// one, and this node's own statement repeated by a peer counts for nothing.
+#[test]
+fn records_nobody_holds_are_forgotten_once_old_enough() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("db")).unwrap();
+    let me = [7u8; 32];
+    let h = |c: char| c.to_string().repeat(32);
+    let rec = |c: char, b: u8, provider: u8, holds: bool| {
+        db.record_remote(vec![remote(&h(c), b, provider, 1, holds)], None, false)
+            .unwrap();
+    };
+    rec('a', 1, 5, true);
+    db.record_remote(vec![remote(&h('a'), 1, 5, 2, false)], None, false)
+        .unwrap();
+    db.want(&[([1; 32], h('a'))]).unwrap();
+    rec('b', 2, 5, true);
+    db.record_own(&[], &[own(&h('c'), 3, 10)], 0).unwrap();
+    rec('d', 4, 5, false);
+    db.add_nar_files(&[(
+        [4; 32],
+        NarFile {
+            size: 7,
+            last_used: 1,
+        },
+        &[0; 32],
+    )])
+    .unwrap();
+    rec('e', 5, 5, false);
+    db.set_pins(&[h('e')], true).unwrap();
+    rec('f', 6, me[0], true);
+    let step = |now: u64, limit: usize, mirror: bool| {
+        let mut got = db
+            .forget_dead(ForgetStep {
+                me: Some(&me),
+                now,
+                after: 100,
+                limit,
+                mirror,
+            })
+            .unwrap();
+        got.hashes.sort();
+        got
+    };
+    assert!(
+        step(1000, 100, false).hashes.is_empty(),
+        "nothing is old enough"
+    );
+    // Dies after the mark at 1000.
+    rec('g', 8, 5, false);
+    assert!(
+        step(1050, 100, false).hashes.is_empty(),
+        "the mark is not 100 s old yet"
+    );
+    let got = step(1100, 100, false);
+    assert_eq!(got.hashes, vec![h('a'), h('f')]);
+    assert!(!got.more);
+    assert_eq!(db.path(&h('a')).unwrap(), None);
+    assert!(db.by_blake3(&[1; 32]).unwrap().is_empty());
+    assert!(
+        db.wants().unwrap().is_empty(),
+        "no wish for bytes nobody claims"
+    );
+    assert!(!log_order(&db).contains(&h('a')));
+    let c = db.counters().unwrap();
+    assert_eq!((c.paths, c.forgotten), (5, 2));
+    // `g` was in the log by the mark at 1050; a step with the mirror on waits for the mirror
+    // to have taken it (its cursor is still 0), one without forgets it.
+    assert!(step(1150, 100, true).hashes.is_empty());
+    assert_eq!(step(1150, 100, false).hashes, vec![h('g')]);
+    // What stays: held by a peer, own, a file, pinned. A record that dies later is walked to.
+    assert_eq!(log_order(&db).len(), 4);
+    db.record_remote(vec![remote(&h('b'), 2, 5, 9, false)], None, false)
+        .unwrap();
+    db.set_pins(&[h('e')], false).unwrap();
+    assert!(
+        step(1200, 100, false).hashes.is_empty(),
+        "changed since the last mark"
+    );
+    let first = step(1300, 1, false);
+    assert!(first.more && first.hashes.len() == 1, "one entry at a time");
+    let mut rest = first.hashes;
+    rest.extend(step(1301, 100, false).hashes);
+    rest.sort();
+    assert_eq!(rest, vec![h('b'), h('e')]);
+    assert_eq!(log_order(&db), vec![h('c'), h('d')]);
+    // On the mirror node, a dead path taken into the outbox stays until it is done there.
+    rec('m', 9, 5, false);
+    db.outbox_take(100).unwrap();
+    assert!(step(1400, 100, true).hashes.is_empty());
+    assert!(
+        step(1500, 100, true).hashes.is_empty(),
+        "not in the bucket yet"
+    );
+    db.outbox_set(&[(h('m'), MirrorState::Done)]).unwrap();
+    db.outbox_take(100).unwrap();
+    assert!(step(1600, 100, true).hashes.is_empty());
+    assert_eq!(step(1700, 100, true).hashes, vec![h('m')]);
 }

@@ -442,6 +442,11 @@ impl MeshHandle {
         self.ctx.ep.id().to_string()
     }
 
+    /// This node's endpoint id, as records hold provider ids.
+    pub fn endpoint_bytes(&self) -> [u8; 32] {
+        *self.ctx.ep.id().as_bytes()
+    }
+
     /// What another node puts in `peers` to reach this one.
     pub fn peer_address(&self) -> String {
         endpoint::peer_address(&self.ctx.ep)

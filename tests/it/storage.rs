@@ -255,6 +255,70 @@ fn nix_gc_on_the_building_host_is_followed() {
     }
 }
 
+/// Whether each path is recorded (and servable) on `node`.
+fn recorded(node: &Node, paths: &[&StorePath]) -> Vec<bool> {
+    use narmesh_proto::control::{Request, Response};
+    let paths = paths.iter().map(|p| p.full()).collect();
+    match node.call(Request::Lookup { paths }) {
+        Ok(Response::Known { recorded }) => recorded,
+        other => panic!("lookup: {other:?}"),
+    }
+}
+
+/// A path nobody holds any more is forgotten everywhere once `forget-after-secs` passed: A
+/// deletes it from its store, B (which never fetched it) learns of the withdrawal, both drop
+/// its record, and a node that joins later never hears of it; a path A still holds, recorded
+/// before it, stays on every node.
+#[test]
+fn a_path_nobody_holds_is_forgotten_everywhere() {
+    let store = |extra: &str| format!("[store]\nmin-free = \"64MiB\"\n{extra}");
+    let mut cl = three("on-demand", &store("forget-after-secs = 2\n"));
+    cl.nodes[0].extra_config = store("gc-check-secs = 1\nforget-after-secs = 2\n");
+    // C never forgets: whatever a peer's catch-up still carried would stay to be seen.
+    cl.nodes[2].extra_config = store("forget-after-secs = 0\n");
+    cl.nodes[0].start();
+    cl.nodes[1].start();
+    let outs = cl.a.build(
+        r#"[ (mk "forget-kept" "head -c 10000 /dev/urandom > $out") (mk "forget-gone" "head -c 10000 /dev/urandom > $out") ]"#,
+    );
+    let (kept, gone) = (outs[0].clone(), outs[1].clone());
+    wait_until(30, "B to learn both paths", || {
+        cl.nodes[1].serves(&full(&outs))
+    });
+    let before: Vec<u64> = cl.nodes[..2]
+        .iter()
+        .map(|n| n.status().paths_recorded)
+        .collect();
+    run_ok(cl.a.cmd("nix-store").args(["--delete", &gone.full()]));
+    wait_until(30, "A and B to forget the path nobody holds", || {
+        cl.nodes[..2]
+            .iter()
+            .all(|n| n.status().records_forgotten == 1)
+    });
+    let narinfo = |p: &StorePath| format!("/{}.narinfo", p.hash_part());
+    for (n, before) in cl.nodes[..2].iter().zip(before) {
+        assert_eq!(n.status().paths_recorded, before - 1);
+        assert_eq!(recorded(n, &[&kept, &gone]), vec![true, false]);
+        assert_eq!(http(&n.http, "GET", &narinfo(&gone), &[]).0, 404);
+        assert_eq!(http(&n.http, "GET", &narinfo(&kept), &[]).0, 200);
+    }
+    // However long it stays unchanged, a path someone holds is kept.
+    std::thread::sleep(Duration::from_secs(4));
+    for n in &cl.nodes[..2] {
+        assert_eq!(n.status().records_forgotten, 1);
+        assert_eq!(recorded(n, &[&kept]), vec![true]);
+    }
+    // C joins now and catches up with A and B: `kept`, never `gone`.
+    cl.nodes[2].start();
+    let a_paths = cl.nodes[0].status().paths_recorded;
+    wait_until(30, "C to catch up", || {
+        cl.nodes[2].status().paths_recorded >= a_paths && cl.nodes[2].serves(&[kept.full()])
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(recorded(&cl.nodes[2], &[&kept, &gone]), vec![true, false]);
+    assert_eq!(cl.nodes[2].status().paths_recorded, a_paths);
+}
+
 /// A NAR being read is never evicted: B holds a 24 MiB NAR that a slow client reads through
 /// B's cache while newer NARs push B past its cap; the read completes with the right bytes,
 /// and the NAR goes once the client is done.

@@ -1,0 +1,191 @@
+//! Forgetting dead records. A path that nobody holds any more (every provider withdrew it: Nix
+//! GC, `nix-store --delete`, eviction; this node holds it neither in its store nor as a file)
+//! is dropped once it has been unchanged for the caller's `after`, with its log entry and every
+//! row that names it: the database, and every new node's catch-up, then follow what the
+//! cluster holds rather than everything it ever built.
+//!
+//! Which log entries are that old is told by *marks*: each step notes the log's last sequence
+//! number with the time, so the entries up to the newest mark at least `after` old have not
+//! changed since. A path that dies moves to the end of the log (every withdrawal changes its
+//! record), so one cursor walks the log once: an entry it passed alive comes back behind it
+//! when it dies. Kept whatever their state: pinned paths, and on the mirror node the paths
+//! not yet done in the bucket (or not yet taken into its outbox).
+
+use redb::{ReadableMultimapTable, ReadableTable};
+
+use super::outbox::OUTBOX;
+use super::paths::record_in;
+use super::storage::{LEAVES, NARS, OWN, PINS, WANTS, held_here};
+use super::{
+    BLOBS, Db, DbError, LOG, LOG_INDEX, LOG_NEXT, META, MirrorState, PATHS, PathRecord, bump,
+    durable, get_meta,
+};
+
+/// Marks: unix seconds -> the log's last sequence number then.
+pub(super) const MARKS: redb::TableDefinition<u64, u64> =
+    redb::TableDefinition::new("forget_marks_v1");
+/// Where the walk stopped: the last log sequence number it examined.
+const CURSOR: &str = "forget.cursor";
+/// Records forgotten, ever.
+pub(super) const FORGOTTEN: &str = "records.forgotten";
+/// The mirror's cursor in the log (see `outbox`).
+const MIRROR_CURSOR: &str = "mirror.cursor";
+
+/// One step of forgetting.
+#[derive(Debug, Clone, Copy)]
+pub struct ForgetStep<'a> {
+    /// This node's endpoint id: its own statements in records are judged by what its storage
+    /// holds, not by what peers repeat of them.
+    pub me: Option<&'a [u8; 32]>,
+    /// Unix seconds now.
+    pub now: u64,
+    /// Seconds a record must be unchanged before it may be forgotten.
+    pub after: u64,
+    /// Log entries examined at most in this step.
+    pub limit: usize,
+    /// This node runs the S3 mirror: paths not done in its bucket are kept.
+    pub mirror: bool,
+}
+
+/// What a step did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Forgotten {
+    /// Hash parts of the records dropped.
+    pub hashes: Vec<String>,
+    /// The step stopped at its limit: entries old enough remain to be examined.
+    pub more: bool,
+}
+
+/// Whether nobody holds any of the record's NARs: no claim this node holds (as an own path or
+/// a file) and no other provider's latest statement says it holds one. Failed claims count
+/// for nothing.
+fn dead(
+    rec: &PathRecord,
+    me: Option<&[u8; 32]>,
+    nars: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    own: &impl ReadableMultimapTable<&'static [u8], &'static str>,
+) -> Result<bool, DbError> {
+    for c in rec.claims.iter().filter(|c| !c.failed) {
+        if held_here(nars, own, c.blake3.as_slice())? {
+            return Ok(false);
+        }
+        if c.providers.iter().any(|p| p.holds && Some(&p.id) != me) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+impl Db {
+    /// One step of forgetting (see the module): note a mark at `step.now`, then examine at most
+    /// `step.limit` log entries unchanged for `step.after` seconds, from where the last step
+    /// stopped, and drop the dead ones. One fsync'd commit.
+    pub fn forget_dead(&self, step: ForgetStep<'_>) -> Result<Forgotten, DbError> {
+        let db = self.db.get()?;
+        let tx = durable(&db)?;
+        let mut out = Forgotten::default();
+        {
+            let mut meta = tx.open_table(META)?;
+            let mut marks = tx.open_table(MARKS)?;
+            let last = get_meta(&meta, LOG_NEXT)?;
+            let noted = marks.get(step.now)?.map(|v| v.value()).unwrap_or(0);
+            marks.insert(step.now, last.max(noted))?;
+            // The newest mark old enough; the older ones are of no more use.
+            let old_enough = step.now.saturating_sub(step.after);
+            let found = marks
+                .range(..=old_enough)?
+                .next_back()
+                .transpose()?
+                .map(|(t, seq)| (t.value(), seq.value()));
+            let Some((mark_at, mut cut)) = found else {
+                drop((meta, marks));
+                tx.commit()?;
+                return Ok(out);
+            };
+            let older: Vec<u64> = marks
+                .range(..mark_at)?
+                .map(|e| e.map(|(t, _)| t.value()))
+                .collect::<Result<_, _>>()?;
+            for t in older {
+                marks.remove(t)?;
+            }
+            if step.mirror {
+                cut = cut.min(get_meta(&meta, MIRROR_CURSOR)?);
+            }
+            let from = get_meta(&meta, CURSOR)?;
+            let mut log = tx.open_table(LOG)?;
+            let entries: Vec<(u64, String)> = if cut > from {
+                log.range(from + 1..=cut)?
+                    .take(step.limit)
+                    .map(|e| e.map(|(s, h)| (s.value(), h.value().to_owned())))
+                    .collect::<Result<_, _>>()?
+            } else {
+                Vec::new()
+            };
+            out.more = entries.len() == step.limit;
+            let mut paths = tx.open_table(PATHS)?;
+            let mut index = tx.open_table(LOG_INDEX)?;
+            let mut blobs = tx.open_multimap_table(BLOBS)?;
+            let mut leaves = tx.open_table(LEAVES)?;
+            let mut wants = tx.open_table(WANTS)?;
+            let nars = tx.open_table(NARS)?;
+            let own = tx.open_multimap_table(OWN)?;
+            let pins = tx.open_table(PINS)?;
+            let outbox = tx.open_table(OUTBOX)?;
+            for (seq, hash) in &entries {
+                let Some(rec) = record_in(&paths, hash)? else {
+                    continue;
+                };
+                if pins.get(hash.as_str())?.is_some() || !dead(&rec, step.me, &nars, &own)? {
+                    continue;
+                }
+                let pending = outbox
+                    .get(hash.as_str())?
+                    .map(|v| postcard::from_bytes::<MirrorState>(v.value()))
+                    .transpose()?
+                    .is_some_and(|s| s != MirrorState::Done);
+                if pending {
+                    continue;
+                }
+                paths.remove(hash.as_str())?;
+                log.remove(*seq)?;
+                index.remove(hash.as_str())?;
+                for c in &rec.claims {
+                    let b = c.blake3.as_slice();
+                    blobs.remove(b, hash.as_str())?;
+                    let other = blobs
+                        .get(b)?
+                        .next()
+                        .transpose()?
+                        .map(|h| h.value().to_owned());
+                    let wished = wants.get(b)?.map(|v| v.value().to_owned());
+                    match other {
+                        // Nobody else claims these bytes: nothing of them is wanted or kept.
+                        None => {
+                            wants.remove(b)?;
+                            if !held_here(&nars, &own, b)? {
+                                leaves.remove(b)?;
+                            }
+                        }
+                        Some(other) if wished.as_deref() == Some(hash.as_str()) => {
+                            wants.insert(b, other.as_str())?;
+                        }
+                        Some(_) => {}
+                    }
+                }
+                out.hashes.push(hash.clone());
+            }
+            if let Some((seq, _)) = entries.last() {
+                meta.insert(CURSOR, *seq)?;
+            }
+            if !out.hashes.is_empty() {
+                bump(&mut meta, FORGOTTEN, out.hashes.len() as u64)?;
+            }
+        }
+        tx.commit()?;
+        if !out.hashes.is_empty() {
+            self.announce_changes(out.hashes.clone());
+        }
+        Ok(out)
+    }
+}
