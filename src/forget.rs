@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::db::{Db, ForgetStep};
 use crate::metrics::Metrics;
+use crate::storage::Storage;
 
 /// Log entries examined per commit (about 15 ms of the database's one writer, at most).
 const BATCH: usize = 1024;
@@ -17,6 +18,8 @@ const BATCH: usize = 1024;
 /// What the loop needs.
 pub struct Forgetting {
     pub db: Db,
+    /// Whose pinned closures are kept.
+    pub storage: Storage,
     /// This node's endpoint id (none without the mesh).
     pub me: Option<[u8; 32]>,
     /// Seconds unchanged before a dead record goes (0: never).
@@ -59,6 +62,7 @@ impl Forgetting {
     async fn round(&self) {
         loop {
             let (db, me, after, mirror) = (self.db.clone(), self.me, self.after_secs, self.mirror);
+            let pinned = self.storage.pinned_nars();
             let step = tokio::task::spawn_blocking(move || {
                 db.forget_dead(ForgetStep {
                     me: me.as_ref(),
@@ -66,6 +70,7 @@ impl Forgetting {
                     after,
                     limit: BATCH,
                     mirror,
+                    pinned: &pinned,
                 })
             })
             .await;

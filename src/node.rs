@@ -114,6 +114,7 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
             recorded: recorded.subscribe(),
             metrics: metrics.clone(),
             max_nar_size: cfg.max_nar_size(),
+            forget_after_secs: cfg.store.forget_after_secs,
         };
         Some(MeshHandle::start(parts, cancel.child_token()).await?)
     } else {
@@ -199,6 +200,7 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
     let forget_task = tokio::spawn(
         crate::forget::Forgetting {
             db: db.clone(),
+            storage: storage.clone(),
             me: mesh.as_ref().map(MeshHandle::endpoint_bytes),
             after_secs: cfg.store.forget_after_secs,
             mirror: cfg.mirror.s3.is_some(),

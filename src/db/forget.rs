@@ -8,8 +8,9 @@
 //! number with the time, so the entries up to the newest mark at least `after` old have not
 //! changed since. A path that dies moves to the end of the log (every withdrawal changes its
 //! record), so one cursor walks the log once: an entry it passed alive comes back behind it
-//! when it dies. Kept whatever their state: pinned paths, and on the mirror node the paths
-//! not yet done in the bucket (or not yet taken into its outbox).
+//! when it dies. Kept whatever their state: pinned paths and the paths of every NAR in a
+//! pinned closure, and on the mirror node the paths not yet done in the bucket (or not yet
+//! taken into its outbox). A log entry left without its record goes too.
 
 use redb::{ReadableMultimapTable, ReadableTable};
 
@@ -45,6 +46,8 @@ pub struct ForgetStep<'a> {
     pub limit: usize,
     /// This node runs the S3 mirror: paths not done in its bucket are kept.
     pub mirror: bool,
+    /// NARs of pinned closures (`narmesh pin`): their paths are kept.
+    pub pinned: &'a std::collections::HashSet<[u8; 32]>,
 }
 
 /// What a step did.
@@ -57,16 +60,18 @@ pub struct Forgotten {
 }
 
 /// Whether nobody holds any of the record's NARs: no claim this node holds (as an own path or
-/// a file) and no other provider's latest statement says it holds one. Failed claims count
-/// for nothing.
+/// a file) or keeps for a pinned closure, and no other provider's latest statement says it
+/// holds one. Failed claims count too: while their bytes are about, the record is what keeps
+/// them from being taken in again.
 fn dead(
     rec: &PathRecord,
-    me: Option<&[u8; 32]>,
+    step: &ForgetStep<'_>,
     nars: &impl ReadableTable<&'static [u8], &'static [u8]>,
     own: &impl ReadableMultimapTable<&'static [u8], &'static str>,
 ) -> Result<bool, DbError> {
-    for c in rec.claims.iter().filter(|c| !c.failed) {
-        if held_here(nars, own, c.blake3.as_slice())? {
+    let me = step.me;
+    for c in &rec.claims {
+        if step.pinned.contains(&c.blake3) || held_here(nars, own, c.blake3.as_slice())? {
             return Ok(false);
         }
         if c.providers.iter().any(|p| p.holds && Some(&p.id) != me) {
@@ -134,16 +139,22 @@ impl Db {
             let outbox = tx.open_table(OUTBOX)?;
             for (seq, hash) in &entries {
                 let Some(rec) = record_in(&paths, hash)? else {
+                    // An entry left without its record: nothing to offer.
+                    log.remove(*seq)?;
+                    if index.get(hash.as_str())?.map(|v| v.value()) == Some(*seq) {
+                        index.remove(hash.as_str())?;
+                    }
                     continue;
                 };
-                if pins.get(hash.as_str())?.is_some() || !dead(&rec, step.me, &nars, &own)? {
+                if pins.get(hash.as_str())?.is_some() || !dead(&rec, &step, &nars, &own)? {
                     continue;
                 }
-                let pending = outbox
-                    .get(hash.as_str())?
-                    .map(|v| postcard::from_bytes::<MirrorState>(v.value()))
-                    .transpose()?
-                    .is_some_and(|s| s != MirrorState::Done);
+                let pending = step.mirror
+                    && outbox
+                        .get(hash.as_str())?
+                        .map(|v| postcard::from_bytes::<MirrorState>(v.value()))
+                        .transpose()?
+                        .is_some_and(|s| s != MirrorState::Done);
                 if pending {
                     continue;
                 }
@@ -153,11 +164,16 @@ impl Db {
                 for c in &rec.claims {
                     let b = c.blake3.as_slice();
                     blobs.remove(b, hash.as_str())?;
-                    let other = blobs
-                        .get(b)?
-                        .next()
-                        .transpose()?
-                        .map(|h| h.value().to_owned());
+                    // Another path whose record still claims these bytes (a row may be left
+                    // from a claim its record no longer has).
+                    let mut other = None;
+                    for h in blobs.get(b)? {
+                        let h = h?.value().to_owned();
+                        if record_in(&paths, &h)?.is_some_and(|r| r.claim(&c.blake3).is_some()) {
+                            other = Some(h);
+                            break;
+                        }
+                    }
                     let wished = wants.get(b)?.map(|v| v.value().to_owned());
                     match other {
                         // Nobody else claims these bytes: nothing of them is wanted or kept.

@@ -9,7 +9,7 @@
 //!
 //! Files: [`records`] (the record types), `paths` (recording, the log), `storage` (the
 //! storage's tables), `outbox` (the mirror's), `forget` (dropping the records of paths nobody
-//! holds any more), `migrate` (reading a data dir of `e5a6e05`).
+//! holds any more), `review` (a peer's statements checked again after a long absence), `migrate` (reading a data dir of `e5a6e05`).
 
 mod forget;
 mod handle;
@@ -18,6 +18,7 @@ mod migrate;
 mod outbox;
 mod paths;
 mod records;
+mod review;
 mod storage;
 
 use std::path::Path;
@@ -165,6 +166,8 @@ impl Db {
         tx.open_table(outbox::UPLOADS)?;
         storage::create_tables(&tx)?;
         tx.open_table(forget::MARKS)?;
+        tx.open_table(review::SYNCED)?;
+        tx.open_multimap_table(review::REVIEW)?;
         tx.commit()?;
         drop(db);
         let db = Db {

@@ -5,7 +5,7 @@
 
 use redb::{ReadableDatabase, ReadableMultimapTable, ReadableTable};
 
-use super::storage::{LEAVES, OWN, OWN_BYTES, OWN_PATHS};
+use super::storage::{LEAVES, NARS, OWN, OWN_BYTES, OWN_PATHS};
 use super::{
     BLOBS, CURSORS, Claim, Db, DbError, FAILURES, LOG, LOG_INDEX, LOG_NEXT, META, PATHS,
     PathRecord, bump, durable, lower,
@@ -75,6 +75,8 @@ impl Db {
         let db = self.db.get()?;
         let tx = durable(&db)?;
         let mut changed = Vec::new();
+        // Bytes of earlier builds no longer held at all: the paths claiming them are told.
+        let mut gone = Vec::new();
         {
             let mut paths = tx.open_table(PATHS)?;
             let mut log = tx.open_table(LOG)?;
@@ -83,6 +85,7 @@ impl Db {
             let mut blobs = tx.open_multimap_table(BLOBS)?;
             let mut own = tx.open_multimap_table(OWN)?;
             let mut leaves = tx.open_table(LEAVES)?;
+            let nars = tx.open_table(NARS)?;
             for r in records {
                 let hash = super::hash_part_of(&r.store_path).to_owned();
                 let mut rec = match paths.get(hash.as_str())? {
@@ -102,6 +105,10 @@ impl Db {
                     own.remove(old.as_slice(), hash.as_str())?;
                     if own.get(old.as_slice())?.next().is_none() {
                         lower(&mut meta, OWN_BYTES, size)?;
+                        if nars.get(old.as_slice())?.is_none() {
+                            leaves.remove(old.as_slice())?;
+                            gone.push(old);
+                        }
                     }
                 }
                 rec.merge(r.claim.clone());
@@ -121,6 +128,17 @@ impl Db {
             }
             if failures > 0 {
                 bump(&mut meta, FAILURES, failures)?;
+            }
+        }
+        for b in &gone {
+            // (Unless a later path of the batch has the same bytes: it put their leaves back.)
+            let held = tx
+                .open_multimap_table(OWN)?
+                .get(b.as_slice())?
+                .next()
+                .is_some();
+            if !held {
+                super::storage::relog_holders(&tx, b, true, &mut changed)?;
             }
         }
         tx.commit()?;

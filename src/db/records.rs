@@ -161,13 +161,15 @@ pub fn merge_provider(list: &mut Vec<Provider>, p: Provider) -> bool {
         return news;
     }
     if list.len() >= MAX_PROVIDERS {
-        // Make room: the oldest withdrawal goes first, then the oldest statement of holding (a
-        // list full of withdrawals must not push out the one provider that still holds the
-        // NAR: the record would look dead, and be forgotten). A statement that would go first
-        // itself is not taken.
+        // Only a statement newer than the oldest kept is taken (an older one may be the stale
+        // echo of a statement dropped before). Room is made by dropping the oldest withdrawal,
+        // else the oldest statement of holding: a list full of withdrawals must not push out
+        // the one provider that still holds the NAR (the record would look dead, and be
+        // forgotten); a withdrawal does not take a holder's room.
+        let oldest = list.iter().map(|o| o.at_ms).min().unwrap_or(0);
         let rank = |o: &Provider| (o.holds, o.at_ms);
         if let Some((i, first)) = list.iter().enumerate().min_by_key(|(_, o)| rank(o)) {
-            if rank(first) >= rank(&p) {
+            if oldest >= p.at_ms || rank(first) >= rank(&p) {
                 return false;
             }
             list.remove(i);
@@ -334,6 +336,10 @@ mod tests {
         assert!(
             !x.iter().any(|p| p.id[0] == 2),
             "the oldest withdrawal went"
+        );
+        assert!(
+            !merge_provider(&mut x, prov(201, true, 0)),
+            "older than every statement kept"
         );
         assert!(
             merge_provider(&mut x, prov(201, true, 2)),

@@ -76,7 +76,7 @@ pub struct StorageCounters {
 
 /// Mark the claims on `blake3` as held (or withdrawn) by this node and move their paths to the
 /// end of the log.
-fn relog_holders(
+pub(super) fn relog_holders(
     tx: &redb::WriteTransaction,
     blake3: &[u8; 32],
     withdrawn: bool,
@@ -98,9 +98,9 @@ fn relog_holders(
                 c.withdrawn = withdrawn;
                 paths.insert(h.as_str(), postcard::to_allocvec(&rec)?.as_slice())?;
             }
+            relog(&mut log, &mut index, &mut meta, &h)?;
+            changed.push(h);
         }
-        relog(&mut log, &mut index, &mut meta, &h)?;
-        changed.push(h);
     }
     Ok(())
 }
@@ -164,6 +164,9 @@ impl Db {
         let db = self.db.get()?;
         let tx = durable(&db)?;
         let mut changed = Vec::new();
+        // NARs no longer held at all: every path claiming them is told (another path with the
+        // same bytes was held through the lost one).
+        let mut gone = Vec::new();
         {
             let mut own = tx.open_multimap_table(OWN)?;
             let mut paths = tx.open_table(PATHS)?;
@@ -194,6 +197,7 @@ impl Db {
                     lower(&mut meta, OWN_BYTES, size)?;
                     if nars.get(blake3.as_slice())?.is_none() {
                         leaves.remove(blake3.as_slice())?;
+                        gone.push(*blake3);
                     }
                 }
                 lower(&mut meta, OWN_PATHS, 1)?;
@@ -202,8 +206,11 @@ impl Db {
                 changed.push(hash.clone());
             }
         }
-        tx.commit()?;
         let n = changed.len();
+        for b in &gone {
+            relog_holders(&tx, b, true, &mut changed)?;
+        }
+        tx.commit()?;
         self.announce_changes(changed);
         Ok(n)
     }

@@ -327,6 +327,16 @@ fn records_nobody_holds_are_forgotten_once_old_enough() {
     rec('e', 5, 5, false);
     db.set_pins(&[h('e')], true).unwrap();
     rec('f', 6, me[0], true);
+    // Nobody holds it, but its NAR is in a pinned closure.
+    rec('p', 11, 5, false);
+    // Its only claim failed, and a peer still has those bytes: the record keeps them out.
+    rec('x', 12, 5, true);
+    db.update_record(&h('x'), |r| {
+        r.claims[0].failed = true;
+        true
+    })
+    .unwrap();
+    let pinned = std::collections::HashSet::from([[11u8; 32]]);
     let step = |now: u64, limit: usize, mirror: bool| {
         let mut got = db
             .forget_dead(ForgetStep {
@@ -335,6 +345,7 @@ fn records_nobody_holds_are_forgotten_once_old_enough() {
                 after: 100,
                 limit,
                 mirror,
+                pinned: &pinned,
             })
             .unwrap();
         got.hashes.sort();
@@ -361,13 +372,14 @@ fn records_nobody_holds_are_forgotten_once_old_enough() {
     );
     assert!(!log_order(&db).contains(&h('a')));
     let c = db.counters().unwrap();
-    assert_eq!((c.paths, c.forgotten), (5, 2));
+    assert_eq!((c.paths, c.forgotten), (7, 2));
     // `g` was in the log by the mark at 1050; a step with the mirror on waits for the mirror
     // to have taken it (its cursor is still 0), one without forgets it.
     assert!(step(1150, 100, true).hashes.is_empty());
     assert_eq!(step(1150, 100, false).hashes, vec![h('g')]);
-    // What stays: held by a peer, own, a file, pinned. A record that dies later is walked to.
-    assert_eq!(log_order(&db).len(), 4);
+    // What stays: held by a peer, own, a file, pinned, pinned closure, failed bytes about. A
+    // record that dies later is walked to.
+    assert_eq!(log_order(&db).len(), 6);
     db.record_remote(vec![remote(&h('b'), 2, 5, 9, false)], None, false)
         .unwrap();
     db.set_pins(&[h('e')], false).unwrap();
@@ -381,7 +393,7 @@ fn records_nobody_holds_are_forgotten_once_old_enough() {
     rest.extend(step(1301, 100, false).hashes);
     rest.sort();
     assert_eq!(rest, vec![h('b'), h('e')]);
-    assert_eq!(log_order(&db), vec![h('c'), h('d')]);
+    assert_eq!(log_order(&db), vec![h('c'), h('d'), h('p'), h('x')]);
     // On the mirror node, a dead path taken into the outbox stays until it is done there.
     rec('m', 9, 5, false);
     db.outbox_take(100).unwrap();
@@ -394,4 +406,95 @@ fn records_nobody_holds_are_forgotten_once_old_enough() {
     db.outbox_take(100).unwrap();
     assert!(step(1600, 100, true).hashes.is_empty());
     assert_eq!(step(1700, 100, true).hashes, vec![h('m')]);
+}
+
+/// An own path lost from the store moves every path with the same bytes to the end of the log
+/// (withdrawn): they were held only through it, and the walk that forgets dead records must
+/// come to them again.
+#[test]
+fn a_lost_own_copy_moves_every_path_with_those_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("db")).unwrap();
+    let (s1, t, u) = ("s".repeat(32), "t".repeat(32), "u".repeat(32));
+    db.record_own(&[], &[own(&s1, 13, 10)], 0).unwrap();
+    db.record_remote(vec![remote(&t, 13, 5, 1, false)], None, false)
+        .unwrap();
+    db.record_remote(vec![remote(&u, 14, 5, 1, true)], None, false)
+        .unwrap();
+    assert_eq!(log_order(&db), vec![s1.clone(), t.clone(), u.clone()]);
+    assert_eq!(db.own_lost(&[([13; 32], s1.clone())]).unwrap(), 1);
+    assert_eq!(log_order(&db), vec![u.clone(), s1.clone(), t.clone()]);
+    assert!(db.path(&t).unwrap().unwrap().claims[0].withdrawn);
+    // A rebuild with other bytes does the same for the bytes it replaced.
+    db.record_own(&[], &[own(&u, 15, 10)], 0).unwrap();
+    db.record_own(&[], &[own(&s1, 14, 10)], 0).unwrap();
+    assert_eq!(log_order(&db), vec![t.clone(), u.clone(), s1.clone()]);
+    db.record_own(&[], &[own(&s1, 16, 10)], 0).unwrap();
+    assert_eq!(
+        log_order(&db)[0],
+        t,
+        "only the paths with the replaced bytes moved"
+    );
+    let u_rec = db.path(&u).unwrap().unwrap();
+    assert!(u_rec.claim(&[14; 32]).unwrap().withdrawn);
+    assert_eq!(
+        db.leaves(&[14; 32]).unwrap(),
+        None,
+        "bytes nobody holds keep no leaves"
+    );
+}
+
+/// A peer reviewed after a long absence: its statements of holding that its log did not
+/// confirm become a local "no longer holds", which a stale echo of them cannot undo and a
+/// statement it signs later can.
+#[test]
+fn a_review_disproves_what_the_peer_no_longer_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("db")).unwrap();
+    let peer = [5u8; 32];
+    let (a, b, c) = ("a".repeat(32), "b".repeat(32), "c".repeat(32));
+    db.record_remote(
+        vec![
+            remote(&a, 1, 5, 1, true),
+            remote(&b, 2, 5, 1, true),
+            remote(&c, 3, 6, 1, true),
+        ],
+        Some((&peer, 40)),
+        false,
+    )
+    .unwrap();
+    assert_eq!(db.synced_at(&peer).unwrap(), None);
+    db.set_synced(&peer, 1000, 60).unwrap();
+    db.set_synced(&peer, 1050, 60).unwrap();
+    assert_eq!(
+        db.synced_at(&peer).unwrap(),
+        Some(1000),
+        "written once a minute"
+    );
+    db.set_synced(&peer, 1060, 60).unwrap();
+    assert_eq!(db.synced_at(&peer).unwrap(), Some(1060));
+    assert_eq!(db.begin_review(&peer, 2000).unwrap(), 2, "a and b");
+    assert_eq!(db.cursor(&peer).unwrap(), 0, "its whole log again");
+    assert_eq!(db.synced_at(&peer).unwrap(), Some(2000));
+    assert!(db.reviewing(&peer).unwrap());
+    db.confirm(&peer, &[a.as_str()]).unwrap();
+    assert_eq!(db.end_review(&peer, 5000).unwrap(), 1, "b");
+    assert!(!db.reviewing(&peer).unwrap());
+    let p = db.path(&b).unwrap().unwrap().claims[0].providers[0].clone();
+    assert_eq!((p.holds, p.at_ms, p.sig.is_empty()), (false, 5000, true));
+    assert!(db.path(&a).unwrap().unwrap().claims[0].providers[0].holds);
+    assert_eq!(log_order(&db).last(), Some(&b));
+    assert!(
+        db.record_remote(vec![remote(&b, 2, 5, 1, true)], None, false)
+            .unwrap()
+            .is_empty(),
+        "a stale echo changes nothing"
+    );
+    let fresh = db
+        .record_remote(vec![remote(&b, 2, 5, 6000, true)], None, false)
+        .unwrap();
+    assert!(
+        fresh[0].0.claims[0].providers[0].holds,
+        "a later statement does"
+    );
 }

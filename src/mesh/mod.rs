@@ -70,6 +70,8 @@ pub struct MeshParts {
     pub metrics: Arc<Metrics>,
     /// Largest NAR taken in (`[mesh] max-nar-size`, at most the storage's cap).
     pub max_nar_size: u64,
+    /// `[store] forget-after-secs`: a peer not caught up with for longer is reviewed.
+    pub forget_after_secs: u64,
 }
 
 #[derive(Debug, Default)]
@@ -103,6 +105,8 @@ pub struct Ctx {
     peers: Mutex<HashMap<EndpointId, PeerState>>,
     sync_now: Notify,
     sync_every: Duration,
+    /// `[store] forget-after-secs` (see `db::review`).
+    forget_after_secs: u64,
     /// When each refusal reason was last logged, and how many were not logged since.
     refusal_log: Mutex<HashMap<&'static str, (Instant, u64)>>,
 }
@@ -361,6 +365,7 @@ impl MeshHandle {
             ),
             sync_now: Notify::new(),
             sync_every: Duration::from_millis(cfg.sync_interval_ms),
+            forget_after_secs: parts.forget_after_secs,
             refusal_log: Mutex::new(HashMap::new()),
         });
         let serving = Arc::new(tokio::sync::Semaphore::new(nar::MAX_SERVING));

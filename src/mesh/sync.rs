@@ -209,10 +209,14 @@ async fn round(
     started: Instant,
 ) -> Result<(usize, bool), String> {
     let db = ctx.db.clone();
-    let mut after = tokio::task::spawn_blocking(move || db.cursor(peer.as_bytes()))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let forget_after = ctx.forget_after_secs;
+    let (mut after, reviewing) =
+        tokio::task::spawn_blocking(move || start_round(&db, peer, forget_after))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+    let peer_id = *peer.as_bytes();
+    let mut at_end = false;
     let mut taken = 0;
     // The next batch is asked for while this one is checked and recorded (the peer reads and
     // signs while we verify).
@@ -254,6 +258,11 @@ async fn round(
         if more && advanced {
             asking = Some(ask_from(next));
         }
+        let confirmed = if reviewing {
+            still_held(&entries, &peer_id)
+        } else {
+            Vec::new()
+        };
         let accepted = ctx
             .take(
                 entries_to_incoming(entries),
@@ -261,6 +270,17 @@ async fn round(
                 &peer.to_string(),
             )
             .await;
+        if !confirmed.is_empty() {
+            let db = ctx.db.clone();
+            tokio::task::spawn_blocking(move || {
+                let hashes: Vec<&str> = confirmed.iter().map(String::as_str).collect();
+                db.confirm(&peer_id, &hashes)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        }
+        at_end = !more;
         if n > 0 && accepted == 0 {
             // A batch with nothing acceptable: this peer is not worth more of this round (an
             // untrusted or hostile peer; a trusted one's refused entries come back once trust
@@ -274,7 +294,80 @@ async fn round(
     }
     let clean = asking.is_none();
     drop(asking);
+    if at_end {
+        let db = ctx.db.clone();
+        let changed = tokio::task::spawn_blocking(move || -> Result<usize, crate::db::DbError> {
+            let now_ms = super::now_ms();
+            db.set_synced(&peer_id, now_ms / 1000, synced_every(forget_after))?;
+            Ok(if reviewing {
+                db.end_review(&peer_id, now_ms)?
+            } else {
+                0
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        if reviewing {
+            tracing::info!(
+                "mesh: reviewed {peer}'s whole log; it no longer holds {changed} path(s) it had said it held"
+            );
+        }
+    }
     Ok((taken, clean))
+}
+
+/// The cursor a round with `peer` starts from, and whether it reviews the peer: unless this
+/// node read the peer's log to its end within the last `forget_after` seconds, the peer may
+/// have forgotten paths whose withdrawals this node never heard (it was down, or it knows the
+/// paths from gossip only, or its data dir is of before), so the whole log is read again and
+/// what the peer said it held is checked (see `db::review`).
+fn start_round(
+    db: &crate::db::Db,
+    peer: EndpointId,
+    forget_after: u64,
+) -> Result<(u64, bool), crate::db::DbError> {
+    let id = peer.as_bytes();
+    let cursor = db.cursor(id)?;
+    let now = super::now_ms() / 1000;
+    if forget_after > 0 && !db.reviewing(id)? {
+        let last = db.synced_at(id)?;
+        if last.is_none_or(|t| now.saturating_sub(t) > forget_after) {
+            let n = db.begin_review(id, now)?;
+            if n > 0 {
+                tracing::info!(
+                    "mesh: {peer}'s log not read to its end in the last {forget_after} s \
+                     (forget-after-secs): reading it whole to confirm the {n} path(s) it said \
+                     it held"
+                );
+            }
+            return Ok((0, n > 0));
+        }
+    }
+    Ok((cursor, db.reviewing(id)?))
+}
+
+/// How stale the stored time of a peer's last full catch-up may get: a small part of the
+/// absence that starts a review, at most ten minutes.
+fn synced_every(forget_after: u64) -> u64 {
+    (forget_after / 8).clamp(1, 600)
+}
+
+/// Hash parts of the entries in which `peer` says it holds the NAR.
+fn still_held(entries: &Entries, peer: &[u8; 32]) -> Vec<String> {
+    let hash = |narinfo: &str| super::narinfo_hash_part(narinfo).map(str::to_owned);
+    match entries {
+        Entries::V1(e) => e
+            .iter()
+            .filter(|a| a.providers.contains(peer))
+            .filter_map(|a| hash(&a.narinfo))
+            .collect(),
+        Entries::V2(e) => e
+            .iter()
+            .filter(|a| a.providers.iter().any(|p| &p.id == peer && p.holds))
+            .filter_map(|a| hash(&a.narinfo))
+            .collect(),
+    }
 }
 
 fn entries_to_incoming(e: Entries) -> Vec<narmesh_proto::gossip::Incoming> {

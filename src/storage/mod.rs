@@ -400,6 +400,11 @@ impl Storage {
         .await
     }
 
+    /// The NARs of pinned closures.
+    pub fn pinned_nars(&self) -> HashSet<[u8; 32]> {
+        self.inner.lock().pinned.clone()
+    }
+
     /// Recompute the NARs of pinned closures (records' references, as far as recorded).
     fn refresh_pins(&self) -> Result<(), StorageError> {
         let roots = self.inner.db.pins()?;

@@ -265,26 +265,34 @@ fn recorded(node: &Node, paths: &[&StorePath]) -> Vec<bool> {
     }
 }
 
+/// Three nodes that forget dead records after 2 s (C: `c_forget_after`), A checking its store
+/// every second; A and B started, A has built two small paths (`<tag>-kept`, `<tag>-gone`)
+/// and B has learnt both.
+fn forgetting(tag: &str, c_forget_after: u64) -> (Three, StorePath, StorePath) {
+    let store = |extra: &str| format!("[store]\nmin-free = \"64MiB\"\n{extra}");
+    let mut cl = three("on-demand", &store("forget-after-secs = 2\n"));
+    cl.nodes[0].extra_config = store("gc-check-secs = 1\nforget-after-secs = 2\n");
+    cl.nodes[2].extra_config = store(&format!("forget-after-secs = {c_forget_after}\n"));
+    cl.nodes[0].start();
+    cl.nodes[1].start();
+    let outs = cl.a.build(&format!(
+        r#"[ (mk "{tag}-kept" "head -c 10000 /dev/urandom > $out") (mk "{tag}-gone" "head -c 10000 /dev/urandom > $out") ]"#
+    ));
+    wait_until(30, "B to learn both paths", || {
+        cl.nodes[1].serves(&full(&outs))
+    });
+    let (kept, gone) = (outs[0].clone(), outs[1].clone());
+    (cl, kept, gone)
+}
+
 /// A path nobody holds any more is forgotten everywhere once `forget-after-secs` passed: A
 /// deletes it from its store, B (which never fetched it) learns of the withdrawal, both drop
 /// its record, and a node that joins later never hears of it; a path A still holds, recorded
 /// before it, stays on every node.
 #[test]
 fn a_path_nobody_holds_is_forgotten_everywhere() {
-    let store = |extra: &str| format!("[store]\nmin-free = \"64MiB\"\n{extra}");
-    let mut cl = three("on-demand", &store("forget-after-secs = 2\n"));
-    cl.nodes[0].extra_config = store("gc-check-secs = 1\nforget-after-secs = 2\n");
     // C never forgets: whatever a peer's catch-up still carried would stay to be seen.
-    cl.nodes[2].extra_config = store("forget-after-secs = 0\n");
-    cl.nodes[0].start();
-    cl.nodes[1].start();
-    let outs = cl.a.build(
-        r#"[ (mk "forget-kept" "head -c 10000 /dev/urandom > $out") (mk "forget-gone" "head -c 10000 /dev/urandom > $out") ]"#,
-    );
-    let (kept, gone) = (outs[0].clone(), outs[1].clone());
-    wait_until(30, "B to learn both paths", || {
-        cl.nodes[1].serves(&full(&outs))
-    });
+    let (mut cl, kept, gone) = forgetting("forget", 0);
     let before: Vec<u64> = cl.nodes[..2]
         .iter()
         .map(|n| n.status().paths_recorded)
@@ -317,6 +325,31 @@ fn a_path_nobody_holds_is_forgotten_everywhere() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(recorded(&cl.nodes[2], &[&kept, &gone]), vec![true, false]);
     assert_eq!(cl.nodes[2].status().paths_recorded, a_paths);
+}
+
+/// A node away longer than `forget-after-secs` reviews its peers when it comes back: A
+/// deleted a path and forgot it while B was down, so no withdrawal is left in A's log; B reads
+/// A's whole log again, finds that A no longer says it holds the path, stops offering it and
+/// forgets it in turn, while the path A still holds stays.
+#[test]
+fn a_node_back_from_a_long_absence_learns_what_was_forgotten_meanwhile() {
+    let (mut cl, kept, gone) = forgetting("absent", 2);
+    cl.nodes[1].stop();
+    run_ok(cl.a.cmd("nix-store").args(["--delete", &gone.full()]));
+    wait_until(30, "A to forget the path nobody holds", || {
+        cl.nodes[0].status().records_forgotten == 1
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    cl.nodes[1].start();
+    let narinfo = |p: &StorePath| format!("/{}.narinfo", p.hash_part());
+    wait_until(30, "B to stop offering the path A no longer holds", || {
+        http(&cl.nodes[1].http, "GET", &narinfo(&gone), &[]).0 == 404
+    });
+    assert_eq!(http(&cl.nodes[1].http, "GET", &narinfo(&kept), &[]).0, 200);
+    wait_until(30, "B to forget it in turn", || {
+        cl.nodes[1].status().records_forgotten == 1
+    });
+    assert_eq!(recorded(&cl.nodes[1], &[&kept, &gone]), vec![true, false]);
 }
 
 /// A NAR being read is never evicted: B holds a 24 MiB NAR that a slow client reads through

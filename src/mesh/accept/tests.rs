@@ -257,3 +257,22 @@ fn a_large_batch_is_judged_on_several_threads_in_order() {
         }
     }
 }
+
+/// A host taken out of the cluster (no longer an allowed peer): when trust is checked again,
+/// its statements leave the claims it was in, so it no longer counts as a holder.
+#[test]
+fn a_peer_no_longer_allowed_stops_counting_as_a_holder() {
+    let w = world();
+    let mut ann = announce(&w, [1; 32], [1; 32]);
+    let (peer_id, stranger_id) = (*w.peer.public().as_bytes(), *w.stranger.public().as_bytes());
+    ann.providers = vec![
+        proto_statement(statement(&w.peer, &[1; 32], true, 10)),
+        proto_statement(statement(&w.stranger, &[1; 32], true, 10)),
+    ];
+    let both = [peer_id, stranger_id];
+    let c = judge(&w, &both).claim(&ann).unwrap().claim;
+    assert_eq!(c.providers.len(), 2);
+    let kept = judge(&w, &[stranger_id]).still_trusted(&c).unwrap();
+    assert_eq!(kept.providers.len(), 1);
+    assert_eq!(kept.providers[0].id, stranger_id);
+}
