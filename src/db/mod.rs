@@ -168,6 +168,7 @@ impl Db {
         tx.open_table(forget::MARKS)?;
         tx.open_table(review::SYNCED)?;
         tx.open_multimap_table(review::REVIEW)?;
+        tx.open_table(review::REVIEWING)?;
         tx.commit()?;
         drop(db);
         let db = Db {

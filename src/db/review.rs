@@ -3,12 +3,15 @@
 //! its end for longer than that (it was down; or it never did, and knows the peer's paths from
 //! gossip) may have missed the withdrawal that made a path dead, and would keep the peer's old
 //! "holds" statement for ever. So its next catch-up with that peer reads the peer's whole log
-//! again, and every record that said the peer holds its NAR must be confirmed by an
-//! entry in which the peer still says so; what is not confirmed once the log is read to its
-//! end, the peer no longer holds (a node holding a NAR keeps its record, and the record is in
-//! its log). The peer's statement there becomes a local, unsigned "no longer holds" of that
-//! moment: never passed on (only signed statements are), and overridden only by a statement
-//! the peer signs later.
+//! again, and every record that said the peer holds its NAR must appear in it. A path the
+//! peer's log no longer has, the peer holds no NAR of (a node keeps the record of what it
+//! holds, and every record is in its log); a path it still has comes with the peer's current
+//! word on the claim it serves, taken in as usual. On the paths that did not appear, once the
+//! log is read to its end, the peer's statements of holding give way: a signed one to a local,
+//! unsigned "no longer holds" stamped just after it (never passed on, since only signed
+//! statements are; a stale echo of the old statement cannot undo it, anything the peer signs
+//! later does, whatever the clocks), an unsigned hint (a version 1 peer's) is dropped (its next
+//! announcement may name the peer again).
 
 use redb::{ReadableDatabase, ReadableMultimapTable, ReadableTable};
 
@@ -18,10 +21,14 @@ use super::{CURSORS, Db, DbError, LOG, LOG_INDEX, META, PATHS, PathRecord, Provi
 /// When catch-up with each peer last read its log to the end: peer -> unix seconds.
 pub(super) const SYNCED: redb::TableDefinition<&[u8], u64> =
     redb::TableDefinition::new("synced_at_v1");
-/// Paths whose records say the peer holds their NAR, not confirmed by its log yet: peer ->
-/// hash parts.
+/// Paths whose records say the peer holds their NAR, not seen in its log yet: peer -> hash
+/// parts.
 pub(super) const REVIEW: redb::MultimapTableDefinition<&[u8], &str> =
     redb::MultimapTableDefinition::new("review_v1");
+/// Reviews under way: peer -> when it started (unix seconds). Written once the paths waiting
+/// are all written, so a review cut short by a crash while it starts is started again.
+pub(super) const REVIEWING: redb::TableDefinition<&[u8], u64> =
+    redb::TableDefinition::new("reviewing_v1");
 
 /// Paths written per commit when a review starts or ends.
 const PART: usize = 4096;
@@ -56,19 +63,20 @@ impl Db {
         Ok(())
     }
 
-    /// Start reviewing `peer` at `now` (see the module): its catch-up cursor goes back to 0,
-    /// every path whose record says the peer holds its NAR waits to be confirmed (a review
-    /// under way is known by them, across rounds and restarts), and the peer counts as synced
-    /// now (the review does not start again). Returns how many wait. The cursor goes first (a
-    /// crash while the rest is written leaves a review of fewer paths, never one that would
-    /// miss part of the log); the records are read from a snapshot and written
-    /// [`PART`] at a time, so the database's one writer is never held for long.
+    /// Start reviewing `peer` at `now` (see the module), or start a stalled review over: its
+    /// catch-up cursor goes back to 0, every path whose record says the peer holds its NAR
+    /// waits to be seen in its log, and the peer counts as synced now. Returns how many wait
+    /// (none: no review is under way). The cursor goes back first and the review counts as
+    /// under way only once every path waiting is written, so a crash in between starts it
+    /// again; the records are read from a snapshot and written [`PART`] at a time, so the
+    /// database's one writer is never held for long.
     pub fn begin_review(&self, peer: &[u8; 32], now: u64) -> Result<usize, DbError> {
         let db = self.db.get()?;
         let tx = durable(&db)?;
         {
             tx.open_multimap_table(REVIEW)?
                 .remove_all(peer.as_slice())?;
+            tx.open_table(REVIEWING)?.remove(peer.as_slice())?;
             tx.open_table(CURSORS)?.insert(peer.as_slice(), 0)?;
         }
         tx.commit()?;
@@ -103,6 +111,9 @@ impl Db {
         }
         let tx = durable(&db)?;
         tx.open_table(SYNCED)?.insert(peer.as_slice(), now)?;
+        if n > 0 {
+            tx.open_table(REVIEWING)?.insert(peer.as_slice(), now)?;
+        }
         tx.commit()?;
         Ok(n)
     }
@@ -111,15 +122,13 @@ impl Db {
     pub fn reviewing(&self, peer: &[u8; 32]) -> Result<bool, DbError> {
         let db = self.db.get()?;
         let tx = db.begin_read()?;
-        Ok(tx
-            .open_multimap_table(REVIEW)?
-            .get(peer.as_slice())?
-            .next()
-            .is_some())
+        Ok(tx.open_table(REVIEWING)?.get(peer.as_slice())?.is_some())
     }
 
-    /// The peer's log says it holds these paths' NARs (by hash part): confirmed. Not fsync'd
-    /// (a confirmation lost to a crash is asked for again: the cursor goes with it).
+    /// These paths (by hash part) are in the peer's log: seen. Called before the batch that
+    /// brought them is taken in and the cursor moves past it (redb keeps commits in order: a
+    /// crash that loses this loses the cursor's move too, and the batch is asked for again).
+    /// Not fsync'd.
     pub fn confirm(&self, peer: &[u8; 32], hashes: &[&str]) -> Result<(), DbError> {
         if hashes.is_empty() {
             return Ok(());
@@ -137,10 +146,11 @@ impl Db {
         Ok(())
     }
 
-    /// The peer's log was read to its end: on every path still waiting, the peer's statement
-    /// becomes an unsigned "no longer holds" made at `now_ms`, and the path moves to the end of
-    /// the log; fsync'd commits of [`PART`] paths each. Returns how many paths changed.
-    pub fn end_review(&self, peer: &[u8; 32], now_ms: u64) -> Result<usize, DbError> {
+    /// The peer's log was read to its end: on every path still waiting, the peer's statements
+    /// of holding give way (see the module) and the path moves to the end of the log; fsync'd
+    /// commits of [`PART`] paths each, the last of which ends the review. Returns how many
+    /// paths changed.
+    pub fn end_review(&self, peer: &[u8; 32]) -> Result<usize, DbError> {
         let mut n = 0;
         loop {
             let db = self.db.get()?;
@@ -164,13 +174,16 @@ impl Db {
                     let Some(mut rec) = record_in(&paths, &h)? else {
                         continue;
                     };
-                    if !disprove(&mut rec, peer, now_ms) {
+                    if !disprove(&mut rec, peer) {
                         continue;
                     }
                     paths.insert(h.as_str(), postcard::to_allocvec(&rec)?.as_slice())?;
                     relog(&mut log, &mut index, &mut meta, &h)?;
                     changed.push(h);
                 }
+            }
+            if !more {
+                tx.open_table(REVIEWING)?.remove(peer.as_slice())?;
             }
             tx.commit()?;
             n += changed.len();
@@ -189,16 +202,19 @@ fn says_it_holds(rec: &PathRecord, peer: &[u8; 32]) -> bool {
         .any(|c| c.providers.iter().any(|p| &p.id == peer && p.holds))
 }
 
-/// Replace the peer's statements of holding with an unsigned "no longer holds" at `now_ms`;
-/// true if any was.
-fn disprove(rec: &mut PathRecord, peer: &[u8; 32], now_ms: u64) -> bool {
+/// The peer's statements of holding give way (see the module); true if any did.
+fn disprove(rec: &mut PathRecord, peer: &[u8; 32]) -> bool {
     let mut any = false;
     for c in &mut rec.claims {
+        let before = c.providers.len();
+        c.providers
+            .retain(|p| !(&p.id == peer && p.holds && p.sig.is_empty()));
+        any |= c.providers.len() != before;
         for p in c.providers.iter_mut().filter(|p| &p.id == peer && p.holds) {
             *p = Provider {
                 id: *peer,
                 holds: false,
-                at_ms: now_ms.max(p.at_ms + 1),
+                at_ms: p.at_ms.saturating_add(1),
                 sig: Vec::new(),
             };
             any = true;

@@ -444,20 +444,28 @@ fn a_lost_own_copy_moves_every_path_with_those_bytes() {
     );
 }
 
-/// A peer reviewed after a long absence: its statements of holding that its log did not
-/// confirm become a local "no longer holds", which a stale echo of them cannot undo and a
-/// statement it signs later can.
+/// A peer reviewed after a long absence: its signed statements of holding on the paths its log
+/// no longer has become a local "no longer holds", which a stale echo of them cannot undo and
+/// a statement it signs later can; its unsigned hints there are dropped.
 #[test]
 fn a_review_disproves_what_the_peer_no_longer_says() {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(&dir.path().join("db")).unwrap();
     let peer = [5u8; 32];
-    let (a, b, c) = ("a".repeat(32), "b".repeat(32), "c".repeat(32));
+    let (a, b, c, v) = (
+        "a".repeat(32),
+        "b".repeat(32),
+        "c".repeat(32),
+        "v".repeat(32),
+    );
+    let mut hint = remote(&v, 4, 5, 0, true);
+    hint.claim.providers[0].sig.clear();
     db.record_remote(
         vec![
             remote(&a, 1, 5, 1, true),
             remote(&b, 2, 5, 1, true),
             remote(&c, 3, 6, 1, true),
+            hint,
         ],
         Some((&peer, 40)),
         false,
@@ -473,17 +481,20 @@ fn a_review_disproves_what_the_peer_no_longer_says() {
     );
     db.set_synced(&peer, 1060, 60).unwrap();
     assert_eq!(db.synced_at(&peer).unwrap(), Some(1060));
-    assert_eq!(db.begin_review(&peer, 2000).unwrap(), 2, "a and b");
+    assert!(!db.reviewing(&peer).unwrap());
+    assert_eq!(db.begin_review(&peer, 2000).unwrap(), 3, "a, b and v");
     assert_eq!(db.cursor(&peer).unwrap(), 0, "its whole log again");
     assert_eq!(db.synced_at(&peer).unwrap(), Some(2000));
     assert!(db.reviewing(&peer).unwrap());
     db.confirm(&peer, &[a.as_str()]).unwrap();
-    assert_eq!(db.end_review(&peer, 5000).unwrap(), 1, "b");
+    assert_eq!(db.end_review(&peer).unwrap(), 2, "b and v");
     assert!(!db.reviewing(&peer).unwrap());
     let p = db.path(&b).unwrap().unwrap().claims[0].providers[0].clone();
-    assert_eq!((p.holds, p.at_ms, p.sig.is_empty()), (false, 5000, true));
+    assert_eq!((p.holds, p.at_ms, p.sig.is_empty()), (false, 2, true));
+    assert!(db.path(&v).unwrap().unwrap().claims[0].providers.is_empty());
     assert!(db.path(&a).unwrap().unwrap().claims[0].providers[0].holds);
-    assert_eq!(log_order(&db).last(), Some(&b));
+    let order = log_order(&db);
+    assert_eq!(&order[order.len() - 2..], &[b.clone(), v.clone()]);
     assert!(
         db.record_remote(vec![remote(&b, 2, 5, 1, true)], None, false)
             .unwrap()
@@ -497,4 +508,7 @@ fn a_review_disproves_what_the_peer_no_longer_says() {
         fresh[0].0.claims[0].providers[0].holds,
         "a later statement does"
     );
+    // A peer this node has no statement of: nothing to review.
+    assert_eq!(db.begin_review(&[9; 32], 3000).unwrap(), 0);
+    assert!(!db.reviewing(&[9; 32]).unwrap());
 }

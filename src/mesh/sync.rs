@@ -258,11 +258,22 @@ async fn round(
         if more && advanced {
             asking = Some(ask_from(next));
         }
-        let confirmed = if reviewing {
-            still_held(&entries, &peer_id)
+        // Under review, the paths in the batch are seen before the cursor moves past them.
+        let seen = if reviewing {
+            in_log(&entries)
         } else {
             Vec::new()
         };
+        if !seen.is_empty() {
+            let db = ctx.db.clone();
+            tokio::task::spawn_blocking(move || {
+                let hashes: Vec<&str> = seen.iter().map(String::as_str).collect();
+                db.confirm(&peer_id, &hashes)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        }
         let accepted = ctx
             .take(
                 entries_to_incoming(entries),
@@ -270,16 +281,6 @@ async fn round(
                 &peer.to_string(),
             )
             .await;
-        if !confirmed.is_empty() {
-            let db = ctx.db.clone();
-            tokio::task::spawn_blocking(move || {
-                let hashes: Vec<&str> = confirmed.iter().map(String::as_str).collect();
-                db.confirm(&peer_id, &hashes)
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        }
         at_end = !more;
         if n > 0 && accepted == 0 {
             // A batch with nothing acceptable: this peer is not worth more of this round (an
@@ -300,7 +301,7 @@ async fn round(
             let now_ms = super::now_ms();
             db.set_synced(&peer_id, now_ms / 1000, synced_every(forget_after))?;
             Ok(if reviewing {
-                db.end_review(&peer_id, now_ms)?
+                db.end_review(&peer_id)?
             } else {
                 0
             })
@@ -318,10 +319,11 @@ async fn round(
 }
 
 /// The cursor a round with `peer` starts from, and whether it reviews the peer: unless this
-/// node read the peer's log to its end within the last `forget_after` seconds, the peer may
-/// have forgotten paths whose withdrawals this node never heard (it was down, or it knows the
-/// paths from gossip only, or its data dir is of before), so the whole log is read again and
-/// what the peer said it held is checked (see `db::review`).
+/// node read the peer's log to its end (or started reviewing it) within the last
+/// `forget_after` seconds, the peer may have forgotten paths whose withdrawals this node never
+/// heard (it was down, or it knows the paths from gossip only, or its data dir is of before,
+/// or a review stalled that long), so the whole log is read again and what the peer said it
+/// held is checked (see `db::review`).
 fn start_round(
     db: &crate::db::Db,
     peer: EndpointId,
@@ -330,7 +332,7 @@ fn start_round(
     let id = peer.as_bytes();
     let cursor = db.cursor(id)?;
     let now = super::now_ms() / 1000;
-    if forget_after > 0 && !db.reviewing(id)? {
+    if forget_after > 0 {
         let last = db.synced_at(id)?;
         if last.is_none_or(|t| now.saturating_sub(t) > forget_after) {
             let n = db.begin_review(id, now)?;
@@ -353,20 +355,12 @@ fn synced_every(forget_after: u64) -> u64 {
     (forget_after / 8).clamp(1, 600)
 }
 
-/// Hash parts of the entries in which `peer` says it holds the NAR.
-fn still_held(entries: &Entries, peer: &[u8; 32]) -> Vec<String> {
+/// Hash parts of the paths of a batch.
+fn in_log(entries: &Entries) -> Vec<String> {
     let hash = |narinfo: &str| super::narinfo_hash_part(narinfo).map(str::to_owned);
     match entries {
-        Entries::V1(e) => e
-            .iter()
-            .filter(|a| a.providers.contains(peer))
-            .filter_map(|a| hash(&a.narinfo))
-            .collect(),
-        Entries::V2(e) => e
-            .iter()
-            .filter(|a| a.providers.iter().any(|p| &p.id == peer && p.holds))
-            .filter_map(|a| hash(&a.narinfo))
-            .collect(),
+        Entries::V1(e) => e.iter().filter_map(|a| hash(&a.narinfo)).collect(),
+        Entries::V2(e) => e.iter().filter_map(|a| hash(&a.narinfo)).collect(),
     }
 }
 
