@@ -3,15 +3,20 @@
 //! its end for longer than that (it was down; or it never did, and knows the peer's paths from
 //! gossip) may have missed the withdrawal that made a path dead, and would keep the peer's old
 //! "holds" statement for ever. So its next catch-up with that peer reads the peer's whole log
-//! again, and every record that said the peer holds its NAR must appear in it. A path the
-//! peer's log no longer has, the peer holds no NAR of (a node keeps the record of what it
-//! holds, and every record is in its log); a path it still has comes with the peer's current
-//! word on the claim it serves, taken in as usual. On the paths that did not appear, once the
-//! log is read to its end, the peer's statements of holding give way: a signed one to a local,
-//! unsigned "no longer holds" stamped just after it (never passed on, since only signed
-//! statements are; a stale echo of the old statement cannot undo it, anything the peer signs
-//! later does, whatever the clocks), an unsigned hint (a version 1 peer's) is dropped (its next
-//! announcement may name the peer again).
+//! again, and every record that said the peer holds its NAR is checked against it:
+//! - in an entry where the peer says it holds the NAR it serves: kept;
+//! - in an entry where it does not (an entry carries the peer's own statement exactly when it
+//!   holds the claim served, or has withdrawn it): the peer's statements of holding give way,
+//!   unless one is on another claim than the one served, which the entry cannot judge (kept);
+//! - not in the log at all: they give way (a node keeps the record of what it holds, and every
+//!   record is in its log).
+//!
+//! Giving way, once the log is read to its end: a signed statement becomes a local, unsigned
+//! "no longer holds" stamped now (never passed on, since only signed statements are; no
+//! statement the peer made before now, relayed by anyone, undoes it; one it signs later does),
+//! an unsigned hint (a version 1 peer's) is dropped (its next announcement may name the peer
+//! again). While a review reads the log, each batch counts as a catch-up, so only a review
+//! that stalls longer than `forget-after-secs` starts over.
 
 use redb::{ReadableDatabase, ReadableMultimapTable, ReadableTable};
 
@@ -125,32 +130,47 @@ impl Db {
         Ok(tx.open_table(REVIEWING)?.get(peer.as_slice())?.is_some())
     }
 
-    /// These paths (by hash part) are in the peer's log: seen. Called before the batch that
-    /// brought them is taken in and the cursor moves past it (redb keeps commits in order: a
-    /// crash that loses this loses the cursor's move too, and the batch is asked for again).
-    /// Not fsync'd.
-    pub fn confirm(&self, peer: &[u8; 32], hashes: &[&str]) -> Result<(), DbError> {
-        if hashes.is_empty() {
-            return Ok(());
-        }
+    /// A batch of the peer's log, read at `now` under review: for each entry, its path (hash
+    /// part), the BLAKE3 of the claim it serves, and whether the peer says in it that it holds
+    /// that NAR. The paths it settles (see the module) are no longer waiting, and the peer
+    /// counts as synced at `now` (the review is making progress). Called before the batch is
+    /// taken in and the cursor moves past it (redb keeps commits in order: a crash that loses
+    /// this loses the cursor's move too, and the batch is asked for again). Not fsync'd.
+    pub fn confirm(
+        &self,
+        peer: &[u8; 32],
+        now: u64,
+        seen: &[(String, [u8; 32], bool)],
+    ) -> Result<(), DbError> {
         let db = self.db.get()?;
         let mut tx = db.begin_write()?;
         tx.set_durability(redb::Durability::None)?;
         {
             let mut review = tx.open_multimap_table(REVIEW)?;
-            for h in hashes {
-                review.remove(peer.as_slice(), *h)?;
+            let paths = tx.open_table(PATHS)?;
+            for (h, served, says_it_holds) in seen {
+                let settled = *says_it_holds
+                    || record_in(&paths, h)?.is_some_and(|r| {
+                        r.claims.iter().any(|c| {
+                            &c.blake3 != served
+                                && c.providers.iter().any(|p| &p.id == peer && p.holds)
+                        })
+                    });
+                if settled {
+                    review.remove(peer.as_slice(), h.as_str())?;
+                }
             }
+            tx.open_table(SYNCED)?.insert(peer.as_slice(), now)?;
         }
         tx.commit()?;
         Ok(())
     }
 
     /// The peer's log was read to its end: on every path still waiting, the peer's statements
-    /// of holding give way (see the module) and the path moves to the end of the log; fsync'd
-    /// commits of [`PART`] paths each, the last of which ends the review. Returns how many
-    /// paths changed.
-    pub fn end_review(&self, peer: &[u8; 32]) -> Result<usize, DbError> {
+    /// of holding give way (see the module; stamped `now_ms`) and the path moves to the end of
+    /// the log; fsync'd commits of [`PART`] paths each, the last of which ends the review.
+    /// Returns how many paths changed.
+    pub fn end_review(&self, peer: &[u8; 32], now_ms: u64) -> Result<usize, DbError> {
         let mut n = 0;
         loop {
             let db = self.db.get()?;
@@ -174,7 +194,7 @@ impl Db {
                     let Some(mut rec) = record_in(&paths, &h)? else {
                         continue;
                     };
-                    if !disprove(&mut rec, peer) {
+                    if !disprove(&mut rec, peer, now_ms) {
                         continue;
                     }
                     paths.insert(h.as_str(), postcard::to_allocvec(&rec)?.as_slice())?;
@@ -203,7 +223,7 @@ fn says_it_holds(rec: &PathRecord, peer: &[u8; 32]) -> bool {
 }
 
 /// The peer's statements of holding give way (see the module); true if any did.
-fn disprove(rec: &mut PathRecord, peer: &[u8; 32]) -> bool {
+fn disprove(rec: &mut PathRecord, peer: &[u8; 32], now_ms: u64) -> bool {
     let mut any = false;
     for c in &mut rec.claims {
         let before = c.providers.len();
@@ -214,7 +234,7 @@ fn disprove(rec: &mut PathRecord, peer: &[u8; 32]) -> bool {
             *p = Provider {
                 id: *peer,
                 holds: false,
-                at_ms: p.at_ms.saturating_add(1),
+                at_ms: now_ms.max(p.at_ms.saturating_add(1)),
                 sig: Vec::new(),
             };
             any = true;

@@ -458,6 +458,7 @@ fn a_review_disproves_what_the_peer_no_longer_says() {
         "c".repeat(32),
         "v".repeat(32),
     );
+    let (d, e) = ("d".repeat(32), "e".repeat(32));
     let mut hint = remote(&v, 4, 5, 0, true);
     hint.claim.providers[0].sig.clear();
     db.record_remote(
@@ -466,11 +467,16 @@ fn a_review_disproves_what_the_peer_no_longer_says() {
             remote(&b, 2, 5, 1, true),
             remote(&c, 3, 6, 1, true),
             hint,
+            remote(&d, 7, 5, 1, true),
+            remote(&e, 8, 5, 1, true),
         ],
         Some((&peer, 40)),
         false,
     )
     .unwrap();
+    // `e` has a second claim, the one a peer's log would serve.
+    db.record_remote(vec![remote(&e, 9, 6, 1, true)], None, false)
+        .unwrap();
     assert_eq!(db.synced_at(&peer).unwrap(), None);
     db.set_synced(&peer, 1000, 60).unwrap();
     db.set_synced(&peer, 1050, 60).unwrap();
@@ -482,24 +488,50 @@ fn a_review_disproves_what_the_peer_no_longer_says() {
     db.set_synced(&peer, 1060, 60).unwrap();
     assert_eq!(db.synced_at(&peer).unwrap(), Some(1060));
     assert!(!db.reviewing(&peer).unwrap());
-    assert_eq!(db.begin_review(&peer, 2000).unwrap(), 3, "a, b and v");
+    assert_eq!(db.begin_review(&peer, 2000).unwrap(), 5, "a, b, v, d and e");
     assert_eq!(db.cursor(&peer).unwrap(), 0, "its whole log again");
     assert_eq!(db.synced_at(&peer).unwrap(), Some(2000));
     assert!(db.reviewing(&peer).unwrap());
-    db.confirm(&peer, &[a.as_str()]).unwrap();
-    assert_eq!(db.end_review(&peer).unwrap(), 2, "b and v");
+    // In the peer's log: `a` with its word that it holds it (kept); `c`, which it never said it
+    // held; `d` without its word on the claim served (gives way); `e` served with another
+    // claim than the one it said it held (cannot be judged: kept).
+    let seen = [
+        (a.clone(), [1; 32], true),
+        (c.clone(), [3; 32], false),
+        (d.clone(), [7; 32], false),
+        (e.clone(), [9; 32], false),
+    ];
+    db.confirm(&peer, 2500, &seen).unwrap();
+    assert_eq!(
+        db.synced_at(&peer).unwrap(),
+        Some(2500),
+        "a review making progress"
+    );
+    assert_eq!(db.end_review(&peer, 5000).unwrap(), 3, "b, d and v");
     assert!(!db.reviewing(&peer).unwrap());
     let p = db.path(&b).unwrap().unwrap().claims[0].providers[0].clone();
-    assert_eq!((p.holds, p.at_ms, p.sig.is_empty()), (false, 2, true));
+    assert_eq!((p.holds, p.at_ms, p.sig.is_empty()), (false, 5000, true));
     assert!(db.path(&v).unwrap().unwrap().claims[0].providers.is_empty());
     assert!(db.path(&a).unwrap().unwrap().claims[0].providers[0].holds);
-    let order = log_order(&db);
-    assert_eq!(&order[order.len() - 2..], &[b.clone(), v.clone()]);
     assert!(
-        db.record_remote(vec![remote(&b, 2, 5, 1, true)], None, false)
+        db.path(&e)
+            .unwrap()
+            .unwrap()
+            .claim(&[8; 32])
+            .unwrap()
+            .providers[0]
+            .holds
+    );
+    let order = log_order(&db);
+    assert_eq!(
+        &order[order.len() - 3..],
+        &[b.clone(), d.clone(), v.clone()]
+    );
+    assert!(
+        db.record_remote(vec![remote(&b, 2, 5, 4000, true)], None, false)
             .unwrap()
             .is_empty(),
-        "a stale echo changes nothing"
+        "a statement made before the review, relayed late, changes nothing"
     );
     let fresh = db
         .record_remote(vec![remote(&b, 2, 5, 6000, true)], None, false)

@@ -259,16 +259,11 @@ async fn round(
             asking = Some(ask_from(next));
         }
         // Under review, the paths in the batch are seen before the cursor moves past them.
-        let seen = if reviewing {
-            in_log(&entries)
-        } else {
-            Vec::new()
-        };
-        if !seen.is_empty() {
+        if reviewing {
+            let seen = seen_in(&entries, &peer_id);
             let db = ctx.db.clone();
             tokio::task::spawn_blocking(move || {
-                let hashes: Vec<&str> = seen.iter().map(String::as_str).collect();
-                db.confirm(&peer_id, &hashes)
+                db.confirm(&peer_id, super::now_ms() / 1000, &seen)
             })
             .await
             .map_err(|e| e.to_string())?
@@ -301,7 +296,7 @@ async fn round(
             let now_ms = super::now_ms();
             db.set_synced(&peer_id, now_ms / 1000, synced_every(forget_after))?;
             Ok(if reviewing {
-                db.end_review(&peer_id)?
+                db.end_review(&peer_id, now_ms)?
             } else {
                 0
             })
@@ -319,7 +314,7 @@ async fn round(
 }
 
 /// The cursor a round with `peer` starts from, and whether it reviews the peer: unless this
-/// node read the peer's log to its end (or started reviewing it) within the last
+/// node read the peer's log to its end (or made progress reviewing it) within the last
 /// `forget_after` seconds, the peer may have forgotten paths whose withdrawals this node never
 /// heard (it was down, or it knows the paths from gossip only, or its data dir is of before,
 /// or a review stalled that long), so the whole log is read again and what the peer said it
@@ -355,12 +350,22 @@ fn synced_every(forget_after: u64) -> u64 {
     (forget_after / 8).clamp(1, 600)
 }
 
-/// Hash parts of the paths of a batch.
-fn in_log(entries: &Entries) -> Vec<String> {
+/// What a batch says under review (see `db::review`): each entry's path (hash part), the
+/// BLAKE3 of the claim it serves, and whether `peer` says in it that it holds that NAR.
+fn seen_in(entries: &Entries, peer: &[u8; 32]) -> Vec<(String, [u8; 32], bool)> {
     let hash = |narinfo: &str| super::narinfo_hash_part(narinfo).map(str::to_owned);
     match entries {
-        Entries::V1(e) => e.iter().filter_map(|a| hash(&a.narinfo)).collect(),
-        Entries::V2(e) => e.iter().filter_map(|a| hash(&a.narinfo)).collect(),
+        Entries::V1(e) => e
+            .iter()
+            .filter_map(|a| Some((hash(&a.narinfo)?, a.blake3, a.providers.contains(peer))))
+            .collect(),
+        Entries::V2(e) => e
+            .iter()
+            .filter_map(|a| {
+                let holds = a.providers.iter().any(|p| &p.id == peer && p.holds);
+                Some((hash(&a.narinfo)?, a.blake3, holds))
+            })
+            .collect(),
     }
 }
 

@@ -113,10 +113,15 @@ fn two_providers_send_ranges_at_once_and_one_killed_mid_fetch_is_taken_over() {
     nodes[2].start();
     let c_id = endpoint_id(&nodes[1].address).to_owned();
     let a_id = endpoint_id(&nodes[0].address).to_owned();
+    // Whichever peer D caught up with first, once it has read C's log its record names C
+    // (C's entry carries C's own statement; A's may not yet).
     wait_until(30, "D to learn C provides the path", || {
-        nodes[2]
-            .log()
-            .contains(&format!("new or changed path(s) from {c_id}"))
+        nodes[2].serves(&[path.full()])
+            && nodes[2]
+                .status()
+                .peers
+                .iter()
+                .any(|p| p.endpoint_id == c_id && p.cursor > 0)
     });
     let d_http = nodes[2].http.clone();
     let d_key = nodes[2].public_key();
