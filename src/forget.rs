@@ -29,13 +29,6 @@ pub struct Forgetting {
     pub metrics: Arc<Metrics>,
 }
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 impl Forgetting {
     /// How often a step runs.
     fn every(&self) -> Duration {
@@ -50,7 +43,7 @@ impl Forgetting {
         }
         let every = self.every();
         loop {
-            self.round().await;
+            self.round(crate::mesh::now_ms() / 1000).await;
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
@@ -58,24 +51,26 @@ impl Forgetting {
         }
     }
 
-    /// Steps until the walk has caught up with what is old enough.
-    async fn round(&self) {
+    /// Steps until the walk has caught up with what is old enough (`now`: unix seconds).
+    async fn round(&self, now: u64) {
         loop {
             let (db, me, after, mirror) = (self.db.clone(), self.me, self.after_secs, self.mirror);
             let pinned = self.storage.pinned_nars();
             let step = tokio::task::spawn_blocking(move || {
                 db.forget_dead(ForgetStep {
                     me: me.as_ref(),
-                    now: now_secs(),
+                    now,
                     after,
                     limit: BATCH,
                     mirror,
                     pinned: &pinned,
                 })
             })
-            .await;
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
             match step {
-                Ok(Ok(done)) => {
+                Ok(done) => {
                     if !done.hashes.is_empty() {
                         tracing::info!(
                             "forgot {} record(s) of paths nobody holds any more",
@@ -89,15 +84,110 @@ impl Forgetting {
                         return;
                     }
                 }
-                Ok(Err(e)) => {
-                    tracing::warn!("forgetting dead records: {e}");
-                    return;
-                }
                 Err(e) => {
                     tracing::warn!("forgetting dead records: {e}");
                     return;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::{Claim, Provider, RemoteClaim};
+    use crate::storage::StorageConfig;
+    use crate::store::LocalStore;
+
+    /// A peer's claim on path `h` (NAR `b` repeated) referencing `refs`, said held or not.
+    fn claim(h: &str, b: u8, refs: &str, holds: bool) -> RemoteClaim {
+        let store_path = format!("/nix/store/{h}-x");
+        let narinfo = format!(
+            "StorePath: {store_path}\nURL: nar/x.nar\nCompression: none\nNarHash: sha256:{}\nNarSize: 7\nReferences: {refs}\n",
+            "0".repeat(52)
+        );
+        RemoteClaim {
+            store_path,
+            claim: Claim {
+                narinfo,
+                blake3: [b; 32],
+                nar_size: 7,
+                bindings: vec![],
+                upstream_refs: vec![],
+                own: false,
+                providers: vec![Provider {
+                    id: [5; 32],
+                    holds,
+                    at_ms: 1,
+                    sig: vec![1],
+                }],
+                failed: false,
+                withdrawn: false,
+            },
+        }
+    }
+
+    /// The walk keeps every path of a pinned closure, even one nobody holds (the storage's
+    /// pinned set reaches it); unpinning brings the walk back to the whole closure, which
+    /// it had passed, and the dead ones go. A path recorded after the pin joins the closure
+    /// within a minute, when the storage's housekeeping recomputes it.
+    #[tokio::test(start_paused = true)]
+    async fn a_pinned_closure_is_kept_until_unpinned_then_its_dead_paths_go() {
+        let t = tempfile::tempdir().unwrap();
+        let db = Db::open(&t.path().join("narmesh.redb")).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let cfg = StorageConfig {
+            max_size: 1 << 30,
+            min_free: 0,
+            gc_interval: Duration::from_secs(60),
+        };
+        let store = Arc::new(LocalStore::new(&t.path().join("store")));
+        let storage = Storage::open(t.path(), db.clone(), store, cfg, metrics.clone()).unwrap();
+        let (root, dep, late) = ("a".repeat(32), "b".repeat(32), "c".repeat(32));
+        // The root is held by a peer; its dependency by nobody.
+        db.record_remote(
+            vec![
+                claim(&root, 1, &format!("{dep}-x {late}-x"), true),
+                claim(&dep, 2, "", false),
+            ],
+            None,
+            false,
+        )
+        .unwrap();
+        storage.pin(vec![root.clone()], true).await.unwrap();
+        assert!(storage.pinned_nars().contains(&[2; 32]));
+        // Recorded after the pin, dead too: pinned once the closure is recomputed.
+        db.record_remote(vec![claim(&late, 3, "", false)], None, false)
+            .unwrap();
+        assert!(!storage.pinned_nars().contains(&[3; 32]));
+        let cancel = CancellationToken::new();
+        let housekeeping = tokio::spawn(storage.clone().run(cancel.clone()));
+        // (The paused clock does not move while the housekeeping's blocking work runs.)
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert!(storage.pinned_nars().contains(&[3; 32]));
+        cancel.cancel();
+        housekeeping.await.unwrap();
+        let f = Forgetting {
+            db: db.clone(),
+            storage: storage.clone(),
+            me: Some([7; 32]),
+            after_secs: 100,
+            mirror: false,
+            metrics,
+        };
+        f.round(1000).await;
+        f.round(1100).await;
+        for h in [&root, &dep, &late] {
+            assert!(db.path(h).unwrap().is_some(), "{h} is in a pinned closure");
+        }
+        storage.pin(vec![root.clone()], false).await.unwrap();
+        assert!(storage.pinned_nars().is_empty());
+        f.round(1200).await;
+        f.round(1300).await;
+        assert!(db.path(&root).unwrap().is_some(), "a peer holds it");
+        for h in [&dep, &late] {
+            assert_eq!(db.path(h).unwrap(), None, "{h}: nobody holds it, unpinned");
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The storage's housekeeping: own paths checked against the local Nix store whenever its
 //! database changed (Nix GC or `nix-store --delete` removes paths this node serves from it:
-//! they stop being held, and peers learn it), last-used times written back in batches, and the
-//! disk's free-space floor kept.
+//! they stop being held, and peers learn it), last-used times written back in batches, the
+//! disk's free-space floor kept, and pinned closures recomputed (paths recorded after a pin
+//! join it).
 
 use std::time::{Duration, SystemTime};
 
@@ -12,6 +13,8 @@ use crate::nix::StorePath;
 
 /// How often last-used times are written back and the free-space floor checked.
 const FLUSH_EVERY: Duration = Duration::from_secs(10);
+/// How often pinned closures are recomputed while there are pins.
+const PINS_EVERY: Duration = Duration::from_secs(60);
 
 /// What tells that the store database changed: the size and time of its file and its WAL.
 fn store_stamp(storage: &Storage) -> Option<Vec<(u64, SystemTime)>> {
@@ -30,10 +33,11 @@ pub(super) async fn run(storage: Storage, cancel: CancellationToken) {
     let mut last_stamp = None;
     let mut next_check = tokio::time::Instant::now();
     let mut next_flush = tokio::time::Instant::now() + FLUSH_EVERY;
+    let mut next_pins = tokio::time::Instant::now() + PINS_EVERY;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
-            _ = tokio::time::sleep_until(next_check.min(next_flush)) => {}
+            _ = tokio::time::sleep_until(next_check.min(next_flush).min(next_pins)) => {}
         }
         let now = tokio::time::Instant::now();
         if now >= next_check {
@@ -56,6 +60,19 @@ pub(super) async fn run(storage: Storage, cancel: CancellationToken) {
                     tracing::warn!("storage: {e}");
                 }
                 s.publish();
+            })
+            .await;
+        }
+        if now >= next_pins {
+            next_pins = now + PINS_EVERY;
+            let s = storage.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let any = s.inner.db.pins().is_ok_and(|p| !p.is_empty());
+                if (any || !s.inner.lock().pinned.is_empty())
+                    && let Err(e) = s.refresh_pins()
+                {
+                    tracing::warn!("storage: pinned closures: {e}");
+                }
             })
             .await;
         }

@@ -95,6 +95,8 @@ struct Inner {
     layouts: quick_cache::sync::Cache<[u8; 32], Arc<NarLayout>, LayoutWeight>,
     /// Records fetched NAR files, a group per commit.
     recorder: record::Recorder,
+    /// One recomputation of the pinned closures at a time (see `refresh_pins`).
+    pins_lock: Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -196,6 +198,7 @@ impl Storage {
                 LAYOUT_CACHE_BYTES,
                 LayoutWeight,
             ),
+            pins_lock: Mutex::new(()),
         });
         let storage = Storage { inner };
         storage.reconcile()?;
@@ -405,8 +408,17 @@ impl Storage {
         self.inner.lock().pinned.clone()
     }
 
-    /// Recompute the NARs of pinned closures (records' references, as far as recorded).
+    /// Recompute the NARs of pinned closures (records' references, as far as recorded: run
+    /// again by the housekeeping, so paths recorded after the pin join it). The paths of NARs
+    /// that left the set move to the end of the log: the walk that forgets dead records
+    /// (`crate::forget`) passed them while they were kept, and must come to them again.
+    /// Blocking.
     fn refresh_pins(&self) -> Result<(), StorageError> {
+        let _one = self
+            .inner
+            .pins_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let roots = self.inner.db.pins()?;
         let mut seen: HashSet<String> = HashSet::new();
         let mut todo = roots;
@@ -421,7 +433,35 @@ impl Storage {
                 }
             }
         }
-        self.inner.lock().pinned = pinned;
+        let left: Vec<[u8; 32]> = {
+            let mut st = self.inner.lock();
+            let left = st.pinned.difference(&pinned).copied().collect();
+            st.pinned = pinned;
+            left
+        };
+        if let Err(e) = self.revisit(&left) {
+            // Kept until a later refresh revisits them.
+            self.inner.lock().pinned.extend(left);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Move the paths claiming these NARs to the end of the log, a bounded batch per commit.
+    fn revisit(&self, blake3s: &[[u8; 32]]) -> Result<(), StorageError> {
+        let mut hashes = Vec::new();
+        for b in blake3s {
+            hashes.extend(
+                self.inner
+                    .db
+                    .by_blake3(b)?
+                    .iter()
+                    .map(|r| r.hash_part().to_owned()),
+            );
+        }
+        for batch in hashes.chunks(1024) {
+            self.inner.db.relog(batch)?;
+        }
         Ok(())
     }
 
@@ -453,7 +493,7 @@ impl Storage {
     }
 
     /// Run the storage's housekeeping (own paths against the Nix store, last-used times, free
-    /// space) until cancelled.
+    /// space, pinned closures) until cancelled.
     pub async fn run(self, cancel: tokio_util::sync::CancellationToken) {
         gc::run(self, cancel).await
     }
