@@ -1,8 +1,10 @@
-//! Named points in ingest, storage and mirroring where a test can make the node die at once
+//! Named points in ingest, storage, mirroring and the mesh's catch-up where a test can make
+//! the node die at once
 //! (SIGKILL to itself, as a crash or power cut would). `NARMESH_TEST_KILL_AT=NAME` (or
 //! `NAME:N`, the Nth time the point is reached) arms one point; unset, each point costs one
 //! load of a cached value. The fault-injection test loops over [`POINTS`] and checks that,
-//! after a restart, nothing acknowledged is missing and the bucket is closure-complete.
+//! after a restart, nothing acknowledged is missing and the bucket is closure-complete;
+//! [`MESH_POINTS`] have tests of their own.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +29,18 @@ pub const POINTS: &[&str] = &[
     "mirror.narinfo-put",
 ];
 
+/// Points in the mesh's catch-up, each with a test of its own (the loop over [`POINTS`]
+/// builds and mirrors; it would not reach these).
+pub const MESH_POINTS: &[&str] = &[
+    // Reviewing a peer's whole log: a batch was confirmed and taken in, and the cursor moved
+    // past it; the review has not ended.
+    "mesh.review-batch-taken",
+];
+
+fn listed(name: &str) -> bool {
+    POINTS.contains(&name) || MESH_POINTS.contains(&name)
+}
+
 struct Armed {
     name: String,
     nth: u64,
@@ -42,7 +56,7 @@ fn armed() -> Option<&'static Armed> {
                 Some((n, k)) => (n.to_owned(), k.parse().unwrap_or(1)),
                 None => (v, 1),
             };
-            if !POINTS.contains(&name.as_str()) {
+            if !listed(&name) {
                 tracing::error!("NARMESH_TEST_KILL_AT: no kill point {name:?}");
             }
             Some(Armed {
@@ -56,7 +70,7 @@ fn armed() -> Option<&'static Armed> {
 
 /// Die here if this point is armed (and reached for the Nth time).
 pub fn reach(name: &'static str) {
-    debug_assert!(POINTS.contains(&name), "unlisted kill point {name}");
+    debug_assert!(listed(name), "unlisted kill point {name}");
     let Some(a) = armed() else { return };
     if a.name == name && a.seen.fetch_add(1, Ordering::SeqCst) + 1 == a.nth {
         eprintln!("narmesh: killed at {name} (NARMESH_TEST_KILL_AT)");

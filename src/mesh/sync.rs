@@ -276,6 +276,9 @@ async fn round(
                 &peer.to_string(),
             )
             .await;
+        if reviewing {
+            crate::killpoint::reach("mesh.review-batch-taken");
+        }
         at_end = !more;
         if n > 0 && accepted == 0 {
             // A batch with nothing acceptable: this peer is not worth more of this round (an

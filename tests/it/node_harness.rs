@@ -162,6 +162,26 @@ impl Node {
 
     /// Start the process and wait until it answers on its socket.
     pub fn start(&mut self) -> &mut Self {
+        self.spawn();
+        let mut status = None;
+        wait_until(60, "the node to answer on its socket", || {
+            if let Some(c) = self.child.as_mut() {
+                assert!(
+                    c.try_wait().ok().flatten().is_none(),
+                    "node exited; log:\n{}",
+                    self.log()
+                );
+            }
+            status = self.try_status();
+            status.is_some()
+        });
+        self.http = status.expect("status").http_listen[0].clone();
+        self
+    }
+
+    /// Start the process without waiting for it (it may die at a kill point before it
+    /// answers).
+    pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "node already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -189,20 +209,6 @@ impl Node {
             .spawn()
             .expect("spawn narmesh serve");
         self.child = Some(child);
-        let mut status = None;
-        wait_until(60, "the node to answer on its socket", || {
-            if let Some(c) = self.child.as_mut() {
-                assert!(
-                    c.try_wait().ok().flatten().is_none(),
-                    "node exited; log:\n{}",
-                    self.log()
-                );
-            }
-            status = self.try_status();
-            status.is_some()
-        });
-        self.http = status.expect("status").http_listen[0].clone();
-        self
     }
 
     /// The node's log so far.

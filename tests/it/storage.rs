@@ -466,3 +466,51 @@ fn a_data_dir_of_the_previous_format_keeps_working() {
         assert_eq!(host.closure(&top).len(), 4);
     }
 }
+
+/// A review cut short by a crash keeps what it confirmed: B, back after an absence, reviews
+/// A's log and dies (SIGKILL) right after taking in a batch, the cursor past it; started again
+/// (with a long `forget-after-secs`, so the review goes on rather than starting over), B ends
+/// the review and still counts A as the holder of both paths, which A never stopped holding.
+/// A confirmation written after the batch was taken in would be lost with the crash, and
+/// the review's end would drop A as their holder.
+#[test]
+fn a_review_cut_short_by_a_crash_keeps_what_it_confirmed() {
+    let (mut cl, kept, also) = forgetting("review-crash", 2);
+    cl.nodes[1].stop();
+    // A path B learns only in the review's batch: that batch's commit (the cursor's move with
+    // it) is then fsync'd, not merely written.
+    let new =
+        cl.a.build(r#"mk "review-crash-new" "echo new > $out""#)
+            .remove(0);
+    std::thread::sleep(Duration::from_secs(3));
+    let point = "mesh.review-batch-taken";
+    cl.nodes[1]
+        .env
+        .push(("NARMESH_TEST_KILL_AT".into(), point.into()));
+    cl.nodes[1].spawn();
+    assert!(
+        cl.nodes[1].wait_exit(60),
+        "B never reached {point}:\n{}",
+        cl.nodes[1].log()
+    );
+    assert!(
+        cl.nodes[1].log().contains(&format!("killed at {point}")),
+        "B died elsewhere:\n{}",
+        cl.nodes[1].log()
+    );
+    cl.nodes[1].env.retain(|(k, _)| k != "NARMESH_TEST_KILL_AT");
+    cl.nodes[1].extra_config = "[store]\nmin-free = \"64MiB\"\nforget-after-secs = 3600\n".into();
+    cl.nodes[1].start();
+    wait_until(30, "B to end its review of A's log", || {
+        cl.nodes[1].log().contains("reviewed ")
+    });
+    let log = cl.nodes[1].log();
+    assert!(
+        log.contains("it no longer holds 0 path(s)"),
+        "the review's end dropped A as a holder:\n{log}"
+    );
+    let narinfo = |p: &StorePath| format!("/{}.narinfo", p.hash_part());
+    for p in [&kept, &also, &new] {
+        assert_eq!(http(&cl.nodes[1].http, "GET", &narinfo(p), &[]).0, 200);
+    }
+}
