@@ -229,6 +229,14 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
     if let Some(m) = &mesh {
         m.shutdown().await;
     }
+    // The process may end before every handle to the database is gone (and redb closes it).
+    let synced = tokio::task::spawn_blocking(move || db.sync()).await;
+    if let Err(e) = synced
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+    {
+        tracing::warn!("database: the last commit: {e}");
+    }
     let _ = std::fs::remove_file(&cfg.socket);
     Ok(())
 }

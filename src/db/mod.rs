@@ -213,6 +213,16 @@ impl Db {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Make every commit so far durable (one fsync'd commit: redb keeps commits in order, so
+    /// the ones written without fsync, claims learnt from peers in the last second and the
+    /// review's confirmations, become durable with it). For a clean stop, which otherwise may
+    /// end the process before the database is closed.
+    pub fn sync(&self) -> Result<(), DbError> {
+        let db = self.db.get()?;
+        durable(&db)?.commit()?;
+        Ok(())
+    }
+
     /// Append reports to the queue durably (written and fsync'd).
     pub fn enqueue(&self, items: &[QueueItem]) -> Result<(), DbError> {
         Ok(self.journal().append(items)?)
