@@ -14,9 +14,10 @@
 
 use redb::{ReadableMultimapTable, ReadableTable};
 
+use super::leaves::Leaves;
 use super::outbox::OUTBOX;
 use super::paths::record_in;
-use super::storage::{LEAVES, NARS, OWN, PINS, WANTS, held_here};
+use super::storage::{NARS, OWN, PINS, WANTS, held_here};
 use super::{
     BLOBS, Db, DbError, LOG, LOG_INDEX, LOG_NEXT, META, MirrorState, PATHS, PathRecord, bump,
     durable, get_meta,
@@ -131,7 +132,7 @@ impl Db {
             let mut paths = tx.open_table(PATHS)?;
             let mut index = tx.open_table(LOG_INDEX)?;
             let mut blobs = tx.open_multimap_table(BLOBS)?;
-            let mut leaves = tx.open_table(LEAVES)?;
+            let mut leaves = Leaves::open(&tx)?;
             let mut wants = tx.open_table(WANTS)?;
             let nars = tx.open_table(NARS)?;
             let own = tx.open_multimap_table(OWN)?;
@@ -180,7 +181,7 @@ impl Db {
                         None => {
                             wants.remove(b)?;
                             if !held_here(&nars, &own, b)? {
-                                leaves.remove(b)?;
+                                leaves.remove(&c.blake3)?;
                             }
                         }
                         Some(other) if wished.as_deref() == Some(hash.as_str()) => {

@@ -14,6 +14,7 @@
 mod forget;
 mod handle;
 mod journal;
+mod leaves;
 mod migrate;
 mod outbox;
 mod paths;

@@ -5,7 +5,8 @@
 
 use redb::{ReadableDatabase, ReadableMultimapTable, ReadableTable};
 
-use super::storage::{LEAVES, NARS, OWN, OWN_BYTES, OWN_PATHS};
+use super::leaves::Leaves;
+use super::storage::{NARS, OWN, OWN_BYTES, OWN_PATHS};
 use super::{
     BLOBS, CURSORS, Claim, Db, DbError, FAILURES, LOG, LOG_INDEX, LOG_NEXT, META, PATHS,
     PathRecord, bump, durable, lower,
@@ -84,7 +85,7 @@ impl Db {
             let mut meta = tx.open_table(META)?;
             let mut blobs = tx.open_multimap_table(BLOBS)?;
             let mut own = tx.open_multimap_table(OWN)?;
-            let mut leaves = tx.open_table(LEAVES)?;
+            let mut leaves = Leaves::open(&tx)?;
             let nars = tx.open_table(NARS)?;
             for r in records {
                 let hash = super::hash_part_of(&r.store_path).to_owned();
@@ -106,7 +107,7 @@ impl Db {
                     if own.get(old.as_slice())?.next().is_none() {
                         lower(&mut meta, OWN_BYTES, size)?;
                         if nars.get(old.as_slice())?.is_none() {
-                            leaves.remove(old.as_slice())?;
+                            leaves.remove(&old)?;
                             gone.push(old);
                         }
                     }
@@ -122,7 +123,7 @@ impl Db {
                 if rebuilt.is_none() {
                     bump(&mut meta, OWN_PATHS, 1)?;
                 }
-                leaves.insert(r.claim.blake3.as_slice(), r.leaves.as_slice())?;
+                leaves.insert(&r.claim.blake3, &r.leaves)?;
                 relog(&mut log, &mut index, &mut meta, &hash)?;
                 changed.push(hash);
             }

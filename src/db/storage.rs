@@ -11,6 +11,7 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::leaves::Leaves;
 use super::paths::relog;
 use super::{
     BLOBS, Db, DbError, LOG, LOG_INDEX, META, PATHS, PathRecord, bump, durable, get_meta, lower,
@@ -18,8 +19,6 @@ use super::{
 
 /// Hash parts of the paths whose own claim has this NAR, held in the local Nix store.
 pub(super) const OWN: MultimapTableDefinition<&[u8], &str> = MultimapTableDefinition::new("own_v1");
-/// The BLAKE3 leaves of every NAR held (own or file).
-pub(super) const LEAVES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("leaves_v1");
 /// NAR files held by the storage ([`NarFile`]).
 pub(super) const NARS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("nars_v1");
 /// Pinned paths (closures kept from eviction), by hash part: when pinned.
@@ -35,7 +34,7 @@ const GC_LOST: &str = "own.gc_lost";
 
 pub(super) fn create_tables(tx: &redb::WriteTransaction) -> Result<(), DbError> {
     tx.open_multimap_table(OWN)?;
-    tx.open_table(LEAVES)?;
+    super::leaves::create_tables(tx)?;
     tx.open_table(NARS)?;
     tx.open_table(PINS)?;
     tx.open_table(WANTS)?;
@@ -171,7 +170,7 @@ impl Db {
             let mut own = tx.open_multimap_table(OWN)?;
             let mut paths = tx.open_table(PATHS)?;
             let mut meta = tx.open_table(META)?;
-            let mut leaves = tx.open_table(LEAVES)?;
+            let mut leaves = Leaves::open(&tx)?;
             let nars = tx.open_table(NARS)?;
             let mut log = tx.open_table(LOG)?;
             let mut index = tx.open_table(LOG_INDEX)?;
@@ -196,7 +195,7 @@ impl Db {
                 if own.get(blake3.as_slice())?.next().is_none() {
                     lower(&mut meta, OWN_BYTES, size)?;
                     if nars.get(blake3.as_slice())?.is_none() {
-                        leaves.remove(blake3.as_slice())?;
+                        leaves.remove(blake3)?;
                         gone.push(*blake3);
                     }
                 }
@@ -219,10 +218,7 @@ impl Db {
     pub fn leaves(&self, blake3: &[u8; 32]) -> Result<Option<Vec<u8>>, DbError> {
         let db = self.db.get()?;
         let tx = db.begin_read()?;
-        Ok(tx
-            .open_table(LEAVES)?
-            .get(blake3.as_slice())?
-            .map(|v| v.value().to_vec()))
+        super::leaves::read(&tx, blake3)
     }
 
     /// The NAR file of this BLAKE3, if the storage holds one.
@@ -263,14 +259,14 @@ impl Db {
         {
             let mut nars = tx.open_table(NARS)?;
             let mut meta = tx.open_table(META)?;
-            let mut leaves_t = tx.open_table(LEAVES)?;
+            let mut leaves_t = Leaves::open(&tx)?;
             let mut wants = tx.open_table(WANTS)?;
             for (blake3, file, leaves) in files {
                 if nars.get(blake3.as_slice())?.is_none() {
                     bump(&mut meta, FILE_BYTES, file.size)?;
                 }
                 nars.insert(blake3.as_slice(), postcard::to_allocvec(file)?.as_slice())?;
-                leaves_t.insert(blake3.as_slice(), *leaves)?;
+                leaves_t.insert(blake3, leaves)?;
                 wants.remove(blake3.as_slice())?;
             }
         }
@@ -295,7 +291,7 @@ impl Db {
         {
             let mut nars = tx.open_table(NARS)?;
             let mut meta = tx.open_table(META)?;
-            let mut leaves = tx.open_table(LEAVES)?;
+            let mut leaves = Leaves::open(&tx)?;
             let mut wants = tx.open_table(WANTS)?;
             let own = tx.open_multimap_table(OWN)?;
             for b in blake3s {
@@ -311,7 +307,7 @@ impl Db {
                     bump(&mut meta, EVICTIONS, 1)?;
                 }
                 if own.get(b.as_slice())?.next().is_none() {
-                    leaves.remove(b.as_slice())?;
+                    leaves.remove(b)?;
                 }
                 wants.remove(b.as_slice())?;
             }
