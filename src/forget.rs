@@ -96,36 +96,19 @@ impl Forgetting {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::{Claim, Provider, RemoteClaim};
+    use crate::db::RemoteClaim;
     use crate::storage::StorageConfig;
     use crate::store::LocalStore;
 
     /// A peer's claim on path `h` (NAR `b` repeated) referencing `refs`, said held or not.
     fn claim(h: &str, b: u8, refs: &str, holds: bool) -> RemoteClaim {
-        let store_path = format!("/nix/store/{h}-x");
-        let narinfo = format!(
-            "StorePath: {store_path}\nURL: nar/x.nar\nCompression: none\nNarHash: sha256:{}\nNarSize: 7\nReferences: {refs}\n",
+        let mut c = crate::db::tests::remote(h, b, 5, 1, holds);
+        c.claim.narinfo = format!(
+            "StorePath: {}\nURL: nar/x.nar\nCompression: none\nNarHash: sha256:{}\nNarSize: 7\nReferences: {refs}\n",
+            c.store_path,
             "0".repeat(52)
         );
-        RemoteClaim {
-            store_path,
-            claim: Claim {
-                narinfo,
-                blake3: [b; 32],
-                nar_size: 7,
-                bindings: vec![],
-                upstream_refs: vec![],
-                own: false,
-                providers: vec![Provider {
-                    id: [5; 32],
-                    holds,
-                    at_ms: 1,
-                    sig: vec![1],
-                }],
-                failed: false,
-                withdrawn: false,
-            },
-        }
+        c
     }
 
     /// The walk keeps every path of a pinned closure, even one nobody holds (the storage's

@@ -1,8 +1,7 @@
 //! Named points in ingest, storage, mirroring and the mesh's catch-up where a test can make
-//! the node die at once
-//! (SIGKILL to itself, as a crash or power cut would). `NARMESH_TEST_KILL_AT=NAME` (or
-//! `NAME:N`, the Nth time the point is reached) arms one point; unset, each point costs one
-//! load of a cached value. The fault-injection test loops over [`POINTS`] and checks that,
+//! the node die at once (SIGKILL to itself, as a crash or power cut would).
+//! `NARMESH_TEST_KILL_AT=NAME` (or `NAME:N`, the Nth time the point is reached) arms one
+//! point; unset, each point costs one load of a cached value. The fault-injection test loops over [`POINTS`] and checks that,
 //! after a restart, nothing acknowledged is missing and the bucket is closure-complete;
 //! [`MESH_POINTS`] have tests of their own.
 

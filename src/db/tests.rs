@@ -22,7 +22,8 @@ pub(super) fn own(h: &str, b: u8, size: u64) -> OwnRecord {
     }
 }
 
-fn remote(h: &str, b: u8, provider: u8, at: u64, holds: bool) -> RemoteClaim {
+/// A claim learnt from `provider` on path `h` (NAR `b` repeated), holding it or not at `at`.
+pub(crate) fn remote(h: &str, b: u8, provider: u8, at: u64, holds: bool) -> RemoteClaim {
     RemoteClaim {
         store_path: format!("/nix/store/{h}-x"),
         claim: Claim {
