@@ -28,6 +28,9 @@ pub struct RemoteClaim {
     pub claim: Claim,
 }
 
+/// Records checked per commit when the trust configuration changed.
+pub(super) const RETRUST_BATCH: usize = 1024;
+
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -458,77 +461,98 @@ impl Db {
     /// The trust configuration changed (its fingerprint is new): every claim not made here is
     /// checked again with `keep` (which returns it as it may stay, or `None`), records left
     /// without claims are removed, and every peer's catch-up cursor goes back to 0 so entries
-    /// refused before are offered again. One fsync'd transaction. Returns (claims dropped,
-    /// records removed).
+    /// refused before are offered again. [`RETRUST_BATCH`] records per commit, so neither the
+    /// memory nor the database's one writer is held by all of them at once; the new fingerprint
+    /// and the cursors' reset are in the last commit, so a check cut short is done again at
+    /// the next start. Returns (claims dropped, records removed).
     pub fn retrust(
         &self,
         fingerprint: u64,
         keep: impl Fn(&str, &Claim) -> Option<Claim>,
     ) -> Result<(usize, usize), DbError> {
         let db = self.db.get()?;
-        let tx = durable(&db)?;
         let (mut dropped, mut removed) = (0, 0);
-        let mut changed = Vec::new();
-        {
-            let mut paths = tx.open_table(PATHS)?;
-            let mut log = tx.open_table(LOG)?;
-            let mut index = tx.open_table(LOG_INDEX)?;
-            let mut meta = tx.open_table(META)?;
-            let mut blobs = tx.open_multimap_table(BLOBS)?;
-            let mut all = Vec::new();
-            for entry in paths.iter()? {
-                let (h, v) = entry?;
-                all.push((h.value().to_owned(), decode(v.value())?));
-            }
-            for (hash, mut rec) in all {
-                let before = rec.claims.clone();
-                let store_path = rec.store_path.clone();
-                rec.claims = before
-                    .iter()
-                    .filter_map(|c| {
-                        if c.own {
-                            Some(c.clone())
-                        } else {
-                            keep(&store_path, c)
-                        }
+        let mut after: Option<String> = None;
+        loop {
+            let tx = durable(&db)?;
+            let mut changed = Vec::new();
+            let last;
+            {
+                let mut paths = tx.open_table(PATHS)?;
+                let mut log = tx.open_table(LOG)?;
+                let mut index = tx.open_table(LOG_INDEX)?;
+                let mut meta = tx.open_table(META)?;
+                let mut blobs = tx.open_multimap_table(BLOBS)?;
+                let from = match &after {
+                    Some(h) => std::ops::Bound::Excluded(h.as_str()),
+                    None => std::ops::Bound::Unbounded,
+                };
+                let batch: Vec<(String, PathRecord)> = paths
+                    .range::<&str>((from, std::ops::Bound::Unbounded))?
+                    .take(RETRUST_BATCH)
+                    .map(|e| {
+                        let (h, v) = e?;
+                        Ok((h.value().to_owned(), decode(v.value())?))
                     })
-                    .collect();
-                if rec.claims == before {
-                    continue;
-                }
-                for c in &before {
-                    if rec.claim(&c.blake3).is_none() {
-                        dropped += 1;
-                        blobs.remove(c.blake3.as_slice(), hash.as_str())?;
+                    .collect::<Result<_, DbError>>()?;
+                last = batch.len() < RETRUST_BATCH;
+                after = batch.last().map(|(h, _)| h.clone());
+                for (hash, mut rec) in batch {
+                    let before = rec.claims.clone();
+                    let store_path = rec.store_path.clone();
+                    rec.claims = before
+                        .iter()
+                        .filter_map(|c| {
+                            if c.own {
+                                Some(c.clone())
+                            } else {
+                                keep(&store_path, c)
+                            }
+                        })
+                        .collect();
+                    if rec.claims == before {
+                        continue;
+                    }
+                    for c in &before {
+                        if rec.claim(&c.blake3).is_none() {
+                            dropped += 1;
+                            blobs.remove(c.blake3.as_slice(), hash.as_str())?;
+                        }
+                    }
+                    changed.push(hash.clone());
+                    if rec.claims.is_empty() {
+                        removed += 1;
+                        paths.remove(hash.as_str())?;
+                        if let Some(seq) = index.remove(hash.as_str())?.map(|v| v.value()) {
+                            log.remove(seq)?;
+                        }
+                    } else {
+                        paths.insert(hash.as_str(), postcard::to_allocvec(&rec)?.as_slice())?;
+                        relog(&mut log, &mut index, &mut meta, &hash)?;
                     }
                 }
-                changed.push(hash.clone());
-                if rec.claims.is_empty() {
-                    removed += 1;
-                    paths.remove(hash.as_str())?;
-                    if let Some(seq) = index.remove(hash.as_str())?.map(|v| v.value()) {
-                        log.remove(seq)?;
+                if last {
+                    let mut cursors = tx.open_table(CURSORS)?;
+                    let peers: Vec<Vec<u8>> = cursors
+                        .iter()?
+                        .map(|e| e.map(|(k, _)| k.value().to_vec()))
+                        .collect::<Result<_, _>>()?;
+                    for p in peers {
+                        cursors.remove(p.as_slice())?;
                     }
-                } else {
-                    paths.insert(hash.as_str(), postcard::to_allocvec(&rec)?.as_slice())?;
-                    relog(&mut log, &mut index, &mut meta, &hash)?;
+                    meta.insert(super::TRUST_FINGERPRINT, fingerprint)?;
                 }
             }
-            let mut cursors = tx.open_table(CURSORS)?;
-            let peers: Vec<Vec<u8>> = cursors
-                .iter()?
-                .map(|e| e.map(|(k, _)| k.value().to_vec()))
-                .collect::<Result<_, _>>()?;
-            for p in peers {
-                cursors.remove(p.as_slice())?;
+            tx.commit()?;
+            if !changed.is_empty() || last {
+                self.changed();
             }
-            meta.insert(super::TRUST_FINGERPRINT, fingerprint)?;
+            for h in changed {
+                let _ = self.changed_paths.send(h);
+            }
+            if last {
+                return Ok((dropped, removed));
+            }
         }
-        tx.commit()?;
-        self.changed();
-        for h in changed {
-            let _ = self.changed_paths.send(h);
-        }
-        Ok((dropped, removed))
     }
 }

@@ -576,3 +576,44 @@ fn a_sync_makes_the_commits_written_without_fsync_durable() {
     assert!(after.path(&a).unwrap().is_some());
     assert!(after.path(&b).unwrap().is_some(), "kept with it");
 }
+
+/// A change of trust checks every record again, a batch per commit: across batches, claims no
+/// longer trusted go (records left without any with them, and their log entries), own claims
+/// and trusted ones stay, and only the last commit resets the catch-up cursors and notes the
+/// new fingerprint.
+#[test]
+fn a_change_of_trust_checks_every_record_in_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("db.redb")).unwrap();
+    let n = 2 * super::paths::RETRUST_BATCH + 300;
+    let claims: Vec<RemoteClaim> = (0..n)
+        .map(|i| {
+            remote(
+                &format!("{i:032}"),
+                (i % 250) as u8,
+                5 + (i % 2) as u8,
+                1,
+                true,
+            )
+        })
+        .collect();
+    db.record_remote(claims, Some((&[9; 32], 77)), false)
+        .unwrap();
+    let mine = "z".repeat(32);
+    db.record_own(&[], &[own(&mine, 251, 10)], 0).unwrap();
+    let keep = |_: &str, c: &Claim| (c.providers[0].id[0] == 5).then(|| c.clone());
+    assert_eq!(db.retrust(42, keep).unwrap(), (n / 2, n / 2));
+    assert_eq!(db.trust_fingerprint().unwrap(), 42);
+    assert_eq!(db.cursor(&[9; 32]).unwrap(), 0, "catch-up starts over");
+    assert_eq!(db.counters().unwrap().paths, (n / 2 + 1) as u64);
+    for i in [0, 1, 1023, 1024, 1025, 2048, n - 1] {
+        let rec = db.path(&format!("{i:032}")).unwrap();
+        assert_eq!(rec.is_some(), i % 2 == 0, "record {i}");
+    }
+    assert!(
+        db.path(&mine).unwrap().is_some(),
+        "own claims are never checked"
+    );
+    let (entries, _) = db.log_after(0, 10 * n).unwrap();
+    assert_eq!(entries.len(), n / 2 + 1, "no log entry without its record");
+}
