@@ -23,6 +23,11 @@ pub(super) const OWN: MultimapTableDefinition<&[u8], &str> = MultimapTableDefini
 pub(super) const NARS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("nars_v1");
 /// Pinned paths (closures kept from eviction), by hash part: when pinned.
 pub(super) const PINS: TableDefinition<&str, u64> = TableDefinition::new("pins_v1");
+/// Paths unpinned whose closure the walk that forgets dead records has not been brought back
+/// to yet, by hash part: when unpinned. Written in the unpin's commit, cleared once the
+/// storage has moved the closure's paths to the end of the log, so a crash in between loses
+/// nothing (`crate::storage::Storage::refresh_pins` does it again at the next start).
+const UNPINNED: TableDefinition<&str, u64> = TableDefinition::new("unpinned_v1");
 /// NARs an eager node still wants, by BLAKE3: the hash part of a path that wants it.
 pub(super) const WANTS: TableDefinition<&[u8], &str> = TableDefinition::new("wants_v1");
 
@@ -37,6 +42,7 @@ pub(super) fn create_tables(tx: &redb::WriteTransaction) -> Result<(), DbError> 
     super::leaves::create_tables(tx)?;
     tx.open_table(NARS)?;
     tx.open_table(PINS)?;
+    tx.open_table(UNPINNED)?;
     tx.open_table(WANTS)?;
     Ok(())
 }
@@ -344,12 +350,14 @@ impl Db {
         Ok(())
     }
 
-    /// Pin (or unpin) paths by hash part.
+    /// Pin (or unpin) paths by hash part. An unpinned path is also noted as unpinned until
+    /// [`Db::unpinned_done`].
     pub fn set_pins(&self, hashes: &[String], pinned: bool) -> Result<(), DbError> {
         let db = self.db.get()?;
         let tx = durable(&db)?;
         {
             let mut pins = tx.open_table(PINS)?;
+            let mut unpinned = tx.open_table(UNPINNED)?;
             let paths = tx.open_table(PATHS)?;
             let mut log = tx.open_table(LOG)?;
             let mut index = tx.open_table(LOG_INDEX)?;
@@ -361,10 +369,14 @@ impl Db {
             for h in hashes {
                 if pinned {
                     pins.insert(h.as_str(), now)?;
-                } else if pins.remove(h.as_str())?.is_some() && paths.get(h.as_str())?.is_some() {
-                    // A dead record kept only for its pin: the walk that forgets dead records
-                    // (`forget`) must come to it again.
-                    relog(&mut log, &mut index, &mut meta, h)?;
+                    unpinned.remove(h.as_str())?;
+                } else if pins.remove(h.as_str())?.is_some() {
+                    unpinned.insert(h.as_str(), now)?;
+                    if paths.get(h.as_str())?.is_some() {
+                        // A dead record kept only for its pin: the walk that forgets dead
+                        // records (`forget`) must come to it again.
+                        relog(&mut log, &mut index, &mut meta, h)?;
+                    }
                 }
             }
         }
@@ -382,6 +394,36 @@ impl Db {
             out.push(entry?.0.value().to_owned());
         }
         Ok(out)
+    }
+
+    /// Paths unpinned whose closures are still to be revisited (see [`Db::set_pins`]), by hash
+    /// part; at most `limit`.
+    pub fn unpinned(&self, limit: usize) -> Result<Vec<String>, DbError> {
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
+        let unpinned = tx.open_table(UNPINNED)?;
+        let mut out = Vec::new();
+        for entry in unpinned.iter()?.take(limit) {
+            out.push(entry?.0.value().to_owned());
+        }
+        Ok(out)
+    }
+
+    /// These unpinned paths' closures have been revisited.
+    pub fn unpinned_done(&self, hashes: &[String]) -> Result<(), DbError> {
+        if hashes.is_empty() {
+            return Ok(());
+        }
+        let db = self.db.get()?;
+        let tx = durable(&db)?;
+        {
+            let mut unpinned = tx.open_table(UNPINNED)?;
+            for h in hashes {
+                unpinned.remove(h.as_str())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// Wish for these NARs (eager replication), by BLAKE3 with a path that wants each.

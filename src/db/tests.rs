@@ -577,12 +577,9 @@ fn a_sync_makes_the_commits_written_without_fsync_durable() {
     assert!(after.path(&b).unwrap().is_some(), "kept with it");
 }
 
-/// A change of trust checks every record again, a batch per commit: across batches, claims no
-/// longer trusted go (records left without any with them, and their log entries), own claims
-/// and trusted ones stay, and only the last commit resets the catch-up cursors and notes the
-/// new fingerprint.
-#[test]
-fn a_change_of_trust_checks_every_record_in_batches() {
+/// Records of `n` paths (two batches of a change of trust and some), every other one said by
+/// peer 5 (the others by peer 6), learnt from peer 9 whose catch-up cursor is at 77.
+fn retrust_fixture() -> (tempfile::TempDir, Db, usize) {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(&dir.path().join("db.redb")).unwrap();
     let n = 2 * super::paths::RETRUST_BATCH + 300;
@@ -599,6 +596,16 @@ fn a_change_of_trust_checks_every_record_in_batches() {
         .collect();
     db.record_remote(claims, Some((&[9; 32], 77)), false)
         .unwrap();
+    (dir, db, n)
+}
+
+/// A change of trust checks every record again, a batch per commit: across batches, claims no
+/// longer trusted go (records left without any with them, and their log entries), own claims
+/// and trusted ones stay, and only the last commit resets the catch-up cursors and notes the
+/// new fingerprint.
+#[test]
+fn a_change_of_trust_checks_every_record_in_batches() {
+    let (_dir, db, n) = retrust_fixture();
     let mine = "z".repeat(32);
     db.record_own(&[], &[own(&mine, 251, 10)], 0).unwrap();
     let keep = |_: &str, c: &Claim| (c.providers[0].id[0] == 5).then(|| c.clone());
@@ -616,4 +623,51 @@ fn a_change_of_trust_checks_every_record_in_batches() {
     );
     let (entries, _) = db.log_after(0, 10 * n).unwrap();
     assert_eq!(entries.len(), n / 2 + 1, "no log entry without its record");
+}
+
+/// A change of trust cut short (here by a panic in the third batch; a crash at the same point
+/// leaves the same commits) leaves the old fingerprint and the catch-up cursors as they were,
+/// so the check is done again, whole, at the next start; the batches already committed are
+/// not undone, and checking them again changes nothing.
+#[test]
+fn a_change_of_trust_cut_short_is_done_again() {
+    let (_dir, db, n) = retrust_fixture();
+    let keep = |_: &str, c: &Claim| (c.providers[0].id[0] == 5).then(|| c.clone());
+    let calls = std::cell::Cell::new(0);
+    let cut = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        db.retrust(42, |p: &str, c: &Claim| {
+            calls.set(calls.get() + 1);
+            assert!(calls.get() <= 2 * super::paths::RETRUST_BATCH, "cut short");
+            keep(p, c)
+        })
+    }));
+    assert!(cut.is_err());
+    assert_ne!(db.trust_fingerprint().unwrap(), 42, "not done");
+    assert_eq!(
+        db.cursor(&[9; 32]).unwrap(),
+        77,
+        "catch-up not started over yet"
+    );
+    let batch = super::paths::RETRUST_BATCH;
+    assert_eq!(
+        db.counters().unwrap().paths,
+        (n - batch) as u64,
+        "two batches committed"
+    );
+    assert_eq!(
+        db.retrust(42, keep).unwrap(),
+        (n / 2 - batch, n / 2 - batch)
+    );
+    assert_eq!(db.trust_fingerprint().unwrap(), 42);
+    assert_eq!(db.cursor(&[9; 32]).unwrap(), 0, "catch-up starts over");
+    assert_eq!(db.counters().unwrap().paths, (n / 2) as u64);
+    for i in [0, 1, 1023, 1024, 2047, 2048, n - 1] {
+        assert_eq!(
+            db.path(&format!("{i:032}")).unwrap().is_some(),
+            i % 2 == 0,
+            "record {i}"
+        );
+    }
+    let (entries, _) = db.log_after(0, 10 * n).unwrap();
+    assert_eq!(entries.len(), n / 2, "no log entry without its record");
 }

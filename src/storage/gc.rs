@@ -67,7 +67,8 @@ pub(super) async fn run(storage: Storage, cancel: CancellationToken) {
             next_pins = now + PINS_EVERY;
             let s = storage.clone();
             let _ = tokio::task::spawn_blocking(move || {
-                let any = s.inner.db.pins().is_ok_and(|p| !p.is_empty());
+                let any = s.inner.db.pins().is_ok_and(|p| !p.is_empty())
+                    || s.inner.db.unpinned(1).is_ok_and(|u| !u.is_empty());
                 if (any || !s.inner.lock().pinned.is_empty())
                     && let Err(e) = s.refresh_pins()
                 {

@@ -95,7 +95,7 @@ struct Inner {
     layouts: quick_cache::sync::Cache<[u8; 32], Arc<NarLayout>, LayoutWeight>,
     /// Records fetched NAR files, a group per commit.
     recorder: record::Recorder,
-    /// One recomputation of the pinned closures at a time (see `refresh_pins`).
+    /// One change of pins or recomputation of the pinned closures at a time (`pins_lock`).
     pins_lock: Mutex<()>,
 }
 
@@ -125,6 +125,9 @@ impl quick_cache::Weighter<[u8; 32], Arc<NarLayout>> for LayoutWeight {
 
 /// Bytes of layouts kept in memory.
 const LAYOUT_CACHE_BYTES: u64 = 8 << 20;
+
+/// Unpinned paths whose closures are revisited together (see `refresh_pins`).
+const UNPINNED_BATCH: usize = 1024;
 
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
@@ -397,8 +400,9 @@ impl Storage {
     pub async fn pin(&self, hashes: Vec<String>, pinned: bool) -> Result<(), StorageError> {
         let this = self.clone();
         blocking(move || {
+            let _one = this.pins_lock();
             this.inner.db.set_pins(&hashes, pinned)?;
-            this.refresh_pins()
+            this.refresh_pins_locked()
         })
         .await
     }
@@ -408,35 +412,33 @@ impl Storage {
         self.inner.lock().pinned.clone()
     }
 
+    /// One change of pins or recomputation of the pinned closures at a time: each works out
+    /// what left the set from what the one before it left.
+    fn pins_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.inner
+            .pins_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Recompute the NARs of pinned closures (records' references, as far as recorded: run
     /// again by the housekeeping, so paths recorded after the pin join it). The paths of NARs
     /// that left the set move to the end of the log: the walk that forgets dead records
-    /// (`crate::forget`) passed them while they were kept, and must come to them again.
-    /// Blocking.
+    /// (`crate::forget`) passed them while they were kept, and must come to them again. What
+    /// left is told by the set this process knew and by the closures of the paths the
+    /// database still notes as unpinned (a crash after an unpin's commit: done at the next
+    /// start); the note is cleared once their paths have moved. Blocking.
     fn refresh_pins(&self) -> Result<(), StorageError> {
-        let _one = self
-            .inner
-            .pins_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let roots = self.inner.db.pins()?;
-        let mut seen: HashSet<String> = HashSet::new();
-        let mut todo = roots;
-        let mut pinned = HashSet::new();
-        while !todo.is_empty() {
-            let batch: Vec<String> = todo.drain(..).filter(|h| seen.insert(h.clone())).collect();
-            for rec in self.inner.db.paths(&batch)?.into_iter().flatten() {
-                let Some(c) = rec.active() else { continue };
-                pinned.insert(c.blake3);
-                if let Ok(info) = crate::nix::NarInfo::parse(&c.narinfo) {
-                    todo.extend(info.references.iter().map(|r| r.hash_part().to_owned()));
-                }
-            }
-        }
+        let _one = self.pins_lock();
+        self.refresh_pins_locked()
+    }
+
+    fn refresh_pins_locked(&self) -> Result<(), StorageError> {
+        let pinned = self.closure_nars(self.inner.db.pins()?)?;
         let left: Vec<[u8; 32]> = {
             let mut st = self.inner.lock();
             let left = st.pinned.difference(&pinned).copied().collect();
-            st.pinned = pinned;
+            st.pinned = pinned.clone();
             left
         };
         if let Err(e) = self.revisit(&left) {
@@ -444,7 +446,34 @@ impl Storage {
             self.inner.lock().pinned.extend(left);
             return Err(e);
         }
-        Ok(())
+        loop {
+            let roots = self.inner.db.unpinned(UNPINNED_BATCH)?;
+            if roots.is_empty() {
+                return Ok(());
+            }
+            let was = self.closure_nars(roots.clone())?;
+            let left: Vec<[u8; 32]> = was.difference(&pinned).copied().collect();
+            self.revisit(&left)?;
+            self.inner.db.unpinned_done(&roots)?;
+        }
+    }
+
+    /// The NARs of the closures of these paths (by hash part), as far as recorded.
+    fn closure_nars(&self, roots: Vec<String>) -> Result<HashSet<[u8; 32]>, StorageError> {
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut todo = roots;
+        let mut nars = HashSet::new();
+        while !todo.is_empty() {
+            let batch: Vec<String> = todo.drain(..).filter(|h| seen.insert(h.clone())).collect();
+            for rec in self.inner.db.paths(&batch)?.into_iter().flatten() {
+                let Some(c) = rec.active() else { continue };
+                nars.insert(c.blake3);
+                if let Ok(info) = crate::nix::NarInfo::parse(&c.narinfo) {
+                    todo.extend(info.references.iter().map(|r| r.hash_part().to_owned()));
+                }
+            }
+        }
+        Ok(nars)
     }
 
     /// Move the paths claiming these NARs to the end of the log, a bounded batch per commit.
