@@ -52,6 +52,25 @@ fn full(paths: &[StorePath]) -> Vec<String> {
     paths.iter().map(|p| p.full()).collect()
 }
 
+/// The narinfo `node`'s cache serves for `p`.
+fn narinfo(node: &Node, p: &StorePath) -> narmesh::nix::NarInfo {
+    let (_, _, info) = http(
+        &node.http,
+        "GET",
+        &format!("/{}.narinfo", p.hash_part()),
+        &[],
+    );
+    narmesh::nix::NarInfo::parse(std::str::from_utf8(&info).unwrap()).unwrap()
+}
+
+/// The file of `node`'s storage that holds the NAR `info` names.
+fn nar_file(node: &Node, info: &narmesh::nix::NarInfo) -> std::path::PathBuf {
+    node.dir.join("data/nars").join(format!(
+        "{}.nar",
+        info.url.trim_start_matches("nar/").trim_end_matches(".nar")
+    ))
+}
+
 /// Nodes A (building host, hook), B and C, meshed; C's host substitutes through C's node.
 struct Three {
     _t: tempfile::TempDir,
@@ -367,13 +386,7 @@ fn a_nar_being_read_is_never_evicted() {
     wait_until(60, "B to hold the first NAR", || {
         cl.nodes[1].status().storage.files == 1
     });
-    let (_, _, info) = http(
-        &cl.nodes[1].http,
-        "GET",
-        &format!("/{}.narinfo", first[0].hash_part()),
-        &[],
-    );
-    let info = narmesh::nix::NarInfo::parse(std::str::from_utf8(&info).unwrap()).unwrap();
+    let info = narinfo(&cl.nodes[1], &first[0]);
     let mut conn = TcpStream::connect(&cl.nodes[1].http).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
@@ -390,10 +403,7 @@ fn a_nar_being_read_is_never_evicted() {
     wait_until(60, "B to fetch the newer NARs", || {
         cl.nodes[1].status().storage.evictions >= 1
     });
-    let nar_file = cl.nodes[1].dir.join("data/nars").join(format!(
-        "{}.nar",
-        info.url.trim_start_matches("nar/").trim_end_matches(".nar")
-    ));
+    let nar_file = nar_file(&cl.nodes[1], &info);
     assert!(nar_file.exists(), "the NAR being read was evicted");
     let mut rest = Vec::new();
     conn.read_to_end(&mut rest).unwrap();
@@ -409,6 +419,59 @@ fn a_nar_being_read_is_never_evicted() {
     let _ = more;
     let c = cl.nodes[1].status().storage;
     assert!(c.file_bytes <= 40 << 20, "{c:?}");
+}
+
+/// `narmesh pin` keeps a closure from eviction, across a restart: eager B, capped at 30 MiB,
+/// holds a root and its dependency (8 MiB each, the oldest of its files) pinned while newer
+/// NARs push it past its cap; once unpinned (`--remove`), they are the first to go.
+#[test]
+fn a_pinned_closure_is_never_evicted_until_unpinned() {
+    let mut cl = three(
+        "eager",
+        "[store]\nmax-size = \"30MiB\"\nmin-free = \"1MiB\"\n",
+    );
+    cl.nodes[0].start();
+    cl.nodes[1].start();
+    let closure = cl.a.build(
+        r#"let dep = mk "pin-dep" "mkdir $out; head -c 8388608 /dev/urandom > $out/data"; in
+           [ (mk "pin-root" "mkdir $out; head -c 8388608 /dev/urandom > $out/data; echo ${dep} > $out/ref") dep ]"#,
+    );
+    assert_eq!(closure.len(), 2);
+    wait_until(60, "B to hold the closure", || {
+        cl.nodes[1].status().storage.files == 2
+    });
+    let files: Vec<std::path::PathBuf> = closure
+        .iter()
+        .map(|p| nar_file(&cl.nodes[1], &narinfo(&cl.nodes[1], p)))
+        .collect();
+    assert!(files.iter().all(|f| f.exists()), "{files:?}");
+    let socket = cl.nodes[1].socket();
+    let pin = |remove: bool| {
+        let mut cmd = std::process::Command::new(crate::harness::bin("narmesh"));
+        cmd.arg("pin").arg("--socket").arg(&socket);
+        if remove {
+            cmd.arg("--remove");
+        }
+        run_ok(cmd.arg(closure[0].full()));
+    };
+    // Only the root is named: its dependency is kept as part of its closure.
+    pin(false);
+    cl.nodes[1].stop();
+    cl.nodes[1].start();
+    let _more = build_big(&cl.a, "pin-more", 4, 8, "p");
+    wait_until(90, "B to evict for the newer NARs", || {
+        cl.nodes[1].status().storage.evictions >= 3
+    });
+    for f in &files {
+        assert!(f.exists(), "{} was evicted while pinned", f.display());
+    }
+    let st = cl.nodes[1].status().storage;
+    assert!(st.file_bytes <= 30 << 20, "{st:?}");
+    pin(true);
+    let _later = build_big(&cl.a, "pin-later", 2, 8, "q");
+    wait_until(90, "the unpinned closure to be evicted", || {
+        files.iter().all(|f| !f.exists())
+    });
 }
 
 /// A data dir written by `e5a6e05` (golden fixture: n0 built four paths, n1 replicated them
