@@ -96,20 +96,10 @@ impl Forgetting {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::RemoteClaim;
     use crate::storage::StorageConfig;
     use crate::store::LocalStore;
 
-    /// A peer's claim on path `h` (NAR `b` repeated) referencing `refs`, said held or not.
-    fn claim(h: &str, b: u8, refs: &str, holds: bool) -> RemoteClaim {
-        let mut c = crate::db::tests::remote(h, b, 5, 1, holds);
-        c.claim.narinfo = format!(
-            "StorePath: {}\nURL: nar/x.nar\nCompression: none\nNarHash: sha256:{}\nNarSize: 7\nReferences: {refs}\n",
-            c.store_path,
-            "0".repeat(52)
-        );
-        c
-    }
+    use crate::db::tests::remote_referring as claim;
 
     /// The storage over `dir`'s database, as a node opens it at start.
     fn open_storage(dir: &std::path::Path, db: &Db, metrics: &Arc<Metrics>) -> Storage {

@@ -45,6 +45,18 @@ pub(crate) fn remote(h: &str, b: u8, provider: u8, at: u64, holds: bool) -> Remo
     }
 }
 
+/// A peer's claim on path `h` (NAR `b` repeated) referencing `refs` (store path names, space
+/// separated), said held or not.
+pub(crate) fn remote_referring(h: &str, b: u8, refs: &str, holds: bool) -> RemoteClaim {
+    let mut c = remote(h, b, 5, 1, holds);
+    c.claim.narinfo = format!(
+        "StorePath: {}\nURL: nar/x.nar\nCompression: none\nNarHash: sha256:{}\nNarSize: 7\nReferences: {refs}\n",
+        c.store_path,
+        "0".repeat(52)
+    );
+    c
+}
+
 fn log_order(db: &Db) -> Vec<String> {
     db.log_after(0, 100)
         .unwrap()

@@ -106,14 +106,15 @@ impl Storage {
     /// reserve them.
     pub(super) fn make_room(&self, need: u64) -> Result<(), StorageError> {
         let free = free_space(&self.inner.dir);
+        if self.pins_stale_for_eviction(need, free)
+            && let Err(e) = self.refresh_pins()
+        {
+            tracing::warn!("storage: pinned closures: {e}");
+        }
         let (evict, nothing_to_do) = {
             let mut st = self.inner.lock();
             let cap = self.inner.cfg.max_size;
-            let over_cap = (st.lru.bytes() + st.reserved + need).saturating_sub(cap);
-            let under_floor = match free {
-                Some(f) => (self.inner.cfg.min_free + need).saturating_sub(f),
-                None => 0,
-            };
+            let (over_cap, under_floor) = self.shortfall(&st, need, free);
             let want = over_cap.max(under_floor);
             if want == 0 {
                 st.reserved += need;
@@ -156,6 +157,32 @@ impl Storage {
         }
         tracing::info!("storage: evicted {} NAR file(s) to make room", evict.len());
         Ok(())
+    }
+
+    /// Bytes over the cap and under the free-space floor (`free`: the disk's free bytes) once
+    /// `need` more are added.
+    fn shortfall(&self, st: &super::State, need: u64, free: Option<u64>) -> (u64, u64) {
+        let over_cap =
+            (st.lru.bytes() + st.reserved + need).saturating_sub(self.inner.cfg.max_size);
+        let under_floor = match free {
+            Some(f) => (self.inner.cfg.min_free + need).saturating_sub(f),
+            None => 0,
+        };
+        (over_cap, under_floor)
+    }
+
+    /// Whether making room for `need` bytes evicts while the pinned closures may have grown:
+    /// they named paths not recorded when last computed (a pin made before its closure
+    /// arrived), more than [`super::PINS_FRESH`] ago. Then they are computed again first, so a
+    /// path that has joined a pinned closure since is not evicted (and, its wish cleared,
+    /// never fetched again).
+    fn pins_stale_for_eviction(&self, need: u64, free: Option<u64>) -> bool {
+        let st = self.inner.lock();
+        if !st.pins_incomplete || st.pins_at.is_some_and(|t| t.elapsed() < super::PINS_FRESH) {
+            return false;
+        }
+        let (over_cap, under_floor) = self.shortfall(&st, need, free);
+        over_cap.max(under_floor) > 0
     }
 
     /// Evict what is over the cap or under the free-space floor now (the floor may have moved

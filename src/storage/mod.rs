@@ -110,6 +110,10 @@ struct State {
     protected: HashSet<[u8; 32]>,
     /// NARs of pinned closures.
     pinned: HashSet<[u8; 32]>,
+    /// The pinned closures name paths not recorded (yet) when last computed.
+    pins_incomplete: bool,
+    /// When the pinned closures were last computed.
+    pins_at: Option<std::time::Instant>,
     /// Last-used times not yet written to the database.
     touched: Vec<([u8; 32], u64)>,
 }
@@ -128,6 +132,10 @@ const LAYOUT_CACHE_BYTES: u64 = 8 << 20;
 
 /// Unpinned paths whose closures are revisited together (see `refresh_pins`).
 const UNPINNED_BATCH: usize = 1024;
+
+/// How old the pinned closures may be, when they name paths not recorded when computed, before
+/// an eviction computes them again (a path recorded meanwhile may have joined them).
+const PINS_FRESH: Duration = Duration::from_secs(1);
 
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
@@ -434,11 +442,14 @@ impl Storage {
     }
 
     fn refresh_pins_locked(&self) -> Result<(), StorageError> {
-        let pinned = self.closure_nars(self.inner.db.pins()?)?;
+        let at = std::time::Instant::now();
+        let (pinned, incomplete) = self.closure_nars(self.inner.db.pins()?)?;
         let left: Vec<[u8; 32]> = {
             let mut st = self.inner.lock();
             let left = st.pinned.difference(&pinned).copied().collect();
             st.pinned = pinned.clone();
+            st.pins_incomplete = incomplete;
+            st.pins_at = Some(at);
             left
         };
         if let Err(e) = self.revisit(&left) {
@@ -451,29 +462,34 @@ impl Storage {
             if roots.is_empty() {
                 return Ok(());
             }
-            let was = self.closure_nars(roots.clone())?;
+            let (was, _) = self.closure_nars(roots.clone())?;
             let left: Vec<[u8; 32]> = was.difference(&pinned).copied().collect();
             self.revisit(&left)?;
             self.inner.db.unpinned_done(&roots)?;
         }
     }
 
-    /// The NARs of the closures of these paths (by hash part), as far as recorded.
-    fn closure_nars(&self, roots: Vec<String>) -> Result<HashSet<[u8; 32]>, StorageError> {
+    /// The NARs of the closures of these paths (by hash part), as far as recorded, and whether
+    /// they name a path not recorded (or recorded without a claim to serve).
+    fn closure_nars(&self, roots: Vec<String>) -> Result<(HashSet<[u8; 32]>, bool), StorageError> {
         let mut seen: HashSet<String> = HashSet::new();
         let mut todo = roots;
         let mut nars = HashSet::new();
+        let mut incomplete = false;
         while !todo.is_empty() {
             let batch: Vec<String> = todo.drain(..).filter(|h| seen.insert(h.clone())).collect();
-            for rec in self.inner.db.paths(&batch)?.into_iter().flatten() {
-                let Some(c) = rec.active() else { continue };
+            for rec in self.inner.db.paths(&batch)? {
+                let Some(c) = rec.as_ref().and_then(|r| r.active()) else {
+                    incomplete = true;
+                    continue;
+                };
                 nars.insert(c.blake3);
                 if let Ok(info) = crate::nix::NarInfo::parse(&c.narinfo) {
                     todo.extend(info.references.iter().map(|r| r.hash_part().to_owned()));
                 }
             }
         }
-        Ok(nars)
+        Ok((nars, incomplete))
     }
 
     /// Move the paths claiming these NARs to the end of the log, a bounded batch per commit.
@@ -552,6 +568,46 @@ mod tests {
         };
         let s = Storage::open(dir, db, store, cfg, metrics.clone()).unwrap();
         (s, metrics)
+    }
+
+    /// A NAR file of `size` bytes fetched into the storage.
+    fn fetched(s: &Storage, b: u8, size: usize) {
+        let p = s.begin(&[b; 32], size as u64).unwrap();
+        p.write_at(0, &vec![b; size]).unwrap();
+        p.finish(&vec![0; size.div_ceil(16 << 10) * 32]).unwrap();
+    }
+
+    /// A pin made before its closure arrived: the dependency recorded and fetched afterwards
+    /// is kept when the next fetch must evict, without waiting for the housekeeping's
+    /// recomputation (a minute), and the newer unpinned NAR goes instead.
+    #[test]
+    fn a_path_that_joins_a_pinned_closure_after_the_pin_is_not_evicted() {
+        use crate::db::tests::remote_referring as claim;
+        let t = tempfile::tempdir().unwrap();
+        let (s, _) = open(t.path(), 2 << 20, 0);
+        let db = s.db().clone();
+        let (root, dep) = ("a".repeat(32), "b".repeat(32));
+        db.record_remote(
+            vec![claim(&root, 1, &format!("{dep}-x"), true)],
+            None,
+            false,
+        )
+        .unwrap();
+        db.set_pins(std::slice::from_ref(&root), true).unwrap();
+        s.refresh_pins().unwrap();
+        assert!(!s.pinned_nars().contains(&[2; 32]), "not recorded yet");
+        db.record_remote(vec![claim(&dep, 2, "", true)], None, false)
+            .unwrap();
+        fetched(&s, 2, 1 << 20);
+        fetched(&s, 3, 1 << 20);
+        std::thread::sleep(PINS_FRESH + Duration::from_millis(100));
+        // Over the cap: one of the two goes.
+        fetched(&s, 4, 1 << 20);
+        assert!(
+            s.file_path(&[2; 32]).exists(),
+            "the pinned dependency was evicted"
+        );
+        assert!(!s.file_path(&[3; 32]).exists());
     }
 
     #[test]
