@@ -1,8 +1,9 @@
-//! The node's logs: tracing to stderr, filtered by `NARMESH_LOG` (default `info`). With the
-//! default filter, an event from another crate's callsite (iroh, its mDNS, QUIC) is written at
-//! most once per [`QUIET_FOR`]: a dependency that warns on every retry (mDNS on a host without a
-//! multicast route warns a few times a second) cannot fill a disk over months. An explicit
-//! `NARMESH_LOG` shows everything.
+//! The node's logs: tracing to stderr, filtered by `NARMESH_LOG` (default `info`). Unless that
+//! filter asks for `debug` or more anywhere, an event from another crate's callsite (iroh, its
+//! mDNS, QUIC) is written at most once per [`QUIET_FOR`]: a dependency that warns on every retry
+//! (mDNS on a host without a multicast route warns a few times a second) cannot fill a disk
+//! over months. The shipped units set `NARMESH_LOG=info`, and are limited like the default; a
+//! filter at `debug` (someone looking into a fault) shows everything.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -40,7 +41,7 @@ pub fn init() {
         .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
     let repeats = Repeats::default();
-    let quiet = explicit.is_none();
+    let quiet = limited(&filter);
     // Dynamic: asked for every event (a plain filter_fn is asked once per callsite).
     let limit = tracing_subscriber::filter::dynamic_filter_fn(move |meta, _| {
         !quiet
@@ -59,9 +60,33 @@ pub fn init() {
         .init();
 }
 
+/// Whether another crate's repeated events are limited under `filter`: unless it enables
+/// `debug` or more for some target.
+fn limited(filter: &tracing_subscriber::EnvFilter) -> bool {
+    filter
+        .max_level_hint()
+        .is_none_or(|l| l <= tracing_subscriber::filter::LevelFilter::INFO)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeats_are_limited_unless_the_filter_asks_for_debug() {
+        for (f, quiet) in [
+            ("info", true),
+            ("warn", true),
+            ("narmesh=info,iroh=warn", true),
+            ("debug", false),
+            ("narmesh=debug,iroh=info", false),
+            ("info,narmesh=debug", false),
+            ("trace", false),
+        ] {
+            let filter = tracing_subscriber::EnvFilter::try_new(f).unwrap();
+            assert_eq!(limited(&filter), quiet, "{f}");
+        }
+    }
 
     struct Site;
     static SITE: Site = Site;

@@ -1,6 +1,7 @@
-//! The node's logs over months: with the default filter, a dependency that warns on every retry
-//! cannot flood them. A node on a host with no multicast route (a network namespace with only
-//! loopback) and LAN discovery on: mDNS fails a few times a second, and the log says so once.
+//! The node's logs over months: with the default filter (or the shipped units' `info`), a
+//! dependency that warns on every retry cannot flood them. A node on a host with no multicast
+//! route (a network namespace with only loopback) and LAN discovery on: mDNS fails a few times
+//! a second, and the log says so once.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -9,6 +10,12 @@ use crate::harness::{bin, run_ok};
 
 #[test]
 fn a_dependency_failing_every_second_is_logged_once_a_minute() {
+    // The default filter, and the systemd unit's and the NixOS module's `info`.
+    logged_once(None, "d");
+    logged_once(Some("info"), "i");
+}
+
+fn logged_once(filter: Option<&str>, tag: &str) {
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
     run_ok(
@@ -33,7 +40,7 @@ fn a_dependency_failing_every_second_is_logged_once_a_minute() {
         ),
     )
     .unwrap();
-    let ns = format!("nmlogs{}", std::process::id());
+    let ns = format!("nmlogs{tag}{}", std::process::id());
     run_ok(Command::new("ip").args(["netns", "add", &ns]));
     struct Ns(String);
     impl Drop for Ns {
@@ -44,13 +51,16 @@ fn a_dependency_failing_every_second_is_logged_once_a_minute() {
     let _ns = Ns(ns.clone());
     run_ok(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]));
     let log = std::fs::File::create(d.join("node.log")).unwrap();
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &ns])
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns])
         .arg(bin("narmesh"))
         .args(["serve", "--config"])
-        .arg(&conf)
-        // The default filter, as an operator runs it.
-        .env_remove("NARMESH_LOG")
+        .arg(&conf);
+    match filter {
+        Some(f) => cmd.env("NARMESH_LOG", f),
+        None => cmd.env_remove("NARMESH_LOG"),
+    };
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -64,6 +74,6 @@ fn a_dependency_failing_every_second_is_logged_once_a_minute() {
     let mdns = text.matches("error sending mDNS").count();
     assert!(
         mdns <= 1,
-        "{mdns} lines of the same mDNS failure in 6 s:\n{text}"
+        "{mdns} lines of the same mDNS failure in 6 s (NARMESH_LOG {filter:?}):\n{text}"
     );
 }
