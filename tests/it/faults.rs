@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use narmesh_proto::control::{Request, Response};
 
-use crate::harness::{NixHost, Tmpfs, bin, run_hook, spooled, wait_until};
+use crate::harness::{NixHost, Tmpfs, bin, run_hook, run_ok, spooled, wait_until};
 use crate::node_harness::Node;
 
 /// Which of `paths` the node has recorded, asked over its socket.
@@ -175,18 +175,22 @@ fn a_refusing_node_makes_the_hook_spool() {
 
 /// Reports spooled while the node was down, and a node that starts while the store database
 /// is briefly unreadable: the reports wait (never rejected) and are taken in once the database
-/// is back. Garbage is rejected for good and counted; a hook's stale temporary file is removed.
+/// is back. Garbage is rejected for good and counted, and so is the report of a path Nix's
+/// garbage collector deleted meanwhile (spooled first: were it taken for a passing failure, it
+/// would hold back every report after it); a hook's stale temporary file is removed.
 #[test]
 fn transient_spool_failures_wait_and_permanent_ones_are_counted() {
     let t = tempfile::tempdir().unwrap();
     let host = NixHost::new("");
-    let paths = built_paths(&host, 5, "spooled");
+    let mut paths = built_paths(&host, 6, "spooled");
     let mut node = Node::new(&t.path().join("node"), &host.root);
     let spool = node.spool();
     for p in &paths {
         let run = run_hook(&node.socket(), &spool, "", p, 200);
         assert!(run.stderr.contains("spooled"), "{}", run.stderr);
     }
+    let gone = paths.remove(0);
+    run_ok(host.cmd("nix-store").args(["--delete", &gone]));
     std::fs::write(spool.join("00-garbage.frame"), b"\x05\x00\x00\x00junk!").unwrap();
     let stale = spool.join(".000000000000000000000001-1.tmp");
     std::fs::write(&stale, b"half").unwrap();
@@ -206,7 +210,7 @@ fn transient_spool_failures_wait_and_permanent_ones_are_counted() {
         node.log().contains("the rest wait")
     });
     let st = node.status();
-    assert_eq!(st.spool_waiting, 5, "{st:?}");
+    assert_eq!(st.spool_waiting, 6, "{st:?}");
     assert_eq!(st.spool_rejected, 1, "the garbage is rejected: {st:?}");
     assert_eq!(recorded(&node, &paths), 0);
     std::fs::rename(&away, &db).unwrap();
@@ -214,7 +218,17 @@ fn transient_spool_failures_wait_and_permanent_ones_are_counted() {
         recorded(&node, &paths) == paths.len()
     });
     let st = node.status();
-    assert_eq!((st.spool_waiting, st.spool_rejected), (0, 1), "{st:?}");
+    assert_eq!((st.spool_waiting, st.spool_rejected), (0, 2), "{st:?}");
+    assert_eq!(recorded(&node, std::slice::from_ref(&gone)), 0);
+    assert!(
+        node.log()
+            .contains(&format!("{gone} is not a valid path in the Nix store")),
+        "the deleted path's report is rejected as such"
+    );
+    assert_eq!(
+        std::fs::read_dir(spool.join("rejected")).unwrap().count(),
+        2
+    );
     assert!(!stale.exists(), "the stale temporary file is removed");
     node.stop();
 }
