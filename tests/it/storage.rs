@@ -73,9 +73,11 @@ fn nar_file(node: &Node, info: &narmesh::nix::NarInfo) -> std::path::PathBuf {
 
 /// Nodes A (building host, hook), B and C, meshed; C's host substitutes through C's node.
 struct Three {
-    _t: tempfile::TempDir,
-    a: NixHost,
+    // Dropped in this order: the nodes (killed, their logs shown if the test failed) before
+    // their directory.
     nodes: Vec<Node>,
+    a: NixHost,
+    _t: tempfile::TempDir,
 }
 
 fn three(b_replicate: &'static str, b_extra: &str) -> Three {
@@ -94,7 +96,7 @@ fn three(b_replicate: &'static str, b_extra: &str) -> Three {
             n.extra_config = b_extra.into();
         }
     }
-    Three { _t: t, a, nodes }
+    Three { nodes, a, _t: t }
 }
 
 /// A builds 100 MiB; eager B, capped at 20 MiB, stays within its cap at every sample (a fetch
@@ -419,6 +421,51 @@ fn a_nar_being_read_is_never_evicted() {
     let _ = more;
     let c = cl.nodes[1].status().storage;
     assert!(c.file_bytes <= 40 << 20, "{c:?}");
+}
+
+/// Bytes free on the file system of `dir` (`df`).
+fn free_bytes(dir: &Path) -> u64 {
+    let out = run_ok(
+        std::process::Command::new("df")
+            .args(["-B1", "--output=avail"])
+            .arg(dir),
+    );
+    let text = String::from_utf8(out).unwrap();
+    text.lines().nth(1).unwrap().trim().parse().unwrap()
+}
+
+/// Another program fills the disk B's NARs are on (a 64 MiB file system,
+/// `min-free` 16 MiB, the cap far away): within its housekeeping's ten seconds B evicts its
+/// least recently used NARs until 16 MiB are free again, and keeps the rest.
+#[test]
+fn a_node_gives_space_back_when_another_program_fills_the_disk() {
+    let mut cl = three(
+        "eager",
+        "[store]\nmax-size = \"1GiB\"\nmin-free = \"16MiB\"\n",
+    );
+    // The NAR files' own file system (the rest of the data dir, the mesh key with it, stays).
+    let data = cl.nodes[1].dir.join("data/nars");
+    let _fs = crate::harness::Tmpfs::mount(&data, "64m");
+    cl.nodes[0].start();
+    cl.nodes[1].start();
+    let _outs = build_big(&cl.a, "floor", 3, 8, "f");
+    wait_until(60, "B to hold the three NARs", || {
+        cl.nodes[1].status().storage.files == 3
+    });
+    let free = free_bytes(&data);
+    assert!(free > 22 << 20, "{free} bytes free before the filler");
+    // The other program leaves 10 MiB free: 6 MiB under the floor.
+    let filler = std::fs::File::create(data.join("filler")).unwrap();
+    std::io::copy(
+        &mut std::io::repeat(7).take(free - (10 << 20)),
+        &mut std::io::BufWriter::new(&filler),
+    )
+    .unwrap();
+    filler.sync_all().unwrap();
+    assert!(free_bytes(&data) < 11 << 20);
+    wait_until(30, "B to give space back", || free_bytes(&data) >= 16 << 20);
+    let st = cl.nodes[1].status().storage;
+    assert_eq!((st.files, st.evictions), (2, 1), "one NAR went: {st:?}");
 }
 
 /// `narmesh pin` keeps a closure from eviction, across a restart: eager B, capped at 30 MiB,
