@@ -88,9 +88,14 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
             min_free: cfg.store.min_free.0,
             gc_interval: std::time::Duration::from_secs(cfg.store.gc_check_secs),
         };
-        tokio::task::spawn_blocking(move || Storage::open(&dir, db, store, scfg, metrics))
-            .await?
-            .context("opening the storage")?
+        let storage =
+            tokio::task::spawn_blocking(move || Storage::open(&dir, db, store, scfg, metrics))
+                .await?
+                .context("opening the storage")?;
+        if cfg.mirror.s3.is_some() {
+            storage.keep_for_mirror();
+        }
+        storage
     };
     let wake = Arc::new(Notify::new());
     let (recorded, _) = broadcast::channel(4096);

@@ -58,6 +58,33 @@ fn decode(v: &[u8]) -> Result<MirrorState, DbError> {
 }
 
 impl Db {
+    /// Whether the mirror still needs the NAR `blake3`: a path with a claim on it is not done
+    /// in the bucket, or not yet taken into the outbox (its log entry after the mirror's
+    /// cursor). One read; for the storage's eviction on the mirror node.
+    pub fn mirror_pending(&self, blake3: &[u8; 32]) -> Result<bool, DbError> {
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
+        let blobs = tx.open_multimap_table(super::BLOBS)?;
+        let outbox = tx.open_table(OUTBOX)?;
+        let index = tx.open_table(LOG_INDEX)?;
+        let cursor = super::get_meta(&tx.open_table(META)?, CURSOR)?;
+        for h in blobs.get(blake3.as_slice())? {
+            let h = h?;
+            if index
+                .get(h.value())?
+                .is_some_and(|seq| seq.value() > cursor)
+            {
+                return Ok(true);
+            }
+            if let Some(v) = outbox.get(h.value())?
+                && decode(v.value())? != MirrorState::Done
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Take up to `limit` log entries after the mirror's cursor into the outbox (as `Pending`)
     /// and move the cursor, in one commit. Returns the new entries and whether more follow.
     pub fn outbox_take(&self, limit: usize) -> Result<(Vec<PathRecord>, bool), DbError> {
@@ -281,6 +308,52 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A NAR is needed by the mirror until every path with a claim on it is done: before the
+    /// mirror takes the path in, while it is pending, and again when the record changes (its
+    /// log entry moves after the cursor) until taken in once more.
+    #[test]
+    fn the_mirror_needs_a_nar_until_every_path_of_it_is_done() {
+        use super::super::tests::remote;
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("db")).unwrap();
+        let (a, b) = ("a".repeat(32), "b".repeat(32));
+        assert!(!db.mirror_pending(&[1; 32]).unwrap(), "no path of it");
+        // Two paths with the same NAR.
+        db.record_remote(
+            vec![remote(&a, 1, 5, 1, true), remote(&b, 1, 5, 1, true)],
+            None,
+            false,
+        )
+        .unwrap();
+        assert!(db.mirror_pending(&[1; 32]).unwrap(), "not taken in yet");
+        assert_eq!(db.outbox_take(10).unwrap().0.len(), 2);
+        assert!(db.mirror_pending(&[1; 32]).unwrap(), "pending");
+        // (Done moves a path not held here to the end of the log; the mirror takes the log
+        // in as it goes.)
+        db.outbox_set(&[(a.clone(), MirrorState::Done)]).unwrap();
+        db.outbox_take(10).unwrap();
+        assert!(db.mirror_pending(&[1; 32]).unwrap(), "one path is not done");
+        db.outbox_set(&[(b.clone(), MirrorState::Done)]).unwrap();
+        assert!(
+            db.mirror_pending(&[1; 32]).unwrap(),
+            "moved, not taken in again"
+        );
+        db.outbox_take(10).unwrap();
+        assert!(!db.mirror_pending(&[1; 32]).unwrap(), "both done");
+        // A peer's newer word on a: its entry moves to the end of the log.
+        db.record_remote(vec![remote(&a, 1, 6, 2, true)], None, false)
+            .unwrap();
+        assert!(
+            db.mirror_pending(&[1; 32]).unwrap(),
+            "changed, not taken in again"
+        );
+        db.outbox_take(10).unwrap();
+        assert!(
+            !db.mirror_pending(&[1; 32]).unwrap(),
+            "taken in, still done"
+        );
+    }
 
     #[test]
     fn outbox_takes_the_log_once_and_keeps_states() {

@@ -178,55 +178,17 @@ impl Mirror {
         s.last_error = Some(e);
     }
 
-    /// Wait until the bucket answers, abort the multipart uploads this mirror left open, and
-    /// put `nix-cache-info` in the bucket unless it has one (an operator's own is kept), all
-    /// before any upload starts: Nix reads it before any narinfo. False if cancelled first.
-    async fn prepare(&self, cancel: &CancellationToken) -> bool {
+    /// Wait until the bucket is ready ([`Mirror::prepare_once`]), retrying with backoff. New
+    /// paths are taken into the outbox and the plan meanwhile, so their NARs are kept from
+    /// eviction while the bucket is away (an eager mirror node keeps fetching). False if
+    /// cancelled first.
+    async fn prepare(&mut self, cancel: &CancellationToken) -> bool {
         let mut wait = Duration::from_secs(1);
-        let info = crate::nix::narinfo::cache_info(self.cfg.priority);
+        let mut changes = self.db.subscribe();
         loop {
-            let r = async {
-                self.bucket.check().await?;
-                let db = self.db.clone();
-                let open = tokio::task::spawn_blocking(move || db.open_uploads())
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or_default();
-                let mut stale = 0;
-                for entry in &open {
-                    let (entry_id, settled) = match entry {
-                        // Already completed or aborted counts as aborted.
-                        OpenUpload::Known { id, key } => {
-                            (id.clone(), self.bucket.abort(key, id).await.map(|()| 1))
-                        }
-                        // Died between asking for an upload and recording its id: whatever the
-                        // bucket has open under that key since shortly before is this mirror's.
-                        OpenUpload::Intent { token, key, at_ms } => {
-                            (token.clone(), self.bucket.settle_intent(key, *at_ms).await)
-                        }
-                    };
-                    // One the bucket would not abort now stays recorded for the next start
-                    // (and an intent for the next upload of its key); the mirror goes on.
-                    match settled {
-                        Ok(n) => stale += n,
-                        Err(e) => {
-                            tracing::warn!("mirror: an upload of a previous run stays open: {e}");
-                            continue;
-                        }
-                    }
-                    let db = self.db.clone();
-                    let _ = tokio::task::spawn_blocking(move || db.upload_ended(&entry_id)).await;
-                }
-                if self.bucket.size_of("nix-cache-info").await?.is_none() {
-                    self.bucket
-                        .put("nix-cache-info", info.clone().into_bytes(), CACHE_INFO_TYPE)
-                        .await?;
-                }
-                Ok::<_, s3::S3Error>(stale)
-            }
-            .await;
-            match r {
+            self.take_new().await;
+            self.publish_counts();
+            match self.prepare_once().await {
                 Ok(stale) => {
                     if stale > 0 {
                         tracing::info!(
@@ -240,14 +202,66 @@ impl Mirror {
                 Err(e) => {
                     tracing::error!("mirror: {e}; retrying in {wait:?}");
                     self.record_failure(e.to_string());
-                    tokio::select! {
-                        _ = cancel.cancelled() => return false,
-                        _ = tokio::time::sleep(wait) => {}
+                    let until = tokio::time::Instant::now() + wait;
+                    loop {
+                        tokio::select! {
+                            _ = cancel.cancelled() => return false,
+                            _ = tokio::time::sleep_until(until) => break,
+                            _ = changes.changed() => {
+                                self.take_new().await;
+                                self.publish_counts();
+                            }
+                        }
                     }
                     wait = (wait * 2).min(MAX_BACKOFF);
                 }
             }
         }
+    }
+
+    /// Check the bucket answers, abort the multipart uploads this mirror left open, and put
+    /// `nix-cache-info` in the bucket unless it has one (an operator's own is kept), all before
+    /// any upload starts: Nix reads it before any narinfo. Returns the uploads aborted.
+    async fn prepare_once(&self) -> Result<usize, s3::S3Error> {
+        let info = crate::nix::narinfo::cache_info(self.cfg.priority);
+        self.bucket.check().await?;
+        let db = self.db.clone();
+        let open = tokio::task::spawn_blocking(move || db.open_uploads())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        let mut stale = 0;
+        for entry in &open {
+            let (entry_id, settled) = match entry {
+                // Already completed or aborted counts as aborted.
+                OpenUpload::Known { id, key } => {
+                    (id.clone(), self.bucket.abort(key, id).await.map(|()| 1))
+                }
+                // Died between asking for an upload and recording its id: whatever the bucket
+                // has open under that key since shortly before is this mirror's.
+                OpenUpload::Intent { token, key, at_ms } => {
+                    (token.clone(), self.bucket.settle_intent(key, *at_ms).await)
+                }
+            };
+            // One the bucket would not abort now stays recorded for the next start (and an
+            // intent for the next upload of its key); the mirror goes on.
+            match settled {
+                Ok(n) => stale += n,
+                Err(e) => {
+                    tracing::warn!("mirror: an upload of a previous run stays open: {e}");
+                    continue;
+                }
+            }
+            let db = self.db.clone();
+            let _ = tokio::task::spawn_blocking(move || db.upload_ended(&entry_id)).await;
+        }
+        if self.bucket.size_of("nix-cache-info").await?.is_none() {
+            self.bucket
+                .put("nix-cache-info", info.into_bytes(), CACHE_INFO_TYPE)
+                .await?;
+        }
+        Ok(stale)
     }
 
     async fn run(&mut self, cancel: CancellationToken) {

@@ -121,7 +121,10 @@ impl Storage {
                 (Vec::new(), true)
             } else {
                 let plan = st.lru.plan(want, |b| {
-                    st.readers.contains_key(b) || st.protected.contains(b) || st.pinned.contains(b)
+                    st.readers.contains_key(b)
+                        || st.protected.contains(b)
+                        || st.pinned.contains(b)
+                        || (st.mirror && self.inner.db.mirror_pending(b).unwrap_or(true))
                 });
                 match plan {
                     Some(p) => {

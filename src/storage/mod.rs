@@ -108,6 +108,8 @@ struct State {
     readers: HashMap<[u8; 32], usize>,
     /// NARs the mirror still needs.
     protected: HashSet<[u8; 32]>,
+    /// This node runs the S3 mirror (`keep_for_mirror`).
+    mirror: bool,
     /// NARs of pinned closures.
     pinned: HashSet<[u8; 32]>,
     /// The pinned closures name paths not recorded (yet) when last computed.
@@ -389,6 +391,14 @@ impl Storage {
         if st.lru.touch(blake3, now) {
             st.touched.push((*blake3, now));
         }
+    }
+
+    /// This node runs the S3 mirror: a NAR is kept while a path of it is not done in the
+    /// bucket by the mirror's durable outbox (or not yet taken into it), even before the mirror
+    /// has protected it itself (at start, while the bucket is away). Called right after
+    /// opening, before anything is fetched.
+    pub fn keep_for_mirror(&self) {
+        self.inner.lock().mirror = true;
     }
 
     /// Keep these NARs until the mirror releases them.

@@ -17,9 +17,11 @@ const CHAIN: &str = r#"
 
 /// A cluster of nodes that all know and trust each other; node 0 serves building host A.
 struct Cluster {
-    _t: tempfile::TempDir,
-    a: NixHost,
+    // Dropped in this order: the nodes (their logs shown if the test failed) before their
+    // directory.
     nodes: Vec<Node>,
+    a: NixHost,
+    _t: tempfile::TempDir,
 }
 
 fn cluster(n: usize, replicate: &[&'static str]) -> Cluster {

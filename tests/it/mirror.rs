@@ -22,9 +22,11 @@ const CHAIN: &str = r#"
 
 /// Builder node A (serving host A's hook) and mirror node M, meshed.
 pub(crate) struct Setup {
-    pub(crate) _t: tempfile::TempDir,
-    pub(crate) a: NixHost,
+    // Dropped in this order: the nodes (their logs shown if the test failed) before their
+    // directory.
     pub(crate) nodes: Vec<Node>,
+    pub(crate) a: NixHost,
+    pub(crate) _t: tempfile::TempDir,
 }
 
 pub(crate) fn setup(s3: &S3Server, mirror_extra: &str, creds: (&str, &str)) -> Setup {
@@ -230,6 +232,54 @@ fn an_s3_outage_loses_nothing_and_never_touches_builds() {
     all.push(first[0].full());
     assert_eq!(check_bucket(&s3, &all), 4);
     assert!(mirror(&st.nodes[1]).last_error.is_none());
+}
+
+/// The mirror node keeps every NAR it has not uploaded yet, whatever its cap: with S3 down,
+/// an eager mirror node capped at 30 MiB holds two 12 MiB NARs and refuses to fetch a third
+/// rather than evict them; once S3 is back they are uploaded and may go, and the third is
+/// fetched and uploaded too.
+#[test]
+fn the_mirror_node_never_evicts_a_nar_not_yet_in_the_bucket() {
+    let mut s3 = S3Server::start();
+    let mut st = setup(&s3, "", (ACCESS_KEY, SECRET_KEY));
+    st.nodes[1].replicate = "eager";
+    st.nodes[1]
+        .extra_config
+        .push_str("[store]\nmax-size = \"30MiB\"\nmin-free = \"1MiB\"\n");
+    s3.stop();
+    for n in st.nodes.iter_mut() {
+        n.start();
+    }
+    let big = |tag: &str, n: usize| {
+        st.a.build(&format!(
+            r#"builtins.genList (i: mk "{tag}-${{toString i}}" "head -c 12582912 /dev/urandom > $out") {n}"#
+        ))
+    };
+    let mut all: Vec<String> = big("unmirrored", 2).iter().map(|p| p.full()).collect();
+    wait_until(60, "the mirror node to hold both NARs", || {
+        st.nodes[1].status().storage.files == 2
+    });
+    all.extend(big("third", 1).iter().map(|p| p.full()));
+    wait_until(
+        60,
+        "the mirror node to refuse the third fetch (or evict)",
+        || {
+            st.nodes[1]
+                .log()
+                .contains("the NAR files that may go would not make up the rest")
+                || st.nodes[1].status().storage.evictions > 0
+        },
+    );
+    let storage = st.nodes[1].status().storage;
+    assert_eq!(
+        (storage.files, storage.evictions),
+        (2, 0),
+        "a NAR not yet in the bucket was evicted"
+    );
+    s3.run();
+    wait_in_bucket(&s3, &st.nodes[1], &all, 120);
+    assert_eq!(check_bucket(&s3, &all), 3);
+    assert!(st.nodes[1].status().storage.file_bytes <= 30 << 20);
 }
 
 #[test]
