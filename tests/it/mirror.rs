@@ -75,27 +75,56 @@ pub(crate) fn check_bucket(s3: &S3Server, expect: &[String]) -> usize {
 
 /// `check_bucket`, allowing references to the paths `public` (signed upstream) to be absent.
 fn check_bucket_but(s3: &S3Server, expect: &[String], public: &[String]) -> usize {
-    let objects = s3.objects();
+    check_cache(s3, "", "zstd", expect, public)
+}
+
+/// `check_bucket_but` for the cache under `prefix` in the bucket, its NARs compressed with
+/// `compression`.
+fn check_cache(
+    s3: &S3Server,
+    prefix: &str,
+    compression: &str,
+    expect: &[String],
+    public: &[String],
+) -> usize {
+    let objects: Vec<(String, u64)> = s3
+        .objects()
+        .into_iter()
+        .filter_map(|(k, n)| Some((k.strip_prefix(prefix)?.to_owned(), n)))
+        .collect();
     let keys: BTreeSet<&str> = objects.iter().map(|(k, _)| k.as_str()).collect();
     assert!(keys.contains("nix-cache-info"), "{keys:?}");
+    let get = |key: &str| s3.get(&format!("{prefix}{key}"));
     let mut narinfos = 0;
     for (key, _) in objects.iter().filter(|(k, _)| k.ends_with(".narinfo")) {
         narinfos += 1;
-        let (text, ct) = s3.get(key);
+        let (text, ct) = get(key);
         assert_eq!(ct, "text/x-nix-narinfo", "{key}");
         let info = NarInfo::parse(std::str::from_utf8(&text).unwrap()).expect("narinfo parses");
-        assert_eq!(info.compression, "zstd");
+        assert_eq!(info.compression, compression);
         assert!(
             keys.contains(info.url.as_str()),
             "{key} points at missing {}",
             info.url
         );
-        let (nar, ct) = s3.get(&info.url);
+        let (nar, ct) = get(&info.url);
         assert_eq!(ct, "application/x-nix-nar");
         assert_eq!(Some(nar.len() as u64), info.file_size, "{key} FileSize");
         let sha: [u8; 32] = sha2::Sha256::digest(&nar).into();
         assert_eq!(Some(sha), info.file_hash.map(|h| h.0), "{key} FileHash");
-        let plain = zstd::decode_all(nar.as_slice()).expect("zstd");
+        let plain = match compression {
+            "zstd" => zstd::decode_all(nar.as_slice()).expect("zstd"),
+            "xz" => {
+                let mut out = Vec::new();
+                std::io::Read::read_to_end(
+                    &mut xz2::read::XzDecoder::new(nar.as_slice()),
+                    &mut out,
+                )
+                .expect("xz");
+                out
+            }
+            _ => nar,
+        };
         assert_eq!(plain.len() as u64, info.nar_size);
         let nar_sha: [u8; 32] = sha2::Sha256::digest(&plain).into();
         assert_eq!(nar_sha, info.nar_hash.0, "{key} NarHash");
@@ -155,6 +184,36 @@ fn builds_reach_the_bucket_and_nix_substitutes_from_it() {
         metrics.contains("narmesh_mirror_pending_paths 0"),
         "{metrics}"
     );
+}
+
+/// The other compressions and a key prefix: the cache sits under `prefix` in the bucket, its
+/// NARs compressed as asked, and Nix (2.8 and 2.26) substitutes from `<bucket>/<prefix>`.
+#[test]
+fn xz_or_no_compression_under_a_prefix_is_a_cache_nix_substitutes_from() {
+    let s3 = S3Server::start();
+    for (compression, prefix, tag) in [("xz", "nix/", "xz"), ("none", "plain/cache/", "none")] {
+        let mut st = setup(
+            &s3,
+            &format!("prefix = \"{prefix}\"\ncompression = \"{compression}\""),
+            (ACCESS_KEY, SECRET_KEY),
+        );
+        for n in st.nodes.iter_mut() {
+            n.start();
+        }
+        let top =
+            st.a.build(&CHAIN.replace("mirror-", &format!("mirror-{tag}-")))[0].clone();
+        let paths = st.a.closure(std::slice::from_ref(&top));
+        wait_mirrored(&st.nodes[1], 3, 60);
+        assert_eq!(check_cache(&s3, prefix, compression, &paths, &[]), 3);
+        let key = st.nodes[0].public_key();
+        let url = format!("{}/{}", s3.cache_url(), prefix.trim_end_matches('/'));
+        for nix in Nix::ALL {
+            let c = NixHost::substituter_nix(nix, &url, &key);
+            run_ok(c.cmd("nix-store").args(["-r", &top.full()]));
+            run_ok(c.cmd("nix-store").args(["--verify-path", &top.full()]));
+            assert_eq!(c.closure(std::slice::from_ref(&top)).len(), 3, "{nix:?}");
+        }
+    }
 }
 
 #[test]
