@@ -63,10 +63,15 @@ fn the_node_tells_systemd_when_it_is_ready() {
     let mut node = crate::node_harness::Node::new(&t.path().join("node"), &t.path().join("store"));
     node.env
         .push(("NOTIFY_SOCKET".into(), notify.display().to_string()));
-    node.start();
+    // Started without waiting for it: what READY=1 promises is checked at once, no retry.
+    node.spawn();
     let mut buf = [0u8; 64];
     let n = sock.recv(&mut buf).expect("READY=1 from the node");
     assert_eq!(&buf[..n], b"READY=1");
-    assert!(node.try_status().is_some(), "ready means answering");
+    let status = node
+        .try_status()
+        .expect("ready means answering on the socket");
+    let (code, _, _) = crate::harness::http(&status.http_listen[0], "GET", "/nix-cache-info", &[]);
+    assert_eq!(code, 200, "ready means the HTTP cache answers");
     node.stop();
 }
