@@ -505,3 +505,70 @@ fn a_stalled_http_client_holds_shutdown_only_for_the_grace() {
     );
     drop(client);
 }
+
+/// Each thread of `pid` by name (`comm`, at most 15 bytes) with its nice values.
+fn thread_nice(pid: u32) -> std::collections::BTreeMap<String, Vec<i64>> {
+    let mut out: std::collections::BTreeMap<String, Vec<i64>> = Default::default();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = stat[open + 1..close].to_owned();
+        // After the name: state (field 3) ... nice (field 19).
+        let nice: i64 = stat[close + 2..]
+            .split_whitespace()
+            .nth(16)
+            .unwrap()
+            .parse()
+            .unwrap();
+        out.entry(comm).or_default().push(nice);
+    }
+    out
+}
+
+/// Priorities as the README states them: the socket's and the HTTP cache's threads at normal
+/// priority, the main runtime's threads (its workers and blocking threads) and the storage's
+/// recorder at nice 5, hashing at nice 10, so the host's builds and the hook's
+/// acknowledgements come first.
+#[test]
+fn the_front_runs_at_normal_priority_and_the_rest_below() {
+    let t = tempfile::tempdir().unwrap();
+    let host = NixHost::with_hook(
+        &t.path().join("node/node.sock"),
+        &t.path().join("node/spool"),
+    );
+    let mut node = Node::new(&t.path().join("node"), &host.root);
+    node.start();
+    let out = host.build(r#"mk "priorities" "head -c 1000000 /dev/urandom > $out""#);
+    wait_until(30, "the node to serve the path", || {
+        node.serves(&[out[0].full()])
+    });
+    let threads = thread_nice(node.pid());
+    let nice_of = |name: &str| {
+        threads
+            .iter()
+            .filter(|(n, _)| n.starts_with(name))
+            .flat_map(|(_, v)| v.iter().copied())
+            .collect::<Vec<i64>>()
+    };
+    for (name, nice) in [
+        ("narmesh-front", 0),
+        ("narmesh-http", 0),
+        ("tokio-rt-worker", 5),
+        ("narmesh-record", 5),
+        ("narmesh-hash", 10),
+    ] {
+        let got = nice_of(name);
+        assert!(!got.is_empty(), "no thread {name}: {threads:?}");
+        assert!(
+            got.iter().all(|n| *n == nice),
+            "{name}: {got:?} (want {nice}); all: {threads:?}"
+        );
+    }
+}
