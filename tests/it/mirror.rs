@@ -216,6 +216,45 @@ fn xz_or_no_compression_under_a_prefix_is_a_cache_nix_substitutes_from() {
     }
 }
 
+/// Paths with identical NARs share one key in the bucket: one upload of it is in flight at a
+/// time (in parts here: the other path waits rather than abort it), and both narinfos point
+/// at the one NAR object; Nix substitutes both. (The waiting path uploads the same bytes again
+/// once the first is done: identical NARs are not deduplicated before compression.)
+#[test]
+fn paths_with_identical_nars_share_one_nar_in_the_bucket() {
+    let s3 = S3Server::start();
+    let mut st = setup(
+        &s3,
+        "multipart-threshold = 5242880\npart-size = 5242880",
+        (ACCESS_KEY, SECRET_KEY),
+    );
+    for n in st.nodes.iter_mut() {
+        n.start();
+    }
+    let outs = st.a.build(
+        r#"builtins.genList (i: mk "same-${toString i}" "seq 1 1500000 > $out; head -c 8000000 /dev/zero | tr '\0' x >> $out") 2"#,
+    );
+    let paths: Vec<String> = outs.iter().map(|p| p.full()).collect();
+    wait_mirrored(&st.nodes[1], 2, 90);
+    assert_eq!(check_bucket(&s3, &paths), 2);
+    let objects = s3.objects();
+    let nars: Vec<&(String, u64)> = objects
+        .iter()
+        .filter(|(k, _)| k.starts_with("nar/"))
+        .collect();
+    assert_eq!(nars.len(), 1, "one NAR object: {objects:?}");
+    for p in &outs {
+        let (text, _) = s3.get(&format!("{}.narinfo", p.hash_part()));
+        let info = NarInfo::parse(std::str::from_utf8(&text).unwrap()).unwrap();
+        assert_eq!(info.url, nars[0].0);
+    }
+    let key = st.nodes[0].public_key();
+    let c = NixHost::substituter(&s3.cache_url(), &key);
+    let mut args = vec!["-r"];
+    args.extend(paths.iter().map(|s| s.as_str()));
+    run_ok(c.cmd("nix-store").args(&args));
+}
+
 #[test]
 fn a_mirror_killed_mid_upload_resumes_and_the_bucket_ends_consistent() {
     let s3 = S3Server::start();
