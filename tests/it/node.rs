@@ -572,3 +572,104 @@ fn the_front_runs_at_normal_priority_and_the_rest_below() {
         );
     }
 }
+
+/// Which settings win, as the README says: `serve`'s flags over its config file, and a config
+/// file over the hook's `NARMESH_SOCKET` / `NARMESH_SPOOL`; `status` finds the socket by
+/// `--socket`, else `--config` or `NARMESH_CONFIG`, else `NARMESH_SOCKET`.
+#[test]
+fn flags_beat_the_config_file_which_beats_the_hooks_variables() {
+    use std::process::{Command, Stdio};
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let narmesh = crate::harness::bin("narmesh");
+    run_ok(
+        Command::new(&narmesh)
+            .args(["keygen", "precedence-1"])
+            .arg(d.join("signing.sec"))
+            .arg(d.join("signing.pub")),
+    );
+    std::fs::create_dir_all(d.join("store")).unwrap();
+    let conf = d.join("narmesh.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "data-dir = {:?}\nsocket = {:?}\nspool-dir = {:?}\nsecret-key-file = {:?}\n\
+             [nix]\nstore-root = {:?}\n[http]\nlisten = [\"127.0.0.1:0\"]\n",
+            d.join("data"),
+            d.join("file.sock"),
+            d.join("file-spool"),
+            d.join("signing.sec"),
+            d.join("store"),
+        ),
+    )
+    .unwrap();
+    let sock = d.join("flag.sock");
+    let log = std::fs::File::create(d.join("node.log")).unwrap();
+    let child = Command::new(&narmesh)
+        .args(["serve", "--config"])
+        .arg(&conf)
+        .arg("--socket")
+        .arg(&sock)
+        .env("NARMESH_SOCKET", d.join("env.sock"))
+        .env("NARMESH_SPOOL", d.join("env-spool"))
+        .env_remove("NARMESH_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _node = Killed(child);
+    wait_until(30, "the node to listen on the flag's socket", || {
+        sock.exists()
+    });
+    assert!(!d.join("file.sock").exists(), "the flag beats the file");
+    assert!(
+        !d.join("env.sock").exists(),
+        "the file beats NARMESH_SOCKET"
+    );
+    assert!(d.join("file-spool").is_dir() && !d.join("env-spool").exists());
+
+    // `status`: a config file naming the flag's socket, and one naming the file's (not there).
+    let at_flag = d.join("at-flag.toml");
+    std::fs::write(&at_flag, format!("socket = {sock:?}\n")).unwrap();
+    let status = |args: &[&std::ffi::OsStr], env: &[(&str, &std::path::Path)]| {
+        let mut cmd = Command::new(&narmesh);
+        cmd.arg("status")
+            .args(args)
+            .env_remove("NARMESH_CONFIG")
+            .env_remove("NARMESH_SOCKET");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.stdin(Stdio::null()).output().unwrap().status.success()
+    };
+    let nowhere = d.join("nowhere.sock");
+    let (flag, cfg) = (
+        std::ffi::OsStr::new("--socket"),
+        std::ffi::OsStr::new("--config"),
+    );
+    assert!(status(
+        &[flag, sock.as_os_str()],
+        &[("NARMESH_CONFIG", &conf)]
+    ));
+    assert!(status(
+        &[cfg, at_flag.as_os_str()],
+        &[("NARMESH_SOCKET", &nowhere)]
+    ));
+    assert!(status(
+        &[],
+        &[("NARMESH_CONFIG", &at_flag), ("NARMESH_SOCKET", &nowhere)]
+    ));
+    assert!(!status(
+        &[],
+        &[("NARMESH_CONFIG", &conf), ("NARMESH_SOCKET", &sock)]
+    ));
+    assert!(status(&[], &[("NARMESH_SOCKET", &sock)]));
+}
