@@ -32,7 +32,7 @@ use redb::{
 
 pub use forget::{ForgetStep, Forgotten};
 pub use migrate::LegacyBlob;
-pub use outbox::{MirrorState, OpenUpload};
+pub use outbox::{MirrorNeed, MirrorState, OpenUpload};
 pub use paths::{OwnRecord, RemoteClaim};
 pub use records::{Claim, Counters, PathRecord, Provider, QueueItem, hash_part_of, merge_provider};
 pub use storage::{NarFile, StorageCounters};

@@ -37,6 +37,18 @@ pub enum OpenUpload {
 /// The last log sequence number the mirror has taken in.
 const CURSOR: &str = "mirror.cursor";
 
+/// What the mirror still needs of a NAR ([`Db::mirror_needs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorNeed {
+    /// Every path of it is done in the bucket (or there is none).
+    Nothing,
+    /// A path of it changed (or is new) and the mirror has not taken it in yet: it may be
+    /// done already, or not.
+    NotTaken,
+    /// A path of it is in the outbox, not done: the mirror will upload it.
+    Unfinished,
+}
+
 /// Where one path stands in the bucket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MirrorState {
@@ -59,30 +71,32 @@ fn decode(v: &[u8]) -> Result<MirrorState, DbError> {
 
 impl Db {
     /// Whether the mirror still needs the NAR `blake3`: a path with a claim on it is not done
-    /// in the bucket, or not yet taken into the outbox (its log entry after the mirror's
-    /// cursor). One read; for the storage's eviction on the mirror node.
-    pub fn mirror_pending(&self, blake3: &[u8; 32]) -> Result<bool, DbError> {
+    /// in the bucket ([`MirrorNeed::Unfinished`]), or not yet taken into the outbox (its log
+    /// entry after the mirror's cursor: [`MirrorNeed::NotTaken`]). One read; for the storage's
+    /// eviction on the mirror node.
+    pub fn mirror_needs(&self, blake3: &[u8; 32]) -> Result<MirrorNeed, DbError> {
         let db = self.db.get()?;
         let tx = db.begin_read()?;
         let blobs = tx.open_multimap_table(super::BLOBS)?;
         let outbox = tx.open_table(OUTBOX)?;
         let index = tx.open_table(LOG_INDEX)?;
         let cursor = super::get_meta(&tx.open_table(META)?, CURSOR)?;
+        let mut need = MirrorNeed::Nothing;
         for h in blobs.get(blake3.as_slice())? {
             let h = h?;
+            if let Some(v) = outbox.get(h.value())?
+                && decode(v.value())? != MirrorState::Done
+            {
+                return Ok(MirrorNeed::Unfinished);
+            }
             if index
                 .get(h.value())?
                 .is_some_and(|seq| seq.value() > cursor)
             {
-                return Ok(true);
-            }
-            if let Some(v) = outbox.get(h.value())?
-                && decode(v.value())? != MirrorState::Done
-            {
-                return Ok(true);
+                need = MirrorNeed::NotTaken;
             }
         }
-        Ok(false)
+        Ok(need)
     }
 
     /// Take up to `limit` log entries after the mirror's cursor into the outbox (as `Pending`)
@@ -315,10 +329,12 @@ mod tests {
     #[test]
     fn the_mirror_needs_a_nar_until_every_path_of_it_is_done() {
         use super::super::tests::remote;
+        use MirrorNeed::*;
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("db")).unwrap();
+        let need = || db.mirror_needs(&[1; 32]).unwrap();
         let (a, b) = ("a".repeat(32), "b".repeat(32));
-        assert!(!db.mirror_pending(&[1; 32]).unwrap(), "no path of it");
+        assert_eq!(need(), Nothing, "no path of it");
         // Two paths with the same NAR.
         db.record_remote(
             vec![remote(&a, 1, 5, 1, true), remote(&b, 1, 5, 1, true)],
@@ -326,33 +342,24 @@ mod tests {
             false,
         )
         .unwrap();
-        assert!(db.mirror_pending(&[1; 32]).unwrap(), "not taken in yet");
+        assert_eq!(need(), NotTaken);
         assert_eq!(db.outbox_take(10).unwrap().0.len(), 2);
-        assert!(db.mirror_pending(&[1; 32]).unwrap(), "pending");
+        assert_eq!(need(), Unfinished);
         // (Done moves a path not held here to the end of the log; the mirror takes the log
         // in as it goes.)
         db.outbox_set(&[(a.clone(), MirrorState::Done)]).unwrap();
         db.outbox_take(10).unwrap();
-        assert!(db.mirror_pending(&[1; 32]).unwrap(), "one path is not done");
+        assert_eq!(need(), Unfinished, "one path is not done");
         db.outbox_set(&[(b.clone(), MirrorState::Done)]).unwrap();
-        assert!(
-            db.mirror_pending(&[1; 32]).unwrap(),
-            "moved, not taken in again"
-        );
+        assert_eq!(need(), NotTaken, "moved, not taken in again");
         db.outbox_take(10).unwrap();
-        assert!(!db.mirror_pending(&[1; 32]).unwrap(), "both done");
+        assert_eq!(need(), Nothing, "both done");
         // A peer's newer word on a: its entry moves to the end of the log.
         db.record_remote(vec![remote(&a, 1, 6, 2, true)], None, false)
             .unwrap();
-        assert!(
-            db.mirror_pending(&[1; 32]).unwrap(),
-            "changed, not taken in again"
-        );
+        assert_eq!(need(), NotTaken, "changed, not taken in again");
         db.outbox_take(10).unwrap();
-        assert!(
-            !db.mirror_pending(&[1; 32]).unwrap(),
-            "taken in, still done"
-        );
+        assert_eq!(need(), Nothing, "taken in, still done");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::{Inner, Storage, StorageError, hex, now_secs};
-use crate::db::NarFile;
+use crate::db::{MirrorNeed, NarFile};
 
 fn parse_hex(name: &str) -> Option<[u8; 32]> {
     let h = name.strip_suffix(".nar")?;
@@ -120,12 +120,28 @@ impl Storage {
                 st.reserved += need;
                 (Vec::new(), true)
             } else {
+                // On the mirror node, what its outbox still has to upload is protected from
+                // then on (released when done, as what the mirror protects itself), so a long
+                // wait for the bucket does not cost a database read per file at every fetch.
+                let needed = std::cell::RefCell::new(Vec::new());
                 let plan = st.lru.plan(want, |b| {
-                    st.readers.contains_key(b)
+                    let keep = st.readers.contains_key(b)
                         || st.protected.contains(b)
-                        || st.pinned.contains(b)
-                        || (st.mirror && self.inner.db.mirror_pending(b).unwrap_or(true))
+                        || st.pinned.contains(b);
+                    if keep || !st.mirror {
+                        return keep;
+                    }
+                    match self.inner.db.mirror_needs(b) {
+                        Ok(MirrorNeed::Unfinished) => {
+                            needed.borrow_mut().push(*b);
+                            true
+                        }
+                        Ok(MirrorNeed::Nothing) => false,
+                        // Kept this time, asked again the next (taken in, it may be done).
+                        Ok(MirrorNeed::NotTaken) | Err(_) => true,
+                    }
                 });
+                st.protected.extend(needed.into_inner());
                 match plan {
                     Some(p) => {
                         st.reserved += need;

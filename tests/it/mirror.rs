@@ -332,10 +332,60 @@ fn an_s3_outage_loses_nothing_and_never_touches_builds() {
     assert!(mirror(&st.nodes[1]).last_error.is_none());
 }
 
-/// The mirror node keeps every NAR it has not uploaded yet, whatever its cap: with S3 down,
-/// an eager mirror node capped at 30 MiB holds two 12 MiB NARs and refuses to fetch a third
-/// rather than evict them; once S3 is back they are uploaded and may go, and the third is
-/// fetched and uploaded too.
+/// A listener on `port` that takes connections and never answers (an S3 endpoint hanging),
+/// until dropped: then every connection it took is closed.
+struct Unanswering {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    taken: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Unanswering {
+    fn on(port: u16) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let taken = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (s, n) = (stop.clone(), taken.clone());
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !s.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((c, _)) => {
+                        held.push(c);
+                        n.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                }
+            }
+        });
+        Unanswering {
+            stop,
+            taken,
+            thread: Some(thread),
+        }
+    }
+
+    fn taken(&self) -> usize {
+        self.taken.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Unanswering {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The mirror node keeps every NAR it has not uploaded yet, whatever its cap, also before its
+/// mirror has taken the paths in: S3 hangs from the start (the mirror waits on its first
+/// request, so it takes in nothing), and an eager mirror node capped at 30 MiB holds two
+/// 12 MiB NARs and refuses to fetch a third rather than evict them; once S3 is back they are
+/// uploaded and may go, and the third is fetched and uploaded too.
 #[test]
 fn the_mirror_node_never_evicts_a_nar_not_yet_in_the_bucket() {
     let mut s3 = S3Server::start();
@@ -345,9 +395,13 @@ fn the_mirror_node_never_evicts_a_nar_not_yet_in_the_bucket() {
         .extra_config
         .push_str("[store]\nmax-size = \"30MiB\"\nmin-free = \"1MiB\"\n");
     s3.stop();
+    let hanging = Unanswering::on(s3.port());
     for n in st.nodes.iter_mut() {
         n.start();
     }
+    wait_until(30, "the mirror to wait on the bucket", || {
+        hanging.taken() > 0
+    });
     let big = |tag: &str, n: usize| {
         st.a.build(&format!(
             r#"builtins.genList (i: mk "{tag}-${{toString i}}" "head -c 12582912 /dev/urandom > $out") {n}"#
@@ -374,6 +428,7 @@ fn the_mirror_node_never_evicts_a_nar_not_yet_in_the_bucket() {
         (2, 0),
         "a NAR not yet in the bucket was evicted"
     );
+    drop(hanging);
     s3.run();
     wait_in_bucket(&s3, &st.nodes[1], &all, 120);
     assert_eq!(check_bucket(&s3, &all), 3);

@@ -327,3 +327,69 @@ fn a_version_1_peer_is_heard() {
     ));
     let _ = leaves_of(&[]);
 }
+
+/// A host taken out of the cluster, and a key no longer trusted, as an operator does it (the
+/// config changed, the node restarted): B learnt a path that only A holds; with A down, B
+/// still counts A as its holder. Restarted without A in `peers`, B no longer does (its narinfo
+/// is a 404, never an answer whose NAR cannot be had); restarted without A's key in
+/// `trusted-public-keys`, B drops the record itself.
+#[test]
+fn a_host_taken_out_of_the_cluster_stops_counting_at_the_next_start() {
+    let t = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<Node> = (0..2)
+        .map(|i| Node::new(&t.path().join(format!("n{i}")), &t.path().join("unused")))
+        .collect();
+    let a = NixHost::with_hook(&nodes[0].socket(), &nodes[0].spool());
+    crate::node_harness::full_mesh(&mut nodes);
+    nodes[0].store_root = a.root.clone();
+    nodes[1].store_root = nodes[1].dir.join("store");
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    let out = a.build(r#"mk "taken-out" "echo out > $out""#);
+    let path = out[0].full();
+    let narinfo = |n: &Node| {
+        http(
+            &n.http,
+            "GET",
+            &format!("/{}.narinfo", out[0].hash_part()),
+            &[],
+        )
+        .0
+    };
+    wait_until(30, "B to learn the path", || {
+        nodes[1].serves(std::slice::from_ref(&path))
+    });
+    nodes[0].stop();
+    assert_eq!(
+        narinfo(&nodes[1]),
+        200,
+        "A is down, but still in the cluster"
+    );
+    nodes[1].stop();
+    nodes[1].peers.clear();
+    nodes[1].start();
+    assert_eq!(
+        narinfo(&nodes[1]),
+        404,
+        "A is out of the cluster: nobody holds it"
+    );
+    let recorded = |n: &Node| match n.call(narmesh_proto::control::Request::Lookup {
+        paths: vec![path.clone()],
+    }) {
+        Ok(narmesh_proto::control::Response::Known { recorded }) => recorded[0],
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        recorded(&nodes[1]),
+        "A's key is still trusted: the record stays"
+    );
+    nodes[1].stop();
+    nodes[1].trusted.clear();
+    nodes[1].start();
+    assert!(
+        !recorded(&nodes[1]),
+        "A's key is no longer trusted: the record goes"
+    );
+    assert_eq!(narinfo(&nodes[1]), 404);
+}
