@@ -233,6 +233,57 @@ fn transient_spool_failures_wait_and_permanent_ones_are_counted() {
     node.stop();
 }
 
+/// The hook run as user 65534 in group `gid` (and no other) for `path` of `node`: it exits 0;
+/// its stderr.
+fn hook_as(node: &Node, gid: u32, path: &str) -> String {
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            &gid.to_string(),
+            "--clear-groups",
+        ])
+        .arg(bin("narmesh-hook"))
+        .env("OUT_PATHS", path)
+        .env("NARMESH_SOCKET", node.socket())
+        .env("NARMESH_SPOOL", node.spool())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// With `socket-group` and the spool where the default puts it (inside the data dir), the data
+/// dir lets the group through (0711, not listed) to the spool: a member of the group whose
+/// build finishes while the node is down spools its report, and the node takes it in at its
+/// next start.
+#[test]
+fn a_group_member_spools_into_the_data_dir_while_the_node_is_down() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    crate::harness::require("setpriv");
+    let t = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let host = NixHost::new("");
+    let paths = built_paths(&host, 1, "group-spool");
+    let mut node = Node::new(&t.path().join("node"), &host.root);
+    std::fs::set_permissions(&node.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    node.spool_in_data = true;
+    node.extra_config = "socket-group = \"4242\"\n".into();
+    node.start();
+    let data = std::fs::metadata(node.dir.join("data")).unwrap();
+    assert_eq!(data.mode() & 0o777, 0o711);
+    node.stop();
+    let err = hook_as(&node, 4242, &paths[0]);
+    assert!(err.contains("spooled"), "{err}");
+    node.start();
+    wait_until(30, "the spooled report to be taken in", || {
+        recorded(&node, &paths) == 1
+    });
+    node.stop();
+}
+
 /// Who may report builds (have paths signed with the host key, gossiped, mirrored): by default
 /// only the node's user and root; with `socket-group`, that group too. A hook of another user
 /// is refused at the socket and cannot spool either, and still exits 0.
@@ -252,25 +303,7 @@ fn the_socket_and_the_spool_admit_only_the_node_and_its_group() {
     assert_eq!((sock.mode() & 0o777, sock.gid()), (0o660, 4242));
     let spool = std::fs::metadata(node.spool()).unwrap();
     assert_eq!((spool.mode() & 0o7777, spool.gid()), (0o2770, 4242));
-    let hook_as = |gid: u32, path: &str| {
-        let out = Command::new("setpriv")
-            .args([
-                "--reuid",
-                "65534",
-                "--regid",
-                &gid.to_string(),
-                "--clear-groups",
-            ])
-            .arg(bin("narmesh-hook"))
-            .env("OUT_PATHS", path)
-            .env("NARMESH_SOCKET", node.socket())
-            .env("NARMESH_SPOOL", node.spool())
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
+    let hook_as = |gid: u32, path: &str| hook_as(&node, gid, path);
     // A member of the group: heard.
     let err = hook_as(4242, &paths[0]);
     assert!(err.is_empty(), "{err}");

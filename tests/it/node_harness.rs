@@ -34,6 +34,8 @@ pub struct Node {
     pub wrap: Vec<String>,
     /// The address the mesh listens on (loopback unless the node runs in a network namespace).
     pub mesh_ip: String,
+    /// The spool inside the data dir (as the default puts it), not beside it.
+    pub spool_in_data: bool,
     child: Option<Child>,
     pub http: String,
 }
@@ -55,6 +57,7 @@ impl Node {
             env: Vec::new(),
             wrap: Vec::new(),
             mesh_ip: "127.0.0.1".into(),
+            spool_in_data: false,
             mesh_extra: "sync-interval-ms = 500\n".into(),
             address: String::new(),
             child: None,
@@ -67,7 +70,11 @@ impl Node {
     }
 
     pub fn spool(&self) -> PathBuf {
-        self.dir.join("spool")
+        if self.spool_in_data {
+            self.dir.join("data/spool")
+        } else {
+            self.dir.join("spool")
+        }
     }
 
     /// The node's Nix signing key (made by the harness so peers can trust it before it starts).
