@@ -336,13 +336,7 @@ fn a_version_1_peer_is_heard() {
 #[test]
 fn a_host_taken_out_of_the_cluster_stops_counting_at_the_next_start() {
     let t = tempfile::tempdir().unwrap();
-    let mut nodes: Vec<Node> = (0..2)
-        .map(|i| Node::new(&t.path().join(format!("n{i}")), &t.path().join("unused")))
-        .collect();
-    let a = NixHost::with_hook(&nodes[0].socket(), &nodes[0].spool());
-    crate::node_harness::full_mesh(&mut nodes);
-    nodes[0].store_root = a.root.clone();
-    nodes[1].store_root = nodes[1].dir.join("store");
+    let (a, mut nodes) = crate::node_harness::built_on_first(t.path(), 2);
     for n in nodes.iter_mut() {
         n.start();
     }
