@@ -242,6 +242,9 @@ pub struct HttpConfig {
     /// Microseconds the HTTP thread polls its connections after a narinfo answer before it
     /// sleeps (0: never).
     pub busy_poll_us: u64,
+    /// Seconds a connection may go without a byte read or written before it is closed (an idle
+    /// keep-alive, a client that stopped reading): it gives its slot back.
+    pub idle_secs: u64,
 }
 
 /// `[pipeline]`: how paths are turned into signed NARs.
@@ -308,6 +311,7 @@ impl Default for HttpConfig {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 5480))],
             priority: 30,
             busy_poll_us: 50,
+            idle_secs: 60,
         }
     }
 }
@@ -395,6 +399,9 @@ impl Config {
         }
         if self.http.busy_poll_us > 1000 {
             return Err(invalid("http.busy-poll-us", "must be 0..=1000".into()));
+        }
+        if !(1..=86_400).contains(&self.http.idle_secs) {
+            return Err(invalid("http.idle-secs", "must be 1..=86400".into()));
         }
         if !(50..=3_600_000).contains(&self.mesh.sync_interval_ms) {
             return Err(invalid(
@@ -606,6 +613,10 @@ mod tests {
         ));
         let cfg: Config = toml::from_str("[http]\nbusy-poll-us = 0").unwrap();
         assert!(cfg.validate().is_ok());
+        for (idle, ok) in [(0, false), (1, true), (86_400, true), (86_401, false)] {
+            let cfg: Config = toml::from_str(&format!("[http]\nidle-secs = {idle}")).unwrap();
+            assert_eq!(cfg.validate().is_ok(), ok, "idle-secs {idle}");
+        }
         for (bad, ok) in [("1MiB", false), ("8GiB", false), ("2MiB", true)] {
             let cfg: Config = toml::from_str(&format!("[mesh]\nfetch-memory = \"{bad}\"")).unwrap();
             assert_eq!(cfg.validate().is_ok(), ok, "fetch-memory {bad}");

@@ -195,6 +195,7 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
         metrics.clone(),
         cfg.http.priority,
         std::time::Duration::from_micros(cfg.http.busy_poll_us),
+        std::time::Duration::from_secs(cfg.http.idle_secs),
         mesh.clone(),
     );
 

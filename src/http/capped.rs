@@ -1,11 +1,16 @@
 //! A listener that serves at most a fixed number of connections at once: past that, new
 //! connections wait in the kernel's backlog instead of costing the node memory and tasks (as
-//! mini-redis caps its accept loop). Each accepted connection holds a permit until it closes.
+//! mini-redis caps its accept loop). Each accepted connection holds a permit until it closes,
+//! and is closed once it has gone `idle` without a byte read or written (an idle keep-alive, a
+//! client that stopped reading), so idle clients cannot hold every slot.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use std::future::Future as _;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -18,24 +23,56 @@ pub const MAX_CONNECTIONS: usize = 1024;
 pub struct Capped {
     listener: TcpListener,
     slots: Arc<Semaphore>,
+    idle: Duration,
     /// Every connection is watched by the thread's busy-poll.
     spin: Arc<super::spin::Spin>,
 }
 
 impl Capped {
-    pub fn new(listener: TcpListener, max: usize, spin: Arc<super::spin::Spin>) -> Self {
+    pub fn new(
+        listener: TcpListener,
+        max: usize,
+        idle: Duration,
+        spin: Arc<super::spin::Spin>,
+    ) -> Self {
         Capped {
             listener,
             spin,
+            idle,
             slots: Arc::new(Semaphore::new(max)),
         }
     }
 }
 
-/// An accepted connection and the permit it holds.
+/// An accepted connection, the permit it holds, and its idle deadline.
 pub struct CappedStream {
     stream: TcpStream,
     _permit: OwnedSemaphorePermit,
+    idle: Duration,
+    /// The last byte read or written.
+    last: Instant,
+    /// Armed while a read or a write waits; moved on lazily (activity only notes `last`).
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl CappedStream {
+    /// A read or a write cannot go on now: an error once the connection has been idle too
+    /// long, else pending (woken by the stream or by the deadline).
+    fn idle_check(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        loop {
+            if self.deadline.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let due = self.last + self.idle;
+            if Instant::now() >= due {
+                return Poll::Ready(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the connection was idle too long",
+                ));
+            }
+            self.deadline.as_mut().reset(due.into());
+        }
+    }
 }
 
 impl axum::serve::Listener for Capped {
@@ -55,10 +92,14 @@ impl axum::serve::Listener for Capped {
                         tracing::debug!("TCP_NODELAY: {e}");
                     }
                     self.spin.watch(std::os::fd::AsFd::as_fd(&stream));
+                    let last = Instant::now();
                     return (
                         CappedStream {
                             stream,
                             _permit: permit,
+                            idle: self.idle,
+                            last,
+                            deadline: Box::pin(tokio::time::sleep_until((last + self.idle).into())),
                         },
                         addr,
                     );
@@ -82,7 +123,16 @@ impl AsyncRead for CappedStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        match Pin::new(&mut self.stream).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    self.last = Instant::now();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.idle_check(cx).map(Err),
+        }
     }
 }
 
@@ -92,7 +142,15 @@ impl AsyncWrite for CappedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        match Pin::new(&mut self.stream).poll_write(cx, buf) {
+            Poll::Ready(r) => {
+                if matches!(r, Ok(n) if n > 0) {
+                    self.last = Instant::now();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.idle_check(cx).map(Err),
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -108,7 +166,15 @@ impl AsyncWrite for CappedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        match Pin::new(&mut self.stream).poll_write_vectored(cx, bufs) {
+            Poll::Ready(r) => {
+                if matches!(r, Ok(n) if n > 0) {
+                    self.last = Instant::now();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.idle_check(cx).map(Err),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -6,6 +6,7 @@
 //! owns the state, routing and narinfo answers; [`nar`] the NAR answers.
 
 mod capped;
+pub use capped::MAX_CONNECTIONS;
 mod nar;
 pub mod spin;
 use narmesh_formats::route::{Route, route};
@@ -45,6 +46,8 @@ pub struct HttpState {
     pub main: tokio::runtime::Handle,
     /// The HTTP thread's busy-poll after an answer (its runtime calls `before_park`).
     pub spin: Arc<spin::Spin>,
+    /// How long a connection may go without a byte read or written (`[http] idle-secs`).
+    pub idle: std::time::Duration,
 }
 
 /// Bytes of narinfo answers kept in memory.
@@ -68,10 +71,12 @@ impl HttpState {
         metrics: Arc<Metrics>,
         priority: u32,
         busy_poll: std::time::Duration,
+        idle: std::time::Duration,
         mesh: Option<MeshHandle>,
     ) -> Self {
         let st = HttpState {
             mesh,
+            idle,
             main: tokio::runtime::Handle::current(),
             spin: Arc::new(spin::Spin::new(busy_poll)),
             db,
@@ -113,12 +118,12 @@ pub async fn serve(
     state: HttpState,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    let spin = state.spin.clone();
+    let (spin, idle) = (state.spin.clone(), state.idle);
     let app = axum::Router::new().fallback(handle).with_state(state);
     // Capped, and every connection with TCP_NODELAY: without it a streamed NAR's small writes
     // wait for the client's delayed ACK (40 ms per small NAR on Linux).
     spin.watch(std::os::fd::AsFd::as_fd(&listener));
-    let listener = capped::Capped::new(listener, capped::MAX_CONNECTIONS, spin);
+    let listener = capped::Capped::new(listener, capped::MAX_CONNECTIONS, idle, spin);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await

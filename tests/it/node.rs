@@ -673,3 +673,42 @@ fn flags_beat_the_config_file_which_beats_the_hooks_variables() {
     ));
     assert!(status(&[], &[("NARMESH_SOCKET", &sock)]));
 }
+
+/// Idle clients cannot hold the HTTP cache's every slot: with `[http] idle-secs = 2`, as many
+/// idle connections as the cap allows are closed after two seconds without a byte, and a
+/// client that comes after them is answered (it waited in the backlog meanwhile).
+#[test]
+fn idle_connections_cannot_hold_every_slot() {
+    let t = tempfile::tempdir().unwrap();
+    let mut node = Node::new(&t.path().join("node"), &t.path().join("store"));
+    std::fs::create_dir_all(t.path().join("store")).unwrap();
+    node.http_extra = "idle-secs = 2\n".into();
+    node.start();
+    let idle: Vec<std::net::TcpStream> = (0..narmesh::http::MAX_CONNECTIONS)
+        .map(|_| std::net::TcpStream::connect(&node.http).unwrap())
+        .collect();
+    let started = Instant::now();
+    let mut late = std::net::TcpStream::connect(&node.http).unwrap();
+    late.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        late,
+        "GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    late.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("StoreDir: /nix/store"), "{answer}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "answered before the idle ones went: the cap did not hold"
+    );
+    // The idle ones were closed by the node.
+    let mut first = &idle[0];
+    first
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 1];
+    assert_eq!(first.read(&mut buf).unwrap(), 0, "closed by the node");
+}

@@ -36,6 +36,8 @@ pub struct Node {
     pub mesh_ip: String,
     /// The spool inside the data dir (as the default puts it), not beside it.
     pub spool_in_data: bool,
+    /// More lines of the `[http]` section.
+    pub http_extra: String,
     child: Option<Child>,
     pub http: String,
 }
@@ -58,6 +60,7 @@ impl Node {
             wrap: Vec::new(),
             mesh_ip: "127.0.0.1".into(),
             spool_in_data: false,
+            http_extra: String::new(),
             mesh_extra: "sync-interval-ms = 500\n".into(),
             address: String::new(),
             child: None,
@@ -153,7 +156,7 @@ impl Node {
             "[store]\nmin-free = \"64MiB\"\n"
         };
         let text = format!(
-            "data-dir = {:?}\nsocket = {:?}\nspool-dir = {:?}\nupstream-keys = {:?}\nsecret-key-file = {:?}\ntrusted-public-keys = {:?}\n{}\n{store}[nix]\nstore-root = {:?}\n[http]\nlisten = [\"127.0.0.1:0\"]\n{mesh}",
+            "data-dir = {:?}\nsocket = {:?}\nspool-dir = {:?}\nupstream-keys = {:?}\nsecret-key-file = {:?}\ntrusted-public-keys = {:?}\n{}\n{store}[nix]\nstore-root = {:?}\n[http]\nlisten = [\"127.0.0.1:0\"]\n{}\n{mesh}",
             self.dir.join("data"),
             self.socket(),
             self.spool(),
@@ -162,6 +165,7 @@ impl Node {
             self.trusted,
             self.extra_config,
             self.store_root,
+            self.http_extra,
         );
         std::fs::write(&path, text).expect("write config");
         path
