@@ -243,7 +243,9 @@ pub struct HttpConfig {
     /// sleeps (0: never).
     pub busy_poll_us: u64,
     /// Seconds a connection may go without a byte read or written before it is closed (an idle
-    /// keep-alive, a client that stopped reading): it gives its slot back.
+    /// keep-alive, a client that stopped reading, also an answer whose NAR's bytes from peers
+    /// stopped coming): it gives its slot back. Keep it above 30: an on-demand fetch waits up
+    /// to 30 s for its first bytes before answering 502.
     pub idle_secs: u64,
 }
 

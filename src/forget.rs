@@ -107,6 +107,7 @@ mod tests {
             max_size: 1 << 30,
             min_free: 0,
             gc_interval: Duration::from_secs(60),
+            mirror: false,
         };
         let store = Arc::new(LocalStore::new(&dir.join("store")));
         Storage::open(dir, db.clone(), store, cfg, metrics.clone()).unwrap()

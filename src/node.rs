@@ -87,15 +87,11 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
             max_size: cfg.store.max_size.0,
             min_free: cfg.store.min_free.0,
             gc_interval: std::time::Duration::from_secs(cfg.store.gc_check_secs),
+            mirror: cfg.mirror.s3.is_some(),
         };
-        let storage =
-            tokio::task::spawn_blocking(move || Storage::open(&dir, db, store, scfg, metrics))
-                .await?
-                .context("opening the storage")?;
-        if cfg.mirror.s3.is_some() {
-            storage.keep_for_mirror();
-        }
-        storage
+        tokio::task::spawn_blocking(move || Storage::open(&dir, db, store, scfg, metrics))
+            .await?
+            .context("opening the storage")?
     };
     let wake = Arc::new(Notify::new());
     let (recorded, _) = broadcast::channel(4096);

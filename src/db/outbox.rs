@@ -70,33 +70,45 @@ fn decode(v: &[u8]) -> Result<MirrorState, DbError> {
 }
 
 impl Db {
-    /// Whether the mirror still needs the NAR `blake3`: a path with a claim on it is not done
-    /// in the bucket ([`MirrorNeed::Unfinished`]), or not yet taken into the outbox (its log
-    /// entry after the mirror's cursor: [`MirrorNeed::NotTaken`]). One read; for the storage's
-    /// eviction on the mirror node.
-    pub fn mirror_needs(&self, blake3: &[u8; 32]) -> Result<MirrorNeed, DbError> {
+    /// What the mirror still needs of each of these NARs, in one read: a path whose served
+    /// claim is the NAR is not done in the bucket ([`MirrorNeed::Unfinished`]), or not yet
+    /// taken into the outbox (its log entry after the mirror's cursor: [`MirrorNeed::NotTaken`]).
+    /// Claims a path no longer serves do not count: the mirror uploads only the served one. For
+    /// the storage's eviction on the mirror node.
+    pub fn mirror_needs(&self, blake3s: &[[u8; 32]]) -> Result<Vec<MirrorNeed>, DbError> {
         let db = self.db.get()?;
         let tx = db.begin_read()?;
         let blobs = tx.open_multimap_table(super::BLOBS)?;
+        let paths = tx.open_table(PATHS)?;
         let outbox = tx.open_table(OUTBOX)?;
         let index = tx.open_table(LOG_INDEX)?;
         let cursor = super::get_meta(&tx.open_table(META)?, CURSOR)?;
-        let mut need = MirrorNeed::Nothing;
-        for h in blobs.get(blake3.as_slice())? {
-            let h = h?;
-            if let Some(v) = outbox.get(h.value())?
-                && decode(v.value())? != MirrorState::Done
-            {
-                return Ok(MirrorNeed::Unfinished);
+        let mut out = Vec::with_capacity(blake3s.len());
+        'nars: for b in blake3s {
+            let mut need = MirrorNeed::Nothing;
+            for h in blobs.get(b.as_slice())? {
+                let h = h?;
+                let serves = record_in(&paths, h.value())?
+                    .is_some_and(|r| r.active().is_some_and(|c| c.blake3 == *b));
+                if !serves {
+                    continue;
+                }
+                if let Some(v) = outbox.get(h.value())?
+                    && decode(v.value())? != MirrorState::Done
+                {
+                    out.push(MirrorNeed::Unfinished);
+                    continue 'nars;
+                }
+                if index
+                    .get(h.value())?
+                    .is_some_and(|seq| seq.value() > cursor)
+                {
+                    need = MirrorNeed::NotTaken;
+                }
             }
-            if index
-                .get(h.value())?
-                .is_some_and(|seq| seq.value() > cursor)
-            {
-                need = MirrorNeed::NotTaken;
-            }
+            out.push(need);
         }
-        Ok(need)
+        Ok(out)
     }
 
     /// Take up to `limit` log entries after the mirror's cursor into the outbox (as `Pending`)
@@ -332,7 +344,7 @@ mod tests {
         use MirrorNeed::*;
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("db")).unwrap();
-        let need = || db.mirror_needs(&[1; 32]).unwrap();
+        let need = || db.mirror_needs(&[[1; 32]]).unwrap()[0];
         let (a, b) = ("a".repeat(32), "b".repeat(32));
         assert_eq!(need(), Nothing, "no path of it");
         // Two paths with the same NAR.

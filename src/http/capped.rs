@@ -2,7 +2,9 @@
 //! connections wait in the kernel's backlog instead of costing the node memory and tasks (as
 //! mini-redis caps its accept loop). Each accepted connection holds a permit until it closes,
 //! and is closed once it has gone `idle` without a byte read or written (an idle keep-alive, a
-//! client that stopped reading), so idle clients cannot hold every slot.
+//! client that stopped reading, also an answer still waiting for its NAR's bytes from peers:
+//! hyper keeps reading for the client's close meanwhile), so idle clients cannot hold every
+//! slot.
 
 use std::io;
 use std::pin::Pin;

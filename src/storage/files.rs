@@ -3,6 +3,7 @@
 //! (evicting the least recently used), and the partial file a fetch writes its verified chunk
 //! groups into before it becomes a NAR file (fsync'd, renamed, then recorded).
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt as _;
 use std::path::PathBuf;
@@ -107,63 +108,81 @@ impl Storage {
     pub(super) fn make_room(&self, need: u64) -> Result<(), StorageError> {
         let free = free_space(&self.inner.dir);
         if self.pins_stale_for_eviction(need, free)
-            && let Err(e) = self.refresh_pins()
+            && let Err(e) = self.refresh_pins_if_stale()
         {
             tracing::warn!("storage: pinned closures: {e}");
         }
-        let (evict, nothing_to_do) = {
+        // On the mirror node, the files a plan would evict are first asked about in the
+        // mirror's outbox, outside the lock, and the plan made again: what the outbox still has
+        // to upload is protected from then on (released when done, as what the mirror protects
+        // itself), what it has not taken in yet is kept this time, the rest may go.
+        let mut cleared: HashSet<[u8; 32]> = HashSet::new();
+        let mut kept: HashSet<[u8; 32]> = HashSet::new();
+        let mut unfinished: Vec<[u8; 32]> = Vec::new();
+        let (evict, nothing_to_do) = loop {
             let mut st = self.inner.lock();
+            st.protected.extend(unfinished.drain(..));
             let cap = self.inner.cfg.max_size;
             let (over_cap, under_floor) = self.shortfall(&st, need, free);
             let want = over_cap.max(under_floor);
             if want == 0 {
                 st.reserved += need;
-                (Vec::new(), true)
+                break (Vec::new(), true);
+            }
+            let plan = st.lru.plan(want, |b| {
+                st.readers.contains_key(b)
+                    || st.protected.contains(b)
+                    || st.pinned.contains(b)
+                    || kept.contains(b)
+            });
+            let Some(plan) = plan else {
+                // Name the limit that cannot be met: an operator fixes the two differently (a
+                // larger cap, or space freed on the disk).
+                let why = match free {
+                    Some(f) if under_floor >= over_cap => format!(
+                        "the disk has {f} bytes free and [store] min-free keeps {} free; the \
+                         NAR files that may go would not make up the rest",
+                        self.inner.cfg.min_free
+                    ),
+                    _ => format!(
+                        "[store] max-size is {cap} bytes and the NAR files that may go would not \
+                         make up the rest (the others are in use, pinned or waiting for the \
+                         mirror)"
+                    ),
+                };
+                return Err(StorageError::Full { need, why });
+            };
+            let ask: Vec<[u8; 32]> = if st.mirror {
+                plan.iter()
+                    .filter(|b| !cleared.contains(*b))
+                    .copied()
+                    .collect()
             } else {
-                // On the mirror node, what its outbox still has to upload is protected from
-                // then on (released when done, as what the mirror protects itself), so a long
-                // wait for the bucket does not cost a database read per file at every fetch.
-                let needed = std::cell::RefCell::new(Vec::new());
-                let plan = st.lru.plan(want, |b| {
-                    let keep = st.readers.contains_key(b)
-                        || st.protected.contains(b)
-                        || st.pinned.contains(b);
-                    if keep || !st.mirror {
-                        return keep;
-                    }
-                    match self.inner.db.mirror_needs(b) {
-                        Ok(MirrorNeed::Unfinished) => {
-                            needed.borrow_mut().push(*b);
-                            true
+                Vec::new()
+            };
+            if ask.is_empty() {
+                st.reserved += need;
+                break (plan, false);
+            }
+            drop(st);
+            match self.inner.db.mirror_needs(&ask) {
+                Ok(needs) => {
+                    for (b, n) in ask.into_iter().zip(needs) {
+                        match n {
+                            MirrorNeed::Nothing => {
+                                cleared.insert(b);
+                            }
+                            MirrorNeed::Unfinished => unfinished.push(b),
+                            // Taken in, it may be done: asked again the next time.
+                            MirrorNeed::NotTaken => {
+                                kept.insert(b);
+                            }
                         }
-                        Ok(MirrorNeed::Nothing) => false,
-                        // Kept this time, asked again the next (taken in, it may be done).
-                        Ok(MirrorNeed::NotTaken) | Err(_) => true,
                     }
-                });
-                st.protected.extend(needed.into_inner());
-                match plan {
-                    Some(p) => {
-                        st.reserved += need;
-                        (p, false)
-                    }
-                    None => {
-                        // Name the limit that cannot be met: an operator fixes the two
-                        // differently (a larger cap, or space freed on the disk).
-                        let why = match free {
-                            Some(f) if under_floor >= over_cap => format!(
-                                "the disk has {f} bytes free and [store] min-free keeps {} \
-                                 free; the NAR files that may go would not make up the rest",
-                                self.inner.cfg.min_free
-                            ),
-                            _ => format!(
-                                "[store] max-size is {cap} bytes and the NAR files that may go \
-                                 would not make up the rest (the others are in use, pinned or \
-                                 waiting for the mirror)"
-                            ),
-                        };
-                        return Err(StorageError::Full { need, why });
-                    }
+                }
+                Err(e) => {
+                    tracing::warn!("storage: asking the mirror's outbox: {e}");
+                    kept.extend(ask);
                 }
             }
         };
@@ -197,7 +216,7 @@ impl Storage {
     /// never fetched again).
     fn pins_stale_for_eviction(&self, need: u64, free: Option<u64>) -> bool {
         let st = self.inner.lock();
-        if !st.pins_incomplete || st.pins_at.is_some_and(|t| t.elapsed() < super::PINS_FRESH) {
+        if !st.pins_stale() {
             return false;
         }
         let (over_cap, under_floor) = self.shortfall(&st, need, free);

@@ -66,6 +66,10 @@ pub struct StorageConfig {
     pub min_free: u64,
     /// How often own paths are checked against the local store.
     pub gc_interval: Duration,
+    /// This node runs the S3 mirror: a NAR is kept while the mirror's durable outbox still
+    /// has to upload it (or has not taken its path in yet), even before the mirror protects
+    /// it itself (at start, while the bucket is away, during a migration).
+    pub mirror: bool,
 }
 
 /// How this node holds a NAR.
@@ -108,7 +112,7 @@ struct State {
     readers: HashMap<[u8; 32], usize>,
     /// NARs the mirror still needs.
     protected: HashSet<[u8; 32]>,
-    /// This node runs the S3 mirror (`keep_for_mirror`).
+    /// This node runs the S3 mirror (`StorageConfig::mirror`).
     mirror: bool,
     /// NARs of pinned closures.
     pinned: HashSet<[u8; 32]>,
@@ -118,6 +122,14 @@ struct State {
     pins_at: Option<std::time::Instant>,
     /// Last-used times not yet written to the database.
     touched: Vec<([u8; 32], u64)>,
+}
+
+impl State {
+    /// The pinned closures named unrecorded paths when last computed, more than
+    /// [`PINS_FRESH`] ago: they may have grown since.
+    fn pins_stale(&self) -> bool {
+        self.pins_incomplete && self.pins_at.is_none_or(|t| t.elapsed() >= PINS_FRESH)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -198,6 +210,7 @@ impl Storage {
     ) -> Result<Self, StorageError> {
         let dir = data_dir.join("nars");
         let recorder = record::Recorder::start(db.clone(), dir.clone())?;
+        let mirror = cfg.mirror;
         let inner = Arc::new(Inner {
             recorder,
             dir,
@@ -205,7 +218,10 @@ impl Storage {
             store,
             cfg,
             metrics,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                mirror,
+                ..State::default()
+            }),
             layouts: quick_cache::sync::Cache::with_weighter(
                 1024,
                 LAYOUT_CACHE_BYTES,
@@ -393,14 +409,6 @@ impl Storage {
         }
     }
 
-    /// This node runs the S3 mirror: a NAR is kept while a path of it is not done in the
-    /// bucket by the mirror's durable outbox (or not yet taken into it), even before the mirror
-    /// has protected it itself (at start, while the bucket is away). Called right after
-    /// opening, before anything is fetched.
-    pub fn keep_for_mirror(&self) {
-        self.inner.lock().mirror = true;
-    }
-
     /// Keep these NARs until the mirror releases them.
     pub fn protect(&self, blake3s: impl IntoIterator<Item = [u8; 32]>) {
         self.inner.lock().protected.extend(blake3s);
@@ -451,6 +459,17 @@ impl Storage {
         self.refresh_pins_locked()
     }
 
+    /// `refresh_pins` if the pinned closures named unrecorded paths when last computed, more
+    /// than [`PINS_FRESH`] ago (asked again under the lock: of fetches that found them stale
+    /// at once, one recomputes).
+    fn refresh_pins_if_stale(&self) -> Result<(), StorageError> {
+        let _one = self.pins_lock();
+        if !self.inner.lock().pins_stale() {
+            return Ok(());
+        }
+        self.refresh_pins_locked()
+    }
+
     fn refresh_pins_locked(&self) -> Result<(), StorageError> {
         let at = std::time::Instant::now();
         let (pinned, incomplete) = self.closure_nars(self.inner.db.pins()?)?;
@@ -494,8 +513,15 @@ impl Storage {
                     continue;
                 };
                 nars.insert(c.blake3);
+                // References signed upstream are never recorded (nor held as files).
                 if let Ok(info) = crate::nix::NarInfo::parse(&c.narinfo) {
-                    todo.extend(info.references.iter().map(|r| r.hash_part().to_owned()));
+                    todo.extend(
+                        info.references
+                            .iter()
+                            .map(|r| r.hash_part())
+                            .filter(|h| !c.upstream_refs.iter().any(|u| u == h))
+                            .map(str::to_owned),
+                    );
                 }
             }
         }
@@ -575,6 +601,7 @@ mod tests {
             max_size,
             min_free,
             gc_interval: Duration::from_secs(60),
+            mirror: false,
         };
         let s = Storage::open(dir, db, store, cfg, metrics.clone()).unwrap();
         (s, metrics)
