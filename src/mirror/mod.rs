@@ -188,7 +188,13 @@ impl Mirror {
         loop {
             self.take_new().await;
             self.publish_counts();
-            match self.prepare_once().await {
+            // A bucket that hangs must not hold up a stopping node (an attempt may take a
+            // minute, and the SDK tries three times).
+            let once = tokio::select! {
+                _ = cancel.cancelled() => return false,
+                r = self.prepare_once() => r,
+            };
+            match once {
                 Ok(stale) => {
                     if stale > 0 {
                         tracing::info!(

@@ -384,8 +384,9 @@ impl Drop for Unanswering {
 /// The mirror node keeps every NAR it has not uploaded yet, whatever its cap, also before its
 /// mirror has taken the paths in: S3 hangs from the start (the mirror waits on its first
 /// request, so it takes in nothing), and an eager mirror node capped at 30 MiB holds two
-/// 12 MiB NARs and refuses to fetch a third rather than evict them; once S3 is back they are
-/// uploaded and may go, and the third is fetched and uploaded too.
+/// 12 MiB NARs and refuses to fetch a third rather than evict them; it stops at once though
+/// its mirror waits on the bucket; once S3 is back they are uploaded and may go, and the third
+/// is fetched and uploaded too.
 #[test]
 fn the_mirror_node_never_evicts_a_nar_not_yet_in_the_bucket() {
     let mut s3 = S3Server::start();
@@ -428,6 +429,16 @@ fn the_mirror_node_never_evicts_a_nar_not_yet_in_the_bucket() {
         (2, 0),
         "a NAR not yet in the bucket was evicted"
     );
+    // The mirror waits on the hanging bucket: a stop does not wait for it (an attempt may
+    // take a minute, three of them).
+    let stopping = std::time::Instant::now();
+    st.nodes[1].stop();
+    assert!(
+        stopping.elapsed() < std::time::Duration::from_secs(20),
+        "the stop waited {:?} for the hanging bucket",
+        stopping.elapsed()
+    );
+    st.nodes[1].start();
     drop(hanging);
     s3.run();
     wait_in_bucket(&s3, &st.nodes[1], &all, 120);
