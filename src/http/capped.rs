@@ -75,6 +75,24 @@ impl CappedStream {
             self.deadline.as_mut().reset(due.into());
         }
     }
+
+    /// A write's outcome: bytes written note activity; a write that cannot go on now waits
+    /// under the idle deadline.
+    fn wrote(
+        &mut self,
+        r: Poll<io::Result<usize>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        match r {
+            Poll::Ready(r) => {
+                if matches!(r, Ok(n) if n > 0) {
+                    self.last = Instant::now();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.idle_check(cx).map(Err),
+        }
+    }
 }
 
 impl axum::serve::Listener for Capped {
@@ -144,15 +162,8 @@ impl AsyncWrite for CappedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.stream).poll_write(cx, buf) {
-            Poll::Ready(r) => {
-                if matches!(r, Ok(n) if n > 0) {
-                    self.last = Instant::now();
-                }
-                Poll::Ready(r)
-            }
-            Poll::Pending => self.idle_check(cx).map(Err),
-        }
+        let r = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.wrote(r, cx)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -168,15 +179,8 @@ impl AsyncWrite for CappedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.stream).poll_write_vectored(cx, bufs) {
-            Poll::Ready(r) => {
-                if matches!(r, Ok(n) if n > 0) {
-                    self.last = Instant::now();
-                }
-                Poll::Ready(r)
-            }
-            Poll::Pending => self.idle_check(cx).map(Err),
-        }
+        let r = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.wrote(r, cx)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -326,6 +326,34 @@ fn serve_one(conn: TcpStream, dir: &Path) {
     }
 }
 
+/// A lone node's key pair (named `key_name`) and smallest config file under `d`: data dir
+/// `d/data`, Nix store root `d/store`, HTTP on an ephemeral loopback port, the given socket and
+/// spool dir, then `extra` (TOML sections). Returns the config file's path.
+pub fn lone_config(d: &Path, key_name: &str, socket: &Path, spool: &Path, extra: &str) -> PathBuf {
+    run_ok(
+        Command::new(bin("narmesh"))
+            .args(["keygen", key_name])
+            .arg(d.join("signing.sec"))
+            .arg(d.join("signing.pub")),
+    );
+    std::fs::create_dir_all(d.join("store")).unwrap();
+    let conf = d.join("narmesh.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "data-dir = {:?}\nsocket = {:?}\nspool-dir = {:?}\nsecret-key-file = {:?}\n\
+             [nix]\nstore-root = {:?}\n[http]\nlisten = [\"127.0.0.1:0\"]\n{extra}",
+            d.join("data"),
+            socket,
+            spool,
+            d.join("signing.sec"),
+            d.join("store"),
+        ),
+    )
+    .unwrap();
+    conf
+}
+
 /// The path of one of our binaries: `narmesh` as cargo built it for the integration tests;
 /// `narmesh-hook` (its own package, which cargo does not build for these tests) as installed:
 /// `$NARMESH_HOOK_BIN`, else `release/narmesh-hook` of the target directory, the static build

@@ -6,7 +6,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::harness::{bin, run_ok};
+use crate::harness::{bin, lone_config, run_ok};
 
 #[test]
 fn a_dependency_failing_every_second_is_logged_once_a_minute() {
@@ -18,28 +18,13 @@ fn a_dependency_failing_every_second_is_logged_once_a_minute() {
 fn logged_once(filter: Option<&str>, tag: &str) {
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
-    run_ok(
-        Command::new(bin("narmesh"))
-            .args(["keygen", "logs-1"])
-            .arg(d.join("signing.sec"))
-            .arg(d.join("signing.pub")),
+    let conf = lone_config(
+        d,
+        "logs-1",
+        &d.join("node.sock"),
+        &d.join("spool"),
+        "[mesh]\nlisten = \"127.0.0.1:0\"\nlan-discovery = true\n",
     );
-    std::fs::create_dir_all(d.join("store")).unwrap();
-    let conf = d.join("narmesh.toml");
-    std::fs::write(
-        &conf,
-        format!(
-            "data-dir = {:?}\nsocket = {:?}\nspool-dir = {:?}\nsecret-key-file = {:?}\n\
-             [nix]\nstore-root = {:?}\n[http]\nlisten = [\"127.0.0.1:0\"]\n\
-             [mesh]\nlisten = \"127.0.0.1:0\"\nlan-discovery = true\n",
-            d.join("data"),
-            d.join("node.sock"),
-            d.join("spool"),
-            d.join("signing.sec"),
-            d.join("store"),
-        ),
-    )
-    .unwrap();
     let ns = format!("nmlogs{tag}{}", std::process::id());
     run_ok(Command::new("ip").args(["netns", "add", &ns]));
     struct Ns(String);

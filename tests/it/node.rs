@@ -582,27 +582,13 @@ fn flags_beat_the_config_file_which_beats_the_hooks_variables() {
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
     let narmesh = crate::harness::bin("narmesh");
-    run_ok(
-        Command::new(&narmesh)
-            .args(["keygen", "precedence-1"])
-            .arg(d.join("signing.sec"))
-            .arg(d.join("signing.pub")),
+    let conf = crate::harness::lone_config(
+        d,
+        "precedence-1",
+        &d.join("file.sock"),
+        &d.join("file-spool"),
+        "",
     );
-    std::fs::create_dir_all(d.join("store")).unwrap();
-    let conf = d.join("narmesh.toml");
-    std::fs::write(
-        &conf,
-        format!(
-            "data-dir = {:?}\nsocket = {:?}\nspool-dir = {:?}\nsecret-key-file = {:?}\n\
-             [nix]\nstore-root = {:?}\n[http]\nlisten = [\"127.0.0.1:0\"]\n",
-            d.join("data"),
-            d.join("file.sock"),
-            d.join("file-spool"),
-            d.join("signing.sec"),
-            d.join("store"),
-        ),
-    )
-    .unwrap();
     let sock = d.join("flag.sock");
     let log = std::fs::File::create(d.join("node.log")).unwrap();
     let child = Command::new(&narmesh)
