@@ -298,7 +298,7 @@ impl Metrics {
         );
         registry.register(
             "mesh_refused",
-            "Announcements, catch-up entries and transfers refused from peers, by reason",
+            "Announcements, catch-up entries, transfers and connections refused from peers, by reason",
             m.mesh_refused.clone(),
         );
         registry.register(

@@ -5,7 +5,8 @@
 //! exactly the range's bytes; the fetcher checks every chunk group against the bound BLAKE3 as
 //! it does on QUIC. The bytes cross the link unencrypted. Tickets are random, one per peer and
 //! NAR, redeemable only from the IP address the asking connection came from, good for
-//! [`TICKET_FOR`], at most [`MAX_TICKETS`] out; a connection must send its header
+//! [`TICKET_FOR`], at most [`MAX_TICKETS`] out ([`TICKETS_PER_PEER`] to one peer); the
+//! streams served count as the peer's on the QUIC side do; a connection must send its header
 //! within [`HEADER_WITHIN`], at most [`CONNECTIONS`] at once; anything wrong closes it.
 
 use std::collections::HashMap;
@@ -13,6 +14,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use iroh::EndpointId;
 use iroh::endpoint::Connection;
 use iroh::protocol::{AcceptError, ProtocolHandler};
 use narmesh_proto::sync::{BulkAsk, BulkHeader, BulkReply};
@@ -27,6 +29,8 @@ use crate::chunks::GROUP;
 pub const TICKET_FOR: Duration = Duration::from_secs(60);
 /// Tickets out at once; more get `Busy`.
 pub const MAX_TICKETS: usize = 4096;
+/// Tickets out to one peer at once (a fetcher needs one per range it fetches).
+pub const TICKETS_PER_PEER: usize = MAX_TICKETS / 8;
 /// A bulk connection's header must arrive within this.
 pub const HEADER_WITHIN: Duration = Duration::from_secs(10);
 /// Bulk connections at once; more are closed at once.
@@ -42,6 +46,8 @@ struct Ticket {
     until: Instant,
     /// The address the mesh connection that asked came from, when known: only it may redeem.
     from: Option<IpAddr>,
+    /// The peer that asked.
+    peer: EndpointId,
 }
 
 /// The tickets out: token -> the NAR it is good for, until when.
@@ -49,14 +55,25 @@ struct Ticket {
 struct Tickets(Mutex<HashMap<[u8; 32], Ticket>>);
 
 impl Tickets {
-    /// A new ticket for `blake3` at `now`, for a peer at `from`, or `None` if too many are out.
-    fn issue(&self, blake3: [u8; 32], from: Option<IpAddr>, now: Instant) -> Option<[u8; 32]> {
+    /// A new ticket for `blake3` at `now`, for `peer` at `from`, or `None` if too many are out
+    /// (to all peers, or to this one).
+    fn issue(
+        &self,
+        blake3: [u8; 32],
+        from: Option<IpAddr>,
+        peer: EndpointId,
+        now: Instant,
+    ) -> Option<[u8; 32]> {
         let mut token = [0u8; 32];
         getrandom::fill(&mut token).ok()?;
         let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if t.len() >= MAX_TICKETS {
+        let full = |t: &HashMap<[u8; 32], Ticket>| {
+            t.len() >= MAX_TICKETS
+                || t.values().filter(|x| x.peer == peer).count() >= TICKETS_PER_PEER
+        };
+        if full(&t) {
             t.retain(|_, x| x.until > now);
-            if t.len() >= MAX_TICKETS {
+            if full(&t) {
                 return None;
             }
         }
@@ -66,17 +83,19 @@ impl Tickets {
                 blake3,
                 until: now + TICKET_FOR,
                 from: from.map(|ip| ip.to_canonical()),
+                peer,
             },
         );
         Some(token)
     }
 
-    /// The NAR a token is good for at `now`, to a connection from `by`.
-    fn redeem(&self, token: &[u8; 32], by: IpAddr, now: Instant) -> Option<[u8; 32]> {
+    /// The NAR a token is good for at `now`, to a connection from `by`, and the peer it was
+    /// issued to.
+    fn redeem(&self, token: &[u8; 32], by: IpAddr, now: Instant) -> Option<([u8; 32], EndpointId)> {
         let t = self.0.lock().unwrap_or_else(|p| p.into_inner());
         t.get(token)
             .filter(|x| x.until > now && x.from.is_none_or(|ip| ip == by.to_canonical()))
-            .map(|x| x.blake3)
+            .map(|x| (x.blake3, x.peer))
     }
 }
 
@@ -137,7 +156,7 @@ impl BulkServer {
             .map_err(|e| format!("reading the header: {e}"))?;
         let h = BulkHeader::decode(&head).ok_or("not a bulk header")?;
         let by = stream.peer_addr().map_err(|e| e.to_string())?.ip();
-        let blake3 = self
+        let (blake3, peer) = self
             .tickets
             .redeem(&h.token, by, Instant::now())
             .ok_or("no such ticket")?;
@@ -147,7 +166,7 @@ impl BulkServer {
         if h.start >= end || !aligned {
             return Err(format!("bad range {}..{} of {size} bytes", h.start, h.end));
         }
-        let Some(_slot) = self.nar.slot() else {
+        let Some(_slot) = self.nar.slot(peer) else {
             return Err("busy".into());
         };
         let _ = stream.set_nodelay(true);
@@ -195,7 +214,10 @@ impl ProtocolHandler for BulkServer {
                 BulkReply::NotFound
             } else {
                 let from = super::endpoint::remote_ip(&conn);
-                match self.tickets.issue(ask.blake3, from, Instant::now()) {
+                match self
+                    .tickets
+                    .issue(ask.blake3, from, conn.remote_id(), Instant::now())
+                {
                     Some(token) => BulkReply::Ticket {
                         port: self.port,
                         token,
@@ -223,10 +245,15 @@ mod tests {
         let s = Tickets::default();
         let now = Instant::now();
         let peer: IpAddr = "10.0.0.2".parse().unwrap();
-        let t = s.issue([7; 32], Some(peer), now).unwrap();
-        assert_eq!(s.redeem(&t, peer, now), Some([7; 32]));
+        let id = |n: u8| iroh::SecretKey::from_bytes(&[n; 32]).public();
+        let t = s.issue([7; 32], Some(peer), id(1), now).unwrap();
+        assert_eq!(s.redeem(&t, peer, now), Some(([7; 32], id(1))));
         let mapped: IpAddr = "::ffff:10.0.0.2".parse().unwrap();
-        assert_eq!(s.redeem(&t, mapped, now), Some([7; 32]), "the same address");
+        assert_eq!(
+            s.redeem(&t, mapped, now),
+            Some(([7; 32], id(1))),
+            "the same address"
+        );
         let other: IpAddr = "10.0.0.3".parse().unwrap();
         assert_eq!(
             s.redeem(&t, other, now),
@@ -238,13 +265,28 @@ mod tests {
             None,
             "a guessed token is nothing"
         );
-        for _ in 1..MAX_TICKETS {
-            s.issue([1; 32], None, now).unwrap();
+        // One peer gets its share; the others theirs, up to the cap of all.
+        for _ in 1..TICKETS_PER_PEER {
+            s.issue([1; 32], None, id(1), now).unwrap();
         }
-        assert!(s.issue([1; 32], None, now).is_none(), "capped");
+        assert!(
+            s.issue([1; 32], None, id(1), now).is_none(),
+            "capped per peer"
+        );
+        let mut n = TICKETS_PER_PEER;
+        for p in 2.. {
+            if n == MAX_TICKETS {
+                break;
+            }
+            for _ in 0..TICKETS_PER_PEER {
+                s.issue([1; 32], None, id(p), now).unwrap();
+                n += 1;
+            }
+        }
+        assert!(s.issue([1; 32], None, id(99), now).is_none(), "capped");
         // Expired tickets redeem nothing and make room.
         let later = now + TICKET_FOR;
         assert_eq!(s.redeem(&t, peer, later), None);
-        assert!(s.issue([1; 32], None, later).is_some());
+        assert!(s.issue([1; 32], None, id(1), later).is_some());
     }
 }

@@ -160,11 +160,15 @@ pub fn add_peer(book: &MemoryLookup, peer: &PeerAddr) {
 /// QUIC application code 429 (a peer needs one or two; a hostile one gets no more).
 pub const CONNECTIONS_PER_PEER: usize = 8;
 
-/// Counts each peer's open connections to a protocol.
-#[derive(Debug, Clone, Default)]
-pub struct PeerSlots(Arc<std::sync::Mutex<std::collections::HashMap<EndpointId, usize>>>);
+/// Counts what each peer holds of something (connections to a protocol, streams served), up
+/// to a cap per peer.
+#[derive(Debug, Clone)]
+pub struct PeerSlots {
+    open: Arc<std::sync::Mutex<std::collections::HashMap<EndpointId, usize>>>,
+    cap: usize,
+}
 
-/// A connection's place among its peer's; given back when dropped.
+/// A peer's place among its `cap`; given back when dropped.
 #[derive(Debug)]
 pub struct PeerSlot {
     slots: PeerSlots,
@@ -172,17 +176,18 @@ pub struct PeerSlot {
 }
 
 impl PeerSlots {
-    /// A place for one more connection of `peer`, or `None` (the connection is then closed).
-    pub fn take(&self, conn: &Connection) -> Option<PeerSlot> {
-        let peer = conn.remote_id();
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(peer).or_default();
-        if *n >= CONNECTIONS_PER_PEER {
-            drop(map);
-            tracing::warn!(
-                "mesh: {peer} has {CONNECTIONS_PER_PEER} connections open already; refused another"
-            );
-            conn.close(VarInt::from_u32(429), b"too many connections");
+    pub fn new(cap: usize) -> Self {
+        PeerSlots {
+            open: Arc::default(),
+            cap,
+        }
+    }
+
+    /// A place for one more of `peer`'s, or `None` when it holds `cap` already.
+    pub fn take(&self, peer: EndpointId) -> Option<PeerSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(peer).or_default();
+        if *n >= self.cap {
             return None;
         }
         *n += 1;
@@ -193,13 +198,65 @@ impl PeerSlots {
     }
 }
 
+/// Each peer's connections to a protocol, at most [`CONNECTIONS_PER_PEER`]; a connection over
+/// that is closed (QUIC code 429), counted in
+/// `narmesh_mesh_refused_total{reason="too-many-connections"}` and logged at most once a second.
+#[derive(Debug, Clone)]
+pub struct ConnSlots {
+    slots: PeerSlots,
+    metrics: Arc<crate::metrics::Metrics>,
+    /// When a refusal was last logged, and how many went unlogged since.
+    logged: Arc<std::sync::Mutex<(Option<std::time::Instant>, u64)>>,
+}
+
+impl ConnSlots {
+    pub fn new(metrics: Arc<crate::metrics::Metrics>) -> Self {
+        ConnSlots {
+            slots: PeerSlots::new(CONNECTIONS_PER_PEER),
+            metrics,
+            logged: Arc::default(),
+        }
+    }
+
+    /// A place for one more connection of its peer, or `None` (the connection is then closed).
+    pub fn take(&self, conn: &Connection) -> Option<PeerSlot> {
+        let peer = conn.remote_id();
+        if let Some(slot) = self.slots.take(peer) {
+            return Some(slot);
+        }
+        self.metrics
+            .mesh_refused
+            .get_or_create(&crate::metrics::ReasonLabels {
+                reason: "too-many-connections",
+            })
+            .inc();
+        // A peer that opens connections in a loop must not flood the log.
+        let now = std::time::Instant::now();
+        let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+        let (at, unlogged) = &mut *logged;
+        if at.is_none_or(|at| now.duration_since(at) >= std::time::Duration::from_secs(1)) {
+            tracing::warn!(
+                "mesh: {peer} has {CONNECTIONS_PER_PEER} connections open already; refused \
+                 another ({unlogged} more refused meanwhile)"
+            );
+            *at = Some(now);
+            *unlogged = 0;
+        } else {
+            *unlogged += 1;
+        }
+        drop(logged);
+        conn.close(VarInt::from_u32(429), b"too many connections");
+        None
+    }
+}
+
 impl Drop for PeerSlot {
     fn drop(&mut self) {
-        let mut map = self.slots.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.peer) {
+        let mut open = self.slots.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.peer) {
             *n -= 1;
             if *n == 0 {
-                map.remove(&self.peer);
+                open.remove(&self.peer);
             }
         }
     }

@@ -369,14 +369,16 @@ impl MeshHandle {
             refusal_log: Mutex::new(HashMap::new()),
         });
         let serving = Arc::new(tokio::sync::Semaphore::new(nar::MAX_SERVING));
-        let nar_slots = endpoint::PeerSlots::default();
-        let sync_slots = endpoint::PeerSlots::default();
+        let serving_by_peer = endpoint::PeerSlots::new(nar::SERVING_PER_PEER);
+        let nar_slots = endpoint::ConnSlots::new(parts.metrics.clone());
+        let sync_slots = endpoint::ConnSlots::new(parts.metrics.clone());
         let pacer = cfg.serve_rate.map(|r| Arc::new(pace::Pacer::new(r.0)));
         let nar_server = |version| nar::NarServer {
             pacer: pacer.clone(),
             storage: parts.storage.clone(),
             metrics: parts.metrics.clone(),
             slots: serving.clone(),
+            serving_by_peer: serving_by_peer.clone(),
             version,
             per_peer: nar_slots.clone(),
         };

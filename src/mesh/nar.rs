@@ -3,8 +3,9 @@
 //! verified reader, so corrupt or tampered bytes are never sent. Version 2 answers leaves and
 //! ranges of whole chunk groups; version 1 the whole NAR from an offset. Streams of one
 //! connection are served side by side, at most [`STREAMS_PER_CONNECTION`] at once, and at most
-//! [`MAX_SERVING`] across all peers (more get `Busy`); every write has a deadline, and every
-//! byte waits for the node's upload budget when `[mesh] serve-rate` sets one.
+//! [`MAX_SERVING`] across all peers and [`SERVING_PER_PEER`] to one peer (more get `Busy`);
+//! every write has a deadline, and every byte waits for the node's upload budget when
+//! `[mesh] serve-rate` sets one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,9 @@ use crate::storage::{Held, Storage};
 
 /// Streams served at once across all peers.
 pub const MAX_SERVING: usize = 64;
+/// Streams one peer may have served at once over all its connections: however many it opens,
+/// it leaves half the places to the others.
+pub const SERVING_PER_PEER: usize = MAX_SERVING / 2;
 /// Streams of one connection served at once.
 pub const STREAMS_PER_CONNECTION: usize = 16;
 /// A request must arrive within this.
@@ -33,8 +37,10 @@ pub struct NarServer {
     pub storage: Storage,
     pub metrics: Arc<Metrics>,
     pub slots: Arc<tokio::sync::Semaphore>,
+    /// Each peer's share of `slots`, at most [`SERVING_PER_PEER`].
+    pub serving_by_peer: super::endpoint::PeerSlots,
     pub version: u8,
-    pub per_peer: super::endpoint::PeerSlots,
+    pub per_peer: super::endpoint::ConnSlots,
     /// `[mesh] serve-rate`, shared by every stream served.
     pub pacer: Option<Arc<super::pace::Pacer>>,
 }
@@ -74,15 +80,19 @@ impl ProtocolHandler for NarServer {
 /// One of the [`MAX_SERVING`] places, counted in `narmesh_mesh_serving` while held.
 pub struct ServingSlot {
     _permit: tokio::sync::OwnedSemaphorePermit,
+    _mine: super::endpoint::PeerSlot,
     _counted: crate::metrics::Counted,
 }
 
 impl NarServer {
-    /// A place to serve one more stream, or `None` when [`MAX_SERVING`] are served (`Busy`).
-    pub fn slot(&self) -> Option<ServingSlot> {
+    /// A place to serve one more stream to `peer`, or `None` when [`MAX_SERVING`] are served,
+    /// or [`SERVING_PER_PEER`] to that peer (`Busy`).
+    pub fn slot(&self, peer: iroh::EndpointId) -> Option<ServingSlot> {
+        let mine = self.serving_by_peer.take(peer)?;
         let permit = self.slots.clone().try_acquire_owned().ok()?;
         Some(ServingSlot {
             _permit: permit,
+            _mine: mine,
             _counted: crate::metrics::Counted::new(&self.metrics.mesh_serving),
         })
     }
@@ -112,7 +122,7 @@ impl NarServer {
         let Some((held, size)) = self.held(&blake3).await else {
             return self.refuse(&mut send, None).await;
         };
-        let Some(_slot) = self.slot() else {
+        let Some(_slot) = self.slot(conn.remote_id()) else {
             return self.refuse(&mut send, Some(NarReply::Busy)).await;
         };
         if v2_leaves {

@@ -41,7 +41,7 @@ const REUSE_WITHIN: Duration = Duration::from_secs(20);
 pub struct SyncServer {
     pub ctx: std::sync::Arc<Ctx>,
     pub version: u8,
-    pub per_peer: super::endpoint::PeerSlots,
+    pub per_peer: super::endpoint::ConnSlots,
 }
 
 fn user(e: impl std::fmt::Display) -> AcceptError {

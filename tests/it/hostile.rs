@@ -379,6 +379,107 @@ impl Hostile {
         });
     }
 
+    /// On one new NAR connection to `peer`, ask for the whole NAR `blake3` (`size` bytes) on `n`
+    /// streams, and read each answer's header and nothing more until `hold` has passed: the
+    /// sender stalls once a stream's window is full. Returns how many answered `Range` and how
+    /// many `Busy` within 3 s (the others got no answer: they wait for a place).
+    pub fn stalled_ranges(
+        &self,
+        peer: &str,
+        blake3: [u8; 32],
+        size: u64,
+        n: usize,
+        hold: Duration,
+    ) -> (usize, usize) {
+        let addr = self.addr_of(peer);
+        let ep = self.ep.clone();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<bool>>();
+        self.rt.spawn(async move {
+            let Ok(conn) = ep.connect(addr, NAR_ALPN).await else {
+                return;
+            };
+            let mut streams = tokio::task::JoinSet::new();
+            for _ in 0..n {
+                let (conn, tx) = (conn.clone(), tx.clone());
+                streams.spawn(async move {
+                    let Ok((mut send, mut recv)) = conn.open_bi().await else {
+                        return;
+                    };
+                    let what = NarWhat::Range {
+                        start: 0,
+                        end: size,
+                    };
+                    write_frame(
+                        &mut send,
+                        &NarQuery {
+                            version: 2,
+                            blake3,
+                            what,
+                        },
+                    )
+                    .await;
+                    let _ = send.finish();
+                    let reply = tokio::time::timeout(
+                        Duration::from_secs(3),
+                        read_frame::<NarReply>(&mut recv),
+                    )
+                    .await;
+                    let _ = tx.send(match reply {
+                        Ok(Some(NarReply::Range { .. })) => Some(true),
+                        Ok(Some(NarReply::Busy)) => Some(false),
+                        _ => None,
+                    });
+                    drop(tx);
+                    tokio::time::sleep(hold).await;
+                    drop((send, recv));
+                });
+            }
+            drop(tx);
+            while streams.join_next().await.is_some() {}
+        });
+        self.rt.block_on(async {
+            let (mut ranges, mut busy) = (0, 0);
+            while let Some(answer) = rx.recv().await {
+                match answer {
+                    Some(true) => ranges += 1,
+                    Some(false) => busy += 1,
+                    None => {}
+                }
+            }
+            (ranges, busy)
+        })
+    }
+
+    /// Open `n` more NAR connections to `peer`, kept until `hold` has passed; returns how many
+    /// `peer` closed with code 429 (too many connections) within 2 s.
+    pub fn connections(&self, peer: &str, n: usize, hold: Duration) -> usize {
+        let addr = self.addr_of(peer);
+        let ep = self.ep.clone();
+        let conns: Vec<Connection> = self.rt.block_on(async move {
+            let mut conns = Vec::new();
+            for _ in 0..n {
+                if let Ok(c) = ep.connect(addr.clone(), NAR_ALPN).await {
+                    conns.push(c);
+                }
+            }
+            conns
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        let refused = conns
+            .iter()
+            .filter(|c| {
+                matches!(c.close_reason(),
+                    Some(iroh::endpoint::ConnectionError::ApplicationClosed(a))
+                        if a.error_code == iroh::endpoint::VarInt::from_u32(429))
+            })
+            .count();
+        self.rt.spawn(async move {
+            tokio::time::sleep(hold).await;
+            drop(conns);
+        });
+        refused
+    }
+
     /// Ask `peer` for the whole NAR `blake3` of `size` bytes on `n` streams, and read each one
     /// byte a second for `hold`.
     pub fn slow_readers(&self, peer: &str, blake3: [u8; 32], size: u64, n: usize, hold: Duration) {

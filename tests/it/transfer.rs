@@ -3,6 +3,8 @@
 //! another; two providers send ranges of one NAR at once, and the fetch survives one of them
 //! being killed mid-fetch.
 
+use std::time::Duration;
+
 use crate::harness::{NixHost, http, wait_until};
 use crate::hostile::Hostile;
 use crate::node_harness::{Node, built_on_first};
@@ -163,6 +165,32 @@ fn two_providers_send_ranges_at_once_and_one_killed_mid_fetch_is_taken_over() {
     );
 }
 
+/// A node that uses the bulk channel fetches from a provider without one over QUIC: real Nix
+/// substitutes the path through B, and not one byte came over the bulk channel.
+#[test]
+fn a_provider_without_the_bulk_channel_is_fetched_from_over_quic() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, mut nodes) = built_on_first(t.path(), 2);
+    nodes[1]
+        .mesh_extra
+        .push_str("bulk-listen = \"127.0.0.1:0\"\n");
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    let path = a.build(r#"mk "transfer-no-bulk" "head -c 3000000 /dev/urandom > $out""#)[0].clone();
+    let size = a.dump(&path).len() as f64;
+    wait_until(30, "B to learn the path", || {
+        nodes[1].serves(&[path.full()])
+    });
+    substitute_all(&nodes[1], &[path.full()]);
+    assert_eq!(metric(&nodes[1], "narmesh_mesh_bulk_bytes_total"), 0.0);
+    assert_eq!(
+        fetched_from(&nodes[1], endpoint_id(&nodes[0].address)),
+        size,
+        "every byte came from A, over QUIC"
+    );
+}
+
 /// With `[mesh] bulk-listen` on both nodes, B fetches A's NAR ranges over TCP with a ticket from
 /// the mesh, and real Nix substitutes the path through B. A stranger on A's bulk port (a guessed
 /// token, or garbage), while B's ticket is still good, gets not one byte.
@@ -223,7 +251,18 @@ fn paced_pair(
     name: &str,
     bytes: u64,
 ) -> (NixHost, Vec<Node>, StorePath) {
-    let (a, mut nodes) = built_on_first(t.path(), 2);
+    paced(t, 2, rate, name, bytes)
+}
+
+/// [`paced_pair`] with `n` nodes: A and the others, which have all learnt the path.
+fn paced(
+    t: &tempfile::TempDir,
+    n: usize,
+    rate: &str,
+    name: &str,
+    bytes: u64,
+) -> (NixHost, Vec<Node>, StorePath) {
+    let (a, mut nodes) = built_on_first(t.path(), n);
     nodes[0]
         .mesh_extra
         .push_str(&format!("serve-rate = \"{rate}\"\n"));
@@ -234,8 +273,8 @@ fn paced_pair(
         r#"mk "{name}" "head -c {bytes} /dev/urandom > $out""#
     ))[0]
         .clone();
-    wait_until(30, "B to learn the path", || {
-        nodes[1].serves(&[path.full()])
+    wait_until(30, "the others to learn the path", || {
+        nodes[1..].iter().all(|n| n.serves(&[path.full()]))
     });
     (a, nodes, path)
 }
@@ -254,21 +293,42 @@ fn nar_url_of(node: &Node, path: &StorePath) -> String {
         .url
 }
 
-/// `[mesh] serve-rate` caps what peers take: 8 MB from a node serving at 4 MiB/s cannot arrive
-/// in less than about 1.9 s (a lower bound: a slower machine only takes longer).
+/// `[mesh] serve-rate` caps what all peers together take: 8 MB from a node serving at 4 MiB/s
+/// cannot arrive in less than about 1.9 s, and 8 MB to each of two peers at once (16 MB) not
+/// in less than about 3.8 s (lower bounds: a slower machine only takes longer).
 #[test]
 fn serve_rate_caps_what_peers_take() {
     let t = tempfile::tempdir().unwrap();
-    let (_a, nodes, path) = paced_pair(&t, "4MiB", "transfer-paced", 8_000_000);
-    let url = nar_url_of(&nodes[1], &path);
-    let started = std::time::Instant::now();
-    let (code, _, body) = http(&nodes[1].http, "GET", &format!("/{url}"), &[]);
-    let took = started.elapsed();
-    assert_eq!(code, 200);
-    assert!(body.len() >= 8_000_000);
+    let (a, nodes, path) = paced(&t, 3, "4MiB", "transfer-paced", 8_000_000);
+    let fetch = |node: &Node, path: &StorePath| {
+        let url = nar_url_of(node, path);
+        let started = std::time::Instant::now();
+        let (code, _, body) = http(&node.http, "GET", &format!("/{url}"), &[]);
+        assert_eq!(code, 200);
+        assert!(body.len() >= 8_000_000);
+        started.elapsed()
+    };
+    let took = fetch(&nodes[1], &path);
     assert!(
-        took >= std::time::Duration::from_millis(1500),
+        took >= Duration::from_millis(1500),
         "8 MB at 4 MiB/s arrived in {took:?}"
+    );
+    // Two more paths, which only A holds, fetched by B and C at once.
+    let two = a.build(
+        r#"builtins.genList (i: mk "transfer-paced-${toString i}" "head -c 8000000 /dev/urandom > $out") 2"#,
+    );
+    wait_until(30, "B and C to learn the paths", || {
+        let all: Vec<String> = two.iter().map(|p| p.full()).collect();
+        nodes[1].serves(&all) && nodes[2].serves(&all)
+    });
+    let took = std::thread::scope(|s| {
+        let b = s.spawn(|| fetch(&nodes[1], &two[0]));
+        let c = s.spawn(|| fetch(&nodes[2], &two[1]));
+        b.join().unwrap().max(c.join().unwrap())
+    });
+    assert!(
+        took >= Duration::from_millis(3000),
+        "16 MB to two peers at 4 MiB/s arrived in {took:?}"
     );
 }
 

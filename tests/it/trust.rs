@@ -179,6 +179,63 @@ fn an_untrusted_peer_cannot_poison_stall_or_exhaust_the_mesh() {
     }
 }
 
+/// One allowed peer cannot take a node's whole NAR service. The hostile peer asks for a large
+/// NAR on 24 streams of one connection and reads nothing, which stalls the node's writes: 16
+/// are served at once (the rest wait for a place); 12 more on each of two more connections
+/// bring it to 32 served, half the node's 64, and the rest are answered `Busy`. Another peer
+/// still substitutes through the node meanwhile. The hostile peer's 9th connection to the
+/// NAR protocol is closed with code 429 and counted.
+#[test]
+fn one_peer_gets_8_connections_and_half_the_streams_served() {
+    let t = tempfile::tempdir().unwrap();
+    let h = Hostile::start(45, false);
+    let (a, mut nodes) = honest_with(&t, 2, &h, &[]);
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    let large = a.build(r#"mk "caps-large" "head -c 8000000 /dev/urandom > $out""#)[0].full();
+    let small = a.build(r#"mk "caps-small" "head -c 300000 /dev/urandom > $out""#)[0].full();
+    wait_until(30, "B to learn the paths", || {
+        nodes[1].serves(&[large.clone(), small.clone()])
+    });
+    let ann = h
+        .catch_up_from(&nodes[0].address)
+        .into_iter()
+        .find(|x| x.narinfo.contains(&large))
+        .expect("the large path's announcement");
+    let serving = || metric(&nodes[0], "narmesh_mesh_serving ");
+    let hold = Duration::from_secs(60);
+    let (peer, blake3, size) = (&nodes[0].address, ann.blake3, ann.nar_size);
+    assert_eq!(
+        h.stalled_ranges(peer, blake3, size, 24, hold),
+        (16, 0),
+        "16 streams of a connection served at once, none refused"
+    );
+    assert_eq!(serving(), 16.0);
+    let (r2, b2) = h.stalled_ranges(peer, blake3, size, 12, hold);
+    let (r3, b3) = h.stalled_ranges(peer, blake3, size, 12, hold);
+    assert_eq!(
+        (r2 + r3, b2 + b3),
+        (16, 8),
+        "32 streams served to one peer, the rest Busy"
+    );
+    assert_eq!(serving(), 32.0);
+    // Another peer still gets its NAR.
+    substitute_all(&nodes[1], std::slice::from_ref(&small));
+    wait_until(5, "the hostile peer's 32 streams alone served", || {
+        serving() == 32.0
+    });
+    // Three NAR connections are open: of 8 more, 3 are refused.
+    assert_eq!(h.connections(peer, 8, hold), 3);
+    assert_eq!(
+        metric(
+            &nodes[0],
+            "narmesh_mesh_refused_total{reason=\"too-many-connections\"}"
+        ),
+        3.0
+    );
+}
+
 /// A peer with a trusted key claims a path first, bound to a BLAKE3 of junk it serves
 /// consistently: every chunk group checks out, the NarHash does not. An eager node drops that
 /// claim (and avoids the peer); the honest build's claim takes its place, and a host
