@@ -75,3 +75,122 @@ fn the_node_tells_systemd_when_it_is_ready() {
     assert_eq!(code, 200, "ready means the HTTP cache answers");
     node.stop();
 }
+
+/// `check-config` of an empty file prints every default, and they are the ones the README's
+/// configuration block shows (where it shows a default, not an example); what it prints is
+/// itself a config file that prints the same. An unknown key or a bad value is refused with
+/// its name, and nothing printed. `completions` and `man` write what they promise.
+#[test]
+fn check_config_prints_the_readmes_defaults_and_the_cli_writes_its_docs() {
+    let t = tempfile::tempdir().unwrap();
+    let check = |text: &str| {
+        let f = t.path().join("c.toml");
+        std::fs::write(&f, text).unwrap();
+        Command::new(bin("narmesh"))
+            .arg("check-config")
+            .arg(&f)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = check("");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let again = check(&printed);
+    assert_eq!(
+        String::from_utf8(again.stdout).unwrap(),
+        printed,
+        "a fixpoint"
+    );
+    let defaults: toml::Table = printed.parse().unwrap();
+
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let block = readme
+        .split("## Configuration")
+        .nth(1)
+        .and_then(|s| s.split("```toml\n").nth(1))
+        .and_then(|s| s.split("```").next())
+        .expect("the README's configuration block");
+    let shown: toml::Table = block.parse().expect("the README's block is TOML");
+    // Keys the README shows as examples (its comment names the default), not defaults.
+    let examples = [
+        "socket-group",
+        "spool-dir",
+        "secret-key-file",
+        "key-name",
+        "mesh.peers",
+        "mesh.max-nar-size",
+        "mesh.serve-rate",
+        "mesh.bulk-listen",
+    ];
+    let mut compared = 0;
+    for (section, value) in &shown {
+        let keys: Vec<(String, &toml::Value, Option<&toml::Value>)> = match value {
+            toml::Value::Table(t) if section == "mirror" => {
+                // [mirror.s3] is all examples: the mirror is off by default.
+                assert!(t.contains_key("s3"));
+                assert!(defaults["mirror"].as_table().unwrap().get("s3").is_none());
+                continue;
+            }
+            toml::Value::Table(t) => t
+                .iter()
+                .map(|(k, v)| {
+                    let d = defaults
+                        .get(section)
+                        .and_then(|s| s.as_table())
+                        .and_then(|s| s.get(k));
+                    (format!("{section}.{k}"), v, d)
+                })
+                .collect(),
+            v => vec![(section.clone(), v, defaults.get(section))],
+        };
+        for (key, readme_value, default) in keys {
+            if examples.contains(&key.as_str()) {
+                continue;
+            }
+            assert_eq!(
+                Some(readme_value),
+                default,
+                "{key}: the README shows {readme_value}, check-config prints {default:?}"
+            );
+            compared += 1;
+        }
+    }
+    assert!(compared >= 20, "only {compared} defaults compared");
+
+    for (bad, named) in [
+        ("[http]\nidle-secs = 0\n", "idle-secs"),
+        ("[store]\nmax-size = \"lots\"\n", "max-size"),
+        ("[mesh]\nno-such-key = 1\n", "no-such-key"),
+    ] {
+        let out = check(bad);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad:?} was taken");
+        assert!(out.stdout.is_empty(), "{bad:?}: printed something");
+        assert!(err.contains(named), "{bad:?}: {err}");
+    }
+
+    let out = Command::new(bin("narmesh"))
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let script = String::from_utf8(out.stdout).unwrap();
+    assert!(script.contains("complete -F") && script.contains("check-config"));
+    let man = t.path().join("man");
+    let out = Command::new(bin("narmesh"))
+        .arg("man")
+        .arg(&man)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    for page in ["narmesh.1", "narmesh-serve.1", "narmesh-doctor.1"] {
+        let text = std::fs::read_to_string(man.join(page)).unwrap_or_default();
+        assert!(text.contains(".TH"), "{page} is a man page");
+    }
+}
