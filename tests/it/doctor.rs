@@ -34,8 +34,13 @@ fn doctor(node: &Node, nix_conf: &Path, env_file: Option<&Path>) -> Run {
 }
 
 fn doctor_with(config: &Path, nix_conf: &Path, env_file: Option<&Path>) -> Run {
+    doctor_args(config, nix_conf, env_file, &[])
+}
+
+fn doctor_args(config: &Path, nix_conf: &Path, env_file: Option<&Path>, extra: &[&str]) -> Run {
     let mut cmd = Command::new(bin("narmesh"));
     cmd.arg("doctor")
+        .args(extra)
         .arg("--config")
         .arg(config)
         .arg("--nix-conf")
@@ -189,4 +194,34 @@ fn doctor_passes_a_healthy_mesh_and_names_each_broken_piece() {
     let run = doctor(&nodes[0], &confs[0], None);
     assert!(!run.ok);
     assert!(line(&run, "node").starts_with("FAIL"), "{}", run.out);
+}
+
+/// `--hook-user USER` checks that the hook, run as USER, may reach the socket: by default
+/// (mode 0600, the node's user and root) `nobody` may not, and the fix names `socket-group`;
+/// with `socket-group` set to a group of `nobody`'s, it may.
+#[test]
+fn doctor_checks_the_hook_users_access_to_the_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut node = Node::new(&t.path().join("n"), &t.path().join("unused"));
+    node.store_root = node.dir.join("store");
+    node.start();
+    let hook = bin("narmesh-hook");
+    let conf = nix_conf(&node.dir, &node, &hook, &[node.public_key()]);
+    let config = node.dir.join("narmesh.toml");
+    let run = doctor_args(&config, &conf, None, &["--hook-user", "nobody"]);
+    let socket = line(&run, "socket");
+    assert!(socket.starts_with("FAIL"), "{}", run.out);
+    assert!(run.out.contains("socket-group"), "the fix: {}", run.out);
+    assert!(
+        line(&doctor(&node, &conf, None), "socket").starts_with("ok"),
+        "root may: {}",
+        run.out
+    );
+    node.stop();
+    node.extra_config.push_str("socket-group = \"nogroup\"\n");
+    node.start();
+    let run = doctor_args(&config, &conf, None, &["--hook-user", "nobody"]);
+    assert!(line(&run, "socket").starts_with("ok"), "{}", run.out);
 }
