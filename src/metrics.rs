@@ -69,6 +69,7 @@ pub struct Metrics {
     pub mirror_uploaded_bytes: Counter,
     pub mirror_failures: Counter,
     pub mirror_streamed_nars: Counter,
+    pub mirror_shared_nars: Counter,
     pub storage_file_bytes: Gauge,
     pub storage_cap_bytes: Gauge,
     pub storage_own_paths: Gauge,
@@ -153,6 +154,7 @@ impl Metrics {
             mirror_uploaded_bytes: Counter::default(),
             mirror_failures: Counter::default(),
             mirror_streamed_nars: Counter::default(),
+            mirror_shared_nars: Counter::default(),
             storage_file_bytes: Gauge::default(),
             storage_cap_bytes: Gauge::default(),
             storage_own_paths: Gauge::default(),
@@ -260,6 +262,11 @@ impl Metrics {
             "mirror_streamed_nars",
             "NARs the S3 mirror compressed while they still arrived from peers",
             m.mirror_streamed_nars.clone(),
+        );
+        registry.register(
+            "mirror_shared_nars",
+            "Paths the S3 mirror pointed at an identical NAR already in the bucket (not uploaded again)",
+            m.mirror_shared_nars.clone(),
         );
         registry.register(
             "storage_file_bytes",

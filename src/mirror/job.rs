@@ -284,6 +284,14 @@ impl NarJob {
         ))
     }
 
+    /// True if the bucket still holds the object an identical NAR was put at (`state`), whole.
+    pub async fn still_there(&self, state: &MirrorState) -> bool {
+        let MirrorState::NarStored { url, file_size, .. } = state else {
+            return false;
+        };
+        matches!(self.bucket.size_of(url).await, Ok(Some(n)) if n == *file_size)
+    }
+
     /// The bucket key of the compressed NAR named by `hash` (its file hash, or its NarHash).
     fn nar_key(&self, hash: &[u8; 32]) -> String {
         format!("nar/{}.nar{}", base32::encode(hash), self.how.extension())

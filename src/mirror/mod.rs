@@ -6,13 +6,14 @@
 //! reader never finds a narinfo whose NAR or closure is missing). A NAR still arriving from
 //! peers is compressed as it arrives (the mesh's [`Arriving`]), not after. The uploads are
 //! [`job`]s; failures back off per path, and a `SlowDown` from the bucket lowers the number in
-//! flight ([`throttle`]). Multipart uploads are recorded while open, so after a crash exactly
+//! flight ([`throttle`]); identical NARs go up once ([`same`]). Multipart uploads are recorded while open, so after a crash exactly
 //! this mirror's are aborted. Nothing here blocks ingest, the pipeline or the mesh.
 
 mod compress;
 mod job;
 mod plan;
 pub mod s3;
+mod same;
 mod throttle;
 
 use std::collections::{HashMap, VecDeque};
@@ -119,6 +120,8 @@ impl MirrorHandle {
 /// What a finished upload reports.
 struct Outcome {
     hash: String,
+    /// The NAR's BLAKE3, for a NAR job.
+    nar: Option<[u8; 32]>,
     result: Result<MirrorState, JobError>,
     bytes: u64,
     /// The NAR was read while it still arrived from peers.
@@ -140,6 +143,8 @@ struct Mirror {
     tried: std::collections::HashSet<String>,
     /// Where the NARs of paths waiting for their narinfo are in the bucket.
     stored: HashMap<String, MirrorState>,
+    /// NAR uploads running and put lately, by BLAKE3: identical NARs go up once.
+    same: same::SameNars,
     throttle: throttle::Throttle,
     compressing: crate::background::Background,
     arriving: Option<Arriving>,
@@ -162,6 +167,7 @@ impl Mirror {
             entries: HashMap::new(),
             tried: Default::default(),
             stored: HashMap::new(),
+            same: Default::default(),
             compressing: crate::background::Background::new("narmesh-zstd", threads),
             arriving: p.arriving,
         }
@@ -477,6 +483,15 @@ impl Mirror {
                     let Some(rec) = self.entries.get(&hash).cloned() else {
                         continue;
                     };
+                    let b = rec.blake3;
+                    let put = match self.same.starting(&b, &hash) {
+                        same::Start::Go(put) => put,
+                        same::Start::Wait => {
+                            // Set aside until the upload of the same NAR ends.
+                            self.plan.not_held(&hash);
+                            continue;
+                        }
+                    };
                     let job = NarJob {
                         tmp: self.tmp.join(format!("{hash}.nar")),
                         rec,
@@ -488,7 +503,18 @@ impl Mirror {
                         compressing: self.compressing.clone(),
                         arriving: self.arriving.clone(),
                     };
-                    tasks.spawn(async move {
+                    let task = tasks.spawn(async move {
+                        if let Some(state) = put
+                            && job.still_there(&state).await
+                        {
+                            return Outcome {
+                                hash,
+                                nar: Some(b),
+                                result: Ok(state),
+                                bytes: 0,
+                                streamed: false,
+                            };
+                        }
                         let (result, streamed) = match job.run().await {
                             Ok((state, streamed)) => (Ok(state), streamed),
                             Err(e) => (Err(e), false),
@@ -499,11 +525,13 @@ impl Mirror {
                         };
                         Outcome {
                             hash,
+                            nar: Some(b),
                             result,
                             bytes,
                             streamed,
                         }
                     });
+                    self.same.started(b, task.id());
                 }
                 Job::Narinfo(hash) => {
                     let Some(rec) = self.entries.get(&hash).cloned() else {
@@ -519,6 +547,7 @@ impl Mirror {
                         };
                         Outcome {
                             hash,
+                            nar: None,
                             result,
                             bytes: 0,
                             streamed: false,
@@ -546,9 +575,24 @@ impl Mirror {
                 Ok(o) => o,
                 Err(e) => {
                     tracing::error!("mirror: an upload task failed: {e}");
+                    for h in self.same.lost(e.id()) {
+                        self.plan.held(&h);
+                    }
                     continue;
                 }
             };
+            if let Some(b) = &out.nar {
+                let state = out.result.as_ref().ok();
+                // Only a path pointed at an identical NAR's object succeeds with no bytes put.
+                if state.is_some() && out.bytes == 0 {
+                    self.metrics.mirror_shared_nars.inc();
+                }
+                // The paths set aside for this upload: ready again (to point at what it put, or
+                // to try it themselves).
+                for h in self.same.ended(b, state) {
+                    self.plan.held(&h);
+                }
+            }
             match out.result {
                 Err(JobError::NotHere) => self.plan.not_held(&out.hash),
                 Ok(state) => {

@@ -12,6 +12,7 @@ use sha2::Digest as _;
 use crate::harness::{Nix, NixHost, http, run_ok, wait_until};
 use crate::node_harness::Node;
 use crate::s3_harness::{ACCESS_KEY, S3Server, SECRET_KEY, credentials_env};
+use crate::trust::metric;
 
 const CHAIN: &str = r#"
   let
@@ -216,10 +217,12 @@ fn xz_or_no_compression_under_a_prefix_is_a_cache_nix_substitutes_from() {
     }
 }
 
-/// Paths with identical NARs share one key in the bucket: one upload of it is in flight at a
-/// time (in parts here: the other path waits rather than abort it), and both narinfos point
-/// at the one NAR object; Nix substitutes both. (The waiting path uploads the same bytes again
-/// once the first is done: identical NARs are not deduplicated before compression.)
+/// Paths with identical NARs share one NAR in the bucket, put once: the second path waits for
+/// the first one's upload, then points its narinfo at that object (one HEAD) without
+/// compressing or uploading it again. Both narinfos point at the one NAR object; Nix
+/// substitutes both.
+/// A third identical path, after the object was deleted from the bucket, puts it again rather
+/// than point at nothing.
 #[test]
 fn paths_with_identical_nars_share_one_nar_in_the_bucket() {
     let s3 = S3Server::start();
@@ -243,11 +246,43 @@ fn paths_with_identical_nars_share_one_nar_in_the_bucket() {
         .filter(|(k, _)| k.starts_with("nar/"))
         .collect();
     assert_eq!(nars.len(), 1, "one NAR object: {objects:?}");
+    assert_eq!(
+        metric(&st.nodes[1], "narmesh_mirror_uploaded_bytes_total"),
+        nars[0].1 as f64,
+        "the NAR went up once"
+    );
+    assert_eq!(
+        metric(&st.nodes[1], "narmesh_mirror_shared_nars_total"),
+        1.0
+    );
     for p in &outs {
         let (text, _) = s3.get(&format!("{}.narinfo", p.hash_part()));
         let info = NarInfo::parse(std::str::from_utf8(&text).unwrap()).unwrap();
         assert_eq!(info.url, nars[0].0);
     }
+    // Someone deletes the NAR object; a third identical path puts it again.
+    let (rt, client) = s3.client();
+    rt.block_on(
+        client
+            .delete_object()
+            .bucket(crate::s3_harness::BUCKET)
+            .key(&nars[0].0)
+            .send(),
+    )
+    .unwrap();
+    let again = st.a.build(
+        r#"mk "same-again" "seq 1 1500000 > $out; head -c 8000000 /dev/zero | tr '\0' x >> $out""#,
+    )[0]
+    .full();
+    let mut paths = paths.clone();
+    paths.push(again);
+    wait_mirrored(&st.nodes[1], 3, 90);
+    assert_eq!(check_bucket(&s3, &paths), 3);
+    assert_eq!(
+        metric(&st.nodes[1], "narmesh_mirror_uploaded_bytes_total"),
+        2.0 * nars[0].1 as f64,
+        "put again"
+    );
     let key = st.nodes[0].public_key();
     let c = NixHost::substituter(&s3.cache_url(), &key);
     let mut args = vec!["-r"];
