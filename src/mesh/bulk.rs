@@ -29,7 +29,8 @@ use crate::chunks::GROUP;
 pub const TICKET_FOR: Duration = Duration::from_secs(60);
 /// Tickets out at once; more get `Busy`.
 pub const MAX_TICKETS: usize = 4096;
-/// Tickets out to one peer at once (a fetcher needs one per range it fetches).
+/// Tickets out to one peer at once: one per NAR it fetches over the bulk channel (asked
+/// again for a NAR, the peer gets the same ticket, good for longer).
 pub const TICKETS_PER_PEER: usize = MAX_TICKETS / 8;
 /// A bulk connection's header must arrive within this.
 pub const HEADER_WITHIN: Duration = Duration::from_secs(10);
@@ -64,9 +65,17 @@ impl Tickets {
         peer: EndpointId,
         now: Instant,
     ) -> Option<[u8; 32]> {
+        let from = from.map(|ip| ip.to_canonical());
+        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((token, ticket)) = t
+            .iter_mut()
+            .find(|(_, x)| x.peer == peer && x.blake3 == blake3 && x.from == from && x.until > now)
+        {
+            ticket.until = now + TICKET_FOR;
+            return Some(*token);
+        }
         let mut token = [0u8; 32];
         getrandom::fill(&mut token).ok()?;
-        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let full = |t: &HashMap<[u8; 32], Ticket>| {
             t.len() >= MAX_TICKETS
                 || t.values().filter(|x| x.peer == peer).count() >= TICKETS_PER_PEER
@@ -82,7 +91,7 @@ impl Tickets {
             Ticket {
                 blake3,
                 until: now + TICKET_FOR,
-                from: from.map(|ip| ip.to_canonical()),
+                from,
                 peer,
             },
         );
@@ -266,11 +275,25 @@ mod tests {
             "a guessed token is nothing"
         );
         // One peer gets its share; the others theirs, up to the cap of all.
-        for _ in 1..TICKETS_PER_PEER {
-            s.issue([1; 32], None, id(1), now).unwrap();
+        // Asked again for the same NAR, a peer gets the same ticket, good for longer.
+        let a_bit_later = now + TICKET_FOR / 2;
+        assert_eq!(s.issue([7; 32], Some(peer), id(1), a_bit_later), Some(t));
+        assert_eq!(
+            s.redeem(&t, peer, now + TICKET_FOR),
+            Some(([7; 32], id(1))),
+            "good for longer"
+        );
+        // One peer gets its share, one ticket per NAR; the others theirs, up to the cap of all.
+        let nar = |i: usize| {
+            let mut b = [0u8; 32];
+            b[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            b
+        };
+        for i in 1..TICKETS_PER_PEER {
+            s.issue(nar(i), None, id(1), now).unwrap();
         }
         assert!(
-            s.issue([1; 32], None, id(1), now).is_none(),
+            s.issue(nar(0), None, id(1), now).is_none(),
             "capped per peer"
         );
         let mut n = TICKETS_PER_PEER;
@@ -278,15 +301,15 @@ mod tests {
             if n == MAX_TICKETS {
                 break;
             }
-            for _ in 0..TICKETS_PER_PEER {
-                s.issue([1; 32], None, id(p), now).unwrap();
+            for i in 0..TICKETS_PER_PEER {
+                s.issue(nar(i), None, id(p), now).unwrap();
                 n += 1;
             }
         }
-        assert!(s.issue([1; 32], None, id(99), now).is_none(), "capped");
+        assert!(s.issue(nar(0), None, id(99), now).is_none(), "capped");
         // Expired tickets redeem nothing and make room.
-        let later = now + TICKET_FOR;
+        let later = now + TICKET_FOR * 2;
         assert_eq!(s.redeem(&t, peer, later), None);
-        assert!(s.issue([1; 32], None, id(1), later).is_some());
+        assert!(s.issue(nar(0), None, id(1), later).is_some());
     }
 }

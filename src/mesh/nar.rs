@@ -22,8 +22,10 @@ use crate::storage::{Held, Storage};
 /// Streams served at once across all peers.
 pub const MAX_SERVING: usize = 64;
 /// Streams one peer may have served at once over all its connections: however many it opens,
-/// it leaves half the places to the others.
-pub const SERVING_PER_PEER: usize = MAX_SERVING / 2;
+/// it leaves a quarter of the places to the others. An honest fetcher stays below it (at most
+/// 32 ranges in flight with the default `[mesh] fetch-memory`, and a leaves request each for
+/// a moment); one that reaches it gets `Busy` and asks again shortly.
+pub const SERVING_PER_PEER: usize = MAX_SERVING * 3 / 4;
 /// Streams of one connection served at once.
 pub const STREAMS_PER_CONNECTION: usize = 16;
 /// A request must arrive within this.

@@ -24,6 +24,15 @@ const RANGES_PER_PROVIDER: usize = 2;
 /// NARs from this size on have several ranges of each provider in flight; a smaller one is
 /// over before that pays, and would take more of its providers' serving slots.
 const OVERLAP_FROM: u64 = 32 << 20;
+/// `Busy` answers in a row a provider gets before one counts as a failure (about 9 s of
+/// waiting, [`busy_wait`] apart).
+pub(super) const BUSY_TRIES: u32 = 8;
+
+/// How long to wait before asking a provider that answered `Busy` `n` times in a row again.
+pub(super) fn busy_wait(n: u32) -> Duration {
+    (Duration::from_millis(100) * 2u32.saturating_pow(n.saturating_sub(1)))
+        .min(Duration::from_secs(2))
+}
 
 impl Transfers {
     /// Fetch every range, from every provider at once.
@@ -105,7 +114,7 @@ impl Transfers {
         plan: &Mutex<Ranges>,
         returned: &tokio::sync::Notify,
     ) {
-        let mut failures = 0;
+        let (mut failures, mut busy) = (0, 0);
         loop {
             // A range is taken from the plan only with room for its buffers ([mesh]
             // fetch-memory), so none sits claimed while it waits.
@@ -146,13 +155,21 @@ impl Transfers {
             if bulk {
                 self.metrics.mesh_bulk_bytes.inc_by(got - start);
             }
-            let mut p = plan.lock().unwrap_or_else(|p| p.into_inner());
-            p.finished(id, start, got);
-            t.advance(p.prefix());
-            drop(p);
+            {
+                let mut p = plan.lock().unwrap_or_else(|p| p.into_inner());
+                p.finished(id, start, got);
+                t.advance(p.prefix());
+            }
             returned.notify_waiters();
             match res {
-                Ok(()) => failures = 0,
+                Ok(()) => (failures, busy) = (0, 0),
+                Err(PeerError::Busy) if busy < BUSY_TRIES => {
+                    // The provider serves all it may at once (to everyone, or its share to
+                    // us): the range went back to the plan; ask again shortly, while other
+                    // providers may take it.
+                    busy += 1;
+                    tokio::time::sleep(busy_wait(busy)).await;
+                }
                 Err(PeerError::OnlyV1) => {
                     // Cannot serve ranges: the others will, or it sends the whole NAR later.
                     self.only_v1
@@ -169,6 +186,7 @@ impl Transfers {
                     return;
                 }
                 Err(e) => {
+                    busy = 0;
                     failures += 1;
                     tracing::debug!("mesh: range from {peer}: {e}");
                     if failures >= 3 {

@@ -308,15 +308,26 @@ impl Transfers {
                 .ok()
                 .map(Arc::new);
         }
-        for p in providers {
-            match self.pool.leaves(*p, t.blake3, t.size).await {
-                Ok(bytes) => match Leaves::verified(t.size, &bytes, &t.blake3) {
-                    Ok(l) => return Some(Arc::new(l)),
-                    Err(e) => self.avoid(*p, &format!("sent bad leaves: {e}")),
-                },
-                Err(PeerError::OnlyV1) => {}
-                Err(e) if e.misbehaved() => self.avoid(*p, &e.to_string()),
-                Err(e) => tracing::debug!("mesh: leaves from {p}: {e}"),
+        // A provider that is busy is asked again shortly, the next ones meanwhile.
+        for busy in 0..fetch::BUSY_TRIES {
+            if busy > 0 {
+                tokio::time::sleep(fetch::busy_wait(busy)).await;
+            }
+            let mut any_busy = false;
+            for p in providers {
+                match self.pool.leaves(*p, t.blake3, t.size).await {
+                    Ok(bytes) => match Leaves::verified(t.size, &bytes, &t.blake3) {
+                        Ok(l) => return Some(Arc::new(l)),
+                        Err(e) => self.avoid(*p, &format!("sent bad leaves: {e}")),
+                    },
+                    Err(PeerError::OnlyV1) => {}
+                    Err(PeerError::Busy) => any_busy = true,
+                    Err(e) if e.misbehaved() => self.avoid(*p, &e.to_string()),
+                    Err(e) => tracing::debug!("mesh: leaves from {p}: {e}"),
+                }
+            }
+            if !any_busy {
+                break;
             }
         }
         None
