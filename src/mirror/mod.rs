@@ -476,8 +476,24 @@ impl Mirror {
 
     /// Start uploads, as the plan decides, up to what the throttle allows.
     fn schedule(&mut self, tasks: &mut JoinSet<Outcome>) {
-        let room = self.throttle.allowed().saturating_sub(tasks.len());
-        for job in self.plan.next_jobs(Instant::now(), room) {
+        // A job set aside (its NAR's upload runs for another path) takes no room: ask again.
+        loop {
+            let room = self.throttle.allowed().saturating_sub(tasks.len());
+            let jobs = self.plan.next_jobs(Instant::now(), room);
+            if jobs.is_empty() {
+                return;
+            }
+            let before = tasks.len();
+            self.start_jobs(jobs, tasks);
+            if tasks.len() == before {
+                return;
+            }
+        }
+    }
+
+    /// Start these uploads (a NAR job whose NAR goes up for another path is set aside).
+    fn start_jobs(&mut self, jobs: Vec<Job>, tasks: &mut JoinSet<Outcome>) {
+        for job in jobs {
             match job {
                 Job::Nar(hash) => {
                     let Some(rec) = self.entries.get(&hash).cloned() else {
@@ -487,8 +503,8 @@ impl Mirror {
                     let put = match self.same.starting(&b, &hash) {
                         same::Start::Go(put) => put,
                         same::Start::Wait => {
-                            // Set aside until the upload of the same NAR ends.
-                            self.plan.not_held(&hash);
+                            // Until the upload of the same NAR ends.
+                            self.plan.set_aside(&hash);
                             continue;
                         }
                     };
@@ -503,6 +519,7 @@ impl Mirror {
                         compressing: self.compressing.clone(),
                         arriving: self.arriving.clone(),
                     };
+                    let path = hash.clone();
                     let task = tasks.spawn(async move {
                         if let Some(state) = put
                             && job.still_there(&state).await
@@ -531,7 +548,7 @@ impl Mirror {
                             streamed,
                         }
                     });
-                    self.same.started(b, task.id());
+                    self.same.started(b, &path, task.id());
                 }
                 Job::Narinfo(hash) => {
                     let Some(rec) = self.entries.get(&hash).cloned() else {
@@ -570,31 +587,39 @@ impl Mirror {
         }
         let mut updates = Vec::new();
         let mut failed = Vec::new();
+        let mut shared = 0;
         for r in done {
             let out = match r {
                 Ok(o) => o,
                 Err(e) => {
                     tracing::error!("mirror: an upload task failed: {e}");
-                    for h in self.same.lost(e.id()) {
-                        self.plan.held(&h);
+                    if let Some((path, waiting)) = self.same.lost(e.id()) {
+                        failed.push((
+                            path,
+                            JobError::Other(format!("the upload task failed: {e}")),
+                        ));
+                        for h in waiting {
+                            self.plan.resume(&h);
+                        }
                     }
                     continue;
                 }
             };
             if let Some(b) = &out.nar {
-                let state = out.result.as_ref().ok();
-                // Only a path pointed at an identical NAR's object succeeds with no bytes put.
-                if state.is_some() && out.bytes == 0 {
-                    self.metrics.mirror_shared_nars.inc();
-                }
                 // The paths set aside for this upload: ready again (to point at what it put, or
                 // to try it themselves).
-                for h in self.same.ended(b, state) {
-                    self.plan.held(&h);
+                for h in self.same.ended(b, out.result.as_ref().ok()) {
+                    self.plan.resume(&h);
                 }
             }
             match out.result {
                 Err(JobError::NotHere) => self.plan.not_held(&out.hash),
+                // Only a NAR job that pointed at an identical NAR's object puts no bytes: no
+                // upload, so no news for the throttle.
+                Ok(state) if out.nar.is_some() && out.bytes == 0 => {
+                    shared += 1;
+                    updates.push((out.hash, state));
+                }
                 Ok(state) => {
                     self.throttle.success();
                     if out.streamed {
@@ -630,6 +655,7 @@ impl Mirror {
             }
             return;
         }
+        self.metrics.mirror_shared_nars.inc_by(shared);
         let any_ok = !updates.is_empty();
         for (h, state) in updates {
             if state == MirrorState::Done {

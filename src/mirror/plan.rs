@@ -224,6 +224,22 @@ impl Plan {
         }
     }
 
+    /// The path's NAR job did not start: another path's upload of the same NAR runs. It stays
+    /// busy (neither woken nor counted as ready) until [`Plan::resume`].
+    pub fn set_aside(&mut self, hash: &str) {
+        if let Some(i) = self.items.get_mut(hash) {
+            i.busy = true;
+        }
+    }
+
+    /// A path set aside is ready again.
+    pub fn resume(&mut self, hash: &str) {
+        if let Some(i) = self.items.get_mut(hash) {
+            i.busy = false;
+            self.wake(hash);
+        }
+    }
+
     /// An upload of the path failed: it is tried again after a backoff that doubles.
     pub fn failed(&mut self, hash: &str, now: Instant) -> Duration {
         let Some(i) = self.items.get_mut(hash) else {

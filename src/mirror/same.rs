@@ -2,8 +2,8 @@
 //! outputs, or one file fetched under two names, give): the bucket gets the NAR once. While
 //! one path's NAR goes up, the others with the same BLAKE3 wait for it; then they point their
 //! narinfos at the object it put (checked still there with one HEAD) without compressing or
-//! uploading it again. The last [`REMEMBERED`] NARs put are remembered (in memory: after a
-//! restart, a NAR shared with a path mirrored before goes up once more).
+//! uploading it again. The last [`REMEMBERED`] NARs put are remembered, in memory: a NAR
+//! shared with a path mirrored before that, or before a restart, goes up once more.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -15,11 +15,18 @@ pub const REMEMBERED: usize = 4096;
 /// What the mirror knows of the NARs it puts, by BLAKE3.
 #[derive(Debug, Default)]
 pub struct SameNars {
-    /// Uploads running (their task), and the paths with the same NAR waiting for them.
-    running: HashMap<[u8; 32], (tokio::task::Id, Vec<String>)>,
+    /// Uploads running (their task and path), and the paths with the same NAR waiting for them.
+    running: HashMap<[u8; 32], Running>,
     /// Where NARs put lately are in the bucket.
     put: HashMap<[u8; 32], MirrorState>,
     order: VecDeque<[u8; 32]>,
+}
+
+#[derive(Debug)]
+struct Running {
+    task: tokio::task::Id,
+    path: String,
+    waiting: Vec<String>,
 }
 
 /// What a path's NAR job should do.
@@ -35,18 +42,25 @@ pub enum Start {
 impl SameNars {
     /// The NAR job of path `hash`, whose NAR is `blake3`, is about to start.
     pub fn starting(&mut self, blake3: &[u8; 32], hash: &str) -> Start {
-        if let Some((_, waiting)) = self.running.get_mut(blake3) {
-            if !waiting.iter().any(|h| h == hash) {
-                waiting.push(hash.to_owned());
+        if let Some(r) = self.running.get_mut(blake3) {
+            if r.path != hash && !r.waiting.iter().any(|h| h == hash) {
+                r.waiting.push(hash.to_owned());
             }
             return Start::Wait;
         }
         Start::Go(self.put.get(blake3).cloned())
     }
 
-    /// The job of [`Start::Go`] runs as task `id`.
-    pub fn started(&mut self, blake3: [u8; 32], id: tokio::task::Id) {
-        self.running.insert(blake3, (id, Vec::new()));
+    /// The job of [`Start::Go`] for path `hash` runs as task `id`.
+    pub fn started(&mut self, blake3: [u8; 32], hash: &str, id: tokio::task::Id) {
+        self.running.insert(
+            blake3,
+            Running {
+                task: id,
+                path: hash.to_owned(),
+                waiting: Vec::new(),
+            },
+        );
     }
 
     /// The upload of `blake3` ended, its NAR put at `state` if it succeeded: the paths that
@@ -64,23 +78,18 @@ impl SameNars {
         }
         self.running
             .remove(blake3)
-            .map(|(_, waiting)| waiting)
+            .map(|r| r.waiting)
             .unwrap_or_default()
     }
 
-    /// Task `id` ended without an outcome (it panicked): the paths that waited for it.
-    pub fn lost(&mut self, id: tokio::task::Id) -> Vec<String> {
-        let Some(b) = self
+    /// Task `id` ended without an outcome (it panicked): its path, and the paths that waited
+    /// for it.
+    pub fn lost(&mut self, id: tokio::task::Id) -> Option<(String, Vec<String>)> {
+        let b = self
             .running
             .iter()
-            .find_map(|(b, (i, _))| (*i == id).then_some(*b))
-        else {
-            return Vec::new();
-        };
-        self.running
-            .remove(&b)
-            .map(|(_, waiting)| waiting)
-            .unwrap_or_default()
+            .find_map(|(b, r)| (r.task == id).then_some(*b))?;
+        self.running.remove(&b).map(|r| (r.path, r.waiting))
     }
 }
 
@@ -102,20 +111,25 @@ mod tests {
         let mut s = SameNars::default();
         let task = tokio::spawn(async {});
         assert_eq!(s.starting(&[1; 32], "a"), Start::Go(None));
-        s.started([1; 32], task.id());
+        s.started([1; 32], "a", task.id());
+        assert_eq!(s.starting(&[1; 32], "a"), Start::Wait, "not its own waiter");
         assert_eq!(s.starting(&[1; 32], "b"), Start::Wait);
         assert_eq!(s.starting(&[1; 32], "b"), Start::Wait, "named once");
         assert_eq!(s.starting(&[2; 32], "c"), Start::Go(None), "another NAR");
         assert_eq!(s.ended(&[1; 32], Some(&stored(1))), vec!["b".to_owned()]);
         assert_eq!(s.starting(&[1; 32], "b"), Start::Go(Some(stored(1))));
         // A failed upload remembers nothing; a lost task gives its waiting paths back.
-        s.started([3; 32], task.id());
+        s.started([3; 32], "c", task.id());
         assert_eq!(s.starting(&[3; 32], "d"), Start::Wait);
         assert_eq!(s.ended(&[3; 32], None), vec!["d".to_owned()]);
         assert_eq!(s.starting(&[3; 32], "d"), Start::Go(None));
-        s.started([3; 32], task.id());
+        s.started([3; 32], "d", task.id());
         assert_eq!(s.starting(&[3; 32], "e"), Start::Wait);
-        assert_eq!(s.lost(task.id()), vec!["e".to_owned()]);
+        assert_eq!(
+            s.lost(task.id()),
+            Some(("d".to_owned(), vec!["e".to_owned()]))
+        );
+        assert_eq!(s.lost(task.id()), None);
         assert_eq!(s.starting(&[3; 32], "e"), Start::Go(None));
     }
 

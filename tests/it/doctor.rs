@@ -198,7 +198,7 @@ fn doctor_passes_a_healthy_mesh_and_names_each_broken_piece() {
 
 /// `--hook-user USER` checks that the hook, run as USER, may reach the socket: by default
 /// (mode 0600, the node's user and root) `nobody` may not, and the fix names `socket-group`;
-/// with `socket-group` set to a group of `nobody`'s, it may.
+/// with `socket-group` set to `nobody`'s group, it may. (Run as root, as the tests are.)
 #[test]
 fn doctor_checks_the_hook_users_access_to_the_socket() {
     use std::os::unix::fs::PermissionsExt;
@@ -220,7 +220,15 @@ fn doctor_checks_the_hook_users_access_to_the_socket() {
         run.out
     );
     node.stop();
-    node.extra_config.push_str("socket-group = \"nogroup\"\n");
+    // `nobody`'s own group, by number (its name differs between distributions).
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let gid = passwd
+        .lines()
+        .find_map(|l| l.strip_prefix("nobody:"))
+        .and_then(|l| l.split(':').nth(2))
+        .expect("nobody in /etc/passwd");
+    node.extra_config
+        .push_str(&format!("socket-group = \"{gid}\"\n"));
     node.start();
     let run = doctor_args(&config, &conf, None, &["--hook-user", "nobody"]);
     assert!(line(&run, "socket").starts_with("ok"), "{}", run.out);
