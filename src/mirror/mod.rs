@@ -145,6 +145,8 @@ struct Mirror {
     stored: HashMap<String, MirrorState>,
     /// NAR uploads running and put lately, by BLAKE3: identical NARs go up once.
     same: same::SameNars,
+    /// The path of each upload task running.
+    running: HashMap<tokio::task::Id, String>,
     throttle: throttle::Throttle,
     compressing: crate::background::Background,
     arriving: Option<Arriving>,
@@ -168,6 +170,7 @@ impl Mirror {
             tried: Default::default(),
             stored: HashMap::new(),
             same: Default::default(),
+            running: HashMap::new(),
             compressing: crate::background::Background::new("narmesh-zstd", threads),
             arriving: p.arriving,
         }
@@ -318,9 +321,9 @@ impl Mirror {
             let mut done = Vec::new();
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                Some(r) = tasks.join_next(), if !tasks.is_empty() => {
+                Some(r) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                     done.push(r);
-                    while let Some(r) = tasks.try_join_next() {
+                    while let Some(r) = tasks.try_join_next_with_id() {
                         done.push(r);
                     }
                 }
@@ -477,17 +480,14 @@ impl Mirror {
     /// Start uploads, as the plan decides, up to what the throttle allows.
     fn schedule(&mut self, tasks: &mut JoinSet<Outcome>) {
         // A job set aside (its NAR's upload runs for another path) takes no room: ask again.
+        // Each job handed out is busy in the plan from then on, so this ends.
         loop {
             let room = self.throttle.allowed().saturating_sub(tasks.len());
             let jobs = self.plan.next_jobs(Instant::now(), room);
             if jobs.is_empty() {
                 return;
             }
-            let before = tasks.len();
             self.start_jobs(jobs, tasks);
-            if tasks.len() == before {
-                return;
-            }
         }
     }
 
@@ -549,13 +549,15 @@ impl Mirror {
                         }
                     });
                     self.same.started(b, &path, task.id());
+                    self.running.insert(task.id(), path);
                 }
                 Job::Narinfo(hash) => {
                     let Some(rec) = self.entries.get(&hash).cloned() else {
                         continue;
                     };
                     let (bucket, state) = (self.bucket.clone(), self.state_of(&hash));
-                    tasks.spawn(async move {
+                    let path = hash.clone();
+                    let task = tasks.spawn(async move {
                         let result = match state {
                             Some(s) => put_narinfo(&bucket, &rec, &s)
                                 .await
@@ -570,6 +572,7 @@ impl Mirror {
                             streamed: false,
                         }
                     });
+                    self.running.insert(task.id(), path);
                 }
             }
         }
@@ -581,7 +584,10 @@ impl Mirror {
     }
 
     /// Record finished uploads (one commit) and plan retries for failed ones.
-    async fn finish(&mut self, done: Vec<Result<Outcome, tokio::task::JoinError>>) {
+    async fn finish(
+        &mut self,
+        done: Vec<Result<(tokio::task::Id, Outcome), tokio::task::JoinError>>,
+    ) {
         if done.is_empty() {
             return;
         }
@@ -590,17 +596,22 @@ impl Mirror {
         let mut shared = 0;
         for r in done {
             let out = match r {
-                Ok(o) => o,
+                Ok((id, o)) => {
+                    self.running.remove(&id);
+                    o
+                }
                 Err(e) => {
+                    // It panicked: its path is tried again, like a failed one, and the paths
+                    // that waited for its NAR are ready again.
                     tracing::error!("mirror: an upload task failed: {e}");
-                    if let Some((path, waiting)) = self.same.lost(e.id()) {
+                    for h in self.same.lost(e.id()) {
+                        self.plan.resume(&h);
+                    }
+                    if let Some(path) = self.running.remove(&e.id()) {
                         failed.push((
                             path,
                             JobError::Other(format!("the upload task failed: {e}")),
                         ));
-                        for h in waiting {
-                            self.plan.resume(&h);
-                        }
                     }
                     continue;
                 }
@@ -647,16 +658,17 @@ impl Mirror {
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
         let now = Instant::now();
+        let any_ok = committed.is_ok() && !updates.is_empty();
         if let Err(e) = committed {
             // Nothing advanced: the same steps run again later (each is idempotent).
             tracing::error!("mirror: recording progress: {e}");
             for (h, _) in &updates {
                 self.plan.failed(h, now);
             }
-            return;
+            updates.clear();
+        } else {
+            self.metrics.mirror_shared_nars.inc_by(shared);
         }
-        self.metrics.mirror_shared_nars.inc_by(shared);
-        let any_ok = !updates.is_empty();
         for (h, state) in updates {
             if state == MirrorState::Done {
                 self.plan.done(&h);

@@ -82,14 +82,19 @@ impl SameNars {
             .unwrap_or_default()
     }
 
-    /// Task `id` ended without an outcome (it panicked): its path, and the paths that waited
-    /// for it.
-    pub fn lost(&mut self, id: tokio::task::Id) -> Option<(String, Vec<String>)> {
-        let b = self
+    /// Task `id` ended without an outcome (it panicked): the paths that waited for it.
+    pub fn lost(&mut self, id: tokio::task::Id) -> Vec<String> {
+        let Some(b) = self
             .running
             .iter()
-            .find_map(|(b, r)| (r.task == id).then_some(*b))?;
-        self.running.remove(&b).map(|r| (r.path, r.waiting))
+            .find_map(|(b, r)| (r.task == id).then_some(*b))
+        else {
+            return Vec::new();
+        };
+        self.running
+            .remove(&b)
+            .map(|r| r.waiting)
+            .unwrap_or_default()
     }
 }
 
@@ -125,11 +130,8 @@ mod tests {
         assert_eq!(s.starting(&[3; 32], "d"), Start::Go(None));
         s.started([3; 32], "d", task.id());
         assert_eq!(s.starting(&[3; 32], "e"), Start::Wait);
-        assert_eq!(
-            s.lost(task.id()),
-            Some(("d".to_owned(), vec!["e".to_owned()]))
-        );
-        assert_eq!(s.lost(task.id()), None);
+        assert_eq!(s.lost(task.id()), vec!["e".to_owned()]);
+        assert!(s.lost(task.id()).is_empty());
         assert_eq!(s.starting(&[3; 32], "e"), Start::Go(None));
     }
 

@@ -246,7 +246,11 @@ fn one_peer_gets_8_connections_and_three_quarters_of_the_streams_served() {
 
 /// A fetcher answered `Busy` asks again shortly instead of giving the provider up. Two peers
 /// hold all 64 of A's serving places (48 and 16 stalled streams) for 4 s; meanwhile B's host
-/// substitutes a path only A has, and gets it once places free, with no error on the way.
+/// substitutes a path only A has, and gets it once places free, with no error on the way. Both
+/// nodes have the bulk channel: a second time, B's host substitutes a one-group path (no
+/// leaves to ask first), whose bulk connection A closes with nothing sent while it is full; B
+/// asks QUIC (`Busy`), then a new ticket, and gets the range over the bulk channel once places
+/// free, not over QUIC for a minute.
 #[test]
 fn a_fetcher_answered_busy_asks_again_and_gets_the_nar() {
     let t = tempfile::tempdir().unwrap();
@@ -254,39 +258,57 @@ fn a_fetcher_answered_busy_asks_again_and_gets_the_nar() {
     let (a, mut nodes) = honest_with(&t, 2, &h1, &[]);
     for n in nodes.iter_mut() {
         n.peers.push(h2.address.clone());
+        n.mesh_extra.push_str("bulk-listen = \"127.0.0.1:0\"\n");
         n.start();
     }
     let large = a.build(r#"mk "busy-large" "head -c 8000000 /dev/urandom > $out""#)[0].full();
     let small = a.build(r#"mk "busy-small" "head -c 300000 /dev/urandom > $out""#)[0].full();
+    let tiny = a.build(r#"mk "busy-tiny" "head -c 8000 /dev/urandom > $out""#)[0].full();
     wait_until(30, "B to learn the paths", || {
-        nodes[1].serves(&[large.clone(), small.clone()])
+        nodes[1].serves(&[large.clone(), small.clone(), tiny.clone()])
     });
     let ann = h1
         .catch_up_from(&nodes[0].address)
         .into_iter()
         .find(|x| x.narinfo.contains(&large))
         .expect("the large path's announcement");
-    let hold = Duration::from_secs(4);
     let (peer, blake3, size) = (&nodes[0].address, ann.blake3, ann.nar_size);
-    let stalled_at = std::time::Instant::now();
-    for _ in 0..3 {
-        assert_eq!(h1.stalled_ranges(peer, blake3, size, 16, hold), (16, 0));
-    }
-    assert_eq!(h2.stalled_ranges(peer, blake3, size, 16, hold), (16, 0));
-    assert_eq!(metric(&nodes[0], "narmesh_mesh_serving "), 64.0);
-    assert!(
-        stalled_at.elapsed() < hold - Duration::from_secs(1),
-        "too slow: the places may be free before B asks"
-    );
+    let fill = || {
+        let hold = Duration::from_secs(4);
+        let stalled_at = std::time::Instant::now();
+        for _ in 0..3 {
+            assert_eq!(h1.stalled_ranges(peer, blake3, size, 16, hold), (16, 0));
+        }
+        assert_eq!(h2.stalled_ranges(peer, blake3, size, 16, hold), (16, 0));
+        assert_eq!(metric(&nodes[0], "narmesh_mesh_serving "), 64.0);
+        assert!(
+            stalled_at.elapsed() < hold - Duration::from_secs(1),
+            "too slow: the places may be free before B asks"
+        );
+    };
+    // B never answers its host with an error (Nix would retry one and succeed).
+    let no_errors = || {
+        let (_, _, body) = http(&nodes[1].http, "GET", "/metrics", &[]);
+        let text = String::from_utf8_lossy(&body);
+        let errors: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with("narmesh_http_requests_total{") && l.contains("status=\"5"))
+            .map(str::to_owned)
+            .collect();
+        assert!(errors.is_empty(), "B answered errors: {errors:?}");
+    };
+    fill();
     substitute_all(&nodes[1], std::slice::from_ref(&small));
-    // B waited for a place: it never answered its host with an error (Nix would retry one).
-    let (_, _, body) = http(&nodes[1].http, "GET", "/metrics", &[]);
-    let text = String::from_utf8_lossy(&body);
-    let errors: Vec<&str> = text
-        .lines()
-        .filter(|l| l.starts_with("narmesh_http_requests_total{") && l.contains("status=\"5"))
-        .collect();
-    assert!(errors.is_empty(), "B answered errors: {errors:?}");
+    no_errors();
+    let bulk = || metric(&nodes[1], "narmesh_mesh_bulk_bytes_total");
+    let before = bulk();
+    fill();
+    substitute_all(&nodes[1], std::slice::from_ref(&tiny));
+    no_errors();
+    assert!(
+        bulk() > before,
+        "the one-group path came over QUIC: B gave up A's bulk channel ({before} bytes before)"
+    );
 }
 
 /// A peer with a trusted key claims a path first, bound to a BLAKE3 of junk it serves

@@ -216,7 +216,7 @@ impl Transfers {
             Some(src) => src,
             None => Source::Quic(self.pool.range(peer, t.blake3, start, end).await?),
         };
-        let bulk = matches!(recv, Source::Tcp(..));
+        let mut bulk = matches!(recv, Source::Tcp(..));
         *used_bulk = bulk;
         let mut group = BytesMut::with_capacity(GROUP as usize);
         let mut ready = Ready::default();
@@ -224,6 +224,15 @@ impl Transfers {
         while pos < end {
             let piece = match recv.piece(1 << 20).await {
                 Ok(Some(p)) => p,
+                // A bulk connection closed before its first byte: the provider had no serving
+                // place (it sends nothing then), or no longer knows the ticket. Ask QUIC for
+                // the range now, which answers `Busy` in words.
+                Ok(None) | Err(_) if bulk && pos == start && group.is_empty() => {
+                    self.forget_ticket(&(peer, t.blake3));
+                    recv = Source::Quic(self.pool.range(peer, t.blake3, start, end).await?);
+                    (bulk, *used_bulk) = (false, false);
+                    continue;
+                }
                 // A bulk channel that ends early or breaks (a ticket the provider no longer
                 // knows, a restart) is not a lie: QUIC with that provider from here.
                 Ok(None) | Err(_) if bulk => {

@@ -234,7 +234,7 @@ impl Transfers {
         }
         let leaves = self.leaves(t, &providers).await;
         let fetched = match &leaves {
-            Some(l) => match self.ranges(t, l.clone(), &partial, &providers).await {
+            Ok(l) => match self.ranges(t, l.clone(), &partial, &providers).await {
                 // Providers that speak only version 1 cannot send ranges: ask them for the
                 // whole NAR.
                 Err(e)
@@ -249,7 +249,8 @@ impl Transfers {
                 }
                 other => other,
             },
-            None => self.whole_v1(t, &partial, &providers).await,
+            Err(NoLeaves::Busy) => Err("every provider stayed busy".to_owned()),
+            Err(NoLeaves::Other) => self.whole_v1(t, &partial, &providers).await,
         };
         self.only_v1
             .lock()
@@ -299,37 +300,55 @@ impl Transfers {
         .await;
     }
 
-    /// The NAR's leaves, from the first version 2 provider that has them right; `None` if
-    /// none does (only version 1 providers).
-    async fn leaves(&self, t: &Transfer, providers: &[EndpointId]) -> Option<Arc<Leaves>> {
+    /// The NAR's leaves, from the first version 2 provider that has them right.
+    async fn leaves(
+        &self,
+        t: &Transfer,
+        providers: &[EndpointId],
+    ) -> Result<Arc<Leaves>, NoLeaves> {
         if t.size <= GROUP {
             // One group: its only leaf is the BLAKE3 itself.
             return Leaves::verified(t.size, &t.blake3, &t.blake3)
-                .ok()
-                .map(Arc::new);
+                .map(Arc::new)
+                .map_err(|_| NoLeaves::Other);
         }
-        // A provider that is busy is asked again shortly, the next ones meanwhile.
-        for busy in 0..fetch::BUSY_TRIES {
-            if busy > 0 {
-                tokio::time::sleep(fetch::busy_wait(busy)).await;
+        // A provider that answers `Busy` is asked again, alone, after the waits a range's
+        // fetcher makes (about 9 s in all); the others are asked once.
+        let (mut asking, mut v1) = (providers.to_vec(), false);
+        for round in 0..=fetch::BUSY_TRIES {
+            if round > 0 {
+                tokio::time::sleep(fetch::busy_wait(round)).await;
             }
-            let mut any_busy = false;
-            for p in providers {
+            let mut busy = Vec::new();
+            for p in &asking {
                 match self.pool.leaves(*p, t.blake3, t.size).await {
                     Ok(bytes) => match Leaves::verified(t.size, &bytes, &t.blake3) {
-                        Ok(l) => return Some(Arc::new(l)),
+                        Ok(l) => return Ok(Arc::new(l)),
                         Err(e) => self.avoid(*p, &format!("sent bad leaves: {e}")),
                     },
-                    Err(PeerError::OnlyV1) => {}
-                    Err(PeerError::Busy) => any_busy = true,
+                    Err(PeerError::OnlyV1) => v1 = true,
+                    Err(PeerError::Busy) => busy.push(*p),
                     Err(e) if e.misbehaved() => self.avoid(*p, &e.to_string()),
                     Err(e) => tracing::debug!("mesh: leaves from {p}: {e}"),
                 }
             }
-            if !any_busy {
+            if busy.is_empty() {
                 break;
             }
+            asking = busy;
+            if round == fetch::BUSY_TRIES && !v1 {
+                return Err(NoLeaves::Busy);
+            }
         }
-        None
+        Err(NoLeaves::Other)
     }
+}
+
+/// Why no provider gave the NAR's leaves.
+enum NoLeaves {
+    /// Those that could stayed busy: the transfer fails (a version 1 provider would be busy
+    /// too).
+    Busy,
+    /// None can (version 1 providers only, or none answered right): ask for the whole NAR.
+    Other,
 }

@@ -70,6 +70,15 @@ impl Transfers {
         }
     }
 
+    /// The ticket for `key` may be stale: the next range asks for one (a provider that knows
+    /// it gives the same again).
+    pub(super) fn forget_ticket(&self, key: &(EndpointId, [u8; 32])) {
+        self.tickets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
     /// `peer`'s bulk channel failed: QUIC with it for a while.
     pub(super) fn no_bulk_for(&self, peer: EndpointId, key: &(EndpointId, [u8; 32]), why: &str) {
         tracing::debug!("mesh: bulk channel of {peer}: {why}; QUIC for {AVOID_FOR:?}");
