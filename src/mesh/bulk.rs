@@ -214,8 +214,9 @@ impl ProtocolHandler for BulkServer {
         while let Ok((mut send, mut recv)) = conn.accept_bi().await {
             let ask: BulkAsk = match tokio::time::timeout(REQUEST, wire::read(&mut recv)).await {
                 Ok(Ok(a)) => a,
+                Ok(Err(e)) if wire::broke_off(&e) => continue,
                 _ => {
-                    conn.close(400u32.into(), b"bad request");
+                    self.nar.per_peer.bad_request(&conn, "bulk");
                     return Ok(());
                 }
             };

@@ -198,15 +198,37 @@ impl PeerSlots {
     }
 }
 
+/// A log line at most once a second, however often what it reports happens (a peer that
+/// repeats it in a loop must not flood the log).
+#[derive(Debug, Clone, Default)]
+struct EverySecond(Arc<std::sync::Mutex<(Option<std::time::Instant>, u64)>>);
+
+impl EverySecond {
+    /// `Some(times not logged since the last line)` if a line may be logged now.
+    fn allow(&self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let mut logged = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (at, unlogged) = &mut *logged;
+        if at.is_none_or(|at| now.duration_since(at) >= std::time::Duration::from_secs(1)) {
+            *at = Some(now);
+            Some(std::mem::take(unlogged))
+        } else {
+            *unlogged += 1;
+            None
+        }
+    }
+}
+
 /// Each peer's connections to a protocol, at most [`CONNECTIONS_PER_PEER`]; a connection over
 /// that is closed (QUIC code 429), counted in
 /// `narmesh_mesh_refused_total{reason="too-many-connections"}` and logged at most once a second.
+/// A connection that sends a bad request is closed the same way ([`ConnSlots::bad_request`]).
 #[derive(Debug, Clone)]
 pub struct ConnSlots {
     slots: PeerSlots,
     metrics: Arc<crate::metrics::Metrics>,
-    /// When a refusal was last logged, and how many went unlogged since.
-    logged: Arc<std::sync::Mutex<(Option<std::time::Instant>, u64)>>,
+    too_many: EverySecond,
+    bad: EverySecond,
 }
 
 impl ConnSlots {
@@ -214,8 +236,28 @@ impl ConnSlots {
         ConnSlots {
             slots: PeerSlots::new(CONNECTIONS_PER_PEER),
             metrics,
-            logged: Arc::default(),
+            too_many: EverySecond::default(),
+            bad: EverySecond::default(),
         }
+    }
+
+    /// `conn` sent a request that is late or not one (`what` names the protocol): close it
+    /// (QUIC code 400), count it in `narmesh_mesh_refused_total{reason="bad-request"}` and log
+    /// it at most once a second.
+    pub fn bad_request(&self, conn: &Connection, what: &str) {
+        self.metrics
+            .mesh_refused
+            .get_or_create(&crate::metrics::ReasonLabels {
+                reason: "bad-request",
+            })
+            .inc();
+        if let Some(unlogged) = self.bad.allow() {
+            tracing::warn!(
+                "mesh {what}: bad request from {} ({unlogged} more bad requests meanwhile)",
+                conn.remote_id()
+            );
+        }
+        conn.close(400u32.into(), b"bad request");
     }
 
     /// A place for one more connection of its peer, or `None` (the connection is then closed).
@@ -230,21 +272,12 @@ impl ConnSlots {
                 reason: "too-many-connections",
             })
             .inc();
-        // A peer that opens connections in a loop must not flood the log.
-        let now = std::time::Instant::now();
-        let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
-        let (at, unlogged) = &mut *logged;
-        if at.is_none_or(|at| now.duration_since(at) >= std::time::Duration::from_secs(1)) {
+        if let Some(unlogged) = self.too_many.allow() {
             tracing::warn!(
                 "mesh: {peer} has {CONNECTIONS_PER_PEER} connections open already; refused \
                  another ({unlogged} more refused meanwhile)"
             );
-            *at = Some(now);
-            *unlogged = 0;
-        } else {
-            *unlogged += 1;
         }
-        drop(logged);
         conn.close(VarInt::from_u32(429), b"too many connections");
         None
     }

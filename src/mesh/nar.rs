@@ -99,6 +99,12 @@ impl NarServer {
         })
     }
 
+    /// Close the connection of a bad request (counted, logged at most once a second).
+    fn bad_request(&self, conn: &Connection) -> Result<(), AcceptError> {
+        self.per_peer.bad_request(conn, "nar");
+        Ok(())
+    }
+
     async fn serve_stream(
         &self,
         conn: &Connection,
@@ -108,7 +114,8 @@ impl NarServer {
         let (blake3, range, v2_leaves) = if self.version == 2 {
             let q: NarQuery = match tokio::time::timeout(REQUEST, wire::read(&mut recv)).await {
                 Ok(Ok(q)) => q,
-                _ => return bad_request(conn),
+                Ok(Err(e)) if wire::broke_off(&e) => return Ok(()),
+                _ => return self.bad_request(conn),
             };
             match q.what {
                 NarWhat::Leaves => (q.blake3, None, true),
@@ -117,7 +124,8 @@ impl NarServer {
         } else {
             let r: NarRequest = match tokio::time::timeout(REQUEST, wire::read(&mut recv)).await {
                 Ok(Ok(r)) => r,
-                _ => return bad_request(conn),
+                Ok(Err(e)) if wire::broke_off(&e) => return Ok(()),
+                _ => return self.bad_request(conn),
             };
             (r.blake3, Some((r.offset, u64::MAX)), false)
         };
@@ -137,7 +145,7 @@ impl NarServer {
             return send.finish().map_err(user);
         }
         let Some((start, end)) = range else {
-            return bad_request(conn);
+            return self.bad_request(conn);
         };
         let end = end.min(size);
         let aligned = start % GROUP == 0 && (end % GROUP == 0 || end == size);
@@ -216,12 +224,6 @@ impl NarServer {
         }
         send.finish().map_err(user)
     }
-}
-
-fn bad_request(conn: &Connection) -> Result<(), AcceptError> {
-    tracing::warn!("mesh nar: bad request from {}", conn.remote_id());
-    conn.close(400u32.into(), b"bad request");
-    Ok(())
 }
 
 async fn timed<T, E: std::fmt::Display>(

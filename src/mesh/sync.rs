@@ -61,9 +61,9 @@ impl ProtocolHandler for SyncServer {
             let req: SyncRequest = match tokio::time::timeout(REQUEST, wire::read(&mut recv)).await
             {
                 Ok(Ok(r)) => r,
+                Ok(Err(e)) if wire::broke_off(&e) => continue,
                 _ => {
-                    tracing::warn!("mesh sync: bad request from {}", conn.remote_id());
-                    conn.close(400u32.into(), b"bad request");
+                    self.per_peer.bad_request(&conn, "sync");
                     return Ok(());
                 }
             };

@@ -15,6 +15,13 @@ pub async fn read<T: DeserializeOwned>(r: &mut (impl AsyncRead + Unpin)) -> Resu
     frame::decode(&payload)
 }
 
+/// The stream broke off (reset, closed, or ended mid-frame) rather than carrying something
+/// that is not a frame: not the peer's fault, so neither counted nor a reason to close its
+/// connection.
+pub fn broke_off(e: &FrameError) -> bool {
+    matches!(e, FrameError::Io(_) | FrameError::Closed)
+}
+
 /// Write one frame to a stream.
 pub async fn write<T: Serialize>(
     w: &mut (impl AsyncWrite + Unpin),

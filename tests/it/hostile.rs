@@ -480,6 +480,33 @@ impl Hostile {
         refused
     }
 
+    /// Open `n` NAR connections to `peer` one after another, each sending a frame over the size
+    /// limit on a stream; returns how many `peer` closed with code 400 (bad request) within 2 s.
+    pub fn bad_requests(&self, peer: &str, n: usize) -> usize {
+        let addr = self.addr_of(peer);
+        let ep = self.ep.clone();
+        self.rt.block_on(async move {
+            let mut closed = 0;
+            for _ in 0..n {
+                let Ok(conn) = ep.connect(addr.clone(), NAR_ALPN).await else {
+                    continue;
+                };
+                if let Ok((mut send, _recv)) = conn.open_bi().await {
+                    let _ = send.write_all(&[0xff; 8]).await;
+                    let _ = send.finish();
+                }
+                let reason = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                if matches!(reason,
+                    Ok(iroh::endpoint::ConnectionError::ApplicationClosed(a))
+                        if a.error_code == iroh::endpoint::VarInt::from_u32(400))
+                {
+                    closed += 1;
+                }
+            }
+            closed
+        })
+    }
+
     /// Ask `peer` for the whole NAR `blake3` of `size` bytes on `n` streams, and read each one
     /// byte a second for `hold`.
     pub fn slow_readers(&self, peer: &str, blake3: [u8; 32], size: u64, n: usize, hold: Duration) {

@@ -311,6 +311,32 @@ fn a_fetcher_answered_busy_asks_again_and_gets_the_nar() {
     );
 }
 
+/// An allowed peer that sends bad requests in a loop gets each connection closed (code 400),
+/// counted in `narmesh_mesh_refused_total{reason="bad-request"}`, and does not flood the log:
+/// a line at most once a second, however many it sends.
+#[test]
+fn bad_requests_are_counted_and_logged_once_a_second() {
+    let t = tempfile::tempdir().unwrap();
+    let h = Hostile::start(48, false);
+    let (_a, mut nodes) = honest_with(&t, 1, &h, &[]);
+    nodes[0].start();
+    let started = std::time::Instant::now();
+    assert_eq!(h.bad_requests(&nodes[0].address, 60), 60);
+    let secs = started.elapsed().as_secs() + 1;
+    assert_eq!(
+        metric(
+            &nodes[0],
+            "narmesh_mesh_refused_total{reason=\"bad-request\"}"
+        ),
+        60.0
+    );
+    let lines = nodes[0].log().matches("bad request from").count() as u64;
+    assert!(
+        (1..=secs).contains(&lines),
+        "{lines} log lines for 60 bad requests in {secs} s"
+    );
+}
+
 /// A peer with a trusted key claims a path first, bound to a BLAKE3 of junk it serves
 /// consistently: every chunk group checks out, the NarHash does not. An eager node drops that
 /// claim (and avoids the peer); the honest build's claim takes its place, and a host
