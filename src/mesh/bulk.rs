@@ -212,14 +212,15 @@ impl ProtocolHandler for BulkServer {
             return Ok(());
         };
         while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-            let ask: BulkAsk = match tokio::time::timeout(REQUEST, wire::read(&mut recv)).await {
-                Ok(Ok(a)) => a,
-                Ok(Err(e)) if wire::broke_off(&e) => continue,
-                _ => {
-                    self.nar.per_peer.bad_request(&conn, "bulk");
-                    return Ok(());
-                }
-            };
+            let ask: BulkAsk =
+                match tokio::time::timeout(REQUEST, wire::read_request(&mut recv)).await {
+                    Ok(Ok(a)) => a,
+                    Ok(Err(e)) if wire::broke_off(&e) => continue,
+                    _ => {
+                        self.nar.per_peer.bad_request(&conn, "bulk");
+                        return Ok(());
+                    }
+                };
             let reply = if self.nar.held(&ask.blake3).await.is_none() {
                 BulkReply::NotFound
             } else {

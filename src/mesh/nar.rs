@@ -112,21 +112,23 @@ impl NarServer {
         mut recv: RecvStream,
     ) -> Result<(), AcceptError> {
         let (blake3, range, v2_leaves) = if self.version == 2 {
-            let q: NarQuery = match tokio::time::timeout(REQUEST, wire::read(&mut recv)).await {
-                Ok(Ok(q)) => q,
-                Ok(Err(e)) if wire::broke_off(&e) => return Ok(()),
-                _ => return self.bad_request(conn),
-            };
+            let q: NarQuery =
+                match tokio::time::timeout(REQUEST, wire::read_request(&mut recv)).await {
+                    Ok(Ok(q)) => q,
+                    Ok(Err(e)) if wire::broke_off(&e) => return Ok(()),
+                    _ => return self.bad_request(conn),
+                };
             match q.what {
                 NarWhat::Leaves => (q.blake3, None, true),
                 NarWhat::Range { start, end } => (q.blake3, Some((start, end)), false),
             }
         } else {
-            let r: NarRequest = match tokio::time::timeout(REQUEST, wire::read(&mut recv)).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) if wire::broke_off(&e) => return Ok(()),
-                _ => return self.bad_request(conn),
-            };
+            let r: NarRequest =
+                match tokio::time::timeout(REQUEST, wire::read_request(&mut recv)).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) if wire::broke_off(&e) => return Ok(()),
+                    _ => return self.bad_request(conn),
+                };
             (r.blake3, Some((r.offset, u64::MAX)), false)
         };
         let Some((held, size)) = self.held(&blake3).await else {

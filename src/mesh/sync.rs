@@ -58,15 +58,15 @@ impl ProtocolHandler for SyncServer {
             else {
                 return Ok(());
             };
-            let req: SyncRequest = match tokio::time::timeout(REQUEST, wire::read(&mut recv)).await
-            {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) if wire::broke_off(&e) => continue,
-                _ => {
-                    self.per_peer.bad_request(&conn, "sync");
-                    return Ok(());
-                }
-            };
+            let req: SyncRequest =
+                match tokio::time::timeout(REQUEST, wire::read_request(&mut recv)).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) if wire::broke_off(&e) => continue,
+                    _ => {
+                        self.per_peer.bad_request(&conn, "sync");
+                        return Ok(());
+                    }
+                };
             let ctx = self.ctx.clone();
             let version = self.version;
             let answer = tokio::task::spawn_blocking(move || batch(&ctx, &req, version))

@@ -480,22 +480,28 @@ impl Hostile {
         refused
     }
 
-    /// Open `n` NAR connections to `peer` one after another, each sending a frame over the size
-    /// limit on a stream; returns how many `peer` closed with code 400 (bad request) within 2 s.
-    pub fn bad_requests(&self, peer: &str, n: usize) -> usize {
+    /// Open `n` NAR connections to `peer` one after another, each sending `request`'s bytes on
+    /// a stream it keeps open; returns how many `peer` closed with code 400 (bad request)
+    /// within 2 s.
+    pub fn bad_requests(&self, peer: &str, n: usize, request: &[u8]) -> usize {
         let addr = self.addr_of(peer);
         let ep = self.ep.clone();
+        let request = request.to_vec();
         self.rt.block_on(async move {
             let mut closed = 0;
             for _ in 0..n {
                 let Ok(conn) = ep.connect(addr.clone(), NAR_ALPN).await else {
                     continue;
                 };
-                if let Ok((mut send, _recv)) = conn.open_bi().await {
-                    let _ = send.write_all(&[0xff; 8]).await;
-                    let _ = send.finish();
-                }
+                let stream = match conn.open_bi().await {
+                    Ok((mut send, recv)) => {
+                        let _ = send.write_all(&request).await;
+                        Some((send, recv))
+                    }
+                    Err(_) => None,
+                };
                 let reason = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                drop(stream);
                 if matches!(reason,
                     Ok(iroh::endpoint::ConnectionError::ApplicationClosed(a))
                         if a.error_code == iroh::endpoint::VarInt::from_u32(400))

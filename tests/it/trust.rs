@@ -313,27 +313,34 @@ fn a_fetcher_answered_busy_asks_again_and_gets_the_nar() {
 
 /// An allowed peer that sends bad requests in a loop gets each connection closed (code 400),
 /// counted in `narmesh_mesh_refused_total{reason="bad-request"}`, and does not flood the log:
-/// a line at most once a second, however many it sends.
+/// a line at most once a second, however many it sends. A request frame announced longer than
+/// 4 KiB is refused at its length prefix, not waited for (10 s) with room held for it.
 #[test]
 fn bad_requests_are_counted_and_logged_once_a_second() {
     let t = tempfile::tempdir().unwrap();
     let h = Hostile::start(48, false);
     let (_a, mut nodes) = honest_with(&t, 1, &h, &[]);
     nodes[0].start();
+    let peer = &nodes[0].address;
     let started = std::time::Instant::now();
-    assert_eq!(h.bad_requests(&nodes[0].address, 60), 60);
+    assert_eq!(h.bad_requests(peer, 60, &[0xff; 8]), 60);
+    assert_eq!(
+        h.bad_requests(peer, 3, &100_000u32.to_le_bytes()),
+        3,
+        "a long request's prefix closes its connection at once"
+    );
     let secs = started.elapsed().as_secs() + 1;
     assert_eq!(
         metric(
             &nodes[0],
             "narmesh_mesh_refused_total{reason=\"bad-request\"}"
         ),
-        60.0
+        63.0
     );
     let lines = nodes[0].log().matches("bad request from").count() as u64;
     assert!(
         (1..=secs).contains(&lines),
-        "{lines} log lines for 60 bad requests in {secs} s"
+        "{lines} log lines for 63 bad requests in {secs} s"
     );
 }
 
