@@ -130,6 +130,13 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Count one refusal of the mesh (`narmesh_mesh_refused_total{reason}`).
+    pub fn refused(&self, reason: &'static str) {
+        self.mesh_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("narmesh");
         let m = Metrics {

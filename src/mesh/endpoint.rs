@@ -201,11 +201,11 @@ impl PeerSlots {
 /// A log line at most once a second, however often what it reports happens (a peer that
 /// repeats it in a loop must not flood the log).
 #[derive(Debug, Clone, Default)]
-struct EverySecond(Arc<std::sync::Mutex<(Option<std::time::Instant>, u64)>>);
+pub struct EverySecond(Arc<std::sync::Mutex<(Option<std::time::Instant>, u64)>>);
 
 impl EverySecond {
     /// `Some(times not logged since the last line)` if a line may be logged now.
-    fn allow(&self) -> Option<u64> {
+    pub fn allow(&self) -> Option<u64> {
         let now = std::time::Instant::now();
         let mut logged = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let (at, unlogged) = &mut *logged;
@@ -245,12 +245,7 @@ impl ConnSlots {
     /// (QUIC code 400), count it in `narmesh_mesh_refused_total{reason="bad-request"}` and log
     /// it at most once a second.
     pub fn bad_request(&self, conn: &Connection, what: &str) {
-        self.metrics
-            .mesh_refused
-            .get_or_create(&crate::metrics::ReasonLabels {
-                reason: "bad-request",
-            })
-            .inc();
+        self.metrics.refused("bad-request");
         if let Some(unlogged) = self.bad.allow() {
             tracing::warn!(
                 "mesh {what}: bad request from {} ({unlogged} more bad requests meanwhile)",
@@ -266,12 +261,7 @@ impl ConnSlots {
         if let Some(slot) = self.slots.take(peer) {
             return Some(slot);
         }
-        self.metrics
-            .mesh_refused
-            .get_or_create(&crate::metrics::ReasonLabels {
-                reason: "too-many-connections",
-            })
-            .inc();
+        self.metrics.refused("too-many-connections");
         if let Some(unlogged) = self.too_many.allow() {
             tracing::warn!(
                 "mesh: {peer} has {CONNECTIONS_PER_PEER} connections open already; refused \

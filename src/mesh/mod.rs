@@ -40,7 +40,7 @@ pub use transfer::{Progress, Transfer, Want};
 
 use crate::config::{MeshConfig, Replicate};
 use crate::db::{Db, PathRecord, RemoteClaim};
-use crate::metrics::{Metrics, ReasonLabels};
+use crate::metrics::Metrics;
 use crate::nix::{SecretKey, TrustedKeys};
 use crate::storage::Storage;
 
@@ -108,7 +108,7 @@ pub struct Ctx {
     /// `[store] forget-after-secs` (see `db::review`).
     forget_after_secs: u64,
     /// When each refusal reason was last logged, and how many were not logged since.
-    refusal_log: Mutex<HashMap<&'static str, (Instant, u64)>>,
+    refusal_log: Mutex<HashMap<&'static str, endpoint::EverySecond>>,
 }
 
 /// The hash part of the store path a narinfo names, if it names one.
@@ -165,26 +165,22 @@ impl Ctx {
 
     /// Count and log a refusal.
     fn refused(&self, from: &str, reason: &'static str, why: &str) {
-        self.metrics
-            .mesh_refused
-            .get_or_create(&ReasonLabels { reason })
-            .inc();
+        self.metrics.refused(reason);
         // A peer that floods refusals must not flood the log: one line per reason a second.
-        let mut last = self.refusal_log.lock().unwrap_or_else(|p| p.into_inner());
-        let (at, skipped) = last
+        let log = self
+            .refusal_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
             .entry(reason)
-            .or_insert((Instant::now() - Duration::from_secs(2), 0));
-        if at.elapsed() >= Duration::from_secs(1) {
-            let more = if *skipped > 0 {
+            .or_default()
+            .clone();
+        if let Some(skipped) = log.allow() {
+            let more = if skipped > 0 {
                 format!(" ({skipped} more refused for this reason meanwhile)")
             } else {
                 String::new()
             };
             tracing::warn!("mesh: refused an announcement from {from}: {why}{more}");
-            *at = Instant::now();
-            *skipped = 0;
-        } else {
-            *skipped += 1;
         }
     }
 
