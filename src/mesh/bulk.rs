@@ -276,7 +276,6 @@ mod tests {
             None,
             "a guessed token is nothing"
         );
-        // One peer gets its share; the others theirs, up to the cap of all.
         // Asked again for the same NAR, a peer gets the same ticket, good for longer.
         let a_bit_later = now + TICKET_FOR / 2;
         assert_eq!(s.issue([7; 32], Some(peer), id(1), a_bit_later), Some(t));

@@ -502,11 +502,9 @@ impl Mirror {
                     let b = rec.blake3;
                     let put = match self.same.starting(&b, &hash) {
                         same::Start::Go(put) => put,
-                        same::Start::Wait => {
-                            // Until the upload of the same NAR ends.
-                            self.plan.set_aside(&hash);
-                            continue;
-                        }
+                        // Set aside until the upload of the same NAR ends: it stays busy in the
+                        // plan (as every job handed out) until `resume`.
+                        same::Start::Wait => continue,
                     };
                     let job = NarJob {
                         tmp: self.tmp.join(format!("{hash}.nar")),

@@ -224,15 +224,8 @@ impl Plan {
         }
     }
 
-    /// The path's NAR job did not start: another path's upload of the same NAR runs. It stays
-    /// busy (neither woken nor counted as ready) until [`Plan::resume`].
-    pub fn set_aside(&mut self, hash: &str) {
-        if let Some(i) = self.items.get_mut(hash) {
-            i.busy = true;
-        }
-    }
-
-    /// A path set aside is ready again.
+    /// A path whose job was handed out but set aside (it stayed busy: another path's upload of
+    /// the same NAR runs) is ready again.
     pub fn resume(&mut self, hash: &str) {
         if let Some(i) = self.items.get_mut(hash) {
             i.busy = false;
