@@ -7,7 +7,10 @@
 //! NAR, redeemable only from the IP address the asking connection came from, good for
 //! [`TICKET_FOR`], at most [`MAX_TICKETS`] out ([`TICKETS_PER_PEER`] to one peer); the
 //! streams served count as the peer's on the QUIC side do; a connection must send its header
-//! within [`HEADER_WITHIN`], at most [`CONNECTIONS`] at once; anything wrong closes it.
+//! within [`HEADER_WITHIN`], at most [`CONNECTIONS`] at once; anything wrong closes it, and
+//! what is the client's doing (a bad header, an unknown token, too many connections) is
+//! counted and logged at most once a second. A ticket connection with no ask for [`IDLE`] is
+//! let go.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -21,6 +24,7 @@ use narmesh_proto::sync::{BulkAsk, BulkHeader, BulkReply};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
+use super::endpoint::{IDLE, let_go_idle};
 use super::nar::NarServer;
 use super::wire;
 use crate::chunks::GROUP;
@@ -144,36 +148,46 @@ impl BulkServer {
                 }
             };
             let Ok(permit) = conns.clone().try_acquire_owned() else {
-                tracing::debug!("mesh bulk: {from}: {CONNECTIONS} connections open; closed");
+                self.nar.per_peer.too_many_bulk(from, CONNECTIONS);
                 continue;
             };
             let this = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = this.serve_conn(stream).await {
-                    tracing::debug!("mesh bulk: {from}: {e}");
+                match this.serve_conn(stream).await {
+                    Ok(()) => {}
+                    Err(Ended::Bad(reason, why)) => {
+                        this.nar.per_peer.bad_bulk_header(from, reason, &why)
+                    }
+                    Err(Ended::Other(e)) => tracing::debug!("mesh bulk: {from}: {e}"),
                 }
                 drop(permit);
             });
         }
     }
 
-    async fn serve_conn(&self, mut stream: tokio::net::TcpStream) -> Result<(), String> {
+    async fn serve_conn(&self, mut stream: tokio::net::TcpStream) -> Result<(), Ended> {
+        let bad = |why: String| Ended::Bad("bad-request", why);
         let mut head = [0u8; BulkHeader::LEN];
         tokio::time::timeout(HEADER_WITHIN, stream.read_exact(&mut head))
             .await
-            .map_err(|_| "no header in time".to_owned())?
-            .map_err(|e| format!("reading the header: {e}"))?;
-        let h = BulkHeader::decode(&head).ok_or("not a bulk header")?;
+            .map_err(|_| bad("no header in time".into()))?
+            .map_err(|e| bad(format!("reading the header: {e}")))?;
+        let h = BulkHeader::decode(&head).ok_or_else(|| bad("not a bulk header".into()))?;
         let by = stream.peer_addr().map_err(|e| e.to_string())?.ip();
         let (blake3, peer) = self
             .tickets
             .redeem(&h.token, by, Instant::now())
-            .ok_or("no such ticket")?;
+            .ok_or_else(|| {
+                Ended::Bad("unknown-ticket", "a token this node does not know".into())
+            })?;
         let (held, size) = self.nar.held(&blake3).await.ok_or("not held here")?;
         let end = h.end.min(size);
         let aligned = h.start % GROUP == 0 && (end % GROUP == 0 || end == size);
         if h.start >= end || !aligned {
-            return Err(format!("bad range {}..{} of {size} bytes", h.start, h.end));
+            return Err(bad(format!(
+                "bad range {}..{} of {size} bytes",
+                h.start, h.end
+            )));
         }
         let Some(_slot) = self.nar.slot(peer) else {
             return Err("busy".into());
@@ -202,6 +216,27 @@ impl BulkServer {
     }
 }
 
+/// Why a bulk TCP connection ended before all its bytes were sent.
+#[derive(Debug)]
+enum Ended {
+    /// Of the client's making: counted under the reason, logged at most once a second.
+    Bad(&'static str, String),
+    /// Not held, busy, or the link broke: logged at debug level.
+    Other(String),
+}
+
+impl From<String> for Ended {
+    fn from(e: String) -> Self {
+        Ended::Other(e)
+    }
+}
+
+impl From<&str> for Ended {
+    fn from(e: &str) -> Self {
+        Ended::Other(e.to_owned())
+    }
+}
+
 fn user(e: impl std::fmt::Display) -> AcceptError {
     AcceptError::from_err(std::io::Error::other(e.to_string()))
 }
@@ -211,7 +246,15 @@ impl ProtocolHandler for BulkServer {
         let Some(_slot) = self.nar.per_peer.take(&conn) else {
             return Ok(());
         };
-        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        loop {
+            let (mut send, mut recv) = match tokio::time::timeout(IDLE, conn.accept_bi()).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    let_go_idle(&conn);
+                    break;
+                }
+            };
             let ask: BulkAsk =
                 match tokio::time::timeout(REQUEST, wire::read_request(&mut recv)).await {
                     Ok(Ok(a)) => a,

@@ -156,6 +156,18 @@ pub fn add_peer(book: &MemoryLookup, peer: &PeerAddr) {
     book.add_endpoint_info(EndpointAddr::new(peer.id).with_ip_addr(peer.addr));
 }
 
+/// A connection to one of our protocols with no stream open for this long is let go
+/// ([`let_go_idle`]): a peer's pooled connections do not hold the node's places forever.
+pub const IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+/// A client reuses a pooled connection only if it last used it this recently, well inside the
+/// serving node's [`IDLE`], so a request never races the node letting the connection go.
+pub const REUSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Close a connection that went [`IDLE`] (QUIC code 0, reason `idle`).
+pub fn let_go_idle(conn: &Connection) {
+    conn.close(0u32.into(), b"idle");
+}
+
 /// Connections one peer may have open to one of our protocols at once; more are closed with
 /// QUIC application code 429 (a peer needs one or two; a hostile one gets no more).
 pub const CONNECTIONS_PER_PEER: usize = 8;
@@ -253,6 +265,31 @@ impl ConnSlots {
             );
         }
         conn.close(400u32.into(), b"bad request");
+    }
+
+    /// A connection to the bulk channel's TCP port from `from` ended before its bytes for a
+    /// reason of its own making (`why`: a late, malformed or cut header, a bad range:
+    /// `bad-request`; a token the node does not know from that address, such as one issued
+    /// before a restart or guessed: `unknown-ticket`): counted, logged at most once a second.
+    pub fn bad_bulk_header(&self, from: SocketAddr, reason: &'static str, why: &str) {
+        self.metrics.refused(reason);
+        if let Some(unlogged) = self.bad.allow() {
+            tracing::warn!(
+                "mesh bulk: {from}: {why}; closed ({unlogged} more bad requests meanwhile)"
+            );
+        }
+    }
+
+    /// The bulk channel's TCP port has its `cap` connections open: one from `from` is closed,
+    /// counted as `too-many-connections` and logged at most once a second.
+    pub fn too_many_bulk(&self, from: SocketAddr, cap: usize) {
+        self.metrics.refused("too-many-connections");
+        if let Some(unlogged) = self.too_many.allow() {
+            tracing::warn!(
+                "mesh bulk: {cap} connections open; refused one from {from} ({unlogged} more \
+                 refused meanwhile)"
+            );
+        }
     }
 
     /// A place for one more connection of its peer, or `None` (the connection is then closed).

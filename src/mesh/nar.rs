@@ -4,8 +4,8 @@
 //! ranges of whole chunk groups; version 1 the whole NAR from an offset. Streams of one
 //! connection are served side by side, at most [`STREAMS_PER_CONNECTION`] at once, and at most
 //! [`MAX_SERVING`] across all peers and [`SERVING_PER_PEER`] to one peer (more get `Busy`);
-//! every write has a deadline, and every byte waits for the node's upload budget when
-//! `[mesh] serve-rate` sets one.
+//! every write has a deadline, a connection with no stream for [`IDLE`] is let go, and every
+//! byte waits for the node's upload budget when `[mesh] serve-rate` sets one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +14,7 @@ use iroh::endpoint::{Connection, RecvStream, SendStream};
 use iroh::protocol::{AcceptError, ProtocolHandler};
 use narmesh_proto::sync::{NarHeader, NarQuery, NarReply, NarRequest, NarWhat};
 
+use super::endpoint::{IDLE, let_go_idle};
 use super::wire;
 use crate::chunks::GROUP;
 use crate::metrics::{Metrics, SourceLabels};
@@ -58,19 +59,29 @@ impl ProtocolHandler for NarServer {
         };
         let mut streams = tokio::task::JoinSet::new();
         let per_conn = Arc::new(tokio::sync::Semaphore::new(STREAMS_PER_CONNECTION));
-        while let Ok((send, recv)) = conn.accept_bi().await {
-            let Ok(permit) = per_conn.clone().acquire_owned().await else {
-                break;
-            };
-            let (this, c) = (self.clone(), conn.clone());
-            streams.spawn(async move {
-                let r = this.serve_stream(&c, send, recv).await;
-                drop(permit);
-                r
-            });
-            while let Some(done) = streams.try_join_next() {
-                if let Ok(Err(e)) = done {
-                    tracing::debug!("mesh nar: stream to {}: {e}", conn.remote_id());
+        loop {
+            // Idle: no stream served, none asked for within IDLE (recounted at every event).
+            tokio::select! {
+                next = conn.accept_bi() => {
+                    let Ok((send, recv)) = next else { break };
+                    let Ok(permit) = per_conn.clone().acquire_owned().await else {
+                        break;
+                    };
+                    let (this, c) = (self.clone(), conn.clone());
+                    streams.spawn(async move {
+                        let r = this.serve_stream(&c, send, recv).await;
+                        drop(permit);
+                        r
+                    });
+                }
+                Some(done) = streams.join_next(), if !streams.is_empty() => {
+                    if let Ok(Err(e)) = done {
+                        tracing::debug!("mesh nar: stream to {}: {e}", conn.remote_id());
+                    }
+                }
+                _ = tokio::time::sleep(IDLE), if streams.is_empty() => {
+                    let_go_idle(&conn);
+                    break;
                 }
             }
         }

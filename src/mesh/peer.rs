@@ -1,13 +1,13 @@
 //! The client side of NAR transfer: one pooled QUIC connection per provider and protocol
-//! version, streams side by side on it, and a deadline on every step (connect, open a stream,
-//! the answer's head, each piece of data). Version 2 asks for leaves and ranges; a provider that
+//! version (reused within [`REUSE_WITHIN`] of its last use), streams side by side on it, and a
+//! deadline on every step (connect, open a stream, the answer's head, each piece of data). Version 2 asks for leaves and ranges; a provider that
 //! speaks only version 1 (an older node) is asked for the whole NAR from an offset. With the bulk
 //! channel on, a range may come over TCP instead, with a ticket asked on `narmesh/bulk/1`; both
 //! arrive as a [`Source`] of pieces.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use iroh::endpoint::{Connection, RecvStream};
 use iroh::{Endpoint, EndpointId};
@@ -17,6 +17,7 @@ use narmesh_proto::sync::{
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+use super::endpoint::REUSE_WITHIN;
 use super::wire;
 
 /// Deadline of a connection's handshake.
@@ -87,7 +88,9 @@ impl Source {
 #[derive(Debug)]
 pub struct Pool {
     ep: Endpoint,
-    conns: Mutex<HashMap<(EndpointId, u8), Connection>>,
+    /// Each with when it was last asked for: one idle past [`REUSE_WITHIN`] is not used again
+    /// (the provider lets it go at its [`IDLE`](super::endpoint::IDLE)).
+    conns: Mutex<HashMap<(EndpointId, u8), (Connection, Instant)>>,
 }
 
 async fn within<T, E: std::fmt::Display>(
@@ -116,8 +119,12 @@ impl Pool {
 
     fn cached(&self, key: (EndpointId, u8)) -> Option<Connection> {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        match conns.get(&key) {
-            Some(c) if c.close_reason().is_none() => Some(c.clone()),
+        match conns.get_mut(&key) {
+            Some((c, used)) if c.close_reason().is_none() && used.elapsed() < REUSE_WITHIN => {
+                *used = Instant::now();
+                Some(c.clone())
+            }
+            // Streams still on a stale one keep it until they end.
             Some(_) => {
                 conns.remove(&key);
                 None
@@ -157,7 +164,7 @@ impl Pool {
         self.conns
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert((peer, version), conn.clone());
+            .insert((peer, version), (conn.clone(), Instant::now()));
         Ok(conn)
     }
 

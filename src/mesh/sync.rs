@@ -17,6 +17,7 @@ use narmesh_proto::sync::{
     MAX_SYNC_BATCH, SYNC_ALPN, SYNC_ALPN_V1, SyncBatch, SyncBatchV2, SyncRequest,
 };
 
+use super::endpoint::{IDLE, REUSE_WITHIN, let_go_idle};
 use super::{Ctx, wire};
 
 /// Bytes of narinfo text per catch-up batch, so a batch frame stays far below the frame limit.
@@ -30,11 +31,6 @@ const CONNECT: Duration = Duration::from_secs(5);
 const ANSWER: Duration = Duration::from_secs(15);
 /// A request must arrive within this.
 const REQUEST: Duration = Duration::from_secs(10);
-/// How long the server waits for the next request on a connection before it lets it go.
-const IDLE: Duration = Duration::from_secs(30);
-/// A kept catch-up connection is used again only if its last round ended this recently, well
-/// inside the server's [`IDLE`], so a round never races the server closing it.
-const REUSE_WITHIN: Duration = Duration::from_secs(20);
 
 /// Answers catch-up requests of version `version` (1 or 2) from this node's log.
 #[derive(Debug, Clone)]
@@ -54,9 +50,13 @@ impl ProtocolHandler for SyncServer {
             return Ok(());
         };
         loop {
-            let Ok(Ok((mut send, mut recv))) = tokio::time::timeout(IDLE, conn.accept_bi()).await
-            else {
-                return Ok(());
+            let (mut send, mut recv) = match tokio::time::timeout(IDLE, conn.accept_bi()).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(_)) => return Ok(()),
+                Err(_) => {
+                    let_go_idle(&conn);
+                    return Ok(());
+                }
             };
             let req: SyncRequest =
                 match tokio::time::timeout(REQUEST, wire::read_request(&mut recv)).await {

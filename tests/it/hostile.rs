@@ -480,6 +480,38 @@ impl Hostile {
         refused
     }
 
+    /// Open a connection to `peer` on each of `alpns` and send nothing on it; after `wait`,
+    /// how each has ended: the QUIC application code `peer` closed it with (`u64::MAX` for any
+    /// other end), or `None` while it is still open.
+    pub fn idle_connections(
+        &self,
+        peer: &str,
+        alpns: &[&'static [u8]],
+        wait: Duration,
+    ) -> Vec<Option<u64>> {
+        let addr = self.addr_of(peer);
+        let ep = self.ep.clone();
+        let alpns = alpns.to_vec();
+        let conns: Vec<Connection> = self.rt.block_on(async move {
+            let mut conns = Vec::new();
+            for alpn in alpns {
+                conns.push(ep.connect(addr.clone(), alpn).await.expect("connect"));
+            }
+            conns
+        });
+        std::thread::sleep(wait);
+        conns
+            .iter()
+            .map(|c| match c.close_reason() {
+                None => None,
+                Some(iroh::endpoint::ConnectionError::ApplicationClosed(a)) => {
+                    Some(a.error_code.into_inner())
+                }
+                Some(_) => Some(u64::MAX),
+            })
+            .collect()
+    }
+
     /// Open `n` NAR connections to `peer` one after another, each sending `request`'s bytes on
     /// a stream it keeps open; returns how many `peer` closed with code 400 (bad request)
     /// within 2 s.
