@@ -34,6 +34,8 @@ pub struct Node {
     pub wrap: Vec<String>,
     /// The address the mesh listens on (loopback unless the node runs in a network namespace).
     pub mesh_ip: String,
+    /// `[mesh] lan-discovery` (off: tests name their peers, and loopback has no multicast).
+    pub lan_discovery: bool,
     /// The spool inside the data dir (as the default puts it), not beside it.
     pub spool_in_data: bool,
     /// More lines of the `[http]` section.
@@ -59,6 +61,7 @@ impl Node {
             env: Vec::new(),
             wrap: Vec::new(),
             mesh_ip: "127.0.0.1".into(),
+            lan_discovery: false,
             spool_in_data: false,
             http_extra: String::new(),
             mesh_extra: "sync-interval-ms = 500\n".into(),
@@ -142,8 +145,13 @@ impl Node {
         let _ = self.public_key();
         let mesh = match self.mesh_port {
             Some(port) => format!(
-                "[mesh]\nlisten = \"{}:{port}\"\nlan-discovery = false\npeers = {:?}\nallowed-peers = {:?}\nreplicate = {:?}\n{}",
-                self.mesh_ip, self.peers, self.allowed_peers, self.replicate, self.mesh_extra
+                "[mesh]\nlisten = \"{}:{port}\"\nlan-discovery = {}\npeers = {:?}\nallowed-peers = {:?}\nreplicate = {:?}\n{}",
+                self.mesh_ip,
+                self.lan_discovery,
+                self.peers,
+                self.allowed_peers,
+                self.replicate,
+                self.mesh_extra
             ),
             None => "[mesh]\nenabled = false\n".to_owned(),
         };
