@@ -194,3 +194,60 @@ fn check_config_prints_the_readmes_defaults_and_the_cli_writes_its_docs() {
         assert!(text.contains(".TH"), "{page} is a man page");
     }
 }
+
+/// A node given no key makes one, named `<hostname>-1` (README: `key-name`'s default); a host
+/// name that cannot name a Nix key (a `:` or a space in it) gives `narmesh-1`, never a key Nix
+/// would refuse. Each node runs in a UTS namespace of its own, with its own host name.
+#[test]
+fn the_key_a_node_makes_is_named_after_its_host() {
+    require("unshare");
+    for (host, name) in [
+        ("builder-7.farm", "builder-7.farm-1"),
+        ("bad:name", "narmesh-1"),
+        ("two words", "narmesh-1"),
+    ] {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path();
+        let conf = d.join("narmesh.toml");
+        std::fs::write(
+            &conf,
+            format!(
+                "data-dir = {:?}\nsocket = {:?}\nspool-dir = {:?}\n[store]\nmin-free = \
+                 \"64MiB\"\n[http]\nlisten = [\"127.0.0.1:0\"]\n[mesh]\nenabled = false\n",
+                d.join("data"),
+                d.join("node.sock"),
+                d.join("spool"),
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(d.join("node.log")).unwrap();
+        let mut child = Command::new("unshare")
+            .args(["-u", "sh", "-c", "printf %s \"$0\" > /proc/sys/kernel/hostname && exec \"$@\"", host])
+            .arg(bin("narmesh"))
+            .args(["serve", "--config"])
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let key = d.join("data/secret-key");
+        let started = std::time::Instant::now();
+        while !key.exists() && started.elapsed() < std::time::Duration::from_secs(30) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let text = std::fs::read_to_string(&key).unwrap_or_else(|e| {
+            let log = std::fs::read_to_string(d.join("node.log")).unwrap_or_default();
+            panic!("no key made for host {host:?} ({e}):\n{log}")
+        });
+        assert!(
+            text.starts_with(&format!("{name}:")),
+            "host {host:?}: key named {:?}, not {name:?}",
+            text.split(':').next()
+        );
+        let key: narmesh::nix::SecretKey = text.parse().expect("a key Nix takes");
+        assert_eq!(key.name(), name);
+    }
+}
