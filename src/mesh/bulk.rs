@@ -168,17 +168,34 @@ impl BulkServer {
     async fn serve_conn(&self, mut stream: tokio::net::TcpStream) -> Result<(), Ended> {
         let bad = |why: String| Ended::Bad("bad-request", why);
         let mut head = [0u8; BulkHeader::LEN];
-        tokio::time::timeout(HEADER_WITHIN, stream.read_exact(&mut head))
-            .await
-            .map_err(|_| bad("no header in time".into()))?
-            .map_err(|e| bad(format!("reading the header: {e}")))?;
+        let mut got = 0;
+        let read = async {
+            while got < head.len() {
+                match stream.read(&mut head[got..]).await? {
+                    0 => break,
+                    n => got += n,
+                }
+            }
+            Ok::<_, std::io::Error>(got)
+        };
+        match tokio::time::timeout(HEADER_WITHIN, read).await {
+            Err(_) => return Err(bad("no header in time".into())),
+            Ok(Err(e)) => return Err(format!("reading the header: {e}").into()),
+            // A fetch given up before it asked (as on QUIC, a stream that breaks off).
+            Ok(Ok(0)) => return Err("closed before its header".into()),
+            Ok(Ok(n)) if n < BulkHeader::LEN => return Err(bad("a header cut short".into())),
+            Ok(Ok(_)) => {}
+        }
         let h = BulkHeader::decode(&head).ok_or_else(|| bad("not a bulk header".into()))?;
         let by = stream.peer_addr().map_err(|e| e.to_string())?.ip();
         let (blake3, peer) = self
             .tickets
             .redeem(&h.token, by, Instant::now())
             .ok_or_else(|| {
-                Ended::Bad("unknown-ticket", "a token this node does not know".into())
+                Ended::Bad(
+                    "unknown-ticket",
+                    "a token this node does not know from that address".into(),
+                )
             })?;
         let (held, size) = self.nar.held(&blake3).await.ok_or("not held here")?;
         let end = h.end.min(size);
@@ -219,9 +236,10 @@ impl BulkServer {
 /// Why a bulk TCP connection ended before all its bytes were sent.
 #[derive(Debug)]
 enum Ended {
-    /// Of the client's making: counted under the reason, logged at most once a second.
+    /// Refused for what the client sent: counted under the reason, logged at most once a
+    /// second.
     Bad(&'static str, String),
-    /// Not held, busy, or the link broke: logged at debug level.
+    /// Not held, busy, given up before a byte, or the link broke: logged at debug level.
     Other(String),
 }
 

@@ -163,6 +163,10 @@ pub const IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 /// serving node's [`IDLE`], so a request never races the node letting the connection go.
 pub const REUSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(20);
 
+// A request made just inside REUSE_WITHIN is accepted by the serving node long before its
+// IDLE runs out (it counts from the last stream served, which is later still).
+const _: () = assert!(REUSE_WITHIN.as_secs() + 5 <= IDLE.as_secs());
+
 /// Close a connection that went [`IDLE`] (QUIC code 0, reason `idle`).
 pub fn let_go_idle(conn: &Connection) {
     conn.close(0u32.into(), b"idle");
@@ -241,6 +245,8 @@ pub struct ConnSlots {
     metrics: Arc<crate::metrics::Metrics>,
     too_many: EverySecond,
     bad: EverySecond,
+    /// The bulk channel's TCP port's refusals.
+    bulk: EverySecond,
 }
 
 impl ConnSlots {
@@ -250,6 +256,7 @@ impl ConnSlots {
             metrics,
             too_many: EverySecond::default(),
             bad: EverySecond::default(),
+            bulk: EverySecond::default(),
         }
     }
 
@@ -267,27 +274,29 @@ impl ConnSlots {
         conn.close(400u32.into(), b"bad request");
     }
 
-    /// A connection to the bulk channel's TCP port from `from` ended before its bytes for a
-    /// reason of its own making (`why`: a late, malformed or cut header, a bad range:
-    /// `bad-request`; a token the node does not know from that address, such as one issued
-    /// before a restart or guessed: `unknown-ticket`): counted, logged at most once a second.
+    /// A connection to the bulk channel's TCP port from `from` was refused for what it sent
+    /// (`why`): a late, cut or malformed header or a bad range (`reason` `bad-request`), or a
+    /// token the node does not know from that address (`unknown-ticket`: guessed, expired, or
+    /// issued before a restart). Counted, and logged at most once a second.
     pub fn bad_bulk_header(&self, from: SocketAddr, reason: &'static str, why: &str) {
         self.metrics.refused(reason);
-        if let Some(unlogged) = self.bad.allow() {
+        if let Some(unlogged) = self.bulk.allow() {
             tracing::warn!(
-                "mesh bulk: {from}: {why}; closed ({unlogged} more bad requests meanwhile)"
+                "mesh bulk: {from}: {why}; closed ({unlogged} more bulk connections refused \
+                 meanwhile)"
             );
         }
     }
 
-    /// The bulk channel's TCP port has its `cap` connections open: one from `from` is closed,
-    /// counted as `too-many-connections` and logged at most once a second.
+    /// The bulk channel's TCP port has its `cap` connections open: one from `from` is closed
+    /// (the fetcher takes that range over QUIC), counted as `too-many-connections` and logged
+    /// at most once a second.
     pub fn too_many_bulk(&self, from: SocketAddr, cap: usize) {
         self.metrics.refused("too-many-connections");
-        if let Some(unlogged) = self.too_many.allow() {
-            tracing::warn!(
-                "mesh bulk: {cap} connections open; refused one from {from} ({unlogged} more \
-                 refused meanwhile)"
+        if let Some(unlogged) = self.bulk.allow() {
+            tracing::info!(
+                "mesh bulk: {cap} connections open; closed one from {from} ({unlogged} more \
+                 bulk connections refused meanwhile)"
             );
         }
     }

@@ -69,8 +69,15 @@ impl ProtocolHandler for NarServer {
                     };
                     let (this, c) = (self.clone(), conn.clone());
                     streams.spawn(async move {
-                        let r = this.serve_stream(&c, send, recv).await;
+                        let mut send = send;
+                        let r = this.serve_stream(&c, &mut send, recv).await;
                         drop(permit);
+                        // The stream is done once the peer has what was sent (the serving
+                        // place is free already): closing the connection when it goes idle
+                        // must not drop bytes still on their way.
+                        if r.is_ok() {
+                            let _ = tokio::time::timeout(WRITE_STALL, send.stopped()).await;
+                        }
                         r
                     });
                 }
@@ -119,7 +126,7 @@ impl NarServer {
     async fn serve_stream(
         &self,
         conn: &Connection,
-        mut send: SendStream,
+        send: &mut SendStream,
         mut recv: RecvStream,
     ) -> Result<(), AcceptError> {
         let (blake3, range, v2_leaves) = if self.version == 2 {
@@ -143,17 +150,17 @@ impl NarServer {
             (r.blake3, Some((r.offset, u64::MAX)), false)
         };
         let Some((held, size)) = self.held(&blake3).await else {
-            return self.refuse(&mut send, None).await;
+            return self.refuse(send, None).await;
         };
         let Some(_slot) = self.slot(conn.remote_id()) else {
-            return self.refuse(&mut send, Some(NarReply::Busy)).await;
+            return self.refuse(send, Some(NarReply::Busy)).await;
         };
         if v2_leaves {
             let leaves = match self.storage.leaves(&blake3).await {
                 Ok(Some(l)) => l,
-                _ => return self.refuse(&mut send, None).await,
+                _ => return self.refuse(send, None).await,
             };
-            write(&mut send, &NarReply::Leaves { size }).await?;
+            write(send, &NarReply::Leaves { size }).await?;
             timed(send.write_all(&leaves.to_bytes())).await?;
             return send.finish().map_err(user);
         }
@@ -165,7 +172,7 @@ impl NarServer {
         if start > end || (self.version == 2 && (!aligned || start == end)) {
             return self
                 .refuse(
-                    &mut send,
+                    send,
                     Some(NarReply::Error {
                         message: format!("bad range {start}..{end} of a NAR of {size} bytes"),
                     }),
@@ -173,9 +180,9 @@ impl NarServer {
                 .await;
         }
         if self.version == 2 {
-            write(&mut send, &NarReply::Range { len: end - start }).await?;
+            write(send, &NarReply::Range { len: end - start }).await?;
         } else {
-            write(&mut send, &NarHeader::Found { size: end - start }).await?;
+            write(send, &NarHeader::Found { size: end - start }).await?;
         }
         let mut data = self.storage.read(&blake3, start, end).await.map_err(user)?;
         let counter = self.counter(&held);

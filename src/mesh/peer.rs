@@ -1,9 +1,9 @@
 //! The client side of NAR transfer: one pooled QUIC connection per provider and protocol
 //! version (reused within [`REUSE_WITHIN`] of its last use), streams side by side on it, and a
-//! deadline on every step (connect, open a stream, the answer's head, each piece of data). Version 2 asks for leaves and ranges; a provider that
-//! speaks only version 1 (an older node) is asked for the whole NAR from an offset. With the bulk
-//! channel on, a range may come over TCP instead, with a ticket asked on `narmesh/bulk/1`; both
-//! arrive as a [`Source`] of pieces.
+//! deadline on every step (connect, open a stream, the answer's head, each piece of data).
+//! Version 2 asks for leaves and ranges; a provider that speaks only version 1 (an older node)
+//! is asked for the whole NAR from an offset. With the bulk channel on, a range may come over
+//! TCP instead, with a ticket asked on `narmesh/bulk/1`; both arrive as a [`Source`] of pieces.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -168,12 +168,15 @@ impl Pool {
         Ok(conn)
     }
 
-    /// Forget a connection that failed.
-    pub fn drop_conn(&self, peer: EndpointId, version: u8) {
-        self.conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&(peer, version));
+    /// Forget `conn`, which failed (not a newer connection that took its place).
+    fn drop_conn(&self, peer: EndpointId, version: u8, conn: &Connection) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if conns
+            .get(&(peer, version))
+            .is_some_and(|(c, _)| c.stable_id() == conn.stable_id())
+        {
+            conns.remove(&(peer, version));
+        }
     }
 
     async fn ask(
@@ -202,7 +205,7 @@ impl Pool {
         }
         .await;
         if matches!(&res, Err(PeerError::Stream(_) | PeerError::Timeout(_))) {
-            self.drop_conn(peer, 2);
+            self.drop_conn(peer, 2, &conn);
         }
         res
     }
@@ -233,7 +236,7 @@ impl Pool {
         }
         .await;
         if matches!(&res, Err(PeerError::Stream(_) | PeerError::Timeout(_))) {
-            self.drop_conn(peer, BULK);
+            self.drop_conn(peer, BULK, &conn);
         }
         let (port, token) = match res? {
             BulkReply::Ticket { port, token, .. } => (port, token),

@@ -222,7 +222,13 @@ fn the_key_a_node_makes_is_named_after_its_host() {
         .unwrap();
         let log = std::fs::File::create(d.join("node.log")).unwrap();
         let mut child = Command::new("unshare")
-            .args(["-u", "sh", "-c", "printf %s \"$0\" > /proc/sys/kernel/hostname && exec \"$@\"", host])
+            .args([
+                "-u",
+                "sh",
+                "-c",
+                "printf %s \"$0\" > /proc/sys/kernel/hostname && exec \"$@\"",
+                host,
+            ])
             .arg(bin("narmesh"))
             .args(["serve", "--config"])
             .arg(&conf)

@@ -481,14 +481,14 @@ impl Hostile {
     }
 
     /// Open a connection to `peer` on each of `alpns` and send nothing on it; after `wait`,
-    /// how each has ended: the QUIC application code `peer` closed it with (`u64::MAX` for any
-    /// other end), or `None` while it is still open.
+    /// how each has ended: the QUIC application code and reason `peer` closed it with
+    /// (`u64::MAX` and the error for any other end), or `None` while it is still open.
     pub fn idle_connections(
         &self,
         peer: &str,
         alpns: &[&'static [u8]],
         wait: Duration,
-    ) -> Vec<Option<u64>> {
+    ) -> Vec<Option<(u64, String)>> {
         let addr = self.addr_of(peer);
         let ep = self.ep.clone();
         let alpns = alpns.to_vec();
@@ -504,10 +504,11 @@ impl Hostile {
             .iter()
             .map(|c| match c.close_reason() {
                 None => None,
-                Some(iroh::endpoint::ConnectionError::ApplicationClosed(a)) => {
-                    Some(a.error_code.into_inner())
-                }
-                Some(_) => Some(u64::MAX),
+                Some(iroh::endpoint::ConnectionError::ApplicationClosed(a)) => Some((
+                    a.error_code.into_inner(),
+                    String::from_utf8_lossy(&a.reason).into_owned(),
+                )),
+                Some(e) => Some((u64::MAX, e.to_string())),
             })
             .collect()
     }

@@ -462,7 +462,7 @@ fn a_node_gives_space_back_when_another_program_fills_the_disk() {
     )
     .unwrap();
     filler.sync_all().unwrap();
-    assert!(free_bytes(&data) < 11 << 20);
+    // (No check of the 10 MiB here: B's housekeeping may already be evicting, as it should.)
     wait_until(30, "B to give space back", || free_bytes(&data) >= 16 << 20);
     let st = cl.nodes[1].status().storage;
     assert_eq!((st.files, st.evictions), (2, 1), "one NAR went: {st:?}");

@@ -48,17 +48,20 @@ impl Transfers {
             .map(|x| (x.0, x.1));
         let ticket = match cached {
             Some(t) => Ok(t),
-            None => self.pool.bulk_ticket(peer, blake3).await,
-        };
-        let res = match ticket {
-            Ok((addr, token)) => {
-                {
+            None => {
+                // Good for TICKET_USE from now (before the ask), not from each use: the
+                // provider keeps it 60 s from when it issued it.
+                let t = self.pool.bulk_ticket(peer, blake3).await;
+                if let Ok((addr, token)) = t {
                     let mut tickets = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
                     tickets.retain(|_, x| x.2 > now);
                     tickets.insert(key, (addr, token, now + TICKET_USE));
                 }
-                Pool::bulk_range(addr, token, start, end).await
+                t
             }
+        };
+        let res = match ticket {
+            Ok((addr, token)) => Pool::bulk_range(addr, token, start, end).await,
             Err(e) => Err(e),
         };
         match res {
