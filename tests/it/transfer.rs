@@ -243,6 +243,46 @@ fn the_bulk_channel_carries_ranges_and_a_stranger_gets_nothing() {
     }
 }
 
+/// A bulk fetch that outlasts a ticket (A keeps one 60 s from when it issued it) asks for a new
+/// one in time: A serves 70 MB at 1 MiB/s, all of it over the bulk channel, and not one range
+/// comes with a token A no longer knows (`unknown-ticket`).
+#[test]
+fn a_bulk_fetch_longer_than_a_ticket_asks_for_a_new_one_in_time() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, mut nodes) = built_on_first(t.path(), 2);
+    nodes[0].mesh_extra.push_str("serve-rate = \"1MiB\"\n");
+    for node in nodes.iter_mut() {
+        node.mesh_extra.push_str("bulk-listen = \"127.0.0.1:0\"\n");
+        node.start();
+    }
+    let path =
+        a.build(r#"mk "transfer-bulk-long" "head -c 70000000 /dev/urandom > $out""#)[0].clone();
+    let size = a.dump(&path).len() as f64;
+    wait_until(30, "B to learn the path", || {
+        nodes[1].serves(&[path.full()])
+    });
+    let started = std::time::Instant::now();
+    substitute_all(&nodes[1], &[path.full()]);
+    assert!(
+        started.elapsed() > Duration::from_secs(62),
+        "too fast to outlast a ticket: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        metric(
+            &nodes[0],
+            "narmesh_mesh_refused_total{reason=\"unknown-ticket\"}"
+        ),
+        0.0,
+        "B used a ticket A had let go"
+    );
+    assert_eq!(
+        metric(&nodes[1], "narmesh_mesh_bulk_bytes_total"),
+        size,
+        "every range came over the bulk channel"
+    );
+}
+
 /// Nodes A (built on, serving peers at `rate`) and B, started, and a path of `bytes` random
 /// bytes built on A that B has learnt.
 fn paced_pair(
