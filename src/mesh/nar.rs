@@ -33,6 +33,9 @@ pub const STREAMS_PER_CONNECTION: usize = 16;
 const REQUEST: Duration = Duration::from_secs(10);
 /// A peer that takes no data for this long is dropped.
 const WRITE_STALL: Duration = Duration::from_secs(20);
+/// How long a stream whose bytes are all written waits for the peer to acknowledge them before
+/// it counts as done (a stream's window, 1.25 MB, takes 50 s at 200 kbit/s).
+const DELIVERY: Duration = Duration::from_secs(60);
 
 /// Serves NARs by BLAKE3 hash, version `v` (1 or 2).
 #[derive(Debug, Clone)]
@@ -76,7 +79,7 @@ impl ProtocolHandler for NarServer {
                         // place is free already): closing the connection when it goes idle
                         // must not drop bytes still on their way.
                         if r.is_ok() {
-                            let _ = tokio::time::timeout(WRITE_STALL, send.stopped()).await;
+                            let _ = tokio::time::timeout(DELIVERY, send.stopped()).await;
                         }
                         r
                     });

@@ -532,3 +532,78 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// Two hosts on a LAN of their own: two network namespaces joined by a veth pair, with a
+/// multicast route (what mDNS needs). Deleted when dropped.
+pub struct Lan {
+    pub ns: [String; 2],
+}
+
+impl Lan {
+    pub fn new(tag: &str) -> Self {
+        let id = std::process::id();
+        let ns = [format!("{tag}{id}a"), format!("{tag}{id}b")];
+        let veth = [format!("v{tag}{id}a"), format!("v{tag}{id}b")];
+        let lan = Lan { ns: ns.clone() };
+        for n in &ns {
+            run_ok(std::process::Command::new("ip").args(["netns", "add", n]));
+        }
+        let ip = |args: &[&str]| run_ok(std::process::Command::new("ip").args(args));
+        ip(&[
+            "link", "add", &veth[0], "type", "veth", "peer", "name", &veth[1],
+        ]);
+        for i in 0..2 {
+            ip(&["link", "set", &veth[i], "netns", &ns[i]]);
+            let addr = format!("{}/24", Lan::ip(i));
+            ip(&["-n", &ns[i], "addr", "add", &addr, "dev", &veth[i]]);
+            ip(&["-n", &ns[i], "link", "set", "lo", "up"]);
+            ip(&["-n", &ns[i], "link", "set", &veth[i], "up"]);
+            ip(&["-n", &ns[i], "route", "add", "224.0.0.0/4", "dev", &veth[i]]);
+        }
+        lan
+    }
+
+    /// Host `i`'s address on the LAN.
+    pub fn ip(i: usize) -> String {
+        format!("10.202.0.{}", i + 1)
+    }
+
+    /// A command run on host `i`.
+    pub fn on(&self, i: usize, c: &std::process::Command) -> std::process::Command {
+        let mut w = std::process::Command::new("ip");
+        w.args(["netns", "exec", &self.ns[i]])
+            .arg(c.get_program())
+            .args(c.get_args());
+        for (k, v) in c.get_envs() {
+            match v {
+                Some(v) => w.env(k, v),
+                None => w.env_remove(k),
+            };
+        }
+        w
+    }
+
+    /// The HTTP status `node` (on host `i`) answers for `path`'s narinfo.
+    pub fn narinfo_status(
+        &self,
+        i: usize,
+        node: &crate::node_harness::Node,
+        path: &narmesh::nix::StorePath,
+    ) -> String {
+        let mut curl = std::process::Command::new("curl");
+        curl.args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!("http://{}/{}.narinfo", node.http, path.hash_part()));
+        let out = self.on(i, &curl).output().expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for n in &self.ns {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", n])
+                .status();
+        }
+    }
+}

@@ -399,76 +399,6 @@ fn garbage_on_every_alpn_is_refused_and_harmless() {
     assert_eq!(cl.nodes[1].status().paths_recorded, 3);
 }
 
-/// Two hosts on a LAN of their own: two network namespaces joined by a veth pair, with a
-/// multicast route (what mDNS needs). Deleted when dropped.
-struct Lan {
-    ns: [String; 2],
-}
-
-impl Lan {
-    fn new(tag: &str) -> Self {
-        let id = std::process::id();
-        let ns = [format!("{tag}{id}a"), format!("{tag}{id}b")];
-        let veth = [format!("v{tag}{id}a"), format!("v{tag}{id}b")];
-        let lan = Lan { ns: ns.clone() };
-        for n in &ns {
-            run_ok(std::process::Command::new("ip").args(["netns", "add", n]));
-        }
-        let ip = |args: &[&str]| run_ok(std::process::Command::new("ip").args(args));
-        ip(&[
-            "link", "add", &veth[0], "type", "veth", "peer", "name", &veth[1],
-        ]);
-        for i in 0..2 {
-            ip(&["link", "set", &veth[i], "netns", &ns[i]]);
-            let addr = format!("{}/24", Lan::ip(i));
-            ip(&["-n", &ns[i], "addr", "add", &addr, "dev", &veth[i]]);
-            ip(&["-n", &ns[i], "link", "set", "lo", "up"]);
-            ip(&["-n", &ns[i], "link", "set", &veth[i], "up"]);
-            ip(&["-n", &ns[i], "route", "add", "224.0.0.0/4", "dev", &veth[i]]);
-        }
-        lan
-    }
-
-    /// Host `i`'s address on the LAN.
-    fn ip(i: usize) -> String {
-        format!("10.202.0.{}", i + 1)
-    }
-
-    /// A command run on host `i`.
-    fn on(&self, i: usize, c: &std::process::Command) -> std::process::Command {
-        let mut w = std::process::Command::new("ip");
-        w.args(["netns", "exec", &self.ns[i]])
-            .arg(c.get_program())
-            .args(c.get_args());
-        for (k, v) in c.get_envs() {
-            match v {
-                Some(v) => w.env(k, v),
-                None => w.env_remove(k),
-            };
-        }
-        w
-    }
-
-    /// The HTTP status `node` (on host `i`) answers for `path`'s narinfo.
-    fn narinfo_status(&self, i: usize, node: &Node, path: &StorePath) -> String {
-        let mut curl = std::process::Command::new("curl");
-        curl.args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
-            .arg(format!("http://{}/{}.narinfo", node.http, path.hash_part()));
-        let out = self.on(i, &curl).output().expect("curl");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Lan {
-    fn drop(&mut self) {
-        for n in &self.ns {
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del", n])
-                .status();
-        }
-    }
-}
-
 /// LAN discovery (`lan-discovery = true`, no `peers`), between two hosts on a LAN of their
 /// own. Found peers must still be allowed: B, not allowing A yet, finds A by mDNS, ignores it
 /// and learns nothing of A's build (A, which allows B, is refused by B). Restarted allowing A,
@@ -479,7 +409,7 @@ fn allowed_peers_found_on_the_lan_share_their_builds() {
     for p in ["ip", "curl"] {
         crate::harness::require(p);
     }
-    let lan = Lan::new("nml");
+    let lan = crate::harness::Lan::new("nml");
     let t = tempfile::tempdir().unwrap();
     let mut nodes: Vec<Node> = (0..2)
         .map(|i| Node::new(&t.path().join(format!("n{i}")), &t.path().join("unused")))
@@ -488,7 +418,7 @@ fn allowed_peers_found_on_the_lan_share_their_builds() {
     let keys: Vec<String> = nodes.iter().map(|n| n.public_key()).collect();
     let mut ids = Vec::new();
     for (i, node) in nodes.iter_mut().enumerate() {
-        node.mesh_ip = Lan::ip(i);
+        node.mesh_ip = crate::harness::Lan::ip(i);
         node.wrap = vec![
             "ip".into(),
             "netns".into(),
