@@ -9,8 +9,8 @@
 //! streams served count as the peer's on the QUIC side do; a connection must send its header
 //! within [`HEADER_WITHIN`], at most [`CONNECTIONS`] at once; anything wrong closes it, and
 //! what is the client's doing (a bad header, an unknown token, too many connections) is
-//! counted and logged at most once a second. A ticket connection with no ask for [`IDLE`] is
-//! let go.
+//! counted and logged at most once a second. A ticket connection with no ask for
+//! [`IDLE`](super::endpoint::IDLE) is let go.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -24,7 +24,7 @@ use narmesh_proto::sync::{BulkAsk, BulkHeader, BulkReply};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
-use super::endpoint::{IDLE, let_go_idle};
+use super::endpoint::next_stream;
 use super::nar::NarServer;
 use super::wire;
 use crate::chunks::GROUP;
@@ -265,13 +265,8 @@ impl ProtocolHandler for BulkServer {
             return Ok(());
         };
         loop {
-            let (mut send, mut recv) = match tokio::time::timeout(IDLE, conn.accept_bi()).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(_)) => break,
-                Err(_) => {
-                    let_go_idle(&conn);
-                    break;
-                }
+            let Some((mut send, mut recv)) = next_stream(&conn).await else {
+                break;
             };
             let ask: BulkAsk =
                 match tokio::time::timeout(REQUEST, wire::read_request(&mut recv)).await {

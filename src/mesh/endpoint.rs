@@ -172,6 +172,21 @@ pub fn let_go_idle(conn: &Connection) {
     conn.close(0u32.into(), b"idle");
 }
 
+/// The next stream the peer opens on `conn`, or `None` once the connection has ended or went
+/// [`IDLE`] waiting for one (it is then let go).
+pub async fn next_stream(
+    conn: &Connection,
+) -> Option<(iroh::endpoint::SendStream, iroh::endpoint::RecvStream)> {
+    match tokio::time::timeout(IDLE, conn.accept_bi()).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(_)) => None,
+        Err(_) => {
+            let_go_idle(conn);
+            None
+        }
+    }
+}
+
 /// Connections one peer may have open to one of our protocols at once; more are closed with
 /// QUIC application code 429 (a peer needs one or two; a hostile one gets no more).
 pub const CONNECTIONS_PER_PEER: usize = 8;

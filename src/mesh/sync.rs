@@ -17,7 +17,7 @@ use narmesh_proto::sync::{
     MAX_SYNC_BATCH, SYNC_ALPN, SYNC_ALPN_V1, SyncBatch, SyncBatchV2, SyncRequest,
 };
 
-use super::endpoint::{IDLE, REUSE_WITHIN, let_go_idle};
+use super::endpoint::{REUSE_WITHIN, next_stream};
 use super::{Ctx, wire};
 
 /// Bytes of narinfo text per catch-up batch, so a batch frame stays far below the frame limit.
@@ -50,13 +50,8 @@ impl ProtocolHandler for SyncServer {
             return Ok(());
         };
         loop {
-            let (mut send, mut recv) = match tokio::time::timeout(IDLE, conn.accept_bi()).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(_)) => return Ok(()),
-                Err(_) => {
-                    let_go_idle(&conn);
-                    return Ok(());
-                }
+            let Some((mut send, mut recv)) = next_stream(&conn).await else {
+                return Ok(());
             };
             let req: SyncRequest =
                 match tokio::time::timeout(REQUEST, wire::read_request(&mut recv)).await {
