@@ -4,6 +4,11 @@
 //! point; unset, each point costs one load of a cached value. The fault-injection test loops over [`POINTS`] and checks that,
 //! after a restart, nothing acknowledged is missing and the bucket is closure-complete;
 //! [`MESH_POINTS`] have tests of their own.
+//!
+//! Beside them, [`FAULTS`]: points where a test makes one step fail in a way no real part
+//! produces on demand (an upload task panicking, a database commit refused), so the node's
+//! recovery from it is tested. `NARMESH_TEST_FAULT=NAME:N[,NAME:N...]` fails each named point
+//! the first N times it is reached.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -77,4 +82,58 @@ pub fn reach(name: &'static str) {
             rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
         std::process::abort();
     }
+}
+
+/// Fault points, each with a test of its own.
+pub const FAULTS: &[&str] = &[
+    // A mirror task uploading a NAR panics before it starts.
+    "mirror.nar-task-panics",
+    // A mirror task putting a narinfo panics before it starts.
+    "mirror.narinfo-task-panics",
+    // The mirror's commit of a round of finished uploads fails.
+    "mirror.commit-fails",
+];
+
+struct Fault {
+    name: String,
+    times: u64,
+    seen: AtomicU64,
+}
+
+fn faults() -> &'static [Fault] {
+    static FAULTS_ARMED: OnceLock<Vec<Fault>> = OnceLock::new();
+    FAULTS_ARMED.get_or_init(|| {
+        let Ok(v) = std::env::var("NARMESH_TEST_FAULT") else {
+            return Vec::new();
+        };
+        v.split(',')
+            .filter(|f| !f.is_empty())
+            .map(|f| {
+                let (name, times) = match f.split_once(':') {
+                    Some((n, k)) => (n.to_owned(), k.parse().unwrap_or(1)),
+                    None => (f.to_owned(), 1),
+                };
+                if !FAULTS.contains(&name.as_str()) {
+                    tracing::error!("NARMESH_TEST_FAULT: no fault point {name:?}");
+                }
+                Fault {
+                    name,
+                    times,
+                    seen: AtomicU64::new(0),
+                }
+            })
+            .collect()
+    })
+}
+
+/// True if this fault point is armed and has failed fewer times than it was asked to: the
+/// caller fails the step.
+pub fn fault(name: &'static str) -> bool {
+    debug_assert!(FAULTS.contains(&name), "unlisted fault point {name}");
+    faults().iter().any(|f| {
+        f.name == name && f.seen.fetch_add(1, Ordering::SeqCst) < f.times && {
+            tracing::warn!("fault injected at {name} (NARMESH_TEST_FAULT)");
+            true
+        }
+    })
 }

@@ -519,6 +519,9 @@ impl Mirror {
                     };
                     let path = hash.clone();
                     let task = tasks.spawn(async move {
+                        if crate::killpoint::fault("mirror.nar-task-panics") {
+                            panic!("a fault injected into a NAR upload task");
+                        }
                         if let Some(state) = put
                             && job.still_there(&state).await
                         {
@@ -556,6 +559,9 @@ impl Mirror {
                     let (bucket, state) = (self.bucket.clone(), self.state_of(&hash));
                     let path = hash.clone();
                     let task = tasks.spawn(async move {
+                        if crate::killpoint::fault("mirror.narinfo-task-panics") {
+                            panic!("a fault injected into a narinfo upload task");
+                        }
                         let result = match state {
                             Some(s) => put_narinfo(&bucket, &rec, &s)
                                 .await
@@ -651,10 +657,15 @@ impl Mirror {
         }
         let db = self.db.clone();
         let batch = updates.clone();
-        let committed = tokio::task::spawn_blocking(move || db.outbox_set(&batch))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
+        let committed = tokio::task::spawn_blocking(move || {
+            if !batch.is_empty() && crate::killpoint::fault("mirror.commit-fails") {
+                return Err(crate::db::DbError::Injected);
+            }
+            db.outbox_set(&batch)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
         let now = Instant::now();
         let any_ok = committed.is_ok() && !updates.is_empty();
         if let Err(e) = committed {

@@ -610,3 +610,55 @@ fn a_nar_still_arriving_from_a_peer_is_mirrored_as_it_comes() {
     run_ok(c.cmd("nix-store").args(["-r", &out.full()]));
     run_ok(c.cmd("nix-store").args(["--verify-path", &out.full()]));
 }
+
+/// Faults no real part produces on demand, injected (`NARMESH_TEST_FAULT`): the first two NAR
+/// upload tasks and the first two narinfo tasks panic, and the first six commits of finished
+/// uploads fail (every step of the three paths is in one of them). The mirror tries each of those paths again (a panicked task's path is not left
+/// busy; a failed commit's uploads are done again, not taken as recorded) and completes the
+/// bucket. Restarted without faults, it has nothing left to do: everything it counted as done
+/// was recorded.
+#[test]
+fn panicked_upload_tasks_and_failed_commits_are_retried_until_recorded() {
+    let s3 = S3Server::start();
+    let mut st = setup(&s3, "", (ACCESS_KEY, SECRET_KEY));
+    st.nodes[1].env.push((
+        "NARMESH_TEST_FAULT".into(),
+        "mirror.nar-task-panics:2,mirror.narinfo-task-panics:2,mirror.commit-fails:6".into(),
+    ));
+    for n in st.nodes.iter_mut() {
+        n.start();
+    }
+    let top = st.a.build(CHAIN)[0].clone();
+    let paths = st.a.closure(std::slice::from_ref(&top));
+    wait_in_bucket(&s3, &st.nodes[1], &paths, 120);
+    assert_eq!(check_bucket(&s3, &paths), 3);
+    let log = st.nodes[1].log();
+    for (needle, n) in [
+        ("fault injected at mirror.nar-task-panics", 2),
+        ("fault injected at mirror.narinfo-task-panics", 2),
+        ("fault injected at mirror.commit-fails", 6),
+        ("mirror: an upload task failed", 4),
+        (
+            "mirror: recording progress: node database: a commit failed",
+            6,
+        ),
+    ] {
+        assert_eq!(log.matches(needle).count(), n, "{needle}:\n{log}");
+    }
+    assert!(
+        mirror(&st.nodes[1]).failures >= 4,
+        "{:?}",
+        mirror(&st.nodes[1])
+    );
+
+    st.nodes[1].stop();
+    st.nodes[1].env.retain(|(k, _)| k != "NARMESH_TEST_FAULT");
+    st.nodes[1].start();
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let m = mirror(&st.nodes[1]);
+    assert_eq!(
+        (m.pending_paths, m.uploaded_paths),
+        (0, 0),
+        "after a restart, nothing left to upload: {m:?}"
+    );
+}
