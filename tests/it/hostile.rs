@@ -36,6 +36,9 @@ pub struct Mode {
     /// Answer NAR ranges with the honest bytes, but one byte wrong in the second chunk group of
     /// each range: it lies in the middle of a stream that started well.
     pub lie_mid_range: AtomicBool,
+    /// Answer `NotFound` for a NAR it does not serve (as an honest provider does once Nix GC
+    /// took the path), instead of junk.
+    pub not_found: AtomicBool,
     /// The ranges it was asked for (version 2), in order.
     pub asked: Mutex<Vec<(u64, u64)>>,
     /// NARs it serves consistently (leaves and ranges that match), by BLAKE3: honest bytes, or
@@ -189,6 +192,12 @@ impl ProtocolHandler for Nar {
                 };
                 let nar = mode.nars.lock().unwrap().get(&q.blake3).cloned();
                 match (q.what, nar) {
+                    (NarWhat::Range { start, end }, None)
+                        if mode.not_found.load(Ordering::SeqCst) =>
+                    {
+                        mode.asked.lock().unwrap().push((start, end));
+                        write_frame(&mut send, &NarReply::NotFound).await;
+                    }
                     (NarWhat::Leaves, Some(nar)) => {
                         write_frame(
                             &mut send,

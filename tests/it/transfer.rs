@@ -93,6 +93,53 @@ fn a_provider_lying_mid_nar_is_caught_within_one_chunk_group() {
     assert!(body == nar, "the NAR B serves is the honest one");
 }
 
+/// A provider named in a record that answers it no longer holds the NAR (as one does once Nix
+/// GC took the path, before its withdrawal arrives) is asked once and left to the others for
+/// this NAR: not asked again and again, and not avoided as if it had failed (no warning, and it
+/// stays first choice for other NARs).
+#[test]
+fn a_provider_that_no_longer_holds_a_nar_is_asked_once_and_not_avoided() {
+    let t = tempfile::tempdir().unwrap();
+    let h = Hostile::start(45, false);
+    h.mode
+        .not_found
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (a, mut nodes) = honest_with(&t, 2, &h, &[]);
+    // A sends its range slowly enough for B to ask the other provider many times meanwhile.
+    nodes[0].mesh_extra.push_str("serve-rate = \"8MiB\"\n");
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    let path = a.build(r#"mk "transfer-gone" "head -c 3000000 /dev/urandom > $out""#)[0].clone();
+    wait_until(30, "B to learn the path", || {
+        nodes[1].serves(&[path.full()])
+    });
+    let mut ann = h
+        .catch_up_from(&nodes[0].address)
+        .into_iter()
+        .find(|x| x.narinfo.contains(&path.full()))
+        .expect("the honest announcement");
+    ann.providers.push(h.holds(&ann.blake3));
+    let changed = metric(&nodes[1], "narmesh_mesh_records_changed_total");
+    h.gossip(&[nodes[1].address.clone()], vec![ann.encode().unwrap()]);
+    wait_until(30, "B to take the peer as a provider", || {
+        metric(&nodes[1], "narmesh_mesh_records_changed_total") > changed
+    });
+    substitute_all(&nodes[1], &[path.full()]);
+    let asked = h.mode.asked.lock().unwrap().clone();
+    assert_eq!(asked.len(), 1, "asked once for a range: {asked:?}");
+    let log = nodes[1].log();
+    assert!(
+        !log.contains("avoiding peer"),
+        "a provider without the NAR is not avoided; B's log:\n{log}"
+    );
+    assert_eq!(
+        fetched_from(&nodes[1], endpoint_id(&nodes[0].address)),
+        ann.nar_size as f64,
+        "every byte from A"
+    );
+}
+
 /// Two providers (A built the path, C replicated it eagerly) each serve at most 8 MiB/s
 /// (`[mesh] serve-rate`). D fetches the NAR for real Nix from both at once: both counters move.
 /// A is killed mid-fetch; C takes over A's ranges and Nix still gets the path.

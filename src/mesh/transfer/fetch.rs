@@ -178,6 +178,16 @@ impl Transfers {
                         .insert(t.blake3);
                     return;
                 }
+                Err(PeerError::NotFound) => {
+                    // It no longer holds the NAR (Nix GC or an eviction whose withdrawal has
+                    // not reached us yet): not a failure, and asking again will not change it.
+                    // The other providers send the rest.
+                    tracing::debug!(
+                        "mesh: {peer} no longer holds {}",
+                        crate::storage::hex(&t.blake3)
+                    );
+                    return;
+                }
                 Err(e) if e.misbehaved() => {
                     self.avoid(
                         peer,
