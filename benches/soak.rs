@@ -152,29 +152,42 @@ fn build_round(host: &NixHost, r: usize, rng: &mut u64) -> Vec<StorePath> {
     host.build(&body)
 }
 
+/// Why a fetch through a node's cache did not give the path.
+enum Miss {
+    /// The narinfo is not there yet (announcement or catch-up still on its way): ask again.
+    NotYet,
+    /// Anything else: the node failed.
+    Bad(String),
+}
+
 /// Fetch `p`'s narinfo and NAR through `node`'s cache; the NAR must match the narinfo.
-fn fetch_through(node: &Node, p: &StorePath) -> Result<(), String> {
+fn fetch_through(node: &Node, p: &StorePath) -> Result<(), Miss> {
     let (code, _, body) = http(
         &node.http,
         "GET",
         &format!("/{}.narinfo", p.hash_part()),
         &[],
     );
-    if code != 200 {
-        return Err(format!("narinfo of {}: HTTP {code}", p.full()));
+    if code == 404 {
+        return Err(Miss::NotYet);
     }
-    let info = NarInfo::parse(std::str::from_utf8(&body).map_err(|e| e.to_string())?)
-        .map_err(|e| e.to_string())?;
+    if code != 200 {
+        return Err(Miss::Bad(format!("narinfo of {}: HTTP {code}", p.full())));
+    }
+    let info = std::str::from_utf8(&body)
+        .map_err(|e| e.to_string())
+        .and_then(|t| NarInfo::parse(t).map_err(|e| e.to_string()))
+        .map_err(Miss::Bad)?;
     let (code, _, nar) = http(&node.http, "GET", &format!("/{}", info.url), &[]);
     if code != 200 {
-        return Err(format!("NAR of {}: HTTP {code}", p.full()));
+        return Err(Miss::Bad(format!("NAR of {}: HTTP {code}", p.full())));
     }
     if nar.len() as u64 != info.nar_size || sha2::Sha256::digest(&nar)[..] != info.nar_hash.0 {
-        return Err(format!(
+        return Err(Miss::Bad(format!(
             "NAR of {}: {} bytes not matching the narinfo",
             p.full(),
             nar.len()
-        ));
+        )));
     }
     Ok(())
 }
@@ -249,6 +262,8 @@ fn main() {
         (0, 0u64, 0, 0, 0);
     let mut rows: Vec<Row> = Vec::new();
     let mut b_peak_disk = 0u64;
+    // Fetches asked again because the node did not know the path yet.
+    let mut not_yet = 0;
     let nars_b = nodes[1].dir.join("data/nars");
     while started.elapsed().as_secs_f64() < secs {
         let r = rounds.len();
@@ -284,16 +299,20 @@ fn main() {
         let pick = kept_from + (rng as usize) % (rounds.len() - kept_from);
         let p = &rounds[pick][(rng >> 32) as usize % rounds[pick].len()];
         let via = &nodes[1 + r % 2];
-        // Just built: give the announcement a moment to arrive.
+        // Just built, or C just restarted: give the announcement or catch-up a moment; any
+        // other failure fails the run at once.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match fetch_through(via, p) {
                 Ok(()) => break,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
+                Err(Miss::NotYet) if Instant::now() < deadline => {
+                    not_yet += 1;
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                Err(e) => panic!("round {r}: through node {}: {e}", 1 + r % 2),
+                Err(Miss::NotYet) => {
+                    panic!("round {r}: node {} never learnt {}", 1 + r % 2, p.full())
+                }
+                Err(Miss::Bad(e)) => panic!("round {r}: through node {}: {e}", 1 + r % 2),
             }
         }
         fetches += 1;
@@ -340,7 +359,8 @@ fn main() {
 
     println!(
         "\n{} rounds in {run_secs:.0} s: {built} paths built ({:.0} MiB), {gc_deleted} deleted by \
-         Nix GC, {fetches} fetched through B or C and checked, C restarted {restarts} times",
+         Nix GC, {fetches} fetched through B or C and checked ({not_yet} asked again: not known yet), C \
+         restarted {restarts} times",
         rounds.len(),
         built_bytes as f64 / 1048576.0
     );
