@@ -32,13 +32,12 @@ mod node_harness;
 mod s3_harness;
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use harness::{NixHost, http, require, run_ok, wait_until};
+use harness::{NixHost, disk_usage, http, require, run_ok, wait_until};
 use narmesh::nix::{NarInfo, StorePath};
 use node_harness::Node;
-use s3_harness::{ACCESS_KEY, BUCKET, S3Server, SECRET_KEY, credentials_env};
+use s3_harness::{ACCESS_KEY, BUCKET, S3Server, SECRET_KEY, check_cache, credentials_env};
 use sha2::Digest as _;
 
 const CAP_MIB: u64 = 24;
@@ -59,24 +58,6 @@ fn env_or(name: &str, default: f64) -> f64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// Bytes on disk under `dir` (allocated blocks).
-fn disk_usage(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mut total = 0;
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    for e in rd.flatten() {
-        let Ok(m) = e.metadata() else { continue };
-        if m.is_dir() {
-            total += disk_usage(&e.path());
-        } else {
-            total += m.blocks() * 512;
-        }
-    }
-    total
 }
 
 /// One node process at one moment.
@@ -190,30 +171,6 @@ fn fetch_through(node: &Node, p: &StorePath) -> Result<(), Miss> {
         )));
     }
     Ok(())
-}
-
-/// Every narinfo in the bucket has its NAR and its references' narinfos there; returns the
-/// hash parts of the narinfos.
-fn check_bucket(s3: &S3Server) -> BTreeSet<String> {
-    let objects: BTreeSet<String> = s3.objects().into_iter().map(|(k, _)| k).collect();
-    let infos: BTreeSet<String> = objects
-        .iter()
-        .filter_map(|k| k.strip_suffix(".narinfo"))
-        .map(str::to_owned)
-        .collect();
-    for h in &infos {
-        let (body, _) = s3.get(&format!("{h}.narinfo"));
-        let info = NarInfo::parse(std::str::from_utf8(&body).expect("utf8")).expect("narinfo");
-        assert!(objects.contains(&info.url), "{h}: no {}", info.url);
-        for r in &info.references {
-            assert!(
-                infos.contains(r.hash_part()),
-                "{h}.narinfo refers to {} whose narinfo is not in the bucket",
-                r.full()
-            );
-        }
-    }
-    infos
 }
 
 fn main() {
@@ -353,7 +310,9 @@ fn main() {
             .all(|p| keys.contains(&format!("{}.narinfo", p.hash_part())))
     });
     let drain_secs = drained.elapsed().as_secs_f64();
-    let in_bucket = check_bucket(&s3);
+    // Every object read back and checked (hashes and sizes), every closure complete.
+    let on_a: Vec<String> = on_a.iter().map(|p| p.full()).collect();
+    let in_bucket = check_cache(&s3, "", "zstd", &on_a, &[]);
     let status_c = nodes[2].status();
     let mirror = status_c.mirror.clone().expect("mirror status");
 
@@ -368,9 +327,7 @@ fn main() {
         "bucket: {} narinfos, closure-complete, every path A still holds among them (the mirror \
          finished {drain_secs:.1} s after the last round; {} pending, {} failures since C's last \
          start)",
-        in_bucket.len(),
-        mirror.pending_paths,
-        mirror.failures
+        in_bucket, mirror.pending_paths, mirror.failures
     );
     println!(
         "B: peak {:.1} MiB of NAR files on disk (cap {CAP_MIB} MiB), {} evictions; A: {} paths lost to Nix GC",

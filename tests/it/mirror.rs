@@ -7,11 +7,10 @@ use std::collections::BTreeSet;
 
 use narmesh::nix::NarInfo;
 use narmesh_proto::control::MirrorStatus;
-use sha2::Digest as _;
 
 use crate::harness::{Nix, NixHost, http, run_ok, wait_until};
 use crate::node_harness::Node;
-use crate::s3_harness::{ACCESS_KEY, S3Server, SECRET_KEY, credentials_env};
+use crate::s3_harness::{ACCESS_KEY, S3Server, SECRET_KEY, check_cache, credentials_env};
 use crate::trust::metric;
 
 const CHAIN: &str = r#"
@@ -77,76 +76,6 @@ pub(crate) fn check_bucket(s3: &S3Server, expect: &[String]) -> usize {
 /// `check_bucket`, allowing references to the paths `public` (signed upstream) to be absent.
 fn check_bucket_but(s3: &S3Server, expect: &[String], public: &[String]) -> usize {
     check_cache(s3, "", "zstd", expect, public)
-}
-
-/// `check_bucket_but` for the cache under `prefix` in the bucket, its NARs compressed with
-/// `compression`.
-fn check_cache(
-    s3: &S3Server,
-    prefix: &str,
-    compression: &str,
-    expect: &[String],
-    public: &[String],
-) -> usize {
-    let objects: Vec<(String, u64)> = s3
-        .objects()
-        .into_iter()
-        .filter_map(|(k, n)| Some((k.strip_prefix(prefix)?.to_owned(), n)))
-        .collect();
-    let keys: BTreeSet<&str> = objects.iter().map(|(k, _)| k.as_str()).collect();
-    assert!(keys.contains("nix-cache-info"), "{keys:?}");
-    let get = |key: &str| s3.get(&format!("{prefix}{key}"));
-    let mut narinfos = 0;
-    for (key, _) in objects.iter().filter(|(k, _)| k.ends_with(".narinfo")) {
-        narinfos += 1;
-        let (text, ct) = get(key);
-        assert_eq!(ct, "text/x-nix-narinfo", "{key}");
-        let info = NarInfo::parse(std::str::from_utf8(&text).unwrap()).expect("narinfo parses");
-        assert_eq!(info.compression, compression);
-        assert!(
-            keys.contains(info.url.as_str()),
-            "{key} points at missing {}",
-            info.url
-        );
-        let (nar, ct) = get(&info.url);
-        assert_eq!(ct, "application/x-nix-nar");
-        assert_eq!(Some(nar.len() as u64), info.file_size, "{key} FileSize");
-        let sha: [u8; 32] = sha2::Sha256::digest(&nar).into();
-        assert_eq!(Some(sha), info.file_hash.map(|h| h.0), "{key} FileHash");
-        let plain = match compression {
-            "zstd" => zstd::decode_all(nar.as_slice()).expect("zstd"),
-            "xz" => {
-                let mut out = Vec::new();
-                std::io::Read::read_to_end(
-                    &mut xz2::read::XzDecoder::new(nar.as_slice()),
-                    &mut out,
-                )
-                .expect("xz");
-                out
-            }
-            _ => nar,
-        };
-        assert_eq!(plain.len() as u64, info.nar_size);
-        let nar_sha: [u8; 32] = sha2::Sha256::digest(&plain).into();
-        assert_eq!(nar_sha, info.nar_hash.0, "{key} NarHash");
-        for r in &info.references {
-            if public.contains(&r.full()) {
-                continue;
-            }
-            assert!(
-                keys.contains(format!("{}.narinfo", r.hash_part()).as_str()),
-                "{key} references {r}, whose narinfo is missing"
-            );
-        }
-    }
-    for p in expect {
-        let hash = &p.trim_start_matches("/nix/store/")[..32];
-        assert!(
-            keys.contains(format!("{hash}.narinfo").as_str()),
-            "{p} missing"
-        );
-    }
-    narinfos
 }
 
 #[test]

@@ -5,10 +5,14 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use narmesh::nix::NarInfo;
+use sha2::Digest as _;
 
 pub const BUCKET: &str = "test-bucket";
 pub const ACCESS_KEY: &str = "test";
@@ -359,4 +363,76 @@ impl Drop for S3Server {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Read the cache under `prefix` in the bucket with an independent client, its NARs compressed
+/// with `compression`: every narinfo's NAR is there with the right FileHash, FileSize, NarHash
+/// and NarSize, every reference's narinfo is there (but those of the paths `public`, signed
+/// upstream), and `expect` are all there. Returns the narinfos counted.
+pub fn check_cache(
+    s3: &S3Server,
+    prefix: &str,
+    compression: &str,
+    expect: &[String],
+    public: &[String],
+) -> usize {
+    let objects: Vec<(String, u64)> = s3
+        .objects()
+        .into_iter()
+        .filter_map(|(k, n)| Some((k.strip_prefix(prefix)?.to_owned(), n)))
+        .collect();
+    let keys: BTreeSet<&str> = objects.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(keys.contains("nix-cache-info"), "{keys:?}");
+    let get = |key: &str| s3.get(&format!("{prefix}{key}"));
+    let mut narinfos = 0;
+    for (key, _) in objects.iter().filter(|(k, _)| k.ends_with(".narinfo")) {
+        narinfos += 1;
+        let (text, ct) = get(key);
+        assert_eq!(ct, "text/x-nix-narinfo", "{key}");
+        let info = NarInfo::parse(std::str::from_utf8(&text).unwrap()).expect("narinfo parses");
+        assert_eq!(info.compression, compression);
+        assert!(
+            keys.contains(info.url.as_str()),
+            "{key} points at missing {}",
+            info.url
+        );
+        let (nar, ct) = get(&info.url);
+        assert_eq!(ct, "application/x-nix-nar");
+        assert_eq!(Some(nar.len() as u64), info.file_size, "{key} FileSize");
+        let sha: [u8; 32] = sha2::Sha256::digest(&nar).into();
+        assert_eq!(Some(sha), info.file_hash.map(|h| h.0), "{key} FileHash");
+        let plain = match compression {
+            "zstd" => zstd::decode_all(nar.as_slice()).expect("zstd"),
+            "xz" => {
+                let mut out = Vec::new();
+                std::io::Read::read_to_end(
+                    &mut xz2::read::XzDecoder::new(nar.as_slice()),
+                    &mut out,
+                )
+                .expect("xz");
+                out
+            }
+            _ => nar,
+        };
+        assert_eq!(plain.len() as u64, info.nar_size);
+        let nar_sha: [u8; 32] = sha2::Sha256::digest(&plain).into();
+        assert_eq!(nar_sha, info.nar_hash.0, "{key} NarHash");
+        for r in &info.references {
+            if public.contains(&r.full()) {
+                continue;
+            }
+            assert!(
+                keys.contains(format!("{}.narinfo", r.hash_part()).as_str()),
+                "{key} references {r}, whose narinfo is missing"
+            );
+        }
+    }
+    for p in expect {
+        let hash = &p.trim_start_matches("/nix/store/")[..32];
+        assert!(
+            keys.contains(format!("{hash}.narinfo").as_str()),
+            "{p} missing"
+        );
+    }
+    narinfos
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use narmesh::nix::StorePath;
 
-use crate::harness::{NixHost, http, run_ok, wait_until};
+use crate::harness::{NixHost, disk_usage, http, run_ok, wait_until};
 use crate::node_harness::Node;
 
 /// Bytes the process has caused to be written to storage (`/proc/PID/io`).
@@ -20,24 +20,6 @@ fn write_bytes(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("write_bytes: "))
         .and_then(|v| v.trim().parse().ok())
         .expect("write_bytes")
-}
-
-/// Bytes on disk under `dir` (allocated blocks, partial files included).
-fn disk_usage(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mut total = 0;
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    for e in rd.flatten() {
-        let Ok(m) = e.metadata() else { continue };
-        if m.is_dir() {
-            total += disk_usage(&e.path());
-        } else {
-            total += m.blocks() * 512;
-        }
-    }
-    total
 }
 
 /// `n` paths of `mib` MiB of random bytes each (plus `marker` in each), built by `host`.
