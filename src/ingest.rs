@@ -2,6 +2,7 @@
 //! validated, acknowledged only after the durable queue commit) and the hook's spool
 //! directory (taken in at start and while running).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use crate::metrics::Metrics;
 use crate::nix::StorePath;
 use crate::nix::store_db::StoreDb;
 use crate::queue::QueueHandle;
+use crate::spool;
 use crate::store::LocalStore;
 
 /// How long a connection may sit idle between frames, and how long a frame may take to arrive.
@@ -282,7 +284,7 @@ impl Ingest {
         report.problems = self.metrics.problems();
         let spool = self.spool.clone();
         (report.spool_waiting, report.spool_rejected) =
-            tokio::task::spawn_blocking(move || spool_counts(&spool))
+            tokio::task::spawn_blocking(move || spool::counts(&spool))
                 .await
                 .unwrap_or_default();
         report.mirror = self.mirror.as_ref().map(|m| m.status());
@@ -313,22 +315,32 @@ impl Ingest {
         }
     }
 
-    /// Take in spooled reports now and then until cancelled. After a transient failure (the
-    /// store database unreadable, the disk full) the files stay and are tried again later,
-    /// backing off up to 30 s.
+    /// Take in spooled reports now and then until cancelled, batch after batch while more
+    /// wait. After a transient failure (the store database unreadable, the disk full) the files
+    /// stay and are tried again later, backing off up to 30 s.
     pub async fn watch_spool(self, dir: PathBuf, cancel: CancellationToken) {
         let mut wait = SPOOL_POLL;
+        // Rejected files kept from before (an older release kept them all) are brought within
+        // bounds at start; afterwards, whenever a round rejects one.
+        let mut prune = true;
+        let mut ignored = HashSet::new();
         loop {
-            match self.take_spool(&dir).await {
-                Ok(_) => {
-                    wait = SPOOL_POLL;
+            match self.take_spool(&dir, prune, &mut ignored).await {
+                Ok(round) => {
+                    wait = if round.more {
+                        Duration::ZERO
+                    } else {
+                        SPOOL_POLL
+                    };
+                    prune = false;
                     self.metrics.problem("spool", None);
                 }
                 Err(e) => {
+                    wait = (wait * 2).clamp(SPOOL_POLL, Duration::from_secs(30));
+                    prune = true;
                     self.metrics.problem("spool", Some(e.to_string()));
                     tracing::warn!("spool {}: {e}; trying again in {wait:?}", dir.display());
                     self.metrics.spool_deferred.inc();
-                    wait = (wait * 2).min(Duration::from_secs(30));
                 }
             }
             tokio::select! {
@@ -338,23 +350,36 @@ impl Ingest {
         }
     }
 
-    /// Queue every spooled report, then delete the files that were queued. A report that can
-    /// never be accepted goes to `rejected/`; a transient failure stops the round and leaves the
-    /// rest where they are (the error says why).
-    pub async fn take_spool(&self, dir: &Path) -> std::io::Result<usize> {
-        let dir2 = dir.to_owned();
-        let files = blocking_io(move || {
-            clean_stale_temps(&dir2);
-            read_spool(&dir2)
+    /// Queue the oldest batch of spooled reports, then delete the files that were queued. A
+    /// report that can never be accepted is set aside ([`spool::reject`]); a transient failure
+    /// stops the round and leaves the rest where they are (the error says why). `prune`: bring
+    /// the rejected files within their bounds after. A file that can be neither taken in nor set
+    /// aside joins `ignored`, passed over from then on.
+    async fn take_spool(
+        &self,
+        dir: &Path,
+        prune: bool,
+        ignored: &mut HashSet<PathBuf>,
+    ) -> std::io::Result<SpoolRound> {
+        let (dir2, mut passed) = (dir.to_owned(), std::mem::take(ignored));
+        let (batch, passed) = blocking_io(move || {
+            spool::clean_stale_temps(&dir2);
+            let batch = spool::read_batch(&dir2, &mut passed);
+            Ok((batch, passed))
         })
         .await?;
-        if files.is_empty() {
-            return Ok(0);
+        *ignored = passed;
+        let batch = batch?;
+        if batch.files.is_empty() && !prune {
+            return Ok(SpoolRound {
+                taken: 0,
+                more: false,
+            });
         }
         let mut taken = Vec::new();
         let mut rejected = Vec::new();
         let mut stopped = None;
-        for (path, report) in files {
+        for (path, report) in batch.files {
             match report {
                 Ok(report) => match self.queue_reports(vec![report], Validate::Blocking).await {
                     Ok(_) => taken.push(path),
@@ -367,18 +392,36 @@ impl Ingest {
                 Err(why) => rejected.push((path, why)),
             }
         }
-        let n = taken.len();
+        let round = SpoolRound {
+            taken: taken.len(),
+            more: batch.more && stopped.is_none(),
+        };
         let dir2 = dir.to_owned();
-        blocking_io(move || {
+        let stuck = blocking_io(move || {
             for p in &taken {
                 std::fs::remove_file(p)?;
             }
-            for (p, why) in &rejected {
-                reject(&dir2, p, why)?;
+            let (mut stuck, set_aside) = (Vec::new(), !rejected.is_empty());
+            for (p, why) in rejected {
+                if let Err(e) = spool::reject(&dir2, &p, &why) {
+                    tracing::warn!(
+                        "spool file {} can be neither taken in nor set aside ({e}): passed over",
+                        p.display()
+                    );
+                    stuck.push(p);
+                }
             }
-            crate::fsutil::sync_dir(&dir2)
+            if !taken.is_empty() || set_aside {
+                crate::fsutil::sync_dir(&dir2)?;
+            }
+            if prune || set_aside {
+                spool::prune_rejected(&dir2)?;
+            }
+            Ok(stuck)
         })
         .await?;
+        ignored.extend(stuck);
+        let n = round.taken;
         self.metrics.spool_taken.inc_by(n as u64);
         if n > 0 {
             tracing::info!("took {n} report(s) from the spool");
@@ -387,9 +430,16 @@ impl Ingest {
             Some(why) => Err(std::io::Error::other(format!(
                 "{n} report(s) taken, the rest wait: {why}"
             ))),
-            None => Ok(n),
+            None => Ok(round),
         }
     }
+}
+
+/// What one round of [`Ingest::take_spool`] did.
+struct SpoolRound {
+    taken: usize,
+    /// More reports wait behind this round's batch.
+    more: bool,
 }
 
 /// Why a report was not accepted, and whether it ever can be.
@@ -424,98 +474,6 @@ async fn blocking_io<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(std::io::Error::other)?
-}
-
-/// How old a hook's temporary spool file must be before it is taken as left by a hook that was
-/// killed mid-write (a live hook renames its file within milliseconds).
-const STALE_TEMP: Duration = Duration::from_secs(60);
-
-/// Remove the temporary files of hooks killed while spooling.
-fn clean_stale_temps(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let name = name.to_string_lossy();
-        if !(name.starts_with('.') && name.ends_with(".tmp")) {
-            continue;
-        }
-        let old = e
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > STALE_TEMP);
-        if old && std::fs::remove_file(e.path()).is_ok() {
-            tracing::info!("spool: removed {name}, left by a hook killed while spooling");
-        }
-    }
-}
-
-/// Spooled reports waiting, and reports rejected for good (kept in `rejected/`).
-pub fn spool_counts(dir: &Path) -> (u64, u64) {
-    let count = |d: &Path| -> u64 {
-        std::fs::read_dir(d)
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .filter(|e| e.path().extension().is_some_and(|x| x == "frame"))
-                    .count() as u64
-            })
-            .unwrap_or(0)
-    };
-    (count(dir), count(&dir.join("rejected")))
-}
-
-/// Move a spool file that cannot be taken in aside (kept for inspection, never retried).
-fn reject(dir: &Path, path: &Path, why: &str) -> std::io::Result<()> {
-    tracing::warn!("spool file {} rejected: {why}", path.display());
-    let rejected = dir.join("rejected");
-    std::fs::create_dir_all(&rejected)?;
-    std::fs::rename(path, rejected.join(path.file_name().unwrap_or_default()))
-}
-
-/// The spool's complete report files, oldest first, each decoded or with why not.
-fn read_spool(dir: &Path) -> std::io::Result<Vec<(PathBuf, Result<HookReport, String>)>> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-        Err(e) => return Err(e),
-    };
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "frame"))
-        .collect();
-    paths.sort();
-    Ok(paths
-        .into_iter()
-        .map(|p| {
-            let report = std::fs::read(&p)
-                .map_err(|e| e.to_string())
-                .and_then(|bytes| decode_spooled(&bytes));
-            (p, report)
-        })
-        .collect())
-}
-
-/// A spool file holds exactly one frame, as the hook would have sent it.
-fn decode_spooled(bytes: &[u8]) -> Result<HookReport, String> {
-    let prefix: [u8; 4] = bytes
-        .get(..4)
-        .and_then(|b| b.try_into().ok())
-        .ok_or("truncated")?;
-    let len = frame::payload_len(prefix).map_err(|e| e.to_string())?;
-    if bytes.len() != 4 + len {
-        return Err("truncated or trailing bytes".into());
-    }
-    match frame::decode::<Envelope>(&bytes[4..])
-        .map_err(|e| e.to_string())?
-        .request
-    {
-        Request::Hook(r) => Ok(r),
-        _ => Err("not a hook report".into()),
-    }
 }
 
 /// Check a report against the store: every path a valid store path in this store.

@@ -12,7 +12,8 @@
 //! - [`config`]: the node's TOML configuration.
 //! - [`db`]: the node's redb database (queue, path records, log, mirror outbox, counters).
 //! - [`queue`]: the group-committing writer of the durable queue.
-//! - [`ingest`]: the Unix socket (hook reports, CLI requests) and the spool directory.
+//! - [`ingest`]: the Unix socket (hook reports, CLI requests) and taking in the spool.
+//! - [`spool`]: the hook's spool directory read as untrusted: bounded batches, rejected files.
 //! - [`pipeline`]: queued reports -> NARs in the blob store -> signed narinfos -> records.
 //! - [`store`]: the local Nix store database, opened lazily.
 //! - [`storage`]: what the node holds on disk and its budget: own paths served from the Nix
@@ -58,6 +59,7 @@ pub mod nix;
 pub mod node;
 pub mod pipeline;
 pub mod queue;
+pub mod spool;
 pub mod storage;
 pub mod store;
 pub mod units;

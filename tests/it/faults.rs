@@ -233,6 +233,108 @@ fn transient_spool_failures_wait_and_permanent_ones_are_counted() {
     node.stop();
 }
 
+/// The node's peak resident memory, in MiB.
+fn peak_rss_mib(node: &Node) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM")
+        / 1024
+}
+
+/// The spool is writable by the socket group, so what lies in it is untrusted. Files that are
+/// not a regular file of one frame (a FIFO that would block a reader forever, a link to
+/// `/dev/zero`, a directory, a sparse file of 1 GiB) are set aside unread, and the reports
+/// behind them are still taken in, with the node's memory unmoved; one that cannot even be
+/// removed (a mount point) is passed over, not retried every round. Rejected files stay within
+/// their bound (the newest 1,000 kept; a data dir of an older release may hold more), and
+/// `rejected/` replaced by a link to another directory is replaced again, never followed.
+#[test]
+fn hostile_spool_files_are_refused_unread_and_rejected_files_stay_bounded() {
+    let t = tempfile::tempdir().unwrap();
+    let host = NixHost::new("");
+    let paths = built_paths(&host, 3, "hostile-spool");
+    let mut node = Node::new(&t.path().join("node"), &host.root);
+    let spool = node.spool();
+    for p in &paths {
+        let run = run_hook(&node.socket(), &spool, "", p, 200);
+        assert!(run.stderr.contains("spooled"), "{}", run.stderr);
+    }
+    // Named to be read before the hook's files.
+    run_ok(Command::new("mkfifo").arg(spool.join("0-fifo.frame")));
+    std::os::unix::fs::symlink("/dev/zero", spool.join("0-zero.frame")).unwrap();
+    std::fs::create_dir(spool.join("0-dir.frame")).unwrap();
+    // A mount point: not even root can remove it or move it aside.
+    let _mount = Tmpfs::mount(&spool.join("0-mount.frame"), "1m");
+    std::fs::File::create(spool.join("0-sparse.frame"))
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let rejected = spool.join("rejected");
+    std::fs::create_dir(&rejected).unwrap();
+    for i in 0..1003 {
+        std::fs::write(rejected.join(format!("0-old-{i:04}.frame")), b"junk").unwrap();
+    }
+    node.start();
+    wait_until(30, "the spooled reports behind the hostile files", || {
+        recorded(&node, &paths) == paths.len()
+    });
+    let peak = peak_rss_mib(&node);
+    assert!(peak < 256, "the node's peak memory is {peak} MiB");
+    let st = node.status();
+    assert_eq!((st.spool_waiting, st.spool_rejected), (0, 1000), "{st:?}");
+    let kept = |name: &str| rejected.join(name).exists();
+    assert!(kept("0-sparse.frame"), "a regular file is kept to inspect");
+    assert!(!kept("0-old-0000.frame") && kept("0-old-1002.frame"));
+    let mut left: Vec<_> = std::fs::read_dir(&spool)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        ["0-mount.frame", "rejected"],
+        "the FIFO, the link and the directory are gone"
+    );
+    let log = node.log();
+    for why in [
+        "symbolic link",
+        "not a regular file",
+        "over the limit of one frame",
+    ] {
+        assert!(log.contains(why), "{why}: {log}");
+    }
+
+    // While it runs, `rejected/` becomes a link to another directory.
+    let elsewhere = t.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::write(elsewhere.join("precious"), b"x").unwrap();
+    std::fs::rename(&rejected, t.path().join("old-rejected")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &rejected).unwrap();
+    std::fs::write(spool.join("1-garbage.frame"), b"\x05\x00\x00\x00junk!").unwrap();
+    wait_until(20, "the garbage to be set aside", || {
+        !spool.join("1-garbage.frame").exists()
+    });
+    assert!(
+        !rejected.is_symlink(),
+        "the link is replaced by a directory"
+    );
+    assert!(rejected.join("1-garbage.frame").is_file());
+    let there: Vec<_> = std::fs::read_dir(&elsewhere).unwrap().collect();
+    assert_eq!(there.len(), 1, "nothing went where the link pointed");
+    let log = node.log();
+    assert!(log.contains("is not a directory: replaced by one"));
+    let stuck = "can be neither taken in nor set aside";
+    assert_eq!(
+        log.matches(stuck).count(),
+        1,
+        "the mount point is passed over: {log}"
+    );
+    node.stop();
+}
+
 /// The hook run as user 65534 in group `gid` (and no other) for `path` of `node`: it exits 0;
 /// its stderr.
 fn hook_as(node: &Node, gid: u32, path: &str) -> String {
