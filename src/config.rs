@@ -237,6 +237,8 @@ pub struct NixConfig {
 pub struct HttpConfig {
     /// Addresses to listen on (loopback only by default).
     pub listen: Vec<SocketAddr>,
+    /// Addresses that answer `/metrics` only (none by default), for a scraper on another host.
+    pub metrics_listen: Vec<SocketAddr>,
     /// `Priority` in nix-cache-info (lower wins; cache.nixos.org uses 40).
     pub priority: u32,
     /// Microseconds the HTTP thread polls its connections after a narinfo answer before it
@@ -311,6 +313,7 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 5480))],
+            metrics_listen: Vec::new(),
             priority: 30,
             busy_poll_us: 50,
             idle_secs: 60,

@@ -371,6 +371,7 @@ impl Ingest {
         *ignored = passed;
         let batch = batch?;
         if batch.files.is_empty() && !prune {
+            self.metrics.spool_waiting.set(0);
             return Ok(SpoolRound {
                 taken: 0,
                 more: false,
@@ -397,7 +398,7 @@ impl Ingest {
             more: batch.more && stopped.is_none(),
         };
         let dir2 = dir.to_owned();
-        let stuck = blocking_io(move || {
+        let done = blocking_io(move || {
             for p in &taken {
                 std::fs::remove_file(p)?;
             }
@@ -417,9 +418,12 @@ impl Ingest {
             if prune || set_aside {
                 spool::prune_rejected(&dir2)?;
             }
-            Ok(stuck)
+            Ok((stuck, spool::counts(&dir2)))
         })
-        .await?;
+        .await;
+        let (stuck, (waiting, kept)) = done?;
+        self.metrics.spool_waiting.set(waiting as i64);
+        self.metrics.spool_rejected.set(kept as i64);
         ignored.extend(stuck);
         let n = round.taken;
         self.metrics.spool_taken.inc_by(n as u64);

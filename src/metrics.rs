@@ -14,6 +14,16 @@ pub struct HttpLabels {
     pub status: u16,
 }
 
+/// A part of the node that can have a problem (`narmesh status` says what it is).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartLabels {
+    pub part: &'static str,
+}
+
+/// The parts that report problems: each has its `narmesh_problem` series from the start (0), so
+/// an alert on it never waits for a first problem.
+pub const PARTS: &[&str] = &["pipeline", "queue", "spool", "storage"];
+
 /// How a hook report named its outputs: `named` (Nix filled `OUT_PATHS`) or `from-derivation`
 /// (Nix 2.8 leaves it empty; the node reads the derivation's outputs).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -45,9 +55,22 @@ impl Drop for Counted {
     }
 }
 
+/// Register `metric` as `name`, and note the name.
+fn register(
+    (registry, names): (&mut Registry, &mut Vec<&'static str>),
+    name: &'static str,
+    help: &str,
+    metric: impl prometheus_client::registry::Metric,
+) {
+    names.push(name);
+    registry.register(name, help, metric);
+}
+
 /// Every metric the node exports.
 pub struct Metrics {
     registry: Registry,
+    /// The names registered, without the prefix.
+    names: Vec<&'static str>,
     pub queue_depth: Gauge,
     pub paths_recorded: Counter,
     pub nar_bytes: Counter,
@@ -56,6 +79,10 @@ pub struct Metrics {
     pub socket_errors: Counter,
     pub spool_taken: Counter,
     pub spool_deferred: Counter,
+    /// Report files waiting in the spool, as of the node's last look.
+    pub spool_waiting: Gauge,
+    /// Report files kept in the spool's `rejected/`, as of the node's last look.
+    pub spool_rejected: Gauge,
     pub batch_seconds: Histogram,
     /// From a hook report's last byte to its acknowledgement (validation and the fsync'd queue
     /// commit).
@@ -96,6 +123,8 @@ pub struct Metrics {
     pub mesh_records_changed: Counter,
     /// What is wrong now, by part ("queue", "pipeline", ...), for `narmesh status`.
     problems: std::sync::Mutex<std::collections::BTreeMap<&'static str, String>>,
+    /// The same, 1 while a part has a problem, for alerts.
+    problem: Family<PartLabels, Gauge>,
 }
 
 /// Why the mesh refused something from a peer.
@@ -139,6 +168,7 @@ impl Metrics {
 
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("narmesh");
+        let mut names = Vec::new();
         let m = Metrics {
             queue_depth: Gauge::default(),
             paths_recorded: Counter::default(),
@@ -148,6 +178,8 @@ impl Metrics {
             socket_errors: Counter::default(),
             spool_taken: Counter::default(),
             spool_deferred: Counter::default(),
+            spool_waiting: Gauge::default(),
+            spool_rejected: Gauge::default(),
             batch_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             hook_ack_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             queue_commit_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
@@ -177,179 +209,248 @@ impl Metrics {
             mesh_ranges: Gauge::default(),
             mesh_records_changed: Counter::default(),
             problems: Default::default(),
+            problem: Family::default(),
             registry: Registry::default(),
+            names: Vec::new(),
         };
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "queue_depth",
             "Reports waiting in the durable queue",
             m.queue_depth.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "paths_recorded",
             "Store paths recorded, signed and servable",
             m.paths_recorded.clone(),
         );
-        registry.register("nar_bytes", "NAR bytes recorded", m.nar_bytes.clone());
-        registry.register(
+        register(
+            (&mut registry, &mut names),
+            "nar_bytes",
+            "NAR bytes recorded",
+            m.nar_bytes.clone(),
+        );
+        register(
+            (&mut registry, &mut names),
             "ingest_failures",
             "Paths that could not be ingested",
             m.ingest_failures.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "hook_reports",
             "Hook reports received on the socket, by how they named their outputs",
             m.hook_reports.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "socket_errors",
             "Malformed frames on the socket",
             m.socket_errors.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "spool_taken",
             "Spooled hook reports taken in",
             m.spool_taken.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "spool_deferred",
             "Spool rounds stopped by a transient failure (the reports wait and are tried again)",
             m.spool_deferred.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
+            "spool_waiting",
+            "Hook reports waiting in the spool (the node was down or did not answer in time)",
+            m.spool_waiting.clone(),
+        );
+        register(
+            (&mut registry, &mut names),
+            "spool_rejected",
+            "Spooled files set aside for good in the spool's rejected/ (kept for inspection)",
+            m.spool_rejected.clone(),
+        );
+        for part in PARTS {
+            m.problem.get_or_create(&PartLabels { part }).set(0);
+        }
+        register(
+            (&mut registry, &mut names),
+            "problem",
+            "1 while a part of the node has a problem (`narmesh status` says what), else 0",
+            m.problem.clone(),
+        );
+        register(
+            (&mut registry, &mut names),
             "pipeline_batch_seconds",
             "Time to ingest one batch",
             m.batch_seconds.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "hook_ack_seconds",
             "Hook report received to acknowledged (validation and the fsync'd queue commit)",
             m.hook_ack_seconds.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "queue_commit_seconds",
             "One group commit of the durable queue, fsync included",
             m.queue_commit_seconds.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "http_requests",
             "HTTP requests by route and status",
             m.http_requests.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "http_request_seconds",
             "HTTP request latency by route",
             m.http_seconds.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "mirror_pending_paths",
             "Paths not yet complete in the S3 mirror (mirror lag)",
             m.mirror_pending_paths.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "mirror_pending_bytes",
             "NAR bytes not yet in the S3 mirror",
             m.mirror_pending_bytes.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "mirror_uploaded_paths",
             "Paths completed in the S3 mirror",
             m.mirror_uploaded_paths.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "mirror_uploaded_bytes",
             "Compressed NAR bytes uploaded to the S3 mirror",
             m.mirror_uploaded_bytes.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "mirror_failures",
             "Failed S3 mirror attempts (each is retried)",
             m.mirror_failures.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "mirror_streamed_nars",
             "NARs the S3 mirror compressed while they still arrived from peers",
             m.mirror_streamed_nars.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "mirror_shared_nars",
             "Paths the S3 mirror pointed at an identical NAR already in the bucket (not uploaded again)",
             m.mirror_shared_nars.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "storage_file_bytes",
             "Bytes of NAR files held (fetched from peers; within store.max-size)",
             m.storage_file_bytes.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "storage_cap_bytes",
             "store.max-size: the cap on NAR file bytes",
             m.storage_cap_bytes.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "storage_own_paths",
             "Own paths served from the local Nix store (no copy kept)",
             m.storage_own_paths.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "storage_evictions",
             "NAR files evicted to stay within the cap",
             m.storage_evictions.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "storage_gc_lost",
             "Own paths that left the local Nix store (Nix GC, nix-store --delete)",
             m.storage_gc_lost.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "records_forgotten",
             "Records of paths nobody held any more, forgotten ([store] forget-after-secs)",
             m.records_forgotten.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "served_nar_bytes",
             "NAR bytes served over HTTP and to peers, by where they came from",
             m.served_bytes.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "mesh_refused",
             "Announcements, catch-up entries, transfers and connections refused from peers, by reason",
             m.mesh_refused.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "mesh_fetched_bytes",
             "Verified NAR bytes fetched from peers, by provider (endpoint id)",
             m.mesh_fetched_bytes.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "mesh_bulk_bytes",
             "Verified NAR bytes fetched over providers' bulk channels (TCP)",
             m.mesh_bulk_bytes.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "mesh_transfers",
             "NAR transfers from peers running now (eager and on demand)",
             m.mesh_transfers.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "mesh_ranges",
             "Ranges of NARs being fetched from peers now, each buffering up to 2 MiB ([mesh] fetch-memory caps them)",
             m.mesh_ranges.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "mesh_serving",
             "Streams of NAR bytes served to peers now (QUIC and bulk)",
             m.mesh_serving.clone(),
         );
-        registry.register(
+        register(
+            (&mut registry, &mut names),
             "mesh_records_changed",
             "Records new or changed by what peers said; flat once the mesh has settled",
             m.mesh_records_changed.clone(),
         );
-        Metrics { registry, ..m }
+        Metrics {
+            registry,
+            names,
+            ..m
+        }
     }
 
     /// Say what is wrong with `part` now (`None`: nothing any more).
     pub fn problem(&self, part: &'static str, what: Option<String>) {
+        debug_assert!(PARTS.contains(&part), "{part} is not in PARTS");
+        self.problem
+            .get_or_create(&PartLabels { part })
+            .set(i64::from(what.is_some()));
         let mut p = self.problems.lock().unwrap_or_else(|e| e.into_inner());
         match what {
             Some(w) => {
@@ -365,6 +466,13 @@ impl Metrics {
     pub fn problems(&self) -> Vec<String> {
         let p = self.problems.lock().unwrap_or_else(|e| e.into_inner());
         p.iter().map(|(k, v)| format!("{k}: {v}")).collect()
+    }
+
+    /// Every metric registered, as exported (`narmesh_<name>`; a counter gets `_total`, a
+    /// histogram `_bucket`, `_sum` and `_count`). A family is in the text only once it has a
+    /// series.
+    pub fn names(&self) -> Vec<String> {
+        self.names.iter().map(|n| format!("narmesh_{n}")).collect()
     }
 
     /// The Prometheus text exposition of every metric.

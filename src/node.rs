@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Replicate};
 use crate::db::Db;
-use crate::http::{self, HttpState};
+use crate::http::{self, HttpState, Serves};
 use crate::ingest::Ingest;
 use crate::mesh::{MeshHandle, MeshParts};
 use crate::metrics::Metrics;
@@ -138,13 +138,24 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
     });
 
     let mut http_addrs = Vec::new();
+    let mut metrics_addrs = Vec::new();
     let mut http_listeners = Vec::new();
-    for addr in &cfg.http.listen {
+    let listens = (cfg.http.listen.iter().map(|a| (a, Serves::Cache))).chain(
+        cfg.http
+            .metrics_listen
+            .iter()
+            .map(|a| (a, Serves::MetricsOnly)),
+    );
+    for (addr, serves) in listens {
         let l = TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding HTTP on {addr}"))?;
-        http_addrs.push(l.local_addr()?.to_string());
-        http_listeners.push(l);
+        let bound = l.local_addr()?.to_string();
+        match serves {
+            Serves::Cache => http_addrs.push(bound),
+            Serves::MetricsOnly => metrics_addrs.push(bound),
+        }
+        http_listeners.push((l, serves));
     }
     let socket = bind_socket(&cfg.socket, gid)?;
     let status = StatusReport {
@@ -211,9 +222,14 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
         .run(back.clone()),
     );
     tracing::info!(
-        "serving: socket {}, http {}",
+        "serving: socket {}, http {}{}",
         cfg.socket.display(),
-        http_addrs.join(", ")
+        http_addrs.join(", "),
+        if metrics_addrs.is_empty() {
+            String::new()
+        } else {
+            format!(", metrics only {}", metrics_addrs.join(", "))
+        }
     );
     notify_ready();
 
@@ -298,26 +314,26 @@ fn front_thread(
 /// one connection cost a quarter of nginx's rate), and never waits behind the node's bulk work.
 /// NAR answers are handed to the main runtime (see `HttpState::main`).
 fn http_thread(
-    listeners: Vec<TcpListener>,
+    listeners: Vec<(TcpListener, Serves)>,
     state: HttpState,
     cancel: CancellationToken,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let listeners = listeners
         .into_iter()
-        .map(|l| l.into_std())
+        .map(|(l, serves)| Ok((l.into_std()?, serves)))
         .collect::<std::io::Result<Vec<_>>>()?;
     let spin = state.spin.clone();
     let park: Box<dyn Fn() + Send + Sync> = Box::new(move || spin.before_park());
     runtime_thread("narmesh-http", Some(park), move || async move {
         let tasks = tokio_util::task::TaskTracker::new();
-        for l in listeners {
+        for (l, serves) in listeners {
             let l = match TcpListener::from_std(l) {
                 Ok(l) => l,
                 Err(e) => return tracing::error!("http listener: {e}"),
             };
             let (st, c) = (state.clone(), cancel.clone());
             tasks.spawn(async move {
-                if let Err(e) = http::serve(l, st, c).await {
+                if let Err(e) = http::serve(l, st, serves, c).await {
                     tracing::error!("http server: {e}");
                 }
             });

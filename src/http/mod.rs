@@ -112,14 +112,29 @@ impl HttpState {
     }
 }
 
+/// What a listener answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serves {
+    /// The binary cache and `/metrics` (`[http] listen`).
+    Cache,
+    /// `/metrics` only, 404 for the rest (`[http] metrics-listen`): for a scraper on another
+    /// host, without opening the cache to it.
+    MetricsOnly,
+}
+
 /// Serve on `listener` until cancelled.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: HttpState,
+    serves: Serves,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
     let (spin, idle) = (state.spin.clone(), state.idle);
-    let app = axum::Router::new().fallback(handle).with_state(state);
+    let app = match serves {
+        Serves::Cache => axum::Router::new().fallback(handle),
+        Serves::MetricsOnly => axum::Router::new().fallback(metrics_only),
+    }
+    .with_state(state);
     // Capped, and every connection with TCP_NODELAY: without it a streamed NAR's small writes
     // wait for the client's delayed ACK (40 ms per small NAR on Linux).
     spin.watch(std::os::fd::AsFd::as_fd(&listener));
@@ -127,6 +142,14 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await
+}
+
+async fn metrics_only(st: State<HttpState>, req: Request) -> Response {
+    if matches!(route(req.uri().path()), Route::Metrics) {
+        handle(st, req).await
+    } else {
+        StatusCode::NOT_FOUND.into_response()
+    }
 }
 
 async fn handle(State(st): State<HttpState>, req: Request) -> Response {

@@ -11,6 +11,7 @@ use narmesh_proto::control::{Request, Response};
 
 use crate::harness::{NixHost, Tmpfs, bin, run_hook, run_ok, spooled, wait_until};
 use crate::node_harness::Node;
+use crate::trust::metric;
 
 /// Which of `paths` the node has recorded, asked over its socket.
 fn recorded(node: &Node, paths: &[String]) -> usize {
@@ -213,12 +214,23 @@ fn transient_spool_failures_wait_and_permanent_ones_are_counted() {
     assert_eq!(st.spool_waiting, 6, "{st:?}");
     assert_eq!(st.spool_rejected, 1, "the garbage is rejected: {st:?}");
     assert_eq!(recorded(&node, &paths), 0);
+    // What an alert reads.
+    let metrics = |node: &Node| {
+        [
+            "problem{part=\"spool\"} ",
+            "spool_waiting ",
+            "spool_rejected ",
+        ]
+        .map(|m| metric(node, &format!("narmesh_{m}")))
+    };
+    assert_eq!(metrics(&node), [1.0, 6.0, 1.0]);
     std::fs::rename(&away, &db).unwrap();
     wait_until(60, "the spooled reports to be taken in", || {
         recorded(&node, &paths) == paths.len()
     });
     let st = node.status();
     assert_eq!((st.spool_waiting, st.spool_rejected), (0, 2), "{st:?}");
+    assert_eq!(metrics(&node), [0.0, 0.0, 2.0]);
     assert_eq!(recorded(&node, std::slice::from_ref(&gone)), 0);
     assert!(
         node.log()
@@ -231,17 +243,6 @@ fn transient_spool_failures_wait_and_permanent_ones_are_counted() {
     );
     assert!(!stale.exists(), "the stale temporary file is removed");
     node.stop();
-}
-
-/// The node's peak resident memory, in MiB.
-fn peak_rss_mib(node: &Node) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid())).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmHWM")
-        / 1024
 }
 
 /// The spool is writable by the socket group, so what lies in it is untrusted. Files that are
@@ -281,7 +282,7 @@ fn hostile_spool_files_are_refused_unread_and_rejected_files_stay_bounded() {
     wait_until(30, "the spooled reports behind the hostile files", || {
         recorded(&node, &paths) == paths.len()
     });
-    let peak = peak_rss_mib(&node);
+    let peak = crate::trust::budget(node.pid()).0 >> 20;
     assert!(peak < 256, "the node's peak memory is {peak} MiB");
     let st = node.status();
     assert_eq!((st.spool_waiting, st.spool_rejected), (0, 1000), "{st:?}");

@@ -132,6 +132,86 @@ fn builds_are_substitutable_from_the_node() {
     node.stop();
 }
 
+/// `[http] metrics-listen` answers `/metrics` and nothing else, beside the cache. Every metric
+/// the README's "Monitoring" names is exported, and each part's `narmesh_problem` series is
+/// there from the start, at 0, so an alert on it does not wait for a first problem.
+#[test]
+fn metrics_listen_answers_metrics_only_and_every_metric_the_readme_names_is_exported() {
+    let t = tempfile::tempdir().unwrap();
+    let host = NixHost::new("");
+    let mut node = Node::new(&t.path().join("node"), &host.root);
+    node.http_extra = "metrics-listen = [\"127.0.0.1:0\"]\n".into();
+    node.start();
+    let log = node.log();
+    let addr = log
+        .split("metrics only ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("the metrics address in the log")
+        .trim_end_matches(',')
+        .to_owned();
+    let (code, _, body) = http(&addr, "GET", "/metrics", &[]);
+    assert_eq!(code, 200);
+    let body = String::from_utf8(body).unwrap();
+    for target in [
+        "/nix-cache-info",
+        "/00000000000000000000000000000000.narinfo",
+        "/nar/0000000000000000000000000000000000000000000000000000.nar",
+        "/",
+    ] {
+        assert_eq!(http(&addr, "GET", target, &[]).0, 404, "{target}");
+    }
+    assert_eq!(http(&node.http, "GET", "/nix-cache-info", &[]).0, 200);
+    for part in narmesh::metrics::PARTS {
+        let zero = format!("narmesh_problem{{part=\"{part}\"}} 0");
+        assert!(body.contains(&zero), "{zero} in:\n{body}");
+    }
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("\n## Monitoring\n")
+        .nth(1)
+        .and_then(|r| r.split("\n## ").next())
+        .expect("a Monitoring section");
+    let mut named: Vec<&str> = section
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("narmesh_"))
+        .collect();
+    named.sort();
+    named.dedup();
+    assert!(named.len() >= 15, "{named:?}");
+    let registered = narmesh::metrics::Metrics::new().names();
+    for name in named {
+        // A counter is exported as `<name>_total`, a histogram as `<name>_bucket` and more.
+        let base = ["_total", "_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        assert!(
+            registered.iter().any(|r| r == base),
+            "the README names {name}, not a metric of the node: {registered:?}"
+        );
+    }
+    // What has a series is in the text (a family only once it has one).
+    for name in &registered {
+        let family = [
+            "http_requests",
+            "http_request_seconds",
+            "hook_reports",
+            "served_nar_bytes",
+            "mesh_refused",
+            "mesh_fetched_bytes",
+        ]
+        .iter()
+        .any(|f| name == &format!("narmesh_{f}"));
+        assert!(
+            family || body.contains(&format!("# TYPE {name} ")),
+            "{name} not in:\n{body}"
+        );
+    }
+    node.stop();
+}
+
 #[test]
 fn node_down_builds_succeed_and_spooled_paths_arrive_later() {
     let t = tempfile::tempdir().unwrap();

@@ -21,7 +21,7 @@ const CHAIN: &str = r#"
 "#;
 
 /// `VmHWM` (peak RSS, bytes) and `Threads` of a process.
-fn budget(pid: u32) -> (u64, u64) {
+pub fn budget(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     let field = |name: &str| -> u64 {
         status
