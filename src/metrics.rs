@@ -24,6 +24,23 @@ pub struct PartLabels {
 /// an alert on it never waits for a first problem.
 pub const PARTS: &[&str] = &["pipeline", "queue", "spool", "storage"];
 
+/// Why the mesh refuses something from a peer: each has its `narmesh_mesh_refused_total`
+/// series from the start (0), so `increase()` sees a peer's first refusal too.
+pub const REFUSALS: &[&str] = &[
+    // Announcements and catch-up entries.
+    "bad-narinfo",
+    "size-mismatch",
+    "untrusted-signature",
+    "unbound-blake3",
+    "too-large",
+    "undecodable",
+    "inconsistent-batch",
+    // Connections and requests.
+    "bad-request",
+    "too-many-connections",
+    "unknown-ticket",
+];
+
 /// How a hook report named its outputs: `named` (Nix filled `OUT_PATHS`) or `from-derivation`
 /// (Nix 2.8 leaves it empty; the node reads the derivation's outputs).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -161,6 +178,7 @@ impl Default for Metrics {
 impl Metrics {
     /// Count one refusal of the mesh (`narmesh_mesh_refused_total{reason}`).
     pub fn refused(&self, reason: &'static str) {
+        debug_assert!(REFUSALS.contains(&reason), "{reason} is not in REFUSALS");
         self.mesh_refused
             .get_or_create(&ReasonLabels { reason })
             .inc();
@@ -273,6 +291,11 @@ impl Metrics {
             "Spooled files set aside for good in the spool's rejected/ (kept for inspection)",
             m.spool_rejected.clone(),
         );
+        for reason in REFUSALS {
+            m.mesh_refused
+                .get_or_create(&ReasonLabels { reason })
+                .inc_by(0);
+        }
         for part in PARTS {
             m.problem.get_or_create(&PartLabels { part }).set(0);
         }

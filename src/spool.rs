@@ -143,7 +143,7 @@ pub fn decode(bytes: &[u8]) -> Result<HookReport, String> {
 pub fn reject(dir: &Path, path: &Path, why: &str) -> std::io::Result<()> {
     tracing::warn!("spool file {} rejected: {why}", path.display());
     let regular = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file());
-    match rejected_dir(dir)? {
+    match rejected_dir(dir, true)? {
         Some(rejected) if regular => {
             let name = path.file_name().unwrap_or_default();
             Ok(rustix::fs::renameat(CWD, path, &rejected, name)?)
@@ -152,10 +152,11 @@ pub fn reject(dir: &Path, path: &Path, why: &str) -> std::io::Result<()> {
     }
 }
 
-/// `dir/rejected`, opened (made if missing), never through a link: a link or a file of that
-/// name is replaced by a directory. `None` if it is a directory of another user. Everything
-/// done in it goes through this descriptor, so a name swapped meanwhile changes nothing.
-fn rejected_dir(dir: &Path) -> std::io::Result<Option<OwnedFd>> {
+/// `dir/rejected`, opened (made if missing and `make`), never through a link: a link or a file
+/// of that name is replaced by a directory. `None` if it is a directory of another user (or
+/// missing and not to be made). Everything done in it goes through this descriptor, so a name
+/// swapped meanwhile changes nothing.
+fn rejected_dir(dir: &Path, make: bool) -> std::io::Result<Option<OwnedFd>> {
     let rejected = dir.join("rejected");
     let open = || {
         rustix::fs::openat(
@@ -169,6 +170,7 @@ fn rejected_dir(dir: &Path) -> std::io::Result<Option<OwnedFd>> {
         Ok(fd) => fd,
         Err(e) => {
             match e {
+                rustix::io::Errno::NOENT if !make => return Ok(None),
                 rustix::io::Errno::NOENT => {}
                 rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => {
                     tracing::warn!("{} is not a directory: replaced by one", rejected.display());
@@ -212,7 +214,7 @@ fn remove_entry(path: &Path) -> std::io::Result<()> {
 /// Keep the newest [`KEEP_REJECTED`] rejected files within [`KEEP_REJECTED_BYTES`] of disk;
 /// how many others were removed. Newest by when they were rejected (the change time a rename sets).
 pub fn prune_rejected(dir: &Path) -> std::io::Result<usize> {
-    let Some(rejected) = rejected_dir(dir)? else {
+    let Some(rejected) = rejected_dir(dir, false)? else {
         return Ok(0);
     };
     let mut kept = Vec::new();

@@ -133,8 +133,9 @@ fn builds_are_substitutable_from_the_node() {
 }
 
 /// `[http] metrics-listen` answers `/metrics` and nothing else, beside the cache. Every metric
-/// the README's "Monitoring" names is exported, and each part's `narmesh_problem` series is
-/// there from the start, at 0, so an alert on it does not wait for a first problem.
+/// the README's "Monitoring" names is exported, and each part's `narmesh_problem` series and
+/// each reason's `narmesh_mesh_refused_total` are there from the start, at 0, so an alert on
+/// them does not wait for (or, with `increase()`, miss) the first.
 #[test]
 fn metrics_listen_answers_metrics_only_and_every_metric_the_readme_names_is_exported() {
     let t = tempfile::tempdir().unwrap();
@@ -162,8 +163,13 @@ fn metrics_listen_answers_metrics_only_and_every_metric_the_readme_names_is_expo
         assert_eq!(http(&addr, "GET", target, &[]).0, 404, "{target}");
     }
     assert_eq!(http(&node.http, "GET", "/nix-cache-info", &[]).0, 200);
-    for part in narmesh::metrics::PARTS {
-        let zero = format!("narmesh_problem{{part=\"{part}\"}} 0");
+    let zeros = (narmesh::metrics::PARTS.iter())
+        .map(|part| format!("narmesh_problem{{part=\"{part}\"}} 0"))
+        .chain(
+            (narmesh::metrics::REFUSALS.iter())
+                .map(|r| format!("narmesh_mesh_refused_total{{reason=\"{r}\"}} 0")),
+        );
+    for zero in zeros {
         assert!(body.contains(&zero), "{zero} in:\n{body}");
     }
     let readme =
@@ -199,7 +205,6 @@ fn metrics_listen_answers_metrics_only_and_every_metric_the_readme_names_is_expo
             "http_request_seconds",
             "hook_reports",
             "served_nar_bytes",
-            "mesh_refused",
             "mesh_fetched_bytes",
         ]
         .iter()
