@@ -22,7 +22,7 @@ pub struct PartLabels {
 
 /// The parts that report problems: each has its `narmesh_problem` series from the start (0), so
 /// an alert on it never waits for a first problem.
-pub const PARTS: &[&str] = &["pipeline", "queue", "spool", "storage"];
+pub const PARTS: &[&str] = &["mirror", "pipeline", "queue", "spool", "storage"];
 
 /// Why the mesh refuses something from a peer: each has its `narmesh_mesh_refused_total`
 /// series from the start (0), so `increase()` sees a peer's first refusal too.

@@ -176,15 +176,17 @@ impl Mirror {
         }
     }
 
+    /// The latest failure (`None`: the latest attempt succeeded), for status and as the
+    /// node's "mirror" problem.
     fn set_error(&self, e: Option<String>) {
+        self.metrics.problem("mirror", e.clone());
         let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         s.last_error = e;
     }
 
     fn record_failure(&self, e: String) {
         self.metrics.mirror_failures.inc();
-        let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        s.last_error = Some(e);
+        self.set_error(Some(e));
     }
 
     /// Wait until the bucket is ready ([`Mirror::prepare_once`]), retrying with backoff. New

@@ -288,12 +288,24 @@ fn an_s3_outage_loses_nothing_and_never_touches_builds() {
         let m = mirror(&st.nodes[1]);
         m.last_error.is_some() && m.pending_paths >= 3
     });
+    // What an alert reads.
+    let problem = |n: &Node| metric(n, "narmesh_problem{part=\"mirror\"} ");
+    assert_eq!(problem(&st.nodes[1]), 1.0);
+    assert!(
+        st.nodes[1]
+            .status()
+            .problems
+            .iter()
+            .any(|p| p.starts_with("mirror: "))
+    );
+    assert_eq!(problem(&st.nodes[0]), 0.0, "A mirrors nothing");
     s3.run();
     wait_mirrored(&st.nodes[1], 4, 120);
     let mut all = paths.clone();
     all.push(first[0].full());
     assert_eq!(check_bucket(&s3, &all), 4);
     assert!(mirror(&st.nodes[1]).last_error.is_none());
+    assert_eq!(problem(&st.nodes[1]), 0.0);
 }
 
 /// A listener on `port` that takes connections and never answers (an S3 endpoint hanging),
