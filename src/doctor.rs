@@ -75,6 +75,7 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<()> {
             ),
         },
     ));
+    checks.push(("problems", problems(status.as_ref().ok())));
     checks.push(("hook", hook(&args.nix_conf, &nix_conf)));
     checks.push(("socket", socket_access(&cfg, &args.hook_user)));
     let status = status.ok();
@@ -105,6 +106,20 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<()> {
         Ok(())
     } else {
         anyhow::bail!("{failed} check(s) failed")
+    }
+}
+
+/// What the node itself says is wrong now (`narmesh_problem` in its metrics).
+fn problems(status: Option<&StatusReport>) -> Outcome {
+    match status {
+        None => Skip("the node does not answer".into()),
+        Some(s) if s.problems.is_empty() => Pass("the node reports none".into()),
+        Some(s) => Fail(
+            s.problems.join("; "),
+            "see `narmesh status` and the node's log (journalctl -u narmesh); each clears once \
+             its cause is gone"
+                .into(),
+        ),
     }
 }
 

@@ -125,6 +125,7 @@ fn doctor_passes_a_healthy_mesh_and_names_each_broken_piece() {
         assert!(run.ok, "node {i}:\n{}", run.out);
         assert!(run.out.contains("all checks passed"), "{}", run.out);
         assert!(line(&run, "peer").starts_with("ok"), "{}", run.out);
+        assert!(line(&run, "problems").starts_with("ok"), "{}", run.out);
         // The hook under test is the README's static build (scripts/test.sh makes it).
         assert!(
             line(&run, "hook").contains("(statically linked)"),
@@ -188,6 +189,22 @@ fn doctor_passes_a_healthy_mesh_and_names_each_broken_piece() {
             .any(|p| p.state == "unreachable")
     });
     assert_only_fails(&doctor(&nodes[0], &confs[0], None), "peer");
+
+    // A problem the node itself reports: its disk under its own floor.
+    nodes[0].stop();
+    nodes[0].extra_config = "[store]\nmin-free = \"1000TiB\"\n".into();
+    nodes[0].start();
+    // Its cache listens on a new port.
+    let conf = nix_conf(&nodes[0].dir, &nodes[0], &hook, &keys);
+    let run = doctor(&nodes[0], &conf, None);
+    let mut fails: Vec<&str> = run
+        .out
+        .lines()
+        .filter_map(|l| l.strip_prefix("FAIL  ")?.split(':').next())
+        .collect();
+    fails.sort();
+    assert_eq!(fails, ["disk", "peer", "problems"], "{}", run.out);
+    assert!(line(&run, "problems").contains("storage: "), "{}", run.out);
 
     // And the node itself down.
     nodes[0].stop();
