@@ -403,8 +403,20 @@ impl Ingest {
                 std::fs::remove_file(p)?;
             }
             let (mut stuck, set_aside) = (Vec::new(), !rejected.is_empty());
-            for (p, why) in rejected {
-                if let Err(e) = spool::reject(&dir2, &p, &why) {
+            // A flood of bad files (the spool is the socket group's to write) must not flood
+            // the log: a few are named, the rest counted.
+            if rejected.len() > spool::LOG_REJECTED {
+                tracing::warn!(
+                    "spool: {} more file(s) rejected this round, not named here (see {})",
+                    rejected.len() - spool::LOG_REJECTED,
+                    dir2.join("rejected").display()
+                );
+            }
+            for (i, (p, why)) in rejected.into_iter().enumerate() {
+                if i < spool::LOG_REJECTED {
+                    tracing::warn!("spool file {} rejected: {why}", p.display());
+                }
+                if let Err(e) = spool::reject(&dir2, &p) {
                     tracing::warn!(
                         "spool file {} can be neither taken in nor set aside ({e}): passed over",
                         p.display()

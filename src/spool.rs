@@ -33,6 +33,8 @@ pub const BATCH_BYTES: u64 = 16 << 20;
 pub const KEEP_REJECTED: usize = 1000;
 /// Bytes of rejected files kept, at most (the newest).
 pub const KEEP_REJECTED_BYTES: u64 = 64 << 20;
+/// Rejected files a round names in the log, each with why; the rest are counted in one line.
+pub const LOG_REJECTED: usize = 10;
 /// How old a hook's temporary spool file must be before it is taken as left by a hook that was
 /// killed mid-write (a live hook renames its file within milliseconds).
 const STALE_TEMP: Duration = Duration::from_secs(60);
@@ -140,8 +142,7 @@ pub fn decode(bytes: &[u8]) -> Result<HookReport, String> {
 /// Set a spool file that cannot be taken in aside, never retried: a regular file is moved to
 /// `rejected/` for inspection; anything else (a link, a FIFO, a directory), or any file when
 /// `rejected/` is not the node's own directory, is removed.
-pub fn reject(dir: &Path, path: &Path, why: &str) -> std::io::Result<()> {
-    tracing::warn!("spool file {} rejected: {why}", path.display());
+pub fn reject(dir: &Path, path: &Path) -> std::io::Result<()> {
     let regular = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file());
     match rejected_dir(dir, true)? {
         Some(rejected) if regular => {
@@ -372,7 +373,7 @@ mod tests {
         assert!(why[3].contains("over the limit"), "{why:?}");
         assert_eq!(why[4], "");
         for (path, _) in &b.files[..4] {
-            reject(p, path, "test").unwrap();
+            reject(p, path).unwrap();
         }
         // The oversized file is kept for inspection; the FIFO, the link (not what it points
         // to) and the directory are removed.
@@ -390,7 +391,7 @@ mod tests {
         std::fs::write(elsewhere.join("precious"), b"x").unwrap();
         std::os::unix::fs::symlink(&elsewhere, spool.join("rejected")).unwrap();
         std::fs::write(spool.join("a.frame"), b"junk").unwrap();
-        reject(&spool, &spool.join("a.frame"), "junk").unwrap();
+        reject(&spool, &spool.join("a.frame")).unwrap();
         assert!(!spool.join("rejected").is_symlink());
         assert!(spool.join("rejected/a.frame").exists());
         assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 1);

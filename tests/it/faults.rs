@@ -325,7 +325,20 @@ fn hostile_spool_files_are_refused_unread_and_rejected_files_stay_bounded() {
     assert!(rejected.join("1-garbage.frame").is_file());
     let there: Vec<_> = std::fs::read_dir(&elsewhere).unwrap().collect();
     assert_eq!(there.len(), 1, "nothing went where the link pointed");
+    // A flood of bad files: a few are named in the log, the rest counted.
+    for i in 0..700 {
+        std::fs::write(spool.join(format!("2-junk-{i:03}.frame")), b"junk").unwrap();
+    }
+    wait_until(20, "the junk to be set aside", || {
+        !spooled(&spool)
+            .iter()
+            .any(|p| p.to_string_lossy().contains("2-junk-"))
+    });
+    assert_eq!(node.status().spool_rejected, 701);
     let log = node.log();
+    let named = log.matches("2-junk-").count();
+    assert!(named <= 20, "{named} rejected files named in the log");
+    assert!(log.contains("more file(s) rejected this round, not named here"));
     assert!(log.contains("is not a directory: replaced by one"));
     let stuck = "can be neither taken in nor set aside";
     assert_eq!(
