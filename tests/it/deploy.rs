@@ -195,6 +195,104 @@ fn check_config_prints_the_readmes_defaults_and_the_cli_writes_its_docs() {
     }
 }
 
+/// Every key of `t`, nested tables flattened (`mirror.s3.bucket`), with its value.
+fn flatten(prefix: &str, t: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
+    for (k, v) in t {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            toml::Value::Table(inner) => flatten(&key, inner, out),
+            v => out.push((key, v.clone())),
+        }
+    }
+}
+
+/// The README's configuration block and deploy/narmesh.toml.example (what an operator copies)
+/// name every key the node has (what `check-config` prints, with a mirror configured, and the
+/// README's examples of keys without a default); the example's commented-out values are the
+/// defaults.
+#[test]
+fn the_readme_and_the_example_config_name_every_key_and_the_example_its_defaults() {
+    let t = tempfile::tempdir().unwrap();
+    let f = t.path().join("c.toml");
+    std::fs::write(&f, "[mirror.s3]\nbucket = \"b\"\n").unwrap();
+    let out = Command::new(bin("narmesh"))
+        .arg("check-config")
+        .arg(&f)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let printed: toml::Table = String::from_utf8(out.stdout).unwrap().parse().unwrap();
+    let mut defaults = Vec::new();
+    flatten("", &printed, &mut defaults);
+    defaults.retain(|(k, _)| k != "mirror.s3.bucket");
+    assert!(defaults.len() >= 30, "{defaults:?}");
+
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let block: toml::Table = readme
+        .split("## Configuration")
+        .nth(1)
+        .and_then(|s| s.split("```toml\n").nth(1))
+        .and_then(|s| s.split("```").next())
+        .expect("the README's configuration block")
+        .parse()
+        .unwrap();
+    let mut shown = Vec::new();
+    flatten("", &block, &mut shown);
+    for (key, _) in &defaults {
+        assert!(
+            shown.iter().any(|(k, _)| k == key),
+            "the README's configuration block lacks {key}"
+        );
+    }
+
+    // The example: `#key = value` is a default left as it is; `[section]` sets where keys go.
+    let example = std::fs::read_to_string(root.join("deploy/narmesh.toml.example")).unwrap();
+    let (mut section, mut named, mut commented) = (String::new(), Vec::new(), 0);
+    for line in example.lines() {
+        if let Some(s) = line.strip_prefix('[') {
+            section = format!("{}.", s.trim_end_matches(']'));
+            continue;
+        }
+        let (is_default, text) = match line.strip_prefix('#') {
+            Some(rest) => (true, rest),
+            None => (false, line),
+        };
+        let Some((key, value)) = text.split_once(" = ") else {
+            continue;
+        };
+        if key.is_empty() || !key.chars().all(|c| c.is_ascii_lowercase() || c == '-') {
+            continue;
+        }
+        let key = format!("{section}{key}");
+        named.push(key.clone());
+        let Some((_, default)) = defaults.iter().find(|(k, _)| *k == key) else {
+            continue;
+        };
+        if is_default {
+            let value: toml::Table = format!("v = {value}").parse().expect("a TOML value");
+            assert_eq!(
+                &value["v"], default,
+                "{key}: the example shows {value} as the default, check-config prints {default}"
+            );
+            commented += 1;
+        }
+    }
+    // Every key the node has, also those without a default the README shows as examples.
+    for (key, _) in defaults.iter().chain(&shown) {
+        assert!(
+            named.contains(key),
+            "deploy/narmesh.toml.example lacks {key}"
+        );
+    }
+    assert!(commented >= 25, "only {commented} defaults compared");
+}
+
 /// A node given no key makes one, named `<hostname>-1` (README: `key-name`'s default); a host
 /// name that cannot name a Nix key (a `:` or a space in it) gives `narmesh-1`, never a key Nix
 /// would refuse. Each node runs in a UTS namespace of its own, with its own host name.
