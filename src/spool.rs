@@ -3,10 +3,11 @@
 //! - report files are read oldest first, in batches of at most [`BATCH_FILES`] files and about
 //!   [`BATCH_BYTES`], so a spool that grew for days is taken in with bounded memory;
 //! - each is opened without following a link and without blocking, and read only if it is a
-//!   regular file of at most one frame: a FIFO, a link, a directory or an oversized file is
-//!   rejected unread;
-//! - rejected files are kept for inspection in `rejected/` (the node's own directory, never a
-//!   link), at most [`KEEP_REJECTED`] files and [`KEEP_REJECTED_BYTES`], the newest kept;
+//!   regular file of at most one frame: a link, a FIFO or a directory is removed unread, a
+//!   larger file rejected unread;
+//! - rejected files are kept for inspection in `rejected/` (the node's own directory, never
+//!   reached through a link), the newest [`KEEP_REJECTED`] within [`KEEP_REJECTED_BYTES`] of
+//!   disk;
 //! - a file that can be neither taken in nor set aside (a mount point) is passed over, so it
 //!   never holds back the reports behind it;
 //! - temporary files of hooks killed while spooling are removed.
