@@ -397,6 +397,7 @@ impl Ingest {
             taken: taken.len(),
             more: batch.more && stopped.is_none(),
         };
+        self.metrics.spool_refused.inc_by(rejected.len() as u64);
         let dir2 = dir.to_owned();
         let done = blocking_io(move || {
             for p in &taken {

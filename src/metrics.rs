@@ -100,6 +100,9 @@ pub struct Metrics {
     pub spool_waiting: Gauge,
     /// Report files kept in the spool's `rejected/`, as of the node's last look.
     pub spool_rejected: Gauge,
+    /// Spool files refused for good (set aside or removed), counted as it happens: the gauge
+    /// above stops growing at its bound.
+    pub spool_refused: Counter,
     pub batch_seconds: Histogram,
     /// From a hook report's last byte to its acknowledgement (validation and the fsync'd queue
     /// commit).
@@ -198,6 +201,7 @@ impl Metrics {
             spool_deferred: Counter::default(),
             spool_waiting: Gauge::default(),
             spool_rejected: Gauge::default(),
+            spool_refused: Counter::default(),
             batch_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             hook_ack_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             queue_commit_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
@@ -290,6 +294,13 @@ impl Metrics {
             "spool_rejected",
             "Spooled files set aside for good in the spool's rejected/ (kept for inspection)",
             m.spool_rejected.clone(),
+        );
+        register(
+            (&mut registry, &mut names),
+            "spool_refused",
+            "Spooled files refused for good (malformed, not a report file, or naming paths no \
+             longer valid): set aside in rejected/, or removed",
+            m.spool_refused.clone(),
         );
         for reason in REFUSALS {
             m.mesh_refused

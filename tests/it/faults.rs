@@ -220,17 +220,18 @@ fn transient_spool_failures_wait_and_permanent_ones_are_counted() {
             "problem{part=\"spool\"} ",
             "spool_waiting ",
             "spool_rejected ",
+            "spool_refused_total ",
         ]
         .map(|m| metric(node, &format!("narmesh_{m}")))
     };
-    assert_eq!(metrics(&node), [1.0, 6.0, 1.0]);
+    assert_eq!(metrics(&node), [1.0, 6.0, 1.0, 1.0]);
     std::fs::rename(&away, &db).unwrap();
     wait_until(60, "the spooled reports to be taken in", || {
         recorded(&node, &paths) == paths.len()
     });
     let st = node.status();
     assert_eq!((st.spool_waiting, st.spool_rejected), (0, 2), "{st:?}");
-    assert_eq!(metrics(&node), [0.0, 0.0, 2.0]);
+    assert_eq!(metrics(&node), [0.0, 0.0, 2.0, 2.0]);
     assert_eq!(recorded(&node, std::slice::from_ref(&gone)), 0);
     assert!(
         node.log()
@@ -335,6 +336,9 @@ fn hostile_spool_files_are_refused_unread_and_rejected_files_stay_bounded() {
             .any(|p| p.to_string_lossy().contains("2-junk-"))
     });
     assert_eq!(node.status().spool_rejected, 701);
+    // Counted as they happen: the five odd entries ahead of the reports, the garbage and the
+    // junk (the files kept are bounded, this count is not).
+    assert_eq!(metric(&node, "narmesh_spool_refused_total "), 706.0);
     let log = node.log();
     let named = log.matches("2-junk-").count();
     assert!(named <= 20, "{named} rejected files named in the log");
