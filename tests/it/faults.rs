@@ -340,8 +340,10 @@ fn hostile_spool_files_are_refused_unread_and_rejected_files_stay_bounded() {
     // junk (the files kept are bounded, this count is not).
     assert_eq!(metric(&node, "narmesh_spool_refused_total "), 706.0);
     let log = node.log();
+    // At most 10 a round: 700 files take at least two rounds (512 a batch), a few more if a
+    // round starts while they are still being written.
     let named = log.matches("2-junk-").count();
-    assert!(named <= 20, "{named} rejected files named in the log");
+    assert!(named < 60, "{named} rejected files named in the log");
     assert!(log.contains("more file(s) rejected this round, not named here"));
     assert!(log.contains("is not a directory: replaced by one"));
     let stuck = "can be neither taken in nor set aside";
