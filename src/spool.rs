@@ -122,7 +122,7 @@ fn read_file(path: &Path, bytes: &mut Vec<u8>) -> Result<(), String> {
 }
 
 /// A spool file holds exactly one frame, as the hook would have sent it.
-pub fn decode(bytes: &[u8]) -> Result<HookReport, String> {
+fn decode(bytes: &[u8]) -> Result<HookReport, String> {
     let prefix: [u8; 4] = bytes
         .get(..4)
         .and_then(|b| b.try_into().ok())
@@ -303,7 +303,34 @@ pub fn clean_stale_temps(dir: &Path) {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        /// Any bytes give a report or an error, never a panic; a report's frame gives the
+        /// report back, and the frame cut short or with a byte more is refused.
+        #[test]
+        fn decode_takes_exactly_one_hook_frame(
+            junk in proptest::collection::vec(any::<u8>(), 0..64),
+            drv in proptest::option::of("[a-z0-9/.-]{0,80}"),
+            outs in proptest::collection::vec("[a-z0-9/.-]{0,80}", 0..8),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let _ = decode(&junk);
+            let r = HookReport { drv_path: drv, out_paths: outs };
+            let bytes = frame::encode(&Envelope {
+                version: narmesh_proto::HOOK_PROTOCOL_VERSION,
+                request: Request::Hook(r.clone()),
+            })
+            .unwrap();
+            prop_assert_eq!(decode(&bytes), Ok(r));
+            prop_assert!(decode(&bytes[..cut.index(bytes.len())]).is_err());
+            let mut longer = bytes.clone();
+            longer.push(0);
+            prop_assert!(decode(&longer).is_err());
+        }
+    }
 
     fn report(i: usize) -> Vec<u8> {
         frame::encode(&Envelope {
