@@ -204,6 +204,10 @@ pub struct S3Config {
     pub part_size: u64,
     /// `Priority` written to the bucket's `nix-cache-info` when the bucket has none.
     pub priority: u32,
+    /// How often the mirror lists the bucket and puts back what the bucket lost of what it
+    /// completed (a narinfo, a NAR, `nix-cache-info`); the first audit runs at most 10 minutes
+    /// after start. 0: never.
+    pub audit_secs: u64,
 }
 
 impl Default for S3Config {
@@ -219,6 +223,7 @@ impl Default for S3Config {
             multipart_threshold: 16 << 20,
             part_size: 8 << 20,
             priority: 50,
+            audit_secs: 86_400,
         }
     }
 }
@@ -452,6 +457,12 @@ impl Config {
                     "must be 5 MiB..=5 GiB (S3's limits)".into(),
                 ));
             }
+            if s3.audit_secs > 30 * 86_400 {
+                return Err(invalid(
+                    "mirror.s3.audit-secs",
+                    "must be 0 (never) or at most 2592000 (30 days)".into(),
+                ));
+            }
             if s3.multipart_threshold < s3.part_size {
                 return Err(invalid(
                     "mirror.s3.multipart-threshold",
@@ -585,6 +596,7 @@ mod tests {
             "[mirror.s3]\nbucket = \"b\"\nconcurrency = 0",
             "[mirror.s3]\nbucket = \"b\"\ncompression = \"bzip2\"",
             "[mirror.s3]\nbucket = \"b\"\nregoin = \"x\"",
+            "[mirror.s3]\nbucket = \"b\"\naudit-secs = 2592001",
         ] {
             let parsed: Result<Config, _> = toml::from_str(bad);
             assert!(

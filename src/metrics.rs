@@ -117,6 +117,10 @@ pub struct Metrics {
     pub mirror_failures: Counter,
     pub mirror_streamed_nars: Counter,
     pub mirror_shared_nars: Counter,
+    /// Bucket audits completed.
+    pub mirror_audits: Counter,
+    /// Completed paths an audit found the bucket had lost something of.
+    pub mirror_audit_lost: Counter,
     pub storage_file_bytes: Gauge,
     pub storage_cap_bytes: Gauge,
     pub storage_own_paths: Gauge,
@@ -216,6 +220,8 @@ impl Metrics {
             mirror_failures: Counter::default(),
             mirror_streamed_nars: Counter::default(),
             mirror_shared_nars: Counter::default(),
+            mirror_audits: Counter::default(),
+            mirror_audit_lost: Counter::default(),
             storage_file_bytes: Gauge::default(),
             storage_cap_bytes: Gauge::default(),
             storage_own_paths: Gauge::default(),
@@ -387,6 +393,18 @@ impl Metrics {
             "mirror_shared_nars",
             "Paths the S3 mirror pointed at an identical NAR already in the bucket (not uploaded again)",
             m.mirror_shared_nars.clone(),
+        );
+        register(
+            (&mut registry, &mut names),
+            "mirror_audits",
+            "Audits of the bucket completed (mirror.s3.audit-secs)",
+            m.mirror_audits.clone(),
+        );
+        register(
+            (&mut registry, &mut names),
+            "mirror_audit_lost",
+            "Completed paths an audit found the bucket had lost their narinfo or NAR of (put back when still held)",
+            m.mirror_audit_lost.clone(),
         );
         register(
             (&mut registry, &mut names),

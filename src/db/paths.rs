@@ -31,7 +31,7 @@ pub struct RemoteClaim {
 /// Records checked per commit when the trust configuration changed.
 pub(super) const RETRUST_BATCH: usize = 1024;
 
-fn now_secs() -> u64 {
+pub(super) fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -6,9 +6,12 @@
 //! reader never finds a narinfo whose NAR or closure is missing). A NAR still arriving from
 //! peers is compressed as it arrives (the mesh's [`Arriving`]), not after. The uploads are
 //! [`job`]s; failures back off per path, and a `SlowDown` from the bucket lowers the number in
-//! flight ([`throttle`]); identical NARs go up once ([`same`]). Multipart uploads are recorded while open, so after a crash exactly
-//! this mirror's are aborted. Nothing here blocks ingest, the pipeline or the mesh.
+//! flight ([`throttle`]); identical NARs go up once ([`same`]). Multipart uploads are recorded
+//! while open, so after a crash exactly this mirror's are aborted. What the bucket loses later
+//! is found by a periodic [`audit`] and put up again. Nothing here blocks ingest, the pipeline
+//! or the mesh.
 
+mod audit;
 mod compress;
 mod job;
 mod plan;
@@ -45,6 +48,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const RATE_WINDOW: Duration = Duration::from_secs(10);
 /// How often paths whose NAR is not here yet are looked at again even without news of them.
 const RECHECK: Duration = Duration::from_secs(5);
+/// The first bucket audit runs this long after the bucket is ready, at most (`audit-secs`
+/// apart after that): a restart after a bucket was emptied mends it soon.
+const FIRST_AUDIT: Duration = Duration::from_secs(600);
 
 /// What the mirror needs from the node.
 pub struct MirrorParts {
@@ -315,6 +321,12 @@ impl Mirror {
         let mut paths = self.db.subscribe_changed_paths();
         let mut started = self.arriving.as_ref().map(Arriving::subscribe);
         let mut recheck = tokio::time::Instant::now() + RECHECK;
+        let every = Duration::from_secs(self.cfg.audit_secs);
+        let mut audit_at =
+            (!every.is_zero()).then(|| tokio::time::Instant::now() + every.min(FIRST_AUDIT));
+        let mut auditing: Option<tokio::task::JoinHandle<Result<audit::Found, audit::AuditError>>> =
+            None;
+        let (again_tx, mut again_rx) = tokio::sync::mpsc::channel(1);
         loop {
             self.take_new().await;
             self.schedule(&mut tasks);
@@ -351,6 +363,24 @@ impl Mirror {
                     recheck = tokio::time::Instant::now() + RECHECK;
                     touched.extend(self.plan.not_local().map(str::to_owned));
                 }
+                _ = sleep_until_some(audit_at), if auditing.is_none() => {
+                    audit_at = Some(tokio::time::Instant::now() + every);
+                    auditing = Some(tokio::spawn(audit::run(
+                        self.bucket.clone(),
+                        self.db.clone(),
+                        crate::nix::narinfo::cache_info(self.cfg.priority),
+                        again_tx.clone(),
+                    )));
+                }
+                // Paths the audit found lost: pending again, into the plan.
+                Some(recs) = again_rx.recv() => {
+                    let recs = recs.into_iter().map(|r| (r, MirrorState::Pending, true)).collect();
+                    self.add(recs).await;
+                }
+                r = async { auditing.as_mut().expect("guarded").await }, if auditing.is_some() => {
+                    auditing = None;
+                    self.audited(r.unwrap_or(Err(audit::AuditError::Stopped)));
+                }
             }
             while let Ok(h) = paths.try_recv() {
                 touched.push(h);
@@ -362,7 +392,10 @@ impl Mirror {
             self.finish(done).await;
         }
         // Uploads in flight are dropped; their paths' states were not advanced, so the next
-        // run redoes them (and aborts their unfinished parts).
+        // run redoes them (and aborts their unfinished parts). An audit stops where it is.
+        if let Some(a) = auditing {
+            a.abort();
+        }
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }
@@ -710,6 +743,58 @@ impl Mirror {
         }
     }
 
+    /// Report an audit's end: logged, counted, and a failure is the mirror's problem until
+    /// an upload or the next audit succeeds.
+    fn audited(&self, r: Result<audit::Found, audit::AuditError>) {
+        match r {
+            Ok(f) => {
+                self.metrics.mirror_audits.inc();
+                self.metrics
+                    .mirror_audit_lost
+                    .inc_by(f.again + f.unrecoverable);
+                let lost = f.again + f.unrecoverable;
+                if lost > 0 || f.cache_info {
+                    tracing::warn!(
+                        "mirror: audit of bucket {}: {} objects listed; {lost} completed path(s) \
+                         lost something, {} put back ({} narinfo(s) naming a lost NAR deleted \
+                         first), {} no longer held by anyone{}",
+                        self.bucket.name(),
+                        f.objects,
+                        f.again,
+                        f.dangling,
+                        f.unrecoverable,
+                        if f.cache_info {
+                            "; nix-cache-info put back"
+                        } else {
+                            ""
+                        }
+                    );
+                } else {
+                    tracing::info!(
+                        "mirror: audit of bucket {}: {} objects listed, nothing lost",
+                        self.bucket.name(),
+                        f.objects
+                    );
+                }
+                // Only an audit's own failure is over: an upload's stands until one succeeds.
+                let audit_failed = self
+                    .stats
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .last_error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("audit: "));
+                if audit_failed {
+                    self.set_error(None);
+                }
+            }
+            Err(e) => {
+                tracing::warn!("mirror: audit of bucket {}: {e}", self.bucket.name());
+                self.set_error(Some(format!("audit: {e}")));
+            }
+        }
+    }
+
     fn publish_counts(&self) {
         let (paths, bytes) = self.plan.pending();
         self.metrics.mirror_pending_paths.set(paths as i64);
@@ -728,6 +813,14 @@ async fn next_started(
 ) -> Result<String, tokio::sync::broadcast::error::RecvError> {
     match rx {
         Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleep until `at`; forever if `None`.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }

@@ -1,6 +1,6 @@
 //! The bucket, behind our own small interface: put a small object, put a file (in parts above
-//! a threshold, parts in parallel, aborted on failure), ask for an object's size, and clean up
-//! parts left by a killed upload. No aws-sdk type leaves this module. Retries with backoff for
+//! a threshold, parts in parallel, aborted on failure), ask for an object's size, list the
+//! objects, delete one, and clean up parts left by a killed upload. No aws-sdk type leaves this module. Retries with backoff for
 //! 5xx, throttling (SlowDown) and timeouts are the SDK's standard retry mode, without its retry
 //! quota; CreateMultipartUpload alone is retried here, each try under its own intent (see
 //! [`intents`], which owns the upload log's side of the bucket).
@@ -232,6 +232,68 @@ impl Bucket {
             Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
             Err(e) => Err(self.err("HEAD", &key, e)),
         }
+    }
+
+    /// Every object under the prefix, a page of up to 1,000 at a time, as (key relative to the
+    /// prefix, size) handed to `each`; returns how many. Each page's request has the SDK's
+    /// deadline and retries; an error on any page ends the listing (a partial listing is never
+    /// taken for the whole). At most `cap` objects: more is an error.
+    pub async fn list_each(
+        &self,
+        cap: u64,
+        mut each: impl FnMut(&str, u64),
+    ) -> Result<u64, S3Error> {
+        let mut token: Option<String> = None;
+        let mut n = 0u64;
+        loop {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&self.prefix)
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| self.err("ListObjectsV2", &self.prefix, e))?;
+            for o in page.contents() {
+                let Some(rel) = o.key().and_then(|k| k.strip_prefix(self.prefix.as_str())) else {
+                    continue;
+                };
+                n += 1;
+                if n > cap {
+                    return Err(S3Error::Other {
+                        op: "ListObjectsV2",
+                        key: self.prefix.clone(),
+                        message: format!("more than {cap} objects"),
+                    });
+                }
+                each(rel, o.size().unwrap_or(0).max(0) as u64);
+            }
+            match (page.is_truncated(), page.next_continuation_token()) {
+                (Some(true), Some(t)) => token = Some(t.to_owned()),
+                (Some(true), None) => {
+                    return Err(S3Error::Other {
+                        op: "ListObjectsV2",
+                        key: self.prefix.clone(),
+                        message: "a page said more follow, without a continuation token".into(),
+                    });
+                }
+                _ => return Ok(n),
+            }
+        }
+    }
+
+    /// Delete object `rel` (one that is not there is no error).
+    pub async fn delete(&self, rel: &str) -> Result<(), S3Error> {
+        let key = self.key(rel);
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .send()
+            .await
+            .map_err(|e| self.err("DELETE", &key, e))?;
+        Ok(())
     }
 
     /// Put a small object.

@@ -10,7 +10,7 @@ use narmesh_proto::control::MirrorStatus;
 
 use crate::harness::{Nix, NixHost, http, run_ok, wait_until};
 use crate::node_harness::Node;
-use crate::s3_harness::{ACCESS_KEY, S3Server, SECRET_KEY, check_cache, credentials_env};
+use crate::s3_harness::{ACCESS_KEY, BUCKET, S3Server, SECRET_KEY, check_cache, credentials_env};
 use crate::trust::metric;
 
 const CHAIN: &str = r#"
@@ -602,4 +602,100 @@ fn panicked_upload_tasks_and_failed_commits_are_retried_until_recorded() {
         (0, 0),
         "after a restart, nothing left to upload: {m:?}"
     );
+}
+
+/// The bucket's narinfo keys, and whether every narinfo of `paths` is there, naming a NAR of
+/// its FileSize, with `nix-cache-info` beside them (read without panicking, to wait on).
+fn bucket_whole(s3: &S3Server, paths: &[String]) -> bool {
+    let objects: std::collections::BTreeMap<String, u64> = s3.objects().into_iter().collect();
+    objects.contains_key("nix-cache-info")
+        && paths.iter().all(|p| {
+            let key = format!("{}.narinfo", &p.trim_start_matches("/nix/store/")[..32]);
+            objects.contains_key(&key)
+                && std::str::from_utf8(&s3.get(&key).0)
+                    .ok()
+                    .and_then(|t| NarInfo::parse(t).ok())
+                    .is_some_and(|i| objects.get(&i.url).copied() == i.file_size)
+        })
+}
+
+/// What the bucket loses of completed paths, the audit (`audit-secs`) puts back: a narinfo, a
+/// NAR, a NAR cut short, `nix-cache-info`; Nix then substitutes the closure from the bucket.
+/// Audits of a whole bucket put nothing up again. A narinfo whose NAR the bucket lost and
+/// nobody holds any more (Nix GC) is deleted: Nix would fail on it rather than build.
+#[test]
+fn an_audit_puts_back_what_the_bucket_lost() {
+    let s3 = S3Server::start();
+    let t = tempfile::tempdir().unwrap();
+    let mut m = Node::new(&t.path().join("m"), &t.path().join("unused"));
+    let host = NixHost::with_hook(&m.socket(), &m.spool());
+    m.store_root = host.root.clone();
+    m.extra_config = s3.mirror_config("audit-secs = 1") + "[store]\ngc-check-secs = 1\n";
+    m.env = credentials_env(ACCESS_KEY, SECRET_KEY);
+    m.start();
+    let top = host.build(CHAIN)[0].clone();
+    let gone = host.build(r#"mk "mirror-gone" "echo gone > $out""#)[0].clone();
+    let paths = host.closure(std::slice::from_ref(&top));
+    wait_mirrored(&m, 4, 60);
+    wait_until(30, "two audits", || {
+        metric(&m, "narmesh_mirror_audits_total") >= 2.0
+    });
+    assert_eq!(metric(&m, "narmesh_mirror_audit_lost_total"), 0.0);
+    assert_eq!(mirror(&m).uploaded_paths, 4, "an audit put a path up again");
+
+    // The bucket loses the top's narinfo, a NAR, another NAR's tail, and nix-cache-info.
+    let narinfo = |p: &str| format!("{}.narinfo", &p.trim_start_matches("/nix/store/")[..32]);
+    let url = |p: &str| {
+        NarInfo::parse(std::str::from_utf8(&s3.get(&narinfo(p)).0).unwrap())
+            .unwrap()
+            .url
+    };
+    let others: Vec<&String> = paths.iter().filter(|p| **p != top.full()).collect();
+    let (lost_nar, cut_nar) = (url(others[0]), url(others[1]));
+    let (rt, c) = s3.client();
+    let delete = |key: &str| {
+        rt.block_on(c.delete_object().bucket(BUCKET).key(key).send())
+            .unwrap_or_else(|e| panic!("DELETE {key}: {e:?}"));
+    };
+    delete(&narinfo(&top.full()));
+    delete(&lost_nar);
+    delete("nix-cache-info");
+    rt.block_on(
+        c.put_object()
+            .bucket(BUCKET)
+            .key(&cut_nar)
+            .body(b"cut short".to_vec().into())
+            .send(),
+    )
+    .unwrap();
+    assert!(!bucket_whole(&s3, &paths));
+    wait_until(60, "the audit to put back what the bucket lost", || {
+        bucket_whole(&s3, &paths)
+    });
+    assert_eq!(check_bucket(&s3, &paths), 4);
+    assert!(metric(&m, "narmesh_mirror_audit_lost_total") >= 3.0);
+    assert!(m.log().contains("nix-cache-info put back"), "{}", m.log());
+    let c2 = NixHost::substituter_nix(Nix::ALL[0], &s3.cache_url(), &m.public_key());
+    run_ok(c2.cmd("nix-store").args(["-r", &top.full()]));
+    assert_eq!(c2.closure(std::slice::from_ref(&top)).len(), 3);
+
+    // Nobody holds `gone` any more, and the bucket loses its NAR: its narinfo goes, and the
+    // path waits (pending) for a NAR that may come back.
+    run_ok(host.cmd("nix-store").args(["--delete", &gone.full()]));
+    wait_until(30, "the node to see the path gone", || {
+        metric(&m, "narmesh_storage_gc_lost_total") >= 1.0
+    });
+    delete(&url(&gone.full()));
+    wait_until(30, "the dangling narinfo to be deleted", || {
+        !s3.objects()
+            .iter()
+            .any(|(k, _)| *k == narinfo(&gone.full()))
+    });
+    assert!(
+        m.log()
+            .contains("narinfo(s) naming a lost NAR deleted first"),
+        "{}",
+        m.log()
+    );
+    assert_eq!(mirror(&m).pending_paths, 1);
 }
