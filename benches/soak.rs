@@ -5,8 +5,10 @@
 //!   one of them; A serves them from its Nix store;
 //! - B replicates eagerly within a 24 MiB cap, so it fetches and evicts all the time;
 //! - C mirrors everything into a local SeaweedFS within the same cap (it may drop a NAR once
-//!   it is in the bucket), and is killed with SIGKILL and started again every 15 rounds (the
-//!   mirror resumes; A and B see a peer go and come back);
+//!   it is in the bucket), audits the bucket every 5 s (nothing takes objects from it, so every
+//!   audit must find nothing lost while paths are done, forgotten and killed mid-upload), and
+//!   is killed with SIGKILL and started again every 15 rounds (the mirror resumes; A and B see
+//!   a peer go and come back);
 //! - every 5 rounds, Nix GC on A's host deletes the rounds older than 20 (A follows: it
 //!   withdraws them, and serves them only while a peer still has them);
 //! - a record nobody holds any more is forgotten after `NARMESH_SOAK_FORGET_SECS` (60; seven
@@ -198,7 +200,7 @@ fn main() {
     nodes[2].store_root = nodes[2].dir.join("store");
     nodes[2].extra_config = format!(
         "{}\n[store]\nmax-size = \"{CAP_MIB}MiB\"\nmin-free = \"1MiB\"\n{forget}",
-        s3.mirror_config("")
+        s3.mirror_config("audit-secs = 5")
     );
     nodes[2].env = credentials_env(ACCESS_KEY, SECRET_KEY);
     for n in nodes.iter_mut() {
@@ -222,10 +224,13 @@ fn main() {
     // Fetches asked again because the node did not know the path yet.
     let mut not_yet = 0;
     let nars_b = nodes[1].dir.join("data/nars");
+    // C's bucket audits over all its lives.
+    let mut audits = Audits::default();
     while started.elapsed().as_secs_f64() < secs {
         let r = rounds.len();
         let round_start = Instant::now();
         if r > 0 && r.is_multiple_of(RESTART_EVERY) {
+            audits.add(&nodes[2]);
             nodes[2].kill9();
             nodes[2].start();
             restarts += 1;
@@ -315,6 +320,7 @@ fn main() {
     let in_bucket = check_cache(&s3, "", "zstd", &on_a, &[]);
     let status_c = nodes[2].status();
     let mirror = status_c.mirror.clone().expect("mirror status");
+    audits.add(&nodes[2]);
 
     println!(
         "\n{} rounds in {run_secs:.0} s: {built} paths built ({:.0} MiB), {gc_deleted} deleted by \
@@ -328,6 +334,10 @@ fn main() {
          finished {drain_secs:.1} s after the last round; {} pending, {} failures since C's last \
          start)",
         in_bucket, mirror.pending_paths, mirror.failures
+    );
+    println!(
+        "C's bucket audits: {} completed, {} paths found lost",
+        audits.done, audits.lost
     );
     println!(
         "B: peak {:.1} MiB of NAR files on disk (cap {CAP_MIB} MiB), {} evictions; A: {} paths lost to Nix GC",
@@ -413,8 +423,35 @@ fn main() {
             l.fds
         );
     }
+    assert!(audits.done > 0.0, "C never completed a bucket audit");
+    assert_eq!(
+        audits.lost, 0.0,
+        "an audit found lost what the bucket holds"
+    );
     for n in nodes.iter_mut() {
         n.stop();
     }
     s3.stop();
+}
+
+/// The mirror's audit counters, summed over a node's lives (its metrics start again at 0).
+#[derive(Default)]
+struct Audits {
+    done: f64,
+    lost: f64,
+}
+
+impl Audits {
+    fn add(&mut self, node: &Node) {
+        let (_, _, body) = http(&node.http, "GET", "/metrics", &[]);
+        let body = String::from_utf8_lossy(&body);
+        let get = |name: &str| -> f64 {
+            body.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0.0)
+        };
+        self.done += get("narmesh_mirror_audits_total ");
+        self.lost += get("narmesh_mirror_audit_lost_total ");
+    }
 }

@@ -132,6 +132,7 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
                 storage: storage.clone(),
                 metrics: metrics.clone(),
                 arriving: mesh.as_ref().map(MeshHandle::arriving),
+                me: mesh.as_ref().map(MeshHandle::endpoint_bytes),
             },
             mirror_cancel.clone(),
         )

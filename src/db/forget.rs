@@ -153,7 +153,7 @@ impl Db {
                 let pending = step.mirror
                     && outbox
                         .get(hash.as_str())?
-                        .map(|v| super::outbox::decode(v.value()))
+                        .map(|v| postcard::from_bytes::<MirrorState>(v.value()))
                         .transpose()?
                         .is_some_and(|s| s != MirrorState::Done);
                 if pending {

@@ -9,8 +9,10 @@
 //!
 //! Files: [`records`] (the record types), `paths` (recording, the log), `storage` (the
 //! storage's tables), `outbox` (the mirror's), `forget` (dropping the records of paths nobody
-//! holds any more), `review` (a peer's statements checked again after a long absence), `migrate` (reading a data dir of `e5a6e05`).
+//! holds any more), `review` (a peer's statements checked again after a long absence), `audit`
+//! (the mirror's bucket audit), `migrate` (reading a data dir of `e5a6e05`).
 
+mod audit;
 mod forget;
 mod handle;
 mod journal;
@@ -30,6 +32,7 @@ use redb::{
     ReadableTableMetadata, TableDefinition,
 };
 
+pub use audit::{Again, Lost};
 pub use forget::{ForgetStep, Forgotten};
 pub use migrate::LegacyBlob;
 pub use outbox::{MirrorNeed, MirrorState, OpenUpload};
@@ -168,6 +171,7 @@ impl Db {
         tx.open_table(CURSORS)?;
         tx.open_table(outbox::OUTBOX)?;
         tx.open_table(outbox::UPLOADS)?;
+        tx.open_table(audit::FINISHED)?;
         storage::create_tables(&tx)?;
         tx.open_table(forget::MARKS)?;
         tx.open_table(review::SYNCED)?;

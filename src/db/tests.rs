@@ -409,14 +409,14 @@ fn records_nobody_holds_are_forgotten_once_old_enough() {
     assert_eq!(log_order(&db), vec![h('c'), h('d'), h('p'), h('x')]);
     // On the mirror node, a dead path taken into the outbox stays until it is done there.
     rec('m', 9, 5, false);
-    db.outbox_take(100).unwrap();
+    db.outbox_take(100, None).unwrap();
     assert!(step(1400, 100, true).hashes.is_empty());
     assert!(
         step(1500, 100, true).hashes.is_empty(),
         "not in the bucket yet"
     );
     db.outbox_set(&[(h('m'), MirrorState::Done)]).unwrap();
-    db.outbox_take(100).unwrap();
+    db.outbox_take(100, None).unwrap();
     assert!(step(1600, 100, true).hashes.is_empty());
     assert_eq!(step(1700, 100, true).hashes, vec![h('m')]);
 }

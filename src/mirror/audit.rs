@@ -1,31 +1,39 @@
 //! The bucket audit: what the mirror completed may still go missing from the bucket (a
 //! lifecycle rule, an operator's cleanup, a bucket emptied or replaced, an object cut short).
 //! Every `[mirror.s3] audit-secs` the mirror lists the bucket once and compares the listing
-//! with its outbox: a done path whose narinfo is gone, or whose NAR is gone or of another
-//! size, goes back to pending and up again (`Db::outbox_again`), NAR before narinfo as
-//! always. A narinfo left naming a missing NAR is deleted first, as Nix fails on it rather than
-//! build; a missing `nix-cache-info` is put back. A partial listing is never acted on.
+//! with its outbox (`Db::outbox_audit`): a done path whose narinfo is gone, or whose NAR is gone
+//! or of another size, is lost. A narinfo left naming a missing NAR is deleted first, as Nix
+//! fails on it rather than build; it is read first, and one naming a NAR the bucket holds whole
+//! (checked again just before) stays. The lost paths go to the mirror, which hands them back to
+//! its plan (`Db::outbox_again`: only the narinfo where the NAR is whole in the bucket, else
+//! the NAR from whoever holds it; a path nobody holds waits, not pending, until someone does).
+//! A missing `nix-cache-info` is put back. A partial listing is never acted on; a narinfo that
+//! cannot be read or deleted is left for the next audit, which then comes sooner.
 //!
 //! The listing is held as a sorted list of 64-bit digests of the keys with their sizes (16
 //! bytes an object, at most [`MAX_OBJECTS`]), so a bucket of millions of paths is audited in
-//! bounded memory, and the whole audit has a deadline.
+//! bounded memory; the listing has a deadline, and no new batch starts after it.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures::{StreamExt as _, TryStreamExt as _};
+use futures::StreamExt as _;
 use tokio::sync::mpsc;
 
 use super::s3::{Bucket, CACHE_INFO_TYPE, S3Error};
-use crate::db::{Db, DbError, PathRecord};
+use crate::db::{Db, DbError, Lost};
+use crate::nix::NarInfo;
 
 /// Objects an audit lists at most (16 bytes each in memory).
 pub const MAX_OBJECTS: u64 = 8 << 20;
-/// An audit that takes longer is abandoned (the next one starts over).
+/// An audit past this starts no new batch (the next one starts over).
 const DEADLINE: Duration = Duration::from_secs(3600);
 /// Lost paths handed on per batch (and a read looks at 64 times as many done paths at most).
 const BATCH: usize = 1000;
-/// Dangling narinfos deleted at once.
-const DELETES_AT_ONCE: usize = 16;
+/// Narinfos read (and deleted) at once.
+const AT_ONCE: usize = 16;
+/// The longest narinfo read.
+const MAX_NARINFO: u64 = 1 << 20;
 
 /// Why an audit ended early.
 #[derive(Debug, thiserror::Error)]
@@ -40,19 +48,71 @@ pub enum AuditError {
     Stopped,
 }
 
-/// What one audit found.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// What an audit tells the mirror, in order.
+#[derive(Debug)]
+pub enum Msg {
+    /// Lost paths (hash parts, and whether the NAR is still whole in the bucket), their
+    /// dangling narinfos deleted: the mirror's again.
+    Lost(Vec<(String, bool)>),
+    /// The audit ended.
+    End(Result<Found, AuditError>),
+}
+
+/// What one audit found (the mirror counts what it did with the lost paths).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Found {
     /// Objects listed.
     pub objects: u64,
-    /// Done paths put back to pending.
-    pub again: u64,
     /// Narinfos deleted, as they named a NAR the bucket lost.
     pub dangling: u64,
-    /// Lost paths whose records are gone (nobody held them any more): not put back.
-    pub unrecoverable: u64,
     /// `nix-cache-info` was missing and was put back.
     pub cache_info: bool,
+    /// Narinfos that could not be read or deleted (left for the next audit), and the last
+    /// error.
+    pub errors: u64,
+    pub last_error: Option<String>,
+}
+
+/// Lost paths an audit names in the log, at most.
+const NAMED: usize = 10;
+
+/// What the mirror did with an audit's lost paths.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Tally {
+    /// Back to the plan, of which `narinfo_only` with their NARs still whole in the bucket.
+    pub back: u64,
+    pub narinfo_only: u64,
+    /// Held by nobody: waiting, not pending, until someone holds them.
+    pub gone: u64,
+    /// Forgotten here (nobody held them for long): dropped from the outbox.
+    pub forgotten: u64,
+    /// The first lost paths, by store path (hash part when forgotten).
+    pub named: Vec<String>,
+}
+
+impl Tally {
+    pub fn add(&mut self, again: &crate::db::Again) {
+        self.back += again.back.len() as u64;
+        self.narinfo_only += again
+            .back
+            .iter()
+            .filter(|(_, s)| matches!(s, crate::db::MirrorState::NarStored { .. }))
+            .count() as u64;
+        self.gone += again.gone.len() as u64;
+        self.forgotten += again.forgotten.len() as u64;
+        let room = NAMED.saturating_sub(self.named.len());
+        let names = again
+            .back
+            .iter()
+            .map(|(r, _)| &r.store_path)
+            .chain(&again.gone)
+            .chain(&again.forgotten);
+        self.named.extend(names.take(room).cloned());
+    }
+
+    pub fn lost(&self) -> u64 {
+        self.back + self.gone + self.forgotten
+    }
 }
 
 /// The bucket's keys as digests with sizes, sorted.
@@ -68,12 +128,18 @@ fn digest(key: &str) -> u64 {
 
 impl Listing {
     /// Every object of the bucket (under its prefix).
-    pub async fn of(bucket: &Bucket) -> Result<Listing, S3Error> {
+    pub async fn of(bucket: &Bucket) -> Result<Listing, AuditError> {
         let mut keys = Vec::new();
         bucket
             .list_each(MAX_OBJECTS, |key, size| keys.push((digest(key), size)))
             .await?;
-        keys.sort_unstable();
+        let keys = tokio::task::spawn_blocking(move || {
+            keys.sort_unstable();
+            keys.shrink_to_fit();
+            keys
+        })
+        .await
+        .map_err(|_| AuditError::Stopped)?;
         Ok(Listing { keys })
     }
 
@@ -95,28 +161,26 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// One audit: list, compare, delete dangling narinfos, put paths back (each batch of records
-/// sent to the mirror's plan through `again`), put back `nix-cache-info` (`cache_info`, the
-/// body the mirror writes) if it is gone.
-pub async fn run(
-    bucket: Bucket,
-    db: Db,
-    cache_info: String,
-    again: mpsc::Sender<Vec<PathRecord>>,
-) -> Result<Found, AuditError> {
-    tokio::time::timeout(DEADLINE, audit(bucket, db, cache_info, again))
-        .await
-        .unwrap_or(Err(AuditError::Deadline))
+/// One audit, told to the mirror through `tell`: list, compare, delete dangling narinfos,
+/// hand on the lost paths a batch at a time, put back `nix-cache-info` (`cache_info`, the body
+/// the mirror writes) if it is gone, and end.
+pub async fn run(bucket: Bucket, db: Db, cache_info: String, tell: mpsc::Sender<Msg>) {
+    let end = audit(&bucket, &db, cache_info, &tell).await;
+    let _ = tell.send(Msg::End(end)).await;
 }
 
 async fn audit(
-    bucket: Bucket,
-    db: Db,
+    bucket: &Bucket,
+    db: &Db,
     cache_info: String,
-    again: mpsc::Sender<Vec<PathRecord>>,
+    tell: &mpsc::Sender<Msg>,
 ) -> Result<Found, AuditError> {
+    let started = Instant::now();
     let listed_at = unix_now();
-    let listing = std::sync::Arc::new(Listing::of(&bucket).await?);
+    let listing = tokio::time::timeout(DEADLINE, Listing::of(bucket))
+        .await
+        .map_err(|_| AuditError::Deadline)??;
+    let listing = Arc::new(listing);
     let mut found = Found {
         objects: listing.len(),
         ..Found::default()
@@ -129,6 +193,9 @@ async fn audit(
     }
     let mut after: Option<String> = None;
     loop {
+        if started.elapsed() > DEADLINE {
+            return Err(AuditError::Deadline);
+        }
         let (d, l) = (db.clone(), listing.clone());
         let from = after.clone();
         let (lost, next) = tokio::task::spawn_blocking(move || {
@@ -136,43 +203,67 @@ async fn audit(
         })
         .await
         .map_err(|_| AuditError::Stopped)??;
-        // A narinfo naming a lost NAR goes before its path is pending again: killed between
-        // the two, the next audit finds the path done without its narinfo, and puts it back.
-        let dangling: Vec<String> = lost
-            .iter()
-            .filter(|l| l.dangling)
-            .map(|l| format!("{}.narinfo", l.hash))
-            .collect();
-        found.dangling += dangling.len() as u64;
-        let deletes = dangling.into_iter().map(|key| {
-            let b = bucket.clone();
-            async move { b.delete(&key).await }
-        });
-        futures::stream::iter(deletes)
-            .buffer_unordered(DELETES_AT_ONCE)
-            .try_collect::<Vec<()>>()
-            .await?;
-        found.unrecoverable += lost.iter().filter(|l| !l.again).count() as u64;
-        let hashes: Vec<String> = lost
-            .into_iter()
-            .filter(|l| l.again)
-            .map(|l| l.hash)
-            .collect();
-        if !hashes.is_empty() {
-            let d = db.clone();
-            let recs = tokio::task::spawn_blocking(move || d.outbox_again(&hashes))
-                .await
-                .map_err(|_| AuditError::Stopped)??;
-            found.again += recs.len() as u64;
-            if again.send(recs).await.is_err() {
-                return Err(AuditError::Stopped);
+        let checked: Vec<Result<Option<(Lost, bool)>, S3Error>> = futures::stream::iter(
+            lost.into_iter()
+                .map(|l| settle(bucket.clone(), listing.clone(), l)),
+        )
+        .buffer_unordered(AT_ONCE)
+        .collect()
+        .await;
+        let mut batch = Vec::new();
+        for c in checked {
+            match c {
+                Ok(Some((l, deleted))) => {
+                    found.dangling += u64::from(deleted);
+                    batch.push((l.hash, l.nar_whole));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    found.errors += 1;
+                    found.last_error = Some(e.to_string());
+                }
             }
+        }
+        if !batch.is_empty() && tell.send(Msg::Lost(batch)).await.is_err() {
+            return Err(AuditError::Stopped);
         }
         match next {
             Some(n) => after = Some(n),
             None => return Ok(found),
         }
     }
+}
+
+/// Settle one lost path's narinfo: a narinfo still there is read, and kept if it names a NAR
+/// the bucket holds whole (another writer put the path there since: nothing is lost, `None`),
+/// else deleted before the path is handed on: killed between the two, the next audit finds
+/// the path done without its narinfo, and hands it on then. Returns the path and whether its
+/// narinfo was deleted.
+async fn settle(
+    bucket: Bucket,
+    listing: Arc<Listing>,
+    l: Lost,
+) -> Result<Option<(Lost, bool)>, S3Error> {
+    if !l.dangling {
+        return Ok(Some((l, false)));
+    }
+    let key = format!("{}.narinfo", l.hash);
+    let Some(text) = bucket.get_small(&key, MAX_NARINFO).await? else {
+        return Ok(Some((l, false)));
+    };
+    if let Some(info) = std::str::from_utf8(&text)
+        .ok()
+        .and_then(|t| NarInfo::parse(t).ok())
+    {
+        let whole =
+            |size: Option<u64>| size.is_some() && info.file_size.is_none_or(|n| size == Some(n));
+        // The listing may be an hour old: ask the bucket itself before deleting.
+        if whole(listing.size_of(&info.url)) || whole(bucket.size_of(&info.url).await?) {
+            return Ok(None);
+        }
+    }
+    bucket.delete(&key).await?;
+    Ok(Some((l, true)))
 }
 
 #[cfg(test)]

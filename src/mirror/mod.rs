@@ -61,6 +61,9 @@ pub struct MirrorParts {
     pub metrics: Arc<Metrics>,
     /// NARs arriving from peers: a NAR is compressed and uploaded while it arrives, not after.
     pub arriving: Option<Arriving>,
+    /// This node's endpoint id (its own statements, repeated by peers, do not say a peer holds
+    /// a NAR).
+    pub me: Option<[u8; 32]>,
 }
 
 /// A handle for status; the mirror itself runs as a task.
@@ -156,6 +159,9 @@ struct Mirror {
     throttle: throttle::Throttle,
     compressing: crate::background::Background,
     arriving: Option<Arriving>,
+    me: Option<[u8; 32]>,
+    /// What the running (or last) audit's lost paths became.
+    tally: audit::Tally,
 }
 
 impl Mirror {
@@ -179,6 +185,8 @@ impl Mirror {
             running: HashMap::new(),
             compressing: crate::background::Background::new("narmesh-zstd", threads),
             arriving: p.arriving,
+            me: p.me,
+            tally: audit::Tally::default(),
         }
     }
 
@@ -324,9 +332,8 @@ impl Mirror {
         let every = Duration::from_secs(self.cfg.audit_secs);
         let mut audit_at =
             (!every.is_zero()).then(|| tokio::time::Instant::now() + every.min(FIRST_AUDIT));
-        let mut auditing: Option<tokio::task::JoinHandle<Result<audit::Found, audit::AuditError>>> =
-            None;
-        let (again_tx, mut again_rx) = tokio::sync::mpsc::channel(1);
+        let mut auditing: Option<tokio::task::JoinHandle<()>> = None;
+        let (audit_tx, mut audit_rx) = tokio::sync::mpsc::channel(1);
         loop {
             self.take_new().await;
             self.schedule(&mut tasks);
@@ -363,24 +370,21 @@ impl Mirror {
                     recheck = tokio::time::Instant::now() + RECHECK;
                     touched.extend(self.plan.not_local().map(str::to_owned));
                 }
-                _ = sleep_until_some(audit_at), if auditing.is_none() => {
+                _ = sleep_until_some(audit_at), if auditing.as_ref().is_none_or(|a| a.is_finished()) => {
+                    // The last audit has ended: what it said and was not read yet comes first.
+                    while let Ok(msg) = audit_rx.try_recv() {
+                        self.on_audit(msg, &mut audit_at, every).await;
+                    }
                     audit_at = Some(tokio::time::Instant::now() + every);
+                    self.tally = audit::Tally::default();
                     auditing = Some(tokio::spawn(audit::run(
                         self.bucket.clone(),
                         self.db.clone(),
                         crate::nix::narinfo::cache_info(self.cfg.priority),
-                        again_tx.clone(),
+                        audit_tx.clone(),
                     )));
                 }
-                // Paths the audit found lost: pending again, into the plan.
-                Some(recs) = again_rx.recv() => {
-                    let recs = recs.into_iter().map(|r| (r, MirrorState::Pending, true)).collect();
-                    self.add(recs).await;
-                }
-                r = async { auditing.as_mut().expect("guarded").await }, if auditing.is_some() => {
-                    auditing = None;
-                    self.audited(r.unwrap_or(Err(audit::AuditError::Stopped)));
-                }
+                Some(msg) = audit_rx.recv() => self.on_audit(msg, &mut audit_at, every).await,
             }
             while let Ok(h) = paths.try_recv() {
                 touched.push(h);
@@ -392,7 +396,8 @@ impl Mirror {
             self.finish(done).await;
         }
         // Uploads in flight are dropped; their paths' states were not advanced, so the next
-        // run redoes them (and aborts their unfinished parts). An audit stops where it is.
+        // run redoes them (and aborts their unfinished parts). An audit stops where it is
+        // (what it put back is pending in the outbox, which the next run reads).
         if let Some(a) = auditing {
             a.abort();
         }
@@ -463,8 +468,8 @@ impl Mirror {
     /// Take newly logged paths into the outbox and the plan.
     async fn take_new(&mut self) {
         loop {
-            let db = self.db.clone();
-            match tokio::task::spawn_blocking(move || db.outbox_take(TAKE)).await {
+            let (db, me) = (self.db.clone(), self.me);
+            match tokio::task::spawn_blocking(move || db.outbox_take(TAKE, me.as_ref())).await {
                 Ok(Ok((new, more))) => {
                     let new = new
                         .into_iter()
@@ -743,55 +748,103 @@ impl Mirror {
         }
     }
 
-    /// Report an audit's end: logged, counted, and a failure is the mirror's problem until
-    /// an upload or the next audit succeeds.
-    fn audited(&self, r: Result<audit::Found, audit::AuditError>) {
-        match r {
-            Ok(f) => {
-                self.metrics.mirror_audits.inc();
-                self.metrics
-                    .mirror_audit_lost
-                    .inc_by(f.again + f.unrecoverable);
-                let lost = f.again + f.unrecoverable;
-                if lost > 0 || f.cache_info {
-                    tracing::warn!(
-                        "mirror: audit of bucket {}: {} objects listed; {lost} completed path(s) \
-                         lost something, {} put back ({} narinfo(s) naming a lost NAR deleted \
-                         first), {} no longer held by anyone{}",
-                        self.bucket.name(),
-                        f.objects,
-                        f.again,
-                        f.dangling,
-                        f.unrecoverable,
-                        if f.cache_info {
-                            "; nix-cache-info put back"
-                        } else {
-                            ""
-                        }
-                    );
-                } else {
-                    tracing::info!(
-                        "mirror: audit of bucket {}: {} objects listed, nothing lost",
-                        self.bucket.name(),
-                        f.objects
-                    );
+    /// What a running audit says: lost paths, handed back; its end, reported (a failed audit,
+    /// or one that left narinfos unsettled, comes again sooner).
+    async fn on_audit(
+        &mut self,
+        msg: audit::Msg,
+        audit_at: &mut Option<tokio::time::Instant>,
+        every: Duration,
+    ) {
+        match msg {
+            audit::Msg::Lost(lost) => self.put_back(lost).await,
+            audit::Msg::End(r) => {
+                if r.as_ref().map_or(true, |f| f.errors > 0) {
+                    *audit_at = Some(tokio::time::Instant::now() + every.min(FIRST_AUDIT));
                 }
-                // Only an audit's own failure is over: an upload's stands until one succeeds.
-                let audit_failed = self
-                    .stats
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .last_error
-                    .as_deref()
-                    .is_some_and(|e| e.starts_with("audit: "));
-                if audit_failed {
-                    self.set_error(None);
-                }
+                self.audited(r);
             }
+        }
+    }
+
+    /// Lost paths an audit found, back into the mirror's hands (`Db::outbox_again`) and into
+    /// the plan; counted for the audit's report.
+    async fn put_back(&mut self, lost: Vec<(String, bool)>) {
+        let (db, me) = (self.db.clone(), self.me);
+        match tokio::task::spawn_blocking(move || db.outbox_again(&lost, me.as_ref())).await {
+            Ok(Ok(again)) => {
+                self.tally.add(&again);
+                let back = again.back.into_iter().map(|(r, s)| (r, s, true)).collect();
+                self.add(back).await;
+            }
+            // Still done in the outbox: the next audit finds them again.
+            Ok(Err(e)) => tracing::error!("mirror: putting back paths the bucket lost: {e}"),
+            Err(e) => tracing::error!("mirror: putting back paths the bucket lost: {e}"),
+        }
+    }
+
+    /// Report an audit's end: logged and counted. A failure is the mirror's problem until an
+    /// upload or the next audit succeeds.
+    fn audited(&self, r: Result<audit::Found, audit::AuditError>) {
+        let t = &self.tally;
+        self.metrics.mirror_audit_lost.inc_by(t.lost());
+        let f = match r {
+            Ok(f) => f,
             Err(e) => {
                 tracing::warn!("mirror: audit of bucket {}: {e}", self.bucket.name());
                 self.set_error(Some(format!("audit: {e}")));
+                return;
             }
+        };
+        self.metrics.mirror_audits.inc();
+        if t.lost() > 0 || f.cache_info {
+            tracing::warn!(
+                "mirror: audit of bucket {}: {} objects listed; {} completed path(s) lost their \
+                 narinfo or NAR: {} going up again ({} of them only their narinfo, the NAR being \
+                 whole in the bucket), {} held by nobody (waiting until a node holds them), {} \
+                 forgotten here; {} narinfo(s) naming a lost NAR deleted first{}{}{}",
+                self.bucket.name(),
+                f.objects,
+                t.lost(),
+                t.back,
+                t.narinfo_only,
+                t.gone,
+                t.forgotten,
+                f.dangling,
+                if f.cache_info {
+                    "; nix-cache-info put back"
+                } else {
+                    ""
+                },
+                if t.named.is_empty() { "" } else { "; lost: " },
+                t.named.join(", "),
+            );
+        } else {
+            tracing::info!(
+                "mirror: audit of bucket {}: {} objects listed, nothing lost",
+                self.bucket.name(),
+                f.objects
+            );
+        }
+        if let Some(e) = &f.last_error {
+            let msg = format!(
+                "audit: {} narinfo(s) could not be checked or deleted, left for the next audit: {e}",
+                f.errors
+            );
+            tracing::warn!("mirror: {msg}");
+            self.set_error(Some(msg));
+            return;
+        }
+        // Only an audit's own failure is over: an upload's stands until one succeeds.
+        let audit_failed = self
+            .stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("audit: "));
+        if audit_failed {
+            self.set_error(None);
         }
     }
 

@@ -1,9 +1,10 @@
 //! The bucket, behind our own small interface: put a small object, put a file (in parts above
-//! a threshold, parts in parallel, aborted on failure), ask for an object's size, list the
-//! objects, delete one, and clean up parts left by a killed upload. No aws-sdk type leaves this module. Retries with backoff for
-//! 5xx, throttling (SlowDown) and timeouts are the SDK's standard retry mode, without its retry
-//! quota; CreateMultipartUpload alone is retried here, each try under its own intent (see
-//! [`intents`], which owns the upload log's side of the bucket).
+//! a threshold, parts in parallel, aborted on failure), ask for an object's size, read a
+//! small one, list the objects, delete one, and clean up parts left by a killed upload. No
+//! aws-sdk type leaves this module. Retries with backoff for 5xx, throttling (SlowDown) and
+//! timeouts are the SDK's standard retry mode, without its retry quota; CreateMultipartUpload
+//! alone is retried here, each try under its own intent (see [`intents`], which owns the
+//! upload log's side of the bucket).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -269,8 +270,11 @@ impl Bucket {
                 }
                 each(rel, o.size().unwrap_or(0).max(0) as u64);
             }
+            // Done only when the bucket says so; a server that leaves IsTruncated out but
+            // gives a token has more.
             match (page.is_truncated(), page.next_continuation_token()) {
-                (Some(true), Some(t)) => token = Some(t.to_owned()),
+                (Some(false), _) | (None, None) => return Ok(n),
+                (_, Some(t)) => token = Some(t.to_owned()),
                 (Some(true), None) => {
                     return Err(S3Error::Other {
                         op: "ListObjectsV2",
@@ -278,8 +282,56 @@ impl Bucket {
                         message: "a page said more follow, without a continuation token".into(),
                     });
                 }
-                _ => return Ok(n),
             }
+        }
+    }
+
+    /// The bytes of a small object `rel` (at most `max`: a longer one is an error), or `None`
+    /// if there is none.
+    pub async fn get_small(&self, rel: &str, max: u64) -> Result<Option<Vec<u8>>, S3Error> {
+        let key = self.key(rel);
+        let o = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .send()
+            .await
+        {
+            Ok(o) => o,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(None),
+            Err(e) => return Err(self.err("GET", &key, e)),
+        };
+        let too_long = || S3Error::Other {
+            op: "GET",
+            key: key.clone(),
+            message: format!("longer than {max} bytes"),
+        };
+        if o.content_length().is_some_and(|n| n < 0 || n as u64 > max) {
+            return Err(too_long());
+        }
+        let mut body = o.body;
+        let read = async {
+            let mut out = Vec::new();
+            while let Some(chunk) = body.try_next().await.map_err(|e| S3Error::Other {
+                op: "GET",
+                key: key.clone(),
+                message: crate::error_chain(&e),
+            })? {
+                if out.len() as u64 + chunk.len() as u64 > max {
+                    return Err(too_long());
+                }
+                out.extend_from_slice(&chunk);
+            }
+            Ok(out)
+        };
+        match tokio::time::timeout(attempt_timeout(max), read).await {
+            Ok(r) => r.map(Some),
+            Err(_) => Err(S3Error::Other {
+                op: "GET",
+                key: key.clone(),
+                message: "the body did not arrive in time".into(),
+            }),
         }
     }
 

@@ -637,8 +637,11 @@ fn an_audit_puts_back_what_the_bucket_lost() {
     let gone = host.build(r#"mk "mirror-gone" "echo gone > $out""#)[0].clone();
     let paths = host.closure(std::slice::from_ref(&top));
     wait_mirrored(&m, 4, 60);
+    // Audits that began after every path was done (2 s before a listing counts as during it).
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let audits = metric(&m, "narmesh_mirror_audits_total");
     wait_until(30, "two audits", || {
-        metric(&m, "narmesh_mirror_audits_total") >= 2.0
+        metric(&m, "narmesh_mirror_audits_total") >= audits + 2.0
     });
     assert_eq!(metric(&m, "narmesh_mirror_audit_lost_total"), 0.0);
     assert_eq!(mirror(&m).uploaded_paths, 4, "an audit put a path up again");
@@ -673,29 +676,95 @@ fn an_audit_puts_back_what_the_bucket_lost() {
         bucket_whole(&s3, &paths)
     });
     assert_eq!(check_bucket(&s3, &paths), 4);
-    assert!(metric(&m, "narmesh_mirror_audit_lost_total") >= 3.0);
-    assert!(m.log().contains("nix-cache-info put back"), "{}", m.log());
+    assert_eq!(metric(&m, "narmesh_mirror_audit_lost_total"), 3.0);
+    let log = m.log();
+    assert!(log.contains("nix-cache-info put back"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("going up again") && l.contains(&top.full())),
+        "the log names the lost paths: {log}"
+    );
     let c2 = NixHost::substituter_nix(Nix::ALL[0], &s3.cache_url(), &m.public_key());
     run_ok(c2.cmd("nix-store").args(["-r", &top.full()]));
     assert_eq!(c2.closure(std::slice::from_ref(&top)).len(), 3);
 
-    // Nobody holds `gone` any more, and the bucket loses its NAR: its narinfo goes, and the
-    // path waits (pending) for a NAR that may come back.
+    // Another writer points a path's narinfo at a NAR of its own, and the mirror's NAR goes:
+    // the narinfo names a whole NAR, so it stays, and nothing is put up again.
+    let theirs = "nar/another-writer.nar.zst";
+    let (ours, key) = (url(others[0]), narinfo(others[0]));
+    let put = |key: &str, body: Vec<u8>| {
+        rt.block_on(
+            c.put_object()
+                .bucket(BUCKET)
+                .key(key)
+                .body(body.into())
+                .send(),
+        )
+        .unwrap_or_else(|e| panic!("PUT {key}: {e:?}"));
+    };
+    put(theirs, s3.get(&ours).0);
+    let text = String::from_utf8(s3.get(&key).0).unwrap();
+    put(
+        &key,
+        text.replace(&format!("URL: {ours}"), &format!("URL: {theirs}"))
+            .into_bytes(),
+    );
+    delete(&ours);
+    let (audits, lost) = (
+        metric(&m, "narmesh_mirror_audits_total"),
+        metric(&m, "narmesh_mirror_audit_lost_total"),
+    );
+    wait_until(30, "three more audits", || {
+        metric(&m, "narmesh_mirror_audits_total") >= audits + 3.0
+    });
+    assert_eq!(
+        url(others[0]),
+        theirs,
+        "the other writer's narinfo was replaced"
+    );
+    assert_eq!(metric(&m, "narmesh_mirror_audit_lost_total"), lost);
+
+    // Nobody holds `gone` any more. The bucket loses its narinfo: it comes back from the NAR
+    // still in the bucket. Then the bucket loses the NAR: the narinfo goes, and the path
+    // waits (not pending) until a node holds it again: built again, it goes up again.
     run_ok(host.cmd("nix-store").args(["--delete", &gone.full()]));
     wait_until(30, "the node to see the path gone", || {
         metric(&m, "narmesh_storage_gc_lost_total") >= 1.0
     });
-    delete(&url(&gone.full()));
-    wait_until(30, "the dangling narinfo to be deleted", || {
-        !s3.objects()
-            .iter()
-            .any(|(k, _)| *k == narinfo(&gone.full()))
-    });
-    assert!(
-        m.log()
-            .contains("narinfo(s) naming a lost NAR deleted first"),
-        "{}",
-        m.log()
+    let in_bucket = |key: &str| s3.objects().iter().any(|(k, _)| k == key);
+    let (gone_narinfo, gone_nar) = (narinfo(&gone.full()), url(&gone.full()));
+    delete(&gone_narinfo);
+    wait_until(
+        30,
+        "the narinfo to come back with nobody holding the NAR",
+        || in_bucket(&gone_narinfo),
     );
-    assert_eq!(mirror(&m).pending_paths, 1);
+    let log = m.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("1 of them only their narinfo") && l.contains(&gone.full())),
+        "{log}"
+    );
+    delete(&gone_nar);
+    wait_until(30, "the dangling narinfo to be deleted", || {
+        !in_bucket(&gone_narinfo)
+    });
+    let log = m.log();
+    assert!(
+        log.lines().any(|l| l.contains("1 held by nobody")
+            && l.contains("1 narinfo(s) naming a lost NAR deleted first")
+            && l.contains(&gone.full())),
+        "{log}"
+    );
+    assert_eq!(
+        mirror(&m).pending_paths,
+        0,
+        "a path nobody holds is not pending"
+    );
+    let again = host.build(r#"mk "mirror-gone" "echo gone > $out""#)[0].clone();
+    assert_eq!(again, gone);
+    wait_until(60, "the path built again to go up again", || {
+        in_bucket(&gone_narinfo) && mirror(&m).pending_paths == 0
+    });
+    assert!(bucket_whole(&s3, &[gone.full()]));
 }
