@@ -165,14 +165,14 @@ impl Db {
                 let hash = hash.value();
                 // Taken in already (a change of the record does not change what is in the
                 // bucket), unless gone from the bucket while nobody held it.
-                let gone = outbox.get(hash)?.is_some();
-                if gone && !super::audit::is_gone(&finished, hash)? {
+                let taken = outbox.get(hash)?.is_some();
+                if taken && !super::audit::is_gone(&finished, hash)? {
                     continue;
                 }
                 let Some(rec) = record_in(&paths, hash)? else {
                     continue;
                 };
-                if gone && !super::audit::obtainable(&rec, me, &nars, &own)? {
+                if taken && !super::audit::obtainable(&rec, me, &nars, &own)? {
                     continue;
                 }
                 finished.remove(hash)?;
@@ -313,9 +313,9 @@ impl Db {
     }
 
     /// Store new states, in one fsync'd commit; a path done keeps where its NAR went (see
-    /// `audit`). A path done whose NAR this node does not hold
-    /// moves to the end of the log: its record may be dead, and was kept only for the mirror
-    /// (see `forget`), so the walk that forgets dead records must come to it again.
+    /// `audit`). A path done whose NAR this node does not hold moves to the end of the log: its
+    /// record may be dead, and was kept only for the mirror (see `forget`), so the walk that
+    /// forgets dead records must come to it again.
     pub fn outbox_set(&self, states: &[(String, MirrorState)]) -> Result<(), DbError> {
         if states.is_empty() {
             return Ok(());
