@@ -22,20 +22,11 @@ use super::{Db, DbError, PATHS, PathRecord};
 pub(super) const FINISHED: TableDefinition<&str, &[u8]> =
     TableDefinition::new("mirror_finished_v1");
 
-/// Where a path's compressed NAR is in the bucket, as [`MirrorState::NarStored`] said.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct NarAt {
-    url: String,
-    compression: String,
-    file_hash: [u8; 32],
-    file_size: u64,
-}
-
 /// A completed path, beyond its outbox state (`Done`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum Finished {
-    /// Completed at unix second `.1`, its NAR at `.0`.
-    At(NarAt, u64),
+    /// Completed at unix second `.1`, its NAR where `.0` (a [`MirrorState::NarStored`]) says.
+    At(MirrorState, u64),
     /// An audit found it lost from the bucket while nobody held its NAR: not the mirror's to
     /// upload (nor pending, nor complete for its referrers) until a change of its record says
     /// someone holds it again (`Db::outbox_take`).
@@ -53,25 +44,10 @@ pub(super) fn finished(
     stored: MirrorState,
     now: u64,
 ) -> Result<(), DbError> {
-    let MirrorState::NarStored {
-        url,
-        compression,
-        file_hash,
-        file_size,
-    } = stored
-    else {
-        return Ok(());
-    };
-    let at = NarAt {
-        url,
-        compression,
-        file_hash,
-        file_size,
-    };
-    table.insert(
-        hash,
-        postcard::to_allocvec(&Finished::At(at, now))?.as_slice(),
-    )?;
+    if matches!(stored, MirrorState::NarStored { .. }) {
+        let at = postcard::to_allocvec(&Finished::At(stored, now))?;
+        table.insert(hash, at.as_slice())?;
+    }
     Ok(())
 }
 
@@ -97,8 +73,7 @@ pub(super) fn obtainable(
     let Some(c) = rec.active() else {
         return Ok(false);
     };
-    Ok(held_here(nars, own, c.blake3.as_slice())?
-        || c.providers.iter().any(|p| p.holds && Some(&p.id) != me))
+    Ok(held_here(nars, own, c.blake3.as_slice())? || c.held_by_peer(me))
 }
 
 /// A completed path the bucket lost something of ([`Db::outbox_audit`]).
@@ -137,15 +112,19 @@ fn judge(
     }
     let nar = match finished.get(hash)?.map(|v| read(v.value())).transpose()? {
         // Done before the listing began (a second's margin either way).
-        Some(Finished::At(at, when)) if when.saturating_add(2) < listed_at => Some(at),
-        Some(_) => return Ok(None),
+        Some(Finished::At(MirrorState::NarStored { url, file_size, .. }, when))
+            if when.saturating_add(2) < listed_at =>
+        {
+            Some((url, file_size))
+        }
+        Some(Finished::At(..) | Finished::Gone) => return Ok(None),
         // Done by an earlier release: its NAR's key was not kept.
         None => None,
     };
     let narinfo = listed(&format!("{hash}.narinfo")).is_some();
     let nar_whole = nar
         .as_ref()
-        .is_some_and(|at| listed(&at.url) == Some(at.file_size));
+        .is_some_and(|(url, size)| listed(url) == Some(*size));
     if narinfo && (nar_whole || nar.is_none()) {
         return Ok(None);
     }
@@ -238,12 +217,7 @@ impl Db {
                     continue;
                 };
                 let state = match was {
-                    Some(Finished::At(at, _)) if *nar_whole => MirrorState::NarStored {
-                        url: at.url,
-                        compression: at.compression,
-                        file_hash: at.file_hash,
-                        file_size: at.file_size,
-                    },
+                    Some(Finished::At(stored, _)) if *nar_whole => stored,
                     _ if obtainable(&rec, me, &nars, &own)? => {
                         if let Some(c) = rec.active()
                             && !held_here(&nars, &own, c.blake3.as_slice())?
@@ -291,7 +265,7 @@ mod tests {
             file_hash: [3; 32],
             file_size: 77,
         };
-        db.outbox_set(&[(h.clone(), stored)]).unwrap();
+        db.outbox_set(&[(h.clone(), stored.clone())]).unwrap();
         db.outbox_set(&[(h.clone(), MirrorState::Done)]).unwrap();
         let inner = db.db.get().unwrap();
         let tx = inner.begin_read().unwrap();
@@ -308,7 +282,7 @@ mod tests {
         let Finished::At(at, when) = read(&noted).unwrap() else {
             panic!("not noted")
         };
-        assert_eq!((at.url.as_str(), at.file_size), ("nar/a.nar.zst", 77));
+        assert_eq!(at, stored);
         assert!(when > 0);
     }
 

@@ -75,7 +75,7 @@ fn dead(
         if step.pinned.contains(&c.blake3) || held_here(nars, own, c.blake3.as_slice())? {
             return Ok(false);
         }
-        if c.providers.iter().any(|p| p.holds && Some(&p.id) != me) {
+        if c.held_by_peer(me) {
             return Ok(false);
         }
     }

@@ -69,6 +69,14 @@ pub struct Provider {
     pub sig: Vec<u8>,
 }
 
+impl Claim {
+    /// A peer says it holds these bytes (its latest word). `me`'s statements, repeated by
+    /// peers, do not count: what this node holds its storage says.
+    pub fn held_by_peer(&self, me: Option<&[u8; 32]>) -> bool {
+        self.providers.iter().any(|p| p.holds && Some(&p.id) != me)
+    }
+}
+
 impl PathRecord {
     /// The hash part of the store path: the record's key.
     pub fn hash_part(&self) -> &str {

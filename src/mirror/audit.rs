@@ -15,7 +15,7 @@
 //! bounded memory; the listing has a deadline, and no new batch starts after it.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use tokio::sync::mpsc;
@@ -155,12 +155,6 @@ impl Listing {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// One audit, told to the mirror through `tell`: list, compare, delete dangling narinfos,
 /// hand on the lost paths a batch at a time, put back `nix-cache-info` (`cache_info`, the body
 /// the mirror writes) if it is gone, and end.
@@ -176,7 +170,7 @@ async fn audit(
     tell: &mpsc::Sender<Msg>,
 ) -> Result<Found, AuditError> {
     let started = Instant::now();
-    let listed_at = unix_now();
+    let listed_at = crate::mesh::now_ms() / 1000;
     let listing = tokio::time::timeout(DEADLINE, Listing::of(bucket))
         .await
         .map_err(|_| AuditError::Deadline)??;
