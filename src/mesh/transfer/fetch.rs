@@ -12,6 +12,7 @@ use iroh::EndpointId;
 use super::super::peer::{PeerError, Source, next_piece};
 use super::super::ranges::{Next, Ranges};
 use super::super::ready::{Ready, flush};
+use super::streak::{After, Streak};
 use super::{Transfer, Transfers};
 use crate::chunks::{GROUP, Leaves};
 use crate::storage::PartialNar;
@@ -24,16 +25,6 @@ const RANGES_PER_PROVIDER: usize = 2;
 /// NARs from this size on have several ranges of each provider in flight; a smaller one is
 /// over before that pays, and would take more of its providers' serving slots.
 const OVERLAP_FROM: u64 = 32 << 20;
-/// `Busy` answers in a row a provider gets before one counts as a failure (about 9 s of
-/// waiting, [`busy_wait`] apart).
-pub(super) const BUSY_TRIES: u32 = 8;
-
-/// How long to wait before asking a provider that answered `Busy` `n` times in a row again.
-pub(super) fn busy_wait(n: u32) -> Duration {
-    (Duration::from_millis(100) * 2u32.saturating_pow(n.saturating_sub(1)))
-        .min(Duration::from_secs(2))
-}
-
 impl Transfers {
     /// Fetch every range, from every provider at once.
     pub(super) async fn ranges(
@@ -114,7 +105,7 @@ impl Transfers {
         plan: &Mutex<Ranges>,
         returned: &tokio::sync::Notify,
     ) {
-        let (mut failures, mut busy) = (0, 0);
+        let mut streak = Streak::default();
         loop {
             // A range is taken from the plan only with room for its buffers ([mesh]
             // fetch-memory), so none sits claimed while it waits.
@@ -161,16 +152,14 @@ impl Transfers {
                 t.advance(p.prefix());
             }
             returned.notify_waiters();
-            match res {
-                Ok(()) => (failures, busy) = (0, 0),
-                Err(PeerError::Busy) if busy < BUSY_TRIES => {
-                    // The provider serves all it may at once (to everyone, or its share to
-                    // us): the range went back to the plan; ask again shortly, while other
-                    // providers may take it.
-                    busy += 1;
-                    tokio::time::sleep(busy_wait(busy)).await;
-                }
-                Err(PeerError::OnlyV1) => {
+            if let Err(e) = &res {
+                tracing::debug!("mesh: range from {peer}: {e}");
+            }
+            match streak.after(&res) {
+                After::Next => {}
+                After::Wait(d) => tokio::time::sleep(d).await,
+                After::Leave => return,
+                After::OnlyV1 => {
                     // Cannot serve ranges: the others will, or it sends the whole NAR later.
                     self.only_v1
                         .lock()
@@ -178,31 +167,11 @@ impl Transfers {
                         .insert(t.blake3);
                     return;
                 }
-                Err(PeerError::NotFound) => {
-                    // It no longer holds the NAR (Nix GC or an eviction whose withdrawal has
-                    // not reached us yet): not a failure, and asking again will not change it.
-                    // The other providers send the rest.
-                    tracing::debug!(
-                        "mesh: {peer} no longer holds {}",
-                        crate::storage::hex(&t.blake3)
-                    );
+                After::Avoid => {
+                    let e = res.err().map(|e| e.to_string()).unwrap_or_default();
+                    let hash = crate::storage::hex(&t.blake3);
+                    self.avoid(peer, &format!("fetching {hash}: {e}"));
                     return;
-                }
-                Err(e) if e.misbehaved() => {
-                    self.avoid(
-                        peer,
-                        &format!("fetching {}: {e}", crate::storage::hex(&t.blake3)),
-                    );
-                    return;
-                }
-                Err(e) => {
-                    busy = 0;
-                    failures += 1;
-                    tracing::debug!("mesh: range from {peer}: {e}");
-                    if failures >= 3 {
-                        self.avoid(peer, &e.to_string());
-                        return;
-                    }
                 }
             }
         }

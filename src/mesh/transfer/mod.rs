@@ -14,12 +14,15 @@
 //! checked group by group when leaves came from a version 2 provider, else at the end.
 //!
 //! The parts: [`handle`] (one transfer as its readers see it), [`fetch`] (the ranges from every
-//! provider, and version 1's whole NAR), [`tickets`] (the opt-in bulk channel's tickets) and
-//! [`check`] (the whole NAR's sha256 and BLAKE3 leaves, read back from its file).
+//! provider, and version 1's whole NAR), [`streak`] (what a provider's answers lead to: asked
+//! again when busy, avoided when it lies or keeps failing), [`tickets`] (the opt-in bulk
+//! channel's tickets) and [`check`] (the whole NAR's sha256 and BLAKE3 leaves, read back from
+//! its file).
 
 mod check;
 mod fetch;
 mod handle;
+mod streak;
 mod tickets;
 
 use std::collections::HashMap;
@@ -313,11 +316,11 @@ impl Transfers {
                 .map_err(|_| NoLeaves::Other);
         }
         // A provider that answers `Busy` is asked again, alone, after the waits a range's
-        // fetcher makes (about 9 s in all); the others are asked once.
+        // fetcher makes (about 30 s in all); the others are asked once.
         let (mut asking, mut v1) = (providers.to_vec(), false);
-        for round in 0..=fetch::BUSY_TRIES {
+        for round in 0..=streak::BUSY_TRIES {
             if round > 0 {
-                tokio::time::sleep(fetch::busy_wait(round)).await;
+                tokio::time::sleep(streak::busy_wait(round)).await;
             }
             let mut busy = Vec::new();
             for p in &asking {
@@ -336,7 +339,7 @@ impl Transfers {
                 break;
             }
             asking = busy;
-            if round == fetch::BUSY_TRIES && !v1 {
+            if round == streak::BUSY_TRIES && !v1 {
                 return Err(NoLeaves::Busy);
             }
         }
