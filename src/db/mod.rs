@@ -37,7 +37,9 @@ pub use forget::{ForgetStep, Forgotten};
 pub use migrate::LegacyBlob;
 pub use outbox::{MirrorNeed, MirrorState, OpenUpload};
 pub use paths::{OwnRecord, RemoteClaim};
-pub use records::{Claim, Counters, PathRecord, Provider, QueueItem, hash_part_of, merge_provider};
+pub use records::{
+    Claim, Counters, MAX_BINDINGS, PathRecord, Provider, QueueItem, hash_part_of, merge_provider,
+};
 pub use storage::{NarFile, StorageCounters};
 
 /// Reports waiting to be ingested, as `e5a6e05` kept them in the main file: taken over into the

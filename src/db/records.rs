@@ -30,6 +30,8 @@ pub struct PathRecord {
 
 /// Most claims kept per path (failed ones included, so they are not taken in again).
 pub const MAX_CLAIMS: usize = 4;
+/// Binding signatures a claim keeps, at most (one per node that computed its BLAKE3).
+pub const MAX_BINDINGS: usize = 8;
 /// Most provider statements kept per claim.
 pub const MAX_PROVIDERS: usize = 32;
 
@@ -113,7 +115,7 @@ impl PathRecord {
                 changed |= merge_provider(&mut old.providers, p);
             }
             for b in new.bindings {
-                if !old.bindings.contains(&b) && old.bindings.len() < 8 {
+                if !old.bindings.contains(&b) && old.bindings.len() < MAX_BINDINGS {
                     old.bindings.push(b);
                     changed = true;
                 }
@@ -218,7 +220,7 @@ impl PathRecord {
         if c.nar_size != nar_size {
             return true;
         }
-        if c.bindings.len() < 8 && bindings.iter().any(|b| !c.bindings.contains(b)) {
+        if c.bindings.len() < MAX_BINDINGS && bindings.iter().any(|b| !c.bindings.contains(b)) {
             return true;
         }
         providers.into_iter().any(|(id, holds, at_ms, signed)| {

@@ -12,7 +12,9 @@
 use iroh::{PublicKey as EndpointKey, SecretKey as EndpointSecret};
 use narmesh_proto::gossip::{Incoming, PathAnnounce, ProviderStatement, v1};
 
-use crate::db::{Claim, PathRecord, Provider, RemoteClaim};
+use std::collections::HashSet;
+
+use crate::db::{Claim, MAX_BINDINGS, PathRecord, Provider, RemoteClaim, merge_provider};
 use crate::nix::{NarInfo, SecretKey, TrustedKeys};
 use crate::pipeline::nar_url;
 
@@ -29,6 +31,8 @@ pub enum Refused {
     Unbound(String),
     #[error("{0}: a NAR of {1} bytes is over mesh.max-nar-size")]
     TooLarge(String, u64),
+    #[error("an announcement lists more bindings, providers or references than any node sends")]
+    TooMany,
 }
 
 impl Refused {
@@ -40,6 +44,7 @@ impl Refused {
             Refused::Untrusted(_) => "untrusted-signature",
             Refused::Unbound(_) => "unbound-blake3",
             Refused::TooLarge(..) => "too-large",
+            Refused::TooMany => "too-many-entries",
         }
     }
 }
@@ -111,32 +116,53 @@ impl<A: Fn(&[u8; 32]) -> bool> Judge<'_, A> {
         })
     }
 
-    /// A version 2 announcement as a claim, or why not.
+    /// A version 2 announcement as a claim, or why not. Its lists are taken as a record keeps
+    /// them: each binding, reference and provider once, at most [`MAX_BINDINGS`] bindings and
+    /// [`crate::db::merge_provider`]'s providers (a catch-up entry is not checked at decoding
+    /// as gossip is, and repeats would grow the record and every announcement made of it).
     pub fn claim(&self, ann: &PathAnnounce) -> Result<RemoteClaim, Refused> {
+        ann.check_lengths().map_err(|_| Refused::TooMany)?;
         let (info, path) = self.narinfo(&ann.narinfo, &ann.blake3, ann.nar_size)?;
-        let bindings: Vec<String> = ann
-            .bindings
-            .iter()
-            .filter(|b| {
-                crate::binding::verified(
+        let mut bindings: Vec<String> = Vec::new();
+        for b in &ann.bindings {
+            if bindings.len() < MAX_BINDINGS
+                && !bindings.contains(b)
+                && crate::binding::verified(
                     self.trusted,
-                    std::slice::from_ref(*b),
+                    std::slice::from_ref(b),
                     &info.store_path,
                     &info.nar_hash,
                     info.nar_size,
                     &ann.blake3,
                 )
-            })
-            .cloned()
-            .collect();
+            {
+                bindings.push(b.clone());
+            }
+        }
         if bindings.is_empty() {
             return Err(Refused::Unbound(path));
         }
-        let refs: Vec<String> = info
-            .references
-            .iter()
-            .map(|r| r.hash_part().to_owned())
-            .collect();
+        let refs: HashSet<&str> = info.references.iter().map(|r| r.hash_part()).collect();
+        let mut upstream_refs: Vec<String> = Vec::new();
+        for h in &ann.upstream_refs {
+            if refs.contains(h.as_str()) && !upstream_refs.contains(h) {
+                upstream_refs.push(h.clone());
+            }
+        }
+        let mut providers = Vec::new();
+        for p in &ann.providers {
+            if (self.allowed)(&p.id) && statement_checks(&ann.blake3, p) {
+                merge_provider(
+                    &mut providers,
+                    Provider {
+                        id: p.id,
+                        holds: p.holds,
+                        at_ms: p.at_ms,
+                        sig: p.sig.clone(),
+                    },
+                );
+            }
+        }
         Ok(RemoteClaim {
             store_path: path,
             claim: Claim {
@@ -144,24 +170,9 @@ impl<A: Fn(&[u8; 32]) -> bool> Judge<'_, A> {
                 blake3: ann.blake3,
                 nar_size: ann.nar_size,
                 bindings,
-                upstream_refs: ann
-                    .upstream_refs
-                    .iter()
-                    .filter(|h| refs.contains(h))
-                    .cloned()
-                    .collect(),
+                upstream_refs,
                 own: false,
-                providers: ann
-                    .providers
-                    .iter()
-                    .filter(|p| (self.allowed)(&p.id) && statement_checks(&ann.blake3, p))
-                    .map(|p| Provider {
-                        id: p.id,
-                        holds: p.holds,
-                        at_ms: p.at_ms,
-                        sig: p.sig.clone(),
-                    })
-                    .collect(),
+                providers,
                 failed: false,
                 withdrawn: false,
             },

@@ -600,6 +600,8 @@ fn jittered(every: Duration) -> Duration {
 async fn sync_loop(ctx: Arc<Ctx>, cancel: CancellationToken) {
     let mut busy: HashSet<EndpointId> = HashSet::new();
     let mut rounds = tokio::task::JoinSet::new();
+    // Which peer each round is with, so a round that panicked still frees its peer.
+    let mut round_of: HashMap<tokio::task::Id, EndpointId> = HashMap::new();
     let mut next = tokio::time::Instant::now() + jittered(ctx.sync_every);
     loop {
         let peers: Vec<EndpointId> = ctx
@@ -622,12 +624,13 @@ async fn sync_loop(ctx: Arc<Ctx>, cancel: CancellationToken) {
                 continue;
             }
             let ctx = ctx.clone();
-            rounds.spawn(async move {
+            let round = rounds.spawn(async move {
                 let r = tokio::time::timeout(sync::ROUND_BUDGET, sync::from_peer(&ctx, peer))
                     .await
                     .unwrap_or_else(|_| Err("round budget spent".into()));
                 (peer, r)
             });
+            round_of.insert(round.id(), peer);
         }
         loop {
             tokio::select! {
@@ -637,8 +640,18 @@ async fn sync_loop(ctx: Arc<Ctx>, cancel: CancellationToken) {
                     next = tokio::time::Instant::now() + jittered(ctx.sync_every);
                     break;
                 }
-                Some(done) = rounds.join_next(), if !rounds.is_empty() => {
-                    let Ok((peer, r)) = done else { continue };
+                Some(done) = rounds.join_next_with_id(), if !rounds.is_empty() => {
+                    // A round that panicked ends too: its peer is caught up with again.
+                    let (peer, r) = match done {
+                        Ok((id, (peer, r))) => {
+                            round_of.remove(&id);
+                            (peer, r)
+                        }
+                        Err(e) => match round_of.remove(&e.id()) {
+                            Some(peer) => (peer, Err(format!("the round ended: {e}"))),
+                            None => continue,
+                        },
+                    };
                     busy.remove(&peer);
                     match r {
                         Ok(n) => {

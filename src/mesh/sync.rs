@@ -20,7 +20,8 @@ use narmesh_proto::sync::{
 use super::endpoint::{REUSE_WITHIN, next_stream};
 use super::{Ctx, wire};
 
-/// Bytes of narinfo text per catch-up batch, so a batch frame stays far below the frame limit.
+/// Encoded bytes of entries per catch-up batch, so a batch frame stays far below the frame
+/// limit.
 const SYNC_BATCH_BYTES: usize = 512 * 1024;
 /// Batches taken from one peer per round, at most.
 const BATCHES_PER_ROUND: usize = 64;
@@ -90,51 +91,95 @@ enum Answer {
 }
 
 /// The entries after `req.after`, as announcements of the version asked. Blocking.
+///
+/// A batch holds at most [`SYNC_BATCH_BYTES`] of encoded entries (their narinfos, and the
+/// provider statements and bindings that grow with the cluster), so its frame stays below the
+/// frame limit however many nodes restate a path; an entry larger than that alone can never be
+/// sent, and is passed over with a warning rather than stop every peer's catch-up there.
 fn batch(ctx: &Ctx, req: &SyncRequest, version: u8) -> Result<Answer, String> {
     let limit = req.limit.clamp(1, MAX_SYNC_BATCH) as usize;
-    let (rows, mut more) = ctx
+    let (rows, more) = ctx
         .db
         .log_after(req.after, limit)
         .map_err(|e| e.to_string())?;
-    let (mut next, mut bytes) = (req.after, 0);
     let now = super::now_ms();
     let me = ctx.endpoint_key.clone();
     let my_id = *me.public().as_bytes();
-    let mut v1 = Vec::new();
-    let mut v2 = Vec::new();
-    for (seq, rec) in rows {
-        let Some(c) = rec.active() else {
-            next = seq;
-            continue;
-        };
-        bytes += c.narinfo.len();
-        if bytes > SYNC_BATCH_BYTES && !(v1.is_empty() && v2.is_empty()) {
-            more = true;
-            break;
-        }
-        let holds = ctx.storage.holds_blocking(&c.blake3);
-        if version == 2 {
-            if let Some(a) = super::accept::announce_of(&rec, &me, &ctx.key, holds, now) {
-                v2.push(a);
-            }
-        } else if let Some(a) = super::accept::announce_v1_of(&rec, my_id, holds) {
-            v1.push(a);
-        }
-        next = seq;
-    }
+    // Each row's announcement is made only when the batch reaches it; a row with no active
+    // claim has none, and is passed.
+    let holds =
+        |rec: &crate::db::PathRecord| rec.active().map(|c| ctx.storage.holds_blocking(&c.blake3));
     Ok(if version == 2 {
+        let f = fill(
+            req.after,
+            rows.into_iter().map(|(seq, rec)| {
+                let a = holds(&rec)
+                    .and_then(|h| super::accept::announce_of(&rec, &me, &ctx.key, h, now));
+                (seq, rec.store_path, a)
+            }),
+        )?;
         Answer::V2(SyncBatchV2 {
-            entries: v2,
-            next,
-            more,
+            entries: f.entries,
+            next: f.next,
+            more: more || f.full,
         })
     } else {
+        let f = fill(
+            req.after,
+            rows.into_iter().map(|(seq, rec)| {
+                let a = holds(&rec).and_then(|h| super::accept::announce_v1_of(&rec, my_id, h));
+                (seq, rec.store_path, a)
+            }),
+        )?;
         Answer::V1(SyncBatch {
-            entries: v1,
-            next,
-            more,
+            entries: f.entries,
+            next: f.next,
+            more: more || f.full,
         })
     })
+}
+
+/// A catch-up batch's entries, filled from the log's rows up to [`SYNC_BATCH_BYTES`] encoded.
+struct Filled<T> {
+    entries: Vec<T>,
+    /// The last sequence number the batch covers (sent, or passed).
+    next: u64,
+    /// Rows were left for the next batch.
+    full: bool,
+}
+
+/// Take `rows` (sequence number, store path, the entry to send if any) into a batch after
+/// `after`, until the next entry would take it over [`SYNC_BATCH_BYTES`] encoded; an entry over
+/// that alone is passed with a warning (no frame could carry it).
+fn fill<T: serde::Serialize>(
+    after: u64,
+    rows: impl Iterator<Item = (u64, String, Option<T>)>,
+) -> Result<Filled<T>, String> {
+    let mut f = Filled {
+        entries: Vec::new(),
+        next: after,
+        full: false,
+    };
+    let mut bytes = 0;
+    for (seq, path, entry) in rows {
+        if let Some(e) = entry {
+            let size = postcard::experimental::serialized_size(&e).map_err(|e| e.to_string())?;
+            if size > SYNC_BATCH_BYTES {
+                tracing::warn!(
+                    "mesh: the catch-up entry of {path} is {size} bytes, too large to send; \
+                     peers do not learn of it from this node"
+                );
+            } else if bytes + size > SYNC_BATCH_BYTES {
+                f.full = true;
+                break;
+            } else {
+                bytes += size;
+                f.entries.push(e);
+            }
+        }
+        f.next = seq;
+    }
+    Ok(f)
 }
 
 /// How a round that ended because the peer's entries were not acceptable shows in its error:
@@ -240,7 +285,10 @@ async fn round(
         };
         // `next` must move forward past what was sent (sequence numbers are unique), never
         // backwards.
-        if next < after || n > MAX_SYNC_BATCH as usize || next < after + n as u64 {
+        if next < after
+            || n > MAX_SYNC_BATCH as usize
+            || after.checked_add(n as u64).is_none_or(|least| next < least)
+        {
             ctx.refused(
                 &peer.to_string(),
                 "inconsistent-batch",
@@ -425,4 +473,64 @@ async fn ask(conn: &Connection, after: u64, version: u8) -> Result<(Entries, u64
     .map_err(|_| "catch-up answer timed out".to_owned())?
     .map_err(|e| e.to_string())?;
     Ok(answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use narmesh_proto::gossip::ProviderStatement;
+
+    /// An entry as a large cluster makes it: a narinfo of 1 KiB, a statement from each of 33
+    /// providers and a binding from each of 8 nodes.
+    fn restated(i: u64) -> PathAnnounce {
+        PathAnnounce {
+            narinfo: format!("StorePath: /nix/store/{i:032}-x\n{}", "R".repeat(1000)),
+            blake3: [7; 32],
+            nar_size: 1 << 20,
+            bindings: (0..8)
+                .map(|n| format!("node-{n}:{}", "b".repeat(88)))
+                .collect(),
+            upstream_refs: Vec::new(),
+            providers: (0..33)
+                .map(|n| ProviderStatement {
+                    id: [n; 32],
+                    holds: true,
+                    at_ms: 1_800_000_000_000,
+                    sig: vec![1; 64],
+                })
+                .collect(),
+        }
+    }
+
+    /// A full batch of such entries still fits a frame: the batch is cut by what its entries
+    /// encode to, not by their narinfos alone (512 of them would be 2.8 MiB, over the 1 MiB
+    /// frame, and every peer's catch-up from this node would stop there for good). The rows
+    /// left over come in the next batch; an entry no frame could carry is passed.
+    #[test]
+    fn a_batch_of_large_entries_fits_a_frame() {
+        let rows = (1..=MAX_SYNC_BATCH as u64).map(|i| (i, format!("p{i}"), Some(restated(i))));
+        let f = fill(0, rows).unwrap();
+        assert!(f.full);
+        assert!(f.entries.len() > 50, "{}", f.entries.len());
+        assert_eq!(f.next, f.entries.len() as u64);
+        let frame = narmesh_proto::frame::encode(&SyncBatchV2 {
+            entries: f.entries,
+            next: f.next,
+            more: true,
+        })
+        .expect("the batch fits a frame");
+        assert!(frame.len() <= SYNC_BATCH_BYTES + 64, "{}", frame.len());
+        let mut huge = restated(2);
+        huge.narinfo = "N".repeat(SYNC_BATCH_BYTES);
+        let rows = vec![
+            (5, "a".to_owned(), Some(restated(1))),
+            (6, "huge".to_owned(), Some(huge)),
+            (7, "gone".to_owned(), None),
+            (8, "b".to_owned(), Some(restated(3))),
+        ];
+        let f = fill(4, rows.into_iter()).unwrap();
+        assert!(!f.full);
+        assert_eq!(f.next, 8);
+        assert_eq!(f.entries, vec![restated(1), restated(3)]);
+    }
 }

@@ -276,3 +276,25 @@ fn a_peer_no_longer_allowed_stops_counting_as_a_holder() {
     assert_eq!(kept.providers.len(), 1);
     assert_eq!(kept.providers[0].id, stranger_id);
 }
+
+/// A catch-up entry is not checked at decoding as gossip is: its lists are checked here. One
+/// that repeats a binding, a reference and a provider statement thousands of times (it would
+/// grow the record, and every announcement made of it past the frame limit) is taken with
+/// each once; one longer than any node sends is refused.
+#[test]
+fn repeats_in_an_announcement_are_taken_once_and_overlong_lists_refused() {
+    let w = world();
+    let peer_id = *w.peer.public().as_bytes();
+    let mut ann = announce(&w, [1; 32], [1; 32]);
+    let said = proto_statement(statement(&w.peer, &[1; 32], true, 10));
+    ann.bindings = vec![ann.bindings[0].clone(); 64];
+    ann.upstream_refs = vec!["0c0bh0s5rcfi480fiz4q44bzrg5l95jg".into(); 1024];
+    ann.providers = vec![said.clone(); 64];
+    let c = judge(&w, &[peer_id]).claim(&ann).unwrap();
+    assert_eq!(c.claim.bindings.len(), 1);
+    assert_eq!(c.claim.upstream_refs.len(), 1);
+    assert_eq!(c.claim.providers.len(), 1);
+    ann.upstream_refs = vec!["0c0bh0s5rcfi480fiz4q44bzrg5l95jg".into(); 30_000];
+    let refused = judge(&w, &[peer_id]).claim(&ann).unwrap_err();
+    assert_eq!(refused.reason(), "too-many-entries");
+}
