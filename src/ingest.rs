@@ -352,7 +352,8 @@ impl Ingest {
 
     /// Queue the oldest batch of spooled reports, then delete the files that were queued. A
     /// report that can never be accepted is set aside ([`spool::reject`]); a transient failure
-    /// stops the round and leaves the rest where they are (the error says why). `prune`: bring
+    /// stops the round and leaves the rest where they are (the error says why); a file that
+    /// could not be read stays, and the round ends with an error once the others are in. `prune`: bring
     /// the rejected files within their bounds after. A file that can be neither taken in nor set
     /// aside joins `ignored`, passed over from then on.
     async fn take_spool(
@@ -380,6 +381,8 @@ impl Ingest {
         let mut taken = Vec::new();
         let mut rejected = Vec::new();
         let mut stopped = None;
+        // Files that could not be read stay; the others are taken in meanwhile.
+        let (mut unread, mut first_unread) = (0, None);
         for (path, report) in batch.files {
             match report {
                 Ok(report) => match self.queue_reports(vec![report], Validate::Blocking).await {
@@ -390,8 +393,20 @@ impl Ingest {
                         break;
                     }
                 },
-                Err(why) => rejected.push((path, why)),
+                Err(spool::Unread::Bad(why)) => rejected.push((path, why)),
+                Err(spool::Unread::Failed(why)) => {
+                    unread += 1;
+                    first_unread.get_or_insert_with(|| format!("{}: {why}", path.display()));
+                }
+                Err(spool::Unread::Gone) => {}
             }
+        }
+        if let Some(first) = first_unread
+            && stopped.is_none()
+        {
+            stopped = Some(format!(
+                "{unread} file(s) could not be read and stay (the first, {first})"
+            ));
         }
         let round = SpoolRound {
             taken: taken.len(),

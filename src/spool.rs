@@ -42,10 +42,10 @@ const STALE_TEMP: Duration = Duration::from_secs(60);
 /// A spool file holds one frame: its length prefix and at most [`MAX_FRAME`] bytes.
 const MAX_FILE: u64 = 4 + MAX_FRAME as u64;
 
-/// The oldest report files of the spool, each decoded or with why it cannot be.
+/// The oldest report files of the spool, each decoded or with why not.
 #[derive(Debug, Default)]
 pub struct Batch {
-    pub files: Vec<(PathBuf, Result<HookReport, String>)>,
+    pub files: Vec<(PathBuf, Result<HookReport, Unread>)>,
     /// More report files wait behind this batch.
     pub more: bool,
 }
@@ -81,43 +81,64 @@ pub fn read_batch(dir: &Path, ignored: &mut HashSet<PathBuf>) -> std::io::Result
     Ok(batch)
 }
 
+/// Why a report file was not read.
+#[derive(Debug, PartialEq)]
+pub enum Unread {
+    /// It is not a report and never will be (a link, a FIFO, too large, garbage): set aside.
+    Bad(String),
+    /// Reading it failed (an I/O error, no file descriptor left, no permission): it stays
+    /// where it is and is read again later; it is not the file's fault, and it may be the
+    /// only record of a build.
+    Failed(String),
+    /// It is no longer there (taken by hand meanwhile).
+    Gone,
+}
+
 fn is_report(p: &Path) -> bool {
     p.extension().is_some_and(|x| x == "frame")
 }
 
 /// One report file (a regular file, not a link nor a FIFO, of one frame), and the bytes read.
-fn read_report(path: &Path) -> (Result<HookReport, String>, u64) {
+fn read_report(path: &Path) -> (Result<HookReport, Unread>, u64) {
     let mut bytes = Vec::new();
     let read = read_file(path, &mut bytes);
     let n = bytes.len() as u64;
-    (read.and_then(|()| decode(&bytes)), n)
+    (read.and_then(|()| decode(&bytes).map_err(Unread::Bad)), n)
 }
 
-fn read_file(path: &Path, bytes: &mut Vec<u8>) -> Result<(), String> {
+fn read_file(path: &Path, bytes: &mut Vec<u8>) -> Result<(), Unread> {
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => "a symbolic link, not a report".to_owned(),
-            _ => e.to_string(),
+            Some(libc::ELOOP) => Unread::Bad("a symbolic link, not a report".to_owned()),
+            // A socket (or a device node whose driver is absent) cannot be opened.
+            Some(libc::ENXIO | libc::ENODEV) => Unread::Bad(format!("not a regular file ({e})")),
+            Some(libc::ENOENT) => Unread::Gone,
+            _ => Unread::Failed(format!("opening it: {e}")),
         })?;
-    let meta = f.metadata().map_err(|e| e.to_string())?;
+    let meta = f
+        .metadata()
+        .map_err(|e| Unread::Failed(format!("looking at it: {e}")))?;
     if !meta.is_file() {
-        return Err(format!("not a regular file ({:?})", meta.file_type()));
+        return Err(Unread::Bad(format!(
+            "not a regular file ({:?})",
+            meta.file_type()
+        )));
     }
     if meta.len() > MAX_FILE {
-        return Err(format!(
+        return Err(Unread::Bad(format!(
             "{} bytes, over the limit of one frame ({MAX_FILE})",
             meta.len()
-        ));
+        )));
     }
     bytes.reserve_exact(meta.len() as usize);
     // The file may grow after it was looked at: read no more than a frame, and one byte to see.
     (&mut f)
         .take(MAX_FILE + 1)
         .read_to_end(bytes)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Unread::Failed(format!("reading it: {e}")))?;
     Ok(())
 }
 

@@ -246,6 +246,69 @@ fn transient_spool_failures_wait_and_permanent_ones_are_counted() {
     node.stop();
 }
 
+/// A spooled report the node cannot read for a while (strace makes every `read` of that one
+/// file fail with EIO) is not garbage: it stays in the spool, never set aside, while the
+/// reports beside it are taken in and the spool is named a problem; once it reads again (the
+/// node restarted without the fault), it is taken in too.
+#[test]
+fn a_spool_file_that_cannot_be_read_stays_until_it_can() {
+    crate::harness::require("strace");
+    let t = tempfile::tempdir().unwrap();
+    let host = NixHost::new("");
+    let paths = built_paths(&host, 3, "unread");
+    let mut node = Node::new(&t.path().join("node"), &host.root);
+    let spool = node.spool();
+    for p in &paths {
+        let run = run_hook(&node.socket(), &spool, "", p, 200);
+        assert!(run.stderr.contains("spooled"), "{}", run.stderr);
+    }
+    let mut files = spooled(&spool);
+    files.sort();
+    let failing = files[1].canonicalize().unwrap();
+    node.wrap = [
+        "strace",
+        "-f",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-P",
+        &failing.display().to_string(),
+        "-e",
+        "trace=read",
+        "-e",
+        "inject=read:error=EIO",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    node.start();
+    wait_until(30, "the readable reports to be taken in", || {
+        recorded(&node, &paths) == 2
+    });
+    wait_until(20, "the round to say why one waits", || {
+        node.log().contains("could not be read and stay")
+    });
+    assert!(failing.exists(), "the unreadable report stays in the spool");
+    assert_eq!(spooled(&spool).len(), 1);
+    let st = node.status();
+    assert_eq!((st.spool_waiting, st.spool_rejected), (1, 0), "{st:?}");
+    assert_eq!(metric(&node, "narmesh_problem{part=\"spool\"} "), 1.0);
+    // SIGTERM to the node itself (strace, the harness's child, waits for it).
+    let ok = Command::new("pkill")
+        .args(["-TERM", "-P", &node.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "signalling the traced node");
+    node.stop();
+    node.wrap.clear();
+    node.start();
+    wait_until(30, "the report to be taken in once it reads", || {
+        recorded(&node, &paths) == 3
+    });
+    assert!(spooled(&spool).is_empty());
+    assert_eq!(node.status().spool_rejected, 0);
+    node.stop();
+}
+
 /// The spool is writable by the socket group, so what lies in it is untrusted. Files that are
 /// not a regular file of one frame (a FIFO that would block a reader forever, a link to
 /// `/dev/zero`, a directory, a sparse file of 1 GiB) are set aside unread, and the reports
