@@ -39,8 +39,13 @@ pub struct Journal {
     len: u64,
     pending: VecDeque<(u64, QueueItem)>,
     next: u64,
-    /// A failed append left bytes that could not be removed.
+    /// A failed append left bytes that could not be removed, or a compaction's rename may not
+    /// be on disk: the file is opened again before the next append.
     poisoned: bool,
+    /// The file's length after its last compaction (its pending items then).
+    compacted: u64,
+    /// Compactions since it was opened.
+    compactions: u64,
 }
 
 fn record(e: &Entry) -> io::Result<Vec<u8>> {
@@ -122,6 +127,8 @@ impl Journal {
             pending,
             next,
             poisoned: false,
+            compacted: 0,
+            compactions: 0,
         })
     }
 
@@ -187,7 +194,7 @@ impl Journal {
             // Nothing pending: start the file over (durably, or a crash could replay items).
             self.file.set_len(0)?;
             self.file.sync_all()?;
-            self.len = 0;
+            (self.len, self.compacted) = (0, 0);
             return Ok(());
         }
         let rec = record(&Entry::Done { upto })?;
@@ -200,7 +207,9 @@ impl Journal {
             return Err(e);
         }
         self.len += rec.len() as u64;
-        if self.len > COMPACT_AT {
+        // Rewritten once half of it at least is done items: a backlog of more than
+        // COMPACT_AT is not copied again at every batch.
+        if self.len > COMPACT_AT.max(2 * self.compacted) {
             self.compact()?;
         }
         Ok(())
@@ -216,20 +225,32 @@ impl Journal {
                 item: item.clone(),
             })?);
         }
-        {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&buf)?;
-            f.sync_all()?;
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
         }
-        std::fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            crate::fsutil::sync_dir(dir)?;
-        }
-        self.file = OpenOptions::new()
+        let mut f = OpenOptions::new()
             .read(true)
             .append(true)
-            .open(&self.path)?;
+            .create_new(true)
+            .open(&tmp)?;
+        f.write_all(&buf)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.path)?;
+        // The old file is unlinked now: appends go to the new one from here, whatever follows
+        // (appending to the old handle would acknowledge items into a deleted file).
+        self.file = f;
         self.len = buf.len() as u64;
+        self.compacted = self.len;
+        self.compactions += 1;
+        if let Some(dir) = self.path.parent()
+            && let Err(e) = crate::fsutil::sync_dir(dir)
+        {
+            // Until the rename is on disk, a crash would bring the old file back without what
+            // is appended now: nothing more is acknowledged until a reopen syncs the directory.
+            self.poisoned = true;
+            return Err(e);
+        }
         Ok(())
     }
 }
@@ -290,6 +311,50 @@ mod tests {
         assert!(std::fs::metadata(&p).unwrap().len() < 1024, "emptied");
         drop(j);
         assert_eq!(Journal::open(&p).unwrap().depth(), 0);
+    }
+
+    /// A backlog larger than the compaction threshold (the pipeline stalled for long) is
+    /// rewritten once, not at every batch that completes (each rewrite copies and fsyncs all
+    /// of it while every hook's acknowledgement waits); once done items are half the file, it
+    /// is rewritten again, and what was appended meanwhile replays whole.
+    #[test]
+    fn a_large_backlog_is_not_rewritten_at_every_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("queue.log");
+        let mut j = Journal::open(&p).unwrap();
+        let n = 160_000;
+        let big: Vec<QueueItem> = (0..n).map(item).collect();
+        j.append(&big).unwrap();
+        assert!(j.len > COMPACT_AT, "{}", j.len);
+        for upto in 1..=100 {
+            j.done(upto).unwrap();
+        }
+        assert_eq!(j.compactions, 1);
+        // Half the backlog is done; items keep coming, faster than they are done, until the
+        // file is twice what was rewritten, and only then is it rewritten again, to what is
+        // still pending.
+        let mut upto = n as u64 / 2;
+        j.done(upto).unwrap();
+        let (limit, mut next) = (2 * j.compacted, n);
+        while j.compactions == 1 {
+            assert!(j.len <= limit, "{} over {limit}", j.len);
+            j.append(&(next..next + 1000).map(item).collect::<Vec<_>>())
+                .unwrap();
+            next += 1000;
+            upto += 1;
+            j.done(upto).unwrap();
+        }
+        assert!(
+            j.len == j.compacted && j.len < limit,
+            "{} after the rewrite",
+            j.len
+        );
+        let depth = j.depth();
+        assert_eq!(depth as u64, next as u64 - upto);
+        drop(j);
+        let j = Journal::open(&p).unwrap();
+        assert_eq!(j.depth(), depth);
+        assert_eq!(j.batch(usize::MAX).last().unwrap().1, item(next - 1));
     }
 
     proptest! {
