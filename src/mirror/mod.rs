@@ -82,6 +82,20 @@ struct Stats {
     recent: VecDeque<(Instant, u64)>,
 }
 
+impl Stats {
+    /// Drop completions older than the window (at every completion, so a mirror that nobody
+    /// asks the status of keeps no more than a window's worth).
+    fn trim(&mut self) {
+        while self
+            .recent
+            .front()
+            .is_some_and(|(t, _)| t.elapsed() > RATE_WINDOW)
+        {
+            self.recent.pop_front();
+        }
+    }
+}
+
 impl MirrorHandle {
     /// Start the mirror; it runs until `cancel` fires.
     pub fn start(
@@ -104,13 +118,7 @@ impl MirrorHandle {
     /// The mirror's state for `narmesh status`.
     pub fn status(&self) -> MirrorStatus {
         let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        while s
-            .recent
-            .front()
-            .is_some_and(|(t, _)| t.elapsed() > RATE_WINDOW)
-        {
-            s.recent.pop_front();
-        }
+        s.trim();
         let bytes: u64 = s.recent.iter().map(|(_, b)| b).sum();
         let m = &self.metrics;
         MirrorStatus {
@@ -296,19 +304,30 @@ impl Mirror {
     }
 
     async fn run(&mut self, cancel: CancellationToken) {
-        let tmp = self.tmp.clone();
-        let made = tokio::task::spawn_blocking(move || {
-            let _ = std::fs::remove_dir_all(&tmp);
-            std::fs::create_dir_all(&tmp)
-        })
-        .await;
-        if let Ok(Err(e)) | Err(e) = made.map_err(std::io::Error::other) {
-            tracing::error!(
-                "mirror: creating {}: {e}; mirror stopped",
-                self.tmp.display()
-            );
-            self.set_error(Some(format!("creating {}: {e}", self.tmp.display())));
-            return;
+        // Its work directory, made afresh; a full disk or a permission is tried again later,
+        // never the mirror's end.
+        let mut wait = Duration::from_secs(1);
+        loop {
+            let tmp = self.tmp.clone();
+            let made = tokio::task::spawn_blocking(move || {
+                let _ = std::fs::remove_dir_all(&tmp);
+                std::fs::create_dir_all(&tmp)
+            })
+            .await;
+            let (Ok(Err(e)) | Err(e)) = made.map_err(std::io::Error::other) else {
+                break;
+            };
+            let why = format!("creating {}: {e}", self.tmp.display());
+            tracing::error!("mirror: {why}; trying again in {wait:?}");
+            self.set_error(Some(why));
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(Duration::from_secs(60));
+        }
+        if wait > Duration::from_secs(1) {
+            self.set_error(None);
         }
         // What a previous run left unfinished.
         let db = self.db.clone();
@@ -684,6 +703,7 @@ impl Mirror {
                         self.metrics.mirror_uploaded_bytes.inc_by(out.bytes);
                         let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
                         s.recent.push_back((Instant::now(), out.bytes));
+                        s.trim();
                     }
                     updates.push((out.hash, state));
                 }

@@ -77,6 +77,8 @@ pub fn attempt_timeout(len: u64) -> Duration {
 pub const NAR_TYPE: &str = "application/x-nix-nar";
 pub const NARINFO_TYPE: &str = "text/x-nix-narinfo";
 pub const CACHE_INFO_TYPE: &str = "text/x-nix-cache-info";
+/// Empty pages in a row a listing may give (a server may page on an empty prefix once).
+const MAX_EMPTY_PAGES: u32 = 16;
 
 impl Bucket {
     /// A client for `cfg`, with credentials from the usual AWS sources.
@@ -245,8 +247,14 @@ impl Bucket {
         mut each: impl FnMut(&str, u64),
     ) -> Result<u64, S3Error> {
         let mut token: Option<String> = None;
-        let mut n = 0u64;
+        let (mut n, mut empty) = (0u64, 0u32);
+        let wrong = |message: &str| S3Error::Other {
+            op: "ListObjectsV2",
+            key: self.prefix.clone(),
+            message: message.to_owned(),
+        };
         loop {
+            let asked = token.clone();
             let page = self
                 .client
                 .list_objects_v2()
@@ -270,17 +278,30 @@ impl Bucket {
                 }
                 each(rel, o.size().unwrap_or(0).max(0) as u64);
             }
+            // A listing that goes round in circles, or pages on with nothing in its pages,
+            // is never taken as ending (each page would count against the cap of objects).
+            empty = if page.contents().is_empty() {
+                empty + 1
+            } else {
+                0
+            };
+            if empty > MAX_EMPTY_PAGES {
+                return Err(wrong("page after page with no object in it"));
+            }
             // Done only when the bucket says so; a server that leaves IsTruncated out but
             // gives a token has more.
             match (page.is_truncated(), page.next_continuation_token()) {
                 (Some(false), _) | (None, None) => return Ok(n),
+                (_, Some(t)) if asked.as_deref() == Some(t) => {
+                    return Err(wrong(
+                        "a page gave back the continuation token it was asked with",
+                    ));
+                }
                 (_, Some(t)) => token = Some(t.to_owned()),
                 (Some(true), None) => {
-                    return Err(S3Error::Other {
-                        op: "ListObjectsV2",
-                        key: self.prefix.clone(),
-                        message: "a page said more follow, without a continuation token".into(),
-                    });
+                    return Err(wrong(
+                        "a page said more follow, without a continuation token",
+                    ));
                 }
             }
         }

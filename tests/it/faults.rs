@@ -134,6 +134,30 @@ fn a_frozen_node_with_a_full_backlog_never_stalls_a_hook() {
         "with 40 hooks and a backlog of 16, some must have blocked in connect; the last hook said: {sample}"
     );
     assert_eq!(spooled(&spool).len(), 40, "every report spooled");
+    // The backlog still holds the connections of hooks that gave up: `narmesh status` cannot
+    // connect either, and says so within its own deadline (10 s) instead of hanging.
+    let mut status = Command::new(bin("narmesh"))
+        .args(["status", "--socket"])
+        .arg(&socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let exited = loop {
+        if let Some(code) = status.try_wait().unwrap() {
+            break code;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = status.kill();
+            panic!("`narmesh status` still waits on the frozen node after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut status.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!exited.success(), "{err}");
+    assert!(err.contains("did not accept a connection"), "{err}");
     node.signal("CONT");
     wait_until(60, "every report to be taken in after SIGCONT", || {
         recorded(&node, &paths) == paths.len()

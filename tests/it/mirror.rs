@@ -463,6 +463,31 @@ fn wrong_credentials_or_a_missing_bucket_are_reported_and_the_node_keeps_running
     assert_eq!(code, 200);
 }
 
+/// The mirror's work directory cannot be made at start (a file stands in its place, as a full
+/// disk or a wrong permission would also stop it): the mirror says why and tries again, and
+/// once the way is clear it mirrors what was built meanwhile, without a restart.
+#[test]
+fn a_mirror_that_cannot_make_its_work_directory_tries_again() {
+    let s3 = S3Server::start();
+    let mut st = setup(&s3, "", (ACCESS_KEY, SECRET_KEY));
+    let blocker = st.nodes[1].dir.join("data/mirror-tmp");
+    std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+    std::fs::write(&blocker, b"in the way").unwrap();
+    for n in st.nodes.iter_mut() {
+        n.start();
+    }
+    wait_until(30, "the mirror to report the error", || {
+        mirror(&st.nodes[1])
+            .last_error
+            .is_some_and(|e| e.contains("mirror-tmp"))
+    });
+    let top = st.a.build(r#"mk "mirror-tmpdir" "echo t > $out""#)[0].full();
+    std::fs::remove_file(&blocker).unwrap();
+    wait_in_bucket(&s3, &st.nodes[1], std::slice::from_ref(&top), 60);
+    assert_eq!(mirror(&st.nodes[1]).last_error, None);
+    assert_eq!(check_bucket(&s3, std::slice::from_ref(&top)), 1);
+}
+
 #[test]
 fn paths_signed_upstream_are_not_mirrored_and_do_not_hold_back_their_referrers() {
     let s3 = S3Server::start();

@@ -144,7 +144,23 @@ impl Bucket {
                 .send()
                 .await;
             let e = match created {
-                Ok(c) => return Ok((intent, c.upload_id().unwrap_or_default().to_owned())),
+                Ok(c) => match c.upload_id().filter(|id| !id.is_empty()) {
+                    Some(id) => return Ok((intent, id.to_owned())),
+                    // An answer without the upload's id: whatever it created is found by the
+                    // intent, which stays to be settled.
+                    None => {
+                        let e = S3Error::Other {
+                            op: "CreateMultipartUpload",
+                            key: key.to_owned(),
+                            message: "no UploadId in the answer".into(),
+                        };
+                        if tries >= CREATE_TRIES {
+                            return Err(e);
+                        }
+                        tokio::time::sleep(Duration::from_millis(200) * 2u32.pow(tries - 1)).await;
+                        continue;
+                    }
+                },
                 Err(e) => e,
             };
             // The bucket said no: nothing was created. Else (no answer) it may have been: the
