@@ -66,13 +66,21 @@ pub enum Source {
     Tcp(tokio::net::TcpStream, bytes::BytesMut),
 }
 
+/// Room a bulk read needs before the buffer is renewed.
+const MIN_READ: usize = 64 << 10;
+
 impl Source {
     /// The next piece (at most `max` bytes), within the stall deadline; `None` at the end.
     pub async fn piece(&mut self, max: usize) -> Result<Option<bytes::Bytes>, PeerError> {
         match self {
             Source::Quic(recv) => next_piece(recv, max).await,
             Source::Tcp(stream, buf) => {
-                buf.reserve(max);
+                // Pieces are split off one buffer and keep it alive until the last is written:
+                // a fresh one is taken only once this one is all but used, so the pieces of a
+                // range pin about the bytes they hold, not a buffer of `max` each.
+                if buf.capacity() - buf.len() < MIN_READ.min(max) {
+                    buf.reserve(max);
+                }
                 match tokio::time::timeout(STALL, stream.read_buf(buf)).await {
                     Err(_) => Err(PeerError::Timeout("stalled")),
                     Ok(Err(e)) => Err(PeerError::Stream(format!("bulk: {e}"))),

@@ -36,6 +36,9 @@ pub struct Mode {
     /// Answer NAR ranges with the honest bytes, but one byte wrong in the second chunk group of
     /// each range: it lies in the middle of a stream that started well.
     pub lie_mid_range: AtomicBool,
+    /// Answer NAR ranges with the honest bytes of their first chunk group, then one byte every
+    /// 5 s (each read of the fetcher gets something within its deadline), for at most 10 min.
+    pub drip_ranges: AtomicBool,
     /// Answer `NotFound` for a NAR it does not serve (as an honest provider does once Nix GC
     /// took the path), instead of junk.
     pub not_found: AtomicBool,
@@ -221,6 +224,17 @@ impl ProtocolHandler for Nar {
                         let lie_at = GROUP as usize + 100;
                         if mode.lie_mid_range.load(Ordering::SeqCst) && body.len() > lie_at {
                             body[lie_at] ^= 0xff;
+                        }
+                        if mode.drip_ranges.load(Ordering::SeqCst) {
+                            let first = body.len().min(GROUP as usize);
+                            let _ = send.write_all(&body[..first]).await;
+                            for b in body[first..].iter().take(120) {
+                                tokio::time::sleep(Duration::from_secs(5)).await;
+                                if send.write_all(std::slice::from_ref(b)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            return;
                         }
                         let _ = send.write_all(&body).await;
                     }

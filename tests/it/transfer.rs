@@ -93,6 +93,67 @@ fn a_provider_lying_mid_nar_is_caught_within_one_chunk_group() {
     assert!(body == nar, "the NAR B serves is the honest one");
 }
 
+/// A trusted, allowed peer names itself a provider of an honest NAR and sends its range slowly
+/// enough that no read ever times out: its first chunk group, then a byte every 5 s. The
+/// honest provider takes over that range from what was written of it (the group the slow one
+/// verified waits in its buffer), and the fetch ends as soon as every byte is in: it does not
+/// wait for the slow provider's range (which never ends), nor for the chunk group deadline
+/// (20 s) that would end it.
+#[test]
+fn a_provider_that_drips_its_range_is_not_waited_for() {
+    let t = tempfile::tempdir().unwrap();
+    let h = Hostile::start(50, false);
+    h.mode
+        .drip_ranges
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (a, mut nodes) = honest_with(&t, 2, &h, &[]);
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    let path = a.build(r#"mk "transfer-drip" "head -c 3000000 /dev/urandom > $out""#)[0].clone();
+    wait_until(30, "B to learn the path", || {
+        nodes[1].serves(&[path.full()])
+    });
+    let mut ann = h
+        .catch_up_from(&nodes[0].address)
+        .into_iter()
+        .find(|x| x.narinfo.contains(&path.full()))
+        .expect("the honest announcement");
+    let nar = a.dump(&path);
+    let size = nar.len();
+    h.mode.nars.lock().unwrap().insert(ann.blake3, nar);
+    ann.providers.push(h.holds(&ann.blake3));
+    let changed = metric(&nodes[1], "narmesh_mesh_records_changed_total");
+    h.gossip(&[nodes[1].address.clone()], vec![ann.encode().unwrap()]);
+    wait_until(30, "B to take the slow peer as a provider", || {
+        metric(&nodes[1], "narmesh_mesh_records_changed_total") > changed
+    });
+    let started = std::time::Instant::now();
+    substitute_all(&nodes[1], &[path.full()]);
+    // Nix has every byte once they are written; the fetch itself must end too, its place and
+    // its ranges' memory given back.
+    wait_until(15, "B's fetch to end", || {
+        metric(&nodes[1], "narmesh_mesh_transfers ") == 0.0
+            && metric(&nodes[1], "narmesh_mesh_ranges ") == 0.0
+    });
+    let took = started.elapsed();
+    assert_eq!(
+        h.mode.asked.lock().unwrap().len(),
+        1,
+        "the slow peer was asked for a range"
+    );
+    // What it verified waited in its buffer, unwritten: taken over, it came from A.
+    assert_eq!(fetched_from(&nodes[1], &h.endpoint_id()), 0.0);
+    assert_eq!(
+        fetched_from(&nodes[1], endpoint_id(&nodes[0].address)),
+        size as f64
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "the fetch waited for the slow provider: {took:?}"
+    );
+}
+
 /// A provider named in a record that answers it no longer holds the NAR (as one does once Nix
 /// GC took the path, before its withdrawal arrives) is asked once and left to the others for
 /// this NAR: not asked again and again, and not avoided as if it had failed (no warning, and it

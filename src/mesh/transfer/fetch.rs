@@ -22,6 +22,9 @@ const PROVIDERS_AT_ONCE: usize = 4;
 /// Ranges each provider sends at once for a large NAR: while one range starts (a request, a
 /// provider opening the NAR at an offset) or is written, the other's bytes still flow.
 const RANGES_PER_PROVIDER: usize = 2;
+/// How long a provider may take to send one chunk group of a range (16 KiB: at least 800
+/// bytes a second); one slower fails the range, which the plan gives to others meanwhile.
+const GROUP_STALL: Duration = Duration::from_secs(20);
 /// NARs from this size on have several ranges of each provider in flight; a smaller one is
 /// over before that pays, and would take more of its providers' serving slots.
 const OVERLAP_FROM: u64 = 32 << 20;
@@ -76,7 +79,23 @@ impl Transfers {
                 returned.notify_waiters();
             });
         }
-        while workers.join_next().await.is_some() {}
+        // Once every byte is in, a worker still inside a range that others took over (from a
+        // provider too slow to be waited for) is not waited for: dropped, it stops.
+        loop {
+            tokio::select! {
+                joined = workers.join_next() => {
+                    if joined.is_none() {
+                        break;
+                    }
+                }
+                _ = returned.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            if plan.lock().unwrap_or_else(|p| p.into_inner()).complete() {
+                break;
+            }
+        }
+        drop(workers);
         let done = plan.lock().unwrap_or_else(|p| p.into_inner()).complete();
         if done {
             Ok(leaves)
@@ -200,7 +219,14 @@ impl Transfers {
         let mut group = BytesMut::with_capacity(GROUP as usize);
         let mut ready = Ready::default();
         let mut pos = start;
+        // When the last group was complete: each read has its own deadline, but a provider
+        // that sends a byte now and then must still finish a group in time.
+        let mut grouped = Instant::now();
         while pos < end {
+            if grouped.elapsed() > GROUP_STALL {
+                flush(partial, &mut ready, got).await?;
+                return Err(PeerError::Timeout("a chunk group took too long"));
+            }
             let piece = match recv.piece(1 << 20).await {
                 Ok(Some(p)) => p,
                 // A bulk connection closed before its first byte: the provider had no serving
@@ -264,12 +290,13 @@ impl Transfers {
                 }
                 ready.push(bytes, span);
                 pos = want.end;
+                grouped = Instant::now();
                 if ready.len >= 1 << 20 {
                     flush(partial, &mut ready, got).await?;
                     // Readers (and the sha256) may go on up to here.
                     let prefix = {
                         let mut p = plan.lock().unwrap_or_else(|p| p.into_inner());
-                        p.written(start, *got);
+                        p.written(id, start, *got);
                         p.prefix()
                     };
                     t.advance(prefix);
