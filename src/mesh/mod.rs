@@ -85,6 +85,9 @@ struct PeerState {
     /// The catch-up connection kept between rounds (its version, and when it was last used), so
     /// a round with nothing new costs one stream, not a handshake.
     sync_conn: Option<(iroh::endpoint::Connection, u8, Instant)>,
+    /// Entries asked for per catch-up batch, when fewer than the most (a batch did not come
+    /// back), and since when.
+    batch_limit: Option<(u32, Instant)>,
 }
 
 /// What the mesh's tasks share.

@@ -182,6 +182,13 @@ fn fill<T: serde::Serialize>(
     Ok(f)
 }
 
+/// How a round that ended because a batch did not come back shows in its error.
+const ASKING: &str = "asking for a batch: ";
+/// Fewest entries a batch is asked for.
+const MIN_SYNC_LIMIT: u32 = 16;
+/// How long a peer is asked for smaller batches after one did not come back.
+const SMALLER_FOR: Duration = Duration::from_secs(3600);
+
 /// How a round that ended because the peer's entries were not acceptable shows in its error:
 /// such a peer is asked again only after a backoff.
 pub const PENALTY_PREFIX: &str = "nothing acceptable: ";
@@ -197,18 +204,34 @@ enum Entries {
 pub async fn from_peer(ctx: &std::sync::Arc<Ctx>, peer: EndpointId) -> Result<usize, String> {
     let started = Instant::now();
     let (conn, version, reused) = kept_or_new(ctx, peer).await?;
-    let mut r = round(ctx, peer, &conn, version, started).await;
+    let mut limit = MAX_SYNC_BATCH;
+    ctx.peer_state(peer, |s| match s.batch_limit {
+        Some((l, since)) if since.elapsed() < SMALLER_FOR => limit = l,
+        _ => s.batch_limit = None,
+    });
+    let mut r = round(ctx, peer, &conn, version, started, limit).await;
     let (conn, version) = match r {
         // The peer may have let a kept connection go (restarted, or idle past its limit) just
         // as it was used: once, start over on a fresh one.
         Err(_) if reused && conn.close_reason().is_some() => {
             conn.close(0u32.into(), b"stale");
             let (conn, version) = connect(ctx, peer).await?;
-            r = round(ctx, peer, &conn, version, started).await;
+            r = round(ctx, peer, &conn, version, started, limit).await;
             (conn, version)
         }
         _ => (conn, version),
     };
+    // A batch that did not come back may be one too large for the peer to send (a node of the
+    // previous release cut batches by narinfo bytes only, and could not send one of long
+    // entries at all): ask for half as many for a while.
+    if let Err(e) = &r
+        && e.starts_with(ASKING)
+        && limit > MIN_SYNC_LIMIT
+    {
+        let smaller = (limit / 2).max(MIN_SYNC_LIMIT);
+        tracing::info!("mesh: catch-up from {peer}: {e}; asking for {smaller} entries a batch");
+        ctx.peer_state(peer, |s| s.batch_limit = Some((smaller, Instant::now())));
+    }
     // A round that went well and left no request in flight leaves its connection for the next
     // one; anything else drops it, so the next round starts on a fresh one.
     let keep = matches!(r, Ok((_, true))) && conn.close_reason().is_none();
@@ -247,6 +270,7 @@ async fn round(
     conn: &Connection,
     version: u8,
     started: Instant,
+    limit: u32,
 ) -> Result<(usize, bool), String> {
     let db = ctx.db.clone();
     let forget_after = ctx.forget_after_secs;
@@ -264,7 +288,7 @@ async fn round(
         let conn = conn.clone();
         // Aborted when dropped: a round that ends early leaves no request behind.
         tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
-            ask(&conn, after, version).await
+            ask(&conn, after, version, limit).await
         }))
     };
     let mut asking = Some(ask_from(after));
@@ -276,8 +300,8 @@ async fn round(
         }
         let (entries, next, more) = match tokio::time::timeout(left, pending).await {
             Err(_) => return Err("catch-up round budget spent".into()),
-            Ok(Err(e)) => return Err(format!("asking for a batch: {e}")),
-            Ok(Ok(r)) => r?,
+            Ok(Err(e)) => return Err(format!("{ASKING}{e}")),
+            Ok(Ok(r)) => r.map_err(|e| format!("{ASKING}{e}"))?,
         };
         let n = match &entries {
             Entries::V1(e) => e.len(),
@@ -443,7 +467,12 @@ async fn connect(ctx: &Ctx, peer: EndpointId) -> Result<(Connection, u8), String
     }
 }
 
-async fn ask(conn: &Connection, after: u64, version: u8) -> Result<(Entries, u64, bool), String> {
+async fn ask(
+    conn: &Connection,
+    after: u64,
+    version: u8,
+    limit: u32,
+) -> Result<(Entries, u64, bool), String> {
     let (mut send, mut recv) = tokio::time::timeout(ANSWER, conn.open_bi())
         .await
         .map_err(|_| "opening a stream timed out".to_owned())?
@@ -451,7 +480,7 @@ async fn ask(conn: &Connection, after: u64, version: u8) -> Result<(Entries, u64
     let req = SyncRequest {
         version: version as u16,
         after,
-        limit: MAX_SYNC_BATCH,
+        limit,
     };
     tokio::time::timeout(ANSWER, wire::write(&mut send, &req))
         .await

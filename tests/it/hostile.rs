@@ -52,6 +52,12 @@ pub struct Mode {
     /// What it answers catch-up with (version 1 entries, when playing an old node).
     pub log_v1: Mutex<Vec<v1::Announce>>,
     pub log_v2: Mutex<Vec<PathAnnounce>>,
+    /// Entries it can send in one catch-up batch (0: all): a request for more gets no answer,
+    /// as a node of the previous release gave none when a batch outgrew its frame. Within it,
+    /// batches of what was asked for.
+    pub max_batch: std::sync::atomic::AtomicU32,
+    /// The `limit` of every catch-up request, in order.
+    pub limits: Mutex<Vec<u32>>,
 }
 
 /// A hostile (or old) peer on loopback.
@@ -123,14 +129,26 @@ impl ProtocolHandler for Sync {
                 )
                 .await;
             } else if self.1 == 2 {
+                self.0.limits.lock().unwrap().push(req.limit);
+                let max = self.0.max_batch.load(Ordering::SeqCst);
+                if max > 0 && req.limit > max {
+                    // No answer: the stream ends.
+                    let _ = send.finish();
+                    continue;
+                }
                 let log = self.0.log_v2.lock().unwrap().clone();
                 let from = (req.after as usize).min(log.len());
+                let to = if max > 0 {
+                    (from + req.limit as usize).min(log.len())
+                } else {
+                    log.len()
+                };
                 write_frame(
                     &mut send,
                     &SyncBatchV2 {
-                        entries: log[from..].to_vec(),
-                        next: log.len() as u64,
-                        more: false,
+                        entries: log[from..to].to_vec(),
+                        next: to as u64,
+                        more: to < log.len(),
                     },
                 )
                 .await;

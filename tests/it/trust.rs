@@ -632,6 +632,76 @@ fn a_version_1_peer_is_heard() {
     let _ = leaves_of(&[]);
 }
 
+/// A peer that cannot send a catch-up batch as large as asked (a node of the previous release
+/// could not send one whose entries outgrew its frame: it answered nothing, for ever, at the
+/// same cursor) is asked for smaller batches after each one that does not come back, down to
+/// what it can send, and every entry of its log arrives.
+#[test]
+fn a_peer_that_cannot_send_a_full_batch_is_asked_for_smaller_ones() {
+    let t = tempfile::tempdir().unwrap();
+    let old = Hostile::start(51, false);
+    old.mode
+        .max_batch
+        .store(40, std::sync::atomic::Ordering::SeqCst);
+    let key = SecretKey::generate("small-batches-1").unwrap();
+    let x = NixHost::new("");
+    let outs = x.build(
+        r#"builtins.genList (i: mk "small-batch-${toString i}" "echo ${toString i} > $out") 100"#,
+    );
+    let db = narmesh::nix::store_db::StoreDb::open(&x.root).unwrap();
+    for p in &outs {
+        let info = db.query_path(p).unwrap().unwrap();
+        let nar = x.dump(p);
+        let b3 = *blake3::hash(&nar).as_bytes();
+        let mut n = NarInfo {
+            store_path: p.clone(),
+            url: "nar/x.nar".into(),
+            compression: "none".into(),
+            file_hash: None,
+            file_size: None,
+            nar_hash: info.nar_hash,
+            nar_size: info.nar_size,
+            references: info.references.iter().cloned().collect(),
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+        };
+        n.sign(&key);
+        old.mode.log_v2.lock().unwrap().push(PathAnnounce {
+            narinfo: n.render(),
+            blake3: b3,
+            nar_size: info.nar_size,
+            bindings: vec![narmesh::binding::sign(
+                &key,
+                p,
+                &info.nar_hash,
+                info.nar_size,
+                &b3,
+            )],
+            upstream_refs: vec![],
+            providers: vec![old.holds(&b3)],
+        });
+    }
+    let mut b = Node::new(&t.path().join("b"), &t.path().join("b/store"));
+    b.enable_mesh();
+    b.peers = vec![old.address.clone()];
+    b.trusted = vec![key.public().to_string(), b.public_key()];
+    b.start();
+    let paths: Vec<String> = outs.iter().map(StorePath::full).collect();
+    wait_until(60, "B to catch up every entry", || b.serves(&paths));
+    let limits = old.mode.limits.lock().unwrap().clone();
+    assert_eq!(
+        limits[..5],
+        [512, 256, 128, 64, 32],
+        "halved after each batch that did not come back: {limits:?}"
+    );
+    assert!(
+        limits[5..].iter().all(|l| *l == 32),
+        "then kept: {limits:?}"
+    );
+    assert!(b.log().contains("asking for 32 entries a batch"));
+}
+
 /// A host taken out of the cluster, and a key no longer trusted, as an operator does it (the
 /// config changed, the node restarted): B learnt a path that only A holds; with A down, B
 /// still counts A as its holder. Restarted without A in `peers`, B no longer does (its narinfo
