@@ -2,7 +2,6 @@
 //! validated, acknowledged only after the durable queue commit) and the hook's spool
 //! directory (taken in at start and while running).
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -323,7 +322,9 @@ impl Ingest {
         // Rejected files kept from before (an older release kept them all) are brought within
         // bounds at start; afterwards, whenever a round rejects one.
         let mut prune = true;
-        let mut ignored = HashSet::new();
+        let mut ignored = spool::PassedOver::new();
+        // Why files were passed over for a while, as long as some are.
+        let mut unread: Option<String> = None;
         loop {
             match self.take_spool(&dir, prune, &mut ignored).await {
                 Ok(round) => {
@@ -333,7 +334,13 @@ impl Ingest {
                         SPOOL_POLL
                     };
                     prune = false;
-                    self.metrics.problem("spool", None);
+                    if let Some(why) = round.unread {
+                        tracing::warn!("spool {}: {why}", dir.display());
+                        unread = Some(why);
+                    } else if !ignored.values().any(Option::is_some) {
+                        unread = None;
+                    }
+                    self.metrics.problem("spool", unread.clone());
                 }
                 Err(e) => {
                     wait = (wait * 2).clamp(SPOOL_POLL, Duration::from_secs(30));
@@ -353,14 +360,14 @@ impl Ingest {
     /// Queue the oldest batch of spooled reports, then delete the files that were queued. A
     /// report that can never be accepted is set aside ([`spool::reject`]); a transient failure
     /// stops the round and leaves the rest where they are (the error says why); a file that
-    /// could not be read stays, and the round ends with an error once the others are in. `prune`: bring
+    /// could not be read stays, passed over for a while, and the round says so. `prune`: bring
     /// the rejected files within their bounds after. A file that can be neither taken in nor set
     /// aside joins `ignored`, passed over from then on.
     async fn take_spool(
         &self,
         dir: &Path,
         prune: bool,
-        ignored: &mut HashSet<PathBuf>,
+        ignored: &mut spool::PassedOver,
     ) -> std::io::Result<SpoolRound> {
         let (dir2, mut passed) = (dir.to_owned(), std::mem::take(ignored));
         let (batch, passed) = blocking_io(move || {
@@ -376,13 +383,15 @@ impl Ingest {
             return Ok(SpoolRound {
                 taken: 0,
                 more: false,
+                unread: None,
             });
         }
         let mut taken = Vec::new();
         let mut rejected = Vec::new();
         let mut stopped = None;
-        // Files that could not be read stay; the others are taken in meanwhile.
-        let (mut unread, mut first_unread) = (0, None);
+        // Files that could not be read stay, passed over for a while; the others are taken in
+        // meanwhile.
+        let (mut unread, mut first_unread) = (Vec::new(), None);
         for (path, report) in batch.files {
             match report {
                 Ok(report) => match self.queue_reports(vec![report], Validate::Blocking).await {
@@ -395,23 +404,25 @@ impl Ingest {
                 },
                 Err(spool::Unread::Bad(why)) => rejected.push((path, why)),
                 Err(spool::Unread::Failed(why)) => {
-                    unread += 1;
                     first_unread.get_or_insert_with(|| format!("{}: {why}", path.display()));
+                    unread.push(path);
                 }
                 Err(spool::Unread::Gone) => {}
             }
         }
-        if let Some(first) = first_unread
-            && stopped.is_none()
-        {
-            stopped = Some(format!(
-                "{unread} file(s) could not be read and stay (the first, {first})"
-            ));
-        }
+        let again = std::time::Instant::now() + UNREAD_AGAIN;
         let round = SpoolRound {
             taken: taken.len(),
             more: batch.more && stopped.is_none(),
+            unread: first_unread.map(|first| {
+                format!(
+                    "{} file(s) could not be read: they stay, and are read again in {UNREAD_AGAIN:?} \
+                     (the first, {first})",
+                    unread.len()
+                )
+            }),
         };
+        ignored.extend(unread.into_iter().map(|p| (p, Some(again))));
         self.metrics.spool_refused.inc_by(rejected.len() as u64);
         let dir2 = dir.to_owned();
         let done = blocking_io(move || {
@@ -452,7 +463,7 @@ impl Ingest {
         let (stuck, (waiting, kept)) = done?;
         self.metrics.spool_waiting.set(waiting as i64);
         self.metrics.spool_rejected.set(kept as i64);
-        ignored.extend(stuck);
+        ignored.extend(stuck.into_iter().map(|p| (p, None)));
         let n = round.taken;
         self.metrics.spool_taken.inc_by(n as u64);
         if n > 0 {
@@ -472,7 +483,12 @@ struct SpoolRound {
     taken: usize,
     /// More reports wait behind this round's batch.
     more: bool,
+    /// Files that could not be read, and why (the first): passed over for [`UNREAD_AGAIN`].
+    unread: Option<String>,
 }
+
+/// How long a spool file that could not be read is passed over before it is read again.
+const UNREAD_AGAIN: Duration = Duration::from_secs(60);
 
 /// Why a report was not accepted, and whether it ever can be.
 #[derive(Debug)]

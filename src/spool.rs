@@ -14,12 +14,12 @@
 //!
 //! Taking the reports in (validation, the durable queue) is [`crate::ingest`]'s.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::io::Read as _;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use narmesh_proto::control::{Envelope, Request};
 use narmesh_proto::frame::{self, MAX_FRAME};
@@ -53,7 +53,7 @@ pub struct Batch {
 /// Read the oldest report files of `dir` (none if it does not exist), within the batch bounds,
 /// passing over those in `ignored` (files that could be neither taken in nor set aside; those
 /// gone from the spool leave the set).
-pub fn read_batch(dir: &Path, ignored: &mut HashSet<PathBuf>) -> std::io::Result<Batch> {
+pub fn read_batch(dir: &Path, ignored: &mut PassedOver) -> std::io::Result<Batch> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Batch::default()),
@@ -65,8 +65,9 @@ pub fn read_batch(dir: &Path, ignored: &mut HashSet<PathBuf>) -> std::io::Result
         .collect();
     // The hook names its files by the time they were written.
     paths.sort();
-    ignored.retain(|p| paths.binary_search(p).is_ok());
-    paths.retain(|p| !ignored.contains(p));
+    let now = Instant::now();
+    ignored.retain(|p, until| paths.binary_search(p).is_ok() && until.is_none_or(|t| now < t));
+    paths.retain(|p| !ignored.contains_key(p));
     let mut batch = Batch::default();
     let mut bytes = 0;
     for (i, p) in paths.iter().enumerate() {
@@ -81,14 +82,18 @@ pub fn read_batch(dir: &Path, ignored: &mut HashSet<PathBuf>) -> std::io::Result
     Ok(batch)
 }
 
+/// Files passed over: for good (`None`: they can be neither taken in nor set aside) or until
+/// a time (they could not be read, and are read again then). Those gone from the spool leave.
+pub type PassedOver = HashMap<PathBuf, Option<Instant>>;
+
 /// Why a report file was not read.
 #[derive(Debug, PartialEq)]
 pub enum Unread {
     /// It is not a report and never will be (a link, a FIFO, too large, garbage): set aside.
     Bad(String),
-    /// Reading it failed (an I/O error, no file descriptor left, no permission): it stays
-    /// where it is and is read again later; it is not the file's fault, and it may be the
-    /// only record of a build.
+    /// Reading it failed (an I/O error, no file descriptor or memory left): it stays where
+    /// it is and is read again later; it is not the file's fault, and it may be the only
+    /// record of a build.
     Failed(String),
     /// It is no longer there (taken by hand meanwhile).
     Gone,
@@ -116,6 +121,8 @@ fn read_file(path: &Path, bytes: &mut Vec<u8>) -> Result<(), Unread> {
             // A socket (or a device node whose driver is absent) cannot be opened.
             Some(libc::ENXIO | libc::ENODEV) => Unread::Bad(format!("not a regular file ({e})")),
             Some(libc::ENOENT) => Unread::Gone,
+            // Not readable by the node (a hook always writes what the node may read).
+            Some(libc::EACCES | libc::EPERM) => Unread::Bad(format!("not readable here ({e})")),
             _ => Unread::Failed(format!("opening it: {e}")),
         })?;
     let meta = f
@@ -371,7 +378,7 @@ mod tests {
             std::fs::write(d.path().join(format!("{i:06}.frame")), report(i)).unwrap();
         }
         std::fs::write(d.path().join(".x.tmp"), b"half").unwrap();
-        let b = read_batch(d.path(), &mut HashSet::new()).unwrap();
+        let b = read_batch(d.path(), &mut PassedOver::new()).unwrap();
         assert!(b.more);
         assert_eq!(b.files.len(), BATCH_FILES);
         assert_eq!(b.files[0].0.file_name().unwrap(), "000000.frame");
@@ -382,19 +389,24 @@ mod tests {
         for i in 0..20 {
             std::fs::write(d.path().join(format!("{i:06}.frame")), &big).unwrap();
         }
-        let b = read_batch(d.path(), &mut HashSet::new()).unwrap();
+        let b = read_batch(d.path(), &mut PassedOver::new()).unwrap();
         assert!(b.more);
         assert_eq!(b.files.len() as u64, BATCH_BYTES.div_ceil(MAX_FILE));
         assert!(b.files.iter().all(|(_, r)| r.is_err()));
         assert!(
-            read_batch(&d.path().join("none"), &mut HashSet::new())
+            read_batch(&d.path().join("none"), &mut PassedOver::new())
                 .unwrap()
                 .files
                 .is_empty()
         );
         // Files passed over do not count; those gone leave the set.
-        let mut ignored: HashSet<PathBuf> =
-            [d.path().join("000000.frame"), d.path().join("gone.frame")].into();
+        let mut ignored: PassedOver = [
+            (d.path().join("000000.frame"), None),
+            (d.path().join("gone.frame"), None),
+            // Passed over until a time already past: read again.
+            (d.path().join("000001.frame"), Some(Instant::now())),
+        ]
+        .into();
         let b = read_batch(d.path(), &mut ignored).unwrap();
         assert_eq!(b.files[0].0.file_name().unwrap(), "000001.frame");
         assert_eq!(ignored.len(), 1);
@@ -410,7 +422,7 @@ mod tests {
         let f = std::fs::File::create(p.join("4.frame")).unwrap();
         f.set_len(1 << 40).unwrap();
         std::fs::write(p.join("5.frame"), report(5)).unwrap();
-        let b = read_batch(p, &mut HashSet::new()).unwrap();
+        let b = read_batch(p, &mut PassedOver::new()).unwrap();
         let why: Vec<String> = b
             .files
             .iter()

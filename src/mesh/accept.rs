@@ -181,7 +181,22 @@ impl<A: Fn(&[u8; 32]) -> bool> Judge<'_, A> {
 
     /// A version 1 announcement as an unbound claim, or why not.
     pub fn claim_v1(&self, ann: &v1::Announce) -> Result<RemoteClaim, Refused> {
+        if ann.providers.len() > narmesh_proto::gossip::MAX_LIST {
+            return Err(Refused::TooMany);
+        }
         let (info, path) = self.narinfo(&ann.narinfo, &ann.blake3, ann.nar_size)?;
+        let mut providers = Vec::new();
+        for id in ann.providers.iter().filter(|p| (self.allowed)(p)) {
+            merge_provider(
+                &mut providers,
+                Provider {
+                    id: *id,
+                    holds: true,
+                    at_ms: 0,
+                    sig: Vec::new(),
+                },
+            );
+        }
         Ok(RemoteClaim {
             store_path: path,
             claim: Claim {
@@ -191,17 +206,7 @@ impl<A: Fn(&[u8; 32]) -> bool> Judge<'_, A> {
                 bindings: Vec::new(),
                 upstream_refs: Vec::new(),
                 own: false,
-                providers: ann
-                    .providers
-                    .iter()
-                    .filter(|p| (self.allowed)(p))
-                    .map(|id| Provider {
-                        id: *id,
-                        holds: true,
-                        at_ms: 0,
-                        sig: Vec::new(),
-                    })
-                    .collect(),
+                providers,
                 failed: false,
                 withdrawn: false,
             },

@@ -86,8 +86,8 @@ struct PeerState {
     /// a round with nothing new costs one stream, not a handshake.
     sync_conn: Option<(iroh::endpoint::Connection, u8, Instant)>,
     /// Entries asked for per catch-up batch, when fewer than the most (a batch did not come
-    /// back), and since when.
-    batch_limit: Option<(u32, Instant)>,
+    /// back).
+    batch_limit: Option<u32>,
 }
 
 /// What the mesh's tasks share.

@@ -94,10 +94,14 @@ impl Ranges {
             return self.fly(s, e, now);
         }
         // The range in flight with the most left.
-        let Some((&id, f)) = self.flights.iter().max_by_key(|(_, f)| f.limit - f.pos) else {
+        let Some((&id, f)) = self
+            .flights
+            .iter()
+            .max_by_key(|(_, f)| f.limit.saturating_sub(f.pos))
+        else {
             return Next::Done;
         };
-        let left = f.limit - f.pos;
+        let left = f.limit.saturating_sub(f.pos);
         if left >= 2 * MIN_SPLIT {
             let mid = (f.pos + left / 2).div_ceil(GROUP) * GROUP;
             let end = f.limit;
@@ -118,7 +122,8 @@ impl Ranges {
             && let Some(f) = self.flights.get_mut(&id)
         {
             let (start, end) = (f.written, f.limit);
-            f.limit = f.written;
+            // Its verified bytes past `written` are no longer its to keep.
+            (f.limit, f.pos) = (f.written, f.written);
             return self.fly(start, end, now);
         }
         Next::Wait
@@ -277,6 +282,9 @@ mod tests {
         // the middle of its next group for ever).
         let (id2, s2, e2) = range(r.next(t0 + STALE));
         assert_eq!((s2, e2), (start + GROUP, end));
+        // Another free provider finds nothing to split or take (the stalled range's position
+        // follows its new limit): it waits.
+        assert_eq!(r.next(t0 + STALE), Next::Wait);
         // The stalled provider, should it wake, keeps nothing more; nothing comes back twice.
         assert!(!r.progress(id, start + 4 * GROUP, t0 + STALE));
         r.finished(id2, s2, e2);

@@ -23,6 +23,8 @@ use super::{Ctx, wire};
 /// Encoded bytes of entries per catch-up batch, so a batch frame stays far below the frame
 /// limit.
 const SYNC_BATCH_BYTES: usize = 512 * 1024;
+/// The largest entry a batch (alone) can carry: a frame, less the batch's own fields.
+const MAX_ENTRY: usize = narmesh_proto::frame::MAX_FRAME - 64;
 /// Batches taken from one peer per round, at most.
 const BATCHES_PER_ROUND: usize = 64;
 /// Time one peer gets per round.
@@ -149,8 +151,8 @@ struct Filled<T> {
 }
 
 /// Take `rows` (sequence number, store path, the entry to send if any) into a batch after
-/// `after`, until the next entry would take it over [`SYNC_BATCH_BYTES`] encoded; an entry over
-/// that alone is passed with a warning (no frame could carry it).
+/// `after`, until the next entry would take it over [`SYNC_BATCH_BYTES`] encoded (a larger one
+/// goes alone); an entry over [`MAX_ENTRY`] is passed with a warning (no frame carries it).
 fn fill<T: serde::Serialize>(
     after: u64,
     rows: impl Iterator<Item = (u64, String, Option<T>)>,
@@ -164,12 +166,12 @@ fn fill<T: serde::Serialize>(
     for (seq, path, entry) in rows {
         if let Some(e) = entry {
             let size = postcard::experimental::serialized_size(&e).map_err(|e| e.to_string())?;
-            if size > SYNC_BATCH_BYTES {
+            if size > MAX_ENTRY {
                 tracing::warn!(
                     "mesh: the catch-up entry of {path} is {size} bytes, too large to send; \
                      peers do not learn of it from this node"
                 );
-            } else if bytes + size > SYNC_BATCH_BYTES {
+            } else if !f.entries.is_empty() && bytes + size > SYNC_BATCH_BYTES {
                 f.full = true;
                 break;
             } else {
@@ -182,12 +184,11 @@ fn fill<T: serde::Serialize>(
     Ok(f)
 }
 
-/// How a round that ended because a batch did not come back shows in its error.
-const ASKING: &str = "asking for a batch: ";
+/// How a round that ended because a batch did not come back (the request went out, no whole
+/// answer came) shows in its error.
+const NO_ANSWER: &str = "no batch came back: ";
 /// Fewest entries a batch is asked for.
 const MIN_SYNC_LIMIT: u32 = 16;
-/// How long a peer is asked for smaller batches after one did not come back.
-const SMALLER_FOR: Duration = Duration::from_secs(3600);
 
 /// How a round that ended because the peer's entries were not acceptable shows in its error:
 /// such a peer is asked again only after a backoff.
@@ -205,10 +206,7 @@ pub async fn from_peer(ctx: &std::sync::Arc<Ctx>, peer: EndpointId) -> Result<us
     let started = Instant::now();
     let (conn, version, reused) = kept_or_new(ctx, peer).await?;
     let mut limit = MAX_SYNC_BATCH;
-    ctx.peer_state(peer, |s| match s.batch_limit {
-        Some((l, since)) if since.elapsed() < SMALLER_FOR => limit = l,
-        _ => s.batch_limit = None,
-    });
+    ctx.peer_state(peer, |s| limit = s.batch_limit.unwrap_or(MAX_SYNC_BATCH));
     let mut r = round(ctx, peer, &conn, version, started, limit).await;
     let (conn, version) = match r {
         // The peer may have let a kept connection go (restarted, or idle past its limit) just
@@ -223,14 +221,21 @@ pub async fn from_peer(ctx: &std::sync::Arc<Ctx>, peer: EndpointId) -> Result<us
     };
     // A batch that did not come back may be one too large for the peer to send (a node of the
     // previous release cut batches by narinfo bytes only, and could not send one of long
-    // entries at all): ask for half as many for a while.
-    if let Err(e) = &r
-        && e.starts_with(ASKING)
-        && limit > MIN_SYNC_LIMIT
-    {
-        let smaller = (limit / 2).max(MIN_SYNC_LIMIT);
-        tracing::info!("mesh: catch-up from {peer}: {e}; asking for {smaller} entries a batch");
-        ctx.peer_state(peer, |s| s.batch_limit = Some((smaller, Instant::now())));
+    // entries at all): ask for half as many. A round that took as many entries as were asked
+    // for a batch asks for twice as many again, so a passing fault costs little.
+    match &r {
+        Err(e) if e.starts_with(NO_ANSWER) && limit > MIN_SYNC_LIMIT => {
+            let smaller = (limit / 2).max(MIN_SYNC_LIMIT);
+            tracing::info!("mesh: catch-up from {peer}: {e}; asking for {smaller} entries a batch");
+            ctx.peer_state(peer, |s| s.batch_limit = Some(smaller));
+        }
+        Ok((taken, _)) if limit < MAX_SYNC_BATCH && *taken >= limit as usize => {
+            let larger = (limit * 2).min(MAX_SYNC_BATCH);
+            ctx.peer_state(peer, |s| {
+                s.batch_limit = (larger < MAX_SYNC_BATCH).then_some(larger)
+            });
+        }
+        _ => {}
     }
     // A round that went well and left no request in flight leaves its connection for the next
     // one; anything else drops it, so the next round starts on a fresh one.
@@ -300,8 +305,8 @@ async fn round(
         }
         let (entries, next, more) = match tokio::time::timeout(left, pending).await {
             Err(_) => return Err("catch-up round budget spent".into()),
-            Ok(Err(e)) => return Err(format!("{ASKING}{e}")),
-            Ok(Ok(r)) => r.map_err(|e| format!("{ASKING}{e}"))?,
+            Ok(Err(e)) => return Err(format!("asking for a batch: {e}")),
+            Ok(Ok(r)) => r?,
         };
         let n = match &entries {
             Entries::V1(e) => e.len(),
@@ -499,8 +504,8 @@ async fn ask(
         }
     })
     .await
-    .map_err(|_| "catch-up answer timed out".to_owned())?
-    .map_err(|e| e.to_string())?;
+    .map_err(|_| format!("{NO_ANSWER}it timed out"))?
+    .map_err(|e| format!("{NO_ANSWER}{e}"))?;
     Ok(answer)
 }
 
@@ -534,7 +539,8 @@ mod tests {
     /// A full batch of such entries still fits a frame: the batch is cut by what its entries
     /// encode to, not by their narinfos alone (512 of them would be 2.8 MiB, over the 1 MiB
     /// frame, and every peer's catch-up from this node would stop there for good). The rows
-    /// left over come in the next batch; an entry no frame could carry is passed.
+    /// left over come in the next batch; an entry over the batch's budget goes alone, and one
+    /// no frame could carry is passed.
     #[test]
     fn a_batch_of_large_entries_fits_a_frame() {
         let rows = (1..=MAX_SYNC_BATCH as u64).map(|i| (i, format!("p{i}"), Some(restated(i))));
@@ -549,17 +555,33 @@ mod tests {
         })
         .expect("the batch fits a frame");
         assert!(frame.len() <= SYNC_BATCH_BYTES + 64, "{}", frame.len());
-        let mut huge = restated(2);
-        huge.narinfo = "N".repeat(SYNC_BATCH_BYTES);
-        let rows = vec![
-            (5, "a".to_owned(), Some(restated(1))),
-            (6, "huge".to_owned(), Some(huge)),
-            (7, "gone".to_owned(), None),
-            (8, "b".to_owned(), Some(restated(3))),
-        ];
-        let f = fill(4, rows.into_iter()).unwrap();
-        assert!(!f.full);
+        let mut large = restated(2);
+        large.narinfo = "L".repeat(SYNC_BATCH_BYTES + 1000);
+        let mut huge = restated(4);
+        huge.narinfo = "H".repeat(narmesh_proto::frame::MAX_FRAME);
+        let rows = || {
+            vec![
+                (5, "a".to_owned(), Some(restated(1))),
+                (6, "huge".to_owned(), Some(huge.clone())),
+                (7, "gone".to_owned(), None),
+                (8, "b".to_owned(), Some(restated(3))),
+                (9, "large".to_owned(), Some(large.clone())),
+                (10, "c".to_owned(), Some(restated(5))),
+            ]
+        };
+        let f = fill(4, rows().into_iter()).unwrap();
+        assert!(f.full);
         assert_eq!(f.next, 8);
         assert_eq!(f.entries, vec![restated(1), restated(3)]);
+        // The next batch: the large entry alone, in a frame.
+        let f = fill(8, rows().into_iter().skip(4)).unwrap();
+        assert!(f.full);
+        assert_eq!((f.next, f.entries.len()), (9, 1));
+        narmesh_proto::frame::encode(&SyncBatchV2 {
+            entries: f.entries,
+            next: f.next,
+            more: true,
+        })
+        .expect("the large entry fits a frame alone");
     }
 }

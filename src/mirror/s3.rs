@@ -77,8 +77,9 @@ pub fn attempt_timeout(len: u64) -> Duration {
 pub const NAR_TYPE: &str = "application/x-nix-nar";
 pub const NARINFO_TYPE: &str = "text/x-nix-narinfo";
 pub const CACHE_INFO_TYPE: &str = "text/x-nix-cache-info";
-/// Empty pages in a row a listing may give (a server may page on an empty prefix once).
-const MAX_EMPTY_PAGES: u32 = 16;
+/// Empty pages in a row a listing may give (S3 may page on with none, past delete markers of
+/// a versioned bucket; a thousand empty pages in a row is a server going round in circles).
+const MAX_EMPTY_PAGES: u32 = 1000;
 
 impl Bucket {
     /// A client for `cfg`, with credentials from the usual AWS sources.

@@ -309,7 +309,7 @@ fn a_spool_file_that_cannot_be_read_stays_until_it_can() {
         recorded(&node, &paths) == 2
     });
     wait_until(20, "the round to say why one waits", || {
-        node.log().contains("could not be read and stay")
+        node.log().contains("could not be read: they stay")
     });
     assert!(failing.exists(), "the unreadable report stays in the spool");
     assert_eq!(spooled(&spool).len(), 1);

@@ -695,9 +695,11 @@ fn a_peer_that_cannot_send_a_full_batch_is_asked_for_smaller_ones() {
         [512, 256, 128, 64, 32],
         "halved after each batch that did not come back: {limits:?}"
     );
+    // A round that took as many as it asked for a batch tries twice as many again: the peer
+    // answers no more than it can, and B stays within a step of it.
     assert!(
-        limits[5..].iter().all(|l| *l == 32),
-        "then kept: {limits:?}"
+        limits[5..].iter().all(|l| *l == 32 || *l == 64),
+        "then within a step: {limits:?}"
     );
     assert!(b.log().contains("asking for 32 entries a batch"));
 }

@@ -298,3 +298,23 @@ fn repeats_in_an_announcement_are_taken_once_and_overlong_lists_refused() {
     let refused = judge(&w, &[peer_id]).claim(&ann).unwrap_err();
     assert_eq!(refused.reason(), "too-many-entries");
 }
+
+/// A version 1 entry names each allowed provider once, however often it repeats it, and one
+/// listing more than any node sends is refused.
+#[test]
+fn a_version_1_entry_names_each_provider_once() {
+    let w = world();
+    let peer_id = *w.peer.public().as_bytes();
+    let mut ann = v1::Announce {
+        version: 1,
+        narinfo: narinfo(&w.origin, 100),
+        blake3: [1; 32],
+        nar_size: 100,
+        providers: vec![peer_id; 64],
+    };
+    let c = judge(&w, &[peer_id]).claim_v1(&ann).unwrap();
+    assert_eq!(c.claim.providers.len(), 1);
+    ann.providers = vec![peer_id; 65];
+    let refused = judge(&w, &[peer_id]).claim_v1(&ann).unwrap_err();
+    assert_eq!(refused.reason(), "too-many-entries");
+}
