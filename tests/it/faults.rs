@@ -198,6 +198,14 @@ fn a_refusing_node_makes_the_hook_spool() {
     assert_eq!(spooled(&spool).len(), 1, "the refused report is spooled");
 }
 
+/// Run the hook for each of `paths` while `node` is down: each report is spooled.
+fn spool_all(node: &Node, paths: &[String]) {
+    for p in paths {
+        let run = run_hook(&node.socket(), &node.spool(), "", p, 200);
+        assert!(run.stderr.contains("spooled"), "{}", run.stderr);
+    }
+}
+
 /// Reports spooled while the node was down, and a node that starts while the store database
 /// is briefly unreadable: the reports wait (never rejected) and are taken in once the database
 /// is back. Garbage is rejected for good and counted, and so is the report of a path Nix's
@@ -210,10 +218,7 @@ fn transient_spool_failures_wait_and_permanent_ones_are_counted() {
     let mut paths = built_paths(&host, 6, "spooled");
     let mut node = Node::new(&t.path().join("node"), &host.root);
     let spool = node.spool();
-    for p in &paths {
-        let run = run_hook(&node.socket(), &spool, "", p, 200);
-        assert!(run.stderr.contains("spooled"), "{}", run.stderr);
-    }
+    spool_all(&node, &paths);
     let gone = paths.remove(0);
     run_ok(host.cmd("nix-store").args(["--delete", &gone]));
     std::fs::write(spool.join("00-garbage.frame"), b"\x05\x00\x00\x00junk!").unwrap();
@@ -282,10 +287,7 @@ fn a_spool_file_that_cannot_be_read_stays_until_it_can() {
     let paths = built_paths(&host, 3, "unread");
     let mut node = Node::new(&t.path().join("node"), &host.root);
     let spool = node.spool();
-    for p in &paths {
-        let run = run_hook(&node.socket(), &spool, "", p, 200);
-        assert!(run.stderr.contains("spooled"), "{}", run.stderr);
-    }
+    spool_all(&node, &paths);
     let mut files = spooled(&spool);
     files.sort();
     let failing = files[1].canonicalize().unwrap();
@@ -347,10 +349,7 @@ fn hostile_spool_files_are_refused_unread_and_rejected_files_stay_bounded() {
     let paths = built_paths(&host, 3, "hostile-spool");
     let mut node = Node::new(&t.path().join("node"), &host.root);
     let spool = node.spool();
-    for p in &paths {
-        let run = run_hook(&node.socket(), &spool, "", p, 200);
-        assert!(run.stderr.contains("spooled"), "{}", run.stderr);
-    }
+    spool_all(&node, &paths);
     // Named to be read before the hook's files.
     run_ok(Command::new("mkfifo").arg(spool.join("0-fifo.frame")));
     std::os::unix::fs::symlink("/dev/zero", spool.join("0-zero.frame")).unwrap();

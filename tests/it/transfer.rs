@@ -24,6 +24,31 @@ fn endpoint_id(address: &str) -> &str {
     address.split_once('@').expect("peer address").0
 }
 
+/// The hostile peer relays A's honest announcement of `path` to B, naming itself a provider
+/// too (serving `nar` for it, if given); returned once B took it in.
+fn relayed_by(
+    h: &Hostile,
+    nodes: &[Node],
+    path: &StorePath,
+    nar: Option<Vec<u8>>,
+) -> narmesh_proto::gossip::PathAnnounce {
+    let mut ann = h
+        .catch_up_from(&nodes[0].address)
+        .into_iter()
+        .find(|x| x.narinfo.contains(&path.full()))
+        .expect("the honest announcement");
+    if let Some(nar) = nar {
+        h.mode.nars.lock().unwrap().insert(ann.blake3, nar);
+    }
+    ann.providers.push(h.holds(&ann.blake3));
+    let changed = metric(&nodes[1], "narmesh_mesh_records_changed_total");
+    h.gossip(&[nodes[1].address.clone()], vec![ann.encode().unwrap()]);
+    wait_until(30, "B to take the peer as a provider", || {
+        metric(&nodes[1], "narmesh_mesh_records_changed_total") > changed
+    });
+    ann
+}
+
 /// A trusted, allowed peer names itself a provider of an honest NAR and serves its ranges with
 /// one byte wrong in the second chunk group of each. The fetcher takes that range's first
 /// group, refuses the second (the log names it), drops the liar for the rest, and completes
@@ -45,20 +70,9 @@ fn a_provider_lying_mid_nar_is_caught_within_one_chunk_group() {
         nodes[1].serves(&[path.full()])
     });
     // The liar relays A's honest announcement, naming itself a provider too.
-    let honest = h.catch_up_from(&nodes[0].address);
-    let mut ann = honest
-        .into_iter()
-        .find(|x| x.narinfo.contains(&path.full()))
-        .expect("the honest announcement");
     let nar = a.dump(&path);
+    let ann = relayed_by(&h, &nodes, &path, Some(nar.clone()));
     assert_eq!(nar.len() as u64, ann.nar_size);
-    h.mode.nars.lock().unwrap().insert(ann.blake3, nar.clone());
-    ann.providers.push(h.holds(&ann.blake3));
-    let changed = metric(&nodes[1], "narmesh_mesh_records_changed_total");
-    h.gossip(&[nodes[1].address.clone()], vec![ann.encode().unwrap()]);
-    wait_until(30, "B to take the liar as a provider", || {
-        metric(&nodes[1], "narmesh_mesh_records_changed_total") > changed
-    });
     // Real Nix substitutes through B, which fetches from A and the liar at once.
     substitute_all(&nodes[1], &[path.full()]);
     let asked = h.mode.asked.lock().unwrap().clone();
@@ -114,20 +128,9 @@ fn a_provider_that_drips_its_range_is_not_waited_for() {
     wait_until(30, "B to learn the path", || {
         nodes[1].serves(&[path.full()])
     });
-    let mut ann = h
-        .catch_up_from(&nodes[0].address)
-        .into_iter()
-        .find(|x| x.narinfo.contains(&path.full()))
-        .expect("the honest announcement");
     let nar = a.dump(&path);
     let size = nar.len();
-    h.mode.nars.lock().unwrap().insert(ann.blake3, nar);
-    ann.providers.push(h.holds(&ann.blake3));
-    let changed = metric(&nodes[1], "narmesh_mesh_records_changed_total");
-    h.gossip(&[nodes[1].address.clone()], vec![ann.encode().unwrap()]);
-    wait_until(30, "B to take the slow peer as a provider", || {
-        metric(&nodes[1], "narmesh_mesh_records_changed_total") > changed
-    });
+    relayed_by(&h, &nodes, &path, Some(nar));
     let started = std::time::Instant::now();
     substitute_all(&nodes[1], &[path.full()]);
     // Nix has every byte once they are written; the fetch itself must end too, its place and
@@ -175,17 +178,7 @@ fn a_provider_that_no_longer_holds_a_nar_is_asked_once_and_not_avoided() {
     wait_until(30, "B to learn the path", || {
         nodes[1].serves(&[path.full()])
     });
-    let mut ann = h
-        .catch_up_from(&nodes[0].address)
-        .into_iter()
-        .find(|x| x.narinfo.contains(&path.full()))
-        .expect("the honest announcement");
-    ann.providers.push(h.holds(&ann.blake3));
-    let changed = metric(&nodes[1], "narmesh_mesh_records_changed_total");
-    h.gossip(&[nodes[1].address.clone()], vec![ann.encode().unwrap()]);
-    wait_until(30, "B to take the peer as a provider", || {
-        metric(&nodes[1], "narmesh_mesh_records_changed_total") > changed
-    });
+    let ann = relayed_by(&h, &nodes, &path, None);
     substitute_all(&nodes[1], &[path.full()]);
     let asked = h.mode.asked.lock().unwrap().clone();
     assert_eq!(asked.len(), 1, "asked once for a range: {asked:?}");

@@ -506,34 +506,7 @@ fn a_trusted_peer_that_lies_loses_its_claim_to_the_honest_one() {
     let junk: Vec<u8> = (0..info.nar_size).map(|i| (i % 251) as u8).collect();
     let fake = *blake3::hash(&junk).as_bytes();
     h.mode.nars.lock().unwrap().insert(fake, junk);
-    let mut narinfo = NarInfo {
-        store_path: path.clone(),
-        url: "nar/x.nar".into(),
-        compression: "none".into(),
-        file_hash: None,
-        file_size: None,
-        nar_hash: info.nar_hash,
-        nar_size: info.nar_size,
-        references: info.references.iter().cloned().collect(),
-        deriver: None,
-        sigs: vec![],
-        ca: None,
-    };
-    narinfo.sign(&liar);
-    let lie = PathAnnounce {
-        narinfo: narinfo.render(),
-        blake3: fake,
-        nar_size: info.nar_size,
-        bindings: vec![narmesh::binding::sign(
-            &liar,
-            &path,
-            &info.nar_hash,
-            info.nar_size,
-            &fake,
-        )],
-        upstream_refs: vec![],
-        providers: vec![h.holds(&fake)],
-    };
+    let lie = signed_announce(&liar, &path, &info, fake, h.holds(&fake));
     for n in nodes.iter_mut() {
         n.start();
     }
@@ -632,6 +605,45 @@ fn a_version_1_peer_is_heard() {
     let _ = leaves_of(&[]);
 }
 
+/// A version 2 announcement of `path` (whose store metadata is `info`) with NAR `blake3`: its
+/// narinfo and its binding signed by `key`, naming `provider`.
+fn signed_announce(
+    key: &SecretKey,
+    path: &StorePath,
+    info: &narmesh::nix::store_db::PathInfo,
+    blake3: [u8; 32],
+    provider: narmesh_proto::gossip::ProviderStatement,
+) -> PathAnnounce {
+    let mut narinfo = NarInfo {
+        store_path: path.clone(),
+        url: "nar/x.nar".into(),
+        compression: "none".into(),
+        file_hash: None,
+        file_size: None,
+        nar_hash: info.nar_hash,
+        nar_size: info.nar_size,
+        references: info.references.iter().cloned().collect(),
+        deriver: None,
+        sigs: vec![],
+        ca: None,
+    };
+    narinfo.sign(key);
+    PathAnnounce {
+        narinfo: narinfo.render(),
+        blake3,
+        nar_size: info.nar_size,
+        bindings: vec![narmesh::binding::sign(
+            key,
+            path,
+            &info.nar_hash,
+            info.nar_size,
+            &blake3,
+        )],
+        upstream_refs: vec![],
+        providers: vec![provider],
+    }
+}
+
 /// A peer that cannot send a catch-up batch as large as asked (a node of the previous release
 /// could not send one whose entries outgrew its frame: it answered nothing, for ever, at the
 /// same cursor) is asked for smaller batches after each one that does not come back, down to
@@ -653,34 +665,8 @@ fn a_peer_that_cannot_send_a_full_batch_is_asked_for_smaller_ones() {
         let info = db.query_path(p).unwrap().unwrap();
         let nar = x.dump(p);
         let b3 = *blake3::hash(&nar).as_bytes();
-        let mut n = NarInfo {
-            store_path: p.clone(),
-            url: "nar/x.nar".into(),
-            compression: "none".into(),
-            file_hash: None,
-            file_size: None,
-            nar_hash: info.nar_hash,
-            nar_size: info.nar_size,
-            references: info.references.iter().cloned().collect(),
-            deriver: None,
-            sigs: vec![],
-            ca: None,
-        };
-        n.sign(&key);
-        old.mode.log_v2.lock().unwrap().push(PathAnnounce {
-            narinfo: n.render(),
-            blake3: b3,
-            nar_size: info.nar_size,
-            bindings: vec![narmesh::binding::sign(
-                &key,
-                p,
-                &info.nar_hash,
-                info.nar_size,
-                &b3,
-            )],
-            upstream_refs: vec![],
-            providers: vec![old.holds(&b3)],
-        });
+        let ann = signed_announce(&key, p, &info, b3, old.holds(&b3));
+        old.mode.log_v2.lock().unwrap().push(ann);
     }
     let mut b = Node::new(&t.path().join("b"), &t.path().join("b/store"));
     b.enable_mesh();
