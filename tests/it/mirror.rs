@@ -701,6 +701,10 @@ fn an_audit_puts_back_what_the_bucket_lost() {
         bucket_whole(&s3, &paths)
     });
     assert_eq!(check_bucket(&s3, &paths), 4);
+    // The audit's report (its count and log line) may come just after the uploads it started.
+    wait_until(10, "the audit to report", || {
+        metric(&m, "narmesh_mirror_audit_lost_total") >= 3.0
+    });
     assert_eq!(metric(&m, "narmesh_mirror_audit_lost_total"), 3.0);
     let log = m.log();
     assert!(log.contains("nix-cache-info put back"), "{log}");
@@ -764,22 +768,26 @@ fn an_audit_puts_back_what_the_bucket_lost() {
         "the narinfo to come back with nobody holding the NAR",
         || in_bucket(&gone_narinfo),
     );
-    let log = m.log();
-    assert!(
-        log.lines()
-            .any(|l| l.contains("1 of them only their narinfo") && l.contains(&gone.full())),
-        "{log}"
-    );
+    // The audit logs its report after its last change to the bucket.
+    wait_until(10, "the audit to report the narinfo put back", || {
+        m.log()
+            .lines()
+            .any(|l| l.contains("1 of them only their narinfo") && l.contains(&gone.full()))
+    });
     delete(&gone_nar);
     wait_until(30, "the dangling narinfo to be deleted", || {
         !in_bucket(&gone_narinfo)
     });
-    let log = m.log();
-    assert!(
-        log.lines().any(|l| l.contains("1 held by nobody")
-            && l.contains("1 narinfo(s) naming a lost NAR deleted first")
-            && l.contains(&gone.full())),
-        "{log}"
+    wait_until(
+        10,
+        "the audit to report the dangling narinfo deleted",
+        || {
+            m.log().lines().any(|l| {
+                l.contains("1 held by nobody")
+                    && l.contains("1 narinfo(s) naming a lost NAR deleted first")
+                    && l.contains(&gone.full())
+            })
+        },
     );
     assert_eq!(
         mirror(&m).pending_paths,
