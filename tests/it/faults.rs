@@ -258,9 +258,12 @@ fn transient_spool_failures_wait_and_permanent_ones_are_counted() {
     wait_until(60, "the spooled reports to be taken in", || {
         recorded(&node, &paths) == paths.len()
     });
+    // The spool round ends (files set aside, gauges set) after the last report is recorded.
+    wait_until(10, "the spool round to end", || {
+        metrics(&node) == [0.0, 0.0, 2.0, 2.0]
+    });
     let st = node.status();
     assert_eq!((st.spool_waiting, st.spool_rejected), (0, 2), "{st:?}");
-    assert_eq!(metrics(&node), [0.0, 0.0, 2.0, 2.0]);
     assert_eq!(recorded(&node, std::slice::from_ref(&gone)), 0);
     assert!(
         node.log()
@@ -317,7 +320,9 @@ fn a_spool_file_that_cannot_be_read_stays_until_it_can() {
     assert_eq!(spooled(&spool).len(), 1);
     let st = node.status();
     assert_eq!((st.spool_waiting, st.spool_rejected), (1, 0), "{st:?}");
-    assert_eq!(metric(&node, "narmesh_problem{part=\"spool\"} "), 1.0);
+    wait_until(10, "the spool named a problem", || {
+        metric(&node, "narmesh_problem{part=\"spool\"} ") == 1.0
+    });
     // SIGTERM to the node itself (strace, the harness's child, waits for it).
     let ok = Command::new("pkill")
         .args(["-TERM", "-P", &node.pid().to_string()])
@@ -330,7 +335,7 @@ fn a_spool_file_that_cannot_be_read_stays_until_it_can() {
     wait_until(30, "the report to be taken in once it reads", || {
         recorded(&node, &paths) == 3
     });
-    assert!(spooled(&spool).is_empty());
+    wait_until(10, "the spool to be emptied", || spooled(&spool).is_empty());
     assert_eq!(node.status().spool_rejected, 0);
     node.stop();
 }
@@ -371,8 +376,11 @@ fn hostile_spool_files_are_refused_unread_and_rejected_files_stay_bounded() {
     });
     let peak = crate::trust::budget(node.pid()).0 >> 20;
     assert!(peak < 256, "the node's peak memory is {peak} MiB");
-    let st = node.status();
-    assert_eq!((st.spool_waiting, st.spool_rejected), (0, 1000), "{st:?}");
+    // The round sets aside and prunes after the last report is recorded.
+    wait_until(10, "the spool round to end", || {
+        let st = node.status();
+        (st.spool_waiting, st.spool_rejected) == (0, 1000)
+    });
     let kept = |name: &str| rejected.join(name).exists();
     assert!(kept("0-sparse.frame"), "a regular file is kept to inspect");
     assert!(!kept("0-old-0000.frame") && kept("0-old-1002.frame"));
