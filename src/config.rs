@@ -252,7 +252,8 @@ pub struct HttpConfig {
     /// Seconds a connection may go without a byte read or written before it is closed (an idle
     /// keep-alive, a client that stopped reading, also an answer whose NAR's bytes from peers
     /// stopped coming): it gives its slot back. Keep it above 30: an on-demand fetch waits up
-    /// to 30 s for its first bytes before answering 502.
+    /// to 30 s for its first bytes before answering 502. A request head must also come whole
+    /// within it, counted from the connection's start or its last answer.
     pub idle_secs: u64,
 }
 

@@ -95,11 +95,9 @@ impl CappedStream {
     }
 }
 
-impl axum::serve::Listener for Capped {
-    type Io = CappedStream;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+impl Capped {
+    /// The next connection, once a slot is free (errors accepting are logged and waited out).
+    pub async fn accept(&mut self) -> (CappedStream, std::net::SocketAddr) {
         loop {
             let Ok(permit) = self.slots.clone().acquire_owned().await else {
                 // The semaphore is never closed; wait forever rather than spin.
@@ -130,10 +128,6 @@ impl axum::serve::Listener for Capped {
                 }
             }
         }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.listener.local_addr()
     }
 }
 

@@ -8,6 +8,8 @@
 mod capped;
 pub use capped::MAX_CONNECTIONS;
 mod nar;
+mod server;
+pub use server::MAX_HEAD;
 pub mod spin;
 use narmesh_formats::route::{Route, route};
 
@@ -139,9 +141,8 @@ pub async fn serve(
     // wait for the client's delayed ACK (40 ms per small NAR on Linux).
     spin.watch(std::os::fd::AsFd::as_fd(&listener));
     let listener = capped::Capped::new(listener, capped::MAX_CONNECTIONS, idle, spin);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await
+    server::run(listener, app, idle, cancel).await;
+    Ok(())
 }
 
 async fn metrics_only(st: State<HttpState>, req: Request) -> Response {

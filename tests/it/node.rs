@@ -233,6 +233,10 @@ fn node_down_builds_succeed_and_spooled_paths_arrive_later() {
     node.start();
     let paths = a.closure(std::slice::from_ref(&top));
     wait_until(30, "spooled paths to be served", || node.serves(&paths));
+    // The spool round removes its files, then counts them, after the last is recorded.
+    wait_until(10, "the spool round to end", || {
+        node.status().spool_taken >= 4
+    });
     assert_eq!(node.status().spool_taken, 4);
     let left: Vec<_> = std::fs::read_dir(node.spool())
         .unwrap()
@@ -784,4 +788,74 @@ fn idle_connections_cannot_hold_every_slot() {
         .unwrap();
     let mut buf = [0u8; 1];
     assert_eq!(first.read(&mut buf).unwrap(), 0, "closed by the node");
+}
+
+/// A client that drips its request head, a byte well inside `idle-secs`, still has to send it
+/// whole within `idle-secs` (2 here): its connection is closed, where before it could hold its
+/// slot for good. A client that sends a head over `narmesh::http::MAX_HEAD` is refused (431, or
+/// the connection closed under it), and the next client is answered.
+#[test]
+fn a_request_head_must_come_whole_in_time_and_within_its_size() {
+    let t = tempfile::tempdir().unwrap();
+    let mut node = Node::new(&t.path().join("node"), &t.path().join("store"));
+    std::fs::create_dir_all(t.path().join("store")).unwrap();
+    node.http_extra = "idle-secs = 2\n".into();
+    node.start();
+
+    let mut drip = std::net::TcpStream::connect(&node.http).unwrap();
+    drip.set_read_timeout(Some(Duration::from_millis(400)))
+        .unwrap();
+    let started = Instant::now();
+    drip.write_all(b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let closed_after = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "a head dripped for 15 s kept its connection"
+        );
+        // One header byte about every 400 ms: never idle for 2 s.
+        if drip.write_all(b"X").is_err() {
+            break started.elapsed();
+        }
+        match drip.read(&mut buf) {
+            Ok(n) => {
+                let answer = String::from_utf8_lossy(&buf[..n]);
+                assert!(n == 0 || !answer.starts_with("HTTP/1.1 200"), "{answer}");
+                break started.elapsed();
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break started.elapsed(),
+        }
+    };
+    assert!(
+        closed_after >= Duration::from_millis(1500),
+        "closed after {closed_after:?}, before its deadline"
+    );
+
+    let get = |extra: &str| -> String {
+        let mut c = std::net::TcpStream::connect(&node.http).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let head =
+            format!("GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n");
+        // The node may close before it has read it all.
+        let _ = c.write_all(head.as_bytes());
+        let mut answer = Vec::new();
+        let _ = c.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let big = format!("X-Big: {}\r\n", "a".repeat(narmesh::http::MAX_HEAD + 8192));
+    let answer = get(&big);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "a head over the limit was answered: {}",
+        &answer[..answer.len().min(200)]
+    );
+    let answer = get(&format!("X-Fine: {}\r\n", "a".repeat(1024)));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("StoreDir: /nix/store"), "{answer}");
 }

@@ -650,23 +650,65 @@ fn a_client_leaving_mid_nar_leaves_the_fetch_and_the_node_whole() {
 /// written, the other's bytes flow): the provider, paced at 8 MiB/s so the fetch of 48 MB takes
 /// seconds, serves two streams at the same time (`narmesh_mesh_serving`), and what B serves is
 /// the whole NAR. With one range per provider at a time the gauge never passes 1.
+///
+/// B runs with `[http] idle-secs = 2` and the NAR is asked for on a keep-alive connection: an
+/// answer that takes longer than that (bytes flowing) is not cut by the request head deadline,
+/// and the connection answers its next request after it.
 #[test]
 fn a_large_nar_comes_as_two_ranges_of_one_provider_at_once() {
+    use std::io::{BufRead as _, Read as _, Write as _};
     let t = tempfile::tempdir().unwrap();
-    let (a, nodes, path) = paced_pair(&t, "8MiB", "overlap", 48_000_000);
+    let (a, mut nodes, path) = paced_pair(&t, "8MiB", "overlap", 48_000_000);
+    nodes[1].stop();
+    nodes[1].http_extra = "idle-secs = 2\n".into();
+    nodes[1].start();
     let url = nar_url_of(&nodes[1], &path);
     let get = {
         let (addr, url) = (nodes[1].http.clone(), url.clone());
-        std::thread::spawn(move || http(&addr, "GET", &format!("/{url}"), &[]))
+        std::thread::spawn(move || {
+            let c = std::net::TcpStream::connect(&addr).expect("connect");
+            c.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+                .unwrap();
+            let mut r = std::io::BufReader::new(c.try_clone().unwrap());
+            // One answer on the kept-alive connection: its status and body.
+            let mut answer = |target: &str| -> (String, Vec<u8>) {
+                write!(&c, "GET {target} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+                let (mut status, mut len, mut line) = (String::new(), 0usize, String::new());
+                r.read_line(&mut status).unwrap();
+                loop {
+                    line.clear();
+                    r.read_line(&mut line).unwrap();
+                    if line == "\r\n" || line.is_empty() {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                }
+                let mut body = vec![0u8; len];
+                r.read_exact(&mut body).expect("the whole body");
+                (status, body)
+            };
+            let started = std::time::Instant::now();
+            let nar = answer(&format!("/{url}"));
+            let took = started.elapsed();
+            (nar, took, answer("/nix-cache-info"))
+        })
     };
     let mut most = 0.0f64;
     while !get.is_finished() {
         most = most.max(metric(&nodes[0], "narmesh_mesh_serving"));
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let (code, _, body) = get.join().expect("the GET");
-    assert_eq!(code, 200);
+    let ((status, body), took, (next, info)) = get.join().expect("the GET");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
     assert!(body == a.dump(&path), "the NAR B serves is whole and right");
+    assert!(
+        took > std::time::Duration::from_secs(3),
+        "the answer took {took:?}: not longer than idle-secs"
+    );
+    assert!(next.starts_with("HTTP/1.1 200"), "{next}");
+    assert!(String::from_utf8_lossy(&info).contains("StoreDir"));
     assert!(
         most >= 2.0,
         "A served at most {most} streams at once during the fetch"
