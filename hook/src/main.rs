@@ -167,30 +167,56 @@ fn send(
     deadline: Instant,
     phases: &mut Phases,
 ) -> Result<Response, String> {
-    let left = || {
-        deadline
-            .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())
-    };
     let t = Instant::now();
     let connected = connect(socket, deadline);
     phases.connect = Some(t.elapsed());
-    let mut stream = connected?;
+    let stream = connected?;
     let t = Instant::now();
+    let mut timed = Timed {
+        stream: &stream,
+        deadline,
+    };
     let res = (|| {
-        let d = left().ok_or("deadline passed")?;
-        stream
-            .set_write_timeout(Some(d))
-            .map_err(|e| e.to_string())?;
-        stream.write_all(bytes).map_err(|e| format!("send: {e}"))?;
-        let d = left().ok_or("deadline passed")?;
-        stream
-            .set_read_timeout(Some(d))
-            .map_err(|e| e.to_string())?;
-        frame::read_frame::<Response>(&mut stream).map_err(|e| format!("no acknowledgement: {e}"))
+        timed.write_all(bytes).map_err(|e| format!("send: {e}"))?;
+        frame::read_frame::<Response>(&mut timed).map_err(|e| format!("no acknowledgement: {e}"))
     })();
     phases.exchange = Some(t.elapsed());
     res
+}
+
+/// The node's socket under the hook's one deadline: each read and write waits at most the time
+/// left (a socket timeout counts per call, so a node answering a byte at a time would stretch
+/// the hook past its deadline, as often as it has bytes).
+struct Timed<'a> {
+    stream: &'a UnixStream,
+    deadline: Instant,
+}
+
+impl Timed<'_> {
+    fn left(&self) -> std::io::Result<Duration> {
+        self.deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::TimedOut, "deadline passed"))
+    }
+}
+
+impl std::io::Read for Timed<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.stream.set_read_timeout(Some(self.left()?))?;
+        std::io::Read::read(&mut &*self.stream, buf)
+    }
+}
+
+impl std::io::Write for Timed<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.stream.set_write_timeout(Some(self.left()?))?;
+        std::io::Write::write(&mut &*self.stream, buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Write the frame into the spool: temp file, fsync, rename, fsync the directory.

@@ -454,12 +454,35 @@ fn hook_never_fails_nor_blocks_past_its_deadline() {
         "the hook waited {took:?} for a stalled node"
     );
     drop(held);
+    // A node that answers a byte every 100 ms: each read is quick, the answer never whole in
+    // time (a timeout per read would let it hold the hook 6.4 s).
+    let dripping = t.path().join("dripping.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&dripping).unwrap();
+    let drip = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let _: narmesh_proto::control::Envelope =
+            narmesh_proto::frame::read_frame(&mut conn).unwrap();
+        let _ = conn.write_all(&64u32.to_le_bytes());
+        for _ in 0..64 {
+            std::thread::sleep(Duration::from_millis(100));
+            if conn.write_all(&[0]).is_err() {
+                return;
+            }
+        }
+    });
+    let (took, err) = hook(&dripping);
+    assert!(err.contains("spooled"), "{err}");
+    assert!(
+        took < Duration::from_secs(4),
+        "the hook waited {took:?} for a node answering a byte at a time"
+    );
+    drip.join().unwrap();
     let frames = std::fs::read_dir(&spool)
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| e.path().extension().is_some_and(|x| x == "frame"))
         .count();
-    assert_eq!(frames, 2, "both reports spooled");
+    assert_eq!(frames, 3, "every report spooled");
 }
 
 #[test]
