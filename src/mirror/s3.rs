@@ -690,4 +690,125 @@ mod tests {
         let parts: Vec<(u64, u64)> = parts.into_iter().map(Result::unwrap).collect();
         assert_eq!(parts, vec![(0, 10), (10, 10)]);
     }
+
+    /// A bucket on a listing server of this test's own (a real S3 server cannot be made to
+    /// answer in circles): each ListObjectsV2 page is what `page(n)` makes of the nth request.
+    async fn listing_server(
+        page: impl Fn(usize) -> String + Send + Sync + 'static,
+    ) -> (Bucket, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let asked = Arc::new(AtomicUsize::new(0));
+        let (page, count) = (Arc::new(page), asked.clone());
+        let app = axum::Router::new().fallback(move || {
+            let (page, count) = (page.clone(), count.clone());
+            async move {
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/xml")],
+                    format!(
+                        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<ListBucketResult \
+                         xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Name>b</Name>\
+                         <Prefix></Prefix><MaxKeys>1000</MaxKeys>{}</ListBucketResult>",
+                        page(n)
+                    ),
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let conf = aws_sdk_s3::config::Builder::new()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url(format!("http://{addr}"))
+            .force_path_style(true)
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                "key", "secret", None, None, "test",
+            ))
+            .build();
+        let bucket = Bucket {
+            client: Client::from_conf(conf),
+            bucket: "b".into(),
+            prefix: String::new(),
+            part_size: 8 << 20,
+            threshold: 8 << 20,
+            concurrency: 1,
+            uploading: Arc::default(),
+        };
+        (bucket, asked)
+    }
+
+    fn object(key: &str) -> String {
+        format!("<Contents><Key>{key}</Key><Size>3</Size></Contents>")
+    }
+
+    /// A listing ends only when the server says so, and never goes round in circles: a page
+    /// that gives back the token it was asked with, pages without objects on and on, or a
+    /// page that says more follow without a token are errors, not endless listings.
+    #[tokio::test]
+    async fn a_listing_that_goes_round_in_circles_is_an_error() {
+        let list = |b: Bucket| async move {
+            let mut keys = Vec::new();
+            let r = tokio::time::timeout(
+                Duration::from_secs(60),
+                b.list_each(1 << 20, |k, _| keys.push(k.to_owned())),
+            )
+            .await
+            .expect("the listing ends");
+            (r, keys)
+        };
+        let message = |r: Result<u64, S3Error>| r.expect_err("an error").to_string();
+
+        // Two pages, then the end.
+        let (b, asked) = listing_server(|n| match n {
+            0 => format!(
+                "<IsTruncated>true</IsTruncated><NextContinuationToken>t1</NextContinuationToken>{}",
+                object("a")
+            ),
+            _ => format!("<IsTruncated>false</IsTruncated>{}", object("b")),
+        })
+        .await;
+        let (r, keys) = list(b).await;
+        assert_eq!(
+            (
+                r.unwrap(),
+                keys,
+                asked.load(std::sync::atomic::Ordering::SeqCst)
+            ),
+            (2, vec!["a".to_owned(), "b".to_owned()], 2)
+        );
+
+        // The same token again and again, a new object on each page.
+        let (b, asked) = listing_server(|n| {
+            format!(
+                "<IsTruncated>true</IsTruncated><NextContinuationToken>same</NextContinuationToken>{}",
+                object(&format!("o{n}"))
+            )
+        })
+        .await;
+        let (r, _) = list(b).await;
+        assert!(message(r).contains("gave back the continuation token"));
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+        // A new token each time, never an object.
+        let (b, asked) = listing_server(|n| {
+            format!(
+                "<IsTruncated>true</IsTruncated><NextContinuationToken>t{n}</NextContinuationToken>"
+            )
+        })
+        .await;
+        let (r, keys) = list(b).await;
+        assert!(message(r).contains("no object in it"));
+        assert!(keys.is_empty());
+        assert_eq!(
+            asked.load(std::sync::atomic::Ordering::SeqCst),
+            MAX_EMPTY_PAGES as usize + 1
+        );
+
+        // More to come, but no token to ask for it with.
+        let (b, _) =
+            listing_server(|_| format!("<IsTruncated>true</IsTruncated>{}", object("a"))).await;
+        let (r, _) = list(b).await;
+        assert!(message(r).contains("without a continuation token"));
+    }
 }
