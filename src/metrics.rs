@@ -136,6 +136,9 @@ pub struct Metrics {
     pub mesh_bulk_bytes: Counter,
     /// NAR transfers from peers running now (eager and on demand), past their slot.
     pub mesh_transfers: Gauge,
+    /// Fetches that waited for a transfer slot and were dropped there: whoever wanted the
+    /// bytes (an HTTP client) had gone.
+    pub mesh_transfers_dropped: Counter,
     /// Ranges of NARs being fetched from peers now (each buffers up to 2 MiB; `[mesh]
     /// fetch-memory` caps them).
     pub mesh_ranges: Gauge,
@@ -233,6 +236,7 @@ impl Metrics {
             mesh_fetched_bytes: Family::default(),
             mesh_bulk_bytes: Counter::default(),
             mesh_transfers: Gauge::default(),
+            mesh_transfers_dropped: Counter::default(),
             mesh_serving: Gauge::default(),
             mesh_ranges: Gauge::default(),
             mesh_records_changed: Counter::default(),
@@ -471,6 +475,12 @@ impl Metrics {
             "mesh_transfers",
             "NAR transfers from peers running now (eager and on demand)",
             m.mesh_transfers.clone(),
+        );
+        register(
+            (&mut registry, &mut names),
+            "mesh_transfers_dropped",
+            "Fetches dropped while waiting for a transfer slot, nobody wanting their bytes any more",
+            m.mesh_transfers_dropped.clone(),
         );
         register(
             (&mut registry, &mut names),

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use endpoint::{PeerAddr, parse_endpoint_id};
-pub use transfer::{Progress, Transfer, Want};
+pub use transfer::{MAX_TRANSFERS, Progress, Transfer, Want};
 
 use crate::config::{MeshConfig, Replicate};
 use crate::db::{Db, PathRecord, RemoteClaim};

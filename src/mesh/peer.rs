@@ -1,5 +1,6 @@
 //! The client side of NAR transfer: one pooled QUIC connection per provider and protocol
-//! version (reused within [`REUSE_WITHIN`] of its last use), streams side by side on it, and a
+//! version (reused within [`REUSE_WITHIN`] of its last use, dialled once however many ask for
+//! it at the same time), streams side by side on it, and a
 //! deadline on every step (connect, open a stream, the answer's head, each piece of data).
 //! Version 2 asks for leaves and ranges; a provider that speaks only version 1 (an older node)
 //! is asked for the whole NAR from an offset. With the bulk channel on, a range may come over
@@ -28,7 +29,7 @@ pub const ANSWER: Duration = Duration::from_secs(10);
 pub const STALL: Duration = Duration::from_secs(10);
 
 /// What went wrong with a provider.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum PeerError {
     #[error("connect: {0}")]
     Connect(String),
@@ -99,7 +100,15 @@ pub struct Pool {
     /// Each with when it was last asked for: one idle past [`REUSE_WITHIN`] is not used again
     /// (the provider lets it go at its [`IDLE`](super::endpoint::IDLE)).
     conns: Mutex<HashMap<(EndpointId, u8), (Connection, Instant)>>,
+    /// Dials under way: whoever else needs the same connection meanwhile waits for that dial
+    /// (32 fetches starting at once would dial 32 connections, and a provider lets one peer
+    /// have 8: the rest were refused, and their fetches failed).
+    dialing: Mutex<HashMap<(EndpointId, u8), Dial>>,
 }
+
+/// A dial shared by everyone who asked for its connection while it was under way.
+type Dial =
+    futures::future::Shared<futures::future::BoxFuture<'static, Result<Connection, PeerError>>>;
 
 async fn within<T, E: std::fmt::Display>(
     d: Duration,
@@ -113,11 +122,38 @@ async fn within<T, E: std::fmt::Display>(
     }
 }
 
+/// Dial `peer` for NAR protocol `version` (1 or 2) or [`BULK`], under [`CONNECT`].
+async fn dial(ep: Endpoint, peer: EndpointId, version: u8) -> Result<Connection, PeerError> {
+    let alpn = match version {
+        2 => NAR_ALPN,
+        BULK => BULK_ALPN,
+        _ => NAR_ALPN_V1,
+    };
+    match tokio::time::timeout(CONNECT, ep.connect(peer, alpn)).await {
+        Err(_) => Err(PeerError::Timeout("connect")),
+        Ok(Err(e)) => {
+            let msg = crate::error_chain(&e);
+            // A node that does not serve the ALPN fails the handshake with "no application
+            // protocol" (TLS alert 120).
+            let no_alpn = msg.contains("application protocol") || msg.contains("120");
+            if version == 2 && no_alpn {
+                return Err(PeerError::OnlyV1);
+            }
+            if version == BULK && no_alpn {
+                return Err(PeerError::Refused("no bulk channel".into()));
+            }
+            Err(PeerError::Connect(msg))
+        }
+        Ok(Ok(c)) => Ok(c),
+    }
+}
+
 impl Pool {
     pub fn new(ep: Endpoint) -> Self {
         Pool {
             ep,
             conns: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(HashMap::new()),
         }
     }
 
@@ -144,36 +180,39 @@ impl Pool {
     /// A connection to `peer` for protocol `version` (1 or 2 of NAR transfer, [`BULK`] for
     /// bulk tickets), reused while it is open.
     pub async fn conn(&self, peer: EndpointId, version: u8) -> Result<Connection, PeerError> {
-        if let Some(c) = self.cached((peer, version)) {
+        let key = (peer, version);
+        if let Some(c) = self.cached(key) {
             return Ok(c);
         }
-        let alpn = match version {
-            2 => NAR_ALPN,
-            BULK => BULK_ALPN,
-            _ => NAR_ALPN_V1,
-        };
-        let conn = match tokio::time::timeout(CONNECT, self.ep.connect(peer, alpn)).await {
-            Err(_) => return Err(PeerError::Timeout("connect")),
-            Ok(Err(e)) => {
-                let msg = crate::error_chain(&e);
-                // A node that does not serve the ALPN fails the handshake with "no application
-                // protocol" (TLS alert 120).
-                let no_alpn = msg.contains("application protocol") || msg.contains("120");
-                if version == 2 && no_alpn {
-                    return Err(PeerError::OnlyV1);
-                }
-                if version == BULK && no_alpn {
-                    return Err(PeerError::Refused("no bulk channel".into()));
-                }
-                return Err(PeerError::Connect(msg));
+        let dial = {
+            let mut dialing = self.dialing.lock().unwrap_or_else(|p| p.into_inner());
+            // A dial that ended just now left its connection in the pool first.
+            if let Some(c) = self.cached(key) {
+                return Ok(c);
             }
-            Ok(Ok(c)) => c,
+            dialing
+                .entry(key)
+                .or_insert_with(|| {
+                    use futures::FutureExt as _;
+                    dial(self.ep.clone(), peer, version).boxed().shared()
+                })
+                .clone()
         };
-        self.conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert((peer, version), (conn.clone(), Instant::now()));
-        Ok(conn)
+        let r = dial.clone().await;
+        // The first to see the dial end forgets it and pools its connection (under the same
+        // lock, so a caller finds one or the other); a failed dial is tried again by the next
+        // to ask.
+        let mut dialing = self.dialing.lock().unwrap_or_else(|p| p.into_inner());
+        if dialing.get(&key).is_some_and(|d| d.ptr_eq(&dial)) {
+            dialing.remove(&key);
+            if let Ok(c) = &r {
+                self.conns
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key, (c.clone(), Instant::now()));
+            }
+        }
+        r
     }
 
     /// Forget `conn`, which failed (not a newer connection that took its place).

@@ -761,3 +761,69 @@ fn fetch_memory_caps_the_ranges_in_flight_over_all_transfers() {
         "ranges in flight on B at most (room for 2 in [mesh] fetch-memory)"
     );
 }
+
+/// A fetch waiting for a transfer slot is dropped once whoever wanted its bytes has gone: with
+/// A frozen, 32 NARs asked of B hold every slot and a 33rd waits; its HTTP client leaves. Once
+/// A thaws the 32 arrive, and the 33rd NAR is never fetched (it was, for nobody, when the
+/// queued task held the transfer). Asked again, it comes. The 32 fetches share one dial of A:
+/// each dialling its own, A let B have 8 connections and refused the rest, and their fetches
+/// failed (502).
+#[test]
+fn a_fetch_waiting_for_a_slot_is_dropped_when_its_client_leaves() {
+    use std::io::Write as _;
+    let t = tempfile::tempdir().unwrap();
+    let (a, mut nodes) = built_on_first(t.path(), 2);
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    let n = narmesh::mesh::MAX_TRANSFERS;
+    let paths = a.build(&format!(
+        r#"builtins.genList (i: mk "queued-${{toString i}}" "head -c 20000 /dev/urandom > $out") {}"#,
+        n + 1
+    ));
+    let full: Vec<String> = paths.iter().map(StorePath::full).collect();
+    wait_until(30, "B to learn the paths", || nodes[1].serves(&full));
+    let urls: Vec<String> = paths.iter().map(|p| nar_url_of(&nodes[1], p)).collect();
+
+    nodes[0].signal("STOP");
+    let gets: Vec<_> = urls[..n]
+        .iter()
+        .map(|u| {
+            let (addr, u) = (nodes[1].http.clone(), u.clone());
+            std::thread::spawn(move || http(&addr, "GET", &format!("/{u}"), &[]).0)
+        })
+        .collect();
+    wait_until(30, "the first NARs to hold every transfer slot", || {
+        metric(&nodes[1], "narmesh_mesh_transfers ") == n as f64
+    });
+    let mut late = std::net::TcpStream::connect(&nodes[1].http).unwrap();
+    write!(late, "GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", urls[n]).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    drop(late);
+    // The node notices the client gone (hyper reads its close) and drops its wait.
+    std::thread::sleep(Duration::from_secs(1));
+    nodes[0].signal("CONT");
+    for g in gets {
+        assert_eq!(g.join().unwrap(), 200);
+    }
+    // Were the late one still queued, it would have started as soon as a slot freed.
+    wait_until(30, "the transfers to end", || {
+        metric(&nodes[1], "narmesh_mesh_transfers ") == 0.0
+            && nodes[1].status().storage.files >= n as u64
+    });
+    assert_eq!(
+        nodes[1].status().storage.files,
+        n as u64,
+        "the NAR whose client left was fetched for nobody"
+    );
+    assert_eq!(
+        metric(&nodes[1], "narmesh_mesh_transfers_dropped_total "),
+        1.0
+    );
+    let (code, _, body) = http(&nodes[1].http, "GET", &format!("/{}", urls[n]), &[]);
+    assert_eq!(code, 200);
+    assert!(
+        body == a.dump(&paths[n]),
+        "the NAR asked for again is whole"
+    );
+}

@@ -140,12 +140,16 @@ impl Transfer {
     }
 }
 
-/// Ends a transfer in error if its task stops before ending it, so no reader waits for ever.
-pub(super) struct EndOnDrop(pub(super) Arc<Transfer>);
+/// Ends a transfer in error if its task stops before ending it, so no reader waits for ever
+/// (weak: a transfer nobody holds has no reader to tell).
+pub(super) struct EndOnDrop(pub(super) std::sync::Weak<Transfer>);
 
 impl Drop for EndOnDrop {
     fn drop(&mut self) {
-        self.0.progress.send_if_modified(|p| {
+        let Some(t) = self.0.upgrade() else {
+            return;
+        };
+        t.progress.send_if_modified(|p| {
             if p.done.is_none() {
                 p.done = Some(Err("the transfer stopped".into()));
                 true

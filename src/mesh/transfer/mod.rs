@@ -176,11 +176,19 @@ impl Transfers {
         for p in &want.paths {
             let _ = self.started.send(p.clone());
         }
-        let (this, task) = (self.clone(), t.clone());
+        let (this, queued) = (self.clone(), Arc::downgrade(&t));
         tokio::spawn(async move {
             // However this task ends (a panic, the runtime dropping it), readers learn it.
-            let _ends = EndOnDrop(task.clone());
+            let _ends = EndOnDrop(queued.clone());
+            // Waiting for a slot, the transfer is held only by whoever wants its bytes: one
+            // they all left meanwhile (HTTP clients gone, a 502 after 30 s) is dropped here,
+            // not fetched for nobody once a slot frees.
             let Ok(_slot) = this.slots.clone().acquire_owned().await else {
+                return;
+            };
+            let Some(task) = queued.upgrade() else {
+                tracing::debug!("mesh: a fetch nobody waits for any more left the queue");
+                this.metrics.mesh_transfers_dropped.inc();
                 return;
             };
             let running = crate::metrics::Counted::new(&this.metrics.mesh_transfers);
