@@ -691,26 +691,28 @@ mod tests {
         assert_eq!(parts, vec![(0, 10), (10, 10)]);
     }
 
-    /// A bucket on a listing server of this test's own (a real S3 server cannot be made to
-    /// answer in circles): each ListObjectsV2 page is what `page(n)` makes of the nth request.
-    async fn listing_server(
-        page: impl Fn(usize) -> String + Send + Sync + 'static,
+    /// A bucket on an S3 server of this test's own (a real one cannot be made to answer in
+    /// circles, or without an upload's id): `answer(method, query, n)` makes the status and
+    /// body of the nth request.
+    async fn fake_s3(
+        answer: impl Fn(&str, &str, usize) -> (u16, String) + Send + Sync + 'static,
     ) -> (Bucket, Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let asked = Arc::new(AtomicUsize::new(0));
-        let (page, count) = (Arc::new(page), asked.clone());
-        let app = axum::Router::new().fallback(move || {
-            let (page, count) = (page.clone(), count.clone());
+        let (answer, count) = (Arc::new(answer), asked.clone());
+        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let (answer, count) = (answer.clone(), count.clone());
             async move {
                 let n = count.fetch_add(1, Ordering::SeqCst);
+                let (status, body) = answer(
+                    req.method().as_str(),
+                    req.uri().query().unwrap_or_default(),
+                    n,
+                );
                 (
+                    axum::http::StatusCode::from_u16(status).unwrap(),
                     [(axum::http::header::CONTENT_TYPE, "application/xml")],
-                    format!(
-                        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<ListBucketResult \
-                         xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Name>b</Name>\
-                         <Prefix></Prefix><MaxKeys>1000</MaxKeys>{}</ListBucketResult>",
-                        page(n)
-                    ),
+                    body,
                 )
             }
         });
@@ -736,6 +738,24 @@ mod tests {
             uploading: Arc::default(),
         };
         (bucket, asked)
+    }
+
+    /// [`fake_s3`] answering every request with a ListObjectsV2 page, `page(n)` inside it.
+    async fn listing_server(
+        page: impl Fn(usize) -> String + Send + Sync + 'static,
+    ) -> (Bucket, Arc<std::sync::atomic::AtomicUsize>) {
+        fake_s3(move |_, _, n| {
+            (
+                200,
+                format!(
+                    "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<ListBucketResult \
+                     xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Name>b</Name>\
+                     <Prefix></Prefix><MaxKeys>1000</MaxKeys>{}</ListBucketResult>",
+                    page(n)
+                ),
+            )
+        })
+        .await
     }
 
     fn object(key: &str) -> String {
@@ -810,5 +830,95 @@ mod tests {
             listing_server(|_| format!("<IsTruncated>true</IsTruncated>{}", object("a"))).await;
         let (r, _) = list(b).await;
         assert!(message(r).contains("without a continuation token"));
+    }
+
+    /// The upload log in memory: intents made so far, those open (token, unix ms), those ended.
+    #[derive(Default)]
+    struct MemLog(Mutex<Intents>);
+
+    type Intents = (u32, Vec<(String, u64)>, Vec<String>);
+
+    impl UploadLog for MemLog {
+        async fn intent(&self, _key: &str) -> Result<String, S3Error> {
+            let mut l = self.0.lock().unwrap();
+            l.0 += 1;
+            let token = format!("intent-{}", l.0);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64;
+            l.1.push((token.clone(), now));
+            Ok(token)
+        }
+        async fn started(&self, _id: &str, _key: &str, _intent: &str) -> Result<(), S3Error> {
+            Ok(())
+        }
+        async fn ended(&self, id: &str) {
+            let mut l = self.0.lock().unwrap();
+            l.1.retain(|(t, _)| t != id);
+            l.2.push(id.to_owned());
+        }
+        async fn intents_of(&self, _key: &str) -> Result<Vec<(String, u64)>, S3Error> {
+            Ok(self.0.lock().unwrap().1.clone())
+        }
+    }
+
+    /// A CreateMultipartUpload answered without an upload id may have created an upload: its
+    /// intent stays, and is settled before the next try (the uploads open under the key are
+    /// aborted, then the intent ends). After the last try the error is the caller's and the
+    /// last intent is still there, for the next start to settle.
+    #[tokio::test]
+    async fn an_upload_created_without_an_id_keeps_its_intent_until_settled() {
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        let (b, _) = fake_s3(move |method, query, _| {
+            seen.lock().unwrap().push(method.to_owned());
+            match method {
+                // CreateMultipartUpload, with no UploadId in its answer.
+                "POST" => (
+                    200,
+                    "<InitiateMultipartUploadResult><Bucket>b</Bucket><Key>k</Key>\
+                     </InitiateMultipartUploadResult>"
+                        .into(),
+                ),
+                // ListMultipartUploads: the upload that answer did not name.
+                "GET" if query.contains("uploads") => (
+                    200,
+                    "<ListMultipartUploadsResult><Bucket>b</Bucket><IsTruncated>false\
+                     </IsTruncated><Upload><Key>k</Key><UploadId>made</UploadId></Upload>\
+                     </ListMultipartUploadsResult>"
+                        .into(),
+                ),
+                // AbortMultipartUpload.
+                "DELETE" if query.contains("uploadId=made") => (204, String::new()),
+                _ => (400, "<Error><Code>Unexpected</Code></Error>".into()),
+            }
+        })
+        .await;
+        let log = MemLog::default();
+        let e = b
+            .create_upload("k", NAR_TYPE, &log)
+            .await
+            .expect_err("no upload id");
+        assert!(e.to_string().contains("no UploadId"), "{e}");
+        let asked = requests.lock().unwrap().clone();
+        let tries = super::intents::CREATE_TRIES as usize;
+        let mut want = vec!["POST"];
+        for _ in 1..tries {
+            want.extend(["GET", "DELETE", "POST"]);
+        }
+        assert_eq!(asked, want);
+        let l = log.0.lock().unwrap();
+        assert_eq!(
+            l.2.len(),
+            tries - 1,
+            "each try but the last settled: {:?}",
+            l.2
+        );
+        assert_eq!(
+            l.1.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
+            [format!("intent-{tries}")],
+            "the last try's intent stays"
+        );
     }
 }

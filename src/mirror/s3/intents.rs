@@ -28,7 +28,7 @@ impl Drop for KeyClaim {
 }
 
 /// Tries of CreateMultipartUpload in one attempt at a NAR (200 ms apart, doubling).
-const CREATE_TRIES: u32 = 4;
+pub(super) const CREATE_TRIES: u32 = 4;
 
 /// Where a mirror keeps the ids of the multipart uploads it starts, so that after a crash it
 /// aborts its own and never anyone else's.
