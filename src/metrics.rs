@@ -139,6 +139,8 @@ pub struct Metrics {
     /// Fetches that waited for a transfer slot and were dropped there: whoever wanted the
     /// bytes (an HTTP client) had gone.
     pub mesh_transfers_dropped: Counter,
+    /// Transfers waiting for one of the 32 slots.
+    pub mesh_transfers_queued: Gauge,
     /// Ranges of NARs being fetched from peers now (each buffers up to 2 MiB; `[mesh]
     /// fetch-memory` caps them).
     pub mesh_ranges: Gauge,
@@ -237,6 +239,7 @@ impl Metrics {
             mesh_bulk_bytes: Counter::default(),
             mesh_transfers: Gauge::default(),
             mesh_transfers_dropped: Counter::default(),
+            mesh_transfers_queued: Gauge::default(),
             mesh_serving: Gauge::default(),
             mesh_ranges: Gauge::default(),
             mesh_records_changed: Counter::default(),
@@ -481,6 +484,12 @@ impl Metrics {
             "mesh_transfers_dropped",
             "Fetches dropped while waiting for a transfer slot, nobody wanting their bytes any more",
             m.mesh_transfers_dropped.clone(),
+        );
+        register(
+            (&mut registry, &mut names),
+            "mesh_transfers_queued",
+            "NAR transfers from peers waiting for one of the 32 slots",
+            m.mesh_transfers_queued.clone(),
         );
         register(
             (&mut registry, &mut names),

@@ -33,7 +33,8 @@ pub async fn run(
         .timer(TokioTimer::new())
         .header_read_timeout(head_deadline)
         .max_header_size(MAX_HEAD)
-        // What one connection buffers (a read may take it to about twice this).
+        // What one connection reads ahead (hyper refills its write buffer only below this too;
+        // NAR answers come in pieces of up to 1 MiB, each written whole).
         .max_buf_size(MAX_HEAD)
         .keep_alive(true);
     let conns = tokio_util::task::TaskTracker::new();
@@ -57,7 +58,8 @@ pub async fn run(
             closed(conn.await);
         });
     }
-    // New connections wait in the backlog until the listener goes with this function.
+    // No new connections while those open finish: refused, not left hanging in the backlog.
+    drop(listener);
     conns.close();
     conns.wait().await;
 }

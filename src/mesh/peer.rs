@@ -7,7 +7,7 @@
 //! TCP instead, with a ticket asked on `narmesh/bulk/1`; both arrive as a [`Source`] of pieces.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use iroh::endpoint::{Connection, RecvStream};
@@ -99,12 +99,18 @@ pub struct Pool {
     ep: Endpoint,
     /// Each with when it was last asked for: one idle past [`REUSE_WITHIN`] is not used again
     /// (the provider lets it go at its [`IDLE`](super::endpoint::IDLE)).
-    conns: Mutex<HashMap<(EndpointId, u8), (Connection, Instant)>>,
+    conns: Arc<Mutex<Conns>>,
     /// Dials under way: whoever else needs the same connection meanwhile waits for that dial
     /// (32 fetches starting at once would dial 32 connections, and a provider lets one peer
     /// have 8: the rest were refused, and their fetches failed).
-    dialing: Mutex<HashMap<(EndpointId, u8), Dial>>,
+    dialing: Arc<Mutex<HashMap<(EndpointId, u8), Dial>>>,
+    /// Where dials run: a task of their own on the mesh's runtime, so one ends (and leaves
+    /// `dialing`) even if everyone waiting for it gave up, and its timer is never another
+    /// runtime's (on-demand fetches run on the HTTP thread's).
+    rt: tokio::runtime::Handle,
 }
+
+type Conns = HashMap<(EndpointId, u8), (Connection, Instant)>;
 
 /// A dial shared by everyone who asked for its connection while it was under way.
 type Dial =
@@ -149,11 +155,13 @@ async fn dial(ep: Endpoint, peer: EndpointId, version: u8) -> Result<Connection,
 }
 
 impl Pool {
+    /// A pool dialling on the current runtime.
     pub fn new(ep: Endpoint) -> Self {
         Pool {
             ep,
-            conns: Mutex::new(HashMap::new()),
-            dialing: Mutex::new(HashMap::new()),
+            conns: Arc::default(),
+            dialing: Arc::default(),
+            rt: tokio::runtime::Handle::current(),
         }
     }
 
@@ -194,25 +202,32 @@ impl Pool {
                 .entry(key)
                 .or_insert_with(|| {
                     use futures::FutureExt as _;
-                    dial(self.ep.clone(), peer, version).boxed().shared()
+                    let (ep, conns, dialing) =
+                        (self.ep.clone(), self.conns.clone(), self.dialing.clone());
+                    let task = self.rt.spawn(async move {
+                        let r = dial(ep, peer, version).await;
+                        // Pooled and forgotten under the same lock, so a caller finds the one
+                        // or the other; a failed dial is tried again by the next to ask.
+                        let mut dialing = dialing.lock().unwrap_or_else(|p| p.into_inner());
+                        dialing.remove(&key);
+                        if let Ok(c) = &r {
+                            conns
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(key, (c.clone(), Instant::now()));
+                        }
+                        r
+                    });
+                    async move {
+                        task.await
+                            .unwrap_or_else(|e| Err(PeerError::Connect(format!("dial: {e}"))))
+                    }
+                    .boxed()
+                    .shared()
                 })
                 .clone()
         };
-        let r = dial.clone().await;
-        // The first to see the dial end forgets it and pools its connection (under the same
-        // lock, so a caller finds one or the other); a failed dial is tried again by the next
-        // to ask.
-        let mut dialing = self.dialing.lock().unwrap_or_else(|p| p.into_inner());
-        if dialing.get(&key).is_some_and(|d| d.ptr_eq(&dial)) {
-            dialing.remove(&key);
-            if let Ok(c) = &r {
-                self.conns
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(key, (c.clone(), Instant::now()));
-            }
-        }
-        r
+        dial.await
     }
 
     /// Forget `conn`, which failed (not a newer connection that took its place).

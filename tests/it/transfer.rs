@@ -651,7 +651,7 @@ fn a_client_leaving_mid_nar_leaves_the_fetch_and_the_node_whole() {
 /// seconds, serves two streams at the same time (`narmesh_mesh_serving`), and what B serves is
 /// the whole NAR. With one range per provider at a time the gauge never passes 1.
 ///
-/// B runs with `[http] idle-secs = 2` and the NAR is asked for on a keep-alive connection: an
+/// B runs with `[http] idle-secs = 3` and the NAR is asked for on a keep-alive connection: an
 /// answer that takes longer than that (bytes flowing) is not cut by the request head deadline,
 /// and the connection answers its next request after it.
 #[test]
@@ -660,7 +660,7 @@ fn a_large_nar_comes_as_two_ranges_of_one_provider_at_once() {
     let t = tempfile::tempdir().unwrap();
     let (a, mut nodes, path) = paced_pair(&t, "8MiB", "overlap", 48_000_000);
     nodes[1].stop();
-    nodes[1].http_extra = "idle-secs = 2\n".into();
+    nodes[1].http_extra = "idle-secs = 3\n".into();
     nodes[1].start();
     let url = nar_url_of(&nodes[1], &path);
     let get = {
@@ -798,10 +798,13 @@ fn a_fetch_waiting_for_a_slot_is_dropped_when_its_client_leaves() {
     });
     let mut late = std::net::TcpStream::connect(&nodes[1].http).unwrap();
     write!(late, "GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", urls[n]).unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    wait_until(10, "the late NAR to wait for a slot", || {
+        metric(&nodes[1], "narmesh_mesh_transfers_queued ") == 1.0
+    });
     drop(late);
-    // The node notices the client gone (hyper reads its close) and drops its wait.
-    std::thread::sleep(Duration::from_secs(1));
+    // The node notices the client gone (hyper reads its close) and drops its wait; A thaws
+    // well within the 5 s the shared dial of it may take.
+    std::thread::sleep(Duration::from_millis(500));
     nodes[0].signal("CONT");
     for g in gets {
         assert_eq!(g.join().unwrap(), 200);

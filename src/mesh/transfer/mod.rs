@@ -177,6 +177,7 @@ impl Transfers {
             let _ = self.started.send(p.clone());
         }
         let (this, queued) = (self.clone(), Arc::downgrade(&t));
+        let waiting = crate::metrics::Counted::new(&self.metrics.mesh_transfers_queued);
         tokio::spawn(async move {
             // However this task ends (a panic, the runtime dropping it), readers learn it.
             let _ends = EndOnDrop(queued.clone());
@@ -186,6 +187,7 @@ impl Transfers {
             let Ok(_slot) = this.slots.clone().acquire_owned().await else {
                 return;
             };
+            drop(waiting);
             let Some(task) = queued.upgrade() else {
                 tracing::debug!("mesh: a fetch nobody waits for any more left the queue");
                 this.metrics.mesh_transfers_dropped.inc();
