@@ -116,6 +116,25 @@ type Conns = HashMap<(EndpointId, u8), (Connection, Instant)>;
 type Dial =
     futures::future::Shared<futures::future::BoxFuture<'static, Result<Connection, PeerError>>>;
 
+/// Takes a dial that never ended (its task panicked or was dropped) out of `dialing`, so its
+/// error is not what every later ask for that connection gets.
+struct Forget {
+    dialing: Arc<Mutex<HashMap<(EndpointId, u8), Dial>>>,
+    /// Cleared once the dial ended and left `dialing` itself.
+    key: Option<(EndpointId, u8)>,
+}
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.dialing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+        }
+    }
+}
+
 async fn within<T, E: std::fmt::Display>(
     d: Duration,
     what: &'static str,
@@ -205,10 +224,15 @@ impl Pool {
                     let (ep, conns, dialing) =
                         (self.ep.clone(), self.conns.clone(), self.dialing.clone());
                     let task = self.rt.spawn(async move {
+                        let mut forget = Forget {
+                            dialing,
+                            key: Some(key),
+                        };
                         let r = dial(ep, peer, version).await;
                         // Pooled and forgotten under the same lock, so a caller finds the one
                         // or the other; a failed dial is tried again by the next to ask.
-                        let mut dialing = dialing.lock().unwrap_or_else(|p| p.into_inner());
+                        forget.key = None;
+                        let mut dialing = forget.dialing.lock().unwrap_or_else(|p| p.into_inner());
                         dialing.remove(&key);
                         if let Ok(c) = &r {
                             conns
