@@ -333,11 +333,7 @@ fn http_thread(
                 Err(e) => return tracing::error!("http listener: {e}"),
             };
             let (st, c) = (state.clone(), cancel.clone());
-            tasks.spawn(async move {
-                if let Err(e) = http::serve(l, st, serves, c).await {
-                    tracing::error!("http server: {e}");
-                }
-            });
+            tasks.spawn(http::serve(l, st, serves, c));
         }
         tasks.close();
         // A graceful shutdown waits for answers in flight; a client that stalls one

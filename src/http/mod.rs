@@ -124,13 +124,14 @@ pub enum Serves {
     MetricsOnly,
 }
 
-/// Serve on `listener` until cancelled.
+/// Serve on `listener` until cancelled and every connection has closed (errors are the
+/// clients': accepting waits them out, and a connection's own is logged at debug).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: HttpState,
     serves: Serves,
     cancel: CancellationToken,
-) -> std::io::Result<()> {
+) {
     let (spin, idle) = (state.spin.clone(), state.idle);
     let app = match serves {
         Serves::Cache => axum::Router::new().fallback(handle),
@@ -141,8 +142,7 @@ pub async fn serve(
     // wait for the client's delayed ACK (40 ms per small NAR on Linux).
     spin.watch(std::os::fd::AsFd::as_fd(&listener));
     let listener = capped::Capped::new(listener, capped::MAX_CONNECTIONS, idle, spin);
-    server::run(listener, app, idle, cancel).await;
-    Ok(())
+    server::run(listener, app, idle, cancel).await
 }
 
 async fn metrics_only(st: State<HttpState>, req: Request) -> Response {
