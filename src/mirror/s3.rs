@@ -4,7 +4,7 @@
 //! aws-sdk type leaves this module. Retries with backoff for 5xx, throttling (SlowDown) and
 //! timeouts are the SDK's standard retry mode, without its retry quota; CreateMultipartUpload
 //! alone is retried here, each try under its own intent (see [`intents`], which owns the
-//! upload log's side of the bucket).
+//! upload log's side of the bucket). Every answer is read through a cap ([`capped`]).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -22,6 +22,7 @@ use futures::TryStreamExt as _;
 
 use crate::config::S3Config;
 
+mod capped;
 mod intents;
 pub use intents::UploadLog;
 
@@ -125,7 +126,7 @@ impl Bucket {
             conf = conf.region(Region::new("us-east-1"));
         }
         Bucket {
-            client: Client::from_conf(conf.build()),
+            client: Client::from_conf(conf.interceptor(capped::CapAnswers).build()),
             bucket: cfg.bucket.clone(),
             prefix: cfg.prefix.clone(),
             part_size: cfg.part_size,
@@ -727,6 +728,7 @@ mod tests {
             .credentials_provider(aws_sdk_s3::config::Credentials::new(
                 "key", "secret", None, None, "test",
             ))
+            .interceptor(capped::CapAnswers)
             .build();
         let bucket = Bucket {
             client: Client::from_conf(conf),
@@ -830,6 +832,42 @@ mod tests {
             listing_server(|_| format!("<IsTruncated>true</IsTruncated>{}", object("a"))).await;
         let (r, _) = list(b).await;
         assert!(message(r).contains("without a continuation token"));
+    }
+
+    /// An answer longer than [`capped::MAX_ANSWER`] is an error, not read whole into memory
+    /// (the SDK reads a listing page whole before parsing it, with no limit of its own).
+    #[tokio::test]
+    async fn an_answer_past_its_cap_is_an_error_not_held() {
+        let over = capped::MAX_ANSWER as usize + (4 << 20);
+        let mut page = String::from("<IsTruncated>false</IsTruncated>");
+        while page.len() < over {
+            page.push_str(&object(&format!("nar/{:052}.nar", page.len())));
+        }
+        let page = Arc::new(page);
+        let (b, asked) = listing_server(move |_| page.to_string()).await;
+        let mut listed = 0u64;
+        let r = tokio::time::timeout(
+            Duration::from_secs(60),
+            b.list_each(u64::MAX, |_, _| listed += 1),
+        )
+        .await
+        .expect("the listing ends");
+        let e = r.expect_err("a listing page past the cap is an error");
+        assert!(
+            crate::error_chain(&e).contains("longer than"),
+            "{}",
+            crate::error_chain(&e)
+        );
+        assert_eq!(listed, 0);
+        assert!(asked.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+
+        // Under the cap, the same server's page is read.
+        let mut page = String::from("<IsTruncated>false</IsTruncated>");
+        for i in 0..1000 {
+            page.push_str(&object(&format!("nar/{i:052}.nar")));
+        }
+        let (b, _) = listing_server(move |_| page.clone()).await;
+        assert_eq!(b.list_each(u64::MAX, |_, _| ()).await.unwrap(), 1000);
     }
 
     /// The upload log in memory: intents made so far, those open (token, unix ms), those ended.
