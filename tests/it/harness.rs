@@ -421,13 +421,22 @@ fn hook_bin() -> PathBuf {
 }
 
 /// Poll `cond` every 20 ms until it holds; panic with `what` after `secs`.
-pub fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+pub fn wait_until(secs: u64, what: &str, cond: impl FnMut() -> bool) {
+    wait_until_or_show(secs, what, cond, String::new)
+}
+
+/// [`wait_until`], and on a timeout what `show` gives (a node's log, say) after the message.
+pub fn wait_until_or_show(
+    secs: u64,
+    what: &str,
+    mut cond: impl FnMut() -> bool,
+    show: impl FnOnce() -> String,
+) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     while !cond() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out after {secs} s waiting for {what}"
-        );
+        if std::time::Instant::now() >= deadline {
+            panic!("timed out after {secs} s waiting for {what}\n{}", show());
+        }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }

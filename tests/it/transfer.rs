@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{NixHost, http, wait_until};
+use crate::harness::{NixHost, http, wait_until, wait_until_or_show};
 use crate::hostile::Hostile;
 use crate::node_harness::{Node, built_on_first};
 use crate::trust::{honest_with, metric, substitute_all};
@@ -140,10 +140,12 @@ fn a_provider_that_drips_its_range_is_not_waited_for() {
             && metric(&nodes[1], "narmesh_mesh_ranges ") == 0.0
     });
     let took = started.elapsed();
+    let asked = h.mode.asked.lock().unwrap().clone();
     assert_eq!(
-        h.mode.asked.lock().unwrap().len(),
+        asked.len(),
         1,
-        "the slow peer was asked for a range"
+        "the slow peer was asked for a range, once: {asked:?}; B's log:\n{}",
+        nodes[1].log()
     );
     // What it verified waited in its buffer, unwritten: taken over, it came from A.
     assert_eq!(fetched_from(&nodes[1], &h.endpoint_id()), 0.0);
@@ -637,9 +639,12 @@ fn a_client_leaving_mid_nar_leaves_the_fetch_and_the_node_whole() {
         "the fetch is still running"
     );
 
-    wait_until(60, "B to hold the NAR", || {
-        nodes[1].status().storage.files == 1
-    });
+    wait_until_or_show(
+        60,
+        "B to hold the NAR",
+        || nodes[1].status().storage.files == 1,
+        || format!("B's log:\n{}", nodes[1].log()),
+    );
     leaves_the_cache(&nodes[1].dir.join("data").join(url.replace("nar/", "nars/")));
     let (code, _, body) = http(&nodes[1].http, "GET", &format!("/{url}"), &[]);
     assert_eq!(code, 200);
@@ -762,12 +767,14 @@ fn fetch_memory_caps_the_ranges_in_flight_over_all_transfers() {
     );
 }
 
-/// A fetch waiting for a transfer slot is dropped once whoever wanted its bytes has gone: with
-/// A frozen, 32 NARs asked of B hold every slot and a 33rd waits; its HTTP client leaves. Once
-/// A thaws the 32 arrive, and the 33rd NAR is never fetched (it was, for nobody, when the
-/// queued task held the transfer). Asked again, it comes. The 32 fetches share one dial of A:
-/// each dialling its own, A let B have 8 connections and refused the rest, and their fetches
-/// failed (502).
+/// A fetch waiting for a transfer slot is dropped once whoever wanted its bytes has gone, and
+/// one asked for again keeps its place in the queue: with A frozen, 32 NARs asked of B hold
+/// every slot; a 33rd and a 34th wait and their HTTP clients leave; a 35th is asked, then the
+/// 33rd again. Once A thaws the 32 arrive, the 33rd runs in its first ask's place (that task
+/// takes over the later transfer of the same NAR: nothing dropped for it), the 34th is never
+/// fetched (it was, for nobody, when the queued task held the transfer), and the 35th comes.
+/// The 32 fetches share one dial of A: each dialling its own, A let B have 8 connections and
+/// refused the rest, and their fetches failed (502).
 #[test]
 fn a_fetch_waiting_for_a_slot_is_dropped_when_its_client_leaves() {
     use std::io::Write as _;
@@ -779,54 +786,69 @@ fn a_fetch_waiting_for_a_slot_is_dropped_when_its_client_leaves() {
     let n = narmesh::mesh::MAX_TRANSFERS;
     let paths = a.build(&format!(
         r#"builtins.genList (i: mk "queued-${{toString i}}" "head -c 20000 /dev/urandom > $out") {}"#,
-        n + 1
+        n + 3
     ));
     let full: Vec<String> = paths.iter().map(StorePath::full).collect();
     wait_until(30, "B to learn the paths", || nodes[1].serves(&full));
     let urls: Vec<String> = paths.iter().map(|p| nar_url_of(&nodes[1], p)).collect();
+    let get = |u: &str| {
+        let (addr, u) = (nodes[1].http.clone(), u.to_owned());
+        std::thread::spawn(move || http(&addr, "GET", &format!("/{u}"), &[]))
+    };
+    let queued = |k: usize, what: &str| {
+        wait_until(10, what, || {
+            metric(&nodes[1], "narmesh_mesh_transfers_queued ") == k as f64
+        })
+    };
 
     nodes[0].signal("STOP");
-    let gets: Vec<_> = urls[..n]
-        .iter()
-        .map(|u| {
-            let (addr, u) = (nodes[1].http.clone(), u.clone());
-            std::thread::spawn(move || http(&addr, "GET", &format!("/{u}"), &[]).0)
-        })
-        .collect();
+    let gets: Vec<_> = urls[..n].iter().map(|u| get(u)).collect();
     wait_until(30, "the first NARs to hold every transfer slot", || {
         metric(&nodes[1], "narmesh_mesh_transfers ") == n as f64
     });
-    let mut late = std::net::TcpStream::connect(&nodes[1].http).unwrap();
-    write!(late, "GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", urls[n]).unwrap();
-    wait_until(10, "the late NAR to wait for a slot", || {
-        metric(&nodes[1], "narmesh_mesh_transfers_queued ") == 1.0
-    });
+    let mut late = Vec::new();
+    for (k, u) in urls[n..n + 2].iter().enumerate() {
+        let mut c = std::net::TcpStream::connect(&nodes[1].http).unwrap();
+        write!(c, "GET /{u} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        late.push(c);
+        queued(k + 1, "the late NARs to wait for a slot");
+    }
     drop(late);
-    // The node notices the client gone (hyper reads its close) and drops its wait; A thaws
-    // well within the 5 s the shared dial of it may take.
+    // The node notices the clients gone (hyper reads their close) and drops their waits.
     std::thread::sleep(Duration::from_millis(500));
+    let other = get(&urls[n + 2]);
+    queued(3, "the 35th NAR to wait");
+    let again = get(&urls[n]);
+    queued(4, "the 33rd NAR, asked again, to wait");
+    // A thaws well within the 5 s the shared dial of it may take.
     nodes[0].signal("CONT");
     for g in gets {
-        assert_eq!(g.join().unwrap(), 200);
+        assert_eq!(g.join().unwrap().0, 200);
     }
-    // Were the late one still queued, it would have started as soon as a slot freed.
+    for (g, p) in [(other, &paths[n + 2]), (again, &paths[n])] {
+        let (code, _, body) = g.join().unwrap();
+        assert_eq!(code, 200);
+        assert!(body == a.dump(p), "{} arrives whole", p.full());
+    }
     wait_until(30, "the transfers to end", || {
         metric(&nodes[1], "narmesh_mesh_transfers ") == 0.0
-            && nodes[1].status().storage.files >= n as u64
+            && metric(&nodes[1], "narmesh_mesh_transfers_queued ") == 0.0
+            && nodes[1].status().storage.files >= n as u64 + 2
     });
     assert_eq!(
         nodes[1].status().storage.files,
-        n as u64,
+        n as u64 + 2,
         "the NAR whose client left was fetched for nobody"
     );
     assert_eq!(
         metric(&nodes[1], "narmesh_mesh_transfers_dropped_total "),
-        1.0
+        1.0,
+        "one fetch nobody wanted left the queue; the one asked again took its first place"
     );
-    let (code, _, body) = http(&nodes[1].http, "GET", &format!("/{}", urls[n]), &[]);
+    let (code, _, body) = http(&nodes[1].http, "GET", &format!("/{}", urls[n + 1]), &[]);
     assert_eq!(code, 200);
     assert!(
-        body == a.dump(&paths[n]),
+        body == a.dump(&paths[n + 1]),
         "the NAR asked for again is whole"
     );
 }

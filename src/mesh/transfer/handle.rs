@@ -26,14 +26,23 @@ pub struct Transfer {
     file: Mutex<Option<Arc<File>>>,
     /// Where its readers are (pages they all passed leave the page cache).
     pub(super) readers: Arc<super::super::behind::Readers>,
+    /// What to fetch, until the task that runs it takes it: the task queued with it, or an
+    /// earlier one queued for the same NAR whose readers all left meanwhile (a client that
+    /// had its 502 and asks again keeps its place in the queue). Shared with its own queued
+    /// task, which so knows whether an earlier one took it.
+    pub(super) job: Job,
 }
 
+/// What a transfer fetches, until a task takes it to run.
+pub(super) type Job = Arc<Mutex<Option<super::Want>>>;
+
 impl Transfer {
-    /// A transfer of `size` bytes with nothing verified yet and no file.
-    pub(super) fn new(blake3: [u8; 32], size: u64) -> Self {
+    /// A transfer of `want`'s NAR with nothing verified yet and no file.
+    pub(super) fn new(want: super::Want) -> Self {
         Transfer {
-            blake3,
-            size,
+            blake3: want.claim.blake3,
+            size: want.claim.nar_size,
+            job: Arc::new(Mutex::new(Some(want))),
             progress: watch::Sender::new(Progress {
                 verified: 0,
                 done: None,
@@ -41,6 +50,11 @@ impl Transfer {
             file: Mutex::new(None),
             readers: Default::default(),
         }
+    }
+
+    /// What to fetch, to the first task that asks: `None` once one took it.
+    pub(super) fn take_job(&self) -> Option<super::Want> {
+        take(&self.job)
     }
 
     /// The file verified bytes are written to and read from.
@@ -138,6 +152,11 @@ impl Transfer {
         });
         rx
     }
+}
+
+/// What `job` holds, taken out: `None` if a task took it before.
+pub(super) fn take(job: &Job) -> Option<super::Want> {
+    job.lock().unwrap_or_else(|p| p.into_inner()).take()
 }
 
 /// Ends a transfer in error if its task stops before ending it, so no reader waits for ever

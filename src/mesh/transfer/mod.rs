@@ -158,6 +158,32 @@ impl Transfers {
         active.get(blake3).and_then(Weak::upgrade)
     }
 
+    /// The transfer a task that got its slot runs, and what to fetch: its own, if no earlier
+    /// task took it over and someone still wants it; else a later transfer of the same NAR
+    /// still waiting (a client asking again after it left, or after its 502), which so keeps
+    /// the place in the queue its first ask had. `None`: nothing to run (counted as dropped
+    /// if nobody wants the NAR any more).
+    fn job(
+        &self,
+        own: &Weak<Transfer>,
+        job: &handle::Job,
+        blake3: &[u8; 32],
+    ) -> Option<(Arc<Transfer>, Want)> {
+        // Empty: an earlier task took it over and runs it.
+        let want = handle::take(job)?;
+        if let Some(t) = own.upgrade() {
+            return Some((t, want));
+        }
+        let later = self
+            .in_flight(blake3)
+            .and_then(|t| t.take_job().map(|w| (t, w)));
+        if later.is_none() {
+            tracing::debug!("mesh: a fetch nobody waits for any more left the queue");
+            self.metrics.mesh_transfers_dropped.inc();
+        }
+        later
+    }
+
     /// News of transfers starting: the hash parts of the paths each is for.
     pub fn subscribe_started(&self) -> tokio::sync::broadcast::Receiver<String> {
         self.started.subscribe()
@@ -170,29 +196,32 @@ impl Transfers {
             return t;
         }
         active.retain(|_, w| w.strong_count() > 0);
-        let t = Arc::new(Transfer::new(want.claim.blake3, want.claim.nar_size));
+        let t = Arc::new(Transfer::new(want.clone()));
         active.insert(want.claim.blake3, Arc::downgrade(&t));
         drop(active);
         for p in &want.paths {
             let _ = self.started.send(p.clone());
         }
-        let (this, queued) = (self.clone(), Arc::downgrade(&t));
+        let (this, queued, job) = (self.clone(), Arc::downgrade(&t), t.job.clone());
+        let blake3 = want.claim.blake3;
         let waiting = crate::metrics::Counted::new(&self.metrics.mesh_transfers_queued);
         tokio::spawn(async move {
-            // However this task ends (a panic, the runtime dropping it), readers learn it.
-            let _ends = EndOnDrop(queued.clone());
+            // However this task ends (a panic, the runtime dropping it), readers of the
+            // transfer it runs learn it.
+            let mut ends = EndOnDrop(queued.clone());
             // Waiting for a slot, the transfer is held only by whoever wants its bytes: one
-            // they all left meanwhile (HTTP clients gone, a 502 after 30 s) is dropped here,
-            // not fetched for nobody once a slot frees.
+            // they all left meanwhile (HTTP clients gone, a 502 after 30 s) is not fetched
+            // for nobody once a slot frees.
             let Ok(_slot) = this.slots.clone().acquire_owned().await else {
                 return;
             };
             drop(waiting);
-            let Some(task) = queued.upgrade() else {
-                tracing::debug!("mesh: a fetch nobody waits for any more left the queue");
-                this.metrics.mesh_transfers_dropped.inc();
+            let Some((task, want)) = this.job(&queued, &job, &blake3) else {
+                // Not ours to end: run by the task whose place it took, or gone.
+                ends.0 = Weak::new();
                 return;
             };
+            ends.0 = Arc::downgrade(&task);
             let running = crate::metrics::Counted::new(&this.metrics.mesh_transfers);
             let started = Instant::now();
             let result = this.run(&task, &want).await;
