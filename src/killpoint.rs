@@ -92,6 +92,8 @@ pub const FAULTS: &[&str] = &[
     "mirror.narinfo-task-panics",
     // The mirror's commit of a round of finished uploads fails.
     "mirror.commit-fails",
+    // A round of catch-up with a peer panics before it asks anything.
+    "mesh.catch-up-round-panics",
 ];
 
 struct Fault {

@@ -203,6 +203,9 @@ enum Entries {
 /// Catch up with `peer`: its log after our cursor, batch by batch, within the round budget.
 /// Returns the entries taken.
 pub async fn from_peer(ctx: &std::sync::Arc<Ctx>, peer: EndpointId) -> Result<usize, String> {
+    if crate::killpoint::fault("mesh.catch-up-round-panics") {
+        panic!("a catch-up round panics (NARMESH_TEST_FAULT)");
+    }
     let started = Instant::now();
     let (conn, version, reused) = kept_or_new(ctx, peer).await?;
     let mut limit = MAX_SYNC_BATCH;
