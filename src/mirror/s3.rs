@@ -82,6 +82,36 @@ pub const CACHE_INFO_TYPE: &str = "text/x-nix-cache-info";
 /// a versioned bucket; a thousand empty pages in a row is a server going round in circles).
 const MAX_EMPTY_PAGES: u32 = 1000;
 
+/// How the mirror's client talks to any S3 server: checksums, retries, deadlines, and the
+/// cap on answers ([`capped`]).
+fn ours(conf: aws_sdk_s3::config::Builder) -> aws_sdk_s3::config::Builder {
+    let conf = conf
+        // Checksums only where S3 requires them: plain signed bodies work on every server.
+        .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+        .retry_config(
+            RetryConfig::standard()
+                .with_max_attempts(4)
+                .with_initial_backoff(Duration::from_millis(200)),
+        )
+        // No retry quota: the SDK's default bucket runs dry under sustained faults and then
+        // stops retrying at all, so every request of a multipart upload had one try and a
+        // large NAR almost never got up (seen: one stuck for minutes behind a 40% fault
+        // rate). The mirror paces itself instead (`throttle`, and backoff per path).
+        .retry_partition(
+            RetryPartition::custom("narmesh-mirror")
+                .token_bucket(TokenBucket::unlimited())
+                .build(),
+        )
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(5))
+                // Bodies set their own, by size (`attempt_timeout`).
+                .operation_attempt_timeout(Duration::from_secs(60))
+                .build(),
+        );
+    capped::guarded(conf)
+}
+
 impl Bucket {
     /// A client for `cfg`, with credentials from the usual AWS sources.
     pub async fn connect(cfg: &S3Config) -> Bucket {
@@ -96,37 +126,14 @@ impl Bucket {
             loader = loader.endpoint_url(ep);
         }
         let shared = loader.load().await;
-        let mut conf = aws_sdk_s3::config::Builder::from(&shared)
-            // Local servers (and most non-AWS ones) want path-style URLs.
-            .force_path_style(cfg.endpoint.is_some())
-            // Checksums only where S3 requires them: plain signed bodies work on every server.
-            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
-            .retry_config(
-                RetryConfig::standard()
-                    .with_max_attempts(4)
-                    .with_initial_backoff(Duration::from_millis(200)),
-            )
-            // No retry quota: the SDK's default bucket runs dry under sustained faults and then
-            // stops retrying at all, so every request of a multipart upload had one try and a
-            // large NAR almost never got up (seen: one stuck for minutes behind a 40% fault
-            // rate). The mirror paces itself instead (`throttle`, and backoff per path).
-            .retry_partition(
-                RetryPartition::custom("narmesh-mirror")
-                    .token_bucket(TokenBucket::unlimited())
-                    .build(),
-            )
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(5))
-                    // Bodies set their own, by size (`attempt_timeout`).
-                    .operation_attempt_timeout(Duration::from_secs(60))
-                    .build(),
-            );
+        // Local servers (and most non-AWS ones) want path-style URLs.
+        let mut conf =
+            aws_sdk_s3::config::Builder::from(&shared).force_path_style(cfg.endpoint.is_some());
         if shared.region().is_none() {
             conf = conf.region(Region::new("us-east-1"));
         }
         Bucket {
-            client: Client::from_conf(conf.interceptor(capped::CapAnswers).build()),
+            client: Client::from_conf(ours(conf).build()),
             bucket: cfg.bucket.clone(),
             prefix: cfg.prefix.clone(),
             part_size: cfg.part_size,
@@ -720,6 +727,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
+        // Set up as `connect` sets up the node's client.
         let conf = aws_sdk_s3::config::Builder::new()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new("us-east-1"))
@@ -727,9 +735,8 @@ mod tests {
             .force_path_style(true)
             .credentials_provider(aws_sdk_s3::config::Credentials::new(
                 "key", "secret", None, None, "test",
-            ))
-            .interceptor(capped::CapAnswers)
-            .build();
+            ));
+        let conf = ours(conf).build();
         let bucket = Bucket {
             client: Client::from_conf(conf),
             bucket: "b".into(),
@@ -859,7 +866,11 @@ mod tests {
             crate::error_chain(&e)
         );
         assert_eq!(listed, 0);
-        assert!(asked.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+        assert_eq!(
+            asked.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "an answer past the cap is not asked for again"
+        );
 
         // Under the cap, the same server's page is read.
         let mut page = String::from("<IsTruncated>false</IsTruncated>");

@@ -814,10 +814,11 @@ fn a_fetch_waiting_for_a_slot_is_dropped_when_its_client_leaves() {
         queued(k + 1, "the late NARs to wait for a slot");
     }
     drop(late);
-    // The node notices the clients gone (hyper reads their close) and drops their waits.
-    std::thread::sleep(Duration::from_millis(500));
     let other = get(&urls[n + 2]);
     queued(3, "the 35th NAR to wait");
+    // The node notices the clients gone (hyper reads their close) and drops their waits (were
+    // the 33rd's not dropped yet, the ask below would join it, and the queue stay at 3).
+    std::thread::sleep(Duration::from_millis(500));
     let again = get(&urls[n]);
     queued(4, "the 33rd NAR, asked again, to wait");
     // A thaws well within the 5 s the shared dial of it may take.
@@ -840,6 +841,8 @@ fn a_fetch_waiting_for_a_slot_is_dropped_when_its_client_leaves() {
         n as u64 + 2,
         "the NAR whose client left was fetched for nobody"
     );
+    // The queue is first come, first served: the 33rd's first task gets a slot before the
+    // task of its second ask, and runs the transfer of that ask.
     assert_eq!(
         metric(&nodes[1], "narmesh_mesh_transfers_dropped_total "),
         1.0,

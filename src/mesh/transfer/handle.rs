@@ -33,16 +33,17 @@ pub struct Transfer {
     pub(super) job: Job,
 }
 
-/// What a transfer fetches, until a task takes it to run.
-pub(super) type Job = Arc<Mutex<Option<super::Want>>>;
+/// What a transfer fetches, until a task takes it to run; while in there, the transfer counts
+/// as waiting for a slot (`narmesh_mesh_transfers_queued`).
+pub(super) type Job = Arc<Mutex<Option<(super::Want, crate::metrics::Counted)>>>;
 
 impl Transfer {
-    /// A transfer of `want`'s NAR with nothing verified yet and no file.
-    pub(super) fn new(want: super::Want) -> Self {
+    /// A transfer of `want`'s NAR with nothing verified yet and no file, `waiting` for a slot.
+    pub(super) fn new(want: super::Want, waiting: crate::metrics::Counted) -> Self {
         Transfer {
             blake3: want.claim.blake3,
             size: want.claim.nar_size,
-            job: Arc::new(Mutex::new(Some(want))),
+            job: Arc::new(Mutex::new(Some((want, waiting)))),
             progress: watch::Sender::new(Progress {
                 verified: 0,
                 done: None,
@@ -154,9 +155,10 @@ impl Transfer {
     }
 }
 
-/// What `job` holds, taken out: `None` if a task took it before.
+/// What `job` holds, taken out (no longer waiting): `None` if a task took it before.
 pub(super) fn take(job: &Job) -> Option<super::Want> {
-    job.lock().unwrap_or_else(|p| p.into_inner()).take()
+    let taken = job.lock().unwrap_or_else(|p| p.into_inner()).take();
+    taken.map(|(want, _waiting)| want)
 }
 
 /// Ends a transfer in error if its task stops before ending it, so no reader waits for ever

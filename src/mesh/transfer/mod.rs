@@ -196,7 +196,8 @@ impl Transfers {
             return t;
         }
         active.retain(|_, w| w.strong_count() > 0);
-        let t = Arc::new(Transfer::new(want.clone()));
+        let waiting = crate::metrics::Counted::new(&self.metrics.mesh_transfers_queued);
+        let t = Arc::new(Transfer::new(want.clone(), waiting));
         active.insert(want.claim.blake3, Arc::downgrade(&t));
         drop(active);
         for p in &want.paths {
@@ -204,7 +205,6 @@ impl Transfers {
         }
         let (this, queued, job) = (self.clone(), Arc::downgrade(&t), t.job.clone());
         let blake3 = want.claim.blake3;
-        let waiting = crate::metrics::Counted::new(&self.metrics.mesh_transfers_queued);
         tokio::spawn(async move {
             // However this task ends (a panic, the runtime dropping it), readers of the
             // transfer it runs learn it.
@@ -213,9 +213,9 @@ impl Transfers {
             // they all left meanwhile (HTTP clients gone, a 502 after 30 s) is not fetched
             // for nobody once a slot frees.
             let Ok(_slot) = this.slots.clone().acquire_owned().await else {
+                handle::take(&job);
                 return;
             };
-            drop(waiting);
             let Some((task, want)) = this.job(&queued, &job, &blake3) else {
                 // Not ours to end: run by the task whose place it took, or gone.
                 ends.0 = Weak::new();

@@ -1,14 +1,19 @@
 //! A cap on every answer the bucket gives. The SDK reads a non-streaming answer (a listing
 //! page, a HEAD's or an upload's result, any error) whole into memory before parsing it, with
 //! no limit of its own: a server answering with an endless or enormous body would have the
-//! node hold all of it. Past [`MAX_ANSWER`] bytes the body ends in error instead, which the
-//! request reports like any failed read. Streamed bodies (GET) pass through the same cap; the
-//! only one the mirror reads ([`super::Bucket::get_small`]) has a smaller cap of its own.
+//! node hold all of it. Past [`MAX_ANSWER`] bytes the body ends in error instead, and the
+//! request fails at once, not retried (the same server would only send the same again).
+//! Streamed bodies (GET) pass through the same cap; the only one the mirror reads
+//! ([`super::Bucket::get_small`]) has a smaller cap of its own. [`guarded`] puts both on a
+//! client's configuration.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use aws_sdk_s3::config::interceptors::BeforeDeserializationInterceptorContextMut;
+use aws_sdk_s3::config::interceptors::{
+    BeforeDeserializationInterceptorContextMut, InterceptorContext,
+};
+use aws_sdk_s3::config::retry::{ClassifyRetry, RetryAction};
 use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_s3::error::BoxError;
 use aws_sdk_s3::primitives::SdkBody;
@@ -18,6 +23,12 @@ use http_body::{Body, Frame, SizeHint};
 /// The most bytes one answer may have. A full ListObjectsV2 page (1,000 keys of up to
 /// 1,024 bytes each, with their sizes, tags and dates) is under 2 MiB.
 pub const MAX_ANSWER: u64 = 16 << 20;
+
+/// `conf` with every answer capped, and an answer past the cap not retried.
+pub fn guarded(conf: aws_sdk_s3::config::Builder) -> aws_sdk_s3::config::Builder {
+    conf.interceptor(CapAnswers)
+        .retry_classifier(NoRetryPastCap)
+}
 
 /// The interceptor that wraps every answer's body in a [`Capped`] one.
 #[derive(Debug)]
@@ -88,5 +99,30 @@ impl Body for Capped {
 
     fn size_hint(&self) -> SizeHint {
         Body::size_hint(&self.inner)
+    }
+}
+
+/// Forbids retrying a request whose answer went past the cap (the SDK takes a body that
+/// failed to read as a transient error, and would read up to [`MAX_ANSWER`] again and again).
+#[derive(Debug)]
+struct NoRetryPastCap;
+
+impl ClassifyRetry for NoRetryPastCap {
+    fn classify_retry(&self, ctx: &InterceptorContext) -> RetryAction {
+        let Some(Err(e)) = ctx.output_or_error() else {
+            return RetryAction::NoActionIndicated;
+        };
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(c) = cause {
+            if c.is::<TooLong>() {
+                return RetryAction::RetryForbidden;
+            }
+            cause = c.source();
+        }
+        RetryAction::NoActionIndicated
+    }
+
+    fn name(&self) -> &'static str {
+        "narmesh::NoRetryPastCap"
     }
 }
