@@ -110,6 +110,10 @@ struct State {
     reserved: u64,
     /// Readers of each NAR (never evicted while read).
     readers: HashMap<[u8; 32], usize>,
+    /// The leaves of each NAR being read, shared by all its readers (a 10 GiB NAR's are
+    /// 20 MiB: loaded for every reader, 64 peers reading it would hold 1.3 GiB); gone with
+    /// its last reader.
+    leaves_read: HashMap<[u8; 32], std::sync::Weak<Leaves>>,
     /// NARs the mirror still needs.
     protected: HashSet<[u8; 32]>,
     /// This node runs the S3 mirror (`StorageConfig::mirror`).
@@ -179,6 +183,7 @@ impl Drop for ReadGuard {
             *n -= 1;
             if *n == 0 {
                 st.readers.remove(&self.blake3);
+                st.leaves_read.remove(&self.blake3);
             }
         }
     }
@@ -316,6 +321,17 @@ impl Storage {
         let b = *blake3;
         let (source, leaves, own) = blocking(move || this.open_source(&b)).await?;
         let guard = self.inner.guard(*blake3);
+        // Shared with the readers that come while this one reads (cleared with the last).
+        self.inner
+            .lock()
+            .leaves_read
+            .entry(*blake3)
+            .and_modify(|w| {
+                if w.strong_count() == 0 {
+                    *w = Arc::downgrade(&leaves);
+                }
+            })
+            .or_insert_with(|| Arc::downgrade(&leaves));
         self.touch(blake3);
         let this = self.clone();
         let b = *blake3;
@@ -329,7 +345,16 @@ impl Storage {
         &self,
         blake3: &[u8; 32],
     ) -> Result<(Source, Arc<Leaves>, Option<String>), StorageError> {
-        let leaves = self.leaves_blocking(blake3)?.ok_or(StorageError::NotHeld)?;
+        let shared = self
+            .inner
+            .lock()
+            .leaves_read
+            .get(blake3)
+            .and_then(std::sync::Weak::upgrade);
+        let leaves = match shared {
+            Some(l) => l,
+            None => self.leaves_blocking(blake3)?.ok_or(StorageError::NotHeld)?,
+        };
         if self.inner.lock().lru.contains(blake3) {
             let path = self.file_path(blake3);
             match std::fs::File::open(&path) {
@@ -645,6 +670,52 @@ mod tests {
             "the pinned dependency was evicted"
         );
         assert!(!s.file_path(&[3; 32]).exists());
+    }
+
+    /// Readers of one NAR share its leaves, loaded once (not once per reader: a 10 GiB NAR's
+    /// are 20 MiB), and what is shared goes with the last reader.
+    #[tokio::test]
+    async fn readers_of_a_nar_share_its_leaves() {
+        let t = tempfile::tempdir().unwrap();
+        let (s, _) = open(t.path(), 64 << 20, 0);
+        let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+        let (b, size) = ([9; 32], data.len() as u64);
+        let p = s.begin(&b, size).unwrap();
+        p.write_at(0, &data).unwrap();
+        p.finish(&Leaves::of(&data).to_bytes()).unwrap();
+        let shared = || {
+            s.inner
+                .lock()
+                .leaves_read
+                .get(&b)
+                .and_then(std::sync::Weak::upgrade)
+        };
+
+        // Each stream reads a piece ahead of its consumer, and waits: both are still reading.
+        let mut first = s.read(&b, 0, size).await.unwrap();
+        let leaves = shared().expect("the leaves are shared while read");
+        let mut second = s.read(&b, 0, size).await.unwrap();
+        assert_eq!(
+            Arc::strong_count(&leaves),
+            3,
+            "the second reader has the first one's leaves (and this test holds them)"
+        );
+        for r in [&mut first, &mut second] {
+            let mut got = Vec::new();
+            while let Some(piece) = r.recv().await {
+                got.extend_from_slice(&piece.unwrap());
+            }
+            assert!(got == data, "a reader of the shared leaves reads it whole");
+        }
+        drop(leaves);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while s.inner.lock().leaves_read.contains_key(&b) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the shared leaves stayed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[test]
