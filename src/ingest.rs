@@ -591,8 +591,15 @@ async fn read_payload(stream: &mut UnixStream) -> Result<Option<Vec<u8>>, FrameE
     }
 }
 
+/// Write one answer: a client that does not read its answers (its socket buffer full) is let
+/// go after [`IDLE`], so it cannot keep one of the [`MAX_CONNECTIONS`] for good.
 async fn send(stream: &mut UnixStream, response: &Response) -> Result<(), FrameError> {
     let bytes = frame::encode(response)?;
-    stream.write_all(&bytes).await?;
-    Ok(())
+    match tokio::time::timeout(IDLE, stream.write_all(&bytes)).await {
+        Ok(written) => Ok(written?),
+        Err(_) => Err(FrameError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client did not read its answer",
+        ))),
+    }
 }

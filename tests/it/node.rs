@@ -882,3 +882,49 @@ fn a_request_head_must_come_whole_in_time_and_within_its_size() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("StoreDir: /nix/store"), "{answer}");
 }
+
+/// A socket client that sends requests without reading the answers is let go once an answer
+/// has waited 30 s to be written, so it cannot keep one of the 256 connections for good: it
+/// sends 20,000 status requests and reads nothing for 40 s, then finds the connection closed
+/// after the answers its socket buffer took (with no deadline on the write, the node went on
+/// answering all 20,000 once the client read). The node answers the next client.
+#[test]
+fn a_socket_client_that_does_not_read_its_answers_is_let_go() {
+    let t = tempfile::tempdir().unwrap();
+    let mut node = Node::new(&t.path().join("node"), &t.path().join("store"));
+    std::fs::create_dir_all(t.path().join("store")).unwrap();
+    node.start();
+    const ASKED: usize = 20_000;
+    let conn = UnixStream::connect(node.socket()).unwrap();
+    let mut to = conn.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let env = narmesh_proto::control::Envelope {
+            version: narmesh_proto::HOOK_PROTOCOL_VERSION,
+            request: Request::Status,
+        };
+        // Blocks once the node stops reading (its answers unread); fails once it lets go.
+        for _ in 0..ASKED {
+            if narmesh_proto::frame::write_frame(&mut to, &env).is_err() {
+                return;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_secs(40));
+    let mut from = conn;
+    from.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut answers = 0;
+    while let Ok(r) = narmesh_proto::frame::read_frame::<Response>(&mut from) {
+        assert!(matches!(r, Response::Status(_)), "{r:?}");
+        answers += 1;
+    }
+    assert!(
+        answers > 0 && answers < ASKED,
+        "{answers} answers read: the node waited for the client to read them"
+    );
+    writer.join().unwrap();
+    assert!(
+        node.try_status().is_some(),
+        "the node answers the next client"
+    );
+}
