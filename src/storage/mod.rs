@@ -285,7 +285,9 @@ impl Storage {
         let Some(bytes) = self.inner.db.leaves(blake3)? else {
             return Ok(None);
         };
-        let size = match self.inner.lock().lru.size_of(blake3) {
+        // Not under the lock: an own path's size is a database read.
+        let fetched = self.inner.lock().lru.size_of(blake3);
+        let size = match fetched {
             Some(s) => s,
             None => {
                 // An own path: its size is its claim's.
@@ -319,19 +321,12 @@ impl Storage {
     ) -> Result<mpsc::Receiver<Result<Bytes, ReadError>>, StorageError> {
         let this = self.clone();
         let b = *blake3;
-        let (source, leaves, own) = blocking(move || this.open_source(&b)).await?;
+        // A reader from here on: the NAR is not evicted while it opens, and the leaves it
+        // shares are dropped with the last reader (the guard goes along to the blocking pool,
+        // so one whose asker left is still a reader until it has opened).
         let guard = self.inner.guard(*blake3);
-        // Shared with the readers that come while this one reads (cleared with the last).
-        self.inner
-            .lock()
-            .leaves_read
-            .entry(*blake3)
-            .and_modify(|w| {
-                if w.strong_count() == 0 {
-                    *w = Arc::downgrade(&leaves);
-                }
-            })
-            .or_insert_with(|| Arc::downgrade(&leaves));
+        let (opened, guard) = blocking(move || Ok((this.open_source(&b), guard))).await?;
+        let (source, leaves, own) = opened?;
         self.touch(blake3);
         let this = self.clone();
         let b = *blake3;
@@ -339,7 +334,8 @@ impl Storage {
         Ok(RangeReader::new(source, leaves, start, end).stream(guard, on_error))
     }
 
-    /// Where to read a held NAR from, its leaves, and the own path it is (if it is one).
+    /// Where to read a held NAR from, its leaves (shared with its other readers), and the own
+    /// path it is (if it is one). The caller holds a [`ReadGuard`] of it.
     #[allow(clippy::type_complexity)]
     fn open_source(
         &self,
@@ -353,7 +349,23 @@ impl Storage {
             .and_then(std::sync::Weak::upgrade);
         let leaves = match shared {
             Some(l) => l,
-            None => self.leaves_blocking(blake3)?.ok_or(StorageError::NotHeld)?,
+            None => {
+                let loaded = self.leaves_blocking(blake3)?.ok_or(StorageError::NotHeld)?;
+                // Readers that came together each loaded them: the first to get here shares
+                // its copy, the others take it and drop theirs.
+                let mut st = self.inner.lock();
+                match st
+                    .leaves_read
+                    .get(blake3)
+                    .and_then(std::sync::Weak::upgrade)
+                {
+                    Some(l) => l,
+                    None => {
+                        st.leaves_read.insert(*blake3, Arc::downgrade(&loaded));
+                        loaded
+                    }
+                }
+            }
         };
         if self.inner.lock().lru.contains(blake3) {
             let path = self.file_path(blake3);
@@ -708,13 +720,27 @@ mod tests {
             assert!(got == data, "a reader of the shared leaves reads it whole");
         }
         drop(leaves);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while s.inner.lock().leaves_read.contains_key(&b) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the shared leaves stayed"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        let gone = || async {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while s.inner.lock().leaves_read.contains_key(&b) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the shared leaves stayed"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        gone().await;
+
+        // Two readers opening at the same time may both load the leaves: both keep one copy.
+        // (Their loads overlap in some rounds only: 20 rounds, so that some do.)
+        for _ in 0..20 {
+            let (first, second) = tokio::join!(s.read(&b, 0, size), s.read(&b, 0, size));
+            let (first, second) = (first.unwrap(), second.unwrap());
+            let leaves = shared().expect("the leaves are shared while read");
+            assert_eq!(Arc::strong_count(&leaves), 3, "readers that came together");
+            drop((first, second, leaves));
+            gone().await;
         }
     }
 
