@@ -84,6 +84,9 @@ pub struct StoreConfig {
     /// Seconds the record of a path nobody holds any more (every provider withdrew it: Nix
     /// GC, eviction) is kept, unchanged, before it is forgotten (0: never).
     pub forget_after_secs: u64,
+    /// Memory all reads of NARs (for the local Nix, for peers, for the mirror) may hold ahead
+    /// of their readers together; past it each read goes on a chunk group at a time.
+    pub read_memory: ByteSize,
 }
 
 impl Default for StoreConfig {
@@ -93,6 +96,7 @@ impl Default for StoreConfig {
             min_free: ByteSize(5 << 30),
             gc_check_secs: 10,
             forget_after_secs: 7 * 86_400,
+            read_memory: ByteSize(128 << 20),
         }
     }
 }
@@ -396,6 +400,12 @@ impl Config {
         if self.store.max_size.0 < 1 << 20 {
             return Err(invalid("store.max-size", "must be at least 1MiB".into()));
         }
+        if !(1 << 20..=4 << 30).contains(&self.store.read_memory.0) {
+            return Err(invalid(
+                "store.read-memory",
+                "must be 1MiB..=4GiB (a full-size piece is 1 MiB)".into(),
+            ));
+        }
         if self.store.gc_check_secs == 0 || self.store.gc_check_secs > 86_400 {
             return Err(invalid("store.gc-check-secs", "must be 1..=86400".into()));
         }
@@ -638,6 +648,10 @@ mod tests {
         for (bad, ok) in [("1MiB", false), ("8GiB", false), ("2MiB", true)] {
             let cfg: Config = toml::from_str(&format!("[mesh]\nfetch-memory = \"{bad}\"")).unwrap();
             assert_eq!(cfg.validate().is_ok(), ok, "fetch-memory {bad}");
+        }
+        for (bad, ok) in [("512KiB", false), ("8GiB", false), ("1MiB", true)] {
+            let cfg: Config = toml::from_str(&format!("[store]\nread-memory = \"{bad}\"")).unwrap();
+            assert_eq!(cfg.validate().is_ok(), ok, "read-memory {bad}");
         }
     }
 }

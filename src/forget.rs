@@ -108,6 +108,7 @@ mod tests {
             min_free: 0,
             gc_interval: Duration::from_secs(60),
             mirror: false,
+            read_memory: 64 << 20,
         };
         let store = Arc::new(LocalStore::new(&dir.join("store")));
         Storage::open(dir, db.clone(), store, cfg, metrics.clone()).unwrap()

@@ -126,6 +126,7 @@ pub struct Metrics {
     pub storage_own_paths: Gauge,
     pub storage_evictions: Counter,
     pub storage_gc_lost: Counter,
+    pub storage_read_buffered_bytes: Gauge,
     /// Records of paths nobody held any more, forgotten.
     pub records_forgotten: Counter,
     pub served_bytes: Family<SourceLabels, Counter>,
@@ -232,6 +233,7 @@ impl Metrics {
             storage_own_paths: Gauge::default(),
             storage_evictions: Counter::default(),
             storage_gc_lost: Counter::default(),
+            storage_read_buffered_bytes: Gauge::default(),
             records_forgotten: Counter::default(),
             served_bytes: Family::default(),
             mesh_refused: Family::default(),
@@ -442,6 +444,12 @@ impl Metrics {
             "storage_gc_lost",
             "Own paths that left the local Nix store (Nix GC, nix-store --delete)",
             m.storage_gc_lost.clone(),
+        );
+        register(
+            (&mut registry, &mut names),
+            "storage_read_buffered_bytes",
+            "Bytes of NARs read for clients and peers and not yet sent (within store.read-memory, and one chunk group of each read past it)",
+            m.storage_read_buffered_bytes.clone(),
         );
         register(
             (&mut registry, &mut names),

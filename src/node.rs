@@ -88,6 +88,7 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
             min_free: cfg.store.min_free.0,
             gc_interval: std::time::Duration::from_secs(cfg.store.gc_check_secs),
             mirror: cfg.mirror.s3.is_some(),
+            read_memory: cfg.store.read_memory.0,
         };
         tokio::task::spawn_blocking(move || Storage::open(&dir, db, store, scfg, metrics))
             .await?

@@ -36,7 +36,7 @@ use crate::metrics::Metrics;
 use crate::nix::nar_layout::NarLayout;
 use crate::store::LocalStore;
 use evict::Lru;
-use read::{RangeReader, Source};
+use read::{RangeReader, ReadBudget, Source};
 
 /// Errors of the storage.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +70,8 @@ pub struct StorageConfig {
     /// has to upload it (or has not taken its path in yet), even before the mirror protects
     /// it itself (at start, while the bucket is away, during a migration).
     pub mirror: bool,
+    /// What the pieces of all reads may hold together (`[store] read-memory`).
+    pub read_memory: u64,
 }
 
 /// How this node holds a NAR.
@@ -101,6 +103,8 @@ struct Inner {
     recorder: record::Recorder,
     /// One change of pins or recomputation of the pinned closures at a time (`pins_lock`).
     pins_lock: Mutex<()>,
+    /// The memory of every read's pieces.
+    budget: read::ReadBudget,
 }
 
 #[derive(Debug, Default)]
@@ -216,7 +220,9 @@ impl Storage {
         let dir = data_dir.join("nars");
         let recorder = record::Recorder::start(db.clone(), dir.clone())?;
         let mirror = cfg.mirror;
+        let budget = ReadBudget::new(cfg.read_memory, metrics.storage_read_buffered_bytes.clone());
         let inner = Arc::new(Inner {
+            budget,
             recorder,
             dir,
             db,
@@ -331,7 +337,11 @@ impl Storage {
         let this = self.clone();
         let b = *blake3;
         let on_error = move |e: &ReadError| this.read_failed(b, own, e);
-        Ok(RangeReader::new(source, leaves, start, end).stream(guard, on_error))
+        Ok(RangeReader::new(source, leaves, start, end).stream(
+            self.inner.budget.clone(),
+            guard,
+            on_error,
+        ))
     }
 
     /// Where to read a held NAR from, its leaves (shared with its other readers), and the own
@@ -631,6 +641,15 @@ mod tests {
     use super::*;
 
     fn open(dir: &Path, max_size: u64, min_free: u64) -> (Storage, Arc<Metrics>) {
+        open_reading(dir, max_size, min_free, 64 << 20)
+    }
+
+    fn open_reading(
+        dir: &Path,
+        max_size: u64,
+        min_free: u64,
+        read_memory: u64,
+    ) -> (Storage, Arc<Metrics>) {
         let db = Db::open(&dir.join("narmesh.redb")).unwrap();
         let store = Arc::new(LocalStore::new(&dir.join("store")));
         let metrics = Arc::new(Metrics::new());
@@ -639,6 +658,7 @@ mod tests {
             min_free,
             gc_interval: Duration::from_secs(60),
             mirror: false,
+            read_memory,
         };
         let s = Storage::open(dir, db, store, cfg, metrics.clone()).unwrap();
         (s, metrics)
@@ -742,6 +762,73 @@ mod tests {
             drop((first, second, leaves));
             gone().await;
         }
+    }
+
+    /// Readers whose consumers stopped reading hold at most `read-memory` between them (and a
+    /// chunk group or two each past it); a reader after them is not starved but reads the NAR
+    /// whole, in small pieces; and what the readers held is given back when they go.
+    #[tokio::test]
+    async fn stalled_readers_hold_at_most_the_read_memory() {
+        use crate::chunks::GROUP;
+        const BUDGET: u64 = 4 << 20;
+        let t = tempfile::tempdir().unwrap();
+        let (s, metrics) = open_reading(t.path(), 64 << 20, 0, BUDGET);
+        let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 253) as u8).collect();
+        let (b, size) = ([7; 32], data.len() as u64);
+        let p = s.begin(&b, size).unwrap();
+        p.write_at(0, &data).unwrap();
+        p.finish(&Leaves::of(&data).to_bytes()).unwrap();
+        let buffered = || metrics.storage_read_buffered_bytes.get() as u64;
+        async fn until(what: &str, ok: impl Fn() -> bool) {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !ok() {
+                assert!(std::time::Instant::now() < deadline, "{what}");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+
+        // 16 consumers each take a piece and stop: each stream then reads two more pieces into
+        // its channel and waits.
+        let (mut stalled, mut taken) = (Vec::new(), Vec::new());
+        for _ in 0..16 {
+            let mut r = s.read(&b, 0, size).await.unwrap();
+            taken.push(r.recv().await.unwrap().unwrap());
+            stalled.push(r);
+        }
+        until("every stalled stream read its next piece", || {
+            stalled.iter().all(|r| r.len() == 2)
+        })
+        .await;
+        let held = buffered();
+        let past_budget = 16 * 3 * GROUP;
+        assert!(
+            held <= BUDGET + past_budget,
+            "16 stalled readers hold {held} bytes, over the {BUDGET} of read-memory and {past_budget} past it"
+        );
+        assert!(held >= BUDGET, "the budget is spent: {held}");
+
+        // A reader now still reads the whole NAR, a chunk group at a time.
+        let mut late = s.read(&b, 0, size).await.unwrap();
+        let mut got = Vec::new();
+        while let Some(piece) = late.recv().await {
+            let piece = piece.unwrap();
+            assert!(piece.len() as u64 <= GROUP, "the budget is spent");
+            got.extend_from_slice(&piece);
+        }
+        assert!(
+            got == data,
+            "a reader after the stalled ones reads it whole"
+        );
+
+        // What the stalled readers held goes with them, budget and all.
+        drop((stalled, taken));
+        until("the pieces of readers gone are given back", || {
+            buffered() == 0
+        })
+        .await;
+        let mut again = s.read(&b, 0, size).await.unwrap();
+        let piece = again.recv().await.unwrap().unwrap();
+        assert_eq!(piece.len(), 1 << 20, "the budget is whole again");
     }
 
     #[test]

@@ -405,6 +405,93 @@ fn a_nar_being_read_is_never_evicted() {
     assert!(c.file_bytes <= 40 << 20, "{c:?}");
 }
 
+/// HTTP clients that ask for a NAR and stop reading hold at most `[store] read-memory` of the
+/// node's memory between them (and past it, each: what hyper's 64 KiB write buffer takes, and a
+/// chunk group or two in the stream), at every sample; a
+/// client after them still gets the NAR whole; and what they held is given back when they go.
+#[test]
+fn clients_that_stop_reading_hold_at_most_the_read_memory() {
+    use std::os::fd::AsRawFd;
+    const CLIENTS: u64 = 32;
+    const BUDGET: f64 = (4 << 20) as f64;
+    let t = tempfile::tempdir().unwrap();
+    let mut node = Node::new(&t.path().join("a"), &t.path().join("unused"));
+    let host = NixHost::with_hook(&node.socket(), &node.spool());
+    node.store_root = host.root.clone();
+    node.extra_config = "[store]\nread-memory = \"4MiB\"\n".into();
+    node.start();
+    let built = build_big(&host, "stall", 1, 24, "z");
+    wait_until(60, "A to serve it", || node.serves(&full(&built)));
+    let info = narinfo(&node, &built[0]);
+    let buffered = || crate::trust::metric(&node, "narmesh_storage_read_buffered_bytes ");
+    let ask = || {
+        let mut conn = TcpStream::connect(&node.http).unwrap();
+        // A small receive window: the NAR (24 MiB) is far more than the kernel's buffers of
+        // both ends take, so the node's answer stalls.
+        let size: libc::c_int = 64 << 10;
+        // SAFETY: a valid socket and a c_int option of its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                conn.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_RCVBUF");
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        write!(
+            conn,
+            "GET /{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            info.url
+        )
+        .unwrap();
+        conn
+    };
+    let mut stalled = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut conn = ask();
+        let mut first = vec![0u8; 64 << 10];
+        conn.read_exact(&mut first).unwrap();
+        stalled.push(conn);
+    }
+    let mut most = 0f64;
+    for _ in 0..30 {
+        most = most.max(buffered());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let past = (CLIENTS * 8 * (16 << 10)) as f64;
+    eprintln!("{CLIENTS} stalled clients: at most {most} bytes held");
+    assert!(
+        most <= BUDGET + past,
+        "{CLIENTS} stalled clients held {most} bytes, over read-memory's {BUDGET} and {past} past it"
+    );
+    assert!(
+        most >= BUDGET * 0.75,
+        "the clients did not stall the node's answers ({most} bytes held): the test shows nothing"
+    );
+
+    // A client now still gets the whole NAR, byte for byte.
+    let mut late = ask();
+    let mut got = Vec::new();
+    late.read_to_end(&mut got).unwrap();
+    let split = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    assert!(
+        got[split + 4..] == host.dump(&built[0]),
+        "a client after the stalled ones got the NAR whole"
+    );
+
+    // The stalled clients go: what their answers held goes too.
+    drop(stalled);
+    wait_until(
+        30,
+        "the answers of clients gone to give their pieces back",
+        || buffered() == 0.0,
+    );
+}
+
 /// Bytes free on the file system of `dir` (`df`).
 fn free_bytes(dir: &Path) -> u64 {
     let out = run_ok(
