@@ -159,6 +159,93 @@ fn a_provider_that_drips_its_range_is_not_waited_for() {
     );
 }
 
+/// A provider that drips its ranges (its first chunk group, then a byte every 5 s: no read
+/// ever waits past the 10 s allowed between pieces) is the only one B knows of (B and A are
+/// not peers; the slow peer relays A's record naming itself alone). Only the chunk group
+/// deadline (20 s) cuts it off: after three such ranges it is avoided, the fetch ends and
+/// gives its place back, and the client of B's cache gets a short NAR, not one that never
+/// ends.
+#[test]
+fn a_lone_provider_that_drips_is_cut_off_by_the_chunk_group_deadline() {
+    use std::io::{Read, Write};
+    let t = tempfile::tempdir().unwrap();
+    let h = Hostile::start(52, false);
+    h.mode
+        .drip_ranges
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (a, mut nodes) = honest_with(&t, 2, &h, &[]);
+    let (a_addr, b_addr) = (nodes[0].address.clone(), nodes[1].address.clone());
+    nodes[0].peers.retain(|p| *p != b_addr);
+    nodes[1].peers.retain(|p| *p != a_addr);
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    let path =
+        a.build(r#"mk "transfer-lone-drip" "head -c 3000000 /dev/urandom > $out""#)[0].clone();
+    let nar = a.dump(&path);
+    let mut ann = None;
+    wait_until(30, "the slow peer to catch up with A", || {
+        ann = h
+            .catch_up_from(&a_addr)
+            .into_iter()
+            .find(|x| x.narinfo.contains(&path.full()));
+        ann.is_some()
+    });
+    let mut ann = ann.unwrap();
+    h.mode.nars.lock().unwrap().insert(ann.blake3, nar.clone());
+    ann.providers = vec![h.holds(&ann.blake3)];
+    h.gossip(std::slice::from_ref(&b_addr), vec![ann.encode().unwrap()]);
+    wait_until(30, "B to learn the path from the slow peer", || {
+        nodes[1].serves(&[path.full()])
+    });
+
+    let started = std::time::Instant::now();
+    let mut conn = std::net::TcpStream::connect(&nodes[1].http).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(150)))
+        .unwrap();
+    write!(
+        conn,
+        "GET /nar/{}.nar HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        narmesh::storage::hex(&ann.blake3)
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let _ = conn.read_to_end(&mut got);
+    let took = started.elapsed();
+    let head = String::from_utf8_lossy(&got[..got.len().min(200)]).into_owned();
+    let body = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(0, |i| got.len() - i - 4);
+    eprintln!("B's client: {body} bytes of {} in {took:?}", nar.len());
+    assert!(
+        head.starts_with("HTTP/1.1 200") && body < nar.len(),
+        "B's client got {body} bytes of the NAR's {} ({head:?}); B's log:\n{}",
+        nar.len(),
+        nodes[1].log()
+    );
+    // Three ranges of at least 20 s each; without the deadline the drip goes on for 10 min.
+    assert!(
+        took >= Duration::from_secs(50) && took < Duration::from_secs(120),
+        "the answer ended after {took:?}, not at the third chunk group deadline; B's log:\n{}",
+        nodes[1].log()
+    );
+    wait_until_or_show(
+        30,
+        "B's fetch to end and give its place back",
+        || {
+            metric(&nodes[1], "narmesh_mesh_transfers ") == 0.0
+                && metric(&nodes[1], "narmesh_mesh_ranges ") == 0.0
+        },
+        || nodes[1].log(),
+    );
+    let log = nodes[1].log();
+    assert!(
+        log.contains("a chunk group took too long") && log.contains("avoiding peer"),
+        "B's log:\n{log}"
+    );
+}
+
 /// A provider named in a record that answers it no longer holds the NAR (as one does once Nix
 /// GC took the path, before its withdrawal arrives) is asked once and left to the others for
 /// this NAR: not asked again and again, and not avoided as if it had failed (no warning, and it
