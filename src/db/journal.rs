@@ -49,6 +49,15 @@ pub struct Journal {
     compactions: u64,
 }
 
+/// Fsync the journal's directory (a unit test may make it fail).
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(test)]
+    if let Some(e) = tests::dir_sync_fault() {
+        return Err(e);
+    }
+    crate::fsutil::sync_dir(dir)
+}
+
 fn record(e: &Entry) -> io::Result<Vec<u8>> {
     let payload = postcard::to_allocvec(e).map_err(io::Error::other)?;
     let mut out = Vec::with_capacity(payload.len() + 8);
@@ -93,7 +102,7 @@ impl Journal {
         // The file's directory entry must be on disk before anything in it is acknowledged.
         file.sync_all()?;
         if let Some(dir) = path.parent() {
-            crate::fsutil::sync_dir(dir)?;
+            sync_dir(dir)?;
         }
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
@@ -255,7 +264,7 @@ impl Journal {
         (self.len, self.live) = (buf.len() as u64, buf.len() as u64);
         self.compactions += 1;
         if let Some(dir) = self.path.parent()
-            && let Err(e) = crate::fsutil::sync_dir(dir)
+            && let Err(e) = sync_dir(dir)
         {
             // Until the rename is on disk, a crash would bring the old file back without what
             // is appended now: nothing more is acknowledged until a reopen syncs the directory.
@@ -270,6 +279,61 @@ impl Journal {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Directory fsyncs on this thread so far, and how many of the next ones fail.
+        static DIR_SYNCS: Cell<(u32, u32)> = const { Cell::new((0, 0)) };
+    }
+
+    /// Counts a directory fsync; the error it fails with, if it is to fail.
+    pub(super) fn dir_sync_fault() -> Option<io::Error> {
+        let (n, fail) = DIR_SYNCS.get();
+        DIR_SYNCS.set((n + 1, fail.saturating_sub(1)));
+        (fail > 0).then(|| io::Error::other("injected: directory fsync failed"))
+    }
+
+    /// A compaction whose directory fsync fails (its rename may not be on disk: a crash would
+    /// bring back the old file without what is appended next) reports it, and nothing more is
+    /// acknowledged until the directory is fsync'd: the next append does that first, and if it
+    /// fails too, that append fails. Everything acknowledged replays.
+    #[test]
+    fn nothing_is_acknowledged_after_a_failed_directory_fsync_until_one_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("queue.log");
+        let mut j = Journal::open(&p).unwrap();
+        let n = 160_000;
+        j.append(&(0..n).map(item).collect::<Vec<_>>()).unwrap();
+        assert!(j.len > COMPACT_AT, "{}", j.len);
+        let syncs = || DIR_SYNCS.get().0;
+
+        // The compaction renames, and its directory fsync fails.
+        DIR_SYNCS.set((0, 1));
+        assert!(
+            j.done(n as u64 - 11).is_err(),
+            "the failed fsync is reported"
+        );
+        assert_eq!((j.compactions, syncs()), (1, 1));
+
+        // The next append fsyncs the directory before its item is acknowledged; it fails
+        // again: nothing is acknowledged.
+        DIR_SYNCS.set((0, 1));
+        assert!(j.append(&[item(n)]).is_err(), "acknowledged unsynced");
+        assert_eq!(syncs(), 1);
+        // Now it succeeds: the item is acknowledged after the directory is on disk.
+        DIR_SYNCS.set((0, 0));
+        j.append(&[item(n + 1)]).unwrap();
+        assert_eq!(syncs(), 1, "the directory was fsync'd before the append");
+        // And from here on appends need no directory fsync.
+        j.append(&[item(n + 2)]).unwrap();
+        assert_eq!(syncs(), 1);
+        drop(j);
+        let j = Journal::open(&p).unwrap();
+        let items: Vec<QueueItem> = j.batch(usize::MAX).into_iter().map(|(_, i)| i).collect();
+        let mut want: Vec<QueueItem> = (n - 11..n).map(item).collect();
+        want.extend([item(n + 1), item(n + 2)]);
+        assert_eq!(items, want);
+    }
 
     fn item(n: usize) -> QueueItem {
         QueueItem {
