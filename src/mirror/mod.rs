@@ -94,6 +94,18 @@ impl Stats {
             self.recent.pop_front();
         }
     }
+
+    /// An upload of `bytes` completed now.
+    fn completed(&mut self, bytes: u64) {
+        self.recent.push_back((Instant::now(), bytes));
+        self.trim();
+    }
+
+    /// Bytes uploaded per second over the last window.
+    fn rate(&mut self) -> u64 {
+        self.trim();
+        self.recent.iter().map(|(_, b)| b).sum::<u64>() / RATE_WINDOW.as_secs()
+    }
 }
 
 impl MirrorHandle {
@@ -118,8 +130,7 @@ impl MirrorHandle {
     /// The mirror's state for `narmesh status`.
     pub fn status(&self) -> MirrorStatus {
         let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        s.trim();
-        let bytes: u64 = s.recent.iter().map(|(_, b)| b).sum();
+        let rate = s.rate();
         let m = &self.metrics;
         MirrorStatus {
             bucket: self.bucket.clone(),
@@ -127,7 +138,7 @@ impl MirrorHandle {
             pending_bytes: m.mirror_pending_bytes.get().max(0) as u64,
             uploaded_paths: m.mirror_uploaded_paths.get(),
             uploaded_bytes: m.mirror_uploaded_bytes.get(),
-            upload_bytes_per_sec: bytes / RATE_WINDOW.as_secs(),
+            upload_bytes_per_sec: rate,
             failures: m.mirror_failures.get(),
             last_error: s.last_error.clone(),
         }
@@ -701,9 +712,10 @@ impl Mirror {
                     }
                     if out.bytes > 0 {
                         self.metrics.mirror_uploaded_bytes.inc_by(out.bytes);
-                        let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-                        s.recent.push_back((Instant::now(), out.bytes));
-                        s.trim();
+                        self.stats
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .completed(out.bytes);
                     }
                     updates.push((out.hash, state));
                 }
@@ -895,5 +907,23 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The completions kept for the upload rate are a window's worth, whether or not anyone
+    /// asks for the status: a mirror uploading for months keeps no more.
+    #[test]
+    fn the_rate_keeps_a_window_of_completions() {
+        let mut s = Stats::default();
+        let old = Instant::now() - RATE_WINDOW - Duration::from_secs(1);
+        s.recent.extend((0..1000).map(|_| (old, 1 << 20)));
+        s.completed(100);
+        assert_eq!(s.recent.len(), 1, "older completions stayed");
+        s.completed(100);
+        assert_eq!(s.rate(), 200 / RATE_WINDOW.as_secs());
     }
 }
