@@ -94,6 +94,8 @@ pub const FAULTS: &[&str] = &[
     "mirror.commit-fails",
     // A round of catch-up with a peer panics before it asks anything.
     "mesh.catch-up-round-panics",
+    // A dial of a peer for NAR transfer panics before it connects.
+    "mesh.dial-panics",
 ];
 
 struct Fault {

@@ -228,6 +228,9 @@ impl Pool {
                             dialing,
                             key: Some(key),
                         };
+                        if crate::killpoint::fault("mesh.dial-panics") {
+                            panic!("a dial panics (NARMESH_TEST_FAULT)");
+                        }
                         let r = dial(ep, peer, version).await;
                         // Pooled and forgotten under the same lock, so a caller finds the one
                         // or the other; a failed dial is tried again by the next to ask.

@@ -246,6 +246,53 @@ fn a_lone_provider_that_drips_is_cut_off_by_the_chunk_group_deadline() {
     );
 }
 
+/// B's first dial of A for a NAR panics (an injected fault): that fetch gets its NAR by the
+/// version 1 fallback, and the dial does not stay in B's table of dials under way, so the next
+/// fetch dials again (left there, its error would be every later fetch's answer from A until
+/// a restart).
+#[test]
+fn a_dial_that_panics_is_not_the_answer_for_good() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, mut nodes) = built_on_first(t.path(), 2);
+    nodes[1]
+        .env
+        .push(("NARMESH_TEST_FAULT".into(), "mesh.dial-panics:1".into()));
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    let paths = a.build(
+        r#"builtins.genList (i: mk "transfer-dial-panics-${toString i}" "head -c 300000 /dev/urandom > $out") 2"#,
+    );
+    wait_until(30, "B to learn the paths", || {
+        nodes[1].serves(&paths.iter().map(|p| p.full()).collect::<Vec<_>>())
+    });
+    // The dial's error as B's log tells it (a debug line of the ask that got it).
+    let dial_errors = || nodes[1].log().matches("dial: task").count();
+    let mut seen = Vec::new();
+    for p in &paths {
+        let (_, _, info) = http(
+            &nodes[1].http,
+            "GET",
+            &format!("/{}.narinfo", p.hash_part()),
+            &[],
+        );
+        let info = narmesh::nix::NarInfo::parse(std::str::from_utf8(&info).unwrap()).unwrap();
+        let (code, _, body) = http(&nodes[1].http, "GET", &format!("/{}", info.url), &[]);
+        assert_eq!(code, 200, "B's log:\n{}", nodes[1].log());
+        assert!(body == a.dump(p), "the NAR B served is A's");
+        seen.push(dial_errors());
+    }
+    let log = nodes[1].log();
+    assert!(
+        log.contains("fault injected at mesh.dial-panics") && seen[0] >= 1,
+        "the fault was not met; B's log:\n{log}"
+    );
+    assert_eq!(
+        seen[1], seen[0],
+        "the second fetch got the panicked dial's error again; B's log:\n{log}"
+    );
+}
+
 /// A provider named in a record that answers it no longer holds the NAR (as one does once Nix
 /// GC took the path, before its withdrawal arrives) is asked once and left to the others for
 /// this NAR: not asked again and again, and not avoided as if it had failed (no warning, and it
