@@ -32,7 +32,11 @@ impl Background {
                             guard.recv()
                         };
                         match job {
-                            Ok(job) => job(),
+                            // A job that panics is its caller's failure (`run` answers
+                            // `None`), not the thread's: the pool keeps its threads.
+                            Ok(job) => {
+                                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                            }
                             Err(_) => return,
                         }
                     }
@@ -85,5 +89,16 @@ mod tests {
             .run(|| rustix::process::getpriority_process(Some(rustix::thread::gettid())))
             .await;
         assert!(matches!(nice, Some(Ok(n)) if n >= NICE));
+    }
+
+    /// A job that panics answers `None`, and the thread that ran it goes on with the next
+    /// jobs (a pool of one thread would otherwise be gone, and every later job with it).
+    #[tokio::test]
+    async fn a_panicking_job_leaves_its_thread_running() {
+        let bg = Background::new("test", 1);
+        for _ in 0..3 {
+            assert_eq!(bg.run(|| -> u8 { panic!("a job panics") }).await, None);
+            assert_eq!(bg.run(|| 7).await, Some(7));
+        }
     }
 }

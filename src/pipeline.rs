@@ -87,6 +87,9 @@ impl Pipeline {
         if batch.is_empty() {
             return Ok(false);
         }
+        if crate::killpoint::fault("pipeline.plan-late") {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
         let started = Instant::now();
         let (todo, upstream, mut failures) = self
             .plan(batch.iter().map(|(_, i)| i.clone()).collect())
@@ -151,6 +154,13 @@ impl Pipeline {
                     tracing::error!("ingest: {why}");
                     failed.insert(path);
                     failures += 1;
+                }
+                Err(Failure::Retry(why)) => {
+                    // What is done so far is kept; the batch (its reports still queued) is
+                    // planned again after the pipeline's backoff, and skips it.
+                    drop(results);
+                    self.commit(&[], &mut pending, 0, (paths, bytes)).await?;
+                    return Err(format!("ingest: {why}; the batch is tried again"));
                 }
             }
         }
@@ -249,8 +259,15 @@ fn ingest_one(
     upstream: &HashSet<String>,
 ) -> Result<OwnRecord, Failure> {
     let real = store.real_path(&info.path);
-    let d = crate::nix::nar::dump_hashed(&real, std::io::sink())
-        .map_err(|e| Failure::Path(format!("{}: {e}", info.path)))?;
+    let d = crate::nix::nar::dump_hashed(&real, std::io::sink()).map_err(|e| {
+        let why = format!("{}: {e}", info.path);
+        match &e {
+            crate::nix::nar::NarError::Read { source, .. } if transient(source) => {
+                Failure::Retry(why)
+            }
+            _ => Failure::Path(why),
+        }
+    })?;
     if d.sha256 != info.nar_hash || d.nar_size != info.nar_size {
         return Err(Failure::Path(format!(
             "{}: NAR is {} ({} bytes) but the store database says {} ({} bytes); not recorded",
@@ -298,6 +315,21 @@ fn ingest_one(
 enum Failure {
     /// This path cannot be ingested; the rest of the batch goes on.
     Path(String),
+    /// The system cannot read it now (out of file descriptors or memory): the batch is tried
+    /// again later, its reports kept.
+    Retry(String),
+}
+
+/// An error reading the store that says nothing of the path: the node (or the host) is short
+/// of a resource for now. A path that is gone, unreadable or of a kind no NAR holds fails.
+fn transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(
+        e.kind(),
+        K::OutOfMemory | K::Interrupted | K::WouldBlock | K::ResourceBusy
+    ) || e
+        .raw_os_error()
+        .is_some_and(|n| [libc::EMFILE, libc::ENFILE, libc::ENOMEM, libc::ENOBUFS].contains(&n))
 }
 
 /// The URL a narinfo names for a NAR stored under `blake3`.
@@ -316,7 +348,7 @@ fn plan_blocking(
     let mut failures = 0;
     let mut roots = Vec::new();
     for item in items {
-        match resolve(store, item) {
+        match resolve(store, item)? {
             Ok(r) => roots.extend(r),
             Err(why) => {
                 tracing::error!("ingest: {why}");
@@ -463,22 +495,36 @@ fn references_first(infos: Vec<PathInfo>, failed: &HashSet<StorePath>) -> (Vec<P
     (out, dropped)
 }
 
-/// The output paths a queued report stands for.
-fn resolve(store: &StoreDb, item: &QueueItem) -> Result<Vec<StorePath>, String> {
+/// The output paths a queued report stands for: `Ok(Err(why))` if the report can never name
+/// any (it fails), `Err` if the store database cannot answer now (the batch is tried again:
+/// a report whose derivation's outputs a locked database could not tell is not dropped).
+fn resolve(
+    store: &StoreDb,
+    item: &QueueItem,
+) -> Result<Result<Vec<StorePath>, String>, StoreDbError> {
     if !item.outs.is_empty() {
-        return item
+        return Ok(item
             .outs
             .iter()
             .map(|o| StorePath::parse(o).map_err(|e| e.to_string()))
-            .collect();
+            .collect());
     }
-    let drv = item.drv.as_deref().ok_or("report without paths")?;
-    let drv = StorePath::parse(drv).map_err(|e| e.to_string())?;
-    let outs = store.derivation_outputs(&drv).map_err(|e| e.to_string())?;
+    let Some(drv) = item.drv.as_deref() else {
+        return Ok(Err("report without paths".into()));
+    };
+    let drv = match StorePath::parse(drv) {
+        Ok(d) => d,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    let outs = match store.derivation_outputs(&drv) {
+        Ok(o) => o,
+        Err(e @ StoreDbError::Corrupt { .. }) => return Ok(Err(e.to_string())),
+        Err(e) => return Err(e),
+    };
     if outs.is_empty() {
-        return Err(format!("{drv} has no recorded outputs"));
+        return Ok(Err(format!("{drv} has no recorded outputs")));
     }
-    Ok(outs.into_iter().map(|(_, p)| p).collect())
+    Ok(Ok(outs.into_iter().map(|(_, p)| p).collect()))
 }
 
 /// True if a key in `upstream` signed this path: it is public already.

@@ -206,6 +206,121 @@ fn spool_all(node: &Node, paths: &[String]) {
     }
 }
 
+/// A report acknowledged while another process holds the Nix store database locked past the
+/// node's 10 s busy wait (a `nix` command in a long transaction, say) is not dropped: Nix 2.8
+/// names only the derivation, whose outputs the database cannot tell now, so the batch is
+/// planned again once it answers, and the path is recorded.
+#[test]
+fn a_locked_store_database_delays_a_report_and_loses_nothing() {
+    use std::io::BufRead;
+    let t = tempfile::tempdir().unwrap();
+    // A rollback journal, not WAL: there a writer's exclusive lock keeps readers out (with WAL
+    // nobody may take one while the node has the database open).
+    let host = NixHost::new("use-sqlite-wal = false");
+    let paths = built_paths(&host, 2, "locked-db");
+    let mut node = Node::new(&t.path().join("node"), &host.root);
+    // Each batch is planned 3 s after its report was acknowledged: the lock is taken then.
+    node.env
+        .push(("NARMESH_TEST_FAULT".into(), "pipeline.plan-late:2".into()));
+    node.start();
+    let (socket, spool) = (node.socket(), node.spool());
+    // A first report opens the node's connection to the database.
+    run_hook(&socket, &spool, "", &paths[0], 5000);
+    wait_until(30, "the first path to be recorded", || {
+        recorded(&node, &paths[..1]) == 1
+    });
+    let drv = String::from_utf8(run_ok(host.cmd("nix-store").args([
+        "--query",
+        "--deriver",
+        &paths[1],
+    ])))
+    .unwrap()
+    .trim()
+    .to_owned();
+    let run = run_hook(&socket, &spool, &drv, "", 5000);
+    assert!(spooled(&spool).is_empty(), "acknowledged: {}", run.stderr);
+    // Held 13 s from within the 3 s before the batch is planned: the node's first try gives up
+    // after its 10 s busy wait.
+    let db = narmesh::nix::store_db::db_path(&host.root);
+    let mut lock = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys, time\n\
+             c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+             c.execute('PRAGMA locking_mode=EXCLUSIVE')\n\
+             c.execute('BEGIN EXCLUSIVE')\n\
+             c.execute('COMMIT')\n\
+             print('locked', flush=True)\n\
+             time.sleep(13)\n",
+        ])
+        .arg(&db)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufReader::new(lock.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "locked");
+    assert_eq!(recorded(&node, &paths[1..]), 0, "planned before the lock");
+    wait_until(
+        60,
+        "the path to be recorded once the database answers",
+        || recorded(&node, &paths[1..]) == 1,
+    );
+    assert!(lock.wait().unwrap().success());
+    assert!(
+        node.log().contains("database is locked"),
+        "the node met the lock; its log:\n{}",
+        node.log()
+    );
+    assert_eq!(metric(&node, "narmesh_ingest_failures_total "), 0.0);
+    node.stop();
+}
+
+/// A path the node cannot read for want of file descriptors (its limit lowered with `prlimit`
+/// below what it has open, between the report's acknowledgement and its ingest) is not a failure
+/// of the path: the batch is tried again, and once descriptors are to be had the path is
+/// recorded.
+#[test]
+fn a_node_out_of_file_descriptors_retries_and_loses_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let host = NixHost::new("");
+    let paths = built_paths(&host, 2, "no-fds");
+    let mut node = Node::new(&t.path().join("node"), &host.root);
+    node.env
+        .push(("NARMESH_TEST_FAULT".into(), "pipeline.plan-late:2".into()));
+    node.start();
+    let (socket, spool) = (node.socket(), node.spool());
+    run_hook(&socket, &spool, "", &paths[0], 5000);
+    wait_until(30, "the first path to be recorded", || {
+        recorded(&node, &paths[..1]) == 1
+    });
+    let run = run_hook(&socket, &spool, "", &paths[1], 5000);
+    assert!(spooled(&spool).is_empty(), "acknowledged: {}", run.stderr);
+    let pid = node.pid().to_string();
+    let limit = |soft: usize| {
+        run_ok(Command::new("prlimit").args([format!("--pid={pid}"), format!("--nofile={soft}:")]));
+    };
+    // Its descriptors stay open, and no new one can be had (0-2 are taken).
+    limit(3);
+    crate::harness::wait_until_or_show(
+        30,
+        "the node to run out of file descriptors",
+        || node.log().contains("the batch is tried again"),
+        || node.log(),
+    );
+    limit(4096);
+    wait_until(
+        30,
+        "the path to be recorded once descriptors are back",
+        || recorded(&node, &paths[1..]) == 1,
+    );
+    assert!(node.log().contains("Too many open files"), "{}", node.log());
+    assert_eq!(metric(&node, "narmesh_ingest_failures_total "), 0.0);
+    node.stop();
+}
+
 /// Reports spooled while the node was down, and a node that starts while the store database
 /// is briefly unreadable: the reports wait (never rejected) and are taken in once the database
 /// is back. Garbage is rejected for good and counted, and so is the report of a path Nix's
