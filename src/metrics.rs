@@ -448,7 +448,7 @@ impl Metrics {
         register(
             (&mut registry, &mut names),
             "storage_read_buffered_bytes",
-            "Bytes of NARs read for clients and peers and not yet sent (within store.read-memory, and one chunk group of each read past it)",
+            "Bytes of NARs read for clients, peers and the mirror and not yet handed on (within store.read-memory; past it, single chunk groups)",
             m.storage_read_buffered_bytes.clone(),
         );
         register(

@@ -190,5 +190,9 @@ async fn from_peers(st: &HttpState, hash: [u8; 32], head: bool) -> Response {
         }
         Ok(_) => {}
     }
-    headers(counted(st, "peer", t.follow(guard, false)))
+    headers(counted(
+        st,
+        "peer",
+        t.follow(st.storage.read_budget(), guard, false),
+    ))
 }

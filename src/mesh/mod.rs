@@ -290,7 +290,7 @@ impl Arriving {
         if matches!(t.progress().borrow().done, Some(Err(_))) {
             return None;
         }
-        Some(t.follow(guard, true))
+        Some(t.follow(self.0.read_budget(), guard, true))
     }
 }
 

@@ -190,7 +190,9 @@ impl NarJob {
     /// Compress and upload; `Ok` says where the NAR is in the bucket, and whether it was read
     /// while it still arrived from peers.
     pub async fn run(self) -> Result<(MirrorState, bool), JobError> {
-        let (tx, rx) = mpsc::channel(8);
+        // Few pieces ahead: a job waiting for a compressing thread holds its read's share of
+        // `[store] read-memory` meanwhile.
+        let (tx, rx) = mpsc::channel(2);
         let b = self.rec.blake3;
         let held = || async {
             self.storage

@@ -12,6 +12,7 @@
 //! watcher in `gc` notices and the paths move to the end of the log, so peers learn that this
 //! node no longer provides them.
 
+mod budget;
 mod evict;
 mod files;
 mod gc;
@@ -35,8 +36,9 @@ use crate::db::{Db, DbError, StorageCounters};
 use crate::metrics::Metrics;
 use crate::nix::nar_layout::NarLayout;
 use crate::store::LocalStore;
+pub use budget::ReadBudget;
 use evict::Lru;
-use read::{RangeReader, ReadBudget, Source};
+use read::{RangeReader, Source};
 
 /// Errors of the storage.
 #[derive(Debug, thiserror::Error)]
@@ -104,7 +106,7 @@ struct Inner {
     /// One change of pins or recomputation of the pinned closures at a time (`pins_lock`).
     pins_lock: Mutex<()>,
     /// The memory of every read's pieces.
-    budget: read::ReadBudget,
+    budget: ReadBudget,
 }
 
 #[derive(Debug, Default)]
@@ -314,6 +316,11 @@ impl Storage {
                 Ok(None)
             }
         }
+    }
+
+    /// The memory budget of every read of a NAR (those of NARs still arriving too).
+    pub fn read_budget(&self) -> ReadBudget {
+        self.inner.budget.clone()
     }
 
     /// Read `start..end` of a NAR held here, verified chunk group by chunk group. Bytes that do

@@ -5,77 +5,20 @@
 //!
 //! The blocking reads run a piece at a time on the blocking pool and feed an async channel, so
 //! a slow consumer holds no thread, only a small buffer. A piece is read only once the channel
-//! has room for it, and its bytes come out of the storage's [`ReadBudget`]: with the budget
-//! spent (stalled clients hold their pieces until they read or are cut off), readers go on with
-//! pieces of one chunk group, so memory stays bounded and nobody is starved.
+//! has room for it, under a share of the storage's [`ReadBudget`].
 
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::mpsc;
+
+use super::budget::ReadBudget;
 
 use crate::chunks::{GROUP, Leaves};
 use crate::nix::nar::NarError;
 use crate::nix::nar_layout::NarLayout;
-
-/// Bytes read and checked per step (whole groups), at most.
-const PIECE_GROUPS: u64 = 64;
-
-/// The piece sizes (in groups) a reader tries to take from the budget, largest first; with
-/// none to be had it reads one group outside it.
-const TRY_GROUPS: [u64; 3] = [PIECE_GROUPS, 16, 4];
-
-/// The memory all readers' pieces may take together (`[store] read-memory`): a piece's share
-/// is given back when its last byte is dropped (written to its client, or the client gone).
-#[derive(Debug, Clone)]
-pub struct ReadBudget {
-    /// Permits in chunk groups.
-    groups: Arc<Semaphore>,
-    /// Bytes of pieces read and not yet dropped, in or out of the budget.
-    buffered: Gauge,
-}
-
-impl ReadBudget {
-    pub fn new(bytes: u64, buffered: Gauge) -> Self {
-        ReadBudget {
-            groups: Arc::new(Semaphore::new((bytes / GROUP).max(1) as usize)),
-            buffered,
-        }
-    }
-
-    /// The share of the next piece: the largest of [`TRY_GROUPS`] free now, else one group
-    /// outside the budget.
-    fn take(&self) -> (u64, Option<OwnedSemaphorePermit>) {
-        for n in TRY_GROUPS {
-            if let Ok(p) = self.groups.clone().try_acquire_many_owned(n as u32) {
-                return (n, Some(p));
-            }
-        }
-        (1, None)
-    }
-}
-
-/// A piece's bytes, with its share of the budget: both go when the last slice is dropped.
-struct Piece {
-    buf: Vec<u8>,
-    _share: Option<OwnedSemaphorePermit>,
-    buffered: Gauge,
-}
-
-impl AsRef<[u8]> for Piece {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf
-    }
-}
-
-impl Drop for Piece {
-    fn drop(&mut self) {
-        self.buffered.dec_by(self.buf.len() as i64);
-    }
-}
 
 /// Why a read failed.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +68,9 @@ impl Source {
     }
 }
 
+/// Whole chunk groups read, and the part of them a range asked for.
+type Piece = (Vec<u8>, std::ops::Range<usize>);
+
 /// A verified reader of `start..end` of one NAR.
 pub struct RangeReader {
     source: Source,
@@ -144,14 +90,19 @@ impl RangeReader {
         }
     }
 
+    /// Chunk groups of the range not read yet.
+    fn groups_left(&self) -> u64 {
+        if self.pos >= self.end {
+            return 0;
+        }
+        (self.end - 1) / GROUP - self.pos / GROUP + 1
+    }
+
     /// The next verified piece of at most `max_groups` chunk groups, or `None` at the end of
     /// the range. Blocking.
-    /// The piece comes as whole groups read and the part of them that is in the range.
-    #[allow(clippy::type_complexity)]
-    fn next_piece(
-        &mut self,
-        max_groups: u64,
-    ) -> Option<Result<(Vec<u8>, std::ops::Range<usize>), ReadError>> {
+    ///
+    /// The piece comes as the whole groups read, and the part of them in the range.
+    fn next_piece(&mut self, max_groups: u64) -> Option<Result<Piece, ReadError>> {
         if self.pos >= self.end {
             return None;
         }
@@ -185,9 +136,10 @@ impl RangeReader {
     }
 
     /// Stream the range: pieces are read on the blocking pool one after another, each once the
-    /// channel has room for it (at most two wait there: one read ahead left a 1 GiB NAR served
-    /// over HTTP at 0.7x the rate), sized by what `budget` has free. `on_error` hears of a failed read (a mismatch means the source
-    /// is bad) before the stream ends with the error. `guard` lives as long as the stream.
+    /// channel has room for it (at most two wait there: with one, a 1 GiB NAR was served over
+    /// HTTP at 0.7x the rate), sized by what `budget` has free. `on_error` hears of a failed
+    /// read (a mismatch means the source is bad) before the stream ends with the error.
+    /// `guard` lives as long as the stream.
     pub fn stream<G: Send + 'static>(
         self,
         budget: ReadBudget,
@@ -200,11 +152,15 @@ impl RangeReader {
             let mut reader = Some(self);
             let mut on_error = Some(on_error);
             while let Some(mut r) = reader.take() {
+                if r.groups_left() == 0 {
+                    return;
+                }
                 // The consumer's pace: an async wait, no thread and no piece held.
                 let Ok(slot) = tx.reserve().await else {
                     return;
                 };
-                let (groups, share) = budget.take();
+                let share = budget.take(r.groups_left());
+                let groups = share.groups();
                 let step = tokio::task::spawn_blocking(move || {
                     let piece = r.next_piece(groups);
                     (r, piece)
@@ -216,15 +172,7 @@ impl RangeReader {
                 let Some(piece) = piece else {
                     return;
                 };
-                let piece = piece.map(|(buf, part)| {
-                    budget.buffered.inc_by(buf.len() as i64);
-                    Bytes::from_owner(Piece {
-                        buf,
-                        _share: share,
-                        buffered: budget.buffered.clone(),
-                    })
-                    .slice(part)
-                });
+                let piece = piece.map(|(buf, part)| share.piece(buf, part));
                 if let Err(e) = &piece
                     && let Some(f) = on_error.take()
                 {
@@ -256,7 +204,7 @@ mod tests {
 
     fn read_all(mut r: RangeReader) -> Result<Vec<u8>, ReadError> {
         let mut out = Vec::new();
-        while let Some(p) = r.next_piece(PIECE_GROUPS) {
+        while let Some(p) = r.next_piece(super::super::budget::PIECE_GROUPS) {
             let (buf, part) = p?;
             out.extend_from_slice(&buf[part]);
         }

@@ -405,58 +405,44 @@ fn a_nar_being_read_is_never_evicted() {
     assert!(c.file_bytes <= 40 << 20, "{c:?}");
 }
 
-/// HTTP clients that ask for a NAR and stop reading hold at most `[store] read-memory` of the
-/// node's memory between them (and past it, each: what hyper's 64 KiB write buffer takes, and a
-/// chunk group or two in the stream), at every sample; a
-/// client after them still gets the NAR whole; and what they held is given back when they go.
-#[test]
-fn clients_that_stop_reading_hold_at_most_the_read_memory() {
+/// A client that asks `node` for the NAR at `url` with a small receive window (so the answer
+/// stalls once the kernel's buffers of both ends are full), and has read its first 64 KiB.
+fn stalled_client(node: &Node, url: &str) -> TcpStream {
     use std::os::fd::AsRawFd;
+    let mut conn = TcpStream::connect(&node.http).unwrap();
+    let size: libc::c_int = 64 << 10;
+    // SAFETY: a valid socket and a c_int option of its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUF");
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    write!(
+        conn,
+        "GET /{url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut first = vec![0u8; 64 << 10];
+    conn.read_exact(&mut first).unwrap();
+    conn
+}
+
+/// `CLIENTS` stalled clients of `node`'s NAR at `url` hold at most its read-memory of 4 MiB
+/// between them (and past it, each: what hyper's 64 KiB write buffer takes, and a chunk group
+/// or two in the stream), at every sample over 3 s; and they hold it all (the budget is spent,
+/// or the test shows nothing). Returns the clients.
+fn stall_within_the_read_memory(node: &Node, url: &str) -> Vec<TcpStream> {
     const CLIENTS: u64 = 32;
     const BUDGET: f64 = (4 << 20) as f64;
-    let t = tempfile::tempdir().unwrap();
-    let mut node = Node::new(&t.path().join("a"), &t.path().join("unused"));
-    let host = NixHost::with_hook(&node.socket(), &node.spool());
-    node.store_root = host.root.clone();
-    node.extra_config = "[store]\nread-memory = \"4MiB\"\n".into();
-    node.start();
-    let built = build_big(&host, "stall", 1, 24, "z");
-    wait_until(60, "A to serve it", || node.serves(&full(&built)));
-    let info = narinfo(&node, &built[0]);
-    let buffered = || crate::trust::metric(&node, "narmesh_storage_read_buffered_bytes ");
-    let ask = || {
-        let mut conn = TcpStream::connect(&node.http).unwrap();
-        // A small receive window: the NAR (24 MiB) is far more than the kernel's buffers of
-        // both ends take, so the node's answer stalls.
-        let size: libc::c_int = 64 << 10;
-        // SAFETY: a valid socket and a c_int option of its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                conn.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "SO_RCVBUF");
-        conn.set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        write!(
-            conn,
-            "GET /{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            info.url
-        )
-        .unwrap();
-        conn
-    };
-    let mut stalled = Vec::new();
-    for _ in 0..CLIENTS {
-        let mut conn = ask();
-        let mut first = vec![0u8; 64 << 10];
-        conn.read_exact(&mut first).unwrap();
-        stalled.push(conn);
-    }
+    let stalled: Vec<TcpStream> = (0..CLIENTS).map(|_| stalled_client(node, url)).collect();
+    let buffered = || crate::trust::metric(node, "narmesh_storage_read_buffered_bytes ");
     let mut most = 0f64;
     for _ in 0..30 {
         most = most.max(buffered());
@@ -472,14 +458,30 @@ fn clients_that_stop_reading_hold_at_most_the_read_memory() {
         most >= BUDGET * 0.75,
         "the clients did not stall the node's answers ({most} bytes held): the test shows nothing"
     );
+    stalled
+}
+
+/// HTTP clients that ask for a NAR and stop reading hold at most `[store] read-memory` of the
+/// node's memory between them; a client after them still gets the NAR whole; and what they
+/// held is given back when they go.
+#[test]
+fn clients_that_stop_reading_hold_at_most_the_read_memory() {
+    let t = tempfile::tempdir().unwrap();
+    let mut node = Node::new(&t.path().join("a"), &t.path().join("unused"));
+    let host = NixHost::with_hook(&node.socket(), &node.spool());
+    node.store_root = host.root.clone();
+    node.extra_config = "[store]\nread-memory = \"4MiB\"\n".into();
+    node.start();
+    let built = build_big(&host, "stall", 1, 24, "z");
+    wait_until(60, "A to serve it", || node.serves(&full(&built)));
+    let info = narinfo(&node, &built[0]);
+    let stalled = stall_within_the_read_memory(&node, &info.url);
 
     // A client now still gets the whole NAR, byte for byte.
-    let mut late = ask();
-    let mut got = Vec::new();
-    late.read_to_end(&mut got).unwrap();
-    let split = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let (code, _, body) = http(&node.http, "GET", &format!("/{}", info.url), &[]);
+    assert_eq!(code, 200);
     assert!(
-        got[split + 4..] == host.dump(&built[0]),
+        body == host.dump(&built[0]),
         "a client after the stalled ones got the NAR whole"
     );
 
@@ -488,8 +490,41 @@ fn clients_that_stop_reading_hold_at_most_the_read_memory() {
     wait_until(
         30,
         "the answers of clients gone to give their pieces back",
-        || buffered() == 0.0,
+        || crate::trust::metric(&node, "narmesh_storage_read_buffered_bytes ") == 0.0,
     );
+}
+
+/// The same for a NAR still arriving from a peer: B's clients follow it while B fetches it
+/// (slowly: A serves 2 MiB/s), stop reading, and hold at most B's read-memory between them;
+/// the fetch goes on, and B then serves the NAR whole.
+#[test]
+fn clients_following_an_arriving_nar_hold_at_most_the_read_memory() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, mut nodes) = crate::node_harness::built_on_first(t.path(), 2);
+    nodes[0].mesh_extra.push_str("serve-rate = \"2MiB\"\n");
+    nodes[1].extra_config = "[store]\nread-memory = \"4MiB\"\n".into();
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    let built = build_big(&a, "follow", 1, 24, "f");
+    wait_until(30, "B to learn the path", || nodes[1].serves(&full(&built)));
+    let info = narinfo(&nodes[1], &built[0]);
+    let stalled = stall_within_the_read_memory(&nodes[1], &info.url);
+    assert_eq!(
+        nodes[1].status().storage.files,
+        0,
+        "the NAR was still arriving while the clients stalled"
+    );
+    wait_until(60, "B to hold the NAR", || {
+        nodes[1].status().storage.files == 1
+    });
+    let (code, _, body) = http(&nodes[1].http, "GET", &format!("/{}", info.url), &[]);
+    assert_eq!(code, 200);
+    assert!(body == a.dump(&built[0]), "B serves the NAR whole");
+    drop(stalled);
+    wait_until(30, "the followers gone to give their pieces back", || {
+        crate::trust::metric(&nodes[1], "narmesh_storage_read_buffered_bytes ") == 0.0
+    });
 }
 
 /// Bytes free on the file system of `dir` (`df`).

@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::watch;
 
+use crate::chunks::GROUP;
+
 /// Where a transfer stands, as readers see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Progress {
@@ -93,8 +95,12 @@ impl Transfer {
     /// so a reader that takes the end as complete (like the mirror) has a NAR whose sha256
     /// matched the signed NarHash; without, it ends with the last verified byte (the local Nix
     /// checks the NarHash itself).
+    ///
+    /// A piece is read once the stream has room for it, under a share of `budget` (as the
+    /// storage's own reads are: see [`crate::storage::ReadBudget`]).
     pub fn follow(
         self: &Arc<Self>,
+        budget: crate::storage::ReadBudget,
         guard: impl Send + 'static,
         whole: bool,
     ) -> tokio::sync::mpsc::Receiver<Result<Bytes, String>> {
@@ -107,17 +113,25 @@ impl Transfer {
             loop {
                 let p = progress.borrow_and_update().clone();
                 if p.verified > pos {
-                    let Some(file) = t.file() else {
-                        let _ = tx.send(Err("the transfer has no file".into())).await;
+                    // The reader's pace: an async wait, no piece held.
+                    let Ok(slot) = tx.reserve().await else {
                         return;
                     };
-                    let to = p.verified.min(pos + (1 << 20));
+                    let Some(file) = t.file() else {
+                        slot.send(Err("the transfer has no file".into()));
+                        return;
+                    };
+                    let share = budget.take((p.verified - pos).div_ceil(GROUP));
+                    let to = p.verified.min(pos + share.groups() * GROUP);
                     let read = tokio::task::spawn_blocking(move || {
-                        crate::fsutil::read_vec_at(&file, pos, (to - pos) as usize).map(Bytes::from)
+                        crate::fsutil::read_vec_at(&file, pos, (to - pos) as usize)
                     })
                     .await;
                     let piece = match read {
-                        Ok(Ok(b)) => Ok(b),
+                        Ok(Ok(b)) => {
+                            let len = b.len();
+                            Ok(share.piece(b, 0..len))
+                        }
                         Ok(Err(e)) => Err(e.to_string()),
                         Err(e) => Err(e.to_string()),
                     };
@@ -125,7 +139,8 @@ impl Transfer {
                     if !failed {
                         cursor.set(to);
                     }
-                    if tx.send(piece).await.is_err() || failed {
+                    slot.send(piece);
+                    if failed {
                         return;
                     }
                     pos = to;

@@ -152,6 +152,11 @@ impl Transfers {
         all
     }
 
+    /// The read budget NARs still arriving are read under (the storage's).
+    pub fn read_budget(&self) -> crate::storage::ReadBudget {
+        self.storage.read_budget()
+    }
+
     /// The transfer of this NAR in progress (or over, while a reader still has it), if any.
     pub fn in_flight(&self, blake3: &[u8; 32]) -> Option<Arc<Transfer>> {
         let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
