@@ -59,26 +59,41 @@ pub fn read_batch(dir: &Path, ignored: &mut PassedOver) -> std::io::Result<Batch
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Batch::default()),
         Err(e) => return Err(e),
     };
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| is_report(p))
-        .collect();
-    // The hook names its files by the time they were written.
-    paths.sort();
+    // The hook names its files by the time they were written: the oldest are the least. Only
+    // the batch's worth is kept while the directory is read (a spool of a million files is
+    // read in 2,000 batches: sorting all of it each time cost memory and time for every one).
     let now = Instant::now();
-    ignored.retain(|p, until| paths.binary_search(p).is_ok() && until.is_none_or(|t| now < t));
-    paths.retain(|p| !ignored.contains_key(p));
+    ignored.retain(|_, until| until.is_none_or(|t| now < t));
+    let mut oldest = std::collections::BinaryHeap::with_capacity(BATCH_FILES + 1);
+    let (mut waiting, mut still_ignored) = (0usize, std::collections::HashSet::new());
+    for p in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+        if !is_report(&p) {
+            continue;
+        }
+        if ignored.contains_key(&p) {
+            still_ignored.insert(p);
+            continue;
+        }
+        waiting += 1;
+        oldest.push(p);
+        if oldest.len() > BATCH_FILES {
+            oldest.pop();
+        }
+    }
+    // Files gone from the spool leave the set.
+    ignored.retain(|p, _| still_ignored.contains(p));
+    let paths = oldest.into_sorted_vec();
     let mut batch = Batch::default();
     let mut bytes = 0;
-    for (i, p) in paths.iter().enumerate() {
-        if i == BATCH_FILES || bytes >= BATCH_BYTES {
-            batch.more = true;
+    for p in paths {
+        if bytes >= BATCH_BYTES {
             break;
         }
-        let (report, read) = read_report(p);
+        let (report, read) = read_report(&p);
         bytes += read;
-        batch.files.push((p.clone(), report));
+        batch.files.push((p, report));
     }
+    batch.more = waiting > batch.files.len();
     Ok(batch)
 }
 
@@ -381,7 +396,10 @@ mod tests {
         let b = read_batch(d.path(), &mut PassedOver::new()).unwrap();
         assert!(b.more);
         assert_eq!(b.files.len(), BATCH_FILES);
-        assert_eq!(b.files[0].0.file_name().unwrap(), "000000.frame");
+        // The oldest, in order, whatever order the directory lists them in.
+        for (i, (p, _)) in b.files.iter().enumerate() {
+            assert_eq!(p.file_name().unwrap(), format!("{i:06}.frame").as_str());
+        }
         assert!(b.files.iter().all(|(_, r)| r.is_ok()));
         // Large files end a batch by bytes.
         let d = tempfile::tempdir().unwrap();

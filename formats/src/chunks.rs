@@ -98,7 +98,12 @@ impl Leaves {
 
     /// The concatenated chaining values.
     pub fn to_bytes(&self) -> Vec<u8> {
-        self.cvs.concat()
+        self.as_bytes().to_vec()
+    }
+
+    /// The concatenated chaining values, where they are.
+    pub fn as_bytes(&self) -> &[u8] {
+        self.cvs.as_flattened()
     }
 
     pub fn size(&self) -> u64 {

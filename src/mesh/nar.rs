@@ -164,7 +164,7 @@ impl NarServer {
                 _ => return self.refuse(send, None).await,
             };
             write(send, &NarReply::Leaves { size }).await?;
-            timed(send.write_all(&leaves.to_bytes())).await?;
+            timed(send.write_chunk(leaves)).await?;
             return send.finish().map_err(user);
         }
         let Some((start, end)) = range else {

@@ -919,7 +919,9 @@ mod tests {
     #[test]
     fn the_rate_keeps_a_window_of_completions() {
         let mut s = Stats::default();
-        let old = Instant::now() - RATE_WINDOW - Duration::from_secs(1);
+        let old = Instant::now()
+            .checked_sub(RATE_WINDOW + Duration::from_secs(1))
+            .expect("a clock older than the window");
         s.recent.extend((0..1000).map(|_| (old, 1 << 20)));
         s.completed(100);
         assert_eq!(s.recent.len(), 1, "older completions stayed");

@@ -182,6 +182,18 @@ struct ReadGuard {
     blake3: [u8; 32],
 }
 
+/// A NAR's shared leaves as the bytes sent to a peer, a reader of it while they are held.
+struct SharedLeaves {
+    leaves: Arc<Leaves>,
+    _guard: ReadGuard,
+}
+
+impl AsRef<[u8]> for SharedLeaves {
+    fn as_ref(&self) -> &[u8] {
+        self.leaves.as_bytes()
+    }
+}
+
 impl Drop for ReadGuard {
     fn drop(&mut self) {
         let mut st = self.inner.lock();
@@ -282,11 +294,22 @@ impl Storage {
         self.inner.guard(*blake3)
     }
 
-    /// The leaves of a NAR held here.
-    pub async fn leaves(&self, blake3: &[u8; 32]) -> Result<Option<Arc<Leaves>>, StorageError> {
+    /// The leaves of a NAR held here, as sent to peers: the copy its readers share (however
+    /// many peers ask for them at a time, a 10 GiB NAR's 20 MiB are held once), and the NAR is
+    /// being read while the bytes are held.
+    pub async fn leaves(&self, blake3: &[u8; 32]) -> Result<Option<Bytes>, StorageError> {
         let this = self.clone();
         let b = *blake3;
-        blocking(move || this.leaves_blocking(&b)).await
+        let guard = self.inner.guard(b);
+        blocking(move || match this.shared_leaves(&b) {
+            Ok(leaves) => Ok(Some(Bytes::from_owner(SharedLeaves {
+                leaves,
+                _guard: guard,
+            }))),
+            Err(StorageError::NotHeld) => Ok(None),
+            Err(e) => Err(e),
+        })
+        .await
     }
 
     fn leaves_blocking(&self, blake3: &[u8; 32]) -> Result<Option<Arc<Leaves>>, StorageError> {
@@ -351,6 +374,35 @@ impl Storage {
         ))
     }
 
+    /// The leaves of a NAR, the copy its readers share (loaded, and shared, if none is);
+    /// `NotHeld` if there are none. The caller holds a [`ReadGuard`] of it.
+    fn shared_leaves(&self, blake3: &[u8; 32]) -> Result<Arc<Leaves>, StorageError> {
+        let shared = self
+            .inner
+            .lock()
+            .leaves_read
+            .get(blake3)
+            .and_then(std::sync::Weak::upgrade);
+        if let Some(l) = shared {
+            return Ok(l);
+        }
+        let loaded = self.leaves_blocking(blake3)?.ok_or(StorageError::NotHeld)?;
+        // Readers that came together each loaded them: the first to get here shares its copy,
+        // the others take it and drop theirs.
+        let mut st = self.inner.lock();
+        match st
+            .leaves_read
+            .get(blake3)
+            .and_then(std::sync::Weak::upgrade)
+        {
+            Some(l) => Ok(l),
+            None => {
+                st.leaves_read.insert(*blake3, Arc::downgrade(&loaded));
+                Ok(loaded)
+            }
+        }
+    }
+
     /// Where to read a held NAR from, its leaves (shared with its other readers), and the own
     /// path it is (if it is one). The caller holds a [`ReadGuard`] of it.
     #[allow(clippy::type_complexity)]
@@ -358,32 +410,7 @@ impl Storage {
         &self,
         blake3: &[u8; 32],
     ) -> Result<(Source, Arc<Leaves>, Option<String>), StorageError> {
-        let shared = self
-            .inner
-            .lock()
-            .leaves_read
-            .get(blake3)
-            .and_then(std::sync::Weak::upgrade);
-        let leaves = match shared {
-            Some(l) => l,
-            None => {
-                let loaded = self.leaves_blocking(blake3)?.ok_or(StorageError::NotHeld)?;
-                // Readers that came together each loaded them: the first to get here shares
-                // its copy, the others take it and drop theirs.
-                let mut st = self.inner.lock();
-                match st
-                    .leaves_read
-                    .get(blake3)
-                    .and_then(std::sync::Weak::upgrade)
-                {
-                    Some(l) => l,
-                    None => {
-                        st.leaves_read.insert(*blake3, Arc::downgrade(&loaded));
-                        loaded
-                    }
-                }
-            }
-        };
+        let leaves = self.shared_leaves(blake3)?;
         if self.inner.lock().lru.contains(blake3) {
             let path = self.file_path(blake3);
             match std::fs::File::open(&path) {
@@ -757,6 +784,22 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         };
+        gone().await;
+
+        // Leaves answered to peers are the readers' copy too, and keep it while they are held.
+        let reader = s.read(&b, 0, size).await.unwrap();
+        let leaves = shared().expect("shared while read");
+        let answer = s.leaves(&b).await.unwrap().expect("held");
+        assert_eq!(
+            answer.as_ptr(),
+            leaves.as_bytes().as_ptr(),
+            "the answer is the readers' copy"
+        );
+        assert!(answer == Leaves::of(&data).to_bytes());
+        drop((reader, leaves));
+        let again = s.leaves(&b).await.unwrap().expect("held");
+        assert_eq!(again.as_ptr(), answer.as_ptr(), "kept while an answer is");
+        drop((answer, again));
         gone().await;
 
         // Two readers opening at the same time may both load the leaves: both keep one copy.
