@@ -206,20 +206,19 @@ fn spool_all(node: &Node, paths: &[String]) {
     }
 }
 
-/// A report acknowledged while another process holds the Nix store database locked past the
-/// node's 10 s busy wait (a `nix` command in a long transaction, say) is not dropped: Nix 2.8
-/// names only the derivation, whose outputs the database cannot tell now, so the batch is
-/// planned again once it answers, and the path is recorded.
-#[test]
-fn a_locked_store_database_delays_a_report_and_loses_nothing() {
-    use std::io::BufRead;
+/// A node on a plain Nix host (`conf` in its `nix.conf`) that has recorded the first of two
+/// paths built there and acknowledged the report of the second (naming only its derivation,
+/// as Nix 2.8 does, with `by_drv`). Its batches are planned 3 s after their report: the test
+/// has that long to fault what planning and ingest meet.
+fn second_report_acknowledged(
+    conf: &str,
+    tag: &str,
+    by_drv: bool,
+) -> (tempfile::TempDir, NixHost, Vec<String>, Node) {
     let t = tempfile::tempdir().unwrap();
-    // A rollback journal, not WAL: there a writer's exclusive lock keeps readers out (with WAL
-    // nobody may take one while the node has the database open).
-    let host = NixHost::new("use-sqlite-wal = false");
-    let paths = built_paths(&host, 2, "locked-db");
+    let host = NixHost::new(conf);
+    let paths = built_paths(&host, 2, tag);
     let mut node = Node::new(&t.path().join("node"), &host.root);
-    // Each batch is planned 3 s after its report was acknowledged: the lock is taken then.
     node.env
         .push(("NARMESH_TEST_FAULT".into(), "pipeline.plan-late:2".into()));
     node.start();
@@ -229,16 +228,32 @@ fn a_locked_store_database_delays_a_report_and_loses_nothing() {
     wait_until(30, "the first path to be recorded", || {
         recorded(&node, &paths[..1]) == 1
     });
-    let drv = String::from_utf8(run_ok(host.cmd("nix-store").args([
-        "--query",
-        "--deriver",
-        &paths[1],
-    ])))
-    .unwrap()
-    .trim()
-    .to_owned();
-    let run = run_hook(&socket, &spool, &drv, "", 5000);
+    let run = if by_drv {
+        let drv = String::from_utf8(run_ok(host.cmd("nix-store").args([
+            "--query",
+            "--deriver",
+            &paths[1],
+        ])))
+        .unwrap();
+        run_hook(&socket, &spool, drv.trim(), "", 5000)
+    } else {
+        run_hook(&socket, &spool, "", &paths[1], 5000)
+    };
     assert!(spooled(&spool).is_empty(), "acknowledged: {}", run.stderr);
+    (t, host, paths, node)
+}
+
+/// A report acknowledged while another process holds the Nix store database locked past the
+/// node's 10 s busy wait (a `nix` command in a long transaction, say) is not dropped: Nix 2.8
+/// names only the derivation, whose outputs the database cannot tell now, so the batch is
+/// planned again once it answers, and the path is recorded.
+#[test]
+fn a_locked_store_database_delays_a_report_and_loses_nothing() {
+    use std::io::BufRead;
+    // A rollback journal, not WAL: there a writer's exclusive lock keeps readers out (with WAL
+    // nobody may take one while the node has the database open).
+    let (_t, host, paths, mut node) =
+        second_report_acknowledged("use-sqlite-wal = false", "locked-db", true);
     // Held 13 s from within the 3 s before the batch is planned: the node's first try gives up
     // after its 10 s busy wait.
     let db = narmesh::nix::store_db::db_path(&host.root);
@@ -284,20 +299,7 @@ fn a_locked_store_database_delays_a_report_and_loses_nothing() {
 /// recorded.
 #[test]
 fn a_node_out_of_file_descriptors_retries_and_loses_nothing() {
-    let t = tempfile::tempdir().unwrap();
-    let host = NixHost::new("");
-    let paths = built_paths(&host, 2, "no-fds");
-    let mut node = Node::new(&t.path().join("node"), &host.root);
-    node.env
-        .push(("NARMESH_TEST_FAULT".into(), "pipeline.plan-late:2".into()));
-    node.start();
-    let (socket, spool) = (node.socket(), node.spool());
-    run_hook(&socket, &spool, "", &paths[0], 5000);
-    wait_until(30, "the first path to be recorded", || {
-        recorded(&node, &paths[..1]) == 1
-    });
-    let run = run_hook(&socket, &spool, "", &paths[1], 5000);
-    assert!(spooled(&spool).is_empty(), "acknowledged: {}", run.stderr);
+    let (_t, _host, paths, mut node) = second_report_acknowledged("", "no-fds", false);
     let pid = node.pid().to_string();
     let limit = |soft: usize| {
         run_ok(Command::new("prlimit").args([format!("--pid={pid}"), format!("--nofile={soft}:")]));

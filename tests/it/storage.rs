@@ -35,7 +35,7 @@ fn full(paths: &[StorePath]) -> Vec<String> {
 }
 
 /// The narinfo `node`'s cache serves for `p`.
-fn narinfo(node: &Node, p: &StorePath) -> narmesh::nix::NarInfo {
+pub fn narinfo(node: &Node, p: &StorePath) -> narmesh::nix::NarInfo {
     let (_, _, info) = http(
         &node.http,
         "GET",

@@ -270,13 +270,7 @@ fn a_dial_that_panics_is_not_the_answer_for_good() {
     let dial_errors = || nodes[1].log().matches("dial: task").count();
     let mut seen = Vec::new();
     for p in &paths {
-        let (_, _, info) = http(
-            &nodes[1].http,
-            "GET",
-            &format!("/{}.narinfo", p.hash_part()),
-            &[],
-        );
-        let info = narmesh::nix::NarInfo::parse(std::str::from_utf8(&info).unwrap()).unwrap();
+        let info = crate::storage::narinfo(&nodes[1], p);
         let (code, _, body) = http(&nodes[1].http, "GET", &format!("/{}", info.url), &[]);
         assert_eq!(code, 200, "B's log:\n{}", nodes[1].log());
         assert!(body == a.dump(p), "the NAR B served is A's");
