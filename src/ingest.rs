@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::db::{Db, QueueItem};
 use crate::metrics::Metrics;
 use crate::nix::StorePath;
-use crate::nix::store_db::StoreDb;
+use crate::nix::store_db::StoreDbError;
 use crate::queue::QueueHandle;
 use crate::spool;
 use crate::store::LocalStore;
@@ -27,6 +27,12 @@ const IDLE: Duration = Duration::from_secs(30);
 pub const MAX_CONNECTIONS: usize = 256;
 /// How often the spool directory is looked at while running.
 const SPOOL_POLL: Duration = Duration::from_millis(500);
+/// How long a hook's validation on the front's thread waits for another process's lock on the
+/// Nix store database (a writer's, under a rollback journal) before the report is queued
+/// unchecked: the pipeline checks every path against the database anyway, and the front's
+/// thread must not wait there (the node's usual wait is 10 s; every hook meanwhile would wait
+/// out its deadline and spool).
+pub const FRONT_BUSY_WAIT: Duration = Duration::from_millis(5);
 
 /// Where a report's validation (reads of the Nix database) runs.
 #[derive(Clone, Copy)]
@@ -42,7 +48,11 @@ enum Validate {
 pub struct Ingest {
     pub queue: QueueHandle,
     pub db: Db,
+    /// The Nix store, for pushes and the spool (queries wait for a lock up to 10 s).
     pub store: Arc<LocalStore>,
+    /// The Nix store for hooks' reports on the front's thread: its own connection, whose
+    /// queries give up after [`FRONT_BUSY_WAIT`] while another process holds the lock.
+    pub front_store: Arc<LocalStore>,
     pub metrics: Arc<Metrics>,
     /// Static part of the status report (key, addresses).
     pub status: Arc<StatusReport>,
@@ -198,28 +208,32 @@ impl Ingest {
     /// Validate reports and queue them durably (all or nothing); returns the roots queued. A
     /// hook's report is validated on the front's own thread (ingest has its own connection to
     /// the Nix database, and a hand-over to another thread and back costs more than the read);
-    /// a push, or the spool's reports, on a blocking thread.
+    /// a push, or the spool's reports, on a blocking thread. A hook's report whose paths the
+    /// database cannot confirm now, another process holding it locked, is queued checked only
+    /// for its form: the pipeline checks its paths once the database answers, and fails those
+    /// not in the store (`narmesh_hook_unchecked_total` counts such reports).
     async fn queue_reports(&self, reports: Vec<HookReport>, how: Validate) -> Result<u32, Refusal> {
-        let store = self.store.clone();
-        let check = move || {
-            store.with(|db| {
-                Ok(reports
-                    .iter()
-                    .map(|r| validate(db, r))
-                    .collect::<Result<Vec<_>, Refusal>>())
-            })
-        };
         let checked = match how {
-            Validate::Here => check(),
-            Validate::Blocking => tokio::task::spawn_blocking(check)
-                .await
-                .map_err(|e| Refusal::transient(format!("validation failed: {e}")))?,
+            Validate::Here => match check(&self.front_store, &reports) {
+                Err(e) if e.is_busy() => {
+                    self.metrics.hook_unchecked.inc();
+                    tracing::debug!("a hook's report queued unchecked: {e}");
+                    unchecked(&reports)
+                }
+                other => other,
+            },
+            Validate::Blocking => {
+                let store = self.store.clone();
+                tokio::task::spawn_blocking(move || check(&store, &reports))
+                    .await
+                    .map_err(|e| Refusal::transient(format!("validation failed: {e}")))?
+            }
         };
         let items = match checked {
             Ok(Ok(items)) => items,
             Ok(Err(refusal)) => return Err(refusal),
             // The store database could not be read: that may pass (it is being replaced,
-            // recovered, or briefly locked).
+            // recovered, or locked).
             Err(e) => return Err(Refusal::transient(e.to_string())),
         };
         let roots = items.iter().map(|i| i.outs.len().max(1)).sum::<usize>() as u32;
@@ -524,28 +538,73 @@ async fn blocking_io<T: Send + 'static>(
         .map_err(std::io::Error::other)?
 }
 
-/// Check a report against the store: every path a valid store path in this store.
-fn validate(store: &StoreDb, r: &HookReport) -> Result<QueueItem, Refusal> {
-    let check = |s: &str| -> Result<String, Refusal> {
-        let p = StorePath::parse(s).map_err(|e| Refusal::permanent(e.to_string()))?;
-        match store.is_valid(&p) {
-            Ok(true) => Ok(p.full()),
-            Ok(false) => Err(Refusal::permanent(format!(
-                "{p} is not a valid path in the Nix store"
-            ))),
-            Err(e) => Err(Refusal::transient(e.to_string())),
+/// What validating reports comes to: the items to queue, or why the reports cannot be
+/// accepted; `Err` if the store database could not answer.
+type Checked = Result<Result<Vec<QueueItem>, Refusal>, StoreDbError>;
+
+/// Check reports against the store (blocking): every path a valid store path in this store.
+fn check(store: &LocalStore, reports: &[HookReport]) -> Checked {
+    store.with(|db| {
+        let mut is_valid = |p: &StorePath| db.is_valid(p);
+        let mut items = Vec::with_capacity(reports.len());
+        for r in reports {
+            match validate(&mut is_valid, r)? {
+                Ok(item) => items.push(item),
+                Err(refusal) => return Ok(Err(refusal)),
+            }
         }
+        Ok(Ok(items))
+    })
+}
+
+/// Check reports for their form only (store paths, a derivation's name), not against the
+/// store.
+fn unchecked(reports: &[HookReport]) -> Checked {
+    let mut items = Vec::with_capacity(reports.len());
+    for r in reports {
+        match validate(&mut |_| Ok(true), r)? {
+            Ok(item) => items.push(item),
+            Err(refusal) => return Ok(Err(refusal)),
+        }
+    }
+    Ok(Ok(items))
+}
+
+/// Check one report: every path a store path that `is_valid` says is in the store.
+fn validate(
+    is_valid: &mut impl FnMut(&StorePath) -> Result<bool, StoreDbError>,
+    r: &HookReport,
+) -> Result<Result<QueueItem, Refusal>, StoreDbError> {
+    let mut check = |s: &str| -> Result<Result<String, Refusal>, StoreDbError> {
+        let p = match StorePath::parse(s) {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(Refusal::permanent(e.to_string()))),
+        };
+        Ok(if is_valid(&p)? {
+            Ok(p.full())
+        } else {
+            Err(Refusal::permanent(format!(
+                "{p} is not a valid path in the Nix store"
+            )))
+        })
     };
-    let outs = r
-        .out_paths
-        .iter()
-        .map(|s| check(s))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut outs = Vec::with_capacity(r.out_paths.len());
+    for s in &r.out_paths {
+        match check(s)? {
+            Ok(full) => outs.push(full),
+            Err(refusal) => return Ok(Err(refusal)),
+        }
+    }
     let drv = match &r.drv_path {
         Some(d) if outs.is_empty() => {
-            let full = check(d)?;
+            let full = match check(d)? {
+                Ok(full) => full,
+                Err(refusal) => return Ok(Err(refusal)),
+            };
             if !full.ends_with(".drv") {
-                return Err(Refusal::permanent(format!("{full} is not a derivation")));
+                return Ok(Err(Refusal::permanent(format!(
+                    "{full} is not a derivation"
+                ))));
             }
             Some(full)
         }
@@ -554,9 +613,9 @@ fn validate(store: &StoreDb, r: &HookReport) -> Result<QueueItem, Refusal> {
         None => None,
     };
     if drv.is_none() && outs.is_empty() {
-        return Err(Refusal::permanent("the report names no path".into()));
+        return Ok(Err(Refusal::permanent("the report names no path".into())));
     }
-    Ok(QueueItem { drv, outs })
+    Ok(Ok(QueueItem { drv, outs }))
 }
 
 fn error(message: String) -> Response {

@@ -93,6 +93,8 @@ pub struct Metrics {
     pub nar_bytes: Counter,
     pub ingest_failures: Counter,
     pub hook_reports: Family<HookLabels, Counter>,
+    /// Hook reports acknowledged before the store database could confirm their paths.
+    pub hook_unchecked: Counter,
     pub socket_errors: Counter,
     pub spool_taken: Counter,
     pub spool_deferred: Counter,
@@ -206,6 +208,7 @@ impl Metrics {
             nar_bytes: Counter::default(),
             ingest_failures: Counter::default(),
             hook_reports: Family::default(),
+            hook_unchecked: Counter::default(),
             socket_errors: Counter::default(),
             spool_taken: Counter::default(),
             spool_deferred: Counter::default(),
@@ -279,6 +282,13 @@ impl Metrics {
             "hook_reports",
             "Hook reports received on the socket, by how they named their outputs",
             m.hook_reports.clone(),
+        );
+        register(
+            (&mut registry, &mut names),
+            "hook_unchecked",
+            "Hook reports acknowledged before the Nix store database could confirm their paths \
+             (another process held it locked); the pipeline checks them once it answers",
+            m.hook_unchecked.clone(),
         );
         register(
             (&mut registry, &mut names),

@@ -295,6 +295,10 @@ fn front_thread(
         let ingest = Ingest {
             queue,
             db: p.db,
+            front_store: Arc::new(LocalStore::waiting(
+                p.store.root(),
+                crate::ingest::FRONT_BUSY_WAIT,
+            )),
             store: p.store,
             metrics: p.metrics,
             status: p.status,

@@ -356,6 +356,8 @@ fn plan_blocking(
             }
         }
     }
+    // Roots failed already (their closure holds a bad row).
+    let mut failed_roots = HashSet::new();
     let closure = match store.closure(&roots) {
         Ok(c) => c,
         // A bad row must not hold back the other reports: their closures one by one.
@@ -368,6 +370,7 @@ fn plan_blocking(
                     Err(e @ StoreDbError::Corrupt { .. }) => {
                         tracing::error!("ingest: {r}: {e}; not recorded");
                         failures += 1;
+                        failed_roots.insert(r);
                     }
                     Err(e) => return Err(e),
                 }
@@ -376,6 +379,19 @@ fn plan_blocking(
         }
         Err(e) => return Err(e),
     };
+    // A root the store does not hold (gone since its report, or one queued before the
+    // database could confirm it) fails here, not silently.
+    let held: HashSet<&StorePath> = closure.iter().collect();
+    let mut missing: Vec<&StorePath> = roots
+        .iter()
+        .filter(|r| !held.contains(r) && !failed_roots.contains(r))
+        .collect();
+    missing.sort();
+    missing.dedup();
+    for r in missing {
+        tracing::error!("ingest: {r} is not a valid path in the Nix store; not recorded");
+        failures += 1;
+    }
     let hashes: Vec<&str> = closure.iter().map(|p| p.hash_part()).collect();
     let known = match db.has_own(&hashes) {
         Ok(k) => k,
@@ -681,6 +697,16 @@ mod tests {
         let rev: Vec<String> = outs.iter().rev().cloned().collect();
         assert_eq!(plan_of(dir.path(), &root, &rev).0, want);
         assert_eq!(plan_of(dir.path(), &root, &outs[2..]).0, want);
+    }
+
+    #[test]
+    fn a_root_the_store_does_not_hold_fails_and_the_rest_go_on() {
+        let (dir, work, root) = setup(chain(2, 7));
+        let never = "/nix/store/00000000000000000000000000000000-never-built".to_owned();
+        // Named twice: one failure.
+        let outs = vec![never.clone(), work[1].path.full(), never];
+        let want: Vec<StorePath> = work.iter().map(|w| w.path.clone()).collect();
+        assert_eq!(plan_of(dir.path(), &root, &outs), (want, 1));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use crate::nix::StorePath;
 use crate::nix::store_db::{StoreDb, StoreDbError, real_path};
@@ -13,13 +14,22 @@ use crate::nix::store_db::{StoreDb, StoreDbError, real_path};
 pub struct LocalStore {
     root: PathBuf,
     conn: Mutex<Option<StoreDb>>,
+    /// How long a query waits for another process's lock on the database.
+    busy: Duration,
 }
 
 impl LocalStore {
     pub fn new(root: &Path) -> Self {
+        Self::waiting(root, crate::nix::store_db::BUSY_WAIT)
+    }
+
+    /// A store whose queries give up after `busy` while another process holds the database
+    /// locked ([`StoreDbError::is_busy`]), for a caller with something better to do meanwhile.
+    pub fn waiting(root: &Path, busy: Duration) -> Self {
         LocalStore {
             root: root.to_owned(),
             conn: Mutex::new(None),
+            busy,
         }
     }
 
@@ -43,15 +53,16 @@ impl LocalStore {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if guard.is_none() {
-            *guard = Some(StoreDb::open(&self.root)?);
+            *guard = Some(StoreDb::open_waiting(&self.root, self.busy)?);
         }
         let db = guard.as_ref().ok_or_else(|| StoreDbError::Corrupt {
             path: self.root.display().to_string(),
             why: "store database not open".into(),
         })?;
         let res = f(db);
-        if matches!(res, Err(StoreDbError::Query(_))) {
-            // Reopen next time: the database may have been replaced or recovered.
+        if matches!(&res, Err(e @ StoreDbError::Query(_)) if !e.is_busy()) {
+            // Reopen next time: the database may have been replaced or recovered (a lock held
+            // by another process says nothing of the kind).
             *guard = None;
         }
         res

@@ -26,6 +26,26 @@ pub enum StoreDbError {
     Corrupt { path: String, why: String },
 }
 
+impl StoreDbError {
+    /// True if another process held the database locked past the connection's busy wait (a
+    /// writer's exclusive lock, under a rollback journal): asking again later may succeed.
+    pub fn is_busy(&self) -> bool {
+        let e = match self {
+            StoreDbError::Open { source, .. } => source,
+            StoreDbError::Query(e) => e,
+            StoreDbError::Corrupt { .. } => return false,
+        };
+        matches!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        )
+    }
+}
+
+/// How long a connection waits for another process's lock on the database before a query
+/// fails as busy ([`StoreDb::open`]'s).
+pub const BUSY_WAIT: Duration = Duration::from_secs(10);
+
 /// What the store database says of one valid path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathInfo {
@@ -54,8 +74,15 @@ impl std::fmt::Debug for StoreDb {
 }
 
 impl StoreDb {
-    /// Open the database of the store rooted at `root` (`/` for the system store).
+    /// Open the database of the store rooted at `root` (`/` for the system store); its queries
+    /// wait up to [`BUSY_WAIT`] for another process's lock.
     pub fn open(root: &Path) -> Result<Self, StoreDbError> {
+        Self::open_waiting(root, BUSY_WAIT)
+    }
+
+    /// [`StoreDb::open`], with queries (and the open's own check) waiting up to `busy` for
+    /// another process's lock.
+    pub fn open_waiting(root: &Path, busy: Duration) -> Result<Self, StoreDbError> {
         let path = db_path(root);
         let open_err = |source| StoreDbError::Open {
             path: path.clone(),
@@ -63,8 +90,7 @@ impl StoreDb {
         };
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(&path, flags).map_err(open_err)?;
-        conn.busy_timeout(Duration::from_secs(10))
-            .map_err(open_err)?;
+        conn.busy_timeout(busy).map_err(open_err)?;
         // Fail now, not at the first query, if this is not a Nix database.
         conn.query_row("SELECT count(*) FROM ValidPaths WHERE id = -1", [], |_| {
             Ok(())

@@ -249,34 +249,13 @@ fn second_report_acknowledged(
 /// planned again once it answers, and the path is recorded.
 #[test]
 fn a_locked_store_database_delays_a_report_and_loses_nothing() {
-    use std::io::BufRead;
     // A rollback journal, not WAL: there a writer's exclusive lock keeps readers out (with WAL
     // nobody may take one while the node has the database open).
     let (_t, host, paths, mut node) =
         second_report_acknowledged("use-sqlite-wal = false", "locked-db", true);
     // Held 13 s from within the 3 s before the batch is planned: the node's first try gives up
     // after its 10 s busy wait.
-    let db = narmesh::nix::store_db::db_path(&host.root);
-    let mut lock = Command::new("python3")
-        .args([
-            "-c",
-            "import sqlite3, sys, time\n\
-             c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
-             c.execute('PRAGMA locking_mode=EXCLUSIVE')\n\
-             c.execute('BEGIN EXCLUSIVE')\n\
-             c.execute('COMMIT')\n\
-             print('locked', flush=True)\n\
-             time.sleep(13)\n",
-        ])
-        .arg(&db)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut line = String::new();
-    std::io::BufReader::new(lock.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "locked");
+    let mut lock = lock_store_db(&host, 13);
     assert_eq!(recorded(&node, &paths[1..]), 0, "planned before the lock");
     wait_until(
         60,
@@ -290,6 +269,92 @@ fn a_locked_store_database_delays_a_report_and_loses_nothing() {
         node.log()
     );
     assert_eq!(metric(&node, "narmesh_ingest_failures_total "), 0.0);
+    node.stop();
+}
+
+/// Hold the Nix store database of `host` (one with `use-sqlite-wal = false`) locked
+/// exclusively for `secs` seconds from another process, as a writer does; returns once it is
+/// held. Under a rollback journal a writer's exclusive lock keeps readers out (with WAL nobody
+/// may take one while the node has the database open).
+fn lock_store_db(host: &NixHost, secs: u32) -> std::process::Child {
+    use std::io::BufRead;
+    let db = narmesh::nix::store_db::db_path(&host.root);
+    let mut lock = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys, time\n\
+             c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+             c.execute('PRAGMA locking_mode=EXCLUSIVE')\n\
+             c.execute('BEGIN EXCLUSIVE')\n\
+             c.execute('COMMIT')\n\
+             print('locked', flush=True)\n\
+             time.sleep(int(sys.argv[2]))\n",
+        ])
+        .arg(&db)
+        .arg(secs.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufReader::new(lock.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "locked");
+    lock
+}
+
+/// Hooks called while another process holds the Nix store database locked are acknowledged
+/// all the same, not held for the node's 10 s wait on the lock (each would wait out its
+/// deadline and spool, and the hooks behind it wait too): the node queues their reports
+/// checked for form only, and its pipeline checks the paths once the database answers. Nix
+/// 2.8's report naming only the derivation, a report naming an output, and one naming a path
+/// the store never held: the first two are recorded, the third fails there and is counted.
+#[test]
+fn hooks_are_acknowledged_while_the_store_database_is_locked() {
+    let t = tempfile::tempdir().unwrap();
+    let host = NixHost::new("use-sqlite-wal = false");
+    let paths = built_paths(&host, 3, "locked-front");
+    let drv = String::from_utf8(run_ok(host.cmd("nix-store").args([
+        "--query",
+        "--deriver",
+        &paths[1],
+    ])))
+    .unwrap();
+    let mut node = Node::new(&t.path().join("node"), &host.root);
+    node.start();
+    let (socket, spool) = (node.socket(), node.spool());
+    // A first report opens the front's connection to the database.
+    run_hook(&socket, &spool, "", &paths[0], 5000);
+    wait_until(30, "the first path to be recorded", || {
+        recorded(&node, &paths[..1]) == 1
+    });
+    let mut lock = lock_store_db(&host, 8);
+    let never = "/nix/store/00000000000000000000000000000000-never-built";
+    let runs = [
+        run_hook(&socket, &spool, drv.trim(), "", 3000),
+        run_hook(&socket, &spool, "", &paths[2], 3000),
+        run_hook(&socket, &spool, "", never, 3000),
+    ];
+    assert!(
+        spooled(&spool).is_empty(),
+        "every report acknowledged: {:?}",
+        runs.map(|r| r.stderr)
+    );
+    assert!(
+        lock.try_wait().unwrap().is_none(),
+        "the lock was held through the hooks"
+    );
+    assert_eq!(metric(&node, "narmesh_hook_unchecked_total "), 3.0);
+    wait_until(
+        60,
+        "both paths to be recorded once the database answers",
+        || recorded(&node, &paths[1..]) == 2,
+    );
+    assert!(lock.wait().unwrap().success());
+    wait_until(30, "the path never built to fail", || {
+        metric(&node, "narmesh_ingest_failures_total ") == 1.0
+    });
+    assert_eq!(recorded(&node, &[never.to_owned()]), 0);
     node.stop();
 }
 
