@@ -142,7 +142,8 @@ pub struct MeshConfig {
     /// for a LAN of build hosts, where QUIC's per-packet work costs more than the link is worth.
     pub bulk_listen: Option<SocketAddr>,
     /// Memory all fetches from peers together may hold in flight: each range being fetched
-    /// buffers up to 2 MiB, and ranges beyond this wait for one to end.
+    /// buffers up to 2 MiB, each running transfer keeps its NAR's leaves (1/512 of it), and
+    /// ranges beyond this wait for one to end.
     pub fetch_memory: ByteSize,
 }
 

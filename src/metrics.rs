@@ -147,6 +147,8 @@ pub struct Metrics {
     /// Ranges of NARs being fetched from peers now (each buffers up to 2 MiB; `[mesh]
     /// fetch-memory` caps them).
     pub mesh_ranges: Gauge,
+    /// Bytes of `[mesh] fetch-memory` the leaves of running transfers hold.
+    pub mesh_leaves_bytes: Gauge,
     /// Streams of NAR bytes (ranges, leaves, whole NARs; QUIC and bulk) this node serves to
     /// peers now.
     pub mesh_serving: Gauge,
@@ -247,6 +249,7 @@ impl Metrics {
             mesh_transfers_queued: Gauge::default(),
             mesh_serving: Gauge::default(),
             mesh_ranges: Gauge::default(),
+            mesh_leaves_bytes: Gauge::default(),
             mesh_records_changed: Counter::default(),
             problems: Default::default(),
             problem: Family::default(),
@@ -514,6 +517,12 @@ impl Metrics {
             "mesh_ranges",
             "Ranges of NARs being fetched from peers now, each buffering up to 2 MiB ([mesh] fetch-memory caps them)",
             m.mesh_ranges.clone(),
+        );
+        register(
+            (&mut registry, &mut names),
+            "mesh_leaves_bytes",
+            "Bytes of [mesh] fetch-memory the leaves of the NARs being fetched from peers hold",
+            m.mesh_leaves_bytes.clone(),
         );
         register(
             (&mut registry, &mut names),

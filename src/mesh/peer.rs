@@ -373,9 +373,16 @@ impl Pool {
             }
             other => return Err(refusal(other)),
         }
-        let len = crate::chunks::groups(size) as usize * 32;
-        let mut buf = vec![0u8; len];
-        within(STALL, "leaves", recv.read_exact(&mut buf)).await?;
+        let len = crate::chunks::groups(size) * 32;
+        // Memory grows with the bytes that arrive, not all at once for a peer that stalls.
+        let mut buf = Vec::with_capacity(len.min(64 << 10) as usize);
+        let mut body = (&mut recv).take(len);
+        let n = within(STALL, "leaves", body.read_to_end(&mut buf)).await?;
+        if (n as u64) < len {
+            return Err(PeerError::Protocol(format!(
+                "sent {n} bytes of leaves, not {len}"
+            )));
+        }
         Ok(buf)
     }
 

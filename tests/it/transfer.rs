@@ -848,15 +848,17 @@ fn a_large_nar_comes_as_two_ranges_of_one_provider_at_once() {
     );
 }
 
-/// `[mesh] fetch-memory` caps the ranges in flight over all transfers together: with room for
-/// two ranges (4 MiB), two large NARs fetched at once (each of which would take two ranges of
-/// its provider) never have more than two ranges running, and both arrive whole.
+/// `[mesh] fetch-memory` caps the ranges in flight and the transfers' leaves over all transfers
+/// together: with room for two ranges (4 MiB) and both NARs' leaves (2 × 77 KiB) in 5 MiB, two
+/// large NARs fetched at once (each of which would take two ranges of its provider) never have
+/// more than two ranges running, their leaves are counted in it while they run, and both
+/// arrive whole.
 #[test]
 fn fetch_memory_caps_the_ranges_in_flight_over_all_transfers() {
     let t = tempfile::tempdir().unwrap();
     let (a, mut nodes) = built_on_first(t.path(), 2);
     nodes[0].mesh_extra.push_str("serve-rate = \"16MiB\"\n");
-    nodes[1].mesh_extra.push_str("fetch-memory = \"4MiB\"\n");
+    nodes[1].mesh_extra.push_str("fetch-memory = \"5MiB\"\n");
     for n in nodes.iter_mut() {
         n.start();
     }
@@ -879,20 +881,31 @@ fn fetch_memory_caps_the_ranges_in_flight_over_all_transfers() {
             std::thread::spawn(move || http(&addr, "GET", &format!("/{url}"), &[]))
         })
         .collect();
-    let mut most = 0.0f64;
+    let (mut most, mut leaves) = (0.0f64, 0.0f64);
     while !gets.iter().all(|g| g.is_finished()) {
         most = most.max(metric(&nodes[1], "narmesh_mesh_ranges "));
+        leaves = leaves.max(metric(&nodes[1], "narmesh_mesh_leaves_bytes "));
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    let mut want_leaves = 0;
     for (get, p) in gets.into_iter().zip(&paths) {
         let (code, _, body) = get.join().expect("the GET");
         assert_eq!(code, 200);
         assert!(body == a.dump(p), "{} arrives whole and right", p.full());
+        // 32 bytes a 16 KiB group, counted in whole KiB.
+        want_leaves += (body.len() as u64).div_ceil(16 << 10) * 32;
     }
     assert_eq!(
         most, 2.0,
         "ranges in flight on B at most (room for 2 in [mesh] fetch-memory)"
     );
+    let per_nar_kib = (want_leaves / 2).div_ceil(1024);
+    assert_eq!(
+        leaves,
+        (2 * per_nar_kib * 1024) as f64,
+        "both transfers' leaves held in [mesh] fetch-memory at once"
+    );
+    assert_eq!(metric(&nodes[1], "narmesh_mesh_leaves_bytes "), 0.0);
 }
 
 /// A fetch waiting for a transfer slot is dropped once whoever wanted its bytes has gone, and

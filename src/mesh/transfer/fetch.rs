@@ -107,7 +107,7 @@ impl Transfers {
     /// Room for one range's buffers in `[mesh] fetch-memory`, counted in `narmesh_mesh_ranges`
     /// while held (`None`: the node is stopping).
     async fn room(&self) -> Option<(tokio::sync::SemaphorePermit<'_>, crate::metrics::Counted)> {
-        let permit = self.ranges.acquire().await.ok()?;
+        let permit = self.memory.range().await?;
         Some((
             permit,
             crate::metrics::Counted::new(&self.metrics.mesh_ranges),

@@ -22,6 +22,7 @@
 mod check;
 mod fetch;
 mod handle;
+mod memory;
 mod streak;
 mod tickets;
 
@@ -47,7 +48,8 @@ const AVOID_FOR: Duration = Duration::from_secs(60);
 pub const MAX_TRANSFERS: usize = 32;
 /// What one range being fetched may buffer at most: a piece read from the provider (up to
 /// 1 MiB), verified groups not yet written (up to 1 MiB and a group), a group gathered
-/// across pieces. `[mesh] fetch-memory` divided by this is how many ranges run at once.
+/// across pieces. `[mesh] fetch-memory` divided by this is how many ranges run at once, less
+/// what transfers' leaves take of it ([`memory`]).
 pub const RANGE_MEMORY: u64 = 2 << 20;
 
 /// Every transfer in progress, and what they share.
@@ -60,9 +62,9 @@ pub struct Transfers {
     active: Mutex<HashMap<[u8; 32], Weak<Transfer>>>,
     avoid: Mutex<HashMap<EndpointId, Instant>>,
     slots: Arc<tokio::sync::Semaphore>,
-    /// Ranges (and version 1 whole-NAR fetches) in flight, over every transfer: what caps
-    /// the memory fetches hold.
-    ranges: tokio::sync::Semaphore,
+    /// `[mesh] fetch-memory`: the ranges (and version 1 whole-NAR fetches) in flight over
+    /// every transfer, and the leaves of the transfers running.
+    memory: memory::FetchMemory,
     /// Transfers that met a provider speaking only version 1.
     only_v1: Mutex<std::collections::HashSet<[u8; 32]>>,
     /// Use providers' bulk channels (`[mesh] bulk-listen` is set here).
@@ -85,7 +87,8 @@ pub struct Want {
 }
 
 impl Transfers {
-    /// `fetch_memory`: what all ranges in flight may buffer together (at least one range's).
+    /// `fetch_memory`: what all ranges in flight and the leaves of the transfers running may
+    /// hold together (at least one range's room).
     pub fn new(
         pool: Pool,
         storage: Storage,
@@ -94,8 +97,7 @@ impl Transfers {
         bulk: bool,
         fetch_memory: u64,
     ) -> Self {
-        let ranges =
-            (fetch_memory / RANGE_MEMORY).clamp(1, tokio::sync::Semaphore::MAX_PERMITS as u64);
+        let memory = memory::FetchMemory::new(fetch_memory, metrics.mesh_leaves_bytes.clone());
         Transfers {
             pool,
             storage,
@@ -104,7 +106,7 @@ impl Transfers {
             active: Mutex::new(HashMap::new()),
             avoid: Mutex::new(HashMap::new()),
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS)),
-            ranges: tokio::sync::Semaphore::new(ranges as usize),
+            memory,
             only_v1: Mutex::new(Default::default()),
             bulk,
             started: tokio::sync::broadcast::channel(1024).0,
@@ -279,6 +281,19 @@ impl Transfers {
                 t.progress(),
             ));
         }
+        // The leaves' room in `[mesh] fetch-memory`, held until the transfer ends (they are
+        // kept to check every group, and written with the NAR).
+        let _room = if t.size > GROUP {
+            let len = crate::chunks::groups(t.size) * 32;
+            Some(
+                self.memory
+                    .leaves(len)
+                    .await
+                    .ok_or("the node is stopping")?,
+            )
+        } else {
+            None
+        };
         let leaves = self.leaves(t, &providers).await;
         let fetched = match &leaves {
             Ok(l) => match self.ranges(t, l.clone(), &partial, &providers).await {
@@ -314,8 +329,7 @@ impl Transfers {
         }
         let partial =
             Arc::try_unwrap(partial).map_err(|_| "a writer is still running".to_owned())?;
-        let bytes = leaves.to_bytes();
-        tokio::task::spawn_blocking(move || partial.finish(&bytes))
+        tokio::task::spawn_blocking(move || partial.finish(leaves.as_bytes()))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
