@@ -114,6 +114,8 @@ pub struct Metrics {
     pub http_seconds: Family<RouteLabels, Histogram>,
     pub mirror_pending_paths: Gauge,
     pub mirror_pending_bytes: Gauge,
+    /// Paths the mirror waits for whose NAR no node holds any more.
+    pub mirror_orphaned_paths: Gauge,
     pub mirror_uploaded_paths: Counter,
     pub mirror_uploaded_bytes: Counter,
     pub mirror_failures: Counter,
@@ -226,6 +228,7 @@ impl Metrics {
             }),
             mirror_pending_paths: Gauge::default(),
             mirror_pending_bytes: Gauge::default(),
+            mirror_orphaned_paths: Gauge::default(),
             mirror_uploaded_paths: Counter::default(),
             mirror_uploaded_bytes: Counter::default(),
             mirror_failures: Counter::default(),
@@ -385,6 +388,13 @@ impl Metrics {
             "mirror_pending_bytes",
             "NAR bytes not yet in the S3 mirror",
             m.mirror_pending_bytes.clone(),
+        );
+        register(
+            (&mut registry, &mut names),
+            "mirror_orphaned_paths",
+            "Paths the mirror waits for whose NAR no node holds any more (every holder's Nix GC \
+             took it first): they, and what refers to them, wait until a node holds it again",
+            m.mirror_orphaned_paths.clone(),
         );
         register(
             (&mut registry, &mut names),

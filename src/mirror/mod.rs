@@ -181,6 +181,9 @@ struct Mirror {
     me: Option<[u8; 32]>,
     /// What the running (or last) audit's lost paths became.
     tally: audit::Tally,
+    /// Paths the plan waits for whose NAR no node holds, as of their last look
+    /// (`narmesh_mirror_orphaned_paths`).
+    orphaned: std::collections::HashSet<String>,
 }
 
 impl Mirror {
@@ -206,6 +209,7 @@ impl Mirror {
             arriving: p.arriving,
             me: p.me,
             tally: audit::Tally::default(),
+            orphaned: Default::default(),
         }
     }
 
@@ -523,7 +527,12 @@ impl Mirror {
     }
 
     /// Of these paths, those the plan waits for whose NAR is here now (or arriving: it is read
-    /// as it comes).
+    /// as it comes) go ahead. A path whose NAR nobody holds any more (every holder's Nix GC took
+    /// it, or its cap evicted it, before this node fetched it) takes another claim of its
+    /// record whose NAR can be had (built again, with other bytes), if its references are the
+    /// same and its NAR is not in the bucket yet; else it is orphaned: it, and the closures
+    /// above it, wait until a node holds it (news of that changes the record, which brings the
+    /// path here again).
     async fn refresh_held(&mut self, touched: Vec<String>) {
         let waiting: Vec<(String, [u8; 32])> = touched
             .into_iter()
@@ -533,17 +542,69 @@ impl Mirror {
             return;
         }
         let (storage, arriving) = (self.storage.clone(), self.arriving.clone());
-        let held = tokio::task::spawn_blocking(move || {
+        let (db, me) = (self.db.clone(), self.me);
+        let looked = tokio::task::spawn_blocking(move || {
             waiting
                 .into_iter()
-                .filter(|(_, b)| readable(&storage, arriving.as_ref(), b))
-                .map(|(h, _)| h)
+                .map(|(h, b)| {
+                    let seen = look(&db, &storage, arriving.as_ref(), me.as_ref(), &h, &b);
+                    (h, seen)
+                })
                 .collect::<Vec<_>>()
         })
         .await
         .unwrap_or_default();
-        for h in held {
-            self.plan.held(&h);
+        let mut newly = Vec::new();
+        for (h, seen) in looked {
+            let seen = match seen {
+                Seen::Other(e, held) => match self.entries.get(&h) {
+                    Some(old)
+                        if self.plan.waits_for_nar(&h) && {
+                            let (mut a, mut b) = (old.references(), e.references());
+                            a.sort();
+                            b.sort();
+                            a == b
+                        } =>
+                    {
+                        tracing::info!(
+                            "mirror: {}: its NAR is gone everywhere; taking the other one a node \
+                             holds ({} bytes)",
+                            e.store_path,
+                            e.nar_size
+                        );
+                        self.storage.protect([e.blake3]);
+                        self.plan.resize(&h, e.nar_size);
+                        self.entries.insert(h.clone(), e);
+                        if held { Seen::Held } else { Seen::Offered }
+                    }
+                    _ => Seen::Orphaned,
+                },
+                seen => seen,
+            };
+            match seen {
+                // Only a NAR not in the bucket yet is waited for.
+                Seen::Orphaned if self.plan.waits_for_nar(&h) => {
+                    if self.orphaned.insert(h.clone()) {
+                        newly.push(h);
+                    }
+                }
+                Seen::Orphaned | Seen::Other(..) => {}
+                Seen::Held => {
+                    self.orphaned.remove(&h);
+                    self.plan.held(&h);
+                }
+                Seen::Offered => {
+                    self.orphaned.remove(&h);
+                }
+            }
+        }
+        if let Some(first) = newly.first().and_then(|h| self.entries.get(h)) {
+            tracing::warn!(
+                "mirror: {} path(s) wait for a NAR that no node holds any more (the first: {}); \
+                 they and what refers to them are mirrored once a node holds it again",
+                newly.len(),
+                first.store_path
+            );
         }
     }
 
@@ -880,11 +941,63 @@ impl Mirror {
         }
     }
 
-    fn publish_counts(&self) {
+    fn publish_counts(&mut self) {
         let (paths, bytes) = self.plan.pending();
         self.metrics.mirror_pending_paths.set(paths as i64);
         self.metrics.mirror_pending_bytes.set(bytes as i64);
+        let plan = &self.plan;
+        self.orphaned.retain(|h| plan.waits_for_nar(h));
+        self.metrics
+            .mirror_orphaned_paths
+            .set(self.orphaned.len() as i64);
     }
+}
+
+/// What the mirror saw of a NAR it waits for.
+enum Seen {
+    /// Held here, or arriving from peers.
+    Held,
+    /// A peer says it holds it.
+    Offered,
+    /// Nobody says they hold it, but another claim of the path's record can be had: its
+    /// entry, and whether it is held here.
+    Other(Entry, bool),
+    /// Nobody says they hold it, nor any other claim of the path.
+    Orphaned,
+}
+
+/// What the NAR `blake3` of path `hash` is to the mirror now (a record that could not be read
+/// counts as offered: not taken for orphaned on a doubt). Blocking.
+fn look(
+    db: &Db,
+    storage: &Storage,
+    arriving: Option<&Arriving>,
+    me: Option<&[u8; 32]>,
+    hash: &str,
+    blake3: &[u8; 32],
+) -> Seen {
+    if readable(storage, arriving, blake3) {
+        return Seen::Held;
+    }
+    let rec = match db.path(hash) {
+        Ok(Some(rec)) => rec,
+        Ok(None) => return Seen::Orphaned,
+        Err(_) => return Seen::Offered,
+    };
+    if rec.claim(blake3).is_some_and(|c| c.held_by_peer(me)) {
+        return Seen::Offered;
+    }
+    let others = rec
+        .claims
+        .iter()
+        .filter(|c| !c.failed && c.blake3 != *blake3);
+    for c in others {
+        let held = readable(storage, arriving, &c.blake3);
+        if held || c.held_by_peer(me) {
+            return Seen::Other(Entry::of_claim(&rec, c), held);
+        }
+    }
+    Seen::Orphaned
 }
 
 /// True if the NAR can be read now: held here, or arriving from peers. Blocking.

@@ -103,6 +103,24 @@ impl Plan {
         self.items.contains_key(hash)
     }
 
+    /// The path's NAR is now one of `nar_size` bytes (another claim of the path, whose NAR can
+    /// be had): what is pending follows.
+    pub fn resize(&mut self, hash: &str, nar_size: u64) {
+        if let Some(i) = self.items.get_mut(hash) {
+            if i.state == MirrorState::Pending {
+                self.pending_bytes = self.pending_bytes - i.nar_size + nar_size;
+            }
+            i.nar_size = nar_size;
+        }
+    }
+
+    /// True if the plan waits for this path's NAR to be held here before it can upload it.
+    pub fn waits_for_nar(&self, hash: &str) -> bool {
+        self.items
+            .get(hash)
+            .is_some_and(|i| i.state == MirrorState::Pending && !i.local)
+    }
+
     /// Paths whose NAR is not held here yet.
     pub fn not_local(&self) -> impl Iterator<Item = &str> {
         self.items
@@ -268,6 +286,22 @@ mod tests {
 
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|x| x.to_string()).collect()
+    }
+
+    /// Only a path whose NAR is not in the bucket and not here waits for it (one whose NAR
+    /// went up waits for its references' narinfos, whatever this node holds).
+    #[test]
+    fn a_path_waits_for_its_nar_until_held_or_stored() {
+        let mut p = Plan::default();
+        p.add("a", MirrorState::Pending, false, 10, &[]);
+        p.add("b", stored(), false, 10, &s(&["a"]));
+        p.add("c", MirrorState::Pending, true, 10, &[]);
+        assert!(p.waits_for_nar("a") && !p.waits_for_nar("b") && !p.waits_for_nar("c"));
+        assert!(!p.waits_for_nar("unknown"));
+        p.resize("a", 25);
+        assert_eq!(p.pending(), (3, 35), "b's NAR is in the bucket");
+        p.held("a");
+        assert!(!p.waits_for_nar("a"));
     }
 
     #[test]

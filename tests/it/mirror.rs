@@ -801,3 +801,50 @@ fn an_audit_puts_back_what_the_bucket_lost() {
     });
     assert!(bucket_whole(&s3, &[gone.full()]));
 }
+
+/// A path whose only holder deleted it before the mirror had its NAR (the mirror node was
+/// frozen meanwhile) is orphaned: the mirror says so (`narmesh_mirror_orphaned_paths`, a
+/// warning naming it), keeps it pending, and mirrors it once a node holds it again: A builds
+/// it again, with other bytes (the build is not reproducible), so the mirror node fetches and
+/// mirrors the new claim, not the first one that nobody holds.
+#[test]
+fn a_path_no_node_holds_any_more_is_shown_orphaned_until_one_does() {
+    let s3 = S3Server::start();
+    let mut st = setup(&s3, "", (ACCESS_KEY, SECRET_KEY));
+    st.nodes[0]
+        .extra_config
+        .push_str("[store]\ngc-check-secs = 1\n");
+    for n in st.nodes.iter_mut() {
+        n.start();
+    }
+    let kept = st.a.build(r#"mk "orphan-kept" "echo kept > $out""#)[0].full();
+    wait_mirrored(&st.nodes[1], 1, 60);
+    let (a, m) = (&st.nodes[0], &st.nodes[1]);
+
+    m.signal("STOP");
+    let expr = r#"mk "orphan-gone" "head -c 100000 /dev/urandom > $out""#;
+    let gone = st.a.build(expr)[0].clone();
+    wait_until(30, "A to serve the new path", || a.serves(&[gone.full()]));
+    run_ok(st.a.cmd("nix-store").args(["--delete", &gone.full()]));
+    let narinfo = format!("/{}.narinfo", gone.hash_part());
+    wait_until(30, "A to stop serving the deleted path", || {
+        http(&a.http, "GET", &narinfo, &[]).0 == 404
+    });
+    m.signal("CONT");
+    wait_until(60, "the mirror to see the path orphaned", || {
+        metric(m, "narmesh_mirror_orphaned_paths ") == 1.0
+    });
+    assert_eq!(mirror(m).pending_paths, 1);
+    let log = m.log();
+    assert!(
+        log.contains("wait for a NAR that no node holds any more") && log.contains(&gone.full()),
+        "M's log:\n{log}"
+    );
+
+    // Built again, A holds it (other bytes): mirrored, orphaned no more.
+    assert_eq!(st.a.build(expr)[0], gone);
+    let all = [kept, gone.full()];
+    wait_in_bucket(&s3, m, &all, 60);
+    assert_eq!(check_bucket(&s3, &all), 2);
+    assert_eq!(metric(m, "narmesh_mirror_orphaned_paths "), 0.0);
+}
