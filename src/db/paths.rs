@@ -160,8 +160,7 @@ impl Db {
     /// given, in one fsync'd transaction. A record that is new or changed moves to the end of
     /// the log. Returns the records that are new or changed, as they now stand, each with
     /// whether the claim it took in is new to it (not merely news of its providers). With
-    /// `wish` (an eager node), the NAR of each record with a new claim is wished for (the one
-    /// [`PathRecord::wanted`] names) if not held yet, in
+    /// `wish` (an eager node), the NAR of each new active claim not held yet is wished for in
     /// the same commit, so that no crash can leave a claim recorded and never fetched.
     pub fn record_remote(
         &self,
@@ -209,7 +208,7 @@ impl Db {
                 let nars = tx.open_table(super::storage::NARS)?;
                 let own = tx.open_multimap_table(super::storage::OWN)?;
                 for (rec, _) in out.iter().filter(|(_, new_claim)| *new_claim) {
-                    let Some(c) = rec.wanted() else { continue };
+                    let Some(c) = rec.active() else { continue };
                     let b = c.blake3.as_slice();
                     if nars.get(b)?.is_none() && own.get(b)?.next().is_none() {
                         wants.insert(b, rec.hash_part())?;

@@ -90,17 +90,6 @@ impl PathRecord {
         self.claims.iter().find(|c| !c.failed)
     }
 
-    /// The claim whose NAR an eager node fetches: the first not failed that a node says it
-    /// holds (a path built again with other bytes, after every node lost the first), else the
-    /// one served.
-    pub fn wanted(&self) -> Option<&Claim> {
-        self.claims
-            .iter()
-            .filter(|c| !c.failed)
-            .find(|c| c.providers.iter().any(|p| p.holds))
-            .or_else(|| self.active())
-    }
-
     /// The claim this node made from its own store, if any.
     pub fn own(&self) -> Option<&Claim> {
         self.claims.iter().find(|c| c.own && !c.failed)

@@ -251,24 +251,6 @@ fn an_eager_node_wishes_for_new_claims_in_the_same_commit() {
     assert!(db.wants().unwrap().is_empty());
 }
 
-/// A path whose NAR every node lost, built again with other bytes: the new claim's NAR is
-/// wished for, not the first claim's that nobody holds.
-#[test]
-fn an_eager_node_wishes_for_a_new_claim_that_a_node_holds() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = Db::open(&dir.path().join("db")).unwrap();
-    let a = "a".repeat(32);
-    db.record_remote(vec![remote(&a, 9, 5, 1, false)], None, true)
-        .unwrap();
-    db.unwant(&[[9; 32]]).unwrap();
-    db.record_remote(vec![remote(&a, 7, 5, 2, true)], None, true)
-        .unwrap();
-    assert_eq!(db.wants().unwrap(), vec![([7; 32], a.clone())]);
-    let rec = db.path(&a).unwrap().unwrap();
-    assert_eq!(rec.active().unwrap().blake3, [9; 32], "served: the first");
-    assert_eq!(rec.wanted().unwrap().blake3, [7; 32]);
-}
-
 #[test]
 fn the_wish_list_is_read_a_window_at_a_time_in_blake3_order() {
     let dir = tempfile::tempdir().unwrap();

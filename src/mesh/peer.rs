@@ -383,6 +383,8 @@ impl Pool {
                 "sent {n} bytes of leaves, not {len}"
             )));
         }
+        // Kept while the transfer runs: no more than its length (counted in fetch-memory).
+        buf.shrink_to_fit();
         Ok(buf)
     }
 

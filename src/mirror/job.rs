@@ -18,7 +18,7 @@ use tokio_util::task::AbortOnDropHandle;
 use super::compress::{Compressor, FileDigest};
 use super::s3::{Bucket, Growth, NAR_TYPE, NARINFO_TYPE, S3Error, UploadLog};
 use crate::config::Compression;
-use crate::db::{Claim, Db, MirrorState, OpenUpload, PathRecord};
+use crate::db::{Db, MirrorState, OpenUpload, PathRecord};
 use crate::mesh::Arriving;
 use crate::nix::{NarInfo, Sha256, base32};
 use crate::storage::Storage;
@@ -36,21 +36,16 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// The record's served claim.
     pub fn of(rec: &PathRecord) -> Option<Self> {
-        Some(Self::of_claim(rec, rec.active()?))
-    }
-
-    /// One claim of the record.
-    pub fn of_claim(rec: &PathRecord, c: &Claim) -> Self {
-        Entry {
+        let c = rec.active()?;
+        Some(Entry {
             store_path: rec.store_path.clone(),
             hash: rec.hash_part().to_owned(),
             narinfo: c.narinfo.clone(),
             blake3: c.blake3,
             nar_size: c.nar_size,
             upstream_refs: c.upstream_refs.clone(),
-        }
+        })
     }
 
     /// Hash parts of the references the narinfo must wait for: not itself, not signed upstream.

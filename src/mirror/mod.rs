@@ -527,16 +527,18 @@ impl Mirror {
     }
 
     /// Of these paths, those the plan waits for whose NAR is here now (or arriving: it is read
-    /// as it comes) go ahead. A path whose NAR nobody holds any more (every holder's Nix GC took
-    /// it, or its cap evicted it, before this node fetched it) takes another claim of its
-    /// record whose NAR can be had (built again, with other bytes), if its references are the
-    /// same and its NAR is not in the bucket yet; else it is orphaned: it, and the closures
-    /// above it, wait until a node holds it (news of that changes the record, which brings the
-    /// path here again).
+    /// as it comes) go ahead; of the others, those whose NAR no peer says it holds any more
+    /// (every holder's Nix GC took it, or its cap evicted it, before this node fetched it) are
+    /// orphaned: they, and the closures above them, wait until a node holds it again (news of
+    /// that changes the record, which brings the path here again).
     async fn refresh_held(&mut self, touched: Vec<String>) {
-        let waiting: Vec<(String, [u8; 32])> = touched
+        let waiting: Vec<(String, [u8; 32], bool)> = touched
             .into_iter()
-            .filter_map(|h| self.entries.get(&h).map(|e| (h, e.blake3)))
+            .filter_map(|h| {
+                let e = self.entries.get(&h)?;
+                let waits = self.plan.waits_for_nar(&h);
+                Some((h, e.blake3, waits))
+            })
             .collect();
         if waiting.is_empty() {
             return;
@@ -546,8 +548,15 @@ impl Mirror {
         let looked = tokio::task::spawn_blocking(move || {
             waiting
                 .into_iter()
-                .map(|(h, b)| {
-                    let seen = look(&db, &storage, arriving.as_ref(), me.as_ref(), &h, &b);
+                .map(|(h, b, waits)| {
+                    let seen = if readable(&storage, arriving.as_ref(), &b) {
+                        Seen::Held
+                    } else if !waits || offered(&db, me.as_ref(), &h, &b) {
+                        // Only a NAR not in the bucket yet is waited for.
+                        Seen::Offered
+                    } else {
+                        Seen::Orphaned
+                    };
                     (h, seen)
                 })
                 .collect::<Vec<_>>()
@@ -556,39 +565,12 @@ impl Mirror {
         .unwrap_or_default();
         let mut newly = Vec::new();
         for (h, seen) in looked {
-            let seen = match seen {
-                Seen::Other(e, held) => match self.entries.get(&h) {
-                    Some(old)
-                        if self.plan.waits_for_nar(&h) && {
-                            let (mut a, mut b) = (old.references(), e.references());
-                            a.sort();
-                            b.sort();
-                            a == b
-                        } =>
-                    {
-                        tracing::info!(
-                            "mirror: {}: its NAR is gone everywhere; taking the other one a node \
-                             holds ({} bytes)",
-                            e.store_path,
-                            e.nar_size
-                        );
-                        self.storage.protect([e.blake3]);
-                        self.plan.resize(&h, e.nar_size);
-                        self.entries.insert(h.clone(), e);
-                        if held { Seen::Held } else { Seen::Offered }
-                    }
-                    _ => Seen::Orphaned,
-                },
-                seen => seen,
-            };
             match seen {
-                // Only a NAR not in the bucket yet is waited for.
-                Seen::Orphaned if self.plan.waits_for_nar(&h) => {
+                Seen::Orphaned => {
                     if self.orphaned.insert(h.clone()) {
                         newly.push(h);
                     }
                 }
-                Seen::Orphaned | Seen::Other(..) => {}
                 Seen::Held => {
                     self.orphaned.remove(&h);
                     self.plan.held(&h);
@@ -957,47 +939,22 @@ impl Mirror {
 enum Seen {
     /// Held here, or arriving from peers.
     Held,
-    /// A peer says it holds it.
+    /// A peer says it holds it (or the path does not wait for it).
     Offered,
-    /// Nobody says they hold it, but another claim of the path's record can be had: its
-    /// entry, and whether it is held here.
-    Other(Entry, bool),
-    /// Nobody says they hold it, nor any other claim of the path.
+    /// Nobody says they hold it.
     Orphaned,
 }
 
-/// What the NAR `blake3` of path `hash` is to the mirror now (a record that could not be read
-/// counts as offered: not taken for orphaned on a doubt). Blocking.
-fn look(
-    db: &Db,
-    storage: &Storage,
-    arriving: Option<&Arriving>,
-    me: Option<&[u8; 32]>,
-    hash: &str,
-    blake3: &[u8; 32],
-) -> Seen {
-    if readable(storage, arriving, blake3) {
-        return Seen::Held;
+/// True if a peer says it holds this NAR of path `hash`, its claim not failed (or the record
+/// could not be read: not taken for orphaned on a doubt). Blocking.
+fn offered(db: &Db, me: Option<&[u8; 32]>, hash: &str, blake3: &[u8; 32]) -> bool {
+    match db.path(hash) {
+        Ok(Some(rec)) => rec
+            .claim(blake3)
+            .is_some_and(|c| !c.failed && c.held_by_peer(me)),
+        Ok(None) => false,
+        Err(_) => true,
     }
-    let rec = match db.path(hash) {
-        Ok(Some(rec)) => rec,
-        Ok(None) => return Seen::Orphaned,
-        Err(_) => return Seen::Offered,
-    };
-    if rec.claim(blake3).is_some_and(|c| c.held_by_peer(me)) {
-        return Seen::Offered;
-    }
-    let others = rec
-        .claims
-        .iter()
-        .filter(|c| !c.failed && c.blake3 != *blake3);
-    for c in others {
-        let held = readable(storage, arriving, &c.blake3);
-        if held || c.held_by_peer(me) {
-            return Seen::Other(Entry::of_claim(&rec, c), held);
-        }
-    }
-    Seen::Orphaned
 }
 
 /// True if the NAR can be read now: held here, or arriving from peers. Blocking.

@@ -804,9 +804,8 @@ fn an_audit_puts_back_what_the_bucket_lost() {
 
 /// A path whose only holder deleted it before the mirror had its NAR (the mirror node was
 /// frozen meanwhile) is orphaned: the mirror says so (`narmesh_mirror_orphaned_paths`, a
-/// warning naming it), keeps it pending, and mirrors it once a node holds it again: A builds
-/// it again, with other bytes (the build is not reproducible), so the mirror node fetches and
-/// mirrors the new claim, not the first one that nobody holds.
+/// warning naming it), keeps it pending, and mirrors it once a node holds it again (A builds
+/// it again, the same bytes).
 #[test]
 fn a_path_no_node_holds_any_more_is_shown_orphaned_until_one_does() {
     let s3 = S3Server::start();
@@ -822,7 +821,8 @@ fn a_path_no_node_holds_any_more_is_shown_orphaned_until_one_does() {
     let (a, m) = (&st.nodes[0], &st.nodes[1]);
 
     m.signal("STOP");
-    let expr = r#"mk "orphan-gone" "head -c 100000 /dev/urandom > $out""#;
+    // Built again, the same bytes.
+    let expr = r#"mk "orphan-gone" "seq 1 30000 > $out""#;
     let gone = st.a.build(expr)[0].clone();
     wait_until(30, "A to serve the new path", || a.serves(&[gone.full()]));
     run_ok(st.a.cmd("nix-store").args(["--delete", &gone.full()]));
@@ -841,7 +841,7 @@ fn a_path_no_node_holds_any_more_is_shown_orphaned_until_one_does() {
         "M's log:\n{log}"
     );
 
-    // Built again, A holds it (other bytes): mirrored, orphaned no more.
+    // Built again, A holds it: mirrored, orphaned no more.
     assert_eq!(st.a.build(expr)[0], gone);
     let all = [kept, gone.full()];
     wait_in_bucket(&s3, m, &all, 60);

@@ -2,7 +2,9 @@
 //! buffers of each range in flight ([`RANGE_MEMORY`]) and the leaves each transfer keeps while
 //! it runs (32 bytes a 16 KiB chunk group: 20 MiB for a 10 GiB NAR) come out of it together.
 //! Leaves together take at most all of it but one range's room, so a range can always run and
-//! every transfer holding leaves finishes.
+//! every transfer holding leaves finishes; one transfer's at most half of it. Leaves of up to
+//! [`SMALL_LEAVES`] (a NAR of up to 32 MiB) are not counted: the 32 transfers' come to 2 MiB at
+//! most, and a small NAR never waits behind a large one's leaves.
 
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -10,6 +12,8 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use super::RANGE_MEMORY;
 
 const KIB: u64 = 1024;
+/// Leaves this small are not counted.
+pub(super) const SMALL_LEAVES: u64 = 64 * KIB;
 
 /// The room of `[mesh] fetch-memory`.
 #[derive(Debug)]
@@ -29,8 +33,7 @@ pub(super) struct FetchMemory {
 /// Room for one transfer's leaves, given back when dropped.
 #[derive(Debug)]
 pub(super) struct LeavesRoom<'a> {
-    _leaves: SemaphorePermit<'a>,
-    _all: SemaphorePermit<'a>,
+    _permits: Option<(SemaphorePermit<'a>, SemaphorePermit<'a>)>,
     bytes: i64,
     held: &'a Gauge,
 }
@@ -51,7 +54,7 @@ impl FetchMemory {
             all: Semaphore::new(all as usize),
             leaves: Semaphore::new((all - range) as usize),
             range: range as u32,
-            leaves_most: (all - range).min(u32::MAX as u64),
+            leaves_most: (all - range).min(all / 2).min(u32::MAX as u64),
             held,
         }
     }
@@ -61,18 +64,24 @@ impl FetchMemory {
         self.all.acquire_many(self.range).await.ok()
     }
 
-    /// Room for leaves of `len` bytes (counted as no more than all of them may take); `None`
-    /// once the node is stopping. Taken before they are asked for, kept until the transfer
-    /// ends.
+    /// Room for leaves of `len` bytes (counted as no more than one transfer's may take; small
+    /// ones not at all); `None` once the node is stopping. Taken before they are asked for,
+    /// kept until the transfer ends.
     pub(super) async fn leaves(&self, len: u64) -> Option<LeavesRoom<'_>> {
         let kib = len.div_ceil(KIB).min(self.leaves_most) as u32;
+        if len <= SMALL_LEAVES || kib == 0 {
+            return Some(LeavesRoom {
+                _permits: None,
+                bytes: 0,
+                held: &self.held,
+            });
+        }
         let leaves = self.leaves.acquire_many(kib).await.ok()?;
         let all = self.all.acquire_many(kib).await.ok()?;
         let bytes = i64::from(kib) * KIB as i64;
         self.held.inc_by(bytes);
         Some(LeavesRoom {
-            _leaves: leaves,
-            _all: all,
+            _permits: Some((leaves, all)),
             bytes,
             held: &self.held,
         })
@@ -96,9 +105,12 @@ mod tests {
         let m = FetchMemory::new(8 * MIB, Gauge::default());
         assert_eq!(m.ranges_free(), 4);
         let small = m.leaves(2 * 1024).await.unwrap();
-        // 2 KiB of leaves (a 1 MiB NAR) cost 2 KiB, not a range's room.
-        assert_eq!(m.all.available_permits(), 8 * 1024 - 2);
-        drop(small);
+        // 2 KiB of leaves (a 1 MiB NAR) cost nothing; 65 KiB (a NAR over 32 MiB) their size,
+        // not a range's room.
+        assert_eq!(m.all.available_permits(), 8 * 1024);
+        let counted = m.leaves(SMALL_LEAVES + 1).await.unwrap();
+        assert_eq!(m.all.available_permits(), 8 * 1024 - 65);
+        drop((small, counted));
         let big = m.leaves(3 * MIB).await.unwrap();
         assert_eq!(
             m.ranges_free(),
@@ -114,23 +126,25 @@ mod tests {
     }
 
     /// However large the leaves, one range can still run beside them: the transfers holding
-    /// them finish.
+    /// them finish. One transfer's take half the room at most, and small ones never wait.
     #[tokio::test]
     async fn leaves_never_take_the_last_range_s_room() {
         let m = FetchMemory::new(8 * MIB, Gauge::default());
-        let a = m.leaves(5 * MIB).await.unwrap();
-        // Larger than all of it: counted as all but one range.
+        let huge = m.leaves(100 * MIB).await.unwrap();
+        assert_eq!(m.ranges_free(), 2, "one transfer's leaves: half the room");
+        let a = m.leaves(2 * MIB).await.unwrap();
+        assert_eq!(m.ranges_free(), 1);
         let waiting =
             tokio::time::timeout(std::time::Duration::from_millis(50), m.leaves(100 * MIB)).await;
-        assert!(waiting.is_err(), "the second leaves wait for room");
+        assert!(waiting.is_err(), "more leaves wait for room");
+        let small = tokio::time::timeout(std::time::Duration::from_secs(1), m.leaves(1024))
+            .await
+            .expect("small leaves never wait");
         assert_eq!(m.ranges_free(), 1);
         let r = tokio::time::timeout(std::time::Duration::from_secs(1), m.range())
             .await
             .expect("a range runs beside the leaves");
-        drop((r, a));
-        let huge = m.leaves(100 * MIB).await.unwrap();
-        assert_eq!(m.ranges_free(), 1);
-        drop(huge);
+        drop((r, a, huge, small));
         assert_eq!(m.ranges_free(), 4);
     }
 
