@@ -544,25 +544,23 @@ type Checked = Result<Result<Vec<QueueItem>, Refusal>, StoreDbError>;
 
 /// Check reports against the store (blocking): every path a valid store path in this store.
 fn check(store: &LocalStore, reports: &[HookReport]) -> Checked {
-    store.with(|db| {
-        let mut is_valid = |p: &StorePath| db.is_valid(p);
-        let mut items = Vec::with_capacity(reports.len());
-        for r in reports {
-            match validate(&mut is_valid, r)? {
-                Ok(item) => items.push(item),
-                Err(refusal) => return Ok(Err(refusal)),
-            }
-        }
-        Ok(Ok(items))
-    })
+    store.with(|db| validate_all(&mut |p| db.is_valid(p), reports))
 }
 
 /// Check reports for their form only (store paths, a derivation's name), not against the
 /// store.
 fn unchecked(reports: &[HookReport]) -> Checked {
+    validate_all(&mut |_| Ok(true), reports)
+}
+
+/// Check every report with [`validate`]; the first refusal refuses them all.
+fn validate_all(
+    is_valid: &mut impl FnMut(&StorePath) -> Result<bool, StoreDbError>,
+    reports: &[HookReport],
+) -> Checked {
     let mut items = Vec::with_capacity(reports.len());
     for r in reports {
-        match validate(&mut |_| Ok(true), r)? {
+        match validate(is_valid, r)? {
             Ok(item) => items.push(item),
             Err(refusal) => return Ok(Err(refusal)),
         }

@@ -382,12 +382,10 @@ fn plan_blocking(
     // A root the store does not hold (gone since its report, or one queued before the
     // database could confirm it) fails here, not silently.
     let held: HashSet<&StorePath> = closure.iter().collect();
-    let mut missing: Vec<&StorePath> = roots
+    let missing: std::collections::BTreeSet<&StorePath> = roots
         .iter()
         .filter(|r| !held.contains(r) && !failed_roots.contains(r))
         .collect();
-    missing.sort();
-    missing.dedup();
     for r in missing {
         tracing::error!("ingest: {r} is not a valid path in the Nix store; not recorded");
         failures += 1;
