@@ -283,17 +283,11 @@ impl Transfers {
         }
         // The leaves' room in `[mesh] fetch-memory`, held until the transfer ends (they are
         // kept to check every group, and written with the NAR).
-        let _room = if t.size > GROUP {
-            let len = crate::chunks::groups(t.size) * 32;
-            Some(
-                self.memory
-                    .leaves(len)
-                    .await
-                    .ok_or("the node is stopping")?,
-            )
-        } else {
-            None
-        };
+        let _room = self
+            .memory
+            .leaves(crate::chunks::groups(t.size) * 32)
+            .await
+            .ok_or("the node is stopping")?;
         let leaves = self.leaves(t, &providers).await;
         let fetched = match &leaves {
             Ok(l) => match self.ranges(t, l.clone(), &partial, &providers).await {
