@@ -145,12 +145,13 @@ mod tests {
             ],
             None,
             false,
+            None,
         )
         .unwrap();
         storage.pin(vec![root.clone()], true).await.unwrap();
         assert!(storage.pinned_nars().contains(&[2; 32]));
         // Recorded after the pin, dead too: pinned once the closure is recomputed.
-        db.record_remote(vec![claim(&late, 3, "", false)], None, false)
+        db.record_remote(vec![claim(&late, 3, "", false)], None, false, None)
             .unwrap();
         assert!(!storage.pinned_nars().contains(&[3; 32]));
         let cancel = CancellationToken::new();
@@ -193,6 +194,7 @@ mod tests {
             ],
             None,
             false,
+            None,
         )
         .unwrap();
         storage.pin(vec![root.clone()], true).await.unwrap();

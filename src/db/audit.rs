@@ -13,9 +13,9 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::outbox::{MirrorState, OUTBOX, decode};
+use super::outbox::{MIRROR_CLAIMS, MirrorState, OUTBOX, decode, with_claim};
 use super::paths::record_in;
-use super::storage::{NARS, OWN, WANTS, held_here};
+use super::storage::{NARS, OWN, WANTS, held_here, served_in};
 use super::{Db, DbError, PATHS, PathRecord};
 
 /// What became of each completed path (by hash part): [`Finished`].
@@ -70,7 +70,7 @@ pub(super) fn obtainable(
     nars: &impl ReadableTable<&'static [u8], &'static [u8]>,
     own: &impl ReadableMultimapTable<&'static [u8], &'static str>,
 ) -> Result<bool, DbError> {
-    let Some(c) = rec.active() else {
+    let Some(c) = served_in(rec, me, nars, own)? else {
         return Ok(false);
     };
     Ok(held_here(nars, own, c.blake3.as_slice())? || c.held_by_peer(me))
@@ -198,6 +198,7 @@ impl Db {
             let mut wants = tx.open_table(WANTS)?;
             let nars = tx.open_table(NARS)?;
             let own = tx.open_multimap_table(OWN)?;
+            let mut claims = tx.open_table(MIRROR_CLAIMS)?;
             for (hash, nar_whole) in lost {
                 let done = match outbox.get(hash.as_str())? {
                     Some(v) => decode(v.value())? == MirrorState::Done,
@@ -213,13 +214,18 @@ impl Db {
                 let Some(rec) = record_in(&paths, hash)? else {
                     outbox.remove(hash.as_str())?;
                     finished.remove(hash.as_str())?;
+                    claims.remove(hash.as_str())?;
                     out.forgotten.push(hash.clone());
                     continue;
                 };
                 let state = match was {
-                    Some(Finished::At(stored, _)) if *nar_whole => stored,
+                    Some(Finished::At(stored, _)) if *nar_whole => {
+                        with_claim(stored, &claims, hash)?
+                    }
                     _ if obtainable(&rec, me, &nars, &own)? => {
-                        if let Some(c) = rec.active()
+                        // The NAR goes up again: of the claim the path serves now.
+                        claims.remove(hash.as_str())?;
+                        if let Some(c) = served_in(&rec, me, &nars, &own)?
                             && !held_here(&nars, &own, c.blake3.as_slice())?
                         {
                             wants.insert(c.blake3.as_slice(), hash.as_str())?;
@@ -250,9 +256,23 @@ mod tests {
     use super::*;
 
     /// The outbox keeps exactly what earlier releases wrote and read (`MirrorState` in
-    /// postcard): a path done is `Done` there, and where its NAR went is noted beside it.
+    /// postcard): a NAR stored is the four fields they knew, its claim noted beside it; a path
+    /// done is `Done` there, and where its NAR went (and whose NAR it is) is noted beside it,
+    /// so an audit puts the narinfo of that claim up again.
     #[test]
     fn the_outbox_stays_readable_by_earlier_releases_and_done_keeps_its_nar() {
+        /// `MirrorState` as earlier releases wrote and read it.
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        enum Earlier {
+            Pending,
+            NarStored {
+                url: String,
+                compression: String,
+                file_hash: [u8; 32],
+                file_size: u64,
+            },
+            Done,
+        }
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("db")).unwrap();
         let h = "a".repeat(32);
@@ -264,26 +284,69 @@ mod tests {
             compression: "zstd".into(),
             file_hash: [3; 32],
             file_size: 77,
+            blake3: Some([1; 32]),
         };
         db.outbox_set(&[(h.clone(), stored.clone())]).unwrap();
-        db.outbox_set(&[(h.clone(), MirrorState::Done)]).unwrap();
-        let inner = db.db.get().unwrap();
-        let tx = inner.begin_read().unwrap();
-        let raw = |t: TableDefinition<&str, &[u8]>| -> Vec<u8> {
+        let raw = |t: TableDefinition<&str, &[u8]>| -> Option<Vec<u8>> {
+            let inner = db.db.get().unwrap();
+            let tx = inner.begin_read().unwrap();
             let table = tx.open_table(t).unwrap();
-            table.get(h.as_str()).unwrap().unwrap().value().to_vec()
+            table.get(h.as_str()).unwrap().map(|v| v.value().to_vec())
         };
+        let earlier: Earlier = postcard::from_bytes(&raw(OUTBOX).unwrap()).unwrap();
         assert_eq!(
-            raw(OUTBOX),
+            earlier,
+            Earlier::NarStored {
+                url: "nar/a.nar.zst".into(),
+                compression: "zstd".into(),
+                file_hash: [3; 32],
+                file_size: 77,
+            }
+        );
+        assert_eq!(raw(MIRROR_CLAIMS), Some(vec![1; 32]));
+        assert_eq!(
+            db.outbox_unfinished().unwrap()[0].1,
+            stored,
+            "its claim read back"
+        );
+        db.outbox_set(&[(h.clone(), MirrorState::Done)]).unwrap();
+        assert_eq!(
+            raw(OUTBOX).unwrap(),
             [2],
             "MirrorState::Done, as every release wrote it"
         );
-        let noted = raw(FINISHED);
+        let noted = raw(FINISHED).unwrap();
         let Finished::At(at, when) = read(&noted).unwrap() else {
             panic!("not noted")
         };
-        assert_eq!(at, stored);
+        assert_eq!(at, with_blake3(&stored, None));
         assert!(when > 0);
+        // The bucket lost the narinfo: it goes up again, of the claim whose NAR is there.
+        let again = db.outbox_again(&[(h.clone(), true)], None).unwrap();
+        assert_eq!(again.back[0].1, stored);
+        // Going up again from the start, the NAR may be another claim's: nothing noted.
+        db.outbox_set(&[(h.clone(), MirrorState::Pending)]).unwrap();
+        assert_eq!(raw(MIRROR_CLAIMS), None);
+    }
+
+    fn with_blake3(s: &MirrorState, b: Option<[u8; 32]>) -> MirrorState {
+        let MirrorState::NarStored {
+            url,
+            compression,
+            file_hash,
+            file_size,
+            ..
+        } = s.clone()
+        else {
+            panic!("not stored")
+        };
+        MirrorState::NarStored {
+            url,
+            compression,
+            file_hash,
+            file_size,
+            blake3: b,
+        }
     }
 
     /// An audit finds the done paths whose narinfo, or NAR (gone or of another size), the
@@ -310,6 +373,7 @@ mod tests {
             ],
             None,
             false,
+            None,
         )
         .unwrap();
         assert_eq!(db.outbox_take(10, None).unwrap().0.len(), 7);
@@ -318,6 +382,7 @@ mod tests {
             compression: "zstd".into(),
             file_hash: [0; 32],
             file_size: 100,
+            blake3: None,
         };
         let all = ['a', 'b', 'c', 'd', 'g', 'i'];
         db.outbox_set(&all.map(|c| (h(c), nar(c)))).unwrap();
@@ -427,7 +492,7 @@ mod tests {
             "gone already"
         );
         // A peer holds g again (a newer word): taken in again, pending.
-        db.record_remote(vec![remote(&h('g'), 6, 5, 2, true)], None, false)
+        db.record_remote(vec![remote(&h('g'), 6, 5, 2, true)], None, false, None)
             .unwrap();
         let (taken, _) = db.outbox_take(10, Some(&me)).unwrap();
         assert_eq!(
@@ -442,7 +507,7 @@ mod tests {
 
         // A done path whose record was forgotten (nobody held it) leaves the outbox: a later
         // record of it is taken in anew.
-        db.record_remote(vec![remote(&h('f'), 9, 5, 1, false)], None, false)
+        db.record_remote(vec![remote(&h('f'), 9, 5, 1, false)], None, false, None)
             .unwrap();
         db.outbox_take(10, None).unwrap();
         db.outbox_set(&[(h('f'), nar('f'))]).unwrap();

@@ -174,6 +174,7 @@ impl Db {
         tx.open_table(outbox::OUTBOX)?;
         tx.open_table(outbox::UPLOADS)?;
         tx.open_table(audit::FINISHED)?;
+        tx.open_table(outbox::MIRROR_CLAIMS)?;
         storage::create_tables(&tx)?;
         tx.open_table(forget::MARKS)?;
         tx.open_table(review::SYNCED)?;

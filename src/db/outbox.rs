@@ -16,6 +16,10 @@ pub(super) const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("mi
 /// object key; and uploads it was about to create: `intent:<token>` -> `<unix ms> <key>`. At
 /// start they are aborted (never anyone else's).
 pub(super) const UPLOADS: TableDefinition<&str, &str> = TableDefinition::new("mirror_uploads_v1");
+/// The claim whose NAR the mirror put in the bucket for a path, by hash part: its BLAKE3. Set
+/// with the path's `NarStored`, cleared with `Pending`, kept once done (for the audit).
+pub(super) const MIRROR_CLAIMS: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("mirror_claims_v1");
 /// How an intent's token starts (upload ids never do: they come from the bucket, which the
 /// mirror reaches only after the intent is recorded).
 const INTENT: &str = "intent:";
@@ -60,6 +64,12 @@ pub enum MirrorState {
         compression: String,
         file_hash: [u8; 32],
         file_size: u64,
+        /// The BLAKE3 of the claim whose NAR it is, so that its narinfo goes up with that
+        /// claim's NarHash whatever the path serves by then. Not in the outbox's value, which
+        /// stays as earlier releases wrote and read it, but beside it ([`MIRROR_CLAIMS`]);
+        /// `None` for a NAR an earlier release stored (the first claim not failed, then).
+        #[serde(skip)]
+        blake3: Option<[u8; 32]>,
     },
     /// Its narinfo is in the bucket too: done for good.
     Done,
@@ -69,12 +79,39 @@ pub(super) fn decode(v: &[u8]) -> Result<MirrorState, DbError> {
     Ok(postcard::from_bytes(v)?)
 }
 
+/// `state` with the BLAKE3 of its stored NAR's claim, as noted beside the outbox.
+pub(super) fn with_claim(
+    state: MirrorState,
+    claims: &impl ReadableTable<&'static str, &'static [u8]>,
+    hash: &str,
+) -> Result<MirrorState, DbError> {
+    Ok(match state {
+        MirrorState::NarStored {
+            url,
+            compression,
+            file_hash,
+            file_size,
+            ..
+        } => MirrorState::NarStored {
+            url,
+            compression,
+            file_hash,
+            file_size,
+            blake3: claims
+                .get(hash)?
+                .and_then(|v| <[u8; 32]>::try_from(v.value()).ok()),
+        },
+        s => s,
+    })
+}
+
 impl Db {
     /// What the mirror still needs of each of these NARs, in one read: a path whose served
     /// claim is the NAR is not done in the bucket ([`MirrorNeed::Unfinished`]), or not yet
     /// taken into the outbox (its log entry after the mirror's cursor: [`MirrorNeed::NotTaken`]).
-    /// Claims a path no longer serves do not count: the mirror uploads only the served one. For
-    /// the storage's eviction on the mirror node.
+    /// Every claim of a path that has not failed counts: the mirror uploads the one the path
+    /// serves, which may become another while the path waits (`PathRecord::served`). For the
+    /// storage's eviction on the mirror node.
     pub fn mirror_needs(&self, blake3s: &[[u8; 32]]) -> Result<Vec<MirrorNeed>, DbError> {
         let db = self.db.get()?;
         let tx = db.begin_read()?;
@@ -89,7 +126,8 @@ impl Db {
             for h in blobs.get(b.as_slice())? {
                 let h = h?;
                 let serves = record_in(&paths, h.value())?
-                    .is_some_and(|r| r.active().is_some_and(|c| c.blake3 == *b));
+                    .and_then(|r| r.claim(b).map(|c| !c.failed))
+                    .unwrap_or(false);
                 if !serves {
                     continue;
                 }
@@ -287,6 +325,7 @@ impl Db {
         let tx = db.begin_read()?;
         let outbox = tx.open_table(OUTBOX)?;
         let paths = tx.open_table(PATHS)?;
+        let claims = tx.open_table(MIRROR_CLAIMS)?;
         let mut out = Vec::new();
         for entry in outbox.iter()? {
             let (hash, state) = entry?;
@@ -295,6 +334,7 @@ impl Db {
                 continue;
             }
             if let Some(v) = paths.get(hash.value())? {
+                let state = with_claim(state, &claims, hash.value())?;
                 out.push((postcard::from_bytes(v.value())?, state));
             }
         }
@@ -333,12 +373,24 @@ impl Db {
             let mut index = tx.open_table(LOG_INDEX)?;
             let mut meta = tx.open_table(META)?;
             let mut finished = tx.open_table(super::audit::FINISHED)?;
+            let mut claims = tx.open_table(MIRROR_CLAIMS)?;
             let now = super::paths::now_secs();
             for (hash, state) in states {
                 let before = outbox
                     .insert(hash.as_str(), postcard::to_allocvec(state)?.as_slice())?
                     .map(|v| decode(v.value()))
                     .transpose()?;
+                match state {
+                    MirrorState::NarStored {
+                        blake3: Some(b), ..
+                    } => {
+                        claims.insert(hash.as_str(), b.as_slice())?;
+                    }
+                    MirrorState::Pending | MirrorState::NarStored { blake3: None, .. } => {
+                        claims.remove(hash.as_str())?;
+                    }
+                    MirrorState::Done => {}
+                }
                 if *state != MirrorState::Done {
                     continue;
                 }
@@ -384,6 +436,7 @@ mod tests {
             vec![remote(&a, 1, 5, 1, true), remote(&b, 1, 5, 1, true)],
             None,
             false,
+            None,
         )
         .unwrap();
         assert_eq!(need(), NotTaken);
@@ -399,7 +452,7 @@ mod tests {
         db.outbox_take(10, None).unwrap();
         assert_eq!(need(), Nothing, "both done");
         // A peer's newer word on a: its entry moves to the end of the log.
-        db.record_remote(vec![remote(&a, 1, 6, 2, true)], None, false)
+        db.record_remote(vec![remote(&a, 1, 6, 2, true)], None, false, None)
             .unwrap();
         assert_eq!(need(), NotTaken, "changed, not taken in again");
         db.outbox_take(10, None).unwrap();

@@ -160,13 +160,15 @@ impl Db {
     /// given, in one fsync'd transaction. A record that is new or changed moves to the end of
     /// the log. Returns the records that are new or changed, as they now stand, each with
     /// whether the claim it took in is new to it (not merely news of its providers). With
-    /// `wish` (an eager node), the NAR of each new active claim not held yet is wished for in
-    /// the same commit, so that no crash can leave a claim recorded and never fetched.
+    /// `wish` (an eager node), the NAR each record with a new claim serves
+    /// ([`PathRecord::served`], `me` being this node) is wished for if not held yet, in the same
+    /// commit, so that no crash can leave a claim recorded and never fetched.
     pub fn record_remote(
         &self,
         claims: Vec<RemoteClaim>,
         cursor: Option<(&[u8; 32], u64)>,
         wish: bool,
+        me: Option<&[u8; 32]>,
     ) -> Result<Vec<(PathRecord, bool)>, DbError> {
         let db = self.db.get()?;
         let mut tx = db.begin_write()?;
@@ -208,9 +210,11 @@ impl Db {
                 let nars = tx.open_table(super::storage::NARS)?;
                 let own = tx.open_multimap_table(super::storage::OWN)?;
                 for (rec, _) in out.iter().filter(|(_, new_claim)| *new_claim) {
-                    let Some(c) = rec.active() else { continue };
+                    let Some(c) = super::storage::served_in(rec, me, &nars, &own)? else {
+                        continue;
+                    };
                     let b = c.blake3.as_slice();
-                    if nars.get(b)?.is_none() && own.get(b)?.next().is_none() {
+                    if !super::storage::held_here(&nars, &own, b)? {
                         wants.insert(b, rec.hash_part())?;
                     }
                 }
@@ -264,6 +268,68 @@ impl Db {
         tx.open_table(CURSORS)?.insert(peer.as_slice(), seq)?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// Peer `id` answered, over its own connection, that it does not hold the NAR `blake3`:
+    /// every claim on it takes that as the peer's word at `at_ms` (this node's clock), a hint
+    /// (unsigned, so never relayed) that replaces an older statement that it held it. Its
+    /// signed withdrawal may never reach this node: a peer relays only the claim it serves,
+    /// and the peer itself speaks of another build once it made one. Without this, a stale
+    /// "holds" kept the path serving, wishing for and mirroring a NAR nobody had. A peer's
+    /// later signed statement that it holds the NAR again takes its place. Returns the number
+    /// of records changed (moved to the end of the log). Not fsync'd: a hint lost in a crash
+    /// is learnt again at the next answer.
+    pub fn provider_lacks(
+        &self,
+        blake3: &[u8; 32],
+        id: &[u8; 32],
+        at_ms: u64,
+    ) -> Result<usize, DbError> {
+        let db = self.db.get()?;
+        let mut tx = db.begin_write()?;
+        let mut changed = Vec::new();
+        {
+            let blobs = tx.open_multimap_table(BLOBS)?;
+            let mut paths = tx.open_table(PATHS)?;
+            let mut log = tx.open_table(LOG)?;
+            let mut index = tx.open_table(LOG_INDEX)?;
+            let mut meta = tx.open_table(META)?;
+            for h in blobs.get(blake3.as_slice())? {
+                let h = h?.value().to_owned();
+                let Some(mut rec) = record_in(&paths, &h)? else {
+                    continue;
+                };
+                let Some(c) = rec.claim_mut(blake3) else {
+                    continue;
+                };
+                if !c.providers.iter().any(|p| &p.id == id && p.holds) {
+                    continue;
+                }
+                let hint = super::Provider {
+                    id: *id,
+                    holds: false,
+                    at_ms,
+                    sig: Vec::new(),
+                };
+                if super::merge_provider(&mut c.providers, hint) {
+                    paths.insert(h.as_str(), postcard::to_allocvec(&rec)?.as_slice())?;
+                    relog(&mut log, &mut index, &mut meta, &h)?;
+                    changed.push(h);
+                }
+            }
+        }
+        if changed.is_empty() {
+            tx.abort()?;
+            return Ok(0);
+        }
+        tx.set_durability(redb::Durability::None)?;
+        tx.commit()?;
+        let n = changed.len();
+        self.changed();
+        for h in changed {
+            let _ = self.changed_paths.send(h);
+        }
+        Ok(n)
     }
 
     /// Move these paths to the end of the log (what this node holds of them changed), in one

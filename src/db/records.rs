@@ -85,9 +85,37 @@ impl PathRecord {
         hash_part_of(&self.store_path)
     }
 
-    /// The claim served: the first that has not failed.
+    /// The first claim that has not failed: the best, whether or not anyone holds its NAR.
     pub fn active(&self) -> Option<&Claim> {
         self.claims.iter().find(|c| !c.failed)
+    }
+
+    /// The first claim, not failed, whose NAR is held here (`here`), else the first a peer
+    /// holds (`elsewhere`); `None` if no claim's NAR can be had.
+    pub fn obtainable(
+        &self,
+        mut here: impl FnMut(&Claim) -> bool,
+        mut elsewhere: impl FnMut(&Claim) -> bool,
+    ) -> Option<&Claim> {
+        let live = || self.claims.iter().filter(|c| !c.failed);
+        live()
+            .find(|c| here(c))
+            .or_else(|| live().find(|c| elsewhere(c)))
+    }
+
+    /// The claim this node serves, wishes for, mirrors and speaks of: the first whose NAR can
+    /// be had ([`Self::obtainable`]: held here by `here`'s word, else by a peer's own latest
+    /// word, `me`'s repeated by peers not counting), else the first not failed, which waits
+    /// for a holder. A path built again with other bytes after every node lost the first
+    /// build's NAR is served, fetched and mirrored as the second build, and a node holding one
+    /// build speaks of that one.
+    pub fn served(
+        &self,
+        me: Option<&[u8; 32]>,
+        here: impl FnMut(&Claim) -> bool,
+    ) -> Option<&Claim> {
+        self.obtainable(here, |c| c.held_by_peer(me))
+            .or_else(|| self.active())
     }
 
     /// The claim this node made from its own store, if any.
@@ -286,6 +314,41 @@ mod tests {
             at_ms: at,
             sig: vec![1],
         }
+    }
+
+    /// The claim served is the first whose NAR can be had: held here first, then by a peer
+    /// by its own word (not `me`'s word repeated), never a failed one; with none, the first
+    /// not failed, which waits.
+    #[test]
+    fn the_claim_served_is_the_first_whose_nar_can_be_had() {
+        let mut r = PathRecord {
+            store_path: "/nix/store/x".into(),
+            claims: vec![
+                claim(1, false, true),
+                claim(2, false, true),
+                claim(3, false, true),
+            ],
+            recorded_at: 0,
+        };
+        let me = [9u8; 32];
+        let served = |r: &PathRecord, here: u8| {
+            r.served(Some(&me), |c| c.blake3 == [here; 32])
+                .unwrap()
+                .blake3[0]
+        };
+        assert_eq!(served(&r, 0), 1, "nobody holds any: the first, waiting");
+        r.claims[1].providers.push(prov(9, true, 1));
+        assert_eq!(served(&r, 0), 1, "me's own word repeated does not count");
+        r.claims[2].providers.push(prov(5, true, 1));
+        assert_eq!(served(&r, 0), 3, "the one a peer holds");
+        r.claims[1].providers.push(prov(6, true, 1));
+        assert_eq!(served(&r, 0), 2, "the first a peer holds");
+        assert_eq!(served(&r, 3), 3, "one held here before one a peer holds");
+        r.claims[2].failed = true;
+        assert_eq!(served(&r, 3), 2, "never a failed one");
+        assert!(r.obtainable(|_| false, |_| false).is_none());
+        r.claims[1].providers[1].holds = false;
+        assert_eq!(served(&r, 0), 1);
     }
 
     #[test]

@@ -57,6 +57,27 @@ pub(super) fn held_here(
     Ok(nars.get(blake3)?.is_some() || own.get(blake3)?.next().is_some())
 }
 
+/// The claim `rec` serves ([`PathRecord::served`]), with what this node holds read in the
+/// transaction's tables.
+pub(super) fn served_in<'r>(
+    rec: &'r PathRecord,
+    me: Option<&[u8; 32]>,
+    nars: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    own: &impl ReadableMultimapTable<&'static [u8], &'static str>,
+) -> Result<Option<&'r super::Claim>, DbError> {
+    let mut failed = None;
+    let served = rec.served(me, |c| {
+        held_here(nars, own, c.blake3.as_slice()).unwrap_or_else(|e| {
+            failed.get_or_insert(e);
+            false
+        })
+    });
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(served),
+    }
+}
+
 /// A NAR file of the storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NarFile {

@@ -126,6 +126,7 @@ fn a_peer_record_first_does_not_stop_our_own_and_changes_move_to_the_end_of_the_
             vec![remote(&a, 9, 5, 1, true), remote(&b, 8, 5, 1, true)],
             None,
             false,
+            None,
         )
         .unwrap();
     assert_eq!(new.len(), 2);
@@ -137,12 +138,12 @@ fn a_peer_record_first_does_not_stop_our_own_and_changes_move_to_the_end_of_the_
     assert_eq!(log_order(&db), vec![a.clone(), b.clone()]);
     // The same statement again changes nothing; a later withdrawal does.
     assert!(
-        db.record_remote(vec![remote(&a, 9, 5, 1, true)], None, false)
+        db.record_remote(vec![remote(&a, 9, 5, 1, true)], None, false, None)
             .unwrap()
             .is_empty()
     );
     let changed = db
-        .record_remote(vec![remote(&a, 9, 5, 2, false)], None, false)
+        .record_remote(vec![remote(&a, 9, 5, 2, false)], None, false, None)
         .unwrap();
     assert_eq!(changed.len(), 1);
     assert!(!changed[0].1, "no new claim, only news of a provider");
@@ -170,7 +171,7 @@ fn nar_files_are_counted_and_evictions_clear_wishes() {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(&dir.path().join("db")).unwrap();
     let a = "a".repeat(32);
-    db.record_remote(vec![remote(&a, 9, 5, 1, true)], None, false)
+    db.record_remote(vec![remote(&a, 9, 5, 1, true)], None, false, None)
         .unwrap();
     db.want(&[([9; 32], a.clone())]).unwrap();
     assert_eq!(db.wants().unwrap().len(), 1);
@@ -237,18 +238,90 @@ fn an_eager_node_wishes_for_new_claims_in_the_same_commit() {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(&dir.path().join("db")).unwrap();
     let (a, b) = ("a".repeat(32), "b".repeat(32));
-    db.record_remote(vec![remote(&a, 9, 5, 1, true)], None, true)
+    db.record_remote(vec![remote(&a, 9, 5, 1, true)], None, true, None)
         .unwrap();
     assert_eq!(db.wants().unwrap(), vec![([9; 32], a.clone())]);
     // News of a provider is no new claim: nothing wished again once the wish is gone.
     db.unwant(&[[9; 32]]).unwrap();
-    db.record_remote(vec![remote(&a, 9, 5, 2, true)], None, true)
+    db.record_remote(vec![remote(&a, 9, 5, 2, true)], None, true, None)
         .unwrap();
     assert!(db.wants().unwrap().is_empty());
     // Not eager: no wish.
-    db.record_remote(vec![remote(&b, 8, 5, 1, true)], None, false)
+    db.record_remote(vec![remote(&b, 8, 5, 1, true)], None, false, None)
         .unwrap();
     assert!(db.wants().unwrap().is_empty());
+}
+
+/// A path built again with other bytes after every holder of the first build lost it: the
+/// new claim's NAR is wished for (the one a node holds), not the first build's, which nobody
+/// holds; `me`'s own word, repeated by a peer, does not make a claim held.
+#[test]
+fn an_eager_node_wishes_for_the_claim_a_node_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("db")).unwrap();
+    let a = "a".repeat(32);
+    // The first build: its provider withdrew it; our own old word says we hold it.
+    let mut first = remote(&a, 1, 5, 2, false);
+    first.claim.providers.push(Provider {
+        id: [8; 32],
+        holds: true,
+        at_ms: 1,
+        sig: vec![1],
+    });
+    db.record_remote(vec![first], None, true, Some(&[8; 32]))
+        .unwrap();
+    assert_eq!(
+        db.wants().unwrap(),
+        vec![([1; 32], a.clone())],
+        "nobody holds any: the first"
+    );
+    db.unwant(&[[1; 32]]).unwrap();
+    // The second build, which node 6 holds.
+    db.record_remote(vec![remote(&a, 2, 6, 3, true)], None, true, Some(&[8; 32]))
+        .unwrap();
+    assert_eq!(db.wants().unwrap(), vec![([2; 32], a.clone())]);
+    let rec = db.path(&a).unwrap().unwrap();
+    assert_eq!(
+        rec.active().unwrap().blake3,
+        [1; 32],
+        "still first in the record"
+    );
+}
+
+/// A peer's answer that it lacks a NAR replaces its older word that it held it (and only
+/// that: a record naming it as no holder, or not at all, is left alone); the stale signed word
+/// relayed again does not bring it back, its newer one does.
+#[test]
+fn a_peer_that_answers_it_lacks_a_nar_is_no_longer_its_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("db")).unwrap();
+    let (a, b) = ("a".repeat(32), "b".repeat(32));
+    db.record_remote(
+        vec![remote(&a, 1, 5, 10, true), remote(&b, 1, 6, 10, true)],
+        None,
+        false,
+        None,
+    )
+    .unwrap();
+    let holds = |h: &str| db.path(h).unwrap().unwrap().claims[0].held_by_peer(None);
+    assert_eq!(db.provider_lacks(&[1; 32], &[5; 32], 20).unwrap(), 1);
+    assert!(!holds(&a) && holds(&b), "only peer 5's word changes");
+    assert_eq!(
+        db.provider_lacks(&[1; 32], &[5; 32], 21).unwrap(),
+        0,
+        "no news"
+    );
+    assert_eq!(
+        db.provider_lacks(&[2; 32], &[5; 32], 21).unwrap(),
+        0,
+        "no such NAR"
+    );
+    db.record_remote(vec![remote(&a, 1, 5, 10, true)], None, false, None)
+        .unwrap();
+    assert!(!holds(&a), "the stale word relayed again");
+    db.record_remote(vec![remote(&a, 1, 5, 30, true)], None, false, None)
+        .unwrap();
+    assert!(holds(&a), "its newer word");
 }
 
 #[test]
@@ -262,7 +335,7 @@ fn the_wish_list_is_read_a_window_at_a_time_in_blake3_order() {
     for (i, h) in hashes.iter().enumerate() {
         // BLAKE3s 5, 1, 4, 3, 2 (out of the order they are recorded in).
         let b = [5u8, 1, 4, 3, 2][i];
-        db.record_remote(vec![remote(h, b, 5, 1, true)], None, true)
+        db.record_remote(vec![remote(h, b, 5, 1, true)], None, true, None)
             .unwrap();
     }
     let keys = |w: Vec<([u8; 32], String)>| w.iter().map(|(b, _)| b[0]).collect::<Vec<_>>();
@@ -288,6 +361,7 @@ fn nar_files_recorded_together_are_each_counted_once_in_one_commit() {
         vec![remote(&a, 1, 5, 1, true), remote(&b, 2, 5, 1, true)],
         None,
         true,
+        None,
     )
     .unwrap();
     assert_eq!(db.wants().unwrap().len(), 2);
@@ -318,11 +392,16 @@ fn records_nobody_holds_are_forgotten_once_old_enough() {
     let me = [7u8; 32];
     let h = |c: char| c.to_string().repeat(32);
     let rec = |c: char, b: u8, provider: u8, holds: bool| {
-        db.record_remote(vec![remote(&h(c), b, provider, 1, holds)], None, false)
-            .unwrap();
+        db.record_remote(
+            vec![remote(&h(c), b, provider, 1, holds)],
+            None,
+            false,
+            None,
+        )
+        .unwrap();
     };
     rec('a', 1, 5, true);
-    db.record_remote(vec![remote(&h('a'), 1, 5, 2, false)], None, false)
+    db.record_remote(vec![remote(&h('a'), 1, 5, 2, false)], None, false, None)
         .unwrap();
     db.want(&[([1; 32], h('a'))]).unwrap();
     rec('b', 2, 5, true);
@@ -393,7 +472,7 @@ fn records_nobody_holds_are_forgotten_once_old_enough() {
     // What stays: held by a peer, own, a file, pinned, pinned closure, failed bytes about. A
     // record that dies later is walked to.
     assert_eq!(log_order(&db).len(), 6);
-    db.record_remote(vec![remote(&h('b'), 2, 5, 9, false)], None, false)
+    db.record_remote(vec![remote(&h('b'), 2, 5, 9, false)], None, false, None)
         .unwrap();
     db.set_pins(&[h('e')], false).unwrap();
     assert!(
@@ -430,9 +509,9 @@ fn a_lost_own_copy_moves_every_path_with_those_bytes() {
     let db = Db::open(&dir.path().join("db")).unwrap();
     let (s1, t, u) = ("s".repeat(32), "t".repeat(32), "u".repeat(32));
     db.record_own(&[], &[own(&s1, 13, 10)], 0).unwrap();
-    db.record_remote(vec![remote(&t, 13, 5, 1, false)], None, false)
+    db.record_remote(vec![remote(&t, 13, 5, 1, false)], None, false, None)
         .unwrap();
-    db.record_remote(vec![remote(&u, 14, 5, 1, true)], None, false)
+    db.record_remote(vec![remote(&u, 14, 5, 1, true)], None, false, None)
         .unwrap();
     assert_eq!(log_order(&db), vec![s1.clone(), t.clone(), u.clone()]);
     assert_eq!(db.own_lost(&[([13; 32], s1.clone())]).unwrap(), 1);
@@ -485,10 +564,11 @@ fn a_review_disproves_what_the_peer_no_longer_says() {
         ],
         Some((&peer, 40)),
         false,
+        None,
     )
     .unwrap();
     // `e` has a second claim, the one a peer's log would serve.
-    db.record_remote(vec![remote(&e, 9, 6, 1, true)], None, false)
+    db.record_remote(vec![remote(&e, 9, 6, 1, true)], None, false, None)
         .unwrap();
     assert_eq!(db.synced_at(&peer).unwrap(), None);
     db.set_synced(&peer, 1000, 60).unwrap();
@@ -541,13 +621,13 @@ fn a_review_disproves_what_the_peer_no_longer_says() {
         &[b.clone(), d.clone(), v.clone()]
     );
     assert!(
-        db.record_remote(vec![remote(&b, 2, 5, 4000, true)], None, false)
+        db.record_remote(vec![remote(&b, 2, 5, 4000, true)], None, false, None)
             .unwrap()
             .is_empty(),
         "a statement made before the review, relayed late, changes nothing"
     );
     let fresh = db
-        .record_remote(vec![remote(&b, 2, 5, 6000, true)], None, false)
+        .record_remote(vec![remote(&b, 2, 5, 6000, true)], None, false, None)
         .unwrap();
     assert!(
         fresh[0].0.claims[0].providers[0].holds,
@@ -568,9 +648,9 @@ fn a_sync_makes_the_commits_written_without_fsync_durable() {
     let db = Db::open(&dir.path().join("live/db.redb")).unwrap();
     let (a, b) = ("a".repeat(32), "b".repeat(32));
     // The first new claim is fsync'd, the next one within a second is not.
-    db.record_remote(vec![remote(&a, 1, 5, 1, true)], None, false)
+    db.record_remote(vec![remote(&a, 1, 5, 1, true)], None, false, None)
         .unwrap();
-    db.record_remote(vec![remote(&b, 2, 5, 1, true)], None, false)
+    db.record_remote(vec![remote(&b, 2, 5, 1, true)], None, false, None)
         .unwrap();
     let crash = |name: &str| {
         let to = dir.path().join(name);
@@ -606,7 +686,7 @@ fn retrust_fixture() -> (tempfile::TempDir, Db, usize) {
             )
         })
         .collect();
-    db.record_remote(claims, Some((&[9; 32], 77)), false)
+    db.record_remote(claims, Some((&[9; 32], 77)), false, None)
         .unwrap();
     (dir, db, n)
 }

@@ -237,10 +237,12 @@ async fn narinfo(st: &HttpState, hash: &str) -> Response {
         let Some(rec) = db.path(&key).map_err(|e| e.to_string())? else {
             return Ok(None);
         };
-        // Served only if its NAR can be had: held here, or a peer holds it.
-        let servable = rec.claims.iter().filter(|c| !c.failed).find(|c| {
-            storage.holds_blocking(&c.blake3) || mesh.as_ref().is_some_and(|m| m.providers(c) > 0)
-        });
+        // Served only if its NAR can be had: held here, else a peer holds it (the claim the
+        // node speaks of, `PathRecord::served`).
+        let servable = rec.obtainable(
+            |c| storage.holds_blocking(&c.blake3),
+            |c| mesh.as_ref().is_some_and(|m| m.providers(c) > 0),
+        );
         Ok(servable.map(|c| Bytes::from(c.narinfo.clone())))
     })
     .await;

@@ -14,7 +14,7 @@ use narmesh_proto::gossip::{Incoming, PathAnnounce, ProviderStatement, v1};
 
 use std::collections::HashSet;
 
-use crate::db::{Claim, MAX_BINDINGS, PathRecord, Provider, RemoteClaim, merge_provider};
+use crate::db::{Claim, MAX_BINDINGS, Provider, RemoteClaim, merge_provider};
 use crate::nix::{NarInfo, SecretKey, TrustedKeys};
 use crate::pipeline::nar_url;
 
@@ -298,17 +298,17 @@ pub fn statement(me: &EndpointSecret, blake3: &[u8; 32], holds: bool, at_ms: u64
     }
 }
 
-/// What this node says about a record: its active claim, with this node's fresh statement
-/// (holds it, or no longer does if it had said it did), and its own binding when it holds the
-/// NAR (it computed or checked the BLAKE3 against the signed NarHash itself).
+/// What this node says about a record: the claim `c` it speaks of (the one it serves,
+/// `PathRecord::served`), with this node's fresh statement (holds it, or no longer does if it
+/// had said it did), and its own binding when it holds the NAR (it computed or checked the
+/// BLAKE3 against the signed NarHash itself).
 pub fn announce_of(
-    rec: &PathRecord,
+    c: &Claim,
     me: &EndpointSecret,
     node_key: &SecretKey,
     holds: bool,
     now_ms: u64,
-) -> Option<PathAnnounce> {
-    let c = rec.active()?;
+) -> PathAnnounce {
     let my_id = *me.public().as_bytes();
     let mut providers: Vec<ProviderStatement> = c
         .providers
@@ -348,20 +348,19 @@ pub fn announce_of(
         ));
     }
     bindings.truncate(narmesh_proto::gossip::MAX_LIST);
-    Some(PathAnnounce {
+    PathAnnounce {
         narinfo: c.narinfo.clone(),
         blake3: c.blake3,
         nar_size: c.nar_size,
         bindings,
         upstream_refs: c.upstream_refs.clone(),
         providers,
-    })
+    }
 }
 
-/// The version 1 announcement of a record, for version 1 peers: the active claim, naming this
-/// node as provider if it holds the NAR.
-pub fn announce_v1_of(rec: &PathRecord, me: [u8; 32], holds: bool) -> Option<v1::Announce> {
-    let c = rec.active()?;
+/// The version 1 announcement of a record's claim `c` (the one served), for version 1 peers,
+/// naming this node as provider if it holds the NAR.
+pub fn announce_v1_of(c: &Claim, me: [u8; 32], holds: bool) -> v1::Announce {
     let mut providers: Vec<[u8; 32]> = c
         .providers
         .iter()
@@ -372,13 +371,13 @@ pub fn announce_v1_of(rec: &PathRecord, me: [u8; 32], holds: bool) -> Option<v1:
         providers.insert(0, me);
     }
     providers.truncate(narmesh_proto::gossip::MAX_LIST);
-    Some(v1::Announce {
+    v1::Announce {
         version: 1,
         narinfo: c.narinfo.clone(),
         blake3: c.blake3,
         nar_size: c.nar_size,
         providers,
-    })
+    }
 }
 
 #[cfg(test)]

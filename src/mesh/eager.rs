@@ -1,7 +1,10 @@
 //! Eager replication: what an eager node still wants is durable (the wish list in redb, written
 //! in the commit that records a claim it does not hold), and is fetched, a few at a time, with a
 //! backoff per NAR, across restarts, until it is held or no trusted record wants it any more.
-//! Eviction clears a wish, so nothing is fetched and evicted in a loop. Up to eight at once, of
+//! A wish is for the claim its path serves (`PathRecord::served`): when that becomes another
+//! (every holder lost the NAR wished for, and a node holds another build of the path), the
+//! other is wished for instead, at the wish's next turn. Eviction clears a wish, so nothing is
+//! fetched and evicted in a loop. Up to eight at once, of
 //! which two large: a small NAR is never stuck behind large ones.
 //!
 //! The wish list is walked a window at a time ([`WINDOW`] wishes in BLAKE3 order, from where the
@@ -108,9 +111,11 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
     // What runs, and whether it is large.
     let mut running: HashMap<[u8; 32], bool> = HashMap::new();
     let mut fetches: JoinSet<([u8; 32], Result<(), String>)> = JoinSet::new();
+    let my_id = *ctx.endpoint_key.public().as_bytes();
     loop {
         let now = Instant::now();
         let mut gone = Vec::new();
+        let mut instead = Vec::new();
         let mut large_running = running.values().filter(|l| **l).count();
         // Windows of the list until the slots are full, the list ends, or the look has read
         // its share.
@@ -140,19 +145,33 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                 if large_running >= LARGE_AT_ONCE && walk.known_large(&b) {
                     continue;
                 }
-                let db = ctx.db.clone();
+                let (db, storage, me) = (ctx.db.clone(), ctx.storage.clone(), my_id);
                 let h = hash.clone();
-                let rec = tokio::task::spawn_blocking(move || db.path(&h))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .flatten();
-                let Some(claim) = rec.as_ref().and_then(|r| r.claim(&b)).filter(|c| !c.failed)
-                else {
+                let looked = tokio::task::spawn_blocking(move || {
+                    let rec = db.path(&h).ok().flatten()?;
+                    rec.served(Some(&me), |c| storage.holds_blocking(&c.blake3))
+                        .cloned()
+                })
+                .await
+                .ok()
+                .flatten();
+                let claim = match looked {
+                    Some(c) if c.blake3 == b => c,
+                    // The path serves another claim now (every holder of this one lost it,
+                    // and a node holds the other): that one is wished for instead, if it is
+                    // not held here already.
+                    Some(c) => {
+                        walk.forget(&b);
+                        gone.push(b);
+                        instead.push((c.blake3, hash));
+                        continue;
+                    }
                     // No record wants these bytes any more.
-                    walk.forget(&b);
-                    gone.push(b);
-                    continue;
+                    None => {
+                        walk.forget(&b);
+                        gone.push(b);
+                        continue;
+                    }
                 };
                 let large = claim.nar_size > LARGE;
                 if large {
@@ -191,7 +210,11 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
         }
         if !gone.is_empty() {
             let db = ctx.db.clone();
-            let _ = tokio::task::spawn_blocking(move || db.unwant(&gone)).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                db.unwant(&gone)?;
+                db.want(&instead)
+            })
+            .await;
         }
         tokio::select! {
             _ = cancel.cancelled() => break,

@@ -95,12 +95,11 @@ pub async fn run(
 }
 
 async fn announce(ctx: &Arc<Ctx>, sender: &GossipSender, rec: &PathRecord) {
-    // The pipeline's records are held here (in the local store).
-    let Some(ann) =
-        super::accept::announce_of(rec, &ctx.endpoint_key, &ctx.key, true, super::now_ms())
-    else {
+    // The pipeline's records are held here (in the local store): their own claim.
+    let Some(c) = rec.own().or_else(|| rec.active()) else {
         return;
     };
+    let ann = super::accept::announce_of(c, &ctx.endpoint_key, &ctx.key, true, super::now_ms());
     match ann.encode() {
         Ok(bytes) if bytes.len() <= MAX_ANNOUNCE => {
             if let Err(e) = sender.broadcast(Bytes::from(bytes)).await {

@@ -226,7 +226,12 @@ impl Ctx {
                 // An eager node wishes for the NARs of claims new to it in the same commit
                 // (news of providers, or of its own eviction coming back from peers, never
                 // starts a fetch again).
-                .record_remote(claims, cur.as_ref().map(|(id, s)| (id, *s)), ctx.eager)?;
+                .record_remote(
+                    claims,
+                    cur.as_ref().map(|(id, s)| (id, *s)),
+                    ctx.eager,
+                    Some(ctx.endpoint_key.public().as_bytes()),
+                )?;
             Ok::<_, crate::db::DbError>((accepted, changed.len()))
         })
         .await;

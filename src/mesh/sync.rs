@@ -107,16 +107,23 @@ fn batch(ctx: &Ctx, req: &SyncRequest, version: u8) -> Result<Answer, String> {
     let now = super::now_ms();
     let me = ctx.endpoint_key.clone();
     let my_id = *me.public().as_bytes();
-    // Each row's announcement is made only when the batch reaches it; a row with no active
-    // claim has none, and is passed.
-    let holds =
-        |rec: &crate::db::PathRecord| rec.active().map(|c| ctx.storage.holds_blocking(&c.blake3));
+    // Each row's announcement is made only when the batch reaches it: of the claim the record
+    // serves here, with whether this node holds it. A row with no claim to serve has none,
+    // and is passed.
+    let served = |rec: &crate::db::PathRecord| {
+        let mut held = false;
+        let c = rec.served(Some(&my_id), |c| {
+            held = ctx.storage.holds_blocking(&c.blake3);
+            held
+        })?;
+        Some((c.clone(), held))
+    };
     Ok(if version == 2 {
         let f = fill(
             req.after,
             rows.into_iter().map(|(seq, rec)| {
-                let a = holds(&rec)
-                    .and_then(|h| super::accept::announce_of(&rec, &me, &ctx.key, h, now));
+                let a = served(&rec)
+                    .map(|(c, h)| super::accept::announce_of(&c, &me, &ctx.key, h, now));
                 (seq, rec.store_path, a)
             }),
         )?;
@@ -129,7 +136,7 @@ fn batch(ctx: &Ctx, req: &SyncRequest, version: u8) -> Result<Answer, String> {
         let f = fill(
             req.after,
             rows.into_iter().map(|(seq, rec)| {
-                let a = holds(&rec).and_then(|h| super::accept::announce_v1_of(&rec, my_id, h));
+                let a = served(&rec).map(|(c, h)| super::accept::announce_v1_of(&c, my_id, h));
                 (seq, rec.store_path, a)
             }),
         )?;

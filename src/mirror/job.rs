@@ -18,12 +18,12 @@ use tokio_util::task::AbortOnDropHandle;
 use super::compress::{Compressor, FileDigest};
 use super::s3::{Bucket, Growth, NAR_TYPE, NARINFO_TYPE, S3Error, UploadLog};
 use crate::config::Compression;
-use crate::db::{Db, MirrorState, OpenUpload, PathRecord};
+use crate::db::{Claim, Db, MirrorState, OpenUpload, PathRecord};
 use crate::mesh::Arriving;
 use crate::nix::{NarInfo, Sha256, base32};
 use crate::storage::Storage;
 
-/// What the mirror needs of a record: its served claim.
+/// What the mirror needs of a record: the claim it uploads.
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub store_path: String,
@@ -36,16 +36,42 @@ pub struct Entry {
 }
 
 impl Entry {
-    pub fn of(rec: &PathRecord) -> Option<Self> {
-        let c = rec.active()?;
-        Some(Entry {
+    /// One claim of the record.
+    pub fn of(rec: &PathRecord, c: &Claim) -> Self {
+        Entry {
             store_path: rec.store_path.clone(),
             hash: rec.hash_part().to_owned(),
             narinfo: c.narinfo.clone(),
             blake3: c.blake3,
             nar_size: c.nar_size,
             upstream_refs: c.upstream_refs.clone(),
-        })
+        }
+    }
+
+    /// What the mirror uploads of a path in `state`: the claim whose NAR is in the bucket
+    /// already (its narinfo must go with it), else the one the path serves (`served`, given
+    /// what this node can read), with the state that goes with it. A stored NAR whose claim
+    /// failed or left the record goes up again, as the served claim's.
+    pub fn choose(
+        rec: &PathRecord,
+        state: MirrorState,
+        served: Option<&Claim>,
+    ) -> Option<(Self, MirrorState)> {
+        if let MirrorState::NarStored { blake3, .. } = &state {
+            let stored = match blake3 {
+                Some(b) => rec.claim(b).filter(|c| !c.failed),
+                // Stored by an earlier release: the first claim not failed, then.
+                None => rec.active(),
+            };
+            if let Some(c) = stored {
+                return Some((Self::of(rec, c), state));
+            }
+        }
+        let state = match state {
+            MirrorState::Done => MirrorState::Done,
+            _ => MirrorState::Pending,
+        };
+        Some((Self::of(rec, served?), state))
     }
 
     /// Hash parts of the references the narinfo must wait for: not itself, not signed upstream.
@@ -281,6 +307,7 @@ impl NarJob {
                 compression: self.how.name().to_owned(),
                 file_hash: digest.sha256,
                 file_size: digest.size,
+                blake3: Some(self.rec.blake3),
             },
             streamed,
         ))
@@ -493,10 +520,15 @@ pub fn bucket_narinfo(rec: &Entry, state: &MirrorState) -> Result<String, String
         compression,
         file_hash,
         file_size,
+        blake3,
     } = state
     else {
         return Err("the NAR is not in the bucket yet".into());
     };
+    if blake3.is_some_and(|b| b != rec.blake3) {
+        // Never a narinfo over another build's NAR (Nix would fail on its NarHash).
+        return Err("the NAR in the bucket is another claim's".into());
+    }
     let mut info = NarInfo::parse(&rec.narinfo).map_err(|e| e.to_string())?;
     info.url = url.clone();
     info.compression = compression.clone();
@@ -521,4 +553,71 @@ pub async fn put_narinfo(
         .await?;
     crate::killpoint::reach("mirror.narinfo-put");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(b: u8) -> Claim {
+        Claim {
+            narinfo: format!(
+                "StorePath: /nix/store/{}-x\nURL: nar/x.nar\nCompression: none\nNarHash: \
+                 sha256:{}\nNarSize: 7\nReferences: \n",
+                "a".repeat(32),
+                base32::encode(&[b; 32])
+            ),
+            blake3: [b; 32],
+            nar_size: 7,
+            bindings: vec![],
+            upstream_refs: vec![],
+            own: false,
+            providers: vec![],
+            failed: false,
+            withdrawn: false,
+        }
+    }
+
+    fn stored(blake3: Option<u8>) -> MirrorState {
+        MirrorState::NarStored {
+            url: "nar/f.nar.zst".into(),
+            compression: "zstd".into(),
+            file_hash: [0; 32],
+            file_size: 5,
+            blake3: blake3.map(|b| [b; 32]),
+        }
+    }
+
+    /// The claim a path uploads: the one whose NAR is in the bucket (whatever the path serves
+    /// by then), else the served one; a stored NAR whose claim failed goes up again; one an
+    /// earlier release stored is the first claim not failed's. Its narinfo never goes up over
+    /// another claim's NAR.
+    #[test]
+    fn the_narinfo_follows_the_claim_whose_nar_is_in_the_bucket() {
+        let mut rec = PathRecord {
+            store_path: format!("/nix/store/{}-x", "a".repeat(32)),
+            claims: vec![claim(1), claim(2)],
+            recorded_at: 0,
+        };
+        let served = Some(&rec.claims[0]);
+        let (e, s) = Entry::choose(&rec, stored(Some(2)), served).unwrap();
+        assert_eq!((e.blake3, s.clone()), ([2; 32], stored(Some(2))));
+        let text = bucket_narinfo(&e, &s).unwrap();
+        assert!(text.contains(&base32::encode(&[2; 32])), "{text}");
+        let wrong = Entry::of(&rec, &rec.claims[0]);
+        assert!(bucket_narinfo(&wrong, &s).is_err());
+        let (e, s) = Entry::choose(&rec, stored(None), Some(&rec.claims[1])).unwrap();
+        assert_eq!(
+            (e.blake3, s),
+            ([1; 32], stored(None)),
+            "an earlier release's"
+        );
+        let (e, s) = Entry::choose(&rec, MirrorState::Pending, Some(&rec.claims[1])).unwrap();
+        assert_eq!((e.blake3, s), ([2; 32], MirrorState::Pending));
+        rec.claims[1].failed = true;
+        let served = Some(&rec.claims[0]);
+        let (e, s) = Entry::choose(&rec, stored(Some(2)), served).unwrap();
+        assert_eq!((e.blake3, s), ([1; 32], MirrorState::Pending), "up again");
+        assert!(Entry::choose(&rec, MirrorState::Pending, None).is_none());
+    }
 }

@@ -445,11 +445,28 @@ impl Mirror {
         if recs.is_empty() {
             return;
         }
-        let entries: Vec<(Entry, MirrorState, bool)> = recs
+        let recs: Vec<_> = recs
             .into_iter()
-            .filter_map(|(r, s, tried)| Entry::of(&r).map(|e| (e, s, tried)))
-            .filter(|(e, _, _)| !self.plan.has(&e.hash))
+            .filter(|(r, _, _)| !self.plan.has(r.hash_part()))
             .collect();
+        // The claim each path uploads, as this node can read them (off the async threads).
+        let (storage, arriving, me) = (self.storage.clone(), self.arriving.clone(), self.me);
+        let Ok(entries) = tokio::task::spawn_blocking(move || {
+            recs.into_iter()
+                .filter_map(|(r, s, tried)| {
+                    let served = r.served(me.as_ref(), |c| {
+                        readable(&storage, arriving.as_ref(), &c.blake3)
+                    });
+                    let (e, s) = Entry::choose(&r, s, served)?;
+                    Some((e, s, tried))
+                })
+                .collect::<Vec<(Entry, MirrorState, bool)>>()
+        })
+        .await
+        else {
+            tracing::error!("mirror: choosing the claims to upload failed");
+            return;
+        };
         // References the plan knows are incomplete by definition; the others are asked.
         let mut ask: Vec<String> = entries
             .iter()
@@ -551,11 +568,11 @@ impl Mirror {
                 .map(|(h, b, waits)| {
                     let seen = if readable(&storage, arriving.as_ref(), &b) {
                         Seen::Held
-                    } else if !waits || offered(&db, me.as_ref(), &h, &b) {
+                    } else if !waits {
                         // Only a NAR not in the bucket yet is waited for.
                         Seen::Offered
                     } else {
-                        Seen::Orphaned
+                        look(&db, &storage, arriving.as_ref(), me.as_ref(), &h, &b)
                     };
                     (h, seen)
                 })
@@ -565,6 +582,10 @@ impl Mirror {
         .unwrap_or_default();
         let mut newly = Vec::new();
         for (h, seen) in looked {
+            let seen = match seen {
+                Seen::Other(e, held) => self.switch(&h, e, held),
+                seen => seen,
+            };
             match seen {
                 Seen::Orphaned => {
                     if self.orphaned.insert(h.clone()) {
@@ -578,6 +599,7 @@ impl Mirror {
                 Seen::Offered => {
                     self.orphaned.remove(&h);
                 }
+                Seen::Other(..) => {}
             }
         }
         if let Some(first) = newly.first().and_then(|h| self.entries.get(h)) {
@@ -587,6 +609,42 @@ impl Mirror {
                 newly.len(),
                 first.store_path
             );
+        }
+    }
+
+    /// Path `h` waits for a NAR nobody holds any more, and its record serves `e` now (built
+    /// again with other bytes, which a node holds): the plan takes that claim instead, if its
+    /// references are the same (else what waits on the path would change: it stays orphaned,
+    /// said in the log). Nothing of the first claim went to the bucket, so nothing is kept of
+    /// it; the NAR that goes up notes its claim, and the narinfo follows that one.
+    fn switch(&mut self, h: &str, e: Entry, held: bool) -> Seen {
+        let Some(old) = self.entries.get(h) else {
+            return Seen::Orphaned;
+        };
+        let (mut a, mut b) = (old.references(), e.references());
+        a.sort();
+        b.sort();
+        if a != b {
+            tracing::warn!(
+                "mirror: {}: its NAR is gone everywhere, and the build a node holds has other \
+                 references; it waits for the first",
+                e.store_path
+            );
+            return Seen::Orphaned;
+        }
+        tracing::info!(
+            "mirror: {}: its NAR is gone everywhere; taking the build a node holds ({} bytes)",
+            e.store_path,
+            e.nar_size
+        );
+        self.storage.protect([e.blake3]);
+        self.plan.resize(h, e.nar_size);
+        self.entries.insert(h.to_owned(), e);
+        if held {
+            self.plan.held(h);
+            Seen::Held
+        } else {
+            Seen::Offered
         }
     }
 
@@ -941,19 +999,46 @@ enum Seen {
     Held,
     /// A peer says it holds it (or the path does not wait for it).
     Offered,
-    /// Nobody says they hold it.
+    /// Nobody says they hold it, but the path serves another claim now, whose NAR can be had:
+    /// its entry, and whether it is held here (or arriving).
+    Other(Entry, bool),
+    /// Nobody says they hold it, nor any other claim of the path.
     Orphaned,
 }
 
-/// True if a peer says it holds this NAR of path `hash`, its claim not failed (or the record
-/// could not be read: not taken for orphaned on a doubt). Blocking.
-fn offered(db: &Db, me: Option<&[u8; 32]>, hash: &str, blake3: &[u8; 32]) -> bool {
-    match db.path(hash) {
-        Ok(Some(rec)) => rec
-            .claim(blake3)
-            .is_some_and(|c| !c.failed && c.held_by_peer(me)),
-        Ok(None) => false,
-        Err(_) => true,
+/// What the NAR `blake3` of path `hash`, not readable here, is to the mirror now: a peer says
+/// it holds it (its claim not failed; or the record could not be read: not taken for orphaned
+/// on a doubt), or the path serves another claim whose NAR can be had, or neither. Blocking.
+fn look(
+    db: &Db,
+    storage: &Storage,
+    arriving: Option<&Arriving>,
+    me: Option<&[u8; 32]>,
+    hash: &str,
+    blake3: &[u8; 32],
+) -> Seen {
+    let rec = match db.path(hash) {
+        Ok(Some(rec)) => rec,
+        Ok(None) => return Seen::Orphaned,
+        Err(_) => return Seen::Offered,
+    };
+    if rec
+        .claim(blake3)
+        .is_some_and(|c| !c.failed && c.held_by_peer(me))
+    {
+        return Seen::Offered;
+    }
+    let mut held = false;
+    let other = rec.obtainable(
+        |c| {
+            held = readable(storage, arriving, &c.blake3);
+            held
+        },
+        |c| c.held_by_peer(me),
+    );
+    match other {
+        Some(c) if c.blake3 != *blake3 => Seen::Other(Entry::of(&rec, c), held),
+        _ => Seen::Orphaned,
     }
 }
 

@@ -103,6 +103,17 @@ impl Plan {
         self.items.contains_key(hash)
     }
 
+    /// The path's NAR is now one of `nar_size` bytes (another claim of the path, whose NAR can
+    /// be had): what is pending follows.
+    pub fn resize(&mut self, hash: &str, nar_size: u64) {
+        if let Some(i) = self.items.get_mut(hash) {
+            if i.state == MirrorState::Pending {
+                self.pending_bytes = self.pending_bytes - i.nar_size + nar_size;
+            }
+            i.nar_size = nar_size;
+        }
+    }
+
     /// True if the plan waits for this path's NAR to be held here before it can upload it.
     pub fn waits_for_nar(&self, hash: &str) -> bool {
         self.items
@@ -270,6 +281,7 @@ mod tests {
             compression: "zstd".into(),
             file_hash: [0; 32],
             file_size: 1,
+            blake3: None,
         }
     }
 
@@ -287,6 +299,8 @@ mod tests {
         p.add("c", MirrorState::Pending, true, 10, &[]);
         assert!(p.waits_for_nar("a") && !p.waits_for_nar("b") && !p.waits_for_nar("c"));
         assert!(!p.waits_for_nar("unknown"));
+        p.resize("a", 25);
+        assert_eq!(p.pending(), (3, 35), "b's NAR is in the bucket");
         p.held("a");
         assert!(!p.waits_for_nar("a"));
     }

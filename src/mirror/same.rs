@@ -108,6 +108,7 @@ mod tests {
             compression: "zstd".into(),
             file_hash: [n; 32],
             file_size: 100,
+            blake3: Some([n; 32]),
         }
     }
 

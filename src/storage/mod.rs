@@ -579,8 +579,9 @@ impl Storage {
         }
     }
 
-    /// The NARs of the closures of these paths (by hash part), as far as recorded, and whether
-    /// they name a path not recorded (or recorded without a claim to serve).
+    /// The NARs (of every claim not failed) of the closures of these paths (by hash part), as
+    /// far as recorded, and whether they name a path not recorded (or recorded without a claim
+    /// to serve).
     fn closure_nars(&self, roots: Vec<String>) -> Result<(HashSet<[u8; 32]>, bool), StorageError> {
         let mut seen: HashSet<String> = HashSet::new();
         let mut todo = roots;
@@ -589,20 +590,27 @@ impl Storage {
         while !todo.is_empty() {
             let batch: Vec<String> = todo.drain(..).filter(|h| seen.insert(h.clone())).collect();
             for rec in self.inner.db.paths(&batch)? {
-                let Some(c) = rec.as_ref().and_then(|r| r.active()) else {
+                // Every claim not failed: the one a path serves may become another.
+                let live: Vec<_> = rec
+                    .iter()
+                    .flat_map(|r| &r.claims)
+                    .filter(|c| !c.failed)
+                    .collect();
+                if live.is_empty() {
                     incomplete = true;
-                    continue;
-                };
-                nars.insert(c.blake3);
-                // References signed upstream are never recorded (nor held as files).
-                if let Ok(info) = crate::nix::NarInfo::parse(&c.narinfo) {
-                    todo.extend(
-                        info.references
-                            .iter()
-                            .map(|r| r.hash_part())
-                            .filter(|h| !c.upstream_refs.iter().any(|u| u == h))
-                            .map(str::to_owned),
-                    );
+                }
+                for c in live {
+                    nars.insert(c.blake3);
+                    // References signed upstream are never recorded (nor held as files).
+                    if let Ok(info) = crate::nix::NarInfo::parse(&c.narinfo) {
+                        todo.extend(
+                            info.references
+                                .iter()
+                                .map(|r| r.hash_part())
+                                .filter(|h| !c.upstream_refs.iter().any(|u| u == h))
+                                .map(str::to_owned),
+                        );
+                    }
                 }
             }
         }

@@ -48,12 +48,13 @@ fn a_path_that_joins_a_pinned_closure_after_the_pin_is_not_evicted() {
         vec![claim(&root, 1, &format!("{dep}-x"), true)],
         None,
         false,
+        None,
     )
     .unwrap();
     db.set_pins(std::slice::from_ref(&root), true).unwrap();
     s.refresh_pins().unwrap();
     assert!(!s.pinned_nars().contains(&[2; 32]), "not recorded yet");
-    db.record_remote(vec![claim(&dep, 2, "", true)], None, false)
+    db.record_remote(vec![claim(&dep, 2, "", true)], None, false, None)
         .unwrap();
     fetched(&s, 2, 1 << 20);
     fetched(&s, 3, 1 << 20);

@@ -848,3 +848,65 @@ fn a_path_no_node_holds_any_more_is_shown_orphaned_until_one_does() {
     assert_eq!(check_bucket(&s3, &all), 2);
     assert_eq!(metric(m, "narmesh_mirror_orphaned_paths "), 0.0);
 }
+
+/// A path built again with other bytes after every node lost its first build's NAR (the
+/// build is not reproducible): the mirror node wishes for, fetches and mirrors the second
+/// build, the one a node holds, not the first that nobody does; and the claim whose NAR went to
+/// the bucket is the one its narinfo names, even when the mirror node is killed right after the
+/// narinfo went up and puts it again after its restart (its record still lists the first build
+/// first).
+#[test]
+fn a_path_built_again_with_other_bytes_is_mirrored_as_the_build_a_node_holds() {
+    let s3 = S3Server::start();
+    let mut st = setup(&s3, "", (ACCESS_KEY, SECRET_KEY));
+    st.nodes[0]
+        .extra_config
+        .push_str("[store]\ngc-check-secs = 1\n");
+    // The second narinfo it puts (the first is `kept`'s) kills the mirror node.
+    st.nodes[1]
+        .env
+        .push(("NARMESH_TEST_KILL_AT".into(), "mirror.narinfo-put:2".into()));
+    for n in st.nodes.iter_mut() {
+        n.start();
+    }
+    let kept = st.a.build(r#"mk "rebuilt-kept" "echo kept > $out""#)[0].full();
+    wait_mirrored(&st.nodes[1], 1, 60);
+
+    st.nodes[1].signal("STOP");
+    let expr = r#"mk "rebuilt" "head -c 100000 /dev/urandom > $out""#;
+    let path = st.a.build(expr)[0].clone();
+    let a = &st.nodes[0];
+    wait_until(30, "A to serve the new path", || a.serves(&[path.full()]));
+    run_ok(st.a.cmd("nix-store").args(["--delete", &path.full()]));
+    let narinfo = format!("/{}.narinfo", path.hash_part());
+    wait_until(30, "A to stop serving the deleted path", || {
+        http(&a.http, "GET", &narinfo, &[]).0 == 404
+    });
+    st.nodes[1].signal("CONT");
+    let m = &st.nodes[1];
+    wait_until(60, "the mirror to see the path orphaned", || {
+        metric(m, "narmesh_mirror_orphaned_paths ") == 1.0
+    });
+
+    // Built again: other bytes, the same store path.
+    assert_eq!(st.a.build(expr)[0], path);
+    let hash = run_ok(st.a.cmd("nix-store").args(["-q", "--hash", &path.full()]));
+    let second = String::from_utf8(hash).unwrap().trim().to_owned();
+    let m = &mut st.nodes[1];
+    assert!(m.wait_exit(60), "the mirror node never put the narinfo");
+    assert!(
+        m.log().contains("taking the build a node holds"),
+        "{}",
+        m.log()
+    );
+    m.env.retain(|(k, _)| k != "NARMESH_TEST_KILL_AT");
+    m.start();
+    let all = [kept, path.full()];
+    wait_in_bucket(&s3, m, &all, 60);
+    assert_eq!(check_bucket(&s3, &all), 2);
+    let (text, _) = s3.get(&format!("{}.narinfo", path.hash_part()));
+    let info = NarInfo::parse(std::str::from_utf8(&text).unwrap()).unwrap();
+    let named = format!("sha256:{}", narmesh::nix::base32::encode(&info.nar_hash.0));
+    assert_eq!(named, second, "the second build's narinfo");
+    assert_eq!(metric(m, "narmesh_mirror_orphaned_paths "), 0.0);
+}

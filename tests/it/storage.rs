@@ -258,6 +258,64 @@ fn nix_gc_on_the_building_host_is_followed() {
     }
 }
 
+/// A path A deleted and built again with other bytes while C was away: C learns the second
+/// build, but its record still says A holds the first (A speaks only of the build it holds now,
+/// so its withdrawal of the first never reaches C). C serves the first build's narinfo until
+/// A answers that it lacks that NAR; from then on C serves the second build, and Nix
+/// substitutes it through C.
+#[test]
+fn a_holder_that_lacks_a_nar_is_taken_at_its_word() {
+    let mut cl = three("on-demand", "");
+    for n in cl.nodes.iter_mut() {
+        n.start();
+    }
+    let expr = r#"mk "stale-holder" "head -c 100000 /dev/urandom > $out""#;
+    let path = cl.a.build(expr)[0].clone();
+    wait_until(30, "C to learn the path", || {
+        cl.nodes[2].serves(&[path.full()])
+    });
+    let nar_hash = |host: &NixHost| {
+        let out = run_ok(host.cmd("nix-store").args(["-q", "--hash", &path.full()]));
+        String::from_utf8(out).unwrap().trim().to_owned()
+    };
+    let first = nar_hash(&cl.a);
+    let narinfo = format!("/{}.narinfo", path.hash_part());
+    // The NarHash and URL of the narinfo a node serves (empty if it serves none).
+    let served = |n: &Node| {
+        let (status, _, body) = http(&n.http, "GET", &narinfo, &[]);
+        if status != 200 {
+            return (String::new(), String::new());
+        }
+        let info = narmesh::nix::NarInfo::parse(std::str::from_utf8(&body).unwrap()).unwrap();
+        let hash = format!("sha256:{}", narmesh::nix::base32::encode(&info.nar_hash.0));
+        (hash, info.url)
+    };
+    assert_eq!(served(&cl.nodes[2]).0, first);
+
+    cl.nodes[2].signal("STOP");
+    run_ok(cl.a.cmd("nix-store").args(["--delete", &path.full()]));
+    wait_until(20, "A to notice the deletion", || {
+        cl.nodes[0].status().storage.gc_lost == 1
+    });
+    assert_eq!(cl.a.build(expr)[0], path);
+    let second = nar_hash(&cl.a);
+    assert_ne!(first, second, "the build is not reproducible");
+    wait_until(20, "A to serve the second build", || {
+        served(&cl.nodes[0]).0 == second
+    });
+    cl.nodes[2].signal("CONT");
+    let c = &cl.nodes[2];
+    // C still believes A holds the first build: its narinfo, and a NAR A answers it lacks.
+    let (hash, url) = served(c);
+    assert_eq!(hash, first, "C's record lists the first build first");
+    let status = http(&c.http, "GET", &format!("/{url}"), &[]).0;
+    assert_ne!(status, 200, "A no longer holds the first build's NAR");
+    wait_until(20, "C to serve the second build", || served(c).0 == second);
+    let host = NixHost::substituter(&format!("http://{}", c.http), &c.public_key());
+    run_ok(host.cmd("nix-store").args(["-r", &path.full()]));
+    assert_eq!(nar_hash(&host), second);
+}
+
 /// Whether each path is recorded (and servable) on `node`.
 fn recorded(node: &Node, paths: &[&StorePath]) -> Vec<bool> {
     use narmesh_proto::control::{Request, Response};

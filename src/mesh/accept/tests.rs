@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 
 use super::*;
+use crate::db::PathRecord;
 use crate::nix::{Sha256, StorePath};
 
 const PATH: &str = "/nix/store/h06bh0s5rcfi480fiz4q44bzrg5l95jg-hello";
@@ -197,10 +198,10 @@ fn what_we_say_follows_what_we_hold_and_peers_believe_it() {
         recorded_at: 0,
     };
     // Not held, never said: no statement of ours.
-    let a = announce_of(&rec, &me, &w.node, false, 5).unwrap();
+    let a = announce_of(&rec.claims[0], &me, &w.node, false, 5);
     assert!(a.providers.iter().all(|p| p.id != my_id));
     // Held: a statement that we hold it, and our binding beside the origin's.
-    let a = announce_of(&rec, &me, &w.node, true, 6).unwrap();
+    let a = announce_of(&rec.claims[0], &me, &w.node, true, 6);
     assert_eq!((a.providers[0].id, a.providers[0].holds), (my_id, true));
     assert_eq!(a.bindings.len(), 2);
     // A peer that trusts our key (and allows us) takes our word for it.
@@ -216,9 +217,9 @@ fn what_we_say_follows_what_we_hold_and_peers_believe_it() {
     assert_eq!(got.claim.bindings.len(), 2);
     // Once we held it and lost it, we say so.
     rec.claims[0].withdrawn = true;
-    let a = announce_of(&rec, &me, &w.node, false, 7).unwrap();
+    let a = announce_of(&rec.claims[0], &me, &w.node, false, 7);
     assert_eq!((a.providers[0].id, a.providers[0].holds), (my_id, false));
-    let v1 = announce_v1_of(&rec, my_id, false).unwrap();
+    let v1 = announce_v1_of(&rec.claims[0], my_id, false);
     assert!(v1.providers.is_empty());
 }
 

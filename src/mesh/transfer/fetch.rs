@@ -174,6 +174,9 @@ impl Transfers {
             if let Err(e) = &res {
                 tracing::debug!("mesh: range from {peer}: {e}");
             }
+            if matches!(res, Err(PeerError::NotFound)) {
+                self.lacks(peer, t.blake3).await;
+            }
             match streak.after(&res) {
                 After::Next => {}
                 After::Wait(d) => tokio::time::sleep(d).await,

@@ -128,6 +128,22 @@ impl Transfers {
             .insert(id, Instant::now());
     }
 
+    /// `peer` answered that it does not hold the NAR `blake3`: its records take its word
+    /// (`Db::provider_lacks`), so that the path no longer counts on it.
+    async fn lacks(&self, peer: EndpointId, blake3: [u8; 32]) {
+        let db = self.db.clone();
+        let (id, at) = (*peer.as_bytes(), crate::mesh::now_ms());
+        match tokio::task::spawn_blocking(move || db.provider_lacks(&blake3, &id, at)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(
+                "mesh: peer {peer} no longer holds {}: {n} record(s) updated",
+                crate::storage::hex(&blake3)
+            ),
+            Ok(Err(e)) => tracing::warn!("mesh: noting that {peer} lacks a NAR: {e}"),
+            Err(e) => tracing::warn!("mesh: noting that {peer} lacks a NAR: {e}"),
+        }
+    }
+
     /// Count verified bytes `peer` sent.
     fn fetched_from(&self, peer: EndpointId, n: u64) {
         if n > 0 {
@@ -383,6 +399,7 @@ impl Transfers {
                     },
                     Err(PeerError::OnlyV1) => v1 = true,
                     Err(PeerError::Busy) => busy.push(*p),
+                    Err(PeerError::NotFound) => self.lacks(*p, t.blake3).await,
                     Err(e) if e.misbehaved() => self.avoid(*p, &e.to_string()),
                     Err(e) => tracing::debug!("mesh: leaves from {p}: {e}"),
                 }
