@@ -303,12 +303,40 @@ mod tests {
                 file_size: 77,
             }
         );
-        assert_eq!(raw(MIRROR_CLAIMS), Some(vec![1; 32]));
+        assert_eq!(raw(MIRROR_CLAIMS), Some([[1; 32], [3; 32]].concat()));
         assert_eq!(
             db.outbox_unfinished().unwrap()[0].1,
             stored,
             "its claim read back"
         );
+        // An earlier release (a rollback) puts another NAR up meanwhile: the note, naming
+        // another file, is not taken for it.
+        let other = Earlier::NarStored {
+            url: "nar/b.nar.zst".into(),
+            compression: "zstd".into(),
+            file_hash: [4; 32],
+            file_size: 78,
+        };
+        {
+            let inner = db.db.get().unwrap();
+            let tx = inner.begin_write().unwrap();
+            tx.open_table(OUTBOX)
+                .unwrap()
+                .insert(
+                    h.as_str(),
+                    postcard::to_allocvec(&other).unwrap().as_slice(),
+                )
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let MirrorState::NarStored { blake3, .. } = &db.outbox_unfinished().unwrap()[0].1 else {
+            panic!("not stored")
+        };
+        assert_eq!(
+            *blake3, None,
+            "an earlier release's: the first claim not failed"
+        );
+        db.outbox_set(&[(h.clone(), stored.clone())]).unwrap();
         db.outbox_set(&[(h.clone(), MirrorState::Done)]).unwrap();
         assert_eq!(
             raw(OUTBOX).unwrap(),

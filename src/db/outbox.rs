@@ -16,8 +16,10 @@ pub(super) const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("mi
 /// object key; and uploads it was about to create: `intent:<token>` -> `<unix ms> <key>`. At
 /// start they are aborted (never anyone else's).
 pub(super) const UPLOADS: TableDefinition<&str, &str> = TableDefinition::new("mirror_uploads_v1");
-/// The claim whose NAR the mirror put in the bucket for a path, by hash part: its BLAKE3. Set
-/// with the path's `NarStored`, cleared with `Pending`, kept once done (for the audit).
+/// The claim whose NAR the mirror put in the bucket for a path, by hash part: its BLAKE3, then
+/// the stored file's hash (64 bytes). Set with the path's `NarStored`, cleared with `Pending`,
+/// kept once done (for the audit). Trusted only for the file it names: an earlier release (a
+/// rollback) may have put another claim's NAR up since, without touching this table.
 pub(super) const MIRROR_CLAIMS: TableDefinition<&str, &[u8]> =
     TableDefinition::new("mirror_claims_v1");
 /// How an intent's token starts (upload ids never do: they come from the bucket, which the
@@ -47,7 +49,8 @@ pub enum MirrorNeed {
     /// Every path of it is done in the bucket (or there is none).
     Nothing,
     /// A path of it changed (or is new) and the mirror has not taken it in yet: it may be
-    /// done already, or not.
+    /// done already, or not; or it is another claim of a path not done than the one the mirror
+    /// uploads, which may become it. Kept this time.
     NotTaken,
     /// A path of it is in the outbox, not done: the mirror will upload it.
     Unfinished,
@@ -97,9 +100,14 @@ pub(super) fn with_claim(
             compression,
             file_hash,
             file_size,
-            blake3: claims
-                .get(hash)?
-                .and_then(|v| <[u8; 32]>::try_from(v.value()).ok()),
+            blake3: claims.get(hash)?.and_then(|v| {
+                let v = v.value();
+                (v.len() == 64 && v[32..] == file_hash).then(|| {
+                    let mut b = [0; 32];
+                    b.copy_from_slice(&v[..32]);
+                    b
+                })
+            }),
         },
         s => s,
     })
@@ -110,7 +118,8 @@ impl Db {
     /// claim is the NAR is not done in the bucket ([`MirrorNeed::Unfinished`]), or not yet
     /// taken into the outbox (its log entry after the mirror's cursor: [`MirrorNeed::NotTaken`]).
     /// Every claim of a path that has not failed counts: the mirror uploads the one the path
-    /// serves, which may become another while the path waits (`PathRecord::served`). For the
+    /// serves (`PathRecord::served`), which may become another while the path waits; another
+    /// claim's NAR is [`MirrorNeed::NotTaken`] (kept this time, asked about again). For the
     /// storage's eviction on the mirror node.
     pub fn mirror_needs(&self, blake3s: &[[u8; 32]]) -> Result<Vec<MirrorNeed>, DbError> {
         let db = self.db.get()?;
@@ -119,23 +128,33 @@ impl Db {
         let paths = tx.open_table(PATHS)?;
         let outbox = tx.open_table(OUTBOX)?;
         let index = tx.open_table(LOG_INDEX)?;
+        let nars = tx.open_table(NARS)?;
+        let own = tx.open_multimap_table(OWN)?;
         let cursor = super::get_meta(&tx.open_table(META)?, CURSOR)?;
         let mut out = Vec::with_capacity(blake3s.len());
         'nars: for b in blake3s {
             let mut need = MirrorNeed::Nothing;
             for h in blobs.get(b.as_slice())? {
                 let h = h?;
-                let serves = record_in(&paths, h.value())?
-                    .and_then(|r| r.claim(b).map(|c| !c.failed))
-                    .unwrap_or(false);
-                if !serves {
+                let Some(rec) = record_in(&paths, h.value())? else {
+                    continue;
+                };
+                if rec.claim(b).is_none_or(|c| c.failed) {
                     continue;
                 }
                 if let Some(v) = outbox.get(h.value())?
                     && decode(v.value())? != MirrorState::Done
                 {
-                    out.push(MirrorNeed::Unfinished);
-                    continue 'nars;
+                    // The claim the mirror uploads (the one served, as far as this node holds
+                    // NARs) stays until the path is done; another is kept this time only, as it
+                    // may become the one served (it is asked about again the next time).
+                    let served = super::storage::served_in(&rec, None, &nars, &own)?;
+                    if served.is_some_and(|c| c.blake3 == *b) {
+                        out.push(MirrorNeed::Unfinished);
+                        continue 'nars;
+                    }
+                    need = MirrorNeed::NotTaken;
+                    continue;
                 }
                 if index
                     .get(h.value())?
@@ -382,9 +401,11 @@ impl Db {
                     .transpose()?;
                 match state {
                     MirrorState::NarStored {
-                        blake3: Some(b), ..
+                        blake3: Some(b),
+                        file_hash,
+                        ..
                     } => {
-                        claims.insert(hash.as_str(), b.as_slice())?;
+                        claims.insert(hash.as_str(), [*b, *file_hash].concat().as_slice())?;
                     }
                     MirrorState::Pending | MirrorState::NarStored { blake3: None, .. } => {
                         claims.remove(hash.as_str())?;
@@ -457,6 +478,32 @@ mod tests {
         assert_eq!(need(), NotTaken, "changed, not taken in again");
         db.outbox_take(10, None).unwrap();
         assert_eq!(need(), Nothing, "taken in, still done");
+    }
+
+    /// Of two builds of a path not done, the one the mirror uploads (served) stays needed until
+    /// done; the other is kept each time it is asked about, never protected for good.
+    #[test]
+    fn the_mirror_needs_the_served_build_and_keeps_the_other_only_when_asked() {
+        use super::super::tests::remote;
+        use MirrorNeed::*;
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("db")).unwrap();
+        let a = "a".repeat(32);
+        db.record_remote(vec![remote(&a, 1, 5, 1, false)], None, false, None)
+            .unwrap();
+        db.record_remote(vec![remote(&a, 2, 6, 1, true)], None, false, None)
+            .unwrap();
+        db.outbox_take(10, None).unwrap();
+        assert_eq!(
+            db.mirror_needs(&[[1; 32], [2; 32]]).unwrap(),
+            [NotTaken, Unfinished]
+        );
+        db.outbox_set(&[(a.clone(), MirrorState::Done)]).unwrap();
+        db.outbox_take(10, None).unwrap();
+        assert_eq!(
+            db.mirror_needs(&[[1; 32], [2; 32]]).unwrap(),
+            [Nothing, Nothing]
+        );
     }
 
     #[test]

@@ -3,9 +3,10 @@
 //!
 //! A path's record holds one or more *claims* about its NAR (each a signed narinfo, the NAR's
 //! BLAKE3 with the signatures binding it to the narinfo, and who holds those bytes), best
-//! first: the first claim that has not failed is the one served. Two honest builds of the same
-//! path may differ, and a claim whose bytes fail the signed NarHash gives way to the next.
-//! Whether this node holds a NAR is the storage's to say, never a record's.
+//! first: the one served is the first not failed whose NAR can be had ([`PathRecord::served`]).
+//! Two honest builds of the same path may differ, and a claim whose bytes fail the signed
+//! NarHash gives way to the next. Whether this node holds a NAR is the storage's to say, never
+//! a record's.
 
 use serde::{Deserialize, Serialize};
 

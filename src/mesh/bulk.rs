@@ -197,7 +197,13 @@ impl BulkServer {
                     "a token this node does not know from that address".into(),
                 )
             })?;
-        let (held, size) = self.nar.held(&blake3).await.ok_or("not held here")?;
+        let (held, size) = self
+            .nar
+            .held(&blake3)
+            .await
+            .ok()
+            .flatten()
+            .ok_or("not held here")?;
         let end = h.end.min(size);
         let aligned = h.start % GROUP == 0 && (end % GROUP == 0 || end == size);
         if h.start >= end || !aligned {
@@ -277,8 +283,12 @@ impl ProtocolHandler for BulkServer {
                         return Ok(());
                     }
                 };
-            let reply = if self.nar.held(&ask.blake3).await.is_none() {
+            let held = self.nar.held(&ask.blake3).await;
+            let reply = if matches!(held, Ok(None)) {
                 BulkReply::NotFound
+            } else if held.is_err() {
+                // Its own failure, not the NAR's absence: the QUIC ranges say which.
+                BulkReply::Busy
             } else {
                 let from = super::endpoint::remote_ip(&conn);
                 match self

@@ -148,19 +148,31 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                 let (db, storage, me) = (ctx.db.clone(), ctx.storage.clone(), my_id);
                 let h = hash.clone();
                 let looked = tokio::task::spawn_blocking(move || {
+                    let here = |c: &crate::db::Claim| storage.holds_blocking(&c.blake3);
                     let rec = db.path(&h).ok().flatten()?;
-                    rec.served(Some(&me), |c| storage.holds_blocking(&c.blake3))
-                        .cloned()
+                    let served = rec.served(Some(&me), here)?;
+                    if served.blake3 == b {
+                        return Some(Ok(served.clone()));
+                    }
+                    // Another path with the same bytes may still serve them.
+                    for r in db.by_blake3(&b).ok().into_iter().flatten() {
+                        if let Some(c) = r.served(Some(&me), here)
+                            && c.blake3 == b
+                        {
+                            return Some(Ok(c.clone()));
+                        }
+                    }
+                    Some(Err(served.clone()))
                 })
                 .await
                 .ok()
                 .flatten();
                 let claim = match looked {
-                    Some(c) if c.blake3 == b => c,
+                    Some(Ok(c)) => c,
                     // The path serves another claim now (every holder of this one lost it,
-                    // and a node holds the other): that one is wished for instead, if it is
-                    // not held here already.
-                    Some(c) => {
+                    // and a node holds the other), and no other path serves this one: the
+                    // other is wished for instead, if it is not held here already.
+                    Some(Err(c)) => {
                         walk.forget(&b);
                         gone.push(b);
                         instead.push((c.blake3, hash));

@@ -152,8 +152,14 @@ impl NarServer {
                 };
             (r.blake3, Some((r.offset, u64::MAX)), false)
         };
-        let Some((held, size)) = self.held(&blake3).await else {
-            return self.refuse(send, None).await;
+        let (held, size) = match self.held(&blake3).await {
+            Ok(Some(h)) => h,
+            Ok(None) => return self.refuse(send, None).await,
+            Err(e) => {
+                tracing::warn!("mesh: serving a NAR: {e}");
+                let message = "this node cannot read its storage now".to_owned();
+                return self.refuse(send, Some(NarReply::Error { message })).await;
+            }
         };
         let Some(_slot) = self.slot(conn.remote_id()) else {
             return self.refuse(send, Some(NarReply::Busy)).await;
@@ -161,7 +167,12 @@ impl NarServer {
         if v2_leaves {
             let leaves = match self.storage.leaves(&blake3).await {
                 Ok(Some(l)) => l,
-                _ => return self.refuse(send, None).await,
+                Ok(None) => return self.refuse(send, None).await,
+                Err(e) => {
+                    tracing::warn!("mesh: serving a NAR's leaves: {e}");
+                    let message = "this node cannot read its storage now".to_owned();
+                    return self.refuse(send, Some(NarReply::Error { message })).await;
+                }
             };
             write(send, &NarReply::Leaves { size }).await?;
             timed(send.write_chunk(leaves)).await?;
@@ -212,20 +223,26 @@ impl NarServer {
             .clone()
     }
 
-    /// The NAR if this node holds it and has a record of it: how, and its size.
-    pub(super) async fn held(&self, blake3: &[u8; 32]) -> Option<(Held, u64)> {
-        let held = self.storage.held(blake3).await.ok()??;
+    /// The NAR if this node holds it and has a record of it: how, and its size. An error of
+    /// this node's own (its storage or database failing) is not "not held": the asker takes
+    /// `NotFound` as this node's word that it lacks the NAR.
+    pub(super) async fn held(&self, blake3: &[u8; 32]) -> Result<Option<(Held, u64)>, String> {
+        let Some(held) = self.storage.held(blake3).await.map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
         let db = self.storage.db().clone();
         let b = *blake3;
         let size = tokio::task::spawn_blocking(move || {
-            db.by_blake3(&b)
-                .ok()?
-                .iter()
-                .find_map(|r| r.claim(&b).map(|c| c.nar_size))
+            Ok::<_, String>(
+                db.by_blake3(&b)
+                    .map_err(|e| e.to_string())?
+                    .iter()
+                    .find_map(|r| r.claim(&b).map(|c| c.nar_size)),
+            )
         })
         .await
-        .ok()??;
-        Some((held, size))
+        .map_err(|e| e.to_string())??;
+        Ok(size.map(|size| (held, size)))
     }
 
     async fn refuse(

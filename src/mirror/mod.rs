@@ -583,7 +583,7 @@ impl Mirror {
         let mut newly = Vec::new();
         for (h, seen) in looked {
             let seen = match seen {
-                Seen::Other(e, held) => self.switch(&h, e, held),
+                Seen::Other(e, held, done) => self.switch(&h, e, held, &done),
                 seen => seen,
             };
             match seen {
@@ -612,12 +612,13 @@ impl Mirror {
         }
     }
 
-    /// Path `h` waits for a NAR nobody holds any more, and its record serves `e` now (built
-    /// again with other bytes, which a node holds): the plan takes that claim instead, if its
-    /// references are the same (else what waits on the path would change: it stays orphaned,
-    /// said in the log). Nothing of the first claim went to the bucket, so nothing is kept of
-    /// it; the NAR that goes up notes its claim, and the narinfo follows that one.
-    fn switch(&mut self, h: &str, e: Entry, held: bool) -> Seen {
+    /// Path `h` waits for a NAR, and its record serves `e` now (every holder of the first lost
+    /// it and a node holds another build, or this node holds another build): the plan takes
+    /// that claim instead, waiting for `e`'s references (`done`: those complete in the bucket)
+    /// where they differ. Nothing of the first claim went to the bucket (the path waits for its
+    /// NAR), so nothing is kept of it; the NAR that goes up notes its claim, and the narinfo
+    /// follows that one.
+    fn switch(&mut self, h: &str, e: Entry, held: bool, done: &HashMap<String, bool>) -> Seen {
         let Some(old) = self.entries.get(h) else {
             return Seen::Orphaned;
         };
@@ -625,18 +626,27 @@ impl Mirror {
         a.sort();
         b.sort();
         if a != b {
-            tracing::warn!(
-                "mirror: {}: its NAR is gone everywhere, and the build a node holds has other \
-                 references; it waits for the first",
-                e.store_path
-            );
-            return Seen::Orphaned;
+            let missing: Vec<String> = b
+                .iter()
+                .filter(|r| self.plan.has(r) || !done.get(*r).copied().unwrap_or(false))
+                .cloned()
+                .collect();
+            self.plan.rewire(h, &a, &missing);
         }
         tracing::info!(
-            "mirror: {}: its NAR is gone everywhere; taking the build a node holds ({} bytes)",
+            "mirror: {}: taking the build a node holds ({} bytes), not the one it waited for",
             e.store_path,
             e.nar_size
         );
+        // The first claim's NAR is released unless another path waits for the same bytes.
+        let first = old.blake3;
+        if !self
+            .entries
+            .iter()
+            .any(|(k, x)| k.as_str() != h && x.blake3 == first)
+        {
+            self.storage.release(&[first]);
+        }
         self.storage.protect([e.blake3]);
         self.plan.resize(h, e.nar_size);
         self.entries.insert(h.to_owned(), e);
@@ -999,16 +1009,18 @@ enum Seen {
     Held,
     /// A peer says it holds it (or the path does not wait for it).
     Offered,
-    /// Nobody says they hold it, but the path serves another claim now, whose NAR can be had:
-    /// its entry, and whether it is held here (or arriving).
-    Other(Entry, bool),
+    /// The path serves another claim now, whose NAR can be had: its entry, whether it is held
+    /// here (or arriving), and which of its references are complete in the bucket.
+    Other(Entry, bool, HashMap<String, bool>),
     /// Nobody says they hold it, nor any other claim of the path.
     Orphaned,
 }
 
-/// What the NAR `blake3` of path `hash`, not readable here, is to the mirror now: a peer says
-/// it holds it (its claim not failed; or the record could not be read: not taken for orphaned
-/// on a doubt), or the path serves another claim whose NAR can be had, or neither. Blocking.
+/// What the NAR `blake3` of path `hash`, not readable here, is to the mirror now, by the rule
+/// the eager fetches follow (`PathRecord::served`): the path still serves it and a peer says
+/// it holds it (or the record could not be read: not taken for orphaned on a doubt); or the
+/// path serves another claim whose NAR can be had (with which of that claim's references are
+/// complete in the bucket); or no claim of the path can be had. Blocking.
 fn look(
     db: &Db,
     storage: &Storage,
@@ -1022,23 +1034,25 @@ fn look(
         Ok(None) => return Seen::Orphaned,
         Err(_) => return Seen::Offered,
     };
-    if rec
-        .claim(blake3)
-        .is_some_and(|c| !c.failed && c.held_by_peer(me))
-    {
-        return Seen::Offered;
-    }
     let mut held = false;
-    let other = rec.obtainable(
+    let served = rec.obtainable(
         |c| {
             held = readable(storage, arriving, &c.blake3);
             held
         },
         |c| c.held_by_peer(me),
     );
-    match other {
-        Some(c) if c.blake3 != *blake3 => Seen::Other(Entry::of(&rec, c), held),
-        _ => Seen::Orphaned,
+    match served {
+        Some(c) if c.blake3 == *blake3 => Seen::Offered,
+        Some(c) => {
+            let e = Entry::of(&rec, c);
+            let refs = e.references();
+            let done = db
+                .outbox_done(&refs)
+                .unwrap_or_else(|_| vec![false; refs.len()]);
+            Seen::Other(e, held, refs.into_iter().zip(done).collect())
+        }
+        None => Seen::Orphaned,
     }
 }
 

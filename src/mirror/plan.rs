@@ -114,6 +114,34 @@ impl Plan {
         }
     }
 
+    /// The path now waits for `missing` (not for the references `old` it waited for): it is
+    /// another claim of the path, with other references.
+    pub fn rewire(&mut self, hash: &str, old: &[String], missing: &[String]) {
+        if !self.items.contains_key(hash) {
+            return;
+        }
+        for r in old {
+            if let Some(v) = self.waiting_on.get_mut(r) {
+                v.retain(|w| w != hash);
+                if v.is_empty() {
+                    self.waiting_on.remove(r);
+                }
+            }
+        }
+        let mut count = 0;
+        for r in missing.iter().filter(|r| *r != hash) {
+            self.waiting_on
+                .entry(r.clone())
+                .or_default()
+                .push(hash.to_owned());
+            count += 1;
+        }
+        if let Some(i) = self.items.get_mut(hash) {
+            i.missing = count;
+        }
+        self.wake(hash);
+    }
+
     /// True if the plan waits for this path's NAR to be held here before it can upload it.
     pub fn waits_for_nar(&self, hash: &str) -> bool {
         self.items
@@ -303,6 +331,24 @@ mod tests {
         assert_eq!(p.pending(), (3, 35), "b's NAR is in the bucket");
         p.held("a");
         assert!(!p.waits_for_nar("a"));
+    }
+
+    /// Another claim of a path, with other references: the path waits for those, not the
+    /// first claim's (whose completion no longer touches it).
+    #[test]
+    fn a_path_rewired_waits_for_its_new_references_only() {
+        let mut p = Plan::default();
+        let t = Instant::now();
+        p.add("old", MirrorState::Pending, false, 1, &[]);
+        p.add("new", MirrorState::Pending, false, 1, &[]);
+        p.add("x", stored(), false, 1, &s(&["old"]));
+        p.rewire("x", &s(&["old"]), &s(&["new"]));
+        p.done("old");
+        assert!(p.next_jobs(t, 10).is_empty(), "x waits for new");
+        p.done("new");
+        assert_eq!(p.next_jobs(t, 10), vec![Job::Narinfo("x".into())]);
+        p.rewire("unknown", &[], &s(&["new"]));
+        assert!(!p.has("unknown"));
     }
 
     #[test]
