@@ -49,8 +49,7 @@ pub enum MirrorNeed {
     /// Every path of it is done in the bucket (or there is none).
     Nothing,
     /// A path of it changed (or is new) and the mirror has not taken it in yet: it may be
-    /// done already, or not; or it is another claim of a path not done than the one the mirror
-    /// uploads, which may become it. Kept this time.
+    /// done already, or not.
     NotTaken,
     /// A path of it is in the outbox, not done: the mirror will upload it.
     Unfinished,
@@ -118,9 +117,9 @@ impl Db {
     /// claim is the NAR is not done in the bucket ([`MirrorNeed::Unfinished`]), or not yet
     /// taken into the outbox (its log entry after the mirror's cursor: [`MirrorNeed::NotTaken`]).
     /// Every claim of a path that has not failed counts: the mirror uploads the one the path
-    /// serves (`PathRecord::served`), which may become another while the path waits; another
-    /// claim's NAR is [`MirrorNeed::NotTaken`] (kept this time, asked about again). For the
-    /// storage's eviction on the mirror node.
+    /// serves (`PathRecord::served`), which may become another while the path waits (the
+    /// mirror releases every claim of a path once done: [`Db::outbox_set`]). For the storage's
+    /// eviction on the mirror node.
     pub fn mirror_needs(&self, blake3s: &[[u8; 32]]) -> Result<Vec<MirrorNeed>, DbError> {
         let db = self.db.get()?;
         let tx = db.begin_read()?;
@@ -128,8 +127,6 @@ impl Db {
         let paths = tx.open_table(PATHS)?;
         let outbox = tx.open_table(OUTBOX)?;
         let index = tx.open_table(LOG_INDEX)?;
-        let nars = tx.open_table(NARS)?;
-        let own = tx.open_multimap_table(OWN)?;
         let cursor = super::get_meta(&tx.open_table(META)?, CURSOR)?;
         let mut out = Vec::with_capacity(blake3s.len());
         'nars: for b in blake3s {
@@ -145,16 +142,8 @@ impl Db {
                 if let Some(v) = outbox.get(h.value())?
                     && decode(v.value())? != MirrorState::Done
                 {
-                    // The claim the mirror uploads (the one served, as far as this node holds
-                    // NARs) stays until the path is done; another is kept this time only, as it
-                    // may become the one served (it is asked about again the next time).
-                    let served = super::storage::served_in(&rec, None, &nars, &own)?;
-                    if served.is_some_and(|c| c.blake3 == *b) {
-                        out.push(MirrorNeed::Unfinished);
-                        continue 'nars;
-                    }
-                    need = MirrorNeed::NotTaken;
-                    continue;
+                    out.push(MirrorNeed::Unfinished);
+                    continue 'nars;
                 }
                 if index
                     .get(h.value())?
@@ -374,10 +363,12 @@ impl Db {
     /// Store new states, in one fsync'd commit; a path done keeps where its NAR went (see
     /// `audit`). A path done whose NAR this node does not hold moves to the end of the log: its
     /// record may be dead, and was kept only for the mirror (see `forget`), so the walk that
-    /// forgets dead records must come to it again.
-    pub fn outbox_set(&self, states: &[(String, MirrorState)]) -> Result<(), DbError> {
+    /// forgets dead records must come to it again. Returns the NARs of every claim of the paths
+    /// done: the mirror needs none of them any more.
+    pub fn outbox_set(&self, states: &[(String, MirrorState)]) -> Result<Vec<[u8; 32]>, DbError> {
+        let mut released = Vec::new();
         if states.is_empty() {
-            return Ok(());
+            return Ok(released);
         }
         let db = self.db.get()?;
         let mut tx = db.begin_write()?;
@@ -424,6 +415,7 @@ impl Db {
                 };
                 let mut held = false;
                 for c in &rec.claims {
+                    released.push(c.blake3);
                     held |= held_here(&nars, &own, c.blake3.as_slice())?;
                 }
                 if !held {
@@ -432,7 +424,7 @@ impl Db {
             }
         }
         tx.commit()?;
-        Ok(())
+        Ok(released)
     }
 }
 
@@ -480,10 +472,10 @@ mod tests {
         assert_eq!(need(), Nothing, "taken in, still done");
     }
 
-    /// Of two builds of a path not done, the one the mirror uploads (served) stays needed until
-    /// done; the other is kept each time it is asked about, never protected for good.
+    /// Every build of a path not done is needed (the one uploaded may become another); done,
+    /// the path gives every build's NAR back to the storage.
     #[test]
-    fn the_mirror_needs_the_served_build_and_keeps_the_other_only_when_asked() {
+    fn the_mirror_needs_every_build_of_a_path_until_it_is_done() {
         use super::super::tests::remote;
         use MirrorNeed::*;
         let dir = tempfile::tempdir().unwrap();
@@ -496,9 +488,10 @@ mod tests {
         db.outbox_take(10, None).unwrap();
         assert_eq!(
             db.mirror_needs(&[[1; 32], [2; 32]]).unwrap(),
-            [NotTaken, Unfinished]
+            [Unfinished, Unfinished]
         );
-        db.outbox_set(&[(a.clone(), MirrorState::Done)]).unwrap();
+        let released = db.outbox_set(&[(a.clone(), MirrorState::Done)]).unwrap();
+        assert_eq!(released, [[1; 32], [2; 32]]);
         db.outbox_take(10, None).unwrap();
         assert_eq!(
             db.mirror_needs(&[[1; 32], [2; 32]]).unwrap(),

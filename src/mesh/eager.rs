@@ -152,34 +152,38 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                     let rec = db.path(&h).ok().flatten()?;
                     let served = rec.served(Some(&me), here)?;
                     if served.blake3 == b {
-                        return Some(Ok(served.clone()));
+                        return Some((Some((served.clone(), h)), None));
                     }
-                    // Another path with the same bytes may still serve them.
-                    for r in db.by_blake3(&b).ok().into_iter().flatten() {
-                        if let Some(c) = r.served(Some(&me), here)
-                            && c.blake3 == b
-                        {
-                            return Some(Ok(c.clone()));
-                        }
-                    }
-                    Some(Err(served.clone()))
+                    // The path serves another claim; another path with the same bytes may
+                    // still serve these (the fetch is then that path's).
+                    let still = db.by_blake3(&b).ok().into_iter().flatten().find_map(|r| {
+                        let c = r.served(Some(&me), here).filter(|c| c.blake3 == b)?;
+                        Some((c.clone(), r.hash_part().to_owned()))
+                    });
+                    Some((still, Some(served.clone())))
                 })
                 .await
                 .ok()
                 .flatten();
-                let claim = match looked {
-                    Some(Ok(c)) => c,
+                let (claim, wanted_by) = match looked {
+                    Some((Some((c, wanted_by)), other)) => {
+                        // The path's own served claim is wished for too.
+                        if let Some(o) = other {
+                            instead.push((o.blake3, hash));
+                        }
+                        (c, wanted_by)
+                    }
                     // The path serves another claim now (every holder of this one lost it,
                     // and a node holds the other), and no other path serves this one: the
                     // other is wished for instead, if it is not held here already.
-                    Some(Err(c)) => {
+                    Some((None, Some(c))) => {
                         walk.forget(&b);
                         gone.push(b);
                         instead.push((c.blake3, hash));
                         continue;
                     }
                     // No record wants these bytes any more.
-                    None => {
+                    Some((None, None)) | None => {
                         walk.forget(&b);
                         gone.push(b);
                         continue;
@@ -195,7 +199,7 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                 }
                 let t = ctx.transfers.start(Want {
                     claim: claim.clone(),
-                    paths: vec![hash],
+                    paths: vec![wanted_by],
                 });
                 running.insert(b, large);
                 fetches.spawn(async move {
@@ -220,7 +224,7 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                 break;
             }
         }
-        if !gone.is_empty() {
+        if !gone.is_empty() || !instead.is_empty() {
             let db = ctx.db.clone();
             let _ = tokio::task::spawn_blocking(move || {
                 db.unwant(&gone)?;

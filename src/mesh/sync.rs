@@ -116,12 +116,6 @@ fn batch(ctx: &Ctx, req: &SyncRequest, version: u8) -> Result<Answer, String> {
             held = ctx.storage.holds_blocking(&c.blake3);
             held
         })?;
-        // Holding none of the path's NARs, a node speaks of one it held and lost: its
-        // withdrawal is news only it can give (the claim it serves, its holders say).
-        let c = match rec.claims.iter().find(|c| c.withdrawn && !c.failed) {
-            Some(w) if !held => w,
-            _ => c,
-        };
         Some((c.clone(), held))
     };
     Ok(if version == 2 {

@@ -851,15 +851,20 @@ impl Mirror {
         .and_then(|r| r.map_err(|e| e.to_string()));
         let now = Instant::now();
         let any_ok = committed.is_ok() && !updates.is_empty();
-        if let Err(e) = committed {
-            // Nothing advanced: the same steps run again later (each is idempotent).
-            tracing::error!("mirror: recording progress: {e}");
-            for (h, _) in &updates {
-                self.plan.failed(h, now);
+        let mut others = Vec::new();
+        match committed {
+            Err(e) => {
+                // Nothing advanced: the same steps run again later (each is idempotent).
+                tracing::error!("mirror: recording progress: {e}");
+                for (h, _) in &updates {
+                    self.plan.failed(h, now);
+                }
+                updates.clear();
             }
-            updates.clear();
-        } else {
-            self.metrics.mirror_shared_nars.inc_by(shared);
+            Ok(released) => {
+                self.metrics.mirror_shared_nars.inc_by(shared);
+                others = released;
+            }
         }
         for (h, state) in updates {
             if state == MirrorState::Done {
@@ -874,6 +879,15 @@ impl Mirror {
                 self.stored.insert(h.clone(), state.clone());
                 self.plan.nar_stored(&h, state);
             }
+        }
+        // The other builds of the paths done (the eviction guard kept every build of a path
+        // not done), unless a path still in the plan waits for the same bytes.
+        others.retain(|b| !self.storage.is_released(b));
+        if !others.is_empty() {
+            let waited: std::collections::HashSet<[u8; 32]> =
+                self.entries.values().map(|e| e.blake3).collect();
+            others.retain(|b| !waited.contains(b));
+            self.storage.release(&others);
         }
         if any_ok && failed.is_empty() {
             self.set_error(None);

@@ -495,6 +495,11 @@ impl Storage {
         self.inner.lock().protected.extend(blake3s);
     }
 
+    /// True if nothing protects this NAR for the mirror.
+    pub fn is_released(&self, blake3: &[u8; 32]) -> bool {
+        !self.inner.lock().protected.contains(blake3)
+    }
+
     /// The mirror has these NARs in its bucket: they may be evicted like the rest.
     pub fn release(&self, blake3s: &[[u8; 32]]) {
         let mut st = self.inner.lock();
