@@ -50,6 +50,38 @@ pub(super) fn record_in(
     paths.get(hash)?.map(|v| decode(v.value())).transpose()
 }
 
+/// Change the claim on `blake3` of every path with one by `f` (true if it changed it), and move
+/// the paths to the end of the log: every one (`all`), or those changed; their hash parts go to
+/// `changed`.
+pub(super) fn change_claims(
+    tx: &redb::WriteTransaction,
+    blake3: &[u8; 32],
+    all: bool,
+    changed: &mut Vec<String>,
+    mut f: impl FnMut(&mut Claim) -> bool,
+) -> Result<(), DbError> {
+    let blobs = tx.open_multimap_table(BLOBS)?;
+    let mut paths = tx.open_table(PATHS)?;
+    let mut log = tx.open_table(LOG)?;
+    let mut index = tx.open_table(LOG_INDEX)?;
+    let mut meta = tx.open_table(META)?;
+    for h in blobs.get(blake3.as_slice())? {
+        let h = h?.value().to_owned();
+        let Some(mut rec) = record_in(&paths, &h)? else {
+            continue;
+        };
+        let news = rec.claim_mut(blake3).is_some_and(&mut f);
+        if news {
+            paths.insert(h.as_str(), postcard::to_allocvec(&rec)?.as_slice())?;
+        }
+        if news || all {
+            relog(&mut log, &mut index, &mut meta, &h)?;
+            changed.push(h);
+        }
+    }
+    Ok(())
+}
+
 /// Move `hash`'s entry to the end of the log.
 pub(super) fn relog(
     log: &mut redb::Table<u64, &str>,
@@ -288,36 +320,16 @@ impl Db {
         let db = self.db.get()?;
         let mut tx = db.begin_write()?;
         let mut changed = Vec::new();
-        {
-            let blobs = tx.open_multimap_table(BLOBS)?;
-            let mut paths = tx.open_table(PATHS)?;
-            let mut log = tx.open_table(LOG)?;
-            let mut index = tx.open_table(LOG_INDEX)?;
-            let mut meta = tx.open_table(META)?;
-            for h in blobs.get(blake3.as_slice())? {
-                let h = h?.value().to_owned();
-                let Some(mut rec) = record_in(&paths, &h)? else {
-                    continue;
-                };
-                let Some(c) = rec.claim_mut(blake3) else {
-                    continue;
-                };
-                if !c.providers.iter().any(|p| &p.id == id && p.holds) {
-                    continue;
-                }
-                let hint = super::Provider {
-                    id: *id,
-                    holds: false,
-                    at_ms,
-                    sig: Vec::new(),
-                };
-                if super::merge_provider(&mut c.providers, hint) {
-                    paths.insert(h.as_str(), postcard::to_allocvec(&rec)?.as_slice())?;
-                    relog(&mut log, &mut index, &mut meta, &h)?;
-                    changed.push(h);
-                }
-            }
-        }
+        let hint = super::Provider {
+            id: *id,
+            holds: false,
+            at_ms,
+            sig: Vec::new(),
+        };
+        change_claims(&tx, blake3, false, &mut changed, |c| {
+            c.providers.iter().any(|p| &p.id == id && p.holds)
+                && super::merge_provider(&mut c.providers, hint.clone())
+        })?;
         if changed.is_empty() {
             tx.abort()?;
             return Ok(0);
@@ -325,10 +337,7 @@ impl Db {
         tx.set_durability(redb::Durability::None)?;
         tx.commit()?;
         let n = changed.len();
-        self.changed();
-        for h in changed {
-            let _ = self.changed_paths.send(h);
-        }
+        self.announce_changes(changed);
         Ok(n)
     }
 

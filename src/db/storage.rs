@@ -13,9 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::leaves::Leaves;
 use super::paths::relog;
-use super::{
-    BLOBS, Db, DbError, LOG, LOG_INDEX, META, PATHS, PathRecord, bump, durable, get_meta, lower,
-};
+use super::{Db, DbError, LOG, LOG_INDEX, META, PATHS, PathRecord, bump, durable, get_meta, lower};
 
 /// Hash parts of the paths whose own claim has this NAR, held in the local Nix store.
 pub(super) const OWN: MultimapTableDefinition<&[u8], &str> = MultimapTableDefinition::new("own_v1");
@@ -108,27 +106,11 @@ pub(super) fn relog_holders(
     withdrawn: bool,
     changed: &mut Vec<String>,
 ) -> Result<(), DbError> {
-    let blobs = tx.open_multimap_table(BLOBS)?;
-    let mut paths = tx.open_table(PATHS)?;
-    let mut log = tx.open_table(LOG)?;
-    let mut index = tx.open_table(LOG_INDEX)?;
-    let mut meta = tx.open_table(META)?;
-    for h in blobs.get(blake3.as_slice())? {
-        let h = h?.value().to_owned();
-        let old = paths.get(h.as_str())?.map(|v| v.value().to_vec());
-        if let Some(bytes) = old {
-            let mut rec: PathRecord = postcard::from_bytes(&bytes)?;
-            if let Some(c) = rec.claim_mut(blake3)
-                && c.withdrawn != withdrawn
-            {
-                c.withdrawn = withdrawn;
-                paths.insert(h.as_str(), postcard::to_allocvec(&rec)?.as_slice())?;
-            }
-            relog(&mut log, &mut index, &mut meta, &h)?;
-            changed.push(h);
-        }
-    }
-    Ok(())
+    super::paths::change_claims(tx, blake3, true, changed, |c| {
+        let news = c.withdrawn != withdrawn;
+        c.withdrawn = withdrawn;
+        news
+    })
 }
 
 impl Db {

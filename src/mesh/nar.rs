@@ -155,11 +155,7 @@ impl NarServer {
         let (held, size) = match self.held(&blake3).await {
             Ok(Some(h)) => h,
             Ok(None) => return self.refuse(send, None).await,
-            Err(e) => {
-                tracing::warn!("mesh: serving a NAR: {e}");
-                let message = "this node cannot read its storage now".to_owned();
-                return self.refuse(send, Some(NarReply::Error { message })).await;
-            }
+            Err(e) => return self.cannot_read(send, "a NAR", e).await,
         };
         let Some(_slot) = self.slot(conn.remote_id()) else {
             return self.refuse(send, Some(NarReply::Busy)).await;
@@ -168,11 +164,7 @@ impl NarServer {
             let leaves = match self.storage.leaves(&blake3).await {
                 Ok(Some(l)) => l,
                 Ok(None) => return self.refuse(send, None).await,
-                Err(e) => {
-                    tracing::warn!("mesh: serving a NAR's leaves: {e}");
-                    let message = "this node cannot read its storage now".to_owned();
-                    return self.refuse(send, Some(NarReply::Error { message })).await;
-                }
+                Err(e) => return self.cannot_read(send, "a NAR's leaves", e).await,
             };
             write(send, &NarReply::Leaves { size }).await?;
             timed(send.write_chunk(leaves)).await?;
@@ -243,6 +235,19 @@ impl NarServer {
         .await
         .map_err(|e| e.to_string())??;
         Ok(size.map(|size| (held, size)))
+    }
+
+    /// This node's own failure to read its storage: an `Error`, never `NotFound` (which the
+    /// asker takes as its word that it lacks the NAR).
+    async fn cannot_read(
+        &self,
+        send: &mut SendStream,
+        what: &str,
+        e: impl std::fmt::Display,
+    ) -> Result<(), AcceptError> {
+        tracing::warn!("mesh: serving {what}: {e}");
+        let message = "this node cannot read its storage now".to_owned();
+        self.refuse(send, Some(NarReply::Error { message })).await
     }
 
     async fn refuse(
