@@ -113,9 +113,9 @@ pub(super) fn with_claim(
 }
 
 impl Db {
-    /// What the mirror still needs of each of these NARs, in one read: a path whose served
-    /// claim is the NAR is not done in the bucket ([`MirrorNeed::Unfinished`]), or not yet
-    /// taken into the outbox (its log entry after the mirror's cursor: [`MirrorNeed::NotTaken`]).
+    /// What the mirror still needs of each of these NARs, in one read: a path with a claim on
+    /// the NAR is not done in the bucket ([`MirrorNeed::Unfinished`]), or not yet taken into the
+    /// outbox (its log entry after the mirror's cursor: [`MirrorNeed::NotTaken`]).
     /// Every claim of a path that has not failed counts: the mirror uploads the one the path
     /// serves (`PathRecord::served`), which may become another while the path waits (the
     /// mirror releases every claim of a path once done: [`Db::outbox_set`]). For the storage's
