@@ -92,6 +92,20 @@ enum Answer {
     V2(SyncBatchV2),
 }
 
+/// The claim `rec` serves here, and whether this node holds its NAR. Blocking.
+fn served_here<'r>(
+    ctx: &Ctx,
+    rec: &'r crate::db::PathRecord,
+    me: &[u8; 32],
+) -> Option<(&'r crate::db::Claim, bool)> {
+    let mut held = false;
+    let c = rec.served(Some(me), |c| {
+        held = ctx.storage.holds_blocking(&c.blake3);
+        held
+    })?;
+    Some((c, held))
+}
+
 /// The entries after `req.after`, as announcements of the version asked. Blocking.
 ///
 /// A batch holds at most [`SYNC_BATCH_BYTES`] of encoded entries (their narinfos, and the
@@ -110,20 +124,12 @@ fn batch(ctx: &Ctx, req: &SyncRequest, version: u8) -> Result<Answer, String> {
     // Each row's announcement is made only when the batch reaches it: of the claim the record
     // serves here, with whether this node holds it. A row with no claim to serve has none,
     // and is passed.
-    let served = |rec: &crate::db::PathRecord| {
-        let mut held = false;
-        let c = rec.served(Some(&my_id), |c| {
-            held = ctx.storage.holds_blocking(&c.blake3);
-            held
-        })?;
-        Some((c.clone(), held))
-    };
     Ok(if version == 2 {
         let f = fill(
             req.after,
             rows.into_iter().map(|(seq, rec)| {
-                let a = served(&rec)
-                    .map(|(c, h)| super::accept::announce_of(&c, &me, &ctx.key, h, now));
+                let a = served_here(ctx, &rec, &my_id)
+                    .map(|(c, h)| super::accept::announce_of(c, &me, &ctx.key, h, now));
                 (seq, rec.store_path, a)
             }),
         )?;
@@ -136,7 +142,8 @@ fn batch(ctx: &Ctx, req: &SyncRequest, version: u8) -> Result<Answer, String> {
         let f = fill(
             req.after,
             rows.into_iter().map(|(seq, rec)| {
-                let a = served(&rec).map(|(c, h)| super::accept::announce_v1_of(&c, my_id, h));
+                let a = served_here(ctx, &rec, &my_id)
+                    .map(|(c, h)| super::accept::announce_v1_of(c, my_id, h));
                 (seq, rec.store_path, a)
             }),
         )?;

@@ -449,18 +449,19 @@ impl Mirror {
             .into_iter()
             .filter(|(r, _, _)| !self.plan.has(r.hash_part()))
             .collect();
-        // The claim each path uploads, as this node can read them (off the async threads).
+        // The claim each path uploads, as this node can read them, and whether its NAR is here
+        // (off the async threads).
         let (storage, arriving, me) = (self.storage.clone(), self.arriving.clone(), self.me);
         let Ok(entries) = tokio::task::spawn_blocking(move || {
             recs.into_iter()
                 .filter_map(|(r, s, tried)| {
-                    let served = r.served(me.as_ref(), |c| {
-                        readable(&storage, arriving.as_ref(), &c.blake3)
-                    });
+                    let readable = |b: &[u8; 32]| readable(&storage, arriving.as_ref(), b);
+                    let served = r.served(me.as_ref(), |c| readable(&c.blake3));
                     let (e, s) = Entry::choose(&r, s, served)?;
-                    Some((e, s, tried))
+                    let local = readable(&e.blake3);
+                    Some((e, s, tried, local))
                 })
-                .collect::<Vec<(Entry, MirrorState, bool)>>()
+                .collect::<Vec<(Entry, MirrorState, bool, bool)>>()
         })
         .await
         else {
@@ -470,32 +471,26 @@ impl Mirror {
         // References the plan knows are incomplete by definition; the others are asked.
         let mut ask: Vec<String> = entries
             .iter()
-            .flat_map(|(e, _, _)| e.references())
+            .flat_map(|(e, ..)| e.references())
             .filter(|r| !self.plan.has(r))
             .collect();
         ask.sort();
         ask.dedup();
         let batch: std::collections::HashSet<String> =
-            entries.iter().map(|(e, _, _)| e.hash.clone()).collect();
-        let (db, storage, arriving) =
-            (self.db.clone(), self.storage.clone(), self.arriving.clone());
-        let blakes: Vec<[u8; 32]> = entries.iter().map(|(e, _, _)| e.blake3).collect();
+            entries.iter().map(|(e, ..)| e.hash.clone()).collect();
+        let db = self.db.clone();
         let looked = tokio::task::spawn_blocking(move || {
             let done = db
                 .outbox_done(&ask)
                 .unwrap_or_else(|_| vec![false; ask.len()]);
-            let held: Vec<bool> = blakes
-                .iter()
-                .map(|b| readable(&storage, arriving.as_ref(), b))
-                .collect();
-            (ask.into_iter().zip(done).collect::<HashMap<_, _>>(), held)
+            ask.into_iter().zip(done).collect::<HashMap<_, _>>()
         })
         .await;
-        let Ok((done, held)) = looked else {
+        let Ok(done) = looked else {
             tracing::error!("mirror: looking up references failed");
             return;
         };
-        for ((e, state, tried), local) in entries.into_iter().zip(held) {
+        for (e, state, tried, local) in entries {
             let missing: Vec<String> = e
                 .references()
                 .into_iter()
@@ -544,8 +539,9 @@ impl Mirror {
     }
 
     /// Of these paths, those the plan waits for whose NAR is here now (or arriving: it is read
-    /// as it comes) go ahead; of the others, those whose NAR no peer says it holds any more
-    /// (every holder's Nix GC took it, or its cap evicted it, before this node fetched it) are
+    /// as it comes) go ahead; of the others, one whose record serves another claim now that can
+    /// be had takes it (`look`, `switch`), and those of which no claim can be had (every
+    /// holder's Nix GC took it, or its cap evicted it, before this node fetched it) are
     /// orphaned: they, and the closures above them, wait until a node holds it again (news of
     /// that changes the record, which brings the path here again).
     async fn refresh_held(&mut self, touched: Vec<String>) {
