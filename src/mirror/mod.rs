@@ -48,6 +48,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const RATE_WINDOW: Duration = Duration::from_secs(10);
 /// How often paths whose NAR is not here yet are looked at again even without news of them.
 const RECHECK: Duration = Duration::from_secs(5);
+/// How often orphaned paths are: news that a node holds one again (a changed record) brings
+/// it at once, so this only covers news lost; a mirror that joins a farm after its hosts
+/// collected much of what they built may wait for a great many of them.
+const ORPHANS_RECHECK: Duration = Duration::from_secs(300);
 /// The first bucket audit runs this long after the bucket is ready, at most (`audit-secs`
 /// apart after that): a restart after a bucket was emptied mends it soon.
 const FIRST_AUDIT: Duration = Duration::from_secs(600);
@@ -363,6 +367,7 @@ impl Mirror {
         let mut paths = self.db.subscribe_changed_paths();
         let mut started = self.arriving.as_ref().map(Arriving::subscribe);
         let mut recheck = tokio::time::Instant::now() + RECHECK;
+        let mut orphans_at = tokio::time::Instant::now() + ORPHANS_RECHECK;
         let every = Duration::from_secs(self.cfg.audit_secs);
         let mut audit_at =
             (!every.is_zero()).then(|| tokio::time::Instant::now() + every.min(FIRST_AUDIT));
@@ -401,8 +406,13 @@ impl Mirror {
                     Err(_) => started = None,
                 },
                 _ = tokio::time::sleep_until(recheck) => {
-                    recheck = tokio::time::Instant::now() + RECHECK;
-                    touched.extend(self.plan.not_local().map(str::to_owned));
+                    let now = tokio::time::Instant::now();
+                    recheck = now + RECHECK;
+                    let orphans_too = now >= orphans_at;
+                    if orphans_too {
+                        orphans_at = now + ORPHANS_RECHECK;
+                    }
+                    touched.extend(to_recheck(&self.plan, &self.orphaned, orphans_too));
                 }
                 _ = sleep_until_some(audit_at), if auditing.as_ref().is_none_or(|a| a.is_finished()) => {
                     // The last audit has ended: what it said and was not read yet comes first.
@@ -1013,6 +1023,19 @@ impl Mirror {
     }
 }
 
+/// The paths whose NAR is not here yet to look at again without news of them: orphaned ones
+/// only if `orphans_too`.
+fn to_recheck(
+    plan: &Plan,
+    orphaned: &std::collections::HashSet<String>,
+    orphans_too: bool,
+) -> Vec<String> {
+    plan.not_local()
+        .filter(|h| orphans_too || !orphaned.contains(*h))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// What the mirror saw of a NAR it waits for.
 enum Seen {
     /// Held here, or arriving from peers.
@@ -1106,5 +1129,20 @@ mod tests {
         assert_eq!(s.recent.len(), 1, "older completions stayed");
         s.completed(100);
         assert_eq!(s.rate(), 200 / RATE_WINDOW.as_secs());
+    }
+
+    /// Orphaned paths are not read again every few seconds (news of one brings it at once),
+    /// only at the slow sweep; the others whose NAR is not here are.
+    #[test]
+    fn orphans_wait_for_news_or_the_slow_sweep() {
+        let mut plan = Plan::default();
+        plan.add("lost", MirrorState::Pending, false, 1, &[]);
+        plan.add("fetching", MirrorState::Pending, false, 1, &[]);
+        plan.add("here", MirrorState::Pending, true, 1, &[]);
+        let orphaned = ["lost".to_owned()].into_iter().collect();
+        assert_eq!(to_recheck(&plan, &orphaned, false), ["fetching"]);
+        let mut all = to_recheck(&plan, &orphaned, true);
+        all.sort();
+        assert_eq!(all, ["fetching", "lost"]);
     }
 }
