@@ -130,6 +130,8 @@ pub struct Metrics {
     pub storage_own_paths: Gauge,
     pub storage_evictions: Counter,
     pub storage_gc_lost: Counter,
+    /// Times every own path was looked up in the local Nix store (after something left it).
+    pub storage_own_checks: Counter,
     pub storage_read_buffered_bytes: Gauge,
     /// Records of paths nobody held any more, forgotten.
     pub records_forgotten: Counter,
@@ -241,6 +243,7 @@ impl Metrics {
             storage_own_paths: Gauge::default(),
             storage_evictions: Counter::default(),
             storage_gc_lost: Counter::default(),
+            storage_own_checks: Counter::default(),
             storage_read_buffered_bytes: Gauge::default(),
             records_forgotten: Counter::default(),
             served_bytes: Family::default(),
@@ -467,6 +470,12 @@ impl Metrics {
             "storage_gc_lost",
             "Own paths that left the local Nix store (Nix GC, nix-store --delete)",
             m.storage_gc_lost.clone(),
+        );
+        register(
+            (&mut registry, &mut names),
+            "storage_own_path_checks",
+            "Times every own path was looked up in the local Nix store, after paths left it",
+            m.storage_own_checks.clone(),
         );
         register(
             (&mut registry, &mut names),

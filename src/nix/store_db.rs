@@ -200,6 +200,39 @@ impl StoreDb {
         .collect()
     }
 
+    /// A number that goes down when, and only when, a path stops being valid: the count of
+    /// valid paths less the last id given to one. Nix's `ValidPaths` is `AUTOINCREMENT`: an
+    /// id is never given twice, so registering a path raises both by one, and a path deleted
+    /// and registered again leaves the number one lower. `None` if the table gives ids some
+    /// other way (not Nix's schema): then nothing can be told from it. One read transaction.
+    pub fn removals_mark(&self) -> Result<Option<i64>, StoreDbError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let schema: Option<String> = tx
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'ValidPaths'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if !schema.is_some_and(|s| s.to_ascii_lowercase().contains("autoincrement")) {
+            return Ok(None);
+        }
+        let count: i64 = tx.query_row("SELECT count(*) FROM ValidPaths", [], |r| r.get(0))?;
+        let last: Option<i64> = tx
+            .query_row(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'ValidPaths'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(match last {
+            Some(last) => Some(count - last),
+            // No id given yet.
+            None if count == 0 => Some(0),
+            None => None,
+        })
+    }
+
     /// True if `path` is a valid path in this store.
     pub fn is_valid(&self, path: &StorePath) -> Result<bool, StoreDbError> {
         let mut st = self

@@ -1,6 +1,6 @@
-//! The storage's housekeeping: own paths checked against the local Nix store whenever its
-//! database changed (Nix GC or `nix-store --delete` removes paths this node serves from it:
-//! they stop being held, and peers learn it), last-used times written back in batches, the
+//! The storage's housekeeping: own paths checked against the local Nix store whenever a path
+//! left it (Nix GC or `nix-store --delete` removes paths this node serves from it: they stop
+//! being held, and peers learn it; builds only add, and cost one count), last-used times written back in batches, the
 //! disk's free-space floor kept, and pinned closures recomputed (paths recorded after a pin
 //! join it).
 
@@ -31,6 +31,8 @@ fn store_stamp(storage: &Storage) -> Option<Vec<(u64, SystemTime)>> {
 
 pub(super) async fn run(storage: Storage, cancel: CancellationToken) {
     let mut last_stamp = None;
+    // The store's removals mark as of the last full check of own paths.
+    let mut mark = None;
     let mut next_check = tokio::time::Instant::now();
     let mut next_flush = tokio::time::Instant::now() + FLUSH_EVERY;
     let mut next_pins = tokio::time::Instant::now() + PINS_EVERY;
@@ -45,8 +47,8 @@ pub(super) async fn run(storage: Storage, cancel: CancellationToken) {
             let stamp = store_stamp(&storage);
             if stamp.is_none() || stamp != last_stamp {
                 let s = storage.clone();
-                match tokio::task::spawn_blocking(move || s.check_own_paths()).await {
-                    Ok(Ok(())) => last_stamp = stamp,
+                match tokio::task::spawn_blocking(move || s.check_own_paths(mark)).await {
+                    Ok(Ok(m)) => (last_stamp, mark) = (stamp, m),
                     Ok(Err(e)) => tracing::warn!("storage: checking own paths: {e}"),
                     Err(e) => tracing::warn!("storage: checking own paths: {e}"),
                 }
@@ -82,11 +84,29 @@ pub(super) async fn run(storage: Storage, cancel: CancellationToken) {
 }
 
 impl Storage {
-    /// Own paths no longer valid in the local store stop being held. Blocking.
-    pub fn check_own_paths(&self) -> Result<(), StorageError> {
+    /// Own paths no longer valid in the local store stop being held, unless the store's
+    /// removals mark is still `since` (nothing left the store since the check that saw it: a
+    /// busy build host's store changes with every build, and it may hold a great many own
+    /// paths). Returns the mark as it was before this check looked (`since` if there are no
+    /// own paths: a path recorded later and deleted lowers the mark below it). Blocking.
+    pub fn check_own_paths(&self, since: Option<i64>) -> Result<Option<i64>, StorageError> {
+        if self.inner.db.storage_counters()?.own_paths == 0 {
+            // Nothing to lose (and a node that builds nothing needs no store database).
+            return Ok(since);
+        }
+        let store_err = |e: crate::nix::store_db::StoreDbError| StorageError::Task(e.to_string());
+        let mark = self
+            .inner
+            .store
+            .with(|db| db.removals_mark())
+            .map_err(store_err)?;
+        if mark.is_some() && mark == since {
+            return Ok(mark);
+        }
+        self.inner.metrics.storage_own_checks.inc();
         let own = self.inner.db.own_paths()?;
         if own.is_empty() {
-            return Ok(());
+            return Ok(mark);
         }
         let parsed: Vec<Option<StorePath>> = own
             .iter()
@@ -104,7 +124,7 @@ impl Storage {
                     })
                     .collect()
             })
-            .map_err(|e| StorageError::Task(e.to_string()))?;
+            .map_err(store_err)?;
         let lost: Vec<([u8; 32], String)> = own
             .into_iter()
             .zip(valid)
@@ -115,7 +135,7 @@ impl Storage {
             })
             .collect();
         if lost.is_empty() {
-            return Ok(());
+            return Ok(mark);
         }
         for (b, _) in &lost {
             self.inner.layouts.remove(b);
@@ -123,7 +143,7 @@ impl Storage {
         let n = self.inner.db.own_lost(&lost)?;
         self.inner.metrics.storage_gc_lost.inc_by(n as u64);
         self.publish();
-        Ok(())
+        Ok(mark)
     }
 
     /// Write back last-used times.

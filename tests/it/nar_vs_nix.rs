@@ -99,6 +99,21 @@ fn store_db_reads_what_nix_recorded() {
     assert_eq!(batch[2].as_ref().unwrap().path, *top);
     assert!(!db.is_valid(&unknown).unwrap());
     assert!(StoreDb::open(&host.dir.path().join("nowhere")).is_err());
+
+    // The removals mark stays while paths are only added, and goes down when one is deleted,
+    // even if it is registered again (a build, then the same build after its deletion).
+    let mark = db
+        .removals_mark()
+        .unwrap()
+        .expect("Nix's ValidPaths gives ids in sequence");
+    let more = host.build(r#"mk "more" "echo more > $out""#);
+    assert_eq!(db.removals_mark().unwrap(), Some(mark), "only added");
+    run_ok(host.cmd("nix-store").args(["--delete", &more[0].full()]));
+    let after = db.removals_mark().unwrap().unwrap();
+    assert!(after < mark, "{after} after a deletion, {mark} before");
+    assert_eq!(host.build(r#"mk "more" "echo more > $out""#), more);
+    assert!(db.is_valid(&more[0]).unwrap());
+    assert_eq!(db.removals_mark().unwrap(), Some(after), "registered again");
 }
 
 #[test]

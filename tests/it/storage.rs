@@ -12,6 +12,7 @@ use narmesh::nix::StorePath;
 
 use crate::harness::{NixHost, disk_usage, http, run_ok, wait_until};
 use crate::node_harness::Node;
+use crate::trust::metric;
 
 /// Bytes the process has caused to be written to storage (`/proc/PID/io`).
 fn write_bytes(pid: u32) -> u64 {
@@ -234,13 +235,26 @@ fn nix_gc_on_the_building_host_is_followed() {
     wait_until(10, "B to keep the NAR", || {
         cl.nodes[1].status().storage.files == 1
     });
+    // Builds only add to A's store: A looks its own paths up once (its first check with
+    // some), not at every check after a build.
+    let checks = "narmesh_storage_own_path_checks_total ";
+    wait_until(10, "A to check its own paths", || {
+        metric(&cl.nodes[0], checks) == 1.0
+    });
+    let more = cl.a.build(r#"mk "gc-more" "echo more > $out""#);
+    wait_until(10, "A to serve the new path", || {
+        cl.nodes[0].serves(&full(&more))
+    });
+    std::thread::sleep(Duration::from_secs(3)); // three of A's checks
+    assert_eq!(metric(&cl.nodes[0], checks), 1.0);
     for p in [&kept, &alone] {
         run_ok(cl.a.cmd("nix-store").args(["--delete", &p.full()]));
     }
     wait_until(20, "A to notice the deletions", || {
         cl.nodes[0].status().storage.gc_lost == 2
     });
-    assert_eq!(cl.nodes[0].status().storage.own_paths, 0);
+    assert_eq!(cl.nodes[0].status().storage.own_paths, 1);
+    assert!(metric(&cl.nodes[0], checks) >= 2.0);
     let narinfo = |p: &StorePath| format!("/{}.narinfo", p.hash_part());
     wait_until(20, "A to stop offering the path no peer holds", || {
         http(&cl.nodes[0].http, "GET", &narinfo(&alone), &[]).0 == 404
