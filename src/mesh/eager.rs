@@ -5,7 +5,9 @@
 //! (every holder lost the NAR wished for, and a node holds another build of the path), the
 //! other is wished for instead, at the wish's next turn. Eviction clears a wish, so nothing is
 //! fetched and evicted in a loop. Up to eight at once, of
-//! which two large: a small NAR is never stuck behind large ones.
+//! which two large: a small NAR is never stuck behind large ones. A wish no node holds the NAR
+//! of (every holder's Nix GC took it first) starts no fetch: it waits, without a word, for news
+//! of its path (a changed record), or [`MAX_BACKOFF`] without any.
 //!
 //! The wish list is walked a window at a time ([`WINDOW`] wishes in BLAKE3 order, from where the
 //! last look stopped, round and round): a look costs the same whether ten wishes wait or a
@@ -50,6 +52,9 @@ struct Walk {
     /// Wished-for NARs known to be large (skipped without a lookup while the large slots are
     /// full), with the round each was last seen in.
     large: HashMap<[u8; 32], u64>,
+    /// Wishes that wait for a holder (no node holds their NAR), by their path's hash part:
+    /// news of the path ends the wait.
+    unheld: HashMap<String, [u8; 32]>,
 }
 
 impl Walk {
@@ -70,6 +75,8 @@ impl Walk {
         let round = self.round;
         self.retry.retain(|_, r| r.2 == round);
         self.large.retain(|_, r| *r == round);
+        let retry = &self.retry;
+        self.unheld.retain(|_, b| retry.contains_key(b));
         self.round += 1;
         self.cursor = None;
     }
@@ -98,6 +105,39 @@ impl Walk {
         wait
     }
 
+    /// No node holds `b` (wished for path `hash`) at `now`: it waits for news of the path, or
+    /// [`MAX_BACKOFF`]. A failure's backoff is left as it was.
+    fn unheld(&mut self, b: [u8; 32], hash: String, now: Instant) {
+        let wait = self
+            .retry
+            .get(&b)
+            .map_or(Duration::from_secs(1), |(_, w, _)| *w);
+        self.retry.insert(b, (now + MAX_BACKOFF, wait, self.round));
+        self.unheld.insert(hash, b);
+    }
+
+    /// News of path `hash`: a wish of it that waited for a holder waits no more. True if one
+    /// did.
+    fn news(&mut self, hash: &str) -> bool {
+        if let Some(b) = self.unheld.remove(hash)
+            && let Some(r) = self.retry.get_mut(&b)
+        {
+            r.0 = Instant::now();
+            return true;
+        }
+        false
+    }
+
+    /// News may have been lost: every wish that waited for a holder waits no more.
+    fn all_news(&mut self) {
+        let now = Instant::now();
+        for b in std::mem::take(&mut self.unheld).values() {
+            if let Some(r) = self.retry.get_mut(b) {
+                r.0 = now;
+            }
+        }
+    }
+
     /// `b` is held, or no longer wished: nothing to remember.
     fn forget(&mut self, b: &[u8; 32]) {
         self.retry.remove(b);
@@ -112,7 +152,8 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
     let mut running: HashMap<[u8; 32], bool> = HashMap::new();
     let mut fetches: JoinSet<([u8; 32], Result<(), String>)> = JoinSet::new();
     let my_id = *ctx.endpoint_key.public().as_bytes();
-    loop {
+    let (mut news, mut news_closed) = (ctx.db.subscribe_changed_paths(), false);
+    'run: loop {
         let now = Instant::now();
         let mut gone = Vec::new();
         let mut instead = Vec::new();
@@ -189,6 +230,12 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                         continue;
                     }
                 };
+                if !claim.held_by_peer(Some(&my_id)) {
+                    // Nobody to fetch it from (every holder lost it): no fetch, no failure.
+                    tracing::debug!("mesh: no node holds the NAR of {wanted_by}; waiting for one");
+                    walk.unheld(b, wanted_by, now);
+                    continue;
+                }
                 let large = claim.nar_size > LARGE;
                 if large {
                     walk.is_large(b);
@@ -232,21 +279,46 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
             })
             .await;
         }
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = ctx.eager_wake.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            Some(done) = fetches.join_next(), if !fetches.is_empty() => {
-                if let Ok((b, r)) = done {
-                    running.remove(&b);
-                    match r {
-                        Ok(()) => walk.forget(&b),
-                        Err(e) => {
-                            let wait = walk.failed(b, Instant::now());
-                            tracing::info!("mesh: eager fetch failed ({e}); trying again in {wait:?}");
+        // Wait for a reason to look again: news of a path only if it ends a wish's wait.
+        let tick = tokio::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            let look = tokio::select! {
+                _ = cancel.cancelled() => break 'run,
+                _ = ctx.eager_wake.notified() => true,
+                n = news.recv(), if !news_closed => match n {
+                    Ok(h) => {
+                        let mut any = walk.news(&h);
+                        while let Ok(h) = news.try_recv() {
+                            any |= walk.news(&h);
+                        }
+                        any
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        walk.all_news();
+                        true
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        news_closed = true;
+                        false
+                    }
+                },
+                _ = tokio::time::sleep_until(tick) => true,
+                Some(done) = fetches.join_next(), if !fetches.is_empty() => {
+                    if let Ok((b, r)) = done {
+                        running.remove(&b);
+                        match r {
+                            Ok(()) => walk.forget(&b),
+                            Err(e) => {
+                                let wait = walk.failed(b, Instant::now());
+                                tracing::info!("mesh: eager fetch failed ({e}); trying again in {wait:?}");
+                            }
                         }
                     }
+                    true
                 }
+            };
+            if look {
+                break;
             }
         }
     }
@@ -298,5 +370,30 @@ mod tests {
         assert!(w.backing_off(&[1; 32], now) && w.known_large(&[3; 32]));
         assert!(!w.backing_off(&[2; 32], now) && !w.known_large(&[4; 32]));
         assert_eq!((w.retry.len(), w.large.len()), (1, 1));
+    }
+
+    /// A wish no node holds the NAR of waits for news of its path, not for its backoff.
+    #[test]
+    fn a_wish_nobody_holds_waits_for_news_of_its_path() {
+        let mut w = Walk::default();
+        let now = Instant::now();
+        w.failed([1; 32], now);
+        w.unheld([1; 32], "p".into(), now);
+        w.unheld([2; 32], "q".into(), now);
+        assert!(w.backing_off(&[1; 32], now + MAX_BACKOFF / 2));
+        assert_eq!(w.failed([1; 32], now), Duration::from_secs(2), "kept");
+        w.unheld([1; 32], "p".into(), now);
+        assert!(!w.news("other"));
+        assert!(w.backing_off(&[1; 32], now + Duration::from_secs(1)));
+        assert!(w.news("p"));
+        assert!(!w.backing_off(&[1; 32], Instant::now()), "news of it");
+        assert!(w.backing_off(&[2; 32], Instant::now()));
+        w.all_news();
+        assert!(!w.backing_off(&[2; 32], Instant::now()), "news lost");
+        // Forgotten with the wish.
+        w.unheld([3; 32], "r".into(), now);
+        w.wrap();
+        w.wrap();
+        assert!(w.unheld.is_empty() && w.retry.is_empty());
     }
 }

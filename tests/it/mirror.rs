@@ -4,6 +4,7 @@
 //! lose nothing and never disturb builds.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use narmesh::nix::NarInfo;
 use narmesh_proto::control::MirrorStatus;
@@ -835,11 +836,15 @@ fn a_path_no_node_holds_any_more_is_shown_orphaned_until_one_does() {
         metric(m, "narmesh_mirror_orphaned_paths ") == 1.0
     });
     assert_eq!(mirror(m).pending_paths, 1);
+    // M's wish for the NAR waits for a holder: no fetch is started from nobody (a few of its
+    // backoffs' worth).
+    std::thread::sleep(Duration::from_secs(4));
     let log = m.log();
     assert!(
         log.contains("wait for a NAR that no node holds any more") && log.contains(&gone.full()),
         "M's log:\n{log}"
     );
+    assert!(!log.contains("no provider holds it"), "M's log:\n{log}");
 
     // Built again, A holds it: mirrored, orphaned no more.
     assert_eq!(st.a.build(expr)[0], gone);
