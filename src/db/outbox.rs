@@ -114,12 +114,14 @@ pub(super) fn with_claim(
 
 impl Db {
     /// What the mirror still needs of each of these NARs, in one read: a path with a claim on
-    /// the NAR is not done in the bucket ([`MirrorNeed::Unfinished`]), or not yet taken into the
-    /// outbox (its log entry after the mirror's cursor: [`MirrorNeed::NotTaken`]).
-    /// Every claim of a path that has not failed counts: the mirror uploads the one the path
-    /// serves (`PathRecord::served`), which may become another while the path waits (the
-    /// mirror releases every claim of a path once done: [`Db::outbox_set`]). For the storage's
-    /// eviction on the mirror node.
+    /// the NAR has not had its NAR put in the bucket ([`MirrorNeed::Unfinished`]), or is not
+    /// yet taken into the outbox (its log entry after the mirror's cursor:
+    /// [`MirrorNeed::NotTaken`]). A path whose NAR is in the bucket needs none (its narinfo
+    /// may still wait for its references, for as long as one of them waits for a NAR no node
+    /// holds). Every claim of a path that has not failed counts: the mirror uploads the one
+    /// the path serves (`PathRecord::served`), which may become another while the path waits
+    /// (the mirror releases every claim of a path once its NAR is up: [`Db::outbox_set`]).
+    /// For the storage's eviction on the mirror node.
     pub fn mirror_needs(&self, blake3s: &[[u8; 32]]) -> Result<Vec<MirrorNeed>, DbError> {
         let db = self.db.get()?;
         let tx = db.begin_read()?;
@@ -140,7 +142,7 @@ impl Db {
                     continue;
                 }
                 if let Some(v) = outbox.get(h.value())?
-                    && decode(v.value())? != MirrorState::Done
+                    && decode(v.value())? == MirrorState::Pending
                 {
                     out.push(MirrorNeed::Unfinished);
                     continue 'nars;
@@ -364,7 +366,7 @@ impl Db {
     /// `audit`). A path done whose NAR this node does not hold moves to the end of the log: its
     /// record may be dead, and was kept only for the mirror (see `forget`), so the walk that
     /// forgets dead records must come to it again. Returns the NARs of every claim of the paths
-    /// done: the mirror needs none of them any more.
+    /// done or whose NAR is in the bucket: the mirror needs none of them any more.
     pub fn outbox_set(&self, states: &[(String, MirrorState)]) -> Result<Vec<[u8; 32]>, DbError> {
         let mut released = Vec::new();
         if states.is_empty() {
@@ -403,11 +405,12 @@ impl Db {
                     }
                     MirrorState::Done => {}
                 }
-                if *state != MirrorState::Done {
+                if *state == MirrorState::Pending {
                     continue;
                 }
+                let done = *state == MirrorState::Done;
                 // Where its NAR went, for the audit.
-                if let Some(stored @ MirrorState::NarStored { .. }) = before {
+                if done && let Some(stored @ MirrorState::NarStored { .. }) = before {
                     super::audit::finished(&mut finished, hash, stored, now)?;
                 }
                 let Some(rec) = record_in(&paths, hash)? else {
@@ -418,7 +421,7 @@ impl Db {
                     released.push(c.blake3);
                     held |= held_here(&nars, &own, c.blake3.as_slice())?;
                 }
-                if !held {
+                if done && !held {
                     relog(&mut log, &mut index, &mut meta, hash)?;
                 }
             }
@@ -460,6 +463,20 @@ mod tests {
         db.outbox_set(&[(a.clone(), MirrorState::Done)]).unwrap();
         db.outbox_take(10, None).unwrap();
         assert_eq!(need(), Unfinished, "one path is not done");
+        // Its NAR in the bucket, b needs it no more, though its narinfo waits.
+        let up = MirrorState::NarStored {
+            url: "nar/x.nar".into(),
+            compression: "none".into(),
+            file_hash: [3; 32],
+            file_size: 5,
+            blake3: Some([1; 32]),
+        };
+        assert_eq!(
+            db.outbox_set(&[(b.clone(), up)]).unwrap(),
+            [[1; 32]],
+            "released"
+        );
+        assert_eq!(need(), Nothing, "the NAR is up");
         db.outbox_set(&[(b.clone(), MirrorState::Done)]).unwrap();
         assert_eq!(need(), NotTaken, "moved, not taken in again");
         db.outbox_take(10, None).unwrap();

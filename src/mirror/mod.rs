@@ -509,7 +509,9 @@ impl Mirror {
                 })
                 .collect();
             // Kept from eviction until its NAR is in the bucket.
-            self.storage.protect([e.blake3]);
+            if state == MirrorState::Pending {
+                self.storage.protect([e.blake3]);
+            }
             if tried {
                 self.tried.insert(e.hash.clone());
             }
@@ -886,12 +888,17 @@ impl Mirror {
                 self.plan.nar_stored(&h, state);
             }
         }
-        // The other builds of the paths done (the eviction guard kept every build of a path
-        // not done), unless a path still in the plan waits for the same bytes.
+        // Every build of the paths done or whose NAR went up (the eviction guard kept every
+        // build of a path whose NAR was not up; a narinfo needs none), unless a path still in
+        // the plan waits for the same bytes.
         others.retain(|b| !self.storage.is_released(b));
         if !others.is_empty() {
-            let waited: std::collections::HashSet<[u8; 32]> =
-                self.entries.values().map(|e| e.blake3).collect();
+            let waited: std::collections::HashSet<[u8; 32]> = self
+                .entries
+                .iter()
+                .filter(|(h, _)| self.plan.needs_nar(h))
+                .map(|(_, e)| e.blake3)
+                .collect();
             others.retain(|b| !waited.contains(b));
             self.storage.release(&others);
         }

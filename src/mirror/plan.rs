@@ -103,6 +103,13 @@ impl Plan {
         self.items.contains_key(hash)
     }
 
+    /// True if the path's NAR is not in the bucket yet (whether or not it is here).
+    pub fn needs_nar(&self, hash: &str) -> bool {
+        self.items
+            .get(hash)
+            .is_some_and(|i| i.state == MirrorState::Pending)
+    }
+
     /// The path's NAR is now one of `nar_size` bytes (another claim of the path, whose NAR can
     /// be had): what is pending follows.
     pub fn resize(&mut self, hash: &str, nar_size: u64) {

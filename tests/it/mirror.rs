@@ -803,6 +803,43 @@ fn an_audit_puts_back_what_the_bucket_lost() {
     assert!(bucket_whole(&s3, &[gone.full()]));
 }
 
+/// A path whose NAR is in the bucket needs it no more, though its narinfo waits for a
+/// reference (here one too large for the mirror node's cap; in a farm, one every holder
+/// collected before the mirror had it): the mirror node, capped at 3 MiB, evicts that 2 MiB
+/// NAR to fetch the next 2 MiB one, which is mirrored.
+#[test]
+fn a_nar_in_the_bucket_is_not_kept_while_its_narinfo_waits() {
+    let s3 = S3Server::start();
+    let mut st = setup(&s3, "", (ACCESS_KEY, SECRET_KEY));
+    st.nodes[1]
+        .extra_config
+        .push_str("[store]\nmax-size = \"3MiB\"\nmin-free = \"1MiB\"\n");
+    for n in st.nodes.iter_mut() {
+        n.start();
+    }
+    let top = st.a.build(
+        r#"let dep = mk "too-large" "head -c 4194304 /dev/urandom > $out"; in
+           mk "waits" "echo ${dep} > $out; head -c 2097152 /dev/urandom >> $out""#,
+    )[0]
+    .clone();
+    let nars = || {
+        s3.objects()
+            .iter()
+            .filter(|(k, _)| k.starts_with("nar/"))
+            .count()
+    };
+    wait_until(60, "the NAR of the waiting path to go up", || nars() == 1);
+    let next =
+        st.a.build(r#"mk "next" "head -c 2097152 /dev/urandom > $out""#);
+    let keys = || -> BTreeSet<String> { s3.objects().into_iter().map(|(k, _)| k).collect() };
+    wait_until(60, "the next path to be mirrored", || {
+        keys().contains(&format!("{}.narinfo", next[0].hash_part()))
+    });
+    assert!(!keys().contains(&format!("{}.narinfo", top.hash_part())));
+    let storage = st.nodes[1].status().storage;
+    assert!(storage.evictions >= 1, "{storage:?}");
+}
+
 /// A path whose only holder deleted it before the mirror had its NAR (the mirror node was
 /// frozen meanwhile) is orphaned: the mirror says so (`narmesh_mirror_orphaned_paths`, a
 /// warning naming it), keeps it pending, and mirrors it once a node holds it again (A builds
