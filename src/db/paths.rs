@@ -147,8 +147,10 @@ impl Db {
                         }
                     }
                 }
+                let before = rec.blake3s();
                 rec.merge(r.claim.clone());
                 paths.insert(hash.as_str(), postcard::to_allocvec(&rec)?.as_slice())?;
+                unindex_dropped(&mut blobs, &rec, &before)?;
                 blobs.insert(r.claim.blake3.as_slice(), hash.as_str())?;
                 let first = own.get(r.claim.blake3.as_slice())?.next().is_none();
                 own.insert(r.claim.blake3.as_slice(), hash.as_str())?;
@@ -226,10 +228,12 @@ impl Db {
                 });
                 let blake3 = c.claim.blake3;
                 let new_claim = rec.claim(&blake3).is_none();
+                let before = rec.blake3s();
                 if !rec.merge(c.claim) {
                     continue;
                 }
                 paths.insert(hash.as_str(), postcard::to_allocvec(&rec)?.as_slice())?;
+                unindex_dropped(&mut blobs, &rec, &before)?;
                 if rec.claim(&blake3).is_some() {
                     blobs.insert(blake3.as_slice(), hash.as_str())?;
                 }
@@ -630,4 +634,18 @@ impl Db {
             }
         }
     }
+}
+
+/// The claims (by BLAKE3) a merge dropped from `rec` (an own build of other bytes replaces the
+/// earlier own claim; past the most claims a record keeps, the last goes) leave the index of
+/// paths by NAR, where nothing else would ever remove them.
+fn unindex_dropped(
+    blobs: &mut redb::MultimapTable<'_, &'static [u8], &'static str>,
+    rec: &PathRecord,
+    before: &[[u8; 32]],
+) -> Result<(), DbError> {
+    for b in before.iter().filter(|b| rec.claim(b).is_none()) {
+        blobs.remove(b.as_slice(), rec.hash_part())?;
+    }
+    Ok(())
 }

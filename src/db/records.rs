@@ -119,6 +119,11 @@ impl PathRecord {
             .or_else(|| self.active())
     }
 
+    /// The BLAKE3 of every claim.
+    pub fn blake3s(&self) -> Vec<[u8; 32]> {
+        self.claims.iter().map(|c| c.blake3).collect()
+    }
+
     /// The claim this node made from its own store, if any.
     pub fn own(&self) -> Option<&Claim> {
         self.claims.iter().find(|c| c.own && !c.failed)

@@ -763,3 +763,37 @@ fn a_change_of_trust_cut_short_is_done_again() {
     let (entries, _) = db.log_after(0, 10 * n).unwrap();
     assert_eq!(entries.len(), n / 2, "no log entry without its record");
 }
+
+/// A claim a record drops (an own build of other bytes replaces the earlier own claim; past
+/// the most claims a record keeps, the last goes) leaves the index of paths by NAR: nothing
+/// else would ever remove it.
+#[test]
+fn a_dropped_claim_leaves_the_index_of_paths_by_nar() {
+    use super::records::MAX_CLAIMS;
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("db")).unwrap();
+    let rows = |b: u8| {
+        let d = db.db.get().unwrap();
+        let tx = d.begin_read().unwrap();
+        let blobs = tx.open_multimap_table(BLOBS).unwrap();
+        blobs.get([b; 32].as_slice()).unwrap().count()
+    };
+    let a = "a".repeat(32);
+    db.record_own(&[], &[own(&a, 1, 10)], 0).unwrap();
+    db.record_own(&[], &[own(&a, 2, 10)], 0).unwrap();
+    assert_eq!((rows(1), rows(2)), (0, 1), "built again with other bytes");
+    let b = "b".repeat(32);
+    for n in 10..10 + MAX_CLAIMS as u8 {
+        db.record_remote(vec![remote(&b, n, 5, 1, true)], None, false, None)
+            .unwrap();
+    }
+    // A bound claim goes before the unbound ones: the last of those is dropped.
+    let mut bound = remote(&b, 20, 5, 1, true);
+    bound.claim.bindings = vec!["k-1:x".into()];
+    db.record_remote(vec![bound], None, false, None).unwrap();
+    let rec = db.path(&b).unwrap().unwrap();
+    assert_eq!(rec.claims.len(), MAX_CLAIMS);
+    let dropped = 10 + MAX_CLAIMS as u8 - 1;
+    assert!(rec.claim(&[dropped; 32]).is_none());
+    assert_eq!((rows(dropped), rows(20), rows(10)), (0, 1, 1));
+}
