@@ -544,7 +544,7 @@ mod tests {
         let pinned = std::collections::HashSet::new();
         for now in [1000, 2000] {
             db.forget_dead(crate::db::ForgetStep {
-                me: None,
+                me: Some(&me),
                 now,
                 after: 100,
                 limit: 100,
@@ -554,6 +554,20 @@ mod tests {
             .unwrap();
         }
         assert!(db.path(&h('f')).unwrap().is_none(), "forgotten");
+        // A gone path forgotten leaves nothing behind for the audits to read again for ever.
+        assert!(db.path(&h('i')).unwrap().is_none(), "forgotten");
+        assert_eq!(db.outbox_state(&h('i')).unwrap(), None);
+        {
+            let d = db.db.get().unwrap();
+            let tx = d.begin_read().unwrap();
+            assert!(
+                tx.open_table(FINISHED)
+                    .unwrap()
+                    .get(h('i').as_str())
+                    .unwrap()
+                    .is_none()
+            );
+        }
         let (found, _) = db.outbox_audit(None, 100, now + 10, &|_| None).unwrap();
         assert!(found.contains(&lost('f', false, false)), "{found:?}");
         let again = db.outbox_again(&[(h('f'), false)], None).unwrap();
