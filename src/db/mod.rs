@@ -122,7 +122,17 @@ pub struct Db {
     changed_paths: Arc<tokio::sync::broadcast::Sender<String>>,
     /// When a commit of claims learnt from peers was last fsync'd (see `record_remote`).
     remote_synced: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    /// Own paths recorded since the storage last took them ([`Db::take_recent_own`]).
+    recent_own: Arc<std::sync::Mutex<RecentOwn>>,
 }
+
+/// Own paths recorded lately, as (BLAKE3, hash part, store path); `None` once more than
+/// [`RECENT_OWN`] were.
+type RecentOwn = Option<Vec<([u8; 32], String, String)>>;
+
+/// Own paths recorded lately kept at most for the storage's next check; past that, it checks
+/// them all.
+const RECENT_OWN: usize = 4096;
 
 /// How long claims learnt from peers may wait for an fsync: they are copies, asked for again
 /// after a crash (see `record_remote`).
@@ -188,6 +198,7 @@ impl Db {
             changes: Arc::new(tokio::sync::watch::Sender::new(0)),
             changed_paths: Arc::new(tokio::sync::broadcast::channel(1024).0),
             remote_synced: Arc::new(std::sync::Mutex::new(None)),
+            recent_own: Arc::new(std::sync::Mutex::new(Some(Vec::new()))),
         };
         db.migrate()?;
         db.take_over_queue()?;
@@ -260,6 +271,15 @@ impl Db {
     /// Wakes after each commit that adds or changes a record.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    /// The own paths recorded since the last call, as (BLAKE3, hash part, store path), so the
+    /// storage's check against the Nix store sees each at least once (one removed before it
+    /// was recorded leaves no trace in the store's removals mark); `None` if more than
+    /// [`RECENT_OWN`] were (then every own path is to be checked).
+    pub fn take_recent_own(&self) -> RecentOwn {
+        let mut r = self.recent_own.lock().unwrap_or_else(|p| p.into_inner());
+        r.replace(Vec::new())
     }
 
     /// Hash parts of records as they are written or change.

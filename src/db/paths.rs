@@ -180,6 +180,18 @@ impl Db {
             }
         }
         tx.commit()?;
+        {
+            let mut recent = self.recent_own.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(list) = recent.as_mut() {
+                list.extend(records.iter().map(|r| {
+                    let hash = super::hash_part_of(&r.store_path).to_owned();
+                    (r.claim.blake3, hash, r.store_path.clone())
+                }));
+                if list.len() > super::RECENT_OWN {
+                    *recent = None;
+                }
+            }
+        }
         self.dequeue(done)?;
         if !records.is_empty() {
             self.changed();

@@ -4,7 +4,7 @@
 use super::*;
 
 /// An own record of path `h` whose NAR is `b` repeated, `size` bytes.
-pub(super) fn own(h: &str, b: u8, size: u64) -> OwnRecord {
+pub(crate) fn own(h: &str, b: u8, size: u64) -> OwnRecord {
     OwnRecord {
         store_path: format!("/nix/store/{h}-x"),
         claim: Claim {
@@ -796,4 +796,23 @@ fn a_dropped_claim_leaves_the_index_of_paths_by_nar() {
     let dropped = 10 + MAX_CLAIMS as u8 - 1;
     assert!(rec.claim(&[dropped; 32]).is_none());
     assert_eq!((rows(dropped), rows(20), rows(10)), (0, 1, 1));
+}
+
+/// Own paths recorded are kept for the storage's next check, up to a bound: past it, the
+/// storage is told to check them all.
+#[test]
+fn own_paths_recorded_lately_are_kept_for_the_next_check_up_to_a_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("db")).unwrap();
+    let a = "a".repeat(32);
+    db.record_own(&[], &[own(&a, 1, 10)], 0).unwrap();
+    let recent = db.take_recent_own().unwrap();
+    assert_eq!(recent, [([1; 32], a.clone(), format!("/nix/store/{a}-x"))]);
+    assert_eq!(db.take_recent_own(), Some(vec![]), "taken");
+    let many: Vec<OwnRecord> = (0..=RECENT_OWN)
+        .map(|i| own(&format!("{i:032}"), 2, 10))
+        .collect();
+    db.record_own(&[], &many, 0).unwrap();
+    assert_eq!(db.take_recent_own(), None, "too many: check them all");
+    assert_eq!(db.take_recent_own(), Some(vec![]));
 }

@@ -49,8 +49,16 @@ pub(super) async fn run(storage: Storage, cancel: CancellationToken) {
                 let s = storage.clone();
                 match tokio::task::spawn_blocking(move || s.check_own_paths(mark)).await {
                     Ok(Ok(m)) => (last_stamp, mark) = (stamp, m),
-                    Ok(Err(e)) => tracing::warn!("storage: checking own paths: {e}"),
-                    Err(e) => tracing::warn!("storage: checking own paths: {e}"),
+                    // What it took of the paths recorded lately is checked with the rest next
+                    // time.
+                    Ok(Err(e)) => {
+                        tracing::warn!("storage: checking own paths: {e}");
+                        mark = None;
+                    }
+                    Err(e) => {
+                        tracing::warn!("storage: checking own paths: {e}");
+                        mark = None;
+                    }
                 }
             }
         }
@@ -84,14 +92,17 @@ pub(super) async fn run(storage: Storage, cancel: CancellationToken) {
 }
 
 impl Storage {
-    /// Own paths no longer valid in the local store stop being held, unless the store's
-    /// removals mark is still `since` (nothing left the store since the check that saw it: a
-    /// busy build host's store changes with every build, and it may hold a great many own
-    /// paths). Returns the mark as it was before this check looked (`since` if there are no
-    /// own paths: a path recorded later and deleted lowers the mark below it). Blocking.
+    /// Own paths no longer valid in the local store stop being held. All of them are looked
+    /// up unless the store's removals mark is still `since` (nothing left the store since the
+    /// check that saw it: a busy build host's store changes with every build, and it may hold
+    /// a great many own paths); then only those recorded since the last check are (one
+    /// removed before it was recorded leaves the mark as it was). Returns the mark as it was
+    /// before this check looked (`since` if there are no own paths: a path recorded later and
+    /// deleted lowers the mark below it). Blocking.
     pub fn check_own_paths(&self, since: Option<i64>) -> Result<Option<i64>, StorageError> {
         if self.inner.db.storage_counters()?.own_paths == 0 {
             // Nothing to lose (and a node that builds nothing needs no store database).
+            let _ = self.inner.db.take_recent_own();
             return Ok(since);
         }
         let store_err = |e: crate::nix::store_db::StoreDbError| StorageError::Task(e.to_string());
@@ -100,11 +111,20 @@ impl Storage {
             .store
             .with(|db| db.removals_mark())
             .map_err(store_err)?;
-        if mark.is_some() && mark == since {
-            return Ok(mark);
-        }
-        self.inner.metrics.storage_own_checks.inc();
-        let own = self.inner.db.own_paths()?;
+        // Taken after the mark is read: a path recorded later is in the next check's.
+        let recent = self.inner.db.take_recent_own();
+        let own = match recent {
+            Some(recent) if mark.is_some() && mark == since => {
+                if recent.is_empty() {
+                    return Ok(mark);
+                }
+                recent
+            }
+            _ => {
+                self.inner.metrics.storage_own_checks.inc();
+                self.inner.db.own_paths()?
+            }
+        };
         if own.is_empty() {
             return Ok(mark);
         }

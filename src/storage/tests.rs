@@ -233,3 +233,49 @@ fn a_refusal_names_its_limit_and_a_disk_under_the_floor_is_a_problem() {
     let e = s.make_room(2 << 20).unwrap_err().to_string();
     assert!(e.contains("max-size") && !e.contains("min-free"), "{e}");
 }
+
+/// An own path removed from the Nix store before the node recorded it (a check ran in between,
+/// so the store's removals mark is the one that check saw) is still looked up, once, at the
+/// next check, with no full check of every own path.
+#[test]
+fn an_own_path_removed_before_it_was_recorded_is_checked_all_the_same() {
+    use crate::db::tests::own;
+    let t = tempfile::tempdir().unwrap();
+    let (s, metrics) = open(t.path(), 64 << 20, 0);
+    let dir = t.path().join("store/nix/var/nix/db");
+    std::fs::create_dir_all(&dir).unwrap();
+    let c = rusqlite::Connection::open(dir.join("db.sqlite")).unwrap();
+    c.execute_batch(
+        "CREATE TABLE ValidPaths (id integer primary key autoincrement not null, \
+         path text unique not null, hash text not null, registrationTime integer not null, \
+         deriver text, narSize integer, ultimate integer, sigs text, ca text);",
+    )
+    .unwrap();
+    let (a, b) = ("a".repeat(32), "b".repeat(32));
+    let path = |h: &str| format!("/nix/store/{h}-x");
+    for h in [&a, &b] {
+        c.execute(
+            "INSERT INTO ValidPaths (path, hash, registrationTime) VALUES (?1, 'x', 0)",
+            [path(h)],
+        )
+        .unwrap();
+    }
+    let db = s.db().clone();
+    db.record_own(&[], &[own(&a, 1, 10)], 0).unwrap();
+    let mark = s.check_own_paths(None).unwrap();
+    assert!(mark.is_some());
+    // b is built, and removed (Nix GC) before the node records it; a check runs meanwhile.
+    c.execute("DELETE FROM ValidPaths WHERE path = ?1", [path(&b)])
+        .unwrap();
+    let mark = s.check_own_paths(mark).unwrap();
+    db.record_own(&[], &[own(&b, 2, 10)], 0).unwrap();
+    assert_eq!(db.storage_counters().unwrap().own_paths, 2);
+    assert_eq!(s.check_own_paths(mark).unwrap(), mark, "nothing left since");
+    let counters = db.storage_counters().unwrap();
+    assert_eq!((counters.own_paths, counters.gc_lost), (1, 1), "b is lost");
+    assert_eq!(
+        metrics.storage_own_checks.get(),
+        2,
+        "every own path looked up only at the first check and after the removal"
+    );
+}
