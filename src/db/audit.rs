@@ -554,20 +554,21 @@ mod tests {
             .unwrap();
         }
         assert!(db.path(&h('f')).unwrap().is_none(), "forgotten");
-        // A gone path forgotten leaves nothing behind for the audits to read again for ever.
+        // A gone path forgotten leaves the outbox (audits walk it): only its end is kept. Its
+        // record back, it is taken in once someone holds it, not before.
         assert!(db.path(&h('i')).unwrap().is_none(), "forgotten");
         assert_eq!(db.outbox_state(&h('i')).unwrap(), None);
-        {
-            let d = db.db.get().unwrap();
-            let tx = d.begin_read().unwrap();
-            assert!(
-                tx.open_table(FINISHED)
-                    .unwrap()
-                    .get(h('i').as_str())
-                    .unwrap()
-                    .is_none()
-            );
-        }
+        db.record_remote(vec![remote(&h('i'), 8, 7, 3, true)], None, false, None)
+            .unwrap();
+        assert!(db.outbox_take(10, Some(&me)).unwrap().0.is_empty());
+        db.record_remote(vec![remote(&h('i'), 8, 5, 4, true)], None, false, None)
+            .unwrap();
+        let (taken, _) = db.outbox_take(10, Some(&me)).unwrap();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(
+            db.outbox_state(&h('i')).unwrap(),
+            Some(MirrorState::Pending)
+        );
         let (found, _) = db.outbox_audit(None, 100, now + 10, &|_| None).unwrap();
         assert!(found.contains(&lost('f', false, false)), "{found:?}");
         let again = db.outbox_again(&[(h('f'), false)], None).unwrap();

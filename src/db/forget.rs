@@ -10,8 +10,8 @@
 //! record), so one cursor walks the log once: an entry it passed alive comes back behind it
 //! when it dies. Kept whatever their state: pinned paths and the paths of every NAR in a
 //! pinned closure, and on the mirror node the paths not yet done in the bucket (or not yet
-//! taken into its outbox). A log entry left without its record goes too, and so do the outbox
-//! rows of a path an audit found gone from the bucket while nobody held it.
+//! taken into its outbox). A log entry left without its record goes too, and so does the
+//! outbox row of a path an audit found gone from the bucket while nobody held it.
 
 use redb::{ReadableMultimapTable, ReadableTable};
 
@@ -139,7 +139,7 @@ impl Db {
             let own = tx.open_multimap_table(OWN)?;
             let pins = tx.open_table(PINS)?;
             let mut outbox = tx.open_table(OUTBOX)?;
-            let mut finished = tx.open_table(super::audit::FINISHED)?;
+            let finished = tx.open_table(super::audit::FINISHED)?;
             let mut claims = tx.open_table(super::outbox::MIRROR_CLAIMS)?;
             for (seq, hash) in &entries {
                 let Some(rec) = record_in(&paths, hash)? else {
@@ -167,9 +167,9 @@ impl Db {
                 index.remove(hash.as_str())?;
                 if super::audit::is_gone(&finished, hash)? {
                     // Lost from the bucket while nobody held it, and now forgotten: the outbox
-                    // has nothing to say of it (a record of it later is taken in anew).
+                    // has nothing to say of it any more (audits walk it); its end stays, so a
+                    // record of it that comes back is taken in once someone holds it.
                     outbox.remove(hash.as_str())?;
-                    finished.remove(hash.as_str())?;
                     claims.remove(hash.as_str())?;
                 }
                 for c in &rec.claims {

@@ -212,15 +212,17 @@ impl Db {
                 last = seq.value();
                 let hash = hash.value();
                 // Taken in already (a change of the record does not change what is in the
-                // bucket), unless gone from the bucket while nobody held it.
+                // bucket), unless gone from the bucket while nobody held it (its record may
+                // have been forgotten since, and come back: only its end is kept then).
                 let taken = outbox.get(hash)?.is_some();
-                if taken && !super::audit::is_gone(&finished, hash)? {
+                let gone = super::audit::is_gone(&finished, hash)?;
+                if taken && !gone {
                     continue;
                 }
                 let Some(rec) = record_in(&paths, hash)? else {
                     continue;
                 };
-                if taken && !super::audit::obtainable(&rec, me, &nars, &own)? {
+                if gone && !super::audit::obtainable(&rec, me, &nars, &own)? {
                     continue;
                 }
                 finished.remove(hash)?;
