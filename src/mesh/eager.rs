@@ -52,9 +52,12 @@ struct Walk {
     /// Wished-for NARs known to be large (skipped without a lookup while the large slots are
     /// full), with the round each was last seen in.
     large: HashMap<[u8; 32], u64>,
-    /// Wishes that wait for a holder (no node holds their NAR), by their path's hash part:
-    /// news of the path ends the wait.
-    unheld: HashMap<String, [u8; 32]>,
+    /// Wishes that wait for a holder (no node holds their NAR), with the path their wish
+    /// names: news of it, or of the path the NAR was wished for by, ends the wait, and so does
+    /// the wish naming another path (one with the same bytes was recorded).
+    unheld: HashMap<[u8; 32], String>,
+    /// The same by path (both of them), for news.
+    unheld_by_path: HashMap<String, Vec<[u8; 32]>>,
 }
 
 impl Walk {
@@ -76,7 +79,12 @@ impl Walk {
         self.retry.retain(|_, r| r.2 == round);
         self.large.retain(|_, r| *r == round);
         let retry = &self.retry;
-        self.unheld.retain(|_, b| retry.contains_key(b));
+        self.unheld.retain(|b, _| retry.contains_key(b));
+        let unheld = &self.unheld;
+        self.unheld_by_path.retain(|_, bs| {
+            bs.retain(|b| unheld.contains_key(b));
+            !bs.is_empty()
+        });
         self.round += 1;
         self.cursor = None;
     }
@@ -105,43 +113,69 @@ impl Walk {
         wait
     }
 
-    /// No node holds `b` (wished for path `hash`) at `now`: it waits for news of the path, or
+    /// No node holds `b` at `now`, the wish for it naming path `named`, the NAR wished for by
+    /// path `by` (the same, or another path with those bytes): it waits for news of either, or
     /// [`MAX_BACKOFF`]. A failure's backoff is left as it was.
-    fn unheld(&mut self, b: [u8; 32], hash: String, now: Instant) {
+    fn unheld(&mut self, b: [u8; 32], named: &str, by: &str, now: Instant) {
         let wait = self
             .retry
             .get(&b)
             .map_or(Duration::from_secs(1), |(_, w, _)| *w);
         self.retry.insert(b, (now + MAX_BACKOFF, wait, self.round));
-        self.unheld.insert(hash, b);
+        self.unheld.insert(b, named.to_owned());
+        for p in [named, by] {
+            let bs = self.unheld_by_path.entry(p.to_owned()).or_default();
+            if !bs.contains(&b) {
+                bs.push(b);
+            }
+        }
     }
 
-    /// News of path `hash`: a wish of it that waited for a holder waits no more. True if one
-    /// did.
-    fn news(&mut self, hash: &str) -> bool {
-        if let Some(b) = self.unheld.remove(hash)
-            && let Some(r) = self.retry.get_mut(&b)
-        {
-            r.0 = Instant::now();
-            return true;
+    /// `b`'s wait for a holder is over.
+    fn end_wait(&mut self, b: &[u8; 32]) -> bool {
+        if self.unheld.remove(b).is_none() {
+            return false;
         }
-        false
+        if let Some(r) = self.retry.get_mut(b) {
+            r.0 = Instant::now();
+        }
+        true
+    }
+
+    /// News of path `hash`: the wishes that waited for a holder on its account wait no more.
+    /// True if one did.
+    fn news(&mut self, hash: &str) -> bool {
+        let mut any = false;
+        for b in self.unheld_by_path.remove(hash).unwrap_or_default() {
+            any |= self.end_wait(&b);
+        }
+        any
+    }
+
+    /// The walk passes the wish for `b`, naming path `named`: if it waited for a holder while
+    /// naming another, it waits no more (a path with the same bytes was recorded since).
+    fn named(&mut self, b: &[u8; 32], named: &str) {
+        if self.unheld.get(b).is_some_and(|n| n != named) {
+            self.end_wait(b);
+        }
     }
 
     /// News may have been lost: every wish that waited for a holder waits no more.
     fn all_news(&mut self) {
         let now = Instant::now();
-        for b in std::mem::take(&mut self.unheld).values() {
+        for b in std::mem::take(&mut self.unheld).keys() {
             if let Some(r) = self.retry.get_mut(b) {
                 r.0 = now;
             }
         }
+        self.unheld_by_path.clear();
     }
 
     /// `b` is held, or no longer wished: nothing to remember.
     fn forget(&mut self, b: &[u8; 32]) {
         self.retry.remove(b);
         self.large.remove(b);
+        self.unheld.remove(b);
     }
 }
 
@@ -180,6 +214,7 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                     break;
                 }
                 walk.pass(&b);
+                walk.named(&b, &hash);
                 if running.contains_key(&b) || walk.backing_off(&b, now) {
                     continue;
                 }
@@ -210,7 +245,7 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                     Some((Some((c, wanted_by)), other)) => {
                         // The path's own served claim is wished for too.
                         if let Some(o) = other {
-                            instead.push((o.blake3, hash));
+                            instead.push((o.blake3, hash.clone()));
                         }
                         (c, wanted_by)
                     }
@@ -233,7 +268,7 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                 if !claim.held_by_peer(Some(&my_id)) {
                     // Nobody to fetch it from (every holder lost it): no fetch, no failure.
                     tracing::debug!("mesh: no node holds the NAR of {wanted_by}; waiting for one");
-                    walk.unheld(b, wanted_by, now);
+                    walk.unheld(b, &hash, &wanted_by, now);
                     continue;
                 }
                 let large = claim.nar_size > LARGE;
@@ -288,8 +323,15 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                 n = news.recv(), if !news_closed => match n {
                     Ok(h) => {
                         let mut any = walk.news(&h);
-                        while let Ok(h) = news.try_recv() {
-                            any |= walk.news(&h);
+                        loop {
+                            match news.try_recv() {
+                                Ok(h) => any |= walk.news(&h),
+                                Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {
+                                    walk.all_news();
+                                    any = true;
+                                }
+                                Err(_) => break,
+                            }
                         }
                         any
                     }
@@ -372,28 +414,39 @@ mod tests {
         assert_eq!((w.retry.len(), w.large.len()), (1, 1));
     }
 
-    /// A wish no node holds the NAR of waits for news of its path, not for its backoff.
+    /// A wish no node holds the NAR of waits for news of its path (the one its wish names,
+    /// or the one it was wished for by), or for its wish to name another, not for its backoff.
     #[test]
     fn a_wish_nobody_holds_waits_for_news_of_its_path() {
         let mut w = Walk::default();
         let now = Instant::now();
+        let later = || Instant::now();
         w.failed([1; 32], now);
-        w.unheld([1; 32], "p".into(), now);
-        w.unheld([2; 32], "q".into(), now);
+        w.unheld([1; 32], "p", "p", now);
+        w.unheld([2; 32], "q", "r", now);
         assert!(w.backing_off(&[1; 32], now + MAX_BACKOFF / 2));
         assert_eq!(w.failed([1; 32], now), Duration::from_secs(2), "kept");
-        w.unheld([1; 32], "p".into(), now);
+        w.unheld([1; 32], "p", "p", now);
         assert!(!w.news("other"));
         assert!(w.backing_off(&[1; 32], now + Duration::from_secs(1)));
         assert!(w.news("p"));
-        assert!(!w.backing_off(&[1; 32], Instant::now()), "news of it");
-        assert!(w.backing_off(&[2; 32], Instant::now()));
+        assert!(!w.backing_off(&[1; 32], later()), "news of it");
+        assert!(w.news("r"), "news of the path it was wished for by");
+        assert!(!w.backing_off(&[2; 32], later()));
+        assert!(!w.news("q"), "over already");
+        // Its wish names another path now (same bytes, recorded since).
+        w.unheld([3; 32], "s", "s", now);
+        w.named(&[3; 32], "s");
+        assert!(w.backing_off(&[3; 32], later()));
+        w.named(&[3; 32], "s2");
+        assert!(!w.backing_off(&[3; 32], later()));
+        w.unheld([4; 32], "t", "t", now);
         w.all_news();
-        assert!(!w.backing_off(&[2; 32], Instant::now()), "news lost");
+        assert!(!w.backing_off(&[4; 32], later()), "news lost");
         // Forgotten with the wish.
-        w.unheld([3; 32], "r".into(), now);
+        w.unheld([5; 32], "u", "u", now);
         w.wrap();
         w.wrap();
-        assert!(w.unheld.is_empty() && w.retry.is_empty());
+        assert!(w.unheld.is_empty() && w.unheld_by_path.is_empty() && w.retry.is_empty());
     }
 }

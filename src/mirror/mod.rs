@@ -430,11 +430,15 @@ impl Mirror {
                 }
                 Some(msg) = audit_rx.recv() => self.on_audit(msg, &mut audit_at, every).await,
             }
-            while let Ok(h) = paths.try_recv() {
-                touched.push(h);
+            // News lost while this turn ran (a burst of changes): every path whose NAR is not
+            // here is looked at, orphans too.
+            let mut lost = false;
+            drain(&mut paths, &mut touched, &mut lost);
+            if let Some(s) = started.as_mut() {
+                drain(s, &mut touched, &mut lost);
             }
-            while let Some(Ok(h)) = started.as_mut().map(|s| s.try_recv()) {
-                touched.push(h);
+            if lost {
+                touched.extend(self.plan.not_local().map(str::to_owned));
             }
             self.refresh_held(touched).await;
             self.finish(done).await;
@@ -1030,17 +1034,33 @@ impl Mirror {
     }
 }
 
-/// The paths whose NAR is not here yet to look at again without news of them: orphaned ones
-/// only if `orphans_too`.
+/// The paths that wait for a NAR not here yet to look at again without news of them: orphaned
+/// ones only if `orphans_too`. (One whose NAR is in the bucket needs it no more.)
 fn to_recheck(
     plan: &Plan,
     orphaned: &std::collections::HashSet<String>,
     orphans_too: bool,
 ) -> Vec<String> {
     plan.not_local()
-        .filter(|h| orphans_too || !orphaned.contains(*h))
+        .filter(|h| plan.waits_for_nar(h) && (orphans_too || !orphaned.contains(*h)))
         .map(str::to_owned)
         .collect()
+}
+
+/// What a broadcast holds now, into `touched`; `lost` if some of it was lost (lagged).
+fn drain(
+    rx: &mut tokio::sync::broadcast::Receiver<String>,
+    touched: &mut Vec<String>,
+    lost: &mut bool,
+) {
+    use tokio::sync::broadcast::error::TryRecvError;
+    loop {
+        match rx.try_recv() {
+            Ok(h) => touched.push(h),
+            Err(TryRecvError::Lagged(_)) => *lost = true,
+            Err(_) => return,
+        }
+    }
 }
 
 /// What the mirror saw of a NAR it waits for.
@@ -1139,15 +1159,33 @@ mod tests {
     }
 
     /// Orphaned paths are not read again every few seconds (news of one brings it at once),
-    /// only at the slow sweep; the others whose NAR is not here are.
+    /// only at the slow sweep; the others waiting for a NAR not here are; one whose NAR is in
+    /// the bucket never is.
     #[test]
     fn orphans_wait_for_news_or_the_slow_sweep() {
         let mut plan = Plan::default();
         plan.add("lost", MirrorState::Pending, false, 1, &[]);
         plan.add("fetching", MirrorState::Pending, false, 1, &[]);
         plan.add("here", MirrorState::Pending, true, 1, &[]);
+        let up = MirrorState::NarStored {
+            url: "nar/x".into(),
+            compression: "none".into(),
+            file_hash: [0; 32],
+            file_size: 1,
+            blake3: None,
+        };
+        plan.add("up", up, false, 1, &["lost".to_owned()]);
         let orphaned = ["lost".to_owned()].into_iter().collect();
         assert_eq!(to_recheck(&plan, &orphaned, false), ["fetching"]);
+        // Lost news is seen as such.
+        let (tx, mut rx) = tokio::sync::broadcast::channel(2);
+        for h in ["a", "b", "c"] {
+            tx.send(h.to_owned()).unwrap();
+        }
+        let (mut touched, mut lost) = (Vec::new(), false);
+        drain(&mut rx, &mut touched, &mut lost);
+        assert!(lost);
+        assert_eq!(touched, ["b", "c"]);
         let mut all = to_recheck(&plan, &orphaned, true);
         all.sort();
         assert_eq!(all, ["fetching", "lost"]);
