@@ -52,7 +52,8 @@ pub(super) fn record_in(
 
 /// Change the claim on `blake3` of every path with one by `f` (true if it changed it), and move
 /// the paths to the end of the log: every one (`all`), or those changed; their hash parts go to
-/// `changed`.
+/// `changed`. A row of the index naming a path whose record no longer claims those bytes (left
+/// by a release that did not remove it) goes.
 pub(super) fn change_claims(
     tx: &redb::WriteTransaction,
     blake3: &[u8; 32],
@@ -60,17 +61,24 @@ pub(super) fn change_claims(
     changed: &mut Vec<String>,
     mut f: impl FnMut(&mut Claim) -> bool,
 ) -> Result<(), DbError> {
-    let blobs = tx.open_multimap_table(BLOBS)?;
+    let mut blobs = tx.open_multimap_table(BLOBS)?;
     let mut paths = tx.open_table(PATHS)?;
     let mut log = tx.open_table(LOG)?;
     let mut index = tx.open_table(LOG_INDEX)?;
     let mut meta = tx.open_table(META)?;
-    for h in blobs.get(blake3.as_slice())? {
-        let h = h?.value().to_owned();
+    let named: Vec<String> = blobs
+        .get(blake3.as_slice())?
+        .map(|h| Ok(h?.value().to_owned()))
+        .collect::<Result<_, DbError>>()?;
+    for h in named {
         let Some(mut rec) = record_in(&paths, &h)? else {
             continue;
         };
-        let news = rec.claim_mut(blake3).is_some_and(&mut f);
+        let Some(claim) = rec.claim_mut(blake3) else {
+            blobs.remove(blake3.as_slice(), h.as_str())?;
+            continue;
+        };
+        let news = f(claim);
         if news {
             paths.insert(h.as_str(), postcard::to_allocvec(&rec)?.as_slice())?;
         }

@@ -796,6 +796,24 @@ fn a_dropped_claim_leaves_the_index_of_paths_by_nar() {
     let dropped = 10 + MAX_CLAIMS as u8 - 1;
     assert!(rec.claim(&[dropped; 32]).is_none());
     assert_eq!((rows(dropped), rows(20), rows(10)), (0, 1, 1));
+    // A row an earlier release left (its record claims other bytes) is no claim: the path does
+    // not move when those bytes change hands (here the own copy is lost), and the row goes.
+    let c = "c".repeat(32);
+    db.record_own(&[], &[own(&c, 30, 10)], 0).unwrap();
+    {
+        let d = db.db.get().unwrap();
+        let tx = d.begin_write().unwrap();
+        tx.open_multimap_table(BLOBS)
+            .unwrap()
+            .insert([30; 32].as_slice(), a.as_str())
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    assert_eq!(rows(30), 2);
+    assert_eq!(log_order(&db), [a.clone(), b.clone(), c.clone()]);
+    db.own_lost(&[([30; 32], c.clone())]).unwrap();
+    assert_eq!(log_order(&db), [a, b, c], "a did not move");
+    assert_eq!(rows(30), 1);
 }
 
 /// Own paths recorded are kept for the storage's next check, up to a bound: past it, the

@@ -7,7 +7,8 @@
 //! fetched and evicted in a loop. Up to eight at once, of
 //! which two large: a small NAR is never stuck behind large ones. A wish no node holds the NAR
 //! of (every holder's Nix GC took it first) starts no fetch: it waits, without a word, for news
-//! of its path (a changed record), or [`MAX_BACKOFF`] without any.
+//! of its path (a changed record; of the path its wish names, or the one it was wished for
+//! by), or [`MAX_BACKOFF`] without any.
 //!
 //! The wish list is walked a window at a time ([`WINDOW`] wishes in BLAKE3 order, from where the
 //! last look stopped, round and round): a look costs the same whether ten wishes wait or a
