@@ -134,6 +134,23 @@ type RecentOwn = Option<Vec<([u8; 32], String, String)>>;
 /// them all.
 const RECENT_OWN: usize = 4096;
 
+/// What a broadcast of hash parts ([`Db::subscribe_changed_paths`], or the like) holds now,
+/// into `into`; `lost` if some of it was lost (the receiver lagged).
+pub fn drain(
+    rx: &mut tokio::sync::broadcast::Receiver<String>,
+    into: &mut Vec<String>,
+    lost: &mut bool,
+) {
+    use tokio::sync::broadcast::error::TryRecvError;
+    loop {
+        match rx.try_recv() {
+            Ok(h) => into.push(h),
+            Err(TryRecvError::Lagged(_)) => *lost = true,
+            Err(_) => return,
+        }
+    }
+}
+
 /// How long claims learnt from peers may wait for an fsync: they are copies, asked for again
 /// after a crash (see `record_remote`).
 const REMOTE_SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(1);

@@ -105,10 +105,7 @@ impl Walk {
 
     /// `b`'s fetch failed at `now`: how long until it is tried again (doubling each time).
     fn failed(&mut self, b: [u8; 32], now: Instant) -> Duration {
-        let wait = self
-            .retry
-            .get(&b)
-            .map_or(Duration::from_secs(1), |(_, w, _)| *w);
+        let wait = self.next_wait(&b);
         self.retry
             .insert(b, (now + wait, (wait * 2).min(MAX_BACKOFF), self.round));
         wait
@@ -118,10 +115,7 @@ impl Walk {
     /// path `by` (the same, or another path with those bytes): it waits for news of either, or
     /// [`MAX_BACKOFF`]. A failure's backoff is left as it was.
     fn unheld(&mut self, b: [u8; 32], named: &str, by: &str, now: Instant) {
-        let wait = self
-            .retry
-            .get(&b)
-            .map_or(Duration::from_secs(1), |(_, w, _)| *w);
+        let wait = self.next_wait(&b);
         self.retry.insert(b, (now + MAX_BACKOFF, wait, self.round));
         self.unheld.insert(b, named.to_owned());
         for p in [named, by] {
@@ -130,6 +124,13 @@ impl Walk {
                 bs.push(b);
             }
         }
+    }
+
+    /// The wait after `b`'s next failure.
+    fn next_wait(&self, b: &[u8; 32]) -> Duration {
+        self.retry
+            .get(b)
+            .map_or(Duration::from_secs(1), |(_, w, _)| *w)
     }
 
     /// `b`'s wait for a holder is over.
@@ -323,18 +324,12 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                 _ = ctx.eager_wake.notified() => true,
                 n = news.recv(), if !news_closed => match n {
                     Ok(h) => {
-                        let mut any = walk.news(&h);
-                        loop {
-                            match news.try_recv() {
-                                Ok(h) => any |= walk.news(&h),
-                                Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {
-                                    walk.all_news();
-                                    any = true;
-                                }
-                                Err(_) => break,
-                            }
+                        let (mut heard, mut lost) = (vec![h], false);
+                        crate::db::drain(&mut news, &mut heard, &mut lost);
+                        if lost {
+                            walk.all_news();
                         }
-                        any
+                        heard.iter().fold(lost, |any, h| walk.news(h) || any)
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         walk.all_news();

@@ -433,9 +433,9 @@ impl Mirror {
             // News lost while this turn ran (a burst of changes): every path whose NAR is not
             // here is looked at, orphans too.
             let mut lost = false;
-            drain(&mut paths, &mut touched, &mut lost);
+            crate::db::drain(&mut paths, &mut touched, &mut lost);
             if let Some(s) = started.as_mut() {
-                drain(s, &mut touched, &mut lost);
+                crate::db::drain(s, &mut touched, &mut lost);
             }
             if lost {
                 touched.extend(self.plan.not_local().map(str::to_owned));
@@ -1047,22 +1047,6 @@ fn to_recheck(
         .collect()
 }
 
-/// What a broadcast holds now, into `touched`; `lost` if some of it was lost (lagged).
-fn drain(
-    rx: &mut tokio::sync::broadcast::Receiver<String>,
-    touched: &mut Vec<String>,
-    lost: &mut bool,
-) {
-    use tokio::sync::broadcast::error::TryRecvError;
-    loop {
-        match rx.try_recv() {
-            Ok(h) => touched.push(h),
-            Err(TryRecvError::Lagged(_)) => *lost = true,
-            Err(_) => return,
-        }
-    }
-}
-
 /// What the mirror saw of a NAR it waits for.
 enum Seen {
     /// Held here, or arriving from peers.
@@ -1183,7 +1167,7 @@ mod tests {
             tx.send(h.to_owned()).unwrap();
         }
         let (mut touched, mut lost) = (Vec::new(), false);
-        drain(&mut rx, &mut touched, &mut lost);
+        crate::db::drain(&mut rx, &mut touched, &mut lost);
         assert!(lost);
         assert_eq!(touched, ["b", "c"]);
         let mut all = to_recheck(&plan, &orphaned, true);

@@ -47,14 +47,14 @@ pub(super) async fn run(storage: Storage, cancel: CancellationToken) {
             let stamp = store_stamp(&storage);
             if stamp.is_none() || stamp != last_stamp {
                 let s = storage.clone();
-                match tokio::task::spawn_blocking(move || s.check_own_paths(mark)).await {
-                    Ok(Ok(m)) => (last_stamp, mark) = (stamp, m),
+                let checked = tokio::task::spawn_blocking(move || s.check_own_paths(mark))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+                match checked {
+                    Ok(m) => (last_stamp, mark) = (stamp, m),
                     // What it took of the paths recorded lately is checked with the rest next
                     // time.
-                    Ok(Err(e)) => {
-                        tracing::warn!("storage: checking own paths: {e}");
-                        mark = None;
-                    }
                     Err(e) => {
                         tracing::warn!("storage: checking own paths: {e}");
                         mark = None;
