@@ -7,7 +7,8 @@
 //! NAR, redeemable only from the IP address the asking connection came from, good for
 //! [`TICKET_FOR`], at most [`MAX_TICKETS`] out ([`TICKETS_PER_PEER`] to one peer); the
 //! streams served count as the peer's on the QUIC side do; a connection must send its header
-//! within [`HEADER_WITHIN`], at most [`CONNECTIONS`] at once; anything wrong closes it, and
+//! within [`HEADER_WITHIN`], at most [`CONNECTIONS`] at once and [`HEADERLESS_PER_IP`] from
+//! one address before their header is in; anything wrong closes it, and
 //! what is the client's doing (a bad header, an unknown token, too many connections) is
 //! counted and logged at most once a second. A ticket connection with no ask for
 //! [`IDLE`](super::endpoint::IDLE) is let go.
@@ -24,7 +25,7 @@ use narmesh_proto::sync::{BulkAsk, BulkHeader, BulkReply};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
-use super::endpoint::next_stream;
+use super::endpoint::{PeerSlot, PeerSlots, next_stream};
 use super::nar::NarServer;
 use super::wire;
 use crate::chunks::GROUP;
@@ -40,6 +41,10 @@ pub const TICKETS_PER_PEER: usize = MAX_TICKETS / 8;
 pub const HEADER_WITHIN: Duration = Duration::from_secs(10);
 /// Bulk connections at once; more are closed at once.
 pub const CONNECTIONS: usize = 64;
+/// Bulk connections from one IP address that have not sent their header yet: more are closed
+/// at once, so a host that connects and says nothing holds a quarter of [`CONNECTIONS`] at most
+/// (a peer's own connections send their header at once).
+pub const HEADERLESS_PER_IP: usize = CONNECTIONS / 4;
 /// A request for a ticket must arrive within this.
 const REQUEST: Duration = Duration::from_secs(10);
 /// A peer that takes no data for this long is dropped.
@@ -134,6 +139,7 @@ impl BulkServer {
     /// Accept bulk connections on `listener` until cancelled.
     pub async fn serve_tcp(self, listener: tokio::net::TcpListener, cancel: CancellationToken) {
         let conns = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS));
+        let headerless = PeerSlots::<IpAddr>::new(HEADERLESS_PER_IP);
         loop {
             let accepted = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -147,13 +153,21 @@ impl BulkServer {
                     continue;
                 }
             };
+            let Some(unheard) = headerless.take(from.ip().to_canonical()) else {
+                self.nar.per_peer.too_many_bulk(
+                    from,
+                    HEADERLESS_PER_IP,
+                    "without a header from that address",
+                );
+                continue;
+            };
             let Ok(permit) = conns.clone().try_acquire_owned() else {
-                self.nar.per_peer.too_many_bulk(from, CONNECTIONS);
+                self.nar.per_peer.too_many_bulk(from, CONNECTIONS, "open");
                 continue;
             };
             let this = self.clone();
             tokio::spawn(async move {
-                match this.serve_conn(stream).await {
+                match this.serve_conn(stream, unheard).await {
                     Ok(()) => {}
                     Err(Ended::Bad(reason, why)) => {
                         this.nar.per_peer.bad_bulk_header(from, reason, &why)
@@ -165,7 +179,13 @@ impl BulkServer {
         }
     }
 
-    async fn serve_conn(&self, mut stream: tokio::net::TcpStream) -> Result<(), Ended> {
+    /// Serve one connection; `unheard` is its place among its address's connections without
+    /// a header, given back once the header is in.
+    async fn serve_conn(
+        &self,
+        mut stream: tokio::net::TcpStream,
+        unheard: PeerSlot<IpAddr>,
+    ) -> Result<(), Ended> {
         let bad = |why: String| Ended::Bad("bad-request", why);
         let mut head = [0u8; BulkHeader::LEN];
         let mut got = 0;
@@ -186,6 +206,7 @@ impl BulkServer {
             Ok(Ok(n)) if n < BulkHeader::LEN => return Err(bad("a header cut short".into())),
             Ok(Ok(_)) => {}
         }
+        drop(unheard);
         let h = BulkHeader::decode(&head).ok_or_else(|| bad("not a bulk header".into()))?;
         let by = stream.peer_addr().map_err(|e| e.to_string())?.ip();
         let (blake3, peer) = self

@@ -191,22 +191,23 @@ pub async fn next_stream(
 /// QUIC application code 429 (a peer needs one or two; a hostile one gets no more).
 pub const CONNECTIONS_PER_PEER: usize = 8;
 
-/// Counts what each peer holds of something (connections to a protocol, streams served), up
-/// to a cap per peer.
+/// Counts what each peer (or each address, `K`) holds of something (connections to a
+/// protocol, streams served, bulk connections that have not said what they want), up to a cap
+/// per peer.
 #[derive(Debug, Clone)]
-pub struct PeerSlots {
-    open: Arc<std::sync::Mutex<std::collections::HashMap<EndpointId, usize>>>,
+pub struct PeerSlots<K = EndpointId> {
+    open: Arc<std::sync::Mutex<std::collections::HashMap<K, usize>>>,
     cap: usize,
 }
 
 /// A peer's place among its `cap`; given back when dropped.
 #[derive(Debug)]
-pub struct PeerSlot {
-    slots: PeerSlots,
-    peer: EndpointId,
+pub struct PeerSlot<K: std::hash::Hash + Eq + Copy = EndpointId> {
+    slots: PeerSlots<K>,
+    peer: K,
 }
 
-impl PeerSlots {
+impl<K: std::hash::Hash + Eq + Copy> PeerSlots<K> {
     pub fn new(cap: usize) -> Self {
         PeerSlots {
             open: Arc::default(),
@@ -215,7 +216,7 @@ impl PeerSlots {
     }
 
     /// A place for one more of `peer`'s, or `None` when it holds `cap` already.
-    pub fn take(&self, peer: EndpointId) -> Option<PeerSlot> {
+    pub fn take(&self, peer: K) -> Option<PeerSlot<K>> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let n = open.entry(peer).or_default();
         if *n >= self.cap {
@@ -303,14 +304,14 @@ impl ConnSlots {
         }
     }
 
-    /// The bulk channel's TCP port has its `cap` connections open: one from `from` is closed
-    /// (the fetcher takes that range over QUIC), counted as `too-many-connections` and logged
-    /// at most once a second.
-    pub fn too_many_bulk(&self, from: SocketAddr, cap: usize) {
+    /// The bulk channel's TCP port has its `cap` connections `what` (open; without a header
+    /// from that address): one from `from` is closed (the fetcher takes that range over QUIC),
+    /// counted as `too-many-connections` and logged at most once a second.
+    pub fn too_many_bulk(&self, from: SocketAddr, cap: usize, what: &str) {
         self.metrics.refused("too-many-connections");
         if let Some(unlogged) = self.bulk.allow() {
             tracing::info!(
-                "mesh bulk: {cap} connections open; closed one from {from} ({unlogged} more \
+                "mesh bulk: {cap} connections {what}; closed one from {from} ({unlogged} more \
                  bulk connections refused meanwhile)"
             );
         }
@@ -334,7 +335,7 @@ impl ConnSlots {
     }
 }
 
-impl Drop for PeerSlot {
+impl<K: std::hash::Hash + Eq + Copy> Drop for PeerSlot<K> {
     fn drop(&mut self) {
         let mut open = self.slots.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = open.get_mut(&self.peer) {

@@ -35,6 +35,7 @@ use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use bulk::{CONNECTIONS as BULK_CONNECTIONS, HEADERLESS_PER_IP as BULK_HEADERLESS_PER_IP};
 pub use endpoint::{PeerAddr, parse_endpoint_id};
 pub use transfer::{MAX_TRANSFERS, Progress, Transfer, Want};
 

@@ -6,7 +6,7 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use narmesh::nix::nar;
 use narmesh::nix::store_db::StoreDb;
 
-use crate::harness::{NixHost, bin, run_ok};
+use crate::harness::{Nix, NixHost, bin, run_ok};
 
 /// A closure with every kind of NAR node, names with `+-._?=`, a reference, and a >100 MB file.
 const TREE: &str = r#"
@@ -99,9 +99,23 @@ fn store_db_reads_what_nix_recorded() {
     assert_eq!(batch[2].as_ref().unwrap().path, *top);
     assert!(!db.is_valid(&unknown).unwrap());
     assert!(StoreDb::open(&host.dir.path().join("nowhere")).is_err());
+}
 
-    // The removals mark stays while paths are only added, and goes down when one is deleted,
-    // even if it is registered again (a build, then the same build after its deletion).
+/// The removals mark (what lets the storage skip a full own-path check) stays while paths are
+/// only added, and goes down when one is deleted, even if it is registered again (a build,
+/// then the same build after its deletion): with the store database of each Nix in the tests.
+#[test]
+fn removals_mark_follows_each_nix() {
+    for nix in Nix::ALL {
+        removals_mark_follows(nix);
+    }
+}
+
+fn removals_mark_follows(nix: Nix) {
+    nix.require();
+    let host = NixHost::with_nix(nix, "");
+    host.build(r#"mk "first" "echo first > $out""#);
+    let db = StoreDb::open(&host.root).expect("open");
     let mark = db
         .removals_mark()
         .unwrap()

@@ -423,8 +423,10 @@ fn a_provider_without_the_bulk_channel_is_fetched_from_over_quic() {
 }
 
 /// With `[mesh] bulk-listen` on both nodes, B fetches A's NAR ranges over TCP with a ticket from
-/// the mesh, and real Nix substitutes the path through B. A stranger on A's bulk port (a guessed
-/// token, or garbage), while B's ticket is still good, gets not one byte.
+/// the mesh, and real Nix substitutes the path through B, while a stranger (at another loopback
+/// address) holds as many connections to A's bulk port as A takes at all, saying nothing: A
+/// takes 16 of them, and B's still get in. A stranger on A's bulk port (a guessed token, or
+/// garbage), while B's ticket is still good, gets not one byte.
 #[test]
 fn the_bulk_channel_carries_ranges_and_a_stranger_gets_nothing() {
     use std::io::{Read, Write};
@@ -448,12 +450,43 @@ fn the_bulk_channel_carries_ranges_and_a_stranger_gets_nothing() {
     wait_until(30, "B to learn the path", || {
         nodes[1].serves(&[path.full()])
     });
+    // The silent stranger: its connections are taken or closed at once, and those taken are
+    // let go only after A's header deadline (10 s), long after B's fetch.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let silent: Vec<std::net::TcpStream> = (0..narmesh::mesh::BULK_CONNECTIONS)
+        .map(|_| {
+            rt.block_on(async {
+                let s = tokio::net::TcpSocket::new_v4().unwrap();
+                s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+                let c = s.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+                c.into_std().unwrap()
+            })
+        })
+        .collect();
+    let closed = || {
+        silent
+            .iter()
+            .filter(|s| {
+                s.set_nonblocking(true).unwrap();
+                matches!((&**s).read(&mut [0u8; 1]), Ok(0))
+            })
+            .count()
+    };
+    let refused = narmesh::mesh::BULK_CONNECTIONS - narmesh::mesh::BULK_HEADERLESS_PER_IP;
+    wait_until(5, "A to close the stranger's connections past 16", || {
+        closed() >= refused
+    });
     substitute_all(&nodes[1], &[path.full()]);
     assert_eq!(
         metric(&nodes[1], "narmesh_mesh_bulk_bytes_total"),
         size,
         "every range came over the bulk channel"
     );
+    assert_eq!(closed(), refused, "A still holds the stranger's first 16");
+    drop(silent);
     // Strangers, while B's ticket is out: a well-formed header with a guessed token, and
     // garbage.
     let guessed = narmesh_proto::sync::BulkHeader {
