@@ -109,6 +109,7 @@ mod tests {
             gc_interval: Duration::from_secs(60),
             mirror: false,
             read_memory: 64 << 20,
+            vital: crate::vital::Vital::unwatched(),
         };
         let store = Arc::new(LocalStore::new(&dir.join("store")));
         Storage::open(dir, db.clone(), store, cfg, metrics.clone()).unwrap()

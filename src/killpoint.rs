@@ -96,9 +96,16 @@ pub const FAULTS: &[&str] = &[
     "mesh.catch-up-round-panics",
     // A dial of a peer for NAR transfer panics before it connects.
     "mesh.dial-panics",
+    // Recording announcements from a peer (gossip or a catch-up batch) fails: the node's own
+    // database did not take them.
+    "mesh.record-fails",
+    // An eager node's look at the record a wish is for fails (its database did not answer).
+    "mesh.eager-lookup-fails",
     // A batch of reports is planned 3 s late: a window in which a test locks the Nix store
     // database between a report's acknowledgement and its planning.
     "pipeline.plan-late",
+    // The pipeline panics at a batch of reports it has not planned yet.
+    "pipeline.panics",
 ];
 
 struct Fault {

@@ -30,6 +30,7 @@
 //! - [`fsutil`]: atomic, durable file writes (a leaf: depends on nothing of ours).
 //! - [`linkage`]: whether an executable (the hook) starts statically linked.
 //! - [`node`]: builds and runs the parts; owns the shutdown order.
+//! - [`vital`]: the parts that must run as long as the node does; one that ends stops it.
 //! - [`bench`]: `narmesh bench`, replication measured on one machine beside its baselines.
 //! - [`cli`], [`client`]: the command line and its socket client; `main.rs` only runs it.
 //!
@@ -63,6 +64,7 @@ pub mod spool;
 pub mod storage;
 pub mod store;
 pub mod units;
+pub mod vital;
 
 /// An error with its causes, `outer: cause: cause`: QUIC and AWS SDK errors print only their
 /// outer layer (such as "connection lost" or "dispatch failure").

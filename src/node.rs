@@ -56,6 +56,8 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
         tracing::info!("mirror node: replicating eagerly");
         cfg.mesh.replicate = Replicate::Eager;
     }
+    // Vital work that ends before `cancel` stops the node, with a failure (see `vital`).
+    let (vital, mut ended) = crate::vital::Vital::new(cancel.clone());
     // Whatever the node creates is its own unless said otherwise (keys, databases, NARs).
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let gid = cfg.socket_gid()?;
@@ -89,6 +91,7 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
             gc_interval: std::time::Duration::from_secs(cfg.store.gc_check_secs),
             mirror: cfg.mirror.s3.is_some(),
             read_memory: cfg.store.read_memory.0,
+            vital: vital.clone(),
         };
         tokio::task::spawn_blocking(move || Storage::open(&dir, db, store, scfg, metrics))
             .await?
@@ -117,6 +120,7 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
             metrics: metrics.clone(),
             max_nar_size: cfg.max_nar_size(),
             forget_after_secs: cfg.store.forget_after_secs,
+            vital: vital.clone(),
         };
         Some(MeshHandle::start(parts, cancel.child_token()).await?)
     } else {
@@ -134,6 +138,7 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
                 metrics: metrics.clone(),
                 arriving: mesh.as_ref().map(MeshHandle::arriving),
                 me: mesh.as_ref().map(MeshHandle::endpoint_bytes),
+                vital: vital.clone(),
             },
             mirror_cancel.clone(),
         )
@@ -182,6 +187,7 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
             storage: storage.clone(),
             wake: wake.clone(),
             main: tokio::runtime::Handle::current(),
+            vital: vital.clone(),
         },
         socket,
         front.clone(),
@@ -207,12 +213,19 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
         std::time::Duration::from_secs(cfg.http.idle_secs),
         mesh.clone(),
     );
+    vital.spawn("http narinfo cache", http_state.follow_changes());
 
-    let http = http_thread(http_listeners, http_state, front.clone())?;
+    let http = http_thread(
+        http_listeners,
+        http_state,
+        front.clone(),
+        vital.guard("http"),
+    )?;
     let back = CancellationToken::new();
-    let pipeline_task = tokio::spawn(pipeline.run(back.clone()));
-    let storage_task = tokio::spawn(storage.clone().run(back.clone()));
-    let forget_task = tokio::spawn(
+    let pipeline_task = vital.spawn("pipeline", pipeline.run(back.clone()));
+    let storage_task = vital.spawn("storage housekeeping", storage.clone().run(back.clone()));
+    let forget_task = vital.spawn(
+        "forgetting",
         crate::forget::Forgetting {
             db: db.clone(),
             storage: storage.clone(),
@@ -235,7 +248,15 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
     );
     notify_ready();
 
-    cancel.cancelled().await;
+    drop(vital);
+    let died = tokio::select! {
+        _ = cancel.cancelled() => None,
+        e = ended.recv() => e,
+    };
+    if let Some(e) = &died {
+        tracing::error!("{e}: the node stops, to be started again by its service manager");
+        cancel.cancel();
+    }
     front.cancel();
     let _ = tokio::task::spawn_blocking(move || (ingest.join(), http.join())).await;
     back.cancel();
@@ -258,7 +279,10 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
         tracing::warn!("database: the last commit: {e}");
     }
     let _ = std::fs::remove_file(&cfg.socket);
-    Ok(())
+    match died {
+        Some(e) => Err(anyhow::anyhow!("{e}")),
+        None => Ok(()),
+    }
 }
 
 /// What the front (hook reports and CLI requests) needs.
@@ -275,6 +299,8 @@ struct IngestParts {
     wake: Arc<Notify>,
     /// The main runtime, for every request but a hook report.
     main: tokio::runtime::Handle,
+    /// The node's watch over the front (its thread, queue writer and spool watcher).
+    vital: crate::vital::Vital,
 }
 
 /// Run the front on a thread and runtime of its own at normal priority: a hook's
@@ -286,8 +312,14 @@ fn front_thread(
     socket: std::os::unix::net::UnixListener,
     cancel: CancellationToken,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    runtime_thread("narmesh-front", None, move || async move {
-        let (queue, queue_task) = QueueHandle::spawn(p.db.clone(), p.wake, p.metrics.clone());
+    let guard = p.vital.guard("front");
+    runtime_thread("narmesh-front", None, guard, move || async move {
+        let (queue, queue_task) = QueueHandle::spawn(
+            p.db.clone(),
+            p.wake,
+            p.metrics.clone(),
+            p.vital.guard("queue writer"),
+        );
         let socket = match UnixListener::from_std(socket) {
             Ok(s) => s,
             Err(e) => return tracing::error!("socket: {e}"),
@@ -308,7 +340,10 @@ fn front_thread(
             storage: p.storage,
             main: p.main,
         };
-        let spool = tokio::spawn(ingest.clone().watch_spool(p.spool, cancel.clone()));
+        let spool = p.vital.spawn(
+            "spool watcher",
+            ingest.clone().watch_spool(p.spool, cancel.clone()),
+        );
         ingest.serve_socket(socket, cancel).await;
         let _ = spool.await;
         queue_task.abort();
@@ -323,6 +358,7 @@ fn http_thread(
     listeners: Vec<(TcpListener, Serves)>,
     state: HttpState,
     cancel: CancellationToken,
+    guard: crate::vital::Guard,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let listeners = listeners
         .into_iter()
@@ -330,7 +366,7 @@ fn http_thread(
         .collect::<std::io::Result<Vec<_>>>()?;
     let spin = state.spin.clone();
     let park: Box<dyn Fn() + Send + Sync> = Box::new(move || spin.before_park());
-    runtime_thread("narmesh-http", Some(park), move || async move {
+    runtime_thread("narmesh-http", Some(park), guard, move || async move {
         let tasks = tokio_util::task::TaskTracker::new();
         for (l, serves) in listeners {
             let l = match TcpListener::from_std(l) {
@@ -365,6 +401,7 @@ const HTTP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 fn runtime_thread<Fut>(
     name: &str,
     park: Option<Box<dyn Fn() + Send + Sync>>,
+    guard: crate::vital::Guard,
     main: impl FnOnce() -> Fut + Send + 'static,
 ) -> anyhow::Result<std::thread::JoinHandle<()>>
 where
@@ -379,6 +416,7 @@ where
     let handle = std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
+            let _guard = guard;
             rt.block_on(main());
             rt.shutdown_timeout(std::time::Duration::from_secs(1));
         })?;

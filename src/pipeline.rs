@@ -90,6 +90,9 @@ impl Pipeline {
         if crate::killpoint::fault("pipeline.plan-late") {
             tokio::time::sleep(Duration::from_secs(3)).await;
         }
+        if crate::killpoint::fault("pipeline.panics") {
+            panic!("the pipeline panics at a batch (NARMESH_TEST_FAULT)");
+        }
         let started = Instant::now();
         let (todo, upstream, mut failures) = self
             .plan(batch.iter().map(|(_, i)| i.clone()).collect())

@@ -28,9 +28,10 @@ impl QueueHandle {
         db: Db,
         wake: Arc<Notify>,
         metrics: Arc<crate::metrics::Metrics>,
+        guard: crate::vital::Guard,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(1024);
-        let task = tokio::spawn(run(db, rx, wake, metrics));
+        let task = tokio::spawn(crate::vital::watched(guard, run(db, rx, wake, metrics)));
         (QueueHandle { tx }, task)
     }
 

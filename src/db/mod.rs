@@ -76,8 +76,8 @@ pub enum DbError {
     Decode(#[from] postcard::Error),
     #[error("queue journal: {0}")]
     Journal(#[from] std::io::Error),
-    /// A commit a test made fail (`NARMESH_TEST_FAULT`, [`crate::killpoint::FAULTS`]).
-    #[error("node database: a commit failed (a fault injected by NARMESH_TEST_FAULT)")]
+    /// A commit or lookup a test made fail (`NARMESH_TEST_FAULT`, [`crate::killpoint::FAULTS`]).
+    #[error("node database: a step failed (a fault injected by NARMESH_TEST_FAULT)")]
     Injected,
 }
 

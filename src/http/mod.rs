@@ -66,7 +66,7 @@ impl quick_cache::Weighter<String, Option<Bytes>> for AnswerWeight {
 }
 
 impl HttpState {
-    /// The shared state; also starts following record changes (call inside the runtime).
+    /// The shared state (call inside the runtime; run [`Self::follow_changes`] beside it).
     pub fn new(
         db: Db,
         storage: Storage,
@@ -76,7 +76,7 @@ impl HttpState {
         idle: std::time::Duration,
         mesh: Option<MeshHandle>,
     ) -> Self {
-        let st = HttpState {
+        HttpState {
             mesh,
             idle,
             main: tokio::runtime::Handle::current(),
@@ -91,10 +91,15 @@ impl HttpState {
                 AnswerWeight,
             )),
             generation: Arc::new(std::sync::atomic::AtomicU64::new(0)),
-        };
-        let (cache, generation) = (st.narinfos.clone(), st.generation.clone());
-        let mut changes = st.db.subscribe_changed_paths();
-        tokio::spawn(async move {
+        }
+    }
+
+    /// Follow record changes: a changed path's narinfo answer is no longer cached. Runs until
+    /// the database is gone.
+    pub fn follow_changes(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (cache, generation) = (self.narinfos.clone(), self.generation.clone());
+        let mut changes = self.db.subscribe_changed_paths();
+        async move {
             use std::sync::atomic::Ordering;
             loop {
                 match changes.recv().await {
@@ -109,8 +114,7 @@ impl HttpState {
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 }
             }
-        });
-        st
+        }
     }
 }
 

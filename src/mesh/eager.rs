@@ -40,6 +40,17 @@ const WINDOW: usize = 256;
 /// out a backoff): the rest of the round waits for the next look.
 const WINDOWS_PER_LOOK: usize = 64;
 
+/// What a wish's look at the records found.
+#[derive(Debug)]
+enum Look {
+    /// Fetch this claim for this path; the path's own served claim (another) is wished for too.
+    Fetch(crate::db::Claim, String, Option<crate::db::Claim>),
+    /// The path serves another claim, and no path serves the one wished for: wish for that one.
+    Instead(crate::db::Claim),
+    /// No record wants these bytes any more.
+    Unwanted,
+}
+
 /// What the walk over the wish list remembers between looks.
 #[derive(Debug, Default)]
 struct Walk {
@@ -227,24 +238,34 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                 let h = hash.clone();
                 let looked = tokio::task::spawn_blocking(move || {
                     let here = |c: &crate::db::Claim| storage.holds_blocking(&c.blake3);
-                    let rec = db.path(&h).ok().flatten()?;
-                    let served = rec.served(Some(&me), here)?;
+                    if crate::killpoint::fault("mesh.eager-lookup-fails") {
+                        return Err(crate::db::DbError::Injected);
+                    }
+                    let Some(rec) = db.path(&h)? else {
+                        return Ok(Look::Unwanted);
+                    };
+                    let Some(served) = rec.served(Some(&me), here) else {
+                        return Ok(Look::Unwanted);
+                    };
                     if served.blake3 == b {
-                        return Some((Some((served.clone(), h)), None));
+                        return Ok(Look::Fetch(served.clone(), h, None));
                     }
                     // The path serves another claim; another path with the same bytes may
                     // still serve these (the fetch is then that path's).
-                    let still = db.by_blake3(&b).ok().into_iter().flatten().find_map(|r| {
+                    let still = db.by_blake3(&b)?.into_iter().find_map(|r| {
                         let c = r.served(Some(&me), here).filter(|c| c.blake3 == b)?;
                         Some((c.clone(), r.hash_part().to_owned()))
                     });
-                    Some((still, Some(served.clone())))
+                    Ok(match still {
+                        Some((c, by)) => Look::Fetch(c, by, Some(served.clone())),
+                        None => Look::Instead(served.clone()),
+                    })
                 })
                 .await
-                .ok()
-                .flatten();
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
                 let (claim, wanted_by) = match looked {
-                    Some((Some((c, wanted_by)), other)) => {
+                    Ok(Look::Fetch(c, wanted_by, other)) => {
                         // The path's own served claim is wished for too.
                         if let Some(o) = other {
                             instead.push((o.blake3, hash.clone()));
@@ -254,16 +275,25 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                     // The path serves another claim now (every holder of this one lost it,
                     // and a node holds the other), and no other path serves this one: the
                     // other is wished for instead, if it is not held here already.
-                    Some((None, Some(c))) => {
+                    Ok(Look::Instead(c)) => {
                         walk.forget(&b);
                         gone.push(b);
                         instead.push((c.blake3, hash));
                         continue;
                     }
                     // No record wants these bytes any more.
-                    Some((None, None)) | None => {
+                    Ok(Look::Unwanted) => {
                         walk.forget(&b);
                         gone.push(b);
+                        continue;
+                    }
+                    // The node's own database failed to answer (an I/O error it reopens
+                    // after): the wish stays, and is looked at again after a backoff.
+                    Err(e) => {
+                        let wait = walk.failed(b, now);
+                        tracing::warn!(
+                            "mesh: looking up the wish for {hash}: {e}; again in {wait:?}"
+                        );
                         continue;
                     }
                 };

@@ -127,8 +127,12 @@ async fn on_event(ctx: &Arc<Ctx>, ev: Event) {
         }
         Event::Received(msg) => match gossip::decode(&msg.content) {
             Ok(inc) => {
-                ctx.take(vec![inc], None, &msg.delivered_from.to_string())
-                    .await;
+                let from = msg.delivered_from.to_string();
+                if ctx.take(vec![inc], None, &from).await.is_err() {
+                    // Not recorded here (logged): catch-up brings it again, the sooner the
+                    // better.
+                    ctx.sync_now.notify_one();
+                }
             }
             Err(e) => {
                 ctx.refused(

@@ -73,6 +73,8 @@ pub struct MeshParts {
     pub max_nar_size: u64,
     /// `[store] forget-after-secs`: a peer not caught up with for longer is reviewed.
     pub forget_after_secs: u64,
+    /// The node's watch over the mesh's gossip, catch-up, bulk channel and eager fetches.
+    pub vital: crate::vital::Vital,
 }
 
 #[derive(Debug, Default)]
@@ -189,13 +191,15 @@ impl Ctx {
     }
 
     /// Check and record announcements (and move a peer's cursor); an eager node wishes for
-    /// the NARs it does not hold. Returns how many were acceptable.
+    /// the NARs it does not hold. Returns how many were acceptable, or why this node could not
+    /// record them (its own failure, not the peer's: nothing was recorded and the cursor did
+    /// not move).
     async fn take(
         self: &Arc<Self>,
         anns: Vec<Incoming>,
         cursor: Option<(EndpointId, u64)>,
         from: &str,
-    ) -> usize {
+    ) -> Result<usize, String> {
         let ctx = self.clone();
         let from2 = from.to_owned();
         // Signature checks are CPU work: off the async threads.
@@ -222,6 +226,9 @@ impl Ctx {
             }
             let accepted = known + claims.len();
             let cur = cursor.map(|(id, seq)| (*id.as_bytes(), seq));
+            if !claims.is_empty() && crate::killpoint::fault("mesh.record-fails") {
+                return Err(crate::db::DbError::Injected);
+            }
             let changed = ctx
                 .db
                 // An eager node wishes for the NARs of claims new to it in the same commit
@@ -245,15 +252,15 @@ impl Ctx {
                         self.eager_wake.notify_one();
                     }
                 }
-                accepted
+                Ok(accepted)
             }
             Ok(Err(e)) => {
-                tracing::error!("mesh: recording announcements: {e}");
-                0
+                tracing::error!("mesh: recording announcements from {from}: {e}");
+                Err(e.to_string())
             }
             Err(e) => {
-                tracing::error!("mesh: recording announcements: {e}");
-                0
+                tracing::error!("mesh: recording announcements from {from}: {e}");
+                Err(e.to_string())
             }
         }
     }
@@ -424,19 +431,26 @@ impl MeshHandle {
         };
         let (join_tx, join_rx) = mpsc::channel(64);
         let t = &handle.tasks;
-        t.spawn(gossip::run(
-            ctx.clone(),
-            topic,
-            parts.recorded,
-            join_rx,
-            cancel.clone(),
+        let vital = &parts.vital;
+        t.spawn(crate::vital::watched(
+            vital.guard("mesh gossip"),
+            gossip::run(ctx.clone(), topic, parts.recorded, join_rx, cancel.clone()),
         ));
-        t.spawn(sync_loop(ctx.clone(), cancel.clone()));
+        t.spawn(crate::vital::watched(
+            vital.guard("mesh catch-up"),
+            sync_loop(ctx.clone(), cancel.clone()),
+        ));
         if let Some((server, listener)) = bulk_tcp {
-            t.spawn(server.serve_tcp(listener, cancel.clone()));
+            t.spawn(crate::vital::watched(
+                vital.guard("mesh bulk channel"),
+                server.serve_tcp(listener, cancel.clone()),
+            ));
         }
         if ctx.eager {
-            t.spawn(eager::run(ctx.clone(), cancel.clone()));
+            t.spawn(crate::vital::watched(
+                vital.guard("mesh eager fetches"),
+                eager::run(ctx.clone(), cancel.clone()),
+            ));
         }
         if cfg.lan_discovery {
             handle.start_mdns(join_tx, cancel.clone()).await;

@@ -364,7 +364,9 @@ async fn round(
                 Some((peer, next)),
                 &peer.to_string(),
             )
-            .await;
+            .await
+            // This node's own failure (its database): the round ends without blaming the peer.
+            .map_err(|e| format!("recording a batch: {e}"))?;
         if reviewing {
             crate::killpoint::reach("mesh.review-batch-taken");
         }

@@ -68,6 +68,8 @@ pub struct MirrorParts {
     /// This node's endpoint id (its own statements, repeated by peers, do not say a peer holds
     /// a NAR).
     pub me: Option<[u8; 32]>,
+    /// The node's watch over the mirror's task.
+    pub vital: crate::vital::Vital,
 }
 
 /// A handle for status; the mirror itself runs as a task.
@@ -124,7 +126,7 @@ impl MirrorHandle {
             metrics: parts.metrics.clone(),
             stats: stats.clone(),
         };
-        let task = tokio::spawn(async move {
+        let task = parts.vital.clone().spawn("mirror", async move {
             let mut m = Mirror::new(parts, stats).await;
             m.run(cancel).await;
         });

@@ -74,6 +74,8 @@ pub struct StorageConfig {
     pub mirror: bool,
     /// What the pieces of all reads may hold together (`[store] read-memory`).
     pub read_memory: u64,
+    /// The node's watch over its recording thread.
+    pub vital: crate::vital::Vital,
 }
 
 /// How this node holds a NAR.
@@ -232,7 +234,11 @@ impl Storage {
         metrics: Arc<Metrics>,
     ) -> Result<Self, StorageError> {
         let dir = data_dir.join("nars");
-        let recorder = record::Recorder::start(db.clone(), dir.clone())?;
+        let recorder = record::Recorder::start(
+            db.clone(),
+            dir.clone(),
+            cfg.vital.guard("storage recording"),
+        )?;
         let mirror = cfg.mirror;
         let budget = ReadBudget::new(cfg.read_memory, metrics.storage_read_buffered_bytes.clone());
         let inner = Arc::new(Inner {

@@ -29,11 +29,14 @@ pub(super) struct Recorder {
 
 impl Recorder {
     /// Start the thread recording files of the NAR directory `dir` in `db`.
-    pub(super) fn start(db: Db, dir: PathBuf) -> std::io::Result<Self> {
+    pub(super) fn start(db: Db, dir: PathBuf, guard: crate::vital::Guard) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("narmesh-record".into())
-            .spawn(move || run(&db, &dir, &rx))?;
+            .spawn(move || {
+                let _guard = guard;
+                run(&db, &dir, &rx)
+            })?;
         Ok(Recorder { tx })
     }
 

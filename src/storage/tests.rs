@@ -22,6 +22,7 @@ fn open_reading(
         gc_interval: Duration::from_secs(60),
         mirror: false,
         read_memory,
+        vital: crate::vital::Vital::unwatched(),
     };
     let s = Storage::open(dir, db, store, cfg, metrics.clone()).unwrap();
     (s, metrics)

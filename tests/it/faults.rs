@@ -789,3 +789,36 @@ fn a_full_disk_loses_nothing_and_everything_arrives_once_space_is_freed() {
     node.stop();
     drop(data);
 }
+
+/// A node whose pipeline panics (an injected fault; no real part panics on demand) does not
+/// go on acknowledging hooks it never ingests: it stops with a failure, naming what ended, so
+/// that its service manager starts it again, and the restarted node records the report the
+/// first one acknowledged.
+#[test]
+fn a_node_whose_pipeline_panics_stops_and_its_restart_loses_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let host = NixHost::new("");
+    let paths = built_paths(&host, 1, "vital");
+    let mut node = Node::new(&t.path().join("node"), &host.root);
+    node.env
+        .push(("NARMESH_TEST_FAULT".into(), "pipeline.panics:1".into()));
+    node.start();
+    let (socket, spool) = (node.socket(), node.spool());
+    let run = run_hook(&socket, &spool, "", &paths[0], 5000);
+    assert!(spooled(&spool).is_empty(), "acknowledged: {}", run.stderr);
+    let status = node
+        .wait_exit_status(30)
+        .unwrap_or_else(|| panic!("the node runs on without its pipeline:\n{}", node.log()));
+    assert!(!status.success(), "{status}");
+    assert!(
+        node.log()
+            .contains("pipeline panicked while the node was running"),
+        "{}",
+        node.log()
+    );
+    node.env.clear();
+    node.start();
+    wait_until(30, "the restarted node to record the report", || {
+        recorded(&node, &paths) == 1
+    });
+}

@@ -128,10 +128,14 @@ fn nix_2_26_builds_on_a_and_substitutes_on_c_through_the_mesh() {
 /// B and C learn by catch-up what A built while they were away. C's first two rounds (one
 /// with each peer, started together) panic, an injected fault: a panicked round still frees
 /// its peer, which is caught up with in the next round (were it left marked busy, C would
-/// never ask it again).
+/// never ask it again). B's database fails to take its first two batches, another: the peer
+/// is not blamed for it (not left alone as one that sends nothing acceptable).
 #[test]
 fn nodes_that_were_away_catch_up() {
     let mut cl = cluster(3, &[]);
+    cl.nodes[1]
+        .env
+        .push(("NARMESH_TEST_FAULT".into(), "mesh.record-fails:2".into()));
     cl.nodes[2].env.push((
         "NARMESH_TEST_FAULT".into(),
         "mesh.catch-up-round-panics:2".into(),
@@ -159,6 +163,16 @@ fn nodes_that_were_away_catch_up() {
             .count(),
         2,
         "C's first rounds panicked"
+    );
+    let b_log = cl.nodes[1].log();
+    assert_eq!(
+        b_log.matches("fault injected at mesh.record-fails").count(),
+        2,
+        "B's first batches were not recorded"
+    );
+    assert!(
+        !b_log.contains("left alone for"),
+        "B blamed a peer for its own failure:\n{b_log}"
     );
     substitute_from(&cl.nodes[1], &top, 3);
     let st = cl.nodes[2].status();
@@ -496,4 +510,36 @@ fn allowed_peers_found_on_the_lan_share_their_builds() {
     run_ok(&mut lan.on(1, c.cmd("nix-store").args(["-r", &top.full()])));
     run_ok(&mut lan.on(1, c.cmd("nix-store").args(["--verify-path", &top.full()])));
     assert_eq!(c.closure(std::slice::from_ref(&top)).len(), 3);
+}
+
+/// An eager node whose database fails to answer when it looks at a wish (an I/O error it
+/// reopens after) keeps the wish and tries again after a backoff: it still comes to hold the
+/// NAR. Wishes are written only when a claim is new, so one dropped is never made again.
+#[test]
+fn an_eager_node_keeps_a_wish_its_database_failed_to_look_up() {
+    let mut cl = cluster(2, &["on-demand", "eager"]);
+    cl.nodes[1].env.push((
+        "NARMESH_TEST_FAULT".into(),
+        "mesh.eager-lookup-fails:3".into(),
+    ));
+    cl.nodes[0].start();
+    cl.nodes[1].start();
+    let outs =
+        cl.a.build(r#"mk "eager-lookup-fails" "head -c 30000 /dev/urandom > $out""#);
+    let bytes = StoreDb::open(&cl.a.root)
+        .unwrap()
+        .query_path(&outs[0])
+        .unwrap()
+        .unwrap()
+        .nar_size;
+    wait_until(60, "B to hold the NAR", || {
+        cl.nodes[1].status().nar_bytes >= bytes
+    });
+    let log = cl.nodes[1].log();
+    assert_eq!(
+        log.matches("fault injected at mesh.eager-lookup-fails")
+            .count(),
+        3,
+        "B's first three looks failed"
+    );
 }

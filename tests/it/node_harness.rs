@@ -297,17 +297,25 @@ impl Node {
 
     /// Wait up to `secs` for the process to exit by itself (a kill point); true if it did.
     pub fn wait_exit(&mut self, secs: u64) -> bool {
+        self.wait_exit_status(secs).is_some()
+    }
+
+    /// Wait up to `secs` for the process to exit by itself: how it exited (`None` if it
+    /// did not, or was not running: then a success).
+    pub fn wait_exit_status(&mut self, secs: u64) -> Option<std::process::ExitStatus> {
+        use std::os::unix::process::ExitStatusExt as _;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
         while std::time::Instant::now() < deadline {
             match self.child.as_mut().map(|c| c.try_wait()) {
-                Some(Ok(Some(_))) | None => {
+                Some(Ok(Some(status))) => {
                     self.child = None;
-                    return true;
+                    return Some(status);
                 }
+                None => return Some(std::process::ExitStatus::from_raw(0)),
                 _ => std::thread::sleep(std::time::Duration::from_millis(50)),
             }
         }
-        false
+        None
     }
 
     /// SIGKILL, no chance to clean up.
