@@ -333,21 +333,53 @@ impl Db {
 
     /// Every path the mirror has not finished, with its record and state.
     pub fn outbox_unfinished(&self) -> Result<Vec<(PathRecord, MirrorState)>, DbError> {
+        self.unfinished(None)
+    }
+
+    /// Of `hashes`, those the outbox took in and has not finished, as
+    /// [`Self::outbox_unfinished`] gives them.
+    pub fn outbox_unfinished_of(
+        &self,
+        hashes: &[String],
+    ) -> Result<Vec<(PathRecord, MirrorState)>, DbError> {
+        self.unfinished(Some(hashes))
+    }
+
+    /// Every unfinished path of the outbox, or those of `only`.
+    fn unfinished(
+        &self,
+        only: Option<&[String]>,
+    ) -> Result<Vec<(PathRecord, MirrorState)>, DbError> {
         let db = self.db.get()?;
         let tx = db.begin_read()?;
         let outbox = tx.open_table(OUTBOX)?;
         let paths = tx.open_table(PATHS)?;
         let claims = tx.open_table(MIRROR_CLAIMS)?;
         let mut out = Vec::new();
-        for entry in outbox.iter()? {
-            let (hash, state) = entry?;
-            let state = decode(state.value())?;
+        let mut take = |hash: &str, state: &[u8]| -> Result<(), DbError> {
+            let state = decode(state)?;
             if state == MirrorState::Done {
-                continue;
+                return Ok(());
             }
-            if let Some(v) = paths.get(hash.value())? {
-                let state = with_claim(state, &claims, hash.value())?;
+            if let Some(v) = paths.get(hash)? {
+                let state = with_claim(state, &claims, hash)?;
                 out.push((postcard::from_bytes(v.value())?, state));
+            }
+            Ok(())
+        };
+        match only {
+            None => {
+                for entry in outbox.iter()? {
+                    let (hash, state) = entry?;
+                    take(hash.value(), state.value())?;
+                }
+            }
+            Some(hashes) => {
+                for h in hashes {
+                    if let Some(state) = outbox.get(h.as_str())? {
+                        take(h, state.value())?;
+                    }
+                }
             }
         }
         Ok(out)

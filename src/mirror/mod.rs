@@ -190,6 +190,10 @@ struct Mirror {
     /// Paths the plan waits for whose NAR no node holds, as of their last look
     /// (`narmesh_mirror_orphaned_paths`).
     orphaned: std::collections::HashSet<String>,
+    /// Paths the outbox took in that the plan could not (every claim of the record failed,
+    /// or looking at them failed): added again on news of them, when news was lost, and at
+    /// the orphans' sweep, since the outbox does not offer a path it took twice.
+    unplanned: std::collections::HashSet<String>,
 }
 
 impl Mirror {
@@ -208,6 +212,7 @@ impl Mirror {
             plan: Plan::default(),
             entries: HashMap::new(),
             tried: Default::default(),
+            unplanned: Default::default(),
             stored: HashMap::new(),
             same: Default::default(),
             running: HashMap::new(),
@@ -350,15 +355,27 @@ impl Mirror {
         if wait > Duration::from_secs(1) {
             self.set_error(None);
         }
-        // What a previous run left unfinished.
-        let db = self.db.clone();
-        match tokio::task::spawn_blocking(move || db.outbox_unfinished()).await {
-            Ok(Ok(open)) => {
-                let open: Vec<_> = open.into_iter().map(|(r, s)| (r, s, true)).collect();
-                self.add(open).await;
+        // What a previous run left unfinished: the outbox does not offer it again, so a failure
+        // to read it is tried again, never passed over.
+        let mut wait = Duration::from_secs(1);
+        loop {
+            let db = self.db.clone();
+            let read = tokio::task::spawn_blocking(move || db.outbox_unfinished()).await;
+            let e = match read {
+                Ok(Ok(open)) => {
+                    let open: Vec<_> = open.into_iter().map(|(r, s)| (r, s, true)).collect();
+                    self.add(open).await;
+                    break;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            };
+            tracing::error!("mirror: reading the outbox: {e}; trying again in {wait:?}");
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
             }
-            Ok(Err(e)) => tracing::error!("mirror: reading the outbox: {e}"),
-            Err(e) => tracing::error!("mirror: reading the outbox: {e}"),
+            wait = (wait * 2).min(Duration::from_secs(60));
         }
         self.publish_counts();
         if !self.prepare(&cancel).await {
@@ -396,6 +413,7 @@ impl Mirror {
                     Ok(h) => touched.push(h),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         touched.extend(self.plan.not_local().map(str::to_owned));
+                        touched.extend(self.unplanned.iter().cloned());
                     }
                     Err(_) => {}
                 },
@@ -415,6 +433,9 @@ impl Mirror {
                         orphans_at = now + ORPHANS_RECHECK;
                     }
                     touched.extend(to_recheck(&self.plan, &self.orphaned, orphans_too));
+                    if orphans_too {
+                        touched.extend(self.unplanned.iter().cloned());
+                    }
                 }
                 _ = sleep_until_some(audit_at), if auditing.as_ref().is_none_or(|a| a.is_finished()) => {
                     // The last audit has ended: what it said and was not read yet comes first.
@@ -441,6 +462,7 @@ impl Mirror {
             }
             if lost {
                 touched.extend(self.plan.not_local().map(str::to_owned));
+                touched.extend(self.unplanned.iter().cloned());
             }
             self.refresh_held(touched).await;
             self.finish(done).await;
@@ -465,25 +487,45 @@ impl Mirror {
             .into_iter()
             .filter(|(r, _, _)| !self.plan.has(r.hash_part()))
             .collect();
+        let hashes: Vec<String> = recs
+            .iter()
+            .map(|(r, ..)| r.hash_part().to_owned())
+            .collect();
         // The claim each path uploads, as this node can read them, and whether its NAR is here
-        // (off the async threads).
+        // (off the async threads); the paths of which no claim can be uploaded.
         let (storage, arriving, me) = (self.storage.clone(), self.arriving.clone(), self.me);
-        let Ok(entries) = tokio::task::spawn_blocking(move || {
-            recs.into_iter()
+        let Ok((entries, none)) = tokio::task::spawn_blocking(move || {
+            let mut none = Vec::new();
+            let entries = recs
+                .into_iter()
                 .filter_map(|(r, s, tried)| {
                     let readable = |b: &[u8; 32]| readable(&storage, arriving.as_ref(), b);
                     let served = r.served(me.as_ref(), |c| readable(&c.blake3));
-                    let (e, s) = Entry::choose(&r, s, served)?;
+                    let Some((e, s)) = Entry::choose(&r, s, served) else {
+                        none.push(r.hash_part().to_owned());
+                        return None;
+                    };
                     let local = readable(&e.blake3);
                     Some((e, s, tried, local))
                 })
-                .collect::<Vec<(Entry, MirrorState, bool, bool)>>()
+                .collect::<Vec<(Entry, MirrorState, bool, bool)>>();
+            (entries, none)
         })
         .await
         else {
             tracing::error!("mirror: choosing the claims to upload failed");
+            self.unplanned.extend(hashes);
             return;
         };
+        if !none.is_empty() {
+            tracing::warn!(
+                "mirror: {} path(s) with no claim to upload (every NAR failed its checks), e.g. \
+                 {}: they wait for a record that brings another",
+                none.len(),
+                none[0]
+            );
+        }
+        self.unplanned.extend(none);
         // References the plan knows are incomplete by definition; the others are asked.
         let mut ask: Vec<String> = entries
             .iter()
@@ -504,9 +546,12 @@ impl Mirror {
         .await;
         let Ok(done) = looked else {
             tracing::error!("mirror: looking up references failed");
+            self.unplanned
+                .extend(entries.into_iter().map(|(e, ..)| e.hash));
             return;
         };
         for (e, state, tried, local) in entries {
+            self.unplanned.remove(&e.hash);
             let missing: Vec<String> = e
                 .references()
                 .into_iter()
@@ -526,6 +571,24 @@ impl Mirror {
             }
             self.plan.add(&e.hash, state, local, e.nar_size, &missing);
             self.entries.insert(e.hash.clone(), e);
+        }
+    }
+
+    /// Paths the plan could not take in before, as the outbox has them now (one it finished
+    /// or forgot meanwhile is no longer waited for).
+    async fn add_again(&mut self, hashes: Vec<String>) {
+        let db = self.db.clone();
+        let asked = hashes.clone();
+        match tokio::task::spawn_blocking(move || db.outbox_unfinished_of(&asked)).await {
+            Ok(Ok(open)) => {
+                for h in &hashes {
+                    self.unplanned.remove(h);
+                }
+                let open: Vec<_> = open.into_iter().map(|(r, s)| (r, s, true)).collect();
+                self.add(open).await;
+            }
+            Ok(Err(e)) => tracing::warn!("mirror: reading the outbox: {e}"),
+            Err(e) => tracing::warn!("mirror: reading the outbox: {e}"),
         }
     }
 
@@ -563,6 +626,14 @@ impl Mirror {
     /// orphaned: they, and the closures above them, wait until a node holds it again (news of
     /// that changes the record, which brings the path here again).
     async fn refresh_held(&mut self, touched: Vec<String>) {
+        let again: Vec<String> = touched
+            .iter()
+            .filter(|h| self.unplanned.contains(*h))
+            .cloned()
+            .collect();
+        if !again.is_empty() {
+            self.add_again(again).await;
+        }
         let waiting: Vec<(String, [u8; 32], bool)> = touched
             .into_iter()
             .filter_map(|h| {

@@ -536,6 +536,48 @@ fn a_trusted_peer_that_lies_loses_its_claim_to_the_honest_one() {
     substitute_all(&nodes[1], &[path.full()]);
 }
 
+/// The mirror node, restarted after it caught a trusted peer's lie, finds the path's only
+/// claim failed: its outbox took the path in before, and there is nothing to upload. When the
+/// honest build comes, the mirror plans the path again at once (no restart, which is what it
+/// took before), and its narinfo goes into the bucket.
+#[test]
+fn a_mirror_plans_a_path_whose_only_claim_failed_once_an_honest_one_comes() {
+    use crate::s3_harness::{ACCESS_KEY, S3Server, SECRET_KEY, credentials_env};
+    let t = tempfile::tempdir().unwrap();
+    let h = Hostile::start(53, false);
+    let liar = SecretKey::generate("liar-2").unwrap();
+    let (a, mut nodes) = honest_with(&t, 2, &h, &[liar.public().to_string()]);
+    let s3 = S3Server::start();
+    nodes[1].extra_config = s3.mirror_config("");
+    nodes[1].env = credentials_env(ACCESS_KEY, SECRET_KEY);
+    let x = NixHost::new("");
+    let expr = r#"mk "trust-mirror-lied-about" "head -c 100000 /dev/zero | tr '\0' M > $out""#;
+    let path = x.build(expr)[0].clone();
+    let info = narmesh::nix::store_db::StoreDb::open(&x.root)
+        .unwrap()
+        .query_path(&path)
+        .unwrap()
+        .unwrap();
+    let junk: Vec<u8> = (0..info.nar_size).map(|i| (i % 241) as u8).collect();
+    let fake = *blake3::hash(&junk).as_bytes();
+    h.mode.nars.lock().unwrap().insert(fake, junk);
+    let lie = signed_announce(&liar, &path, &info, fake, h.holds(&fake));
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    h.gossip(&[nodes[1].address.clone()], vec![lie.encode().unwrap()]);
+    wait_until(30, "B to drop the lying claim", || {
+        nodes[1].log().contains("claim dropped")
+    });
+    nodes[1].stop();
+    nodes[1].start();
+    wait_until(30, "B to find nothing to upload for the path", || {
+        nodes[1].log().contains("with no claim to upload")
+    });
+    assert_eq!(a.build(expr)[0], path);
+    crate::mirror::wait_in_bucket(&s3, &nodes[1], &[path.full()], 60);
+}
+
 /// A node of version 1 (only the `/1` protocols, unbound BLAKE3s) is still heard: its catch-up
 /// log and its gossip are taken in, and its NARs are fetched (whole, checked against the signed
 /// NarHash) so a host substitutes them through a node of this version.
