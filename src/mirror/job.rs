@@ -95,13 +95,16 @@ pub enum JobError {
     /// The NAR is neither held here nor arriving (a transfer ended between the plan's look and
     /// the job's): not a failure, the path waits for its NAR again.
     NotHere,
+    /// The bucket as a whole failed (credentials refused, no bucket, no answer at all): every
+    /// other upload would too, so the mirror pauses until the bucket answers again.
+    Bucket(String),
     Other(String),
 }
 
 impl std::fmt::Display for JobError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            JobError::SlowDown(m) | JobError::Other(m) => f.write_str(m),
+            JobError::SlowDown(m) | JobError::Bucket(m) | JobError::Other(m) => f.write_str(m),
             JobError::NotHere => f.write_str("the NAR is not here"),
         }
     }
@@ -111,6 +114,9 @@ impl From<S3Error> for JobError {
     fn from(e: S3Error) -> Self {
         match e {
             e @ S3Error::SlowDown { .. } => JobError::SlowDown(e.to_string()),
+            e @ (S3Error::Auth { .. } | S3Error::NoBucket { .. } | S3Error::Unreachable { .. }) => {
+                JobError::Bucket(e.to_string())
+            }
             e => JobError::Other(e.to_string()),
         }
     }

@@ -194,6 +194,10 @@ struct Mirror {
     /// or looking at them failed): added again on news of them, when news was lost, and at
     /// the orphans' sweep, since the outbox does not offer a path it took twice.
     unplanned: std::collections::HashSet<String>,
+    /// The bucket as a whole failed an upload (credentials refused, no bucket, no answer):
+    /// no upload starts until it answers a probe, due at this time; with the wait after the
+    /// next failed probe (doubling up to [`MAX_BACKOFF`]).
+    paused: Option<(tokio::time::Instant, Duration)>,
 }
 
 impl Mirror {
@@ -213,6 +217,7 @@ impl Mirror {
             entries: HashMap::new(),
             tried: Default::default(),
             unplanned: Default::default(),
+            paused: None,
             stored: HashMap::new(),
             same: Default::default(),
             running: HashMap::new(),
@@ -392,14 +397,31 @@ impl Mirror {
             (!every.is_zero()).then(|| tokio::time::Instant::now() + every.min(FIRST_AUDIT));
         let mut auditing: Option<tokio::task::JoinHandle<()>> = None;
         let (audit_tx, mut audit_rx) = tokio::sync::mpsc::channel(1);
+        let mut probing: Option<tokio::task::JoinHandle<Result<(), s3::S3Error>>> = None;
         loop {
             self.take_new().await;
             self.schedule(&mut tasks);
             self.publish_counts();
             let mut touched = Vec::new();
             let mut done = Vec::new();
+            let probe_at = self.paused.filter(|_| probing.is_none()).map(|(at, _)| at);
             tokio::select! {
                 _ = cancel.cancelled() => break,
+                // Uploads are paused: is the bucket back?
+                _ = sleep_until_some(probe_at) => {
+                    let bucket = self.bucket.clone();
+                    probing = Some(tokio::spawn(async move { bucket.check().await }));
+                }
+                r = async { probing.as_mut().expect("a probe").await }, if probing.is_some() => {
+                    probing = None;
+                    self.probed(r.unwrap_or_else(|e| {
+                        Err(s3::S3Error::Other {
+                            op: "HEAD bucket",
+                            key: String::new(),
+                            message: e.to_string(),
+                        })
+                    }));
+                }
                 Some(r) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                     done.push(r);
                     while let Some(r) = tasks.try_join_next_with_id() {
@@ -472,6 +494,9 @@ impl Mirror {
         // (what it put back is pending in the outbox, which the next run reads).
         if let Some(a) = auditing {
             a.abort();
+        }
+        if let Some(p) = probing {
+            p.abort();
         }
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
@@ -745,6 +770,9 @@ impl Mirror {
 
     /// Start uploads, as the plan decides, up to what the throttle allows.
     fn schedule(&mut self, tasks: &mut JoinSet<Outcome>) {
+        if self.paused.is_some() {
+            return;
+        }
         // A job set aside (its NAR's upload runs for another path) takes no room: ask again.
         // Each job handed out is busy in the plan from then on, so this ends.
         loop {
@@ -990,8 +1018,46 @@ impl Mirror {
                 .entries
                 .get(&h)
                 .map_or(h.clone(), |e| e.store_path.clone());
+            if let JobError::Bucket(why) = &e {
+                // Every upload would fail alike: none starts until the bucket answers.
+                tracing::debug!("mirror: {path}: {e}");
+                if self.paused.is_none() {
+                    let wait = Duration::from_secs(1);
+                    tracing::error!(
+                        "mirror: {why}; uploads paused until the bucket answers (asked in \
+                         {wait:?})"
+                    );
+                    self.paused = Some((tokio::time::Instant::now() + wait, wait));
+                }
+                self.set_error(Some(why.clone()));
+                continue;
+            }
             tracing::warn!("mirror: {path}: {e}; retrying in {wait:?}");
             self.set_error(Some(format!("{path}: {e}")));
+        }
+    }
+
+    /// What a probe of the paused bucket found: uploads resume once it answers, else the next
+    /// probe waits twice as long (up to [`MAX_BACKOFF`]).
+    fn probed(&mut self, r: Result<(), s3::S3Error>) {
+        let Some((_, wait)) = self.paused else {
+            return;
+        };
+        match r {
+            Ok(()) => {
+                tracing::info!(
+                    "mirror: bucket {} answers again; uploads resume",
+                    self.bucket.name()
+                );
+                self.paused = None;
+                self.set_error(None);
+            }
+            Err(e) => {
+                let wait = (wait * 2).min(MAX_BACKOFF);
+                tracing::warn!("mirror: {e}; uploads stay paused (asked again in {wait:?})");
+                self.record_failure(e.to_string());
+                self.paused = Some((tokio::time::Instant::now() + wait, wait));
+            }
         }
     }
 

@@ -41,7 +41,14 @@ pub enum S3Error {
         key: String,
         message: String,
     },
-    /// Anything else (unreachable server, 5xx after the SDK's retries, timeouts, ...).
+    /// No answer at all: the server could not be reached (refused, reset, no route, DNS).
+    #[error("S3 {op} {key}: unreachable: {message}")]
+    Unreachable {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+    /// Anything else (5xx after the SDK's retries, timeouts, ...).
     #[error("S3 {op} {key}: {message}")]
     Other {
         op: &'static str,
@@ -193,6 +200,11 @@ impl Bucket {
                     message,
                 }
             }
+            _ if matches!(&e, SdkError::DispatchFailure(d) if d.is_io()) => S3Error::Unreachable {
+                op,
+                key: key.to_owned(),
+                message,
+            },
             _ => S3Error::Other {
                 op,
                 key: key.to_owned(),

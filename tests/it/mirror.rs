@@ -269,6 +269,10 @@ fn a_mirror_killed_mid_upload_resumes_and_the_bucket_ends_consistent() {
     );
 }
 
+/// S3 goes away: builds go on untouched, the mirror reports the outage and, having found the
+/// bucket unreachable, starts no upload until a probe finds it back (a probe 1, 2, 4, 8 s
+/// apart, rather than every pending path tried, compressed and failed on its own backoff);
+/// once S3 is back, everything goes up.
 #[test]
 fn an_s3_outage_loses_nothing_and_never_touches_builds() {
     let mut s3 = S3Server::start();
@@ -281,14 +285,32 @@ fn an_s3_outage_loses_nothing_and_never_touches_builds() {
     s3.stop();
     // Builds go on, the hook answers at once, node A serves them; the mirror waits.
     let top = st.a.build(CHAIN)[0].clone();
-    let paths = st.a.closure(std::slice::from_ref(&top));
+    let more = st.a.build(
+        r#"builtins.genList (i: mk "mirror-outage-${toString i}" "echo ${toString i} > $out") 6"#,
+    );
+    let mut paths = st.a.closure(std::slice::from_ref(&top));
+    paths.extend(more.iter().map(|p| p.full()));
     wait_until(30, "node A to serve the new paths", || {
         st.nodes[0].serves(&paths)
     });
     wait_until(60, "the mirror to report the outage", || {
         let m = mirror(&st.nodes[1]);
-        m.last_error.is_some() && m.pending_paths >= 3
+        m.last_error.is_some() && m.pending_paths >= 9
     });
+    // Paused (the uploads in flight when it was found have failed by the first probe): in
+    // 12 s, two or three probes fail, not 9 paths each tried again 2-3 times.
+    wait_until(30, "the mirror to pause and probe the bucket", || {
+        st.nodes[1].log().contains("uploads stay paused")
+    });
+    let failures = || metric(&st.nodes[1], "narmesh_mirror_failures_total");
+    let before = failures();
+    std::thread::sleep(std::time::Duration::from_secs(12));
+    let during = failures() - before;
+    assert!(
+        during <= 4.0,
+        "{during} failures in 12 s of the outage:\n{}",
+        st.nodes[1].log()
+    );
     // What an alert reads.
     let problem = |n: &Node| metric(n, "narmesh_problem{part=\"mirror\"} ");
     assert_eq!(problem(&st.nodes[1]), 1.0);
@@ -301,10 +323,10 @@ fn an_s3_outage_loses_nothing_and_never_touches_builds() {
     );
     assert_eq!(problem(&st.nodes[0]), 0.0, "A mirrors nothing");
     s3.run();
-    wait_mirrored(&st.nodes[1], 4, 120);
+    wait_mirrored(&st.nodes[1], 10, 120);
     let mut all = paths.clone();
     all.push(first[0].full());
-    assert_eq!(check_bucket(&s3, &all), 4);
+    assert_eq!(check_bucket(&s3, &all), 10);
     assert!(mirror(&st.nodes[1]).last_error.is_none());
     assert_eq!(problem(&st.nodes[1]), 0.0);
 }
