@@ -73,6 +73,11 @@ impl Ingest {
     pub async fn serve_socket(self, listener: UnixListener, cancel: CancellationToken) {
         let conns = tokio_util::task::TaskTracker::new();
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        // A failing accept waits longer each time (up to 1 s), and is logged once a second.
+        let (accept_log, mut accept_wait) = (
+            crate::logging::EverySecond::default(),
+            Duration::from_millis(50),
+        );
         loop {
             let permit = tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -85,6 +90,7 @@ impl Ingest {
                 _ = cancel.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
+                        accept_wait = Duration::from_millis(50);
                         let this = self.clone();
                         conns.spawn(async move {
                             this.connection(stream).await;
@@ -92,8 +98,12 @@ impl Ingest {
                         });
                     }
                     Err(e) => {
-                        tracing::warn!("socket accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // Out of file descriptors, say: the hook spools meanwhile.
+                        if let Some(n) = accept_log.allow() {
+                            tracing::warn!("socket accept failed: {e} ({n} more meanwhile)");
+                        }
+                        tokio::time::sleep(accept_wait).await;
+                        accept_wait = (accept_wait * 2).min(Duration::from_secs(1));
                     }
                 },
             }

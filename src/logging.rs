@@ -6,7 +6,7 @@
 //! filter at `debug` (someone looking into a fault) shows everything.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -66,6 +66,27 @@ fn limited(filter: &tracing_subscriber::EnvFilter) -> bool {
     filter
         .max_level_hint()
         .is_none_or(|l| l <= tracing_subscriber::filter::LevelFilter::INFO)
+}
+
+/// A log line at most once a second, however often what it reports happens (a peer that
+/// repeats it in a loop, or an accept loop out of file descriptors, must not flood the log).
+#[derive(Debug, Clone, Default)]
+pub struct EverySecond(Arc<Mutex<(Option<Instant>, u64)>>);
+
+impl EverySecond {
+    /// `Some(times not logged since the last line)` if a line may be logged now.
+    pub fn allow(&self) -> Option<u64> {
+        let now = Instant::now();
+        let mut logged = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (at, unlogged) = &mut *logged;
+        if at.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1)) {
+            *at = Some(now);
+            Some(std::mem::take(unlogged))
+        } else {
+            *unlogged += 1;
+            None
+        }
+    }
 }
 
 #[cfg(test)]

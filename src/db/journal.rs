@@ -6,7 +6,8 @@
 //! Records: `len: u32 LE`, `crc32: u32 LE` of the payload, `payload` (postcard [`Entry`]). An
 //! item is appended and fsync'd before its report is acknowledged. When the pipeline has
 //! recorded a batch, `Done { upto }` is appended without fsync: a crash that loses it only
-//! plans that batch again, and its paths are found recorded. At open the journal is replayed;
+//! plans that batch again, and its paths are found recorded (so is emptying the file once
+//! nothing is pending). At open the journal is replayed;
 //! a torn record at the end (a crash mid-append, before the acknowledgement) is cut off. The
 //! file is rewritten with only the pending items (temp file, fsync, rename) once it has grown
 //! large, and emptied when nothing is pending.
@@ -212,9 +213,12 @@ impl Journal {
             return Ok(());
         }
         if self.pending.is_empty() && self.len > 64 * 1024 {
-            // Nothing pending: start the file over (durably, or a crash could replay items).
+            // Nothing pending: start the file over. Not fsync'd, as a `Done` is not (a hook's
+            // acknowledgement, which waits for this lock, never waits for it): the next
+            // append's `fdatasync` makes the new length durable with its record, and a crash
+            // before that brings back items that are all done, planned again and found
+            // recorded.
             self.file.set_len(0)?;
-            self.file.sync_all()?;
             (self.len, self.live) = (0, 0);
             return Ok(());
         }

@@ -21,6 +21,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// HTTP connections served at once.
 pub const MAX_CONNECTIONS: usize = 1024;
 
+/// The first wait after a failed accept.
+const ACCEPT_WAIT: Duration = Duration::from_millis(50);
+
 /// A TCP listener with a connection cap.
 pub struct Capped {
     listener: TcpListener,
@@ -28,6 +31,9 @@ pub struct Capped {
     idle: Duration,
     /// Every connection is watched by the thread's busy-poll.
     spin: Arc<super::spin::Spin>,
+    /// A failing accept (out of file descriptors, say) is logged once a second, and waited
+    /// out longer each time (up to 1 s).
+    failing: (crate::logging::EverySecond, Duration),
 }
 
 impl Capped {
@@ -42,6 +48,7 @@ impl Capped {
             spin,
             idle,
             slots: Arc::new(Semaphore::new(max)),
+            failing: (Default::default(), ACCEPT_WAIT),
         }
     }
 }
@@ -106,6 +113,7 @@ impl Capped {
             };
             match self.listener.accept().await {
                 Ok((stream, addr)) => {
+                    self.failing.1 = ACCEPT_WAIT;
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!("TCP_NODELAY: {e}");
                     }
@@ -123,8 +131,11 @@ impl Capped {
                     );
                 }
                 Err(e) => {
-                    tracing::warn!("http accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    if let Some(n) = self.failing.0.allow() {
+                        tracing::warn!("http accept failed: {e} ({n} more meanwhile)");
+                    }
+                    tokio::time::sleep(self.failing.1).await;
+                    self.failing.1 = (self.failing.1 * 2).min(Duration::from_secs(1));
                 }
             }
         }

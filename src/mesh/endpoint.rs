@@ -230,26 +230,7 @@ impl<K: std::hash::Hash + Eq + Copy> PeerSlots<K> {
     }
 }
 
-/// A log line at most once a second, however often what it reports happens (a peer that
-/// repeats it in a loop must not flood the log).
-#[derive(Debug, Clone, Default)]
-pub struct EverySecond(Arc<std::sync::Mutex<(Option<std::time::Instant>, u64)>>);
-
-impl EverySecond {
-    /// `Some(times not logged since the last line)` if a line may be logged now.
-    pub fn allow(&self) -> Option<u64> {
-        let now = std::time::Instant::now();
-        let mut logged = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let (at, unlogged) = &mut *logged;
-        if at.is_none_or(|at| now.duration_since(at) >= std::time::Duration::from_secs(1)) {
-            *at = Some(now);
-            Some(std::mem::take(unlogged))
-        } else {
-            *unlogged += 1;
-            None
-        }
-    }
-}
+pub use crate::logging::EverySecond;
 
 /// Each peer's connections to a protocol, at most [`CONNECTIONS_PER_PEER`]; a connection over
 /// that is closed (QUIC code 429), counted in

@@ -361,7 +361,8 @@ fn hooks_are_acknowledged_while_the_store_database_is_locked() {
 /// A path the node cannot read for want of file descriptors (its limit lowered with `prlimit`
 /// below what it has open, between the report's acknowledgement and its ingest) is not a failure
 /// of the path: the batch is tried again, and once descriptors are to be had the path is
-/// recorded.
+/// recorded. Meanwhile a client waiting to be accepted on the socket and on the HTTP port
+/// (every accept fails) is logged about once a second, not twenty times.
 #[test]
 fn a_node_out_of_file_descriptors_retries_and_loses_nothing() {
     let (_t, _host, paths, mut node) = second_report_acknowledged("", "no-fds", false);
@@ -377,6 +378,16 @@ fn a_node_out_of_file_descriptors_retries_and_loses_nothing() {
         || node.log().contains("the batch is tried again"),
         || node.log(),
     );
+    let waiting = (
+        std::os::unix::net::UnixStream::connect(node.socket()).unwrap(),
+        std::net::TcpStream::connect(&node.http).unwrap(),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    for what in ["socket accept failed", "http accept failed"] {
+        let n = node.log().matches(what).count();
+        assert!((1..=5).contains(&n), "{n} lines of {what:?} in 3 s");
+    }
+    drop(waiting);
     limit(4096);
     wait_until(
         30,
