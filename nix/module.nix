@@ -217,6 +217,10 @@ in
           Type = "notify";
           ExecStart = "${cfg.package}/bin/narmesh serve --config ${configFile}";
           Restart = "on-failure";
+          # A node stops with a failure when a part it needs ended (it logs which): started
+          # again after 5 s, for as long as it takes (5 s apart, never 5 starts in 10 s: the
+          # start limit).
+          RestartSec = "5s";
 
           DynamicUser = false;
           User = "narmesh";

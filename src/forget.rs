@@ -36,10 +36,12 @@ impl Forgetting {
             .clamp(Duration::from_secs(1), Duration::from_secs(3600))
     }
 
-    /// Step until cancelled (at once: the first step's mark starts the clock).
+    /// Step until cancelled (at once: the first step's mark starts the clock). Off
+    /// (`forget-after-secs = 0`), it only waits to be cancelled: it is vital work, whose end
+    /// would stop the node.
     pub async fn run(self, cancel: CancellationToken) {
         if self.after_secs == 0 {
-            return;
+            return cancel.cancelled().await;
         }
         let every = self.every();
         loop {

@@ -356,14 +356,25 @@ impl Db {
         let paths = tx.open_table(PATHS)?;
         let claims = tx.open_table(MIRROR_CLAIMS)?;
         let mut out = Vec::new();
+        // A row that does not decode (written by no release of ours) is passed over, never
+        // the reason no other path is mirrored.
         let mut take = |hash: &str, state: &[u8]| -> Result<(), DbError> {
-            let state = decode(state)?;
+            let state = match decode(state) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("mirror outbox: {hash}: passed over: {e}");
+                    return Ok(());
+                }
+            };
             if state == MirrorState::Done {
                 return Ok(());
             }
             if let Some(v) = paths.get(hash)? {
                 let state = with_claim(state, &claims, hash)?;
-                out.push((postcard::from_bytes(v.value())?, state));
+                match postcard::from_bytes(v.value()) {
+                    Ok(rec) => out.push((rec, state)),
+                    Err(e) => tracing::warn!("mirror outbox: {hash}: its record: {e}"),
+                }
             }
             Ok(())
         };

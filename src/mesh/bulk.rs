@@ -7,8 +7,8 @@
 //! NAR, redeemable only from the IP address the asking connection came from, good for
 //! [`TICKET_FOR`], at most [`MAX_TICKETS`] out ([`TICKETS_PER_PEER`] to one peer); the
 //! streams served count as the peer's on the QUIC side do; a connection must send its header
-//! within [`HEADER_WITHIN`], at most [`CONNECTIONS`] at once and [`HEADERLESS_PER_IP`] from
-//! one address before their header is in; anything wrong closes it, and
+//! within [`HEADER_WITHIN`], at most [`CONNECTIONS`] at once and [`HEADERLESS_PER_HOST`] from
+//! one host before their header is in; anything wrong closes it, and
 //! what is the client's doing (a bad header, an unknown token, too many connections) is
 //! counted and logged at most once a second. A ticket connection with no ask for
 //! [`IDLE`](super::endpoint::IDLE) is let go.
@@ -41,10 +41,10 @@ pub const TICKETS_PER_PEER: usize = MAX_TICKETS / 8;
 pub const HEADER_WITHIN: Duration = Duration::from_secs(10);
 /// Bulk connections at once; more are closed at once.
 pub const CONNECTIONS: usize = 64;
-/// Bulk connections from one IP address that have not sent their header yet: more are closed
-/// at once, so a host that connects and says nothing holds a quarter of [`CONNECTIONS`] at most
-/// (a peer's own connections send their header at once).
-pub const HEADERLESS_PER_IP: usize = CONNECTIONS / 4;
+/// Bulk connections from one host (an IPv4 address, an IPv6 /64) that have not sent their
+/// header yet: more are closed at once, so a host that connects and says nothing holds a
+/// quarter of [`CONNECTIONS`] at most (a peer's own connections send their header at once).
+pub const HEADERLESS_PER_HOST: usize = CONNECTIONS / 4;
 /// A request for a ticket must arrive within this.
 const REQUEST: Duration = Duration::from_secs(10);
 /// A peer that takes no data for this long is dropped.
@@ -139,7 +139,7 @@ impl BulkServer {
     /// Accept bulk connections on `listener` until cancelled.
     pub async fn serve_tcp(self, listener: tokio::net::TcpListener, cancel: CancellationToken) {
         let conns = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS));
-        let headerless = PeerSlots::<IpAddr>::new(HEADERLESS_PER_IP);
+        let headerless = PeerSlots::<IpAddr>::new(HEADERLESS_PER_HOST);
         loop {
             let accepted = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -153,11 +153,11 @@ impl BulkServer {
                     continue;
                 }
             };
-            let Some(unheard) = headerless.take(from.ip().to_canonical()) else {
+            let Some(unheard) = headerless.take(host_of(from.ip())) else {
                 self.nar.per_peer.too_many_bulk(
                     from,
-                    HEADERLESS_PER_IP,
-                    "without a header from that address",
+                    HEADERLESS_PER_HOST,
+                    "without a header from that host",
                 );
                 continue;
             };
@@ -179,7 +179,7 @@ impl BulkServer {
         }
     }
 
-    /// Serve one connection; `unheard` is its place among its address's connections without
+    /// Serve one connection; `unheard` is its place among its host's connections without
     /// a header, given back once the header is in.
     async fn serve_conn(
         &self,
@@ -260,6 +260,18 @@ impl BulkServer {
     }
 }
 
+/// The host an address belongs to, for [`HEADERLESS_PER_HOST`]: an IPv4 address, or an IPv6
+/// address's /64 (a host usually has the whole /64 to pick addresses from).
+fn host_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+        }
+        v4 => v4,
+    }
+}
+
 /// Why a bulk TCP connection ended before all its bytes were sent.
 #[derive(Debug)]
 enum Ended {
@@ -337,6 +349,22 @@ impl ProtocolHandler for BulkServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_is_an_ipv4_address_or_an_ipv6_slash_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(host_of(ip("10.0.0.2")), ip("10.0.0.2"));
+        assert_eq!(host_of(ip("::ffff:10.0.0.2")), ip("10.0.0.2"));
+        assert_eq!(host_of(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            host_of(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
+            host_of(ip("2001:db8:1:2::7"))
+        );
+        assert_ne!(
+            host_of(ip("2001:db8:1:3::7")),
+            host_of(ip("2001:db8:1:2::7"))
+        );
+    }
 
     #[test]
     fn tickets_are_capped_and_expire() {

@@ -127,12 +127,11 @@ async fn on_event(ctx: &Arc<Ctx>, ev: Event) {
         }
         Event::Received(msg) => match gossip::decode(&msg.content) {
             Ok(inc) => {
-                let from = msg.delivered_from.to_string();
-                if ctx.take(vec![inc], None, &from).await.is_err() {
-                    // Not recorded here (logged): catch-up brings it again, the sooner the
-                    // better.
-                    ctx.sync_now.notify_one();
-                }
+                // Not recorded here (this node's own failure, logged): catch-up brings it
+                // again at its next round.
+                let _ = ctx
+                    .take(vec![inc], None, &msg.delivered_from.to_string())
+                    .await;
             }
             Err(e) => {
                 ctx.refused(

@@ -35,7 +35,7 @@ use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use bulk::{CONNECTIONS as BULK_CONNECTIONS, HEADERLESS_PER_IP as BULK_HEADERLESS_PER_IP};
+pub use bulk::{CONNECTIONS as BULK_CONNECTIONS, HEADERLESS_PER_HOST as BULK_HEADERLESS_PER_HOST};
 pub use endpoint::{PeerAddr, parse_endpoint_id};
 pub use transfer::{MAX_TRANSFERS, Progress, Transfer, Want};
 
@@ -695,6 +695,10 @@ async fn sync_loop(ctx: Arc<Ctx>, cancel: CancellationToken) {
                                 tracing::info!("mesh: catch-up from {peer}: {e}; left alone for {wait:?}");
                                 s.penalty = Some((Instant::now() + wait, wait));
                             });
+                        }
+                        // Logged where it failed; the peer is asked again at the next round.
+                        Err(e) if e.starts_with(sync::OWN_FAILURE_PREFIX) => {
+                            tracing::debug!("mesh: catch-up from {peer}: {e}");
                         }
                         Err(e) => {
                             tracing::debug!("mesh: catch-up from {peer}: {e}");

@@ -208,6 +208,10 @@ const MIN_SYNC_LIMIT: u32 = 16;
 /// such a peer is asked again only after a backoff.
 pub const PENALTY_PREFIX: &str = "nothing acceptable: ";
 
+/// How a round that ended for this node's own failure (its database did not take a batch)
+/// shows in its error: neither the peer's fault nor a sign it is failing.
+pub const OWN_FAILURE_PREFIX: &str = "this node: ";
+
 /// Entries of one batch, whatever the version.
 enum Entries {
     V1(Vec<narmesh_proto::gossip::v1::Announce>),
@@ -366,7 +370,7 @@ async fn round(
             )
             .await
             // This node's own failure (its database): the round ends without blaming the peer.
-            .map_err(|e| format!("recording a batch: {e}"))?;
+            .map_err(|e| format!("{OWN_FAILURE_PREFIX}recording a batch: {e}"))?;
         if reviewing {
             crate::killpoint::reach("mesh.review-batch-taken");
         }

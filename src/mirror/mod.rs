@@ -198,6 +198,10 @@ struct Mirror {
     /// no upload starts until it answers a probe, due at this time; with the wait after the
     /// next failed probe (doubling up to [`MAX_BACKOFF`]).
     paused: Option<(tokio::time::Instant, Duration)>,
+    /// The wait before the first probe of the next pause: it doubles with each pause, and is
+    /// 1 s again only once an upload went through (a bucket that answers a probe but refuses
+    /// uploads, say a policy that denies writing, is not tried every second).
+    pause_wait: Duration,
 }
 
 impl Mirror {
@@ -218,6 +222,7 @@ impl Mirror {
             tried: Default::default(),
             unplanned: Default::default(),
             paused: None,
+            pause_wait: Duration::from_secs(1),
             stored: HashMap::new(),
             same: Default::default(),
             running: HashMap::new(),
@@ -376,6 +381,7 @@ impl Mirror {
                 Err(e) => e.to_string(),
             };
             tracing::error!("mirror: reading the outbox: {e}; trying again in {wait:?}");
+            self.record_failure(format!("reading the outbox: {e}"));
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
@@ -931,6 +937,7 @@ impl Mirror {
                 }
                 Ok(state) => {
                     self.throttle.success();
+                    self.pause_wait = Duration::from_secs(1);
                     if out.streamed {
                         self.metrics.mirror_streamed_nars.inc();
                     }
@@ -1022,7 +1029,8 @@ impl Mirror {
                 // Every upload would fail alike: none starts until the bucket answers.
                 tracing::debug!("mirror: {path}: {e}");
                 if self.paused.is_none() {
-                    let wait = Duration::from_secs(1);
+                    let wait = self.pause_wait;
+                    self.pause_wait = (wait * 2).min(MAX_BACKOFF);
                     tracing::error!(
                         "mirror: {why}; uploads paused until the bucket answers (asked in \
                          {wait:?})"
@@ -1054,6 +1062,7 @@ impl Mirror {
             }
             Err(e) => {
                 let wait = (wait * 2).min(MAX_BACKOFF);
+                self.pause_wait = self.pause_wait.max(wait);
                 tracing::warn!("mirror: {e}; uploads stay paused (asked again in {wait:?})");
                 self.record_failure(e.to_string());
                 self.paused = Some((tokio::time::Instant::now() + wait, wait));

@@ -41,7 +41,8 @@ pub enum S3Error {
         key: String,
         message: String,
     },
-    /// No answer at all: the server could not be reached (refused, reset, no route, DNS).
+    /// No answer at all: the server could not be reached (refused, reset, no route, DNS, no
+    /// answer to connect in time).
     #[error("S3 {op} {key}: unreachable: {message}")]
     Unreachable {
         op: &'static str,
@@ -200,11 +201,14 @@ impl Bucket {
                     message,
                 }
             }
-            _ if matches!(&e, SdkError::DispatchFailure(d) if d.is_io()) => S3Error::Unreachable {
-                op,
-                key: key.to_owned(),
-                message,
-            },
+            // Refused, reset, or no answer to connect in time (a firewall that drops packets).
+            _ if matches!(&e, SdkError::DispatchFailure(d) if d.is_io() || d.is_timeout()) => {
+                S3Error::Unreachable {
+                    op,
+                    key: key.to_owned(),
+                    message,
+                }
+            }
             _ => S3Error::Other {
                 op,
                 key: key.to_owned(),

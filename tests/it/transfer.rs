@@ -456,6 +456,7 @@ fn the_bulk_channel_carries_ranges_and_a_stranger_gets_nothing() {
         .enable_all()
         .build()
         .unwrap();
+    let connected = std::time::Instant::now();
     let silent: Vec<std::net::TcpStream> = (0..narmesh::mesh::BULK_CONNECTIONS)
         .map(|_| {
             rt.block_on(async {
@@ -475,7 +476,7 @@ fn the_bulk_channel_carries_ranges_and_a_stranger_gets_nothing() {
             })
             .count()
     };
-    let refused = narmesh::mesh::BULK_CONNECTIONS - narmesh::mesh::BULK_HEADERLESS_PER_IP;
+    let refused = narmesh::mesh::BULK_CONNECTIONS - narmesh::mesh::BULK_HEADERLESS_PER_HOST;
     wait_until(5, "A to close the stranger's connections past 16", || {
         closed() >= refused
     });
@@ -485,7 +486,11 @@ fn the_bulk_channel_carries_ranges_and_a_stranger_gets_nothing() {
         size,
         "every range came over the bulk channel"
     );
-    assert_eq!(closed(), refused, "A still holds the stranger's first 16");
+    // Unless the fetch outlasted A's header deadline (a very slow machine), the 16 were held
+    // all along it.
+    if connected.elapsed() < std::time::Duration::from_secs(9) {
+        assert_eq!(closed(), refused, "A still holds the stranger's first 16");
+    }
     drop(silent);
     // Strangers, while B's ticket is out: a well-formed header with a guessed token, and
     // garbage.
