@@ -634,3 +634,19 @@ pub fn disk_usage(dir: &Path) -> u64 {
     }
     total
 }
+
+/// A TCP connection to `to` from loopback address `from` (127.x.y.z: each a host of its own to
+/// the node, which counts some connections per host).
+pub fn tcp_from(from: std::net::Ipv4Addr, to: std::net::SocketAddr) -> std::net::TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind((from, 0).into()).unwrap();
+        let c = s.connect(to).await.unwrap().into_std().unwrap();
+        c.set_nonblocking(false).unwrap();
+        c
+    })
+}

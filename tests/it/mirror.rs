@@ -628,7 +628,7 @@ fn panicked_upload_tasks_and_failed_commits_are_retried_until_recorded() {
         ("fault injected at mirror.commit-fails", 6),
         ("mirror: an upload task failed", 4),
         (
-            "mirror: recording progress: node database: a commit failed",
+            "mirror: recording progress: node database: a step failed",
             6,
         ),
     ] {

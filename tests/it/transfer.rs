@@ -452,20 +452,9 @@ fn the_bulk_channel_carries_ranges_and_a_stranger_gets_nothing() {
     });
     // The silent stranger: its connections are taken or closed at once, and those taken are
     // let go only after A's header deadline (10 s), long after B's fetch.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let connected = std::time::Instant::now();
     let silent: Vec<std::net::TcpStream> = (0..narmesh::mesh::BULK_CONNECTIONS)
-        .map(|_| {
-            rt.block_on(async {
-                let s = tokio::net::TcpSocket::new_v4().unwrap();
-                s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-                let c = s.connect(([127, 0, 0, 1], port).into()).await.unwrap();
-                c.into_std().unwrap()
-            })
-        })
+        .map(|_| crate::harness::tcp_from([127, 0, 0, 2].into(), ([127, 0, 0, 1], port).into()))
         .collect();
     let closed = || {
         silent
