@@ -14,6 +14,7 @@
 mod audit;
 mod compress;
 mod job;
+mod pause;
 mod plan;
 pub mod s3;
 mod same;
@@ -194,14 +195,8 @@ struct Mirror {
     /// or looking at them failed): added again on news of them, when news was lost, and at
     /// the orphans' sweep, since the outbox does not offer a path it took twice.
     unplanned: std::collections::HashSet<String>,
-    /// The bucket as a whole failed an upload (credentials refused, no bucket, no answer):
-    /// no upload starts until it answers a probe, due at this time; with the wait after the
-    /// next failed probe (doubling up to [`MAX_BACKOFF`]).
-    paused: Option<(tokio::time::Instant, Duration)>,
-    /// The wait before the first probe of the next pause: it doubles with each pause, and is
-    /// 1 s again only once an upload went through (a bucket that answers a probe but refuses
-    /// uploads, say a policy that denies writing, is not tried every second).
-    pause_wait: Duration,
+    /// Uploads paused while the bucket fails as a whole, until a probe finds it back.
+    pause: pause::Pause,
 }
 
 impl Mirror {
@@ -221,8 +216,7 @@ impl Mirror {
             entries: HashMap::new(),
             tried: Default::default(),
             unplanned: Default::default(),
-            paused: None,
-            pause_wait: Duration::from_secs(1),
+            pause: Default::default(),
             stored: HashMap::new(),
             same: Default::default(),
             running: HashMap::new(),
@@ -410,7 +404,11 @@ impl Mirror {
             self.publish_counts();
             let mut touched = Vec::new();
             let mut done = Vec::new();
-            let probe_at = self.paused.filter(|_| probing.is_none()).map(|(at, _)| at);
+            let probe_at = self
+                .pause
+                .probe_at()
+                .filter(|_| probing.is_none())
+                .map(tokio::time::Instant::from_std);
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 // Uploads are paused: is the bucket back?
@@ -776,7 +774,7 @@ impl Mirror {
 
     /// Start uploads, as the plan decides, up to what the throttle allows.
     fn schedule(&mut self, tasks: &mut JoinSet<Outcome>) {
-        if self.paused.is_some() {
+        if self.pause.is_paused() {
             return;
         }
         // A job set aside (its NAR's upload runs for another path) takes no room: ask again.
@@ -937,7 +935,7 @@ impl Mirror {
                 }
                 Ok(state) => {
                     self.throttle.success();
-                    self.pause_wait = Duration::from_secs(1);
+                    self.pause.uploaded();
                     if out.streamed {
                         self.metrics.mirror_streamed_nars.inc();
                     }
@@ -1028,14 +1026,11 @@ impl Mirror {
             if let JobError::Bucket(why) = &e {
                 // Every upload would fail alike: none starts until the bucket answers.
                 tracing::debug!("mirror: {path}: {e}");
-                if self.paused.is_none() {
-                    let wait = self.pause_wait;
-                    self.pause_wait = (wait * 2).min(MAX_BACKOFF);
+                if let Some(wait) = self.pause.bucket_failed(now) {
                     tracing::error!(
                         "mirror: {why}; uploads paused until the bucket answers (asked in \
                          {wait:?})"
                     );
-                    self.paused = Some((tokio::time::Instant::now() + wait, wait));
                 }
                 self.set_error(Some(why.clone()));
                 continue;
@@ -1045,27 +1040,23 @@ impl Mirror {
         }
     }
 
-    /// What a probe of the paused bucket found: uploads resume once it answers, else the next
-    /// probe waits twice as long (up to [`MAX_BACKOFF`]).
+    /// What a probe of the paused bucket found: uploads resume once it answers.
     fn probed(&mut self, r: Result<(), s3::S3Error>) {
-        let Some((_, wait)) = self.paused else {
-            return;
-        };
         match r {
             Ok(()) => {
-                tracing::info!(
-                    "mirror: bucket {} answers again; uploads resume",
-                    self.bucket.name()
-                );
-                self.paused = None;
-                self.set_error(None);
+                if self.pause.probe_answered() {
+                    tracing::info!(
+                        "mirror: bucket {} answers again; uploads resume",
+                        self.bucket.name()
+                    );
+                    self.set_error(None);
+                }
             }
             Err(e) => {
-                let wait = (wait * 2).min(MAX_BACKOFF);
-                self.pause_wait = self.pause_wait.max(wait);
-                tracing::warn!("mirror: {e}; uploads stay paused (asked again in {wait:?})");
-                self.record_failure(e.to_string());
-                self.paused = Some((tokio::time::Instant::now() + wait, wait));
+                if let Some(wait) = self.pause.probe_failed(Instant::now()) {
+                    tracing::warn!("mirror: {e}; uploads stay paused (asked again in {wait:?})");
+                    self.record_failure(e.to_string());
+                }
             }
         }
     }

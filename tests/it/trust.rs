@@ -496,19 +496,8 @@ fn a_trusted_peer_that_lies_loses_its_claim_to_the_honest_one() {
     let liar = SecretKey::generate("liar-1").unwrap();
     let (a, mut nodes) = honest_with(&t, 2, &h, &[liar.public().to_string()]);
     nodes[1].replicate = "eager";
-    // The same derivation built elsewhere: the liar knows the path's real metadata.
-    let x = NixHost::new("");
     let expr = r#"mk "trust-lied-about" "head -c 200000 /dev/zero | tr '\0' L > $out""#;
-    let path = x.build(expr)[0].clone();
-    let info = narmesh::nix::store_db::StoreDb::open(&x.root)
-        .unwrap()
-        .query_path(&path)
-        .unwrap()
-        .unwrap();
-    let junk: Vec<u8> = (0..info.nar_size).map(|i| (i % 251) as u8).collect();
-    let fake = *blake3::hash(&junk).as_bytes();
-    h.mode.nars.lock().unwrap().insert(fake, junk);
-    let lie = signed_announce(&liar, &path, &info, fake, h.holds(&fake));
+    let (path, fake, lie) = lie_about(&h, &liar, expr);
     for n in nodes.iter_mut() {
         n.start();
     }
@@ -552,18 +541,8 @@ fn a_mirror_plans_a_path_whose_only_claim_failed_once_an_honest_one_comes() {
     let s3 = S3Server::start();
     nodes[1].extra_config = s3.mirror_config("");
     nodes[1].env = credentials_env(ACCESS_KEY, SECRET_KEY);
-    let x = NixHost::new("");
     let expr = r#"mk "trust-mirror-lied-about" "head -c 100000 /dev/zero | tr '\0' M > $out""#;
-    let path = x.build(expr)[0].clone();
-    let info = narmesh::nix::store_db::StoreDb::open(&x.root)
-        .unwrap()
-        .query_path(&path)
-        .unwrap()
-        .unwrap();
-    let junk: Vec<u8> = (0..info.nar_size).map(|i| (i % 241) as u8).collect();
-    let fake = *blake3::hash(&junk).as_bytes();
-    h.mode.nars.lock().unwrap().insert(fake, junk);
-    let lie = signed_announce(&liar, &path, &info, fake, h.holds(&fake));
+    let (path, _, lie) = lie_about(&h, &liar, expr);
     for n in nodes.iter_mut() {
         n.start();
     }
@@ -651,6 +630,25 @@ fn a_version_1_peer_is_heard() {
 
 /// A version 2 announcement of `path` (whose store metadata is `info`) with NAR `blake3`: its
 /// narinfo and its binding signed by `key`, naming `provider`.
+/// The path `expr` builds, built on a host of its own (the liar knows the path's real
+/// metadata), and `liar`'s signed announcement of it, bound to junk of the same size that `h`
+/// serves (consistently: every chunk group checks out, the NarHash does not); with the junk's
+/// BLAKE3.
+fn lie_about(h: &Hostile, liar: &SecretKey, expr: &str) -> (StorePath, [u8; 32], PathAnnounce) {
+    let x = NixHost::new("");
+    let path = x.build(expr)[0].clone();
+    let info = narmesh::nix::store_db::StoreDb::open(&x.root)
+        .unwrap()
+        .query_path(&path)
+        .unwrap()
+        .unwrap();
+    let junk: Vec<u8> = (0..info.nar_size).map(|i| (i % 251) as u8).collect();
+    let fake = *blake3::hash(&junk).as_bytes();
+    h.mode.nars.lock().unwrap().insert(fake, junk);
+    let lie = signed_announce(liar, &path, &info, fake, h.holds(&fake));
+    (path, fake, lie)
+}
+
 fn signed_announce(
     key: &SecretKey,
     path: &StorePath,
