@@ -593,6 +593,37 @@ mod tests {
         assert_eq!(db.outbox_unfinished().unwrap().len(), 1);
     }
 
+    /// A row that does not decode is passed over, not the reason no other path is read; the
+    /// unfinished paths of a few hashes are read alike.
+    #[test]
+    fn an_undecodable_outbox_row_is_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("db")).unwrap();
+        let (a, b, c) = ("a".repeat(32), "b".repeat(32), "c".repeat(32));
+        let own = super::super::tests::own;
+        db.record_own(&[], &[own(&a, 1, 10), own(&b, 2, 10), own(&c, 3, 10)], 0)
+            .unwrap();
+        db.outbox_take(10, None).unwrap();
+        {
+            let d = db.db.get().unwrap();
+            let tx = d.begin_write().unwrap();
+            tx.open_table(OUTBOX)
+                .unwrap()
+                .insert(b.as_str(), [0xff; 9].as_slice())
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let hashes = |open: Vec<(PathRecord, MirrorState)>| -> Vec<String> {
+            open.iter().map(|(r, _)| r.hash_part().to_owned()).collect()
+        };
+        assert_eq!(
+            hashes(db.outbox_unfinished().unwrap()),
+            [a.clone(), c.clone()]
+        );
+        let asked = [c.clone(), b, "d".repeat(32)];
+        assert_eq!(hashes(db.outbox_unfinished_of(&asked).unwrap()), [c]);
+    }
+
     #[test]
     fn an_intent_becomes_its_upload_and_survives_a_reopen_until_then() {
         let dir = tempfile::tempdir().unwrap();

@@ -207,7 +207,7 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
         let mut large_running = running.values().filter(|l| **l).count();
         // Windows of the list until the slots are full, the list ends, or the look has read
         // its share.
-        for _ in 0..WINDOWS_PER_LOOK {
+        'look: for _ in 0..WINDOWS_PER_LOOK {
             if fetches.len() >= AT_ONCE {
                 break;
             }
@@ -288,13 +288,14 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                         continue;
                     }
                     // The node's own database failed to answer (an I/O error it reopens
-                    // after): the wish stays, and is looked at again after a backoff.
+                    // after): the wish stays, and is looked at again after a backoff; the
+                    // rest wait for the next look (as when the list cannot be read).
                     Err(e) => {
                         let wait = walk.failed(b, now);
                         tracing::warn!(
                             "mesh: looking up the wish for {hash}: {e}; again in {wait:?}"
                         );
-                        continue;
+                        break 'look;
                     }
                 };
                 if !claim.held_by_peer(Some(&my_id)) {

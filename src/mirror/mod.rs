@@ -350,11 +350,9 @@ impl Mirror {
             let why = format!("creating {}: {e}", self.tmp.display());
             tracing::error!("mirror: {why}; trying again in {wait:?}");
             self.set_error(Some(why));
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
+            if !backed_off(&cancel, &mut wait).await {
+                return;
             }
-            wait = (wait * 2).min(Duration::from_secs(60));
         }
         if wait > Duration::from_secs(1) {
             self.set_error(None);
@@ -376,11 +374,9 @@ impl Mirror {
             };
             tracing::error!("mirror: reading the outbox: {e}; trying again in {wait:?}");
             self.record_failure(format!("reading the outbox: {e}"));
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
+            if !backed_off(&cancel, &mut wait).await {
+                return;
             }
-            wait = (wait * 2).min(Duration::from_secs(60));
         }
         self.publish_counts();
         if !self.prepare(&cancel).await {
@@ -438,8 +434,7 @@ impl Mirror {
                 p = paths.recv() => match p {
                     Ok(h) => touched.push(h),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        touched.extend(self.plan.not_local().map(str::to_owned));
-                        touched.extend(self.unplanned.iter().cloned());
+                        touched.extend(self.news_lost());
                     }
                     Err(_) => {}
                 },
@@ -487,8 +482,7 @@ impl Mirror {
                 crate::db::drain(s, &mut touched, &mut lost);
             }
             if lost {
-                touched.extend(self.plan.not_local().map(str::to_owned));
-                touched.extend(self.unplanned.iter().cloned());
+                touched.extend(self.news_lost());
             }
             self.refresh_held(touched).await;
             self.finish(done).await;
@@ -601,6 +595,13 @@ impl Mirror {
             self.plan.add(&e.hash, state, local, e.nar_size, &missing);
             self.entries.insert(e.hash.clone(), e);
         }
+    }
+
+    /// What is looked at when news of changed records was lost: every path whose NAR is not
+    /// here, and every path the plan could not take in.
+    fn news_lost(&self) -> Vec<String> {
+        let not_local = self.plan.not_local().map(str::to_owned);
+        not_local.chain(self.unplanned.iter().cloned()).collect()
     }
 
     /// Paths the plan could not take in before, as the outbox has them now (one it finished
@@ -1255,6 +1256,16 @@ async fn next_started(
 }
 
 /// Sleep until `at`; forever if `None`.
+/// Wait out `wait` (false if cancelled first), and double it for the next time, up to a minute.
+async fn backed_off(cancel: &CancellationToken, wait: &mut Duration) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => return false,
+        _ = tokio::time::sleep(*wait) => {}
+    }
+    *wait = (*wait * 2).min(Duration::from_secs(60));
+    true
+}
+
 async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
