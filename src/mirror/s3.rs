@@ -42,14 +42,14 @@ pub enum S3Error {
         message: String,
     },
     /// No answer at all: the server could not be reached (refused, reset, no route, DNS, no
-    /// answer to connect in time).
+    /// answer to connect in time) or answered no attempt in its time.
     #[error("S3 {op} {key}: unreachable: {message}")]
     Unreachable {
         op: &'static str,
         key: String,
         message: String,
     },
-    /// Anything else (5xx after the SDK's retries, timeouts, ...).
+    /// Anything else (5xx after the SDK's retries, a body that stopped half-way, ...).
     #[error("S3 {op} {key}: {message}")]
     Other {
         op: &'static str,
@@ -201,8 +201,14 @@ impl Bucket {
                     message,
                 }
             }
-            // Refused, reset, or no answer to connect in time (a firewall that drops packets).
-            _ if matches!(&e, SdkError::DispatchFailure(d) if d.is_io() || d.is_timeout()) => {
+            // Refused, reset, no answer to connect in time (a firewall that drops packets), or
+            // no answer to any attempt in its time (a server that takes requests and hangs):
+            // after the SDK's retries, either is the bucket failing as a whole. A large body
+            // that outran its deadline on a slow link pauses uploads only until a probe, a
+            // small request, gets its answer.
+            _ if matches!(&e, SdkError::DispatchFailure(d) if d.is_io() || d.is_timeout())
+                || matches!(&e, SdkError::TimeoutError(_)) =>
+            {
                 S3Error::Unreachable {
                     op,
                     key: key.to_owned(),
@@ -743,7 +749,12 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
-        // Set up as `connect` sets up the node's client.
+        (bucket_at(addr, None), asked)
+    }
+
+    /// A bucket at `addr`, set up as `connect` sets up the node's client, with attempts cut
+    /// off at `attempt` if given.
+    fn bucket_at(addr: std::net::SocketAddr, attempt: Option<Duration>) -> Bucket {
         let conf = aws_sdk_s3::config::Builder::new()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new("us-east-1"))
@@ -752,17 +763,63 @@ mod tests {
             .credentials_provider(aws_sdk_s3::config::Credentials::new(
                 "key", "secret", None, None, "test",
             ));
-        let conf = ours(conf).build();
-        let bucket = Bucket {
-            client: Client::from_conf(conf),
+        let mut conf = ours(conf);
+        if let Some(t) = attempt {
+            conf = conf.timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .operation_attempt_timeout(t)
+                    .build(),
+            );
+        }
+        Bucket {
+            client: Client::from_conf(conf.build()),
             bucket: "b".into(),
             prefix: String::new(),
             part_size: 8 << 20,
             threshold: 8 << 20,
             concurrency: 1,
             uploading: Arc::default(),
-        };
-        (bucket, asked)
+        }
+    }
+
+    /// A server that refuses connections and one that takes requests and never answers are
+    /// both the bucket unreachable (which pauses the mirror's uploads until a probe gets an
+    /// answer), not one path's failure to retry on its own backoff.
+    #[tokio::test]
+    async fn a_refusing_or_hanging_server_is_unreachable() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let refused = closed.local_addr().unwrap();
+        drop(closed);
+        let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hanging_at = hanging.local_addr().unwrap();
+        let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = taken.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((c, _)) = hanging.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(c);
+            }
+        });
+        for (addr, what) in [(refused, "refused"), (hanging_at, "hanging")] {
+            let bucket = bucket_at(addr, Some(Duration::from_millis(300)));
+            let r = tokio::time::timeout(Duration::from_secs(30), bucket.size_of("x.narinfo"))
+                .await
+                .expect("the SDK's deadlines end it");
+            assert!(
+                matches!(r, Err(S3Error::Unreachable { .. })),
+                "{what}: {r:?}"
+            );
+            let r = tokio::time::timeout(Duration::from_secs(30), bucket.check())
+                .await
+                .expect("the SDK's deadlines end it");
+            assert!(
+                matches!(r, Err(S3Error::Unreachable { .. })),
+                "{what}: {r:?}"
+            );
+        }
+        assert!(taken.load(std::sync::atomic::Ordering::SeqCst) > 0);
     }
 
     /// [`fake_s3`] answering every request with a ListObjectsV2 page, `page(n)` inside it.
