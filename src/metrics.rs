@@ -33,6 +33,7 @@ pub const REFUSALS: &[&str] = &[
     "untrusted-signature",
     "unbound-blake3",
     "too-large",
+    "too-many-entries",
     "undecodable",
     "inconsistent-batch",
     // Connections and requests.

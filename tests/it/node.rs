@@ -186,6 +186,21 @@ fn metrics_listen_answers_metrics_only_and_every_metric_the_readme_names_is_expo
     named.sort();
     named.dedup();
     assert!(named.len() >= 15, "{named:?}");
+    // The reasons an alert on refusals may see are the node's, each with its series from the
+    // start.
+    let mut reasons: Vec<&str> = section
+        .split("by reason:")
+        .nth(1)
+        .and_then(|r| r.split("\nincrease(").next())
+        .expect("the refusal reasons")
+        .split([',', '\n', '#'])
+        .map(str::trim)
+        .filter(|w| !w.is_empty())
+        .collect();
+    reasons.sort();
+    let mut known = narmesh::metrics::REFUSALS.to_vec();
+    known.sort();
+    assert_eq!(reasons, known, "the README's refusal reasons");
     let registered = narmesh::metrics::Metrics::new().names();
     for name in named {
         // A counter is exported as `<name>_total`, a histogram as `<name>_bucket` and more.

@@ -319,3 +319,33 @@ fn a_version_1_entry_names_each_provider_once() {
     let refused = judge(&w, &[peer_id]).claim_v1(&ann).unwrap_err();
     assert_eq!(refused.reason(), "too-many-entries");
 }
+
+/// Every reason a refusal is counted under has its series from the start (and a debug build
+/// would panic counting one that has not, dropping the whole batch with it).
+#[test]
+fn every_refusal_reason_is_a_metric_series_from_the_start() {
+    let all = [
+        Refused::NarInfo(String::new()),
+        Refused::Size(String::new(), 1, 2),
+        Refused::Untrusted(String::new()),
+        Refused::Unbound(String::new()),
+        Refused::TooLarge(String::new(), 1),
+        Refused::TooMany,
+    ];
+    for r in all {
+        // A variant added without a line here fails to compile.
+        match r {
+            Refused::NarInfo(_)
+            | Refused::Size(..)
+            | Refused::Untrusted(_)
+            | Refused::Unbound(_)
+            | Refused::TooLarge(..)
+            | Refused::TooMany => {}
+        }
+        assert!(
+            crate::metrics::REFUSALS.contains(&r.reason()),
+            "{} is not in metrics::REFUSALS",
+            r.reason()
+        );
+    }
+}
