@@ -12,9 +12,9 @@ use crate::units::ByteSize;
 /// Default data directory (redb database, blob store, keys, spool).
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/narmesh";
 /// Default Unix socket the hook and the CLI talk to.
-pub const DEFAULT_SOCKET: &str = "/run/narmesh/narmesh.sock";
-/// Default spool directory of the hook (matches `narmesh-hook`'s default).
-pub const DEFAULT_SPOOL: &str = "/var/lib/narmesh/spool";
+pub const DEFAULT_SOCKET: &str = narmesh_proto::hook::DEFAULT_SOCKET;
+/// Default spool directory of the hook (`narmesh-hook`'s own default).
+pub const DEFAULT_SPOOL: &str = narmesh_proto::hook::DEFAULT_SPOOL;
 /// cache.nixos.org's key: paths it signed are public already and are not ingested.
 pub const CACHE_NIXOS_ORG_KEY: &str =
     "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";

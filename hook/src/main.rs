@@ -30,10 +30,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use narmesh_proto::control::{Envelope, Request, Response};
 use narmesh_proto::frame;
-use narmesh_proto::hook::HookReport;
+use narmesh_proto::hook::{DEFAULT_SOCKET, DEFAULT_SPOOL, HookReport};
 
-const DEFAULT_SOCKET: &str = "/run/narmesh/narmesh.sock";
-const DEFAULT_SPOOL: &str = "/var/lib/narmesh/spool";
 const DEFAULT_TIMEOUT_MS: u64 = 500;
 
 fn main() -> ExitCode {

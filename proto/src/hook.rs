@@ -3,6 +3,13 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The socket the hook connects to unless `NARMESH_SOCKET` names another (the node's default
+/// `socket`).
+pub const DEFAULT_SOCKET: &str = "/run/narmesh/narmesh.sock";
+/// Where the hook spools unless `NARMESH_SPOOL` names another (the node's default `spool-dir`
+/// with the default `data-dir`).
+pub const DEFAULT_SPOOL: &str = "/var/lib/narmesh/spool";
+
 /// One post-build-hook call: `DRV_PATH` and the space-separated `OUT_PATHS`.
 /// Nix 2.8 leaves `OUT_PATHS` empty: the node then takes the outputs of `drv_path` from the
 /// store database.

@@ -13,6 +13,8 @@ use narmesh_proto::control::{Request, Response, StatusReport};
 use crate::client::Client;
 use crate::config::Config;
 
+mod hook_env;
+
 /// Where a NixOS host and the install guide put the node's config.
 pub const DEFAULT_CONFIG: &str = "/etc/narmesh.toml";
 
@@ -34,6 +36,11 @@ pub struct DoctorArgs {
     /// bucket with.
     #[arg(long)]
     pub environment_file: Option<PathBuf>,
+    /// The process whose environment the hook runs in, for the socket and spool it uses
+    /// (`NARMESH_SOCKET`, `NARMESH_SPOOL`; default: the running nix-daemon, else this
+    /// command's own environment, as on a single-user install).
+    #[arg(long, value_name = "PID")]
+    pub hook_env_of: Option<u32>,
 }
 
 /// One check's outcome.
@@ -77,6 +84,7 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<()> {
     ));
     checks.push(("problems", problems(status.as_ref().ok())));
     checks.push(("hook", hook(&args.nix_conf, &nix_conf)));
+    checks.push(("hook-env", hook_env::check(&cfg, args.hook_env_of)));
     checks.push(("socket", socket_access(&cfg, &args.hook_user)));
     let status = status.ok();
     checks.push((

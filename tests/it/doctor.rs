@@ -37,10 +37,49 @@ fn doctor_with(config: &Path, nix_conf: &Path, env_file: Option<&Path>) -> Run {
     doctor_args(config, nix_conf, env_file, &[])
 }
 
+/// A process standing for nix-daemon, in whose environment the hook runs; killed on drop.
+struct HookEnv(std::process::Child);
+
+impl HookEnv {
+    fn with(vars: &[(&str, &Path)]) -> Self {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("600").env_clear();
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        HookEnv(cmd.spawn().unwrap())
+    }
+
+    /// The environment a hook needs for the node of `config`.
+    fn of(config: &Path) -> Self {
+        let cfg = narmesh::config::Config::load(config).unwrap();
+        HookEnv::with(&[
+            ("NARMESH_SOCKET", &cfg.socket),
+            ("NARMESH_SPOOL", &cfg.spool_dir()),
+        ])
+    }
+
+    fn pid(&self) -> String {
+        self.0.id().to_string()
+    }
+}
+
+impl Drop for HookEnv {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Doctor, with the hook's environment right for `config` unless `extra` names another.
 fn doctor_args(config: &Path, nix_conf: &Path, env_file: Option<&Path>, extra: &[&str]) -> Run {
     let mut cmd = Command::new(bin("narmesh"));
-    cmd.arg("doctor")
-        .args(extra)
+    cmd.arg("doctor");
+    let hook_env = (!extra.contains(&"--hook-env-of")).then(|| HookEnv::of(config));
+    if let Some(env) = &hook_env {
+        cmd.arg("--hook-env-of").arg(env.pid());
+    }
+    cmd.args(extra)
         .arg("--config")
         .arg(config)
         .arg("--nix-conf")
@@ -126,6 +165,7 @@ fn doctor_passes_a_healthy_mesh_and_names_each_broken_piece() {
         assert!(run.out.contains("all checks passed"), "{}", run.out);
         assert!(line(&run, "peer").starts_with("ok"), "{}", run.out);
         assert!(line(&run, "problems").starts_with("ok"), "{}", run.out);
+        assert!(line(&run, "hook-env").starts_with("ok"), "{}", run.out);
         // The hook under test is the README's static build (scripts/test.sh makes it).
         assert!(
             line(&run, "hook").contains("(statically linked)"),
@@ -149,6 +189,34 @@ fn doctor_passes_a_healthy_mesh_and_names_each_broken_piece() {
     )
     .unwrap();
     assert_only_fails(&doctor(&nodes[0], &no_hook, None), "hook");
+
+    // The hook's environment (nix-daemon's) names another spool than the node's: builds would
+    // spool where the node never looks. Without NARMESH_* at all, it uses the defaults.
+    let config = nodes[0].dir.join("narmesh.toml");
+    let elsewhere = t.path().join("elsewhere");
+    let env = HookEnv::with(&[
+        ("NARMESH_SOCKET", &nodes[0].socket()),
+        ("NARMESH_SPOOL", &elsewhere),
+    ]);
+    let run = doctor_args(&config, &confs[0], None, &["--hook-env-of", &env.pid()]);
+    assert_only_fails(&run, "hook-env");
+    let spool = nodes[0].spool().display().to_string();
+    assert!(
+        line(&run, "hook-env").contains("spools to")
+            && !line(&run, "hook-env").contains("connects to")
+            && run.out.contains(&format!("NARMESH_SPOOL={spool}")),
+        "{}",
+        run.out
+    );
+    let env = HookEnv::with(&[]);
+    let run = doctor_args(&config, &confs[0], None, &["--hook-env-of", &env.pid()]);
+    assert_only_fails(&run, "hook-env");
+    assert!(
+        line(&run, "hook-env").contains("connects to /run/narmesh/narmesh.sock")
+            && line(&run, "hook-env").contains("spools to /var/lib/narmesh/spool"),
+        "{}",
+        run.out
+    );
 
     // The node's key not trusted by the local Nix.
     let untrusted = t.path().join("untrusted.conf");

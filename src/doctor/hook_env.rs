@@ -1,0 +1,138 @@
+//! Where the hook hands its reports: the socket and the spool it takes from the environment it
+//! runs in (nix-daemon's under a daemon, the building user's on a single-user install),
+//! against the node's. A node whose `data-dir`, `socket` or `spool-dir` moved while the hook's
+//! environment stayed would never hear from the hook: every build's hook would wait out its
+//! deadline and spool where the node never looks, and nothing built would be shared.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use narmesh_proto::hook::{DEFAULT_SOCKET, DEFAULT_SPOOL};
+
+use super::Outcome::{self, Fail, Pass, Skip};
+use crate::config::Config;
+
+/// `NAME=VALUE` entries of a `/proc/PID/environ`.
+fn parse_environ(raw: &[u8]) -> HashMap<String, String> {
+    raw.split(|b| *b == 0)
+        .filter_map(|kv| {
+            let kv = String::from_utf8_lossy(kv);
+            let (k, v) = kv.split_once('=')?;
+            Some((k.to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
+/// The oldest nix-daemon running (its workers, which run the hook, share its environment).
+fn nix_daemon() -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim_end() == "nix-daemon")
+        })
+        .min()
+}
+
+/// The same directory entry, or the same name where there is none yet.
+fn same(a: &Path, b: &Path) -> bool {
+    a == b
+        || matches!(
+            (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+            (Ok(a), Ok(b)) if a == b
+        )
+}
+
+/// The hook's socket and spool in the environment of process `of` (else of the running
+/// nix-daemon, else of this command) against the node's.
+pub(super) fn check(cfg: &Config, of: Option<u32>) -> Outcome {
+    let (whose, env) = match of
+        .map(|p| (p, true))
+        .or_else(|| nix_daemon().map(|p| (p, false)))
+    {
+        Some((pid, asked)) => match std::fs::read(format!("/proc/{pid}/environ")) {
+            Ok(raw) => (
+                format!("the environment of process {pid}"),
+                parse_environ(&raw),
+            ),
+            Err(e) if asked => {
+                return Fail(
+                    format!("reading the environment of process {pid}: {e}"),
+                    "name the process the hook runs under (nix-daemon) with --hook-env-of, \
+                     and run doctor as root"
+                        .into(),
+                );
+            }
+            Err(e) => {
+                return Skip(format!(
+                    "cannot read nix-daemon's environment (process {pid}): {e}; run doctor as \
+                     root"
+                ));
+            }
+        },
+        None => (
+            "this command's environment".to_owned(),
+            std::env::vars().collect(),
+        ),
+    };
+    let get = |name: &str, default: &str| {
+        env.get(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| default.into())
+    };
+    let socket = get("NARMESH_SOCKET", DEFAULT_SOCKET);
+    let spool = get("NARMESH_SPOOL", DEFAULT_SPOOL);
+    let (mut wrong, mut set) = (Vec::new(), Vec::new());
+    if !same(&socket, &cfg.socket) {
+        wrong.push(format!(
+            "connects to {} but the node listens on {}",
+            socket.display(),
+            cfg.socket.display()
+        ));
+        set.push(format!("NARMESH_SOCKET={}", cfg.socket.display()));
+    }
+    let node_spool = cfg.spool_dir();
+    if !same(&spool, &node_spool) {
+        wrong.push(format!(
+            "spools to {} but the node takes in {}",
+            spool.display(),
+            node_spool.display()
+        ));
+        set.push(format!("NARMESH_SPOOL={}", node_spool.display()));
+    }
+    if wrong.is_empty() {
+        return Pass(format!(
+            "in {whose}, the hook connects to {} and spools to {}, as the node expects",
+            socket.display(),
+            spool.display()
+        ));
+    }
+    Fail(
+        format!("in {whose}, the hook {}", wrong.join(", and ")),
+        format!(
+            "give the hook `{}` in that environment (under nix-daemon: `systemctl edit \
+             nix-daemon`, `Environment=` lines under [Service], then restart it), or set the \
+             node's `socket` and `spool-dir` to the hook's",
+            set.join(" ")
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_environ_is_split_into_its_entries() {
+        let env = parse_environ(b"A=1\0NARMESH_SPOOL=/x/spool\0B=a=b\0junk\0\0");
+        assert_eq!(env.get("A").map(String::as_str), Some("1"));
+        assert_eq!(
+            env.get("NARMESH_SPOOL").map(String::as_str),
+            Some("/x/spool")
+        );
+        assert_eq!(env.get("B").map(String::as_str), Some("a=b"));
+        assert_eq!(env.len(), 3);
+    }
+}
