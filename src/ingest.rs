@@ -22,11 +22,11 @@ use crate::spool;
 use crate::store::LocalStore;
 
 /// How long a connection may sit idle between frames, and how long a frame may take to arrive.
-const IDLE: Duration = Duration::from_secs(30);
+pub(crate) const IDLE: Duration = Duration::from_secs(30);
 /// Socket connections served at once.
 pub const MAX_CONNECTIONS: usize = 256;
 /// How often the spool directory is looked at while running.
-const SPOOL_POLL: Duration = Duration::from_millis(500);
+pub(crate) const SPOOL_POLL: Duration = Duration::from_millis(500);
 /// How long a hook's validation on the front's thread waits for another process's lock on the
 /// Nix store database (a writer's, under a rollback journal) before the report is queued
 /// unchecked: the pipeline checks every path against the database anyway, and the front's

@@ -66,6 +66,9 @@ pub mod store;
 pub mod units;
 pub mod vital;
 
+#[cfg(test)]
+mod readme_limits;
+
 /// An error with its causes, `outer: cause: cause`: QUIC and AWS SDK errors print only their
 /// outer layer (such as "connection lost" or "dispatch failure").
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

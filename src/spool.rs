@@ -38,7 +38,7 @@ pub const KEEP_REJECTED_BYTES: u64 = 64 << 20;
 pub const LOG_REJECTED: usize = 10;
 /// How old a hook's temporary spool file must be before it is taken as left by a hook that was
 /// killed mid-write (a live hook renames its file within milliseconds).
-const STALE_TEMP: Duration = Duration::from_secs(60);
+pub(crate) const STALE_TEMP: Duration = Duration::from_secs(60);
 /// A spool file holds one frame: its length prefix and at most [`MAX_FRAME`] bytes.
 const MAX_FILE: u64 = 4 + MAX_FRAME as u64;
 
@@ -349,6 +349,54 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// A temporary file a hook may still be writing is kept; one older than a minute, left by
+    /// a hook killed mid-write, goes; a report file is never touched, however old.
+    #[test]
+    fn only_temporary_files_older_than_a_minute_are_cleaned() {
+        let t = tempfile::tempdir().unwrap();
+        let at = |name: &str, age: Duration| {
+            let p = t.path().join(name);
+            std::fs::write(&p, b"x").unwrap();
+            let f = std::fs::File::options().write(true).open(&p).unwrap();
+            f.set_modified(std::time::SystemTime::now() - age).unwrap();
+            p
+        };
+        let writing = at(".000000000000000000000002-2.tmp", Duration::from_secs(50));
+        let left = at(".000000000000000000000001-1.tmp", Duration::from_secs(70));
+        let report = at(
+            "000000000000000000000001-1.frame",
+            Duration::from_secs(3600),
+        );
+        clean_stale_temps(t.path());
+        assert!(writing.exists(), "a temporary file 50 s old was removed");
+        assert!(!left.exists(), "a temporary file 70 s old was kept");
+        assert!(report.exists());
+    }
+
+    /// A hook of the previous release (socket protocol v1, `tests/fixtures/v1`) spooled a
+    /// frame this node still takes in, and would send it over the socket the same way: a
+    /// rolling upgrade leaves no spooled report behind in `rejected/`.
+    #[test]
+    fn a_previous_hooks_frame_is_still_a_report() {
+        let bytes = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/v1/hook-frame.bin"),
+        )
+        .unwrap();
+        let report = decode(&bytes).unwrap();
+        assert_eq!(
+            report.drv_path.as_deref(),
+            Some("/nix/store/lpl217al9ljda6d7jg8rwcylhxcn94qi-fixture-mid.drv")
+        );
+        assert_eq!(
+            report.out_paths,
+            ["/nix/store/xhk6fzqnwsnl4a9k2rm073ryw945cnh1-fixture-mid"]
+        );
+        let sent: Envelope = frame::read_frame(&mut bytes.as_slice()).unwrap();
+        assert_eq!(sent.version, 1);
+        assert_eq!(sent.request, Request::Hook(report));
+    }
 
     proptest! {
         /// Any bytes give a report or an error, never a panic; a report's frame gives the

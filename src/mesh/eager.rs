@@ -399,6 +399,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_readmes_limits() {
+        assert_eq!((AT_ONCE, LARGE_AT_ONCE, LARGE), (8, 2, 4 << 20));
+        crate::readme_limits::says(
+            "it fetches up to eight NARs at once, at most two of them over 4 MiB",
+        );
+        // And at most 32 transfers at once, eager and on demand together.
+        assert_eq!(crate::mesh::transfer::MAX_TRANSFERS, 32);
+        crate::readme_limits::says("At most 32 transfers run at once");
+    }
+
+    #[test]
     fn a_failed_fetch_waits_twice_as_long_each_time_up_to_the_cap() {
         let mut w = Walk::default();
         let now = Instant::now();

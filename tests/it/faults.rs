@@ -45,15 +45,26 @@ fn measured_ms(stderr: &str, phase: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Run a hook that must exit by itself within `limit` (it is killed and the test fails if not).
-fn hook_within(limit: Duration, socket: &Path, spool: &Path, out: &str, timeout_ms: u64) -> String {
+/// Run a hook that must exit by itself within `limit` (it is killed and the test fails if not),
+/// with a deadline of `timeout_ms` (`None`: the hook's default).
+fn hook_within(
+    limit: Duration,
+    socket: &Path,
+    spool: &Path,
+    out: &str,
+    timeout_ms: Option<u64>,
+) -> String {
     let started = Instant::now();
-    let mut child = Command::new(bin("narmesh-hook"))
+    let mut cmd = Command::new(bin("narmesh-hook"));
+    match timeout_ms {
+        Some(ms) => cmd.env("NARMESH_HOOK_TIMEOUT_MS", ms.to_string()),
+        None => cmd.env_remove("NARMESH_HOOK_TIMEOUT_MS"),
+    };
+    let mut child = cmd
         .env("DRV_PATH", "")
         .env("OUT_PATHS", out)
         .env("NARMESH_SOCKET", socket)
         .env("NARMESH_SPOOL", spool)
-        .env("NARMESH_HOOK_TIMEOUT_MS", timeout_ms.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -78,6 +89,35 @@ fn hook_within(limit: Duration, socket: &Path, spool: &Path, out: &str, timeout_
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Unset, the hook's deadline is the README's 500 ms: against a socket that takes the
+/// connection and never answers, the hook waits that long for the node (its own measure) and
+/// no longer, then spools and exits 0.
+#[test]
+fn the_hooks_default_deadline_is_half_a_second() {
+    let t = tempfile::tempdir().unwrap();
+    let socket = t.path().join("silent.sock");
+    let spool = t.path().join("spool");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let held = std::thread::spawn(move || {
+        // Takes the hook's connection and holds it, unanswered, until the hook let go.
+        let (mut c, _) = listener.accept().unwrap();
+        let mut sink = Vec::new();
+        use std::io::Read as _;
+        let _ = c.read_to_end(&mut sink);
+    });
+    let out = "/nix/store/00000000000000000000000000000000-default-deadline";
+    let err = hook_within(Duration::from_secs(10), &socket, &spool, out, None);
+    assert!(err.contains("spooled to"), "{err}");
+    let waited = measured_ms(&err, "connect") + measured_ms(&err, "send and answer");
+    // The deadline counts from the hook's start: a little of it went before connecting.
+    assert!(
+        (400.0..1500.0).contains(&waited),
+        "the hook waited {waited} ms for the node, not its default 500: {err}"
+    );
+    assert_eq!(spooled(&spool).len(), 1);
+    held.join().unwrap();
 }
 
 /// The node frozen (SIGSTOP) in a network namespace whose `net.core.somaxconn` is 16, so its
@@ -108,7 +148,13 @@ fn a_frozen_node_with_a_full_backlog_never_stalls_a_hook() {
         .map(|p| {
             let (socket, spool, p) = (socket.clone(), spool.clone(), p.clone());
             std::thread::spawn(move || {
-                hook_within(Duration::from_secs(10), &socket, &spool, &p, TIMEOUT_MS)
+                hook_within(
+                    Duration::from_secs(10),
+                    &socket,
+                    &spool,
+                    &p,
+                    Some(TIMEOUT_MS),
+                )
             })
         })
         .collect();

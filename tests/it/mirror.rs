@@ -94,6 +94,14 @@ fn builds_reach_the_bucket_and_nix_substitutes_from_it() {
     assert_eq!(m.bucket, "test-bucket");
     assert!(m.uploaded_bytes > 0 && m.last_error.is_none(), "{m:?}");
     assert_eq!(check_bucket(&s3, &paths), 3);
+    // The README's default priorities (lower is asked first): the bucket's 50, after
+    // cache.nixos.org's 40; the node's cache 30, before both.
+    let info = |body: Vec<u8>| String::from_utf8(body).unwrap();
+    let bucket_info = info(s3.get("nix-cache-info").0);
+    assert!(bucket_info.contains("\nPriority: 50\n"), "{bucket_info}");
+    let (_, _, node_info) = http(&st.nodes[1].http, "GET", "/nix-cache-info", &[]);
+    let node_info = info(node_info);
+    assert!(node_info.contains("\nPriority: 30\n"), "{node_info}");
 
     // Independent Nix clients (2.8 and 2.26), substituting only from the bucket over plain HTTP.
     let key = st.nodes[0].public_key();

@@ -125,6 +125,14 @@ HARDENING=(
   "AmbientCapabilities="
 )
 
+# How systemd keeps the node running: readiness, and a start again 5 s after the node stopped
+# with a failure (it does when a part it needs ended; the start limit, 5 in 10 s, never hits).
+SUPERVISION=(
+  "Type=notify"
+  "Restart=on-failure"
+  "RestartSec=5s"
+)
+
 # jq_check LABEL JSONFILE FILTER: the jq FILTER is true of the evaluation.
 jq_check() {
   if jq -e "$3" "$2" >/dev/null; then
@@ -165,6 +173,7 @@ check_module() {
     jq -r .configToml "$json" >"$dir/narmesh.toml"
     verify_unit "module ($host) unit" "$dir/narmesh.service"
     has_lines "module ($host) unit: hardening" "$dir/narmesh.service" "${HARDENING[@]}"
+    has_lines "module ($host) unit: supervision" "$dir/narmesh.service" "${SUPERVISION[@]}"
     check_config "module ($host) config" "$dir/narmesh.toml"
     jq_check "module ($host): user and group" "$json" \
       '.users.narmesh.isSystemUser and .users.narmesh.group == "narmesh" and (.users.groups | index("narmesh"))'
@@ -241,6 +250,7 @@ check_plain() {
   cp "$REPO/deploy/systemd/narmesh.service" "$dir/narmesh.service"
   verify_unit "plain unit" "$dir/narmesh.service"
   has_lines "plain unit: hardening" "$dir/narmesh.service" "${HARDENING[@]}"
+  has_lines "plain unit: supervision" "$dir/narmesh.service" "${SUPERVISION[@]}"
 
   # The sysusers snippet, applied to an empty root (nothing is written with --dry-run).
   local out rc=0 bad
