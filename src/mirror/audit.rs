@@ -12,7 +12,8 @@
 //!
 //! The listing is held as a sorted list of 64-bit digests of the keys with their sizes (16
 //! bytes an object, at most [`MAX_OBJECTS`]), so a bucket of millions of paths is audited in
-//! bounded memory; the listing has a deadline, and no new batch starts after it.
+//! bounded memory; the listing has a deadline, and no new batch starts after it. When audits
+//! are due is [`Schedule`]'s.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -260,6 +261,49 @@ async fn settle(
     Ok(Some((l, true)))
 }
 
+/// The first audit runs this long after the bucket is ready, at most (`audit-secs` apart after
+/// that): a restart after a bucket was emptied mends it soon. An audit that failed, or left
+/// narinfos unsettled, is followed as soon.
+pub const FIRST_AUDIT: Duration = Duration::from_secs(600);
+
+/// When the next audit is due. `audit-secs = 0`: never (a bucket whose lifecycle rule is meant
+/// to forget is not fought). Pure.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    every: Duration,
+    at: Option<tokio::time::Instant>,
+}
+
+impl Schedule {
+    /// Audits `every` apart, for a bucket ready at `now`.
+    pub fn new(every: Duration, now: tokio::time::Instant) -> Self {
+        Schedule {
+            every,
+            at: (!every.is_zero()).then(|| now + every.min(FIRST_AUDIT)),
+        }
+    }
+
+    /// When the next audit is due, if ever.
+    pub fn at(&self) -> Option<tokio::time::Instant> {
+        self.at
+    }
+
+    /// An audit started at `now`: the next one is a whole `every` later.
+    pub fn started(&mut self, now: tokio::time::Instant) {
+        if !self.every.is_zero() {
+            self.at = Some(now + self.every);
+        }
+    }
+
+    /// An audit that failed, or left work for the next (`clean` false), ended at `now`: the
+    /// next one comes sooner.
+    pub fn ended(&mut self, now: tokio::time::Instant, clean: bool) {
+        if !clean && !self.every.is_zero() {
+            self.at = Some(now + self.every.min(FIRST_AUDIT));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,5 +320,38 @@ mod tests {
         assert_eq!(l.size_of("nar/1000.nar.zst"), None);
         assert_eq!(l.size_of(""), None);
         assert_eq!(l.len(), 1000);
+    }
+
+    #[test]
+    fn audits_are_due_every_audit_secs_sooner_after_a_failure_and_never_at_zero() {
+        let now = tokio::time::Instant::now();
+        let day = Duration::from_secs(86_400);
+        let mut s = Schedule::new(day, now);
+        assert_eq!(
+            s.at(),
+            Some(now + FIRST_AUDIT),
+            "the first at most 10 minutes after start"
+        );
+        assert_eq!(FIRST_AUDIT, Duration::from_secs(600));
+        s.started(now + FIRST_AUDIT);
+        assert_eq!(s.at(), Some(now + FIRST_AUDIT + day));
+        s.ended(now + FIRST_AUDIT * 2, true);
+        assert_eq!(
+            s.at(),
+            Some(now + FIRST_AUDIT + day),
+            "a clean audit changes nothing"
+        );
+        s.ended(now + FIRST_AUDIT * 2, false);
+        assert_eq!(
+            s.at(),
+            Some(now + FIRST_AUDIT * 3),
+            "after a failure, 10 minutes"
+        );
+        let short = Schedule::new(Duration::from_secs(5), now);
+        assert_eq!(short.at(), Some(now + Duration::from_secs(5)));
+        let mut never = Schedule::new(Duration::ZERO, now);
+        never.started(now);
+        never.ended(now, false);
+        assert_eq!(never.at(), None, "audit-secs = 0: never");
     }
 }

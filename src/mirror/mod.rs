@@ -53,9 +53,6 @@ const RECHECK: Duration = Duration::from_secs(5);
 /// it at once, so this only covers news lost; a mirror that joins a farm after its hosts
 /// collected much of what they built may wait for a great many of them.
 const ORPHANS_RECHECK: Duration = Duration::from_secs(300);
-/// The first bucket audit runs this long after the bucket is ready, at most (`audit-secs`
-/// apart after that): a restart after a bucket was emptied mends it soon.
-const FIRST_AUDIT: Duration = Duration::from_secs(600);
 
 /// What the mirror needs from the node.
 pub struct MirrorParts {
@@ -388,9 +385,10 @@ impl Mirror {
         let mut started = self.arriving.as_ref().map(Arriving::subscribe);
         let mut recheck = tokio::time::Instant::now() + RECHECK;
         let mut orphans_at = tokio::time::Instant::now() + ORPHANS_RECHECK;
-        let every = Duration::from_secs(self.cfg.audit_secs);
-        let mut audit_at =
-            (!every.is_zero()).then(|| tokio::time::Instant::now() + every.min(FIRST_AUDIT));
+        let mut audits = audit::Schedule::new(
+            Duration::from_secs(self.cfg.audit_secs),
+            tokio::time::Instant::now(),
+        );
         let mut auditing: Option<tokio::task::JoinHandle<()>> = None;
         let (audit_tx, mut audit_rx) = tokio::sync::mpsc::channel(1);
         let mut probing: Option<tokio::task::JoinHandle<Result<(), s3::S3Error>>> = None;
@@ -458,12 +456,12 @@ impl Mirror {
                         touched.extend(self.unplanned.iter().cloned());
                     }
                 }
-                _ = sleep_until_some(audit_at), if auditing.as_ref().is_none_or(|a| a.is_finished()) => {
+                _ = sleep_until_some(audits.at()), if auditing.as_ref().is_none_or(|a| a.is_finished()) => {
                     // The last audit has ended: what it said and was not read yet comes first.
                     while let Ok(msg) = audit_rx.try_recv() {
-                        self.on_audit(msg, &mut audit_at, every).await;
+                        self.on_audit(msg, &mut audits).await;
                     }
-                    audit_at = Some(tokio::time::Instant::now() + every);
+                    audits.started(tokio::time::Instant::now());
                     self.tally = audit::Tally::default();
                     auditing = Some(tokio::spawn(audit::run(
                         self.bucket.clone(),
@@ -472,7 +470,7 @@ impl Mirror {
                         audit_tx.clone(),
                     )));
                 }
-                Some(msg) = audit_rx.recv() => self.on_audit(msg, &mut audit_at, every).await,
+                Some(msg) = audit_rx.recv() => self.on_audit(msg, &mut audits).await,
             }
             // News lost while this turn ran (a burst of changes): every path whose NAR is not
             // here is looked at, orphans too.
@@ -1064,18 +1062,12 @@ impl Mirror {
 
     /// What a running audit says: lost paths, handed back; its end, reported (a failed audit,
     /// or one that left narinfos unsettled, comes again sooner).
-    async fn on_audit(
-        &mut self,
-        msg: audit::Msg,
-        audit_at: &mut Option<tokio::time::Instant>,
-        every: Duration,
-    ) {
+    async fn on_audit(&mut self, msg: audit::Msg, audits: &mut audit::Schedule) {
         match msg {
             audit::Msg::Lost(lost) => self.put_back(lost).await,
             audit::Msg::End(r) => {
-                if r.as_ref().map_or(true, |f| f.errors > 0) {
-                    *audit_at = Some(tokio::time::Instant::now() + every.min(FIRST_AUDIT));
-                }
+                let clean = r.as_ref().is_ok_and(|f| f.errors == 0);
+                audits.ended(tokio::time::Instant::now(), clean);
                 self.audited(r);
             }
         }
