@@ -82,8 +82,12 @@ impl Pipeline {
     async fn step(&self) -> Result<bool, Retry> {
         let db = self.db.clone();
         let max = self.batch;
-        let batch = blocking(move || db.queue_batch(max).map_err(|e| e.to_string())).await?;
-        self.metrics.queue_depth.set(self.db_depth().await);
+        let (batch, depth) = blocking(move || {
+            let batch = db.queue_batch(max).map_err(|e| e.to_string())?;
+            Ok((batch, db.queue_depth()))
+        })
+        .await?;
+        self.metrics.queue_depth.set(depth as i64);
         if batch.is_empty() {
             return Ok(false);
         }
@@ -224,14 +228,6 @@ impl Pipeline {
             });
         }
         Ok(totals)
-    }
-
-    async fn db_depth(&self) -> i64 {
-        let db = self.db.clone();
-        blocking(move || db.counters().map_err(|e| e.to_string()))
-            .await
-            .map(|c| c.queue_depth as i64)
-            .unwrap_or(0)
     }
 
     /// Closures of the reports, minus paths recorded as our own and upstream-signed paths,

@@ -267,6 +267,11 @@ impl Db {
         Ok(self.journal().append(items)?)
     }
 
+    /// Reports in the queue, done or not yet (cheap: no database read).
+    pub fn queue_depth(&self) -> u64 {
+        self.journal().depth() as u64
+    }
+
     /// Take finished reports (a prefix of the queue) off it. Not fsync'd: a removal lost to a
     /// crash only means a batch planned again, whose paths are found recorded.
     pub fn dequeue(&self, done: &[u64]) -> Result<(), DbError> {
@@ -328,7 +333,7 @@ impl Db {
         let tx = db.begin_read()?;
         let meta = tx.open_table(META)?;
         Ok(Counters {
-            queue_depth: self.journal().depth() as u64,
+            queue_depth: self.queue_depth(),
             paths: tx.open_table(PATHS)?.len()?,
             failures: get_meta(&meta, FAILURES)?,
             forgotten: get_meta(&meta, forget::FORGOTTEN)?,

@@ -391,6 +391,8 @@ fn hooks_are_acknowledged_while_the_store_database_is_locked() {
         "the lock was held through the hooks"
     );
     assert_eq!(metric(&node, "narmesh_hook_unchecked_total "), 3.0);
+    // The pipeline is held up on the lock: what alerts read shows the queue as it is.
+    assert_eq!(metric(&node, "narmesh_queue_depth "), 3.0);
     wait_until(
         60,
         "both paths to be recorded once the database answers",
@@ -401,6 +403,9 @@ fn hooks_are_acknowledged_while_the_store_database_is_locked() {
         metric(&node, "narmesh_ingest_failures_total ") == 1.0
     });
     assert_eq!(recorded(&node, &[never.to_owned()]), 0);
+    wait_until(10, "the queue depth to come down", || {
+        metric(&node, "narmesh_queue_depth ") == 0.0
+    });
     node.stop();
 }
 

@@ -141,6 +141,29 @@ fn a_capped_eager_node_stays_within_its_cap_and_everything_stays_substitutable()
     args.extend(paths.iter().map(|s| s.as_str()));
     run_ok(c.cmd("nix-store").args(&args));
     assert_eq!(c.closure(&outs).len(), 10);
+    // What alerts read, in /metrics (`narmesh status` reads the same numbers another way).
+    let b = &cl.nodes[1];
+    let st = b.status().storage;
+    assert!(st.evictions > 0, "{st:?}");
+    assert_eq!(
+        metric(b, "narmesh_storage_evictions_total "),
+        st.evictions as f64
+    );
+    assert_eq!(
+        metric(b, "narmesh_storage_cap_bytes "),
+        (20u64 << 20) as f64
+    );
+    assert_eq!(
+        metric(b, "narmesh_storage_file_bytes "),
+        st.file_bytes as f64
+    );
+    let served = metric(
+        &cl.nodes[2],
+        "narmesh_served_nar_bytes_total{source=\"peer\"} ",
+    );
+    assert!(served >= (100u64 << 20) as f64, "C served {served} bytes");
+    let acks = metric(&cl.nodes[0], "narmesh_hook_ack_seconds_count ");
+    assert!(acks >= 10.0, "A acknowledged {acks} hooks");
 }
 
 /// The building host's node writes no NAR bytes: about 50 MiB of builds cost it a few hundred
