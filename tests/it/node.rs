@@ -899,6 +899,64 @@ fn a_request_head_must_come_whole_in_time_and_within_its_size() {
     assert!(answer.contains("StoreDir: /nix/store"), "{answer}");
 }
 
+/// The socket serves at most 256 connections at once, and a frame must come whole within 30 s:
+/// 256 clients that send nothing hold every slot, and a 257th is answered only once one of them
+/// goes (it waits in the backlog meanwhile); a client that drips a frame, a byte a second, is
+/// let go at the deadline.
+#[test]
+fn the_socket_serves_256_connections_and_a_frame_must_come_in_time() {
+    let t = tempfile::tempdir().unwrap();
+    let mut node = Node::new(&t.path().join("node"), &t.path().join("store"));
+    std::fs::create_dir_all(t.path().join("store")).unwrap();
+    node.start();
+    let status = narmesh_proto::control::Envelope {
+        version: narmesh_proto::HOOK_PROTOCOL_VERSION,
+        request: Request::Status,
+    };
+    let mut idle: Vec<UnixStream> = (0..256)
+        .map(|_| UnixStream::connect(node.socket()).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let mut extra = UnixStream::connect(node.socket()).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    narmesh_proto::frame::write_frame(&mut extra, &status).unwrap();
+    assert!(
+        narmesh_proto::frame::read_frame::<Response>(&mut extra).is_err(),
+        "a 257th connection was served"
+    );
+    drop(idle.pop());
+    extra
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let answer = narmesh_proto::frame::read_frame::<Response>(&mut extra);
+    assert!(matches!(answer, Ok(Response::Status(_))), "{answer:?}");
+    drop(idle);
+
+    let mut drip = UnixStream::connect(node.socket()).unwrap();
+    drip.write_all(&100u32.to_le_bytes()).unwrap();
+    let started = Instant::now();
+    let let_go = loop {
+        std::thread::sleep(Duration::from_secs(1));
+        if drip.write_all(&[0]).is_err() {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(45),
+            "a frame dripped for 45 s kept its connection"
+        );
+    };
+    assert!(
+        let_go >= Duration::from_secs(20),
+        "let go after {let_go:?}, before its deadline"
+    );
+    assert!(
+        node.try_status().is_some(),
+        "the node answers the next client"
+    );
+}
+
 /// A socket client that sends requests without reading the answers is let go once an answer
 /// has waited 30 s to be written, so it cannot keep one of the 256 connections for good: it
 /// sends 20,000 status requests and reads nothing for 40 s, then finds the connection closed
