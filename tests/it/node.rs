@@ -1002,3 +1002,140 @@ fn a_socket_client_that_does_not_read_its_answers_is_let_go() {
         "the node answers the next client"
     );
 }
+
+/// Status from whatever node answers on `socket`.
+fn status_at(socket: &std::path::Path) -> Option<narmesh_proto::control::StatusReport> {
+    let mut s = UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let env = narmesh_proto::control::Envelope {
+        version: narmesh_proto::HOOK_PROTOCOL_VERSION,
+        request: Request::Status,
+    };
+    narmesh_proto::frame::write_frame(&mut s, &env).ok()?;
+    match narmesh_proto::frame::read_frame(&mut s).ok()? {
+        Response::Status(st) => Some(*st),
+        _ => None,
+    }
+}
+
+/// A `narmesh serve` run by hand, killed on drop.
+struct Serve(std::process::Child);
+
+impl Serve {
+    fn start(cmd: &mut std::process::Command, socket: &std::path::Path) -> Self {
+        let mut child = Serve(
+            cmd.env_remove("NARMESH_CONFIG")
+                .env("NARMESH_LOG", "info")
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        wait_until(60, "the node to answer on its socket", || {
+            assert!(child.0.try_wait().unwrap().is_none(), "the node exited");
+            status_at(socket).is_some()
+        });
+        child
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `serve`'s flags win over its config file (`--data-dir`, `--socket`, `--spool-dir`,
+/// `--store-root`, `--http-listen`, `--secret-key-file`): builds reach it through the flagged
+/// socket, from the flagged store, signed with the flagged key, and what the hook spooled while
+/// it was down comes in from the flagged spool. Without a config file, `NARMESH_SOCKET` and
+/// `NARMESH_SPOOL` (the hook's) say where the socket and the spool are.
+#[test]
+fn serve_flags_win_over_the_config_file_and_the_hooks_variables_count_without_one() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let (socket, spool) = (d.join("flag.sock"), d.join("flag-spool"));
+    let host = NixHost::with_hook(&socket, &spool);
+    run_ok(
+        std::process::Command::new(crate::harness::bin("narmesh"))
+            .args(["keygen", "flagged-1"])
+            .arg(d.join("flag.sec"))
+            .arg(d.join("flag.pub")),
+    );
+    let config = d.join("narmesh.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data-dir = {:?}\nsocket = {:?}\nspool-dir = {:?}\n[store]\nmin-free = \"64MiB\"\n\
+             [nix]\nstore-root = \"/nonexistent\"\n[http]\nlisten = [\"127.0.0.1:1\"]\n\
+             [mesh]\nenabled = false\n",
+            d.join("file-data"),
+            d.join("file.sock"),
+            d.join("file-spool"),
+        ),
+    )
+    .unwrap();
+    let flagged = || {
+        let mut cmd = std::process::Command::new(crate::harness::bin("narmesh"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(d.join("flag-data"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--spool-dir")
+            .arg(&spool)
+            .arg("--store-root")
+            .arg(&host.root)
+            .args(["--http-listen", "127.0.0.1:0", "--secret-key-file"])
+            .arg(d.join("flag.sec"));
+        cmd
+    };
+    let node = Serve::start(&mut flagged(), &socket);
+    let st = status_at(&socket).unwrap();
+    assert_ne!(st.http_listen, ["127.0.0.1:1"]);
+    let narinfo = |at: &str, p: &str| {
+        let base = p.trim_start_matches("/nix/store/");
+        let (code, _, body) = http(at, "GET", &format!("/{}.narinfo", &base[..32]), &[]);
+        (code == 200).then(|| String::from_utf8_lossy(&body).into_owned())
+    };
+    let built = host.build(r#"mk "flagged" "echo flagged > $out""#)[0].full();
+    let http_at = st.http_listen[0].clone();
+    wait_until(30, "the build to be served", || {
+        narinfo(&http_at, &built).is_some()
+    });
+    let info = narinfo(&http_at, &built).unwrap();
+    assert!(info.contains("Sig: flagged-1:"), "{info}");
+    assert!(d.join("flag-data").is_dir() && !d.join("file-data").exists());
+    assert!(!d.join("file.sock").exists() && !d.join("file-spool").exists());
+    drop(node);
+    let spooled = host.build(r#"mk "flagged-spooled" "echo spooled > $out""#)[0].full();
+    assert_eq!(crate::harness::spooled(&spool).len(), 1, "the hook spooled");
+    let _node = Serve::start(&mut flagged(), &socket);
+    let http_at = status_at(&socket).unwrap().http_listen[0].clone();
+    wait_until(30, "the spooled report to be taken in", || {
+        narinfo(&http_at, &spooled).is_some()
+    });
+
+    // No config file: the hook's variables place the socket and the spool (the node in a
+    // network namespace of its own: the default mesh port and LAN discovery stay in there).
+    crate::harness::require("unshare");
+    let (env_socket, env_spool) = (d.join("env.sock"), d.join("env-spool"));
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["-n", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""])
+        .arg(crate::harness::bin("narmesh"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(d.join("env-data"))
+        .arg("--store-root")
+        .arg(&host.root)
+        .args(["--http-listen", "127.0.0.1:0"])
+        .env("NARMESH_SOCKET", &env_socket)
+        .env("NARMESH_SPOOL", &env_spool);
+    let _bare = Serve::start(&mut cmd, &env_socket);
+    assert!(
+        env_spool.is_dir(),
+        "the node made its spool where NARMESH_SPOOL says"
+    );
+}
