@@ -180,6 +180,32 @@ mod tests {
         }
     }
 
+    /// `forget-after-secs = 0` forgets nothing, however long the node runs, and the loop ends
+    /// only when cancelled (it is vital work: its end would stop the node).
+    #[tokio::test]
+    async fn forgetting_off_forgets_nothing_and_runs_until_cancelled() {
+        let t = tempfile::tempdir().unwrap();
+        let db = Db::open(&t.path().join("narmesh.redb")).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let storage = open_storage(t.path(), &db, &metrics);
+        let dead = "d".repeat(32);
+        db.record_remote(vec![claim(&dead, 4, "", false)], None, false, None)
+            .unwrap();
+        let f = Forgetting {
+            after_secs: 0,
+            ..forgetting(&db, &storage, metrics)
+        };
+        let cancel = CancellationToken::new();
+        let run = tokio::spawn(f.run(cancel.clone()));
+        // Were it on, rounds would run every second (its shortest step) and forget the dead
+        // record at the second.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!run.is_finished(), "the loop ended by itself");
+        cancel.cancel();
+        run.await.unwrap();
+        assert!(db.path(&dead).unwrap().is_some(), "a record was forgotten");
+    }
+
     /// An unpin whose commit was made but whose closure the walk was not brought back to (the
     /// process killed in between) is finished when the storage opens at the next start: the
     /// dead dependency, passed while pinned, still goes.
