@@ -559,6 +559,17 @@ fn parse_keys(keys: &[String], key: &'static str) -> Result<TrustedKeys, ConfigE
 mod tests {
     use super::*;
 
+    /// The largest NAR taken from peers is the storage's cap unless set apart.
+    #[test]
+    fn max_nar_size_follows_the_store_cap_unless_set() {
+        let cfg: Config = toml::from_str("[store]\nmax-size = \"20GiB\"").unwrap();
+        assert_eq!(cfg.max_nar_size(), 20 << 30);
+        let cfg: Config =
+            toml::from_str("[store]\nmax-size = \"20GiB\"\n[mesh]\nmax-nar-size = \"2GiB\"")
+                .unwrap();
+        assert_eq!(cfg.max_nar_size(), 2 << 30);
+    }
+
     #[test]
     fn empty_file_gives_defaults() {
         let cfg: Config = toml::from_str("").unwrap();
