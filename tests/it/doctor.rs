@@ -218,6 +218,24 @@ fn doctor_passes_a_healthy_mesh_and_names_each_broken_piece() {
         run.out
     );
 
+    // The node's cache not among the local Nix's substituters.
+    let no_cache = t.path().join("no-cache.conf");
+    std::fs::write(
+        &no_cache,
+        text.lines()
+            .filter(|l| !l.starts_with("extra-substituters"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .unwrap();
+    let run = doctor(&nodes[0], &no_cache, None);
+    assert_only_fails(&run, "substituter");
+    assert!(
+        run.out.contains("add `extra-substituters = http://"),
+        "{}",
+        run.out
+    );
+
     // The node's key not trusted by the local Nix.
     let untrusted = t.path().join("untrusted.conf");
     std::fs::write(&untrusted, text.replace(&keys[0], "")).unwrap();
