@@ -114,6 +114,7 @@ pub struct Metrics {
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_seconds: Family<RouteLabels, Histogram>,
     pub mirror_pending_paths: Gauge,
+    pub mirror_upload_slots: Gauge,
     pub mirror_pending_bytes: Gauge,
     /// Paths the mirror waits for whose NAR no node holds any more.
     pub mirror_orphaned_paths: Gauge,
@@ -230,6 +231,7 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.00005, 2.0, 16))
             }),
             mirror_pending_paths: Gauge::default(),
+            mirror_upload_slots: Gauge::default(),
             mirror_pending_bytes: Gauge::default(),
             mirror_orphaned_paths: Gauge::default(),
             mirror_uploaded_paths: Counter::default(),
@@ -386,6 +388,13 @@ impl Metrics {
             "mirror_pending_paths",
             "Paths not yet complete in the S3 mirror (mirror lag)",
             m.mirror_pending_paths.clone(),
+        );
+        register(
+            (&mut registry, &mut names),
+            "mirror_upload_slots",
+            "Uploads the S3 mirror lets run at once now: [mirror.s3] concurrency, cut to 0.7x at \
+             each SlowDown from the bucket and grown back by one with each run of successes",
+            m.mirror_upload_slots.clone(),
         );
         register(
             (&mut registry, &mut names),

@@ -194,6 +194,8 @@ struct Mirror {
     unplanned: std::collections::HashSet<String>,
     /// Uploads paused while the bucket fails as a whole, until a probe finds it back.
     pause: pause::Pause,
+    /// When a cut of the uploads at once (a `SlowDown`) was last logged.
+    slow_log: crate::logging::EverySecond,
 }
 
 impl Mirror {
@@ -222,6 +224,7 @@ impl Mirror {
             me: p.me,
             tally: audit::Tally::default(),
             orphaned: Default::default(),
+            slow_log: Default::default(),
         }
     }
 
@@ -331,6 +334,9 @@ impl Mirror {
     }
 
     async fn run(&mut self, cancel: CancellationToken) {
+        self.metrics
+            .mirror_upload_slots
+            .set(self.throttle.allowed() as i64);
         // Its work directory, made afresh; a full disk or a permission is tried again later,
         // never the mirror's end.
         let mut wait = Duration::from_secs(1);
@@ -950,11 +956,21 @@ impl Mirror {
                 Err(e) => {
                     if matches!(e, JobError::SlowDown(_)) {
                         self.throttle.slow_down();
+                        if let Some(more) = self.slow_log.allow() {
+                            tracing::info!(
+                                "mirror: the bucket asked to slow down: {} upload(s) at once \
+                                 ({more} more such answers meanwhile)",
+                                self.throttle.allowed()
+                            );
+                        }
                     }
                     failed.push((out.hash, e));
                 }
             }
         }
+        self.metrics
+            .mirror_upload_slots
+            .set(self.throttle.allowed() as i64);
         let db = self.db.clone();
         let batch = updates.clone();
         let committed = tokio::task::spawn_blocking(move || {

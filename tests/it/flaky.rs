@@ -13,6 +13,7 @@ use std::time::Duration;
 use crate::harness::wait_until;
 use crate::mirror::{Setup, check_bucket, setup, wait_in_bucket};
 use crate::s3_harness::{ACCESS_KEY, BUCKET, S3Server, SECRET_KEY};
+use crate::trust::metric;
 
 /// What the proxy did, by kind.
 #[derive(Default)]
@@ -65,7 +66,12 @@ fn read_head(c: &mut TcpStream) -> Option<Vec<u8>> {
 /// per connection); returns the request line and the upstream connection.
 fn relay_head(c: &mut TcpStream, upstream: u16) -> Option<(String, TcpStream)> {
     let head = read_head(c)?;
-    let text = String::from_utf8_lossy(&head);
+    relay(&head, upstream)
+}
+
+/// Send a request head read already upstream, as [`relay_head`] does.
+fn relay(head: &[u8], upstream: u16) -> Option<(String, TcpStream)> {
+    let text = String::from_utf8_lossy(head);
     let first = text.lines().next().unwrap_or_default().to_owned();
     let mut head: String = text
         .trim_end_matches("\r\n")
@@ -382,4 +388,80 @@ fn uploads_created_without_an_answer_are_aborted_while_the_mirror_runs() {
     // And no intent was left behind in the mirror's database.
     let db = narmesh::db::Db::open(&nodes[1].dir.join("data/narmesh.redb")).unwrap();
     assert_eq!(db.open_uploads().unwrap().len(), 0, "intents left recorded");
+}
+
+/// A proxy in front of `upstream` that answers every PUT but `nix-cache-info`'s with 503
+/// SlowDown while `slow` is set, and relays everything else; returns its port.
+fn start_slowing_proxy(upstream: u16, slow: Arc<AtomicBool>) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            let slow = slow.clone();
+            std::thread::spawn(move || {
+                let Some(head) = read_head(&mut c) else {
+                    return;
+                };
+                let line = String::from_utf8_lossy(&head)
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                if slow.load(Ordering::Relaxed)
+                    && line.starts_with("PUT ")
+                    && !line.contains("nix-cache-info")
+                {
+                    error_answer(&mut c, "503 Slow Down", "SlowDown");
+                    return;
+                }
+                let Some((_, up)) = relay(&head, upstream) else {
+                    return;
+                };
+                let (c2, up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
+                let t = std::thread::spawn(move || pipe(c2, up2, None));
+                pipe(up, c, None);
+                let _ = t.join();
+            });
+        }
+    });
+    port
+}
+
+/// A bucket that asks to slow down (every upload answered 503 SlowDown for a while): each
+/// upload failed so cuts the uploads the mirror runs at once to 0.7x, down to one
+/// (`narmesh_mirror_upload_slots`, and the log says so); once the bucket takes uploads again,
+/// everything goes up and the allowance grows back.
+#[test]
+fn a_bucket_that_asks_to_slow_down_gets_fewer_uploads_at_once() {
+    let s3 = S3Server::start();
+    let slow = Arc::new(AtomicBool::new(true));
+    let proxy = start_slowing_proxy(s3.port(), slow.clone());
+    let Setup { _t, a, mut nodes } = setup(&s3, "", (ACCESS_KEY, SECRET_KEY));
+    nodes[1].extra_config = format!(
+        "[mirror.s3]\nbucket = \"{BUCKET}\"\nendpoint = \"http://127.0.0.1:{proxy}\"\nregion = \"us-east-1\"\nconcurrency = 8\n"
+    );
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    let slots = |n: &crate::node_harness::Node| metric(n, "narmesh_mirror_upload_slots ");
+    wait_until(60, "the mirror to start with 8 uploads at once", || {
+        slots(&nodes[1]) == 8.0
+    });
+    let outs = a.build(
+        r#"builtins.genList (i: mk "slow-down-${toString i}" "echo ${toString i} > $out") 10"#,
+    );
+    let paths: Vec<String> = outs.iter().map(|p| p.full()).collect();
+    wait_until(90, "the mirror to cut its uploads at once to one", || {
+        slots(&nodes[1]) == 1.0
+    });
+    assert!(
+        nodes[1].log().contains("the bucket asked to slow down"),
+        "{}",
+        nodes[1].log()
+    );
+    slow.store(false, Ordering::Relaxed);
+    wait_in_bucket(&s3, &nodes[1], &paths, 120);
+    check_bucket(&s3, &paths);
+    assert!(slots(&nodes[1]) > 1.0, "the allowance grew back");
 }
