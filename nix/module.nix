@@ -24,7 +24,8 @@ let
   # The hook finds the socket and the spool through its environment, which Nix does not set, and
   # else uses the node's defaults. Nix starts it once per build: with the defaults it is the
   # binary itself; other paths need a script to set them, a shell started before every call.
-  # (The same defaults as DEFAULT_SOCKET and DEFAULT_SPOOL in hook/src/main.rs and src/config.rs.)
+  # (The same defaults as DEFAULT_SOCKET and DEFAULT_SPOOL in proto/src/hook.rs; `narmesh
+  # doctor` reads this script's exports.)
   hookDefaults =
     cfg.settings.socket == "/run/narmesh/narmesh.sock"
     && cfg.settings.spool-dir == "/var/lib/narmesh/spool";

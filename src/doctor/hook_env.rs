@@ -1,6 +1,7 @@
 //! Where the hook hands its reports: the socket and the spool it takes from the environment it
-//! runs in (nix-daemon's under a daemon, the building user's on a single-user install),
-//! against the node's. A node whose `data-dir`, `socket` or `spool-dir` moved while the hook's
+//! runs in (nix-daemon's under a daemon, the building user's on a single-user install), or
+//! from the script `post-build-hook` names (the NixOS module writes one that exports both
+//! when they are not the defaults), against the node's. A node whose `data-dir`, `socket` or `spool-dir` moved while the hook's
 //! environment stayed would never hear from the hook: every build's hook would wait out its
 //! deadline and spool where the node never looks, and nothing built would be shared.
 
@@ -35,6 +36,58 @@ fn nix_daemon() -> Option<u32> {
         .min()
 }
 
+/// The variables of the hook's that a `post-build-hook` script sets (`export NAME=value`
+/// lines, as the NixOS module writes them); none for an executable that is not a script. An
+/// error if it sets one in a way this check does not read.
+fn script_sets(path: &Path) -> Result<HashMap<String, String>, String> {
+    use std::io::Read as _;
+    let mut text = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(64 << 10).read_to_end(&mut text))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if !text.starts_with(b"#!") {
+        return Ok(HashMap::new());
+    }
+    let mut set = HashMap::new();
+    for line in String::from_utf8_lossy(&text).lines() {
+        let line = line.trim();
+        let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
+        let Some((name, value)) = line.split_once('=') else {
+            continue;
+        };
+        if name == "NARMESH_SOCKET" || name == "NARMESH_SPOOL" {
+            let value = shell_word(value).ok_or_else(|| {
+                format!(
+                    "{} sets {name} in a way this check does not read",
+                    path.display()
+                )
+            })?;
+            set.insert(name.to_owned(), value);
+        }
+    }
+    Ok(set)
+}
+
+/// A shell word of plain characters, single-quoted parts and backslash escapes (what
+/// `lib.escapeShellArg` makes); `None` for anything the shell would expand or split.
+fn shell_word(word: &str) -> Option<String> {
+    let (mut out, mut chars) = (String::new(), word.chars());
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => loop {
+                match chars.next()? {
+                    '\'' => break,
+                    c => out.push(c),
+                }
+            },
+            '\\' => out.push(chars.next()?),
+            c if c.is_ascii_alphanumeric() || ",._+:@%/-".contains(c) => out.push(c),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
 /// The same directory entry, or the same name where there is none yet.
 fn same(a: &Path, b: &Path) -> bool {
     a == b
@@ -45,9 +98,14 @@ fn same(a: &Path, b: &Path) -> bool {
 }
 
 /// The hook's socket and spool in the environment of process `of` (else of the running
-/// nix-daemon, else of this command) against the node's.
-pub(super) fn check(cfg: &Config, of: Option<u32>) -> Outcome {
-    let (whose, env) = match of
+/// nix-daemon, else of this command), as the `post-build-hook` script (if it is one) sets
+/// them, against the node's.
+pub(super) fn check(cfg: &Config, of: Option<u32>, hook: Option<&Path>) -> Outcome {
+    let sets = match hook.map(script_sets).transpose() {
+        Ok(sets) => sets.unwrap_or_default(),
+        Err(e) => return Skip(e),
+    };
+    let (mut whose, mut env) = match of
         .map(|p| (p, true))
         .or_else(|| nix_daemon().map(|p| (p, false)))
     {
@@ -76,6 +134,13 @@ pub(super) fn check(cfg: &Config, of: Option<u32>) -> Outcome {
             std::env::vars().collect(),
         ),
     };
+    if !sets.is_empty() {
+        whose = format!(
+            "{whose} and as {} sets them",
+            hook.unwrap_or(Path::new("")).display()
+        );
+        env.extend(sets);
+    }
     let get = |name: &str, default: &str| {
         env.get(name)
             .filter(|v| !v.is_empty())
@@ -123,6 +188,34 @@ pub(super) fn check(cfg: &Config, of: Option<u32>) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hook_script_is_read_for_the_variables_it_exports() {
+        let t = tempfile::tempdir().unwrap();
+        let script = t.path().join("hook");
+        std::fs::write(
+            &script,
+            "#!/bin/sh\nexport NARMESH_SOCKET=/run/narmesh/other.sock\n\
+             export NARMESH_SPOOL='/var/lib/narmesh/other '\\''spool'\nexec /bin/narmesh-hook\n",
+        )
+        .unwrap();
+        let set = script_sets(&script).unwrap();
+        assert_eq!(set["NARMESH_SOCKET"], "/run/narmesh/other.sock");
+        assert_eq!(set["NARMESH_SPOOL"], "/var/lib/narmesh/other 'spool");
+        std::fs::write(&script, "#!/bin/sh\nNARMESH_SPOOL=$HOME/spool exec hook\n").unwrap();
+        assert!(
+            script_sets(&script).is_err(),
+            "an expansion is not guessed at"
+        );
+        std::fs::write(&script, b"\x7fELF\x02NARMESH_SOCKET=/x\n").unwrap();
+        assert!(
+            script_sets(&script).unwrap().is_empty(),
+            "a binary sets nothing"
+        );
+        assert_eq!(shell_word("a\\ b").as_deref(), Some("a b"));
+        assert_eq!(shell_word("'unterminated"), None);
+        assert_eq!(shell_word("a;b"), None);
+    }
 
     #[test]
     fn an_environ_is_split_into_its_entries() {

@@ -84,7 +84,14 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<()> {
     ));
     checks.push(("problems", problems(status.as_ref().ok())));
     checks.push(("hook", hook(&args.nix_conf, &nix_conf)));
-    checks.push(("hook-env", hook_env::check(&cfg, args.hook_env_of)));
+    checks.push((
+        "hook-env",
+        hook_env::check(
+            &cfg,
+            args.hook_env_of,
+            nix_conf.get("post-build-hook").first().map(Path::new),
+        ),
+    ));
     checks.push(("socket", socket_access(&cfg, &args.hook_user)));
     let status = status.ok();
     checks.push((

@@ -218,6 +218,37 @@ fn doctor_passes_a_healthy_mesh_and_names_each_broken_piece() {
         run.out
     );
 
+    // A post-build-hook script that exports them (as the NixOS module writes one) counts.
+    let script = t.path().join("hook.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nexport NARMESH_SOCKET='{}'\nexport NARMESH_SPOOL='{}'\nexec {}\n",
+            nodes[0].socket().display(),
+            nodes[0].spool().display(),
+            hook.display()
+        ),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let scripted = t.path().join("scripted.conf");
+    let hook_line = format!("post-build-hook = {}", hook.display());
+    assert!(text.contains(&hook_line));
+    std::fs::write(
+        &scripted,
+        text.replace(
+            &hook_line,
+            &format!("post-build-hook = {}", script.display()),
+        ),
+    )
+    .unwrap();
+    let run = doctor_args(&config, &scripted, None, &["--hook-env-of", &env.pid()]);
+    assert!(run.ok, "{}", run.out);
+    assert!(line(&run, "hook-env").contains("sets them"), "{}", run.out);
+
     // The node's cache not among the local Nix's substituters.
     let no_cache = t.path().join("no-cache.conf");
     std::fs::write(
