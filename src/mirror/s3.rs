@@ -82,6 +82,9 @@ pub fn attempt_timeout(len: u64) -> Duration {
     Duration::from_secs(60) + Duration::from_secs(len / (1 << 20))
 }
 
+/// The requests that send a body, whose deadline grows with it ([`attempt_timeout`]).
+const BODY_OPS: &[&str] = &["PUT", "UploadPart"];
+
 /// Content types Nix's own S3 store writes.
 pub const NAR_TYPE: &str = "application/x-nix-nar";
 pub const NARINFO_TYPE: &str = "text/x-nix-narinfo";
@@ -202,12 +205,12 @@ impl Bucket {
                 }
             }
             // Refused, reset, no answer to connect in time (a firewall that drops packets), or
-            // no answer to any attempt in its time (a server that takes requests and hangs):
-            // after the SDK's retries, either is the bucket failing as a whole. A large body
-            // that outran its deadline on a slow link pauses uploads only until a probe, a
-            // small request, gets its answer.
+            // no answer in time to any attempt of a request without a body (a server that
+            // takes requests and hangs): after the SDK's retries, the bucket failing as a
+            // whole. A body that outran its deadline (a slow link, many parts at once) is that
+            // upload's failure, retried on its own backoff, not a pause of every upload.
             _ if matches!(&e, SdkError::DispatchFailure(d) if d.is_io() || d.is_timeout())
-                || matches!(&e, SdkError::TimeoutError(_)) =>
+                || (matches!(&e, SdkError::TimeoutError(_)) && !BODY_OPS.contains(&op)) =>
             {
                 S3Error::Unreachable {
                     op,
@@ -786,11 +789,44 @@ mod tests {
     /// A server that refuses connections and one that takes requests and never answers are
     /// both the bucket unreachable (which pauses the mirror's uploads until a probe gets an
     /// answer), not one path's failure to retry on its own backoff.
+    /// A request without a body that no attempt got an answer to in time is the bucket
+    /// unreachable; an upload whose body outran its deadline is that upload's failure.
+    #[tokio::test]
+    async fn a_timed_out_body_is_its_uploads_failure_not_the_buckets() {
+        let bucket = bucket_at("127.0.0.1:9".parse().unwrap(), None);
+        let timeout = || {
+            SdkError::<aws_sdk_s3::operation::put_object::PutObjectError, _>::timeout_error(
+                "attempt timed out",
+            )
+        };
+        for op in ["PUT", "UploadPart"] {
+            let e = bucket.err(op, "k", timeout());
+            assert!(matches!(e, S3Error::Other { .. }), "{op}: {e:?}");
+        }
+        for op in ["HEAD", "GET", "ListObjectsV2", "CompleteMultipartUpload"] {
+            let e = bucket.err(op, "k", timeout());
+            assert!(matches!(e, S3Error::Unreachable { .. }), "{op}: {e:?}");
+        }
+    }
+
     #[tokio::test]
     async fn a_refusing_or_hanging_server_is_unreachable() {
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let refused = closed.local_addr().unwrap();
-        drop(closed);
+        // A port bound but not listening: refused, and held so no other test takes it.
+        let closed = rustix::net::socket(
+            rustix::net::AddressFamily::INET,
+            rustix::net::SocketType::STREAM,
+            None,
+        )
+        .unwrap();
+        rustix::net::bind(
+            &closed,
+            &"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap(),
+        )
+        .unwrap();
+        let refused = match rustix::net::getsockname(&closed).unwrap().try_into() {
+            Ok(std::net::SocketAddr::V4(a)) => std::net::SocketAddr::V4(a),
+            other => panic!("{other:?}"),
+        };
         let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let hanging_at = hanging.local_addr().unwrap();
         let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
