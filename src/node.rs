@@ -78,6 +78,10 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
     // slow batch never delays a hook.
     let open_store = || Arc::new(LocalStore::new(&cfg.nix.store_root));
     let metrics = Arc::new(Metrics::new());
+    let depth = metrics.queue_depth.clone();
+    db.observe_queue_depth(move |d| {
+        depth.set(d as i64);
+    });
     let storage = {
         let (dir, db, store, metrics) = (
             cfg.data_dir.clone(),

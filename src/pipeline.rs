@@ -82,12 +82,7 @@ impl Pipeline {
     async fn step(&self) -> Result<bool, Retry> {
         let db = self.db.clone();
         let max = self.batch;
-        let (batch, depth) = blocking(move || {
-            let batch = db.queue_batch(max).map_err(|e| e.to_string())?;
-            Ok((batch, db.queue_depth()))
-        })
-        .await?;
-        self.metrics.queue_depth.set(depth as i64);
+        let batch = blocking(move || db.queue_batch(max).map_err(|e| e.to_string())).await?;
         if batch.is_empty() {
             return Ok(false);
         }

@@ -83,12 +83,7 @@ async fn run(
                     )),
                 );
             }
-            Ok(()) => {
-                metrics.problem("queue", None);
-                // Here, not only as the pipeline takes a batch: a pipeline held up (a huge
-                // NAR, a store database locked for minutes) is when the queue grows.
-                metrics.queue_depth.set(db.queue_depth() as i64);
-            }
+            Ok(()) => metrics.problem("queue", None),
         }
         for (_, reply) in group {
             let _ = reply.send(res.clone());

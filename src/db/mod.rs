@@ -124,7 +124,13 @@ pub struct Db {
     remote_synced: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     /// Own paths recorded since the storage last took them ([`Db::take_recent_own`]).
     recent_own: Arc<std::sync::Mutex<RecentOwn>>,
+    /// Told the queue's depth at each change, under the queue's lock
+    /// ([`Db::observe_queue_depth`]).
+    depth_observer: Arc<std::sync::OnceLock<DepthObserver>>,
 }
+
+/// What is told the queue's depth (the node's `narmesh_queue_depth`).
+type DepthObserver = Box<dyn Fn(u64) + Send + Sync>;
 
 /// Own paths recorded lately, as (BLAKE3, hash part, store path); `None` once more than
 /// [`RECENT_OWN`] were.
@@ -216,6 +222,7 @@ impl Db {
             changed_paths: Arc::new(tokio::sync::broadcast::channel(1024).0),
             remote_synced: Arc::new(std::sync::Mutex::new(None)),
             recent_own: Arc::new(std::sync::Mutex::new(Some(Vec::new()))),
+            depth_observer: Arc::default(),
         };
         db.migrate()?;
         db.take_over_queue()?;
@@ -264,19 +271,43 @@ impl Db {
 
     /// Append reports to the queue durably (written and fsync'd).
     pub fn enqueue(&self, items: &[QueueItem]) -> Result<(), DbError> {
-        Ok(self.journal().append(items)?)
+        let mut journal = self.journal();
+        journal.append(items)?;
+        self.depth_changed(&journal);
+        Ok(())
     }
 
-    /// Reports in the queue, done or not yet (cheap: no database read).
+    /// Reports in the queue not done yet (cheap: no database read).
     pub fn queue_depth(&self) -> u64 {
         self.journal().depth() as u64
+    }
+
+    /// Tell `observer` the queue's depth now and at every change, in the order of the changes
+    /// (under the queue's lock: a reader of the metric never sees an older depth after a newer
+    /// one). Once; a second observer is ignored.
+    pub fn observe_queue_depth(&self, observer: impl Fn(u64) + Send + Sync + 'static) {
+        let journal = self.journal();
+        if self.depth_observer.set(Box::new(observer)).is_ok() {
+            self.depth_changed(&journal);
+        }
+    }
+
+    fn depth_changed(&self, journal: &journal::Journal) {
+        if let Some(observe) = self.depth_observer.get() {
+            observe(journal.depth() as u64);
+        }
     }
 
     /// Take finished reports (a prefix of the queue) off it. Not fsync'd: a removal lost to a
     /// crash only means a batch planned again, whose paths are found recorded.
     pub fn dequeue(&self, done: &[u64]) -> Result<(), DbError> {
         match done.iter().max() {
-            Some(upto) => Ok(self.journal().done(*upto)?),
+            Some(upto) => {
+                let mut journal = self.journal();
+                let done = journal.done(*upto);
+                self.depth_changed(&journal);
+                Ok(done?)
+            }
             None => Ok(()),
         }
     }

@@ -834,3 +834,25 @@ fn own_paths_recorded_lately_are_kept_for_the_next_check_up_to_a_bound() {
     assert_eq!(db.take_recent_own(), None, "too many: check them all");
     assert_eq!(db.take_recent_own(), Some(vec![]));
 }
+
+/// The queue's depth is told at once and at every change, in order (what
+/// `narmesh_queue_depth` shows, also while the pipeline is held up).
+#[test]
+fn the_queue_depth_is_told_at_every_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("db.redb")).unwrap();
+    let item = QueueItem {
+        drv: None,
+        outs: vec!["/nix/store/x".into()],
+    };
+    db.enqueue(std::slice::from_ref(&item)).unwrap();
+    let told = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let t = told.clone();
+    db.observe_queue_depth(move |d| t.lock().unwrap().push(d));
+    db.enqueue(&[item.clone(), item.clone()]).unwrap();
+    let batch = db.queue_batch(10).unwrap();
+    db.dequeue(&[batch[1].0]).unwrap();
+    db.dequeue(&[batch[2].0]).unwrap();
+    assert_eq!(*told.lock().unwrap(), [1, 3, 1, 0]);
+    assert_eq!(db.queue_depth(), 0);
+}
