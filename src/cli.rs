@@ -188,16 +188,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut cfg = match &args.config {
         Some(p) => Config::load(p)?,
-        None => {
-            let mut cfg = Config::default();
-            if let Some(s) = std::env::var_os("NARMESH_SOCKET").filter(|s| !s.is_empty()) {
-                cfg.socket = s.into();
-            }
-            if let Some(s) = std::env::var_os("NARMESH_SPOOL").filter(|s| !s.is_empty()) {
-                cfg.spool_dir = Some(s.into());
-            }
-            cfg
-        }
+        None => Config::without_file(),
     };
     if let Some(d) = args.data_dir {
         cfg.data_dir = d;

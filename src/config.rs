@@ -356,6 +356,19 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The configuration of a node run without a config file: the defaults, with the socket
+    /// and spool of the hook's variables (`NARMESH_SOCKET`, `NARMESH_SPOOL`) if set.
+    pub fn without_file() -> Config {
+        let mut cfg = Config::default();
+        if let Some(s) = std::env::var_os("NARMESH_SOCKET").filter(|s| !s.is_empty()) {
+            cfg.socket = s.into();
+        }
+        if let Some(s) = std::env::var_os("NARMESH_SPOOL").filter(|s| !s.is_empty()) {
+            cfg.spool_dir = Some(s.into());
+        }
+        cfg
+    }
+
     /// The spool directory in effect.
     pub fn spool_dir(&self) -> PathBuf {
         self.spool_dir.clone().unwrap_or_else(|| {

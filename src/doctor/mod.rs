@@ -22,7 +22,8 @@ pub const DEFAULT_CONFIG: &str = "/etc/narmesh.toml";
 #[derive(Debug, clap::Args)]
 pub struct DoctorArgs {
     /// The node's config (default: `NARMESH_CONFIG`, else /etc/narmesh.toml if it
-    /// exists, else the built-in defaults).
+    /// exists, else the built-in defaults with `NARMESH_SOCKET` and `NARMESH_SPOOL`, as
+    /// `serve` takes them without a config file).
     #[arg(long, short, env = "NARMESH_CONFIG")]
     pub config: Option<PathBuf>,
     /// The Nix configuration the host's builds and substitutions use.
@@ -62,7 +63,7 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<()> {
     });
     let cfg = match &config_path {
         Some(p) => Config::load(p)?,
-        None => Config::default(),
+        None => Config::without_file(),
     };
     cfg.validate()?;
     let nix_conf = NixConf::read(&args.nix_conf);

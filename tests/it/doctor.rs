@@ -366,4 +366,30 @@ fn doctor_checks_the_hook_users_access_to_the_socket() {
     node.start();
     let run = doctor_args(&config, &conf, None, &["--hook-user", "nobody"]);
     assert!(line(&run, "socket").starts_with("ok"), "{}", run.out);
+
+    // No config file: the node's socket and spool are the hook's variables, as `serve` takes
+    // them without one.
+    assert!(
+        !Path::new(narmesh::doctor::DEFAULT_CONFIG).exists(),
+        "this test needs a host without {}",
+        narmesh::doctor::DEFAULT_CONFIG
+    );
+    let env = HookEnv::with(&[
+        ("NARMESH_SOCKET", &node.socket()),
+        ("NARMESH_SPOOL", &node.spool()),
+    ]);
+    let out = Command::new(bin("narmesh"))
+        .args(["doctor", "--hook-env-of", &env.pid(), "--nix-conf"])
+        .arg(&conf)
+        .env_remove("NARMESH_CONFIG")
+        .env("NARMESH_SOCKET", node.socket())
+        .env("NARMESH_SPOOL", node.spool())
+        .output()
+        .unwrap();
+    let run = Run {
+        ok: out.status.success(),
+        out: String::from_utf8_lossy(&out.stdout).into_owned(),
+    };
+    assert!(line(&run, "node").starts_with("ok"), "{}", run.out);
+    assert!(line(&run, "hook-env").starts_with("ok"), "{}", run.out);
 }
