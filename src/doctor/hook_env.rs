@@ -24,16 +24,47 @@ fn parse_environ(raw: &[u8]) -> HashMap<String, String> {
         .collect()
 }
 
-/// The oldest nix-daemon running (its workers, which run the hook, share its environment).
+/// Where nix-daemon listens: a daemon serves this host if it exists.
+const DAEMON_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
+
+/// The nix-daemon that runs this host's builds: of the processes of this PID namespace (not a
+/// container's) running `nix-daemon` or `nix daemon`, neither serving one client over stdio
+/// (`--stdio`, a remote build's) nor a worker of another (whose parent is one: workers share
+/// its environment, and one left from before a restart has the old one), the newest.
 fn nix_daemon() -> Option<u32> {
-    std::fs::read_dir("/proc")
+    let own_ns = std::fs::read_link("/proc/self/ns/pid").ok();
+    let daemons: HashMap<u32, (u32, u64)> = std::fs::read_dir("/proc")
         .ok()?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| c.trim_end() == "nix-daemon")
+        .filter_map(|pid| {
+            let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let args: Vec<String> = raw
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let program = Path::new(args.first()?).file_name()?.to_str()?;
+            let daemon = program == "nix-daemon"
+                || (program == "nix" && args.get(1).is_some_and(|a| a == "daemon"));
+            if !daemon
+                || args.iter().any(|a| a == "--stdio")
+                || std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok() != own_ns
+            {
+                return None;
+            }
+            // `pid (comm) state ppid ...`: the parent is the 4th field, the start the 22nd.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            Some((
+                pid,
+                (fields.get(1)?.parse().ok()?, fields.get(19)?.parse().ok()?),
+            ))
         })
-        .min()
+        .collect();
+    daemons
+        .iter()
+        .filter(|(_, (parent, _))| !daemons.contains_key(parent))
+        .max_by_key(|(_, (_, started))| *started)
+        .map(|(pid, _)| *pid)
 }
 
 /// The variables of the hook's that a `post-build-hook` script sets (`export NAME=value`
@@ -98,7 +129,7 @@ fn same(a: &Path, b: &Path) -> bool {
 }
 
 /// The hook's socket and spool in the environment of process `of` (else of the running
-/// nix-daemon, else of this command), as the `post-build-hook` script (if it is one) sets
+/// nix-daemon, else of this command where no daemon serves the host), as the `post-build-hook` script (if it is one) sets
 /// them, against the node's.
 pub(super) fn check(cfg: &Config, of: Option<u32>, hook: Option<&Path>) -> Outcome {
     let sets = match hook.map(script_sets).transpose() {
@@ -129,6 +160,12 @@ pub(super) fn check(cfg: &Config, of: Option<u32>, hook: Option<&Path>) -> Outco
                 ));
             }
         },
+        None if Path::new(DAEMON_SOCKET).exists() => {
+            return Skip(format!(
+                "a nix-daemon serves this host ({DAEMON_SOCKET}) but none of its processes \
+                 can be read here: run doctor as root, or name it with --hook-env-of"
+            ));
+        }
         None => (
             "this command's environment".to_owned(),
             std::env::vars().collect(),
@@ -215,6 +252,39 @@ mod tests {
         assert_eq!(shell_word("a\\ b").as_deref(), Some("a b"));
         assert_eq!(shell_word("'unterminated"), None);
         assert_eq!(shell_word("a;b"), None);
+    }
+
+    /// The newest nix-daemon of this PID namespace is found, not a newer one serving a remote
+    /// build over stdio, and its environment is read (shells named so).
+    #[test]
+    fn the_newest_nix_daemon_is_found() {
+        use std::os::unix::process::CommandExt as _;
+        let spawn = |extra: &[&str]| {
+            std::process::Command::new("sh")
+                .arg0("/run/current-system/sw/bin/nix-daemon")
+                // Not the shell's last command: it stays, named so, with its arguments.
+                .args(["-c", "sleep 30; :", "sh"])
+                .args(extra)
+                .env("NARMESH_SPOOL", "/x/spool")
+                .spawn()
+                .unwrap()
+        };
+        let mut daemon = spawn(&[]);
+        // Start times are counted in ticks of 10 ms.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut remote = spawn(&["--stdio"]);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let found = nix_daemon();
+        let env = std::fs::read(format!("/proc/{}/environ", daemon.id())).unwrap();
+        for c in [&mut daemon, &mut remote] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        assert_eq!(found, Some(daemon.id()));
+        assert_eq!(
+            parse_environ(&env).get("NARMESH_SPOOL").map(String::as_str),
+            Some("/x/spool")
+        );
     }
 
     #[test]
