@@ -36,6 +36,12 @@ fn the_spools_limits() {
 }
 
 #[test]
+fn the_hooks_deadline() {
+    assert_eq!(narmesh_proto::hook::DEFAULT_TIMEOUT_MS, 500);
+    says("`NARMESH_HOOK_TIMEOUT_MS` (default 500)");
+}
+
+#[test]
 fn the_sockets_limits() {
     assert_eq!(crate::ingest::MAX_CONNECTIONS, 256);
     assert_eq!(crate::ingest::IDLE, Duration::from_secs(30));

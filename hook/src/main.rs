@@ -30,9 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use narmesh_proto::control::{Envelope, Request, Response};
 use narmesh_proto::frame;
-use narmesh_proto::hook::{DEFAULT_SOCKET, DEFAULT_SPOOL, HookReport};
-
-const DEFAULT_TIMEOUT_MS: u64 = 500;
+use narmesh_proto::hook::{DEFAULT_SOCKET, DEFAULT_SPOOL, DEFAULT_TIMEOUT_MS, HookReport};
 
 fn main() -> ExitCode {
     // Whatever happens, the build must not fail because of us.

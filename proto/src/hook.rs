@@ -9,6 +9,9 @@ pub const DEFAULT_SOCKET: &str = "/run/narmesh/narmesh.sock";
 /// Where the hook spools unless `NARMESH_SPOOL` names another (the node's default `spool-dir`
 /// with the default `data-dir`).
 pub const DEFAULT_SPOOL: &str = "/var/lib/narmesh/spool";
+/// The hook's deadline for the node's acknowledgement, in milliseconds, unless
+/// `NARMESH_HOOK_TIMEOUT_MS` says otherwise.
+pub const DEFAULT_TIMEOUT_MS: u64 = 500;
 
 /// One post-build-hook call: `DRV_PATH` and the space-separated `OUT_PATHS`.
 /// Nix 2.8 leaves `OUT_PATHS` empty: the node then takes the outputs of `drv_path` from the
