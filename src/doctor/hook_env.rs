@@ -129,8 +129,8 @@ fn same(a: &Path, b: &Path) -> bool {
 }
 
 /// The hook's socket and spool in the environment of process `of` (else of the running
-/// nix-daemon, else of this command where no daemon serves the host), as the `post-build-hook` script (if it is one) sets
-/// them, against the node's.
+/// nix-daemon, else of this command where no daemon serves the host), as the
+/// `post-build-hook` script (if it is one) sets them, against the node's.
 pub(super) fn check(cfg: &Config, of: Option<u32>, hook: Option<&Path>) -> Outcome {
     let sets = match hook.map(script_sets).transpose() {
         Ok(sets) => sets.unwrap_or_default(),
