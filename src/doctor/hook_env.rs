@@ -99,8 +99,9 @@ fn script_sets(path: &Path) -> Result<HashMap<String, String>, String> {
     Ok(set)
 }
 
-/// A shell word of plain characters, single-quoted parts and backslash escapes (what
-/// `lib.escapeShellArg` makes); `None` for anything the shell would expand or split.
+/// A shell word of plain characters, single-quoted parts (what `lib.escapeShellArg` makes),
+/// double-quoted parts without expansions, and backslash escapes; `None` for anything the
+/// shell would expand or split.
 fn shell_word(word: &str) -> Option<String> {
     let (mut out, mut chars) = (String::new(), word.chars());
     while let Some(c) = chars.next() {
@@ -108,6 +109,13 @@ fn shell_word(word: &str) -> Option<String> {
             '\'' => loop {
                 match chars.next()? {
                     '\'' => break,
+                    c => out.push(c),
+                }
+            },
+            '"' => loop {
+                match chars.next()? {
+                    '"' => break,
+                    '$' | '`' | '\\' => return None,
                     c => out.push(c),
                 }
             },
@@ -250,6 +258,8 @@ mod tests {
             "a binary sets nothing"
         );
         assert_eq!(shell_word("a\\ b").as_deref(), Some("a b"));
+        assert_eq!(shell_word("\"/a b\"/c").as_deref(), Some("/a b/c"));
+        assert_eq!(shell_word("\"$HOME/spool\""), None);
         assert_eq!(shell_word("'unterminated"), None);
         assert_eq!(shell_word("a;b"), None);
     }

@@ -957,9 +957,14 @@ impl Mirror {
                     if matches!(e, JobError::SlowDown(_)) {
                         self.throttle.slow_down();
                         if let Some(more) = self.slow_log.allow() {
+                            let more = if more > 0 {
+                                format!(" ({more} more such answers meanwhile)")
+                            } else {
+                                String::new()
+                            };
                             tracing::info!(
-                                "mirror: the bucket asked to slow down: {} upload(s) at once \
-                                 ({more} more such answers meanwhile)",
+                                "mirror: the bucket asked to slow down: {} upload(s) at \
+                                 once{more}",
                                 self.throttle.allowed()
                             );
                         }
