@@ -222,6 +222,10 @@ in
           # again after 5 s, for as long as it takes (5 s apart, never 5 starts in 10 s: the
           # start limit).
           RestartSec = "5s";
+          # A node whose runtime has run nothing for 30 s (hung work, which never ends) stops
+          # telling systemd it is alive, and is killed (SIGABRT) and started again within a
+          # minute and a half.
+          WatchdogSec = "60s";
 
           DynamicUser = false;
           User = "narmesh";

@@ -27,6 +27,14 @@ pub(crate) const IDLE: Duration = Duration::from_secs(30);
 pub const MAX_CONNECTIONS: usize = 256;
 /// How often the spool directory is looked at while running.
 pub(crate) const SPOOL_POLL: Duration = Duration::from_millis(500);
+/// The longest wait before the spool is tried again after a transient failure.
+pub(crate) const SPOOL_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The wait before the spool is tried again after a transient failure, `wait` the last one:
+/// twice as long (a second at least), up to [`SPOOL_BACKOFF_MAX`].
+fn spool_backoff(wait: Duration) -> Duration {
+    (wait * 2).clamp(Duration::from_secs(1), SPOOL_BACKOFF_MAX)
+}
 /// How long a hook's validation on the front's thread waits for another process's lock on the
 /// Nix store database (a writer's, under a rollback journal) before the report is queued
 /// unchecked: the pipeline checks every path against the database anyway, and the front's
@@ -173,6 +181,9 @@ impl Ingest {
 
     /// A hook's report, validated and committed where `how` says.
     async fn hook(&self, report: HookReport, how: Validate) -> Response {
+        if crate::killpoint::fault("front.hangs") {
+            crate::killpoint::hang();
+        }
         let outputs = if report.out_paths.is_empty() {
             "from-derivation"
         } else {
@@ -367,7 +378,7 @@ impl Ingest {
                     self.metrics.problem("spool", unread.clone());
                 }
                 Err(e) => {
-                    wait = (wait * 2).clamp(SPOOL_POLL, Duration::from_secs(30));
+                    wait = spool_backoff(wait);
                     prune = true;
                     self.metrics.problem("spool", Some(e.to_string()));
                     tracing::warn!("spool {}: {e}; trying again in {wait:?}", dir.display());
@@ -668,5 +679,24 @@ async fn send(stream: &mut UnixStream, response: &Response) -> Result<(), FrameE
             std::io::ErrorKind::TimedOut,
             "the client did not read its answer",
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After a round that found nothing wrong (a wait of `SPOOL_POLL` or none), failures wait
+    /// 1 s, 2 s, 4 s ... and never more than 30 s.
+    #[test]
+    fn the_spool_backs_off_to_30_seconds() {
+        for start in [Duration::ZERO, SPOOL_POLL] {
+            let waits: Vec<u64> =
+                std::iter::successors(Some(spool_backoff(start)), |w| Some(spool_backoff(*w)))
+                    .take(8)
+                    .map(|w| w.as_secs())
+                    .collect();
+            assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30], "from {start:?}");
+        }
     }
 }

@@ -106,7 +106,19 @@ pub const FAULTS: &[&str] = &[
     "pipeline.plan-late",
     // The pipeline panics at a batch of reports it has not planned yet.
     "pipeline.panics",
+    // Answering `/nix-cache-info` blocks the HTTP cache's thread for good (a blocking call in
+    // a task, a deadlock): the watchdog's to see.
+    "http.hangs",
+    // Taking in a hook report blocks the front's thread for good.
+    "front.hangs",
 ];
+
+/// Block this thread for good (a fault point's hung work): only a kill ends it.
+pub fn hang() -> ! {
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}
 
 struct Fault {
     name: String,

@@ -31,6 +31,9 @@
 //! - [`linkage`]: whether an executable (the hook) starts statically linked.
 //! - [`node`]: builds and runs the parts; owns the shutdown order.
 //! - [`vital`]: the parts that must run as long as the node does; one that ends stops it.
+//! - [`watchdog`]: the node's runtimes probed; one that stalls is a problem, and systemd's
+//!   watchdog is no longer told the node is alive.
+//! - [`systemd`]: the service manager's notification socket (`READY=1`, `WATCHDOG=1`).
 //! - [`bench`]: `narmesh bench`, replication measured on one machine beside its baselines.
 //! - [`cli`], [`client`]: the command line and its socket client; `main.rs` only runs it.
 //!
@@ -63,8 +66,10 @@ pub mod queue;
 pub mod spool;
 pub mod storage;
 pub mod store;
+pub mod systemd;
 pub mod units;
 pub mod vital;
+pub mod watchdog;
 
 #[cfg(test)]
 mod readme_limits;

@@ -22,7 +22,7 @@ pub struct PartLabels {
 
 /// The parts that report problems: each has its `narmesh_problem` series from the start (0), so
 /// an alert on it never waits for a first problem.
-pub const PARTS: &[&str] = &["mirror", "pipeline", "queue", "spool", "storage"];
+pub const PARTS: &[&str] = &["mirror", "pipeline", "queue", "runtime", "spool", "storage"];
 
 /// Why the mesh refuses something from a peer: each has its `narmesh_mesh_refused_total`
 /// series from the start (0), so `increase()` sees a peer's first refusal too.
@@ -41,6 +41,12 @@ pub const REFUSALS: &[&str] = &[
     "too-many-connections",
     "unknown-ticket",
 ];
+
+/// One of the node's runtimes (`front`, `http`, `main`), as the watchdog probes them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuntimeLabels {
+    pub runtime: &'static str,
+}
 
 /// How a hook report named its outputs: `named` (Nix filled `OUT_PATHS`) or `from-derivation`
 /// (Nix 2.8 leaves it empty; the node reads the derivation's outputs).
@@ -161,6 +167,8 @@ pub struct Metrics {
     /// Records new or changed by what peers said (gossip and catch-up): flat once the mesh
     /// has settled.
     pub mesh_records_changed: Counter,
+    /// How long each runtime's last probe waited to run (or the one waiting now has).
+    pub runtime_lag: Family<RuntimeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// What is wrong now, by part ("queue", "pipeline", ...), for `narmesh status`.
     problems: std::sync::Mutex<std::collections::BTreeMap<&'static str, String>>,
     /// The same, 1 while a part has a problem, for alerts.
@@ -262,6 +270,7 @@ impl Metrics {
             mesh_records_changed: Counter::default(),
             problems: Default::default(),
             problem: Family::default(),
+            runtime_lag: Family::default(),
             registry: Registry::default(),
             names: Vec::new(),
         };
@@ -352,6 +361,14 @@ impl Metrics {
             "problem",
             "1 while a part of the node has a problem (`narmesh status` says what), else 0",
             m.problem.clone(),
+        );
+        register(
+            (&mut registry, &mut names),
+            "runtime_lag_seconds",
+            "How long the watchdog's last probe of each runtime (front: hook acknowledgements; \
+             http: the cache; main: pipeline, mesh, mirror) waited to run, or its probe waiting now \
+             has: past 30 s the runtime has stalled",
+            m.runtime_lag.clone(),
         );
         register(
             (&mut registry, &mut names),

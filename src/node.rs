@@ -179,7 +179,7 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
         ..Default::default()
     };
     let front = CancellationToken::new();
-    let ingest = front_thread(
+    let (ingest, front_runtime) = front_thread(
         IngestParts {
             db: db.clone(),
             store: open_store(),
@@ -219,7 +219,7 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
     );
     vital.spawn("http narinfo cache", http_state.follow_changes());
 
-    let http = http_thread(
+    let (http, http_runtime) = http_thread(
         http_listeners,
         http_state,
         front.clone(),
@@ -250,7 +250,17 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
             format!(", metrics only {}", metrics_addrs.join(", "))
         }
     );
-    notify_ready();
+    let watchdog = crate::watchdog::Watchdog::start(
+        vec![
+            ("front", front_runtime),
+            ("http", http_runtime),
+            ("main", tokio::runtime::Handle::current()),
+        ],
+        metrics.clone(),
+        crate::systemd::watchdog_interval(),
+    )?;
+    // `systemctl start` returns only once `narmesh status` and the hook can reach the node.
+    crate::systemd::notify("READY=1");
 
     drop(vital);
     let died = tokio::select! {
@@ -261,6 +271,7 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
         tracing::error!("{e}: the node stops, to be started again by its service manager");
         cancel.cancel();
     }
+    watchdog.stop();
     front.cancel();
     let _ = tokio::task::spawn_blocking(move || (ingest.join(), http.join())).await;
     back.cancel();
@@ -315,7 +326,7 @@ fn front_thread(
     p: IngestParts,
     socket: std::os::unix::net::UnixListener,
     cancel: CancellationToken,
-) -> anyhow::Result<std::thread::JoinHandle<()>> {
+) -> anyhow::Result<(std::thread::JoinHandle<()>, tokio::runtime::Handle)> {
     let guard = p.vital.guard("front");
     runtime_thread("narmesh-front", None, guard, move || async move {
         let (queue, queue_task) = QueueHandle::spawn(
@@ -363,7 +374,7 @@ fn http_thread(
     state: HttpState,
     cancel: CancellationToken,
     guard: crate::vital::Guard,
-) -> anyhow::Result<std::thread::JoinHandle<()>> {
+) -> anyhow::Result<(std::thread::JoinHandle<()>, tokio::runtime::Handle)> {
     let listeners = listeners
         .into_iter()
         .map(|(l, serves)| Ok((l.into_std()?, serves)))
@@ -407,7 +418,7 @@ fn runtime_thread<Fut>(
     park: Option<Box<dyn Fn() + Send + Sync>>,
     guard: crate::vital::Guard,
     main: impl FnOnce() -> Fut + Send + 'static,
-) -> anyhow::Result<std::thread::JoinHandle<()>>
+) -> anyhow::Result<(std::thread::JoinHandle<()>, tokio::runtime::Handle)>
 where
     Fut: std::future::Future<Output = ()>,
 {
@@ -417,14 +428,15 @@ where
         builder.on_thread_park(park);
     }
     let rt = builder.build()?;
-    let handle = std::thread::Builder::new()
+    let runtime = rt.handle().clone();
+    let thread = std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
             let _guard = guard;
             rt.block_on(main());
             rt.shutdown_timeout(std::time::Duration::from_secs(1));
         })?;
-    Ok(handle)
+    Ok((thread, runtime))
 }
 
 /// The spool directory: the node's own (0700), or with a socket group, writable by the group
@@ -504,26 +516,4 @@ fn hostname() -> String {
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty() && crate::nix::SecretKey::generate(h).is_ok())
         .unwrap_or_else(|| "narmesh".to_owned())
-}
-
-/// Tell systemd (a `Type=notify` unit) that the socket and the HTTP cache are up, so that
-/// `systemctl start` returns only when `narmesh status` and the hook can reach the node.
-fn notify_ready() {
-    use std::os::linux::net::SocketAddrExt as _;
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let path = path.to_string_lossy().into_owned();
-    let sent = (|| -> std::io::Result<()> {
-        let sock = std::os::unix::net::UnixDatagram::unbound()?;
-        let addr = match path.strip_prefix('@') {
-            Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name)?,
-            None => std::os::unix::net::SocketAddr::from_pathname(&path)?,
-        };
-        sock.send_to_addr(b"READY=1", &addr)?;
-        Ok(())
-    })();
-    if let Err(e) = sent {
-        tracing::warn!("telling systemd the node is ready ({path}): {e}");
-    }
 }

@@ -50,6 +50,8 @@ fn the_sockets_limits() {
     );
     assert_eq!(crate::ingest::SPOOL_POLL, Duration::from_millis(500));
     says("takes the spool in at start and every 500 ms");
+    assert_eq!(crate::ingest::SPOOL_BACKOFF_MAX, Duration::from_secs(30));
+    says("tried again with backoff up to 30 s");
 }
 
 #[test]
@@ -72,4 +74,13 @@ fn an_s3_attempts_deadline() {
     assert_eq!(attempt_timeout(0), Duration::from_secs(60));
     assert_eq!(attempt_timeout(100 << 20), Duration::from_secs(160));
     says("an attempt's deadline grows with its body (a minute plus a second per MiB)");
+}
+
+#[test]
+fn the_watchdogs_limits() {
+    assert_eq!(crate::watchdog::STALLED, Duration::from_secs(30));
+    says("One that has run nothing for 30 s");
+    assert_eq!(crate::watchdog::PROBE_EVERY, Duration::from_secs(1));
+    says("every second a thread of its own gives each");
+    says("`WatchdogSec=60s` the node says `WATCHDOG=1` every 15 s");
 }

@@ -172,7 +172,12 @@ async fn handle(State(st): State<HttpState>, req: Request) -> Response {
             .into_response()
     } else {
         match r {
-            Route::CacheInfo => text(st.cache_info.to_string(), "text/x-nix-cache-info"),
+            Route::CacheInfo => {
+                if crate::killpoint::fault("http.hangs") {
+                    crate::killpoint::hang();
+                }
+                text(st.cache_info.to_string(), "text/x-nix-cache-info")
+            }
             Route::Metrics => text(st.metrics.render(), "text/plain; version=0.0.4"),
             Route::NarInfo(h) => narinfo(&st, h).await,
             Route::Nar(hash) => {

@@ -115,6 +115,9 @@ pub struct Ctx {
     forget_after_secs: u64,
     /// When each refusal reason was last logged, and how many were not logged since.
     refusal_log: Mutex<HashMap<&'static str, endpoint::EverySecond>>,
+    /// When the node's own failure to record what peers said was last logged (a full disk
+    /// fails every gossip message and catch-up batch: one line a second).
+    record_log: endpoint::EverySecond,
 }
 
 /// The hash part of the store path a narinfo names, if it names one.
@@ -254,15 +257,22 @@ impl Ctx {
                 }
                 Ok(accepted)
             }
-            Ok(Err(e)) => {
-                tracing::error!("mesh: recording announcements from {from}: {e}");
-                Err(e.to_string())
-            }
-            Err(e) => {
-                tracing::error!("mesh: recording announcements from {from}: {e}");
-                Err(e.to_string())
-            }
+            Ok(Err(e)) => Err(self.record_failed(from, e.to_string())),
+            Err(e) => Err(self.record_failed(from, e.to_string())),
         }
+    }
+
+    /// Log the node's own failure to record what `from` said, at most once a second.
+    fn record_failed(&self, from: &str, e: String) -> String {
+        if let Some(skipped) = self.record_log.allow() {
+            let more = if skipped > 0 {
+                format!(" ({skipped} more failed meanwhile)")
+            } else {
+                String::new()
+            };
+            tracing::error!("mesh: recording announcements from {from}: {e}{more}");
+        }
+        e
     }
 }
 
@@ -379,6 +389,7 @@ impl MeshHandle {
             sync_every: Duration::from_millis(cfg.sync_interval_ms),
             forget_after_secs: parts.forget_after_secs,
             refusal_log: Mutex::new(HashMap::new()),
+            record_log: endpoint::EverySecond::default(),
         });
         let serving = Arc::new(tokio::sync::Semaphore::new(nar::MAX_SERVING));
         let serving_by_peer = endpoint::PeerSlots::new(nar::SERVING_PER_PEER);

@@ -76,6 +76,116 @@ fn the_node_tells_systemd_when_it_is_ready() {
     node.stop();
 }
 
+/// Under systemd's watchdog (`WatchdogSec=`, here 4 s) the node says WATCHDOG=1 every quarter of
+/// it while each of its runtimes runs tasks. Once one is blocked for good (a task that blocks
+/// its thread, a deadlock: the HTTP cache's in one run, the front's in another), it says nothing
+/// more within half the interval, so systemd restarts it; its log names the runtime, and what
+/// still answers says what is wrong (the status over the socket, `/metrics`).
+#[test]
+fn the_watchdog_is_told_only_while_every_runtime_runs() {
+    use std::time::{Duration, Instant};
+    for (fault, runtime) in [("http.hangs", "http"), ("front.hangs", "front")] {
+        let t = tempfile::tempdir().unwrap();
+        let notify = t.path().join("notify");
+        let sock = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+        let mut node =
+            crate::node_harness::Node::new(&t.path().join("node"), &t.path().join("store"));
+        node.env.extend([
+            ("NOTIFY_SOCKET".into(), notify.display().to_string()),
+            ("WATCHDOG_USEC".into(), "4000000".into()),
+            ("NARMESH_TEST_FAULT".into(), format!("{fault}:1")),
+        ]);
+        node.start();
+        // Every message until `until`, with the time it came.
+        let read_until = |until: Instant| {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 64];
+            while let Some(left) = until.checked_duration_since(Instant::now()) {
+                sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                    .unwrap();
+                match sock.recv(&mut buf) {
+                    Ok(n) => got.push((Instant::now(), buf[..n].to_vec())),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => break,
+                    Err(e) => panic!("notify socket: {e}"),
+                }
+            }
+            got
+        };
+        let pings = |got: &[(Instant, Vec<u8>)]| {
+            got.iter()
+                .filter(|(_, m)| m.as_slice() == b"WATCHDOG=1")
+                .count()
+        };
+        let before = read_until(Instant::now() + Duration::from_secs(4));
+        assert!(
+            pings(&before) >= 3,
+            "{runtime}: told every second while all runs: {:?}",
+            before
+                .iter()
+                .map(|(_, m)| String::from_utf8_lossy(m))
+                .collect::<Vec<_>>()
+        );
+        // Block the runtime for good.
+        let hung = Instant::now();
+        if runtime == "http" {
+            let addr = node.http.clone();
+            std::thread::spawn(move || {
+                let mut c = std::net::TcpStream::connect(&addr).unwrap();
+                use std::io::{Read as _, Write as _};
+                let _ = c.write_all(b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n\r\n");
+                let _ = c.read_to_end(&mut Vec::new());
+            });
+        } else {
+            let drv = "/nix/store/00000000000000000000000000000000-hang.drv";
+            crate::harness::run_hook(&node.socket(), &node.spool(), drv, "", 300);
+        }
+        // A round (a second) for a probe to wait in, half the interval to see it stall.
+        let after_stall = read_until(hung + Duration::from_millis(3500));
+        let silent = read_until(Instant::now() + Duration::from_secs(4));
+        assert_eq!(
+            pings(&silent),
+            0,
+            "{runtime}: still told the node is alive {:?} after its runtime hung (told {} times \
+             in the first 3.5 s)",
+            silent.first().map(|(at, _)| at.duration_since(hung)),
+            pings(&after_stall)
+        );
+        let log = node.log();
+        assert!(
+            log.contains(&format!("watchdog: the {runtime} runtime has run nothing")),
+            "{runtime}: the log names the stalled runtime:\n{log}"
+        );
+        let problem = format!("the {runtime} runtime has run nothing for");
+        if runtime == "http" {
+            let status = node.status();
+            assert!(
+                status
+                    .problems
+                    .iter()
+                    .any(|p| p.starts_with("runtime: ") && p.contains(&problem)),
+                "the status says so: {:?}",
+                status.problems
+            );
+        } else {
+            let (code, _, body) = crate::harness::http(&node.http, "GET", "/metrics", &[]);
+            assert_eq!(code, 200);
+            let body = String::from_utf8_lossy(&body);
+            assert!(
+                body.contains("narmesh_problem{part=\"runtime\"} 1"),
+                "/metrics says so:\n{body}"
+            );
+            let lag: f64 = body
+                .lines()
+                .find_map(|l| l.strip_prefix("narmesh_runtime_lag_seconds{runtime=\"front\"} "))
+                .and_then(|v| v.parse().ok())
+                .expect("the front's lag");
+            assert!(lag >= 2.0, "the front's lag grows: {lag}");
+        }
+        node.kill9();
+    }
+}
+
 /// `check-config` of an empty file prints every default, and they are the ones the README's
 /// configuration block shows (where it shows a default, not an example); what it prints is
 /// itself a config file that prints the same. An unknown key or a bad value is refused with

@@ -498,6 +498,18 @@ fn transient_spool_failures_wait_and_permanent_ones_are_counted() {
         .map(|m| metric(node, &format!("narmesh_{m}")))
     };
     assert_eq!(metrics(&node), [1.0, 6.0, 1.0, 1.0]);
+    // Tried again with backoff: a second, then twice as long each time (up to 30 s).
+    let retries = |node: &Node| -> Vec<String> {
+        node.log()
+            .lines()
+            .filter(|l| l.contains("spool "))
+            .filter_map(|l| Some(l.split("; trying again in ").nth(1)?.trim().to_owned()))
+            .collect()
+    };
+    wait_until(20, "the spool to be tried again 3 times", || {
+        retries(&node).len() >= 3
+    });
+    assert_eq!(retries(&node)[..3], ["1s", "2s", "4s"]);
     std::fs::rename(&away, &db).unwrap();
     wait_until(60, "the spooled reports to be taken in", || {
         recorded(&node, &paths) == paths.len()

@@ -174,6 +174,27 @@ fn nodes_that_were_away_catch_up() {
         !b_log.contains("left alone for"),
         "B blamed a peer for its own failure:\n{b_log}"
     );
+    // Its own failures are logged at most once a second (a full disk fails every gossip
+    // message and catch-up batch).
+    let at: Vec<f64> = b_log
+        .lines()
+        .filter(|l| l.contains("mesh: recording announcements from"))
+        .map(|l| {
+            // `2026-12-07T19:55:01.123456Z ...`: seconds into the day.
+            let hms = l.get(11..26).expect("a timestamp");
+            let mut parts = hms.trim_end_matches('Z').split(':');
+            let mut secs = 0.0;
+            for _ in 0..3 {
+                secs = secs * 60.0 + parts.next().unwrap().parse::<f64>().unwrap();
+            }
+            secs
+        })
+        .collect();
+    assert!(!at.is_empty(), "B logs its failure:\n{b_log}");
+    assert!(
+        at.windows(2).all(|w| w[1] - w[0] >= 0.99 || w[1] < w[0]),
+        "B's failures logged within a second of each other: {at:?}"
+    );
     substitute_from(&cl.nodes[1], &top, 3);
     let st = cl.nodes[2].status();
     assert!(

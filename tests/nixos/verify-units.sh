@@ -131,6 +131,7 @@ SUPERVISION=(
   "Type=notify"
   "Restart=on-failure"
   "RestartSec=5s"
+  "WatchdogSec=60s"
 )
 
 # jq_check LABEL JSONFILE FILTER: the jq FILTER is true of the evaluation.

@@ -1,0 +1,228 @@
+//! The node's watch over its runtimes: hung work that [`crate::vital`] cannot see, as it never
+//! ends (a task that blocks its thread, a deadlock). A thread of its own gives each runtime (the
+//! front, which acknowledges hooks; the HTTP cache; the main one, for the pipeline, the mesh and
+//! the mirror) a task that does nothing but answer, every second. How long each waited to run is
+//! `narmesh_runtime_lag_seconds{runtime}`; one that has not run for [`STALLED`] (or half the
+//! watchdog's interval, if shorter) is a problem (`narmesh_problem{part="runtime"}`, `narmesh
+//! status`, and the log names it).
+//!
+//! Under systemd with `WatchdogSec=` (the units set 60 s), the node says `WATCHDOG=1` every
+//! quarter of the interval while no runtime has stalled, and says nothing once one has: systemd
+//! then kills the node (SIGABRT) and starts it again (`Restart=on-failure`). Everything
+//! acknowledged is durable, and a restart picks up the work where it stopped.
+
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+
+use crate::metrics::Metrics;
+
+/// A runtime that has not run its probe for this long has stalled.
+pub const STALLED: Duration = Duration::from_secs(30);
+/// How often each runtime is given a probe.
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// One runtime watched: its probe in flight, if any.
+struct Watched {
+    name: &'static str,
+    handle: Handle,
+    /// Sent at, and the time it ran at once it has.
+    probe: Option<(Instant, oneshot::Receiver<Instant>)>,
+    /// Its runtime has shut down (the node is stopping): no longer watched.
+    gone: bool,
+    stalled: bool,
+}
+
+/// What a round found of one runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// Its last probe ran after waiting this long.
+    Ran(Duration),
+    /// Its probe has waited this long and not run yet.
+    Waiting(Duration),
+    Gone,
+}
+
+impl Watched {
+    fn new(name: &'static str, handle: Handle) -> Self {
+        Watched {
+            name,
+            handle,
+            probe: None,
+            gone: false,
+            stalled: false,
+        }
+    }
+
+    /// Look at the probe in flight, and send another once it has run.
+    fn round(&mut self, now: Instant) -> Seen {
+        if self.gone {
+            return Seen::Gone;
+        }
+        let seen = match self.probe.as_mut() {
+            None => Seen::Ran(Duration::ZERO),
+            Some((sent, rx)) => match rx.try_recv() {
+                Ok(ran) => Seen::Ran(ran.saturating_duration_since(*sent)),
+                Err(oneshot::error::TryRecvError::Empty) => Seen::Waiting(now - *sent),
+                Err(oneshot::error::TryRecvError::Closed) => Seen::Gone,
+            },
+        };
+        match seen {
+            Seen::Waiting(_) => {}
+            Seen::Gone => {
+                self.gone = true;
+                self.probe = None;
+            }
+            Seen::Ran(_) => {
+                let (tx, rx) = oneshot::channel();
+                self.handle.spawn(async move {
+                    let _ = tx.send(Instant::now());
+                });
+                self.probe = Some((now, rx));
+            }
+        }
+        seen
+    }
+}
+
+/// The watch; dropping it (or [`Watchdog::stop`]) ends its thread.
+pub struct Watchdog {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    /// Watch `runtimes`; with `interval` (systemd's `WatchdogSec=`), tell systemd the node is
+    /// alive while none has stalled.
+    pub fn start(
+        runtimes: Vec<(&'static str, Handle)>,
+        metrics: Arc<Metrics>,
+        interval: Option<Duration>,
+    ) -> std::io::Result<Self> {
+        let (stop, stopped) = mpsc::channel();
+        let mut watched: Vec<Watched> = runtimes
+            .into_iter()
+            .map(|(name, h)| Watched::new(name, h))
+            .collect();
+        let stall = interval.map_or(STALLED, |i| STALLED.min(i / 2));
+        let tell_every = interval.map(|i| i / 4);
+        let probe_every = tell_every.map_or(PROBE_EVERY, |t| PROBE_EVERY.min(t));
+        if let Some(i) = interval {
+            tracing::info!(
+                "watchdog: telling systemd every {:?} while no runtime stalls for {stall:?} (WatchdogSec={i:?})",
+                i / 4
+            );
+        }
+        let thread = std::thread::Builder::new()
+            .name("narmesh-watchdog".into())
+            .spawn(move || {
+                let mut told: Option<Instant> = None;
+                loop {
+                    let now = Instant::now();
+                    let mut stalled = Vec::new();
+                    for w in &mut watched {
+                        let seen = w.round(now);
+                        let lag = match seen {
+                            Seen::Ran(d) | Seen::Waiting(d) => d,
+                            Seen::Gone => continue,
+                        };
+                        metrics
+                            .runtime_lag
+                            .get_or_create(&crate::metrics::RuntimeLabels { runtime: w.name })
+                            .set(lag.as_secs_f64());
+                        let now_stalled = matches!(seen, Seen::Waiting(d) if d >= stall);
+                        if now_stalled {
+                            stalled.push(format!(
+                                "the {} runtime has run nothing for {} s",
+                                w.name,
+                                lag.as_secs()
+                            ));
+                        }
+                        if now_stalled != w.stalled {
+                            w.stalled = now_stalled;
+                            if now_stalled {
+                                tracing::error!(
+                                    "watchdog: the {} runtime has run nothing for {lag:?} (a \
+                                     task blocks its thread, or a deadlock){}",
+                                    w.name,
+                                    if interval.is_some() {
+                                        "; systemd is no longer told the node is alive, and \
+                                         will restart it"
+                                    } else {
+                                        ""
+                                    }
+                                );
+                            } else {
+                                tracing::info!("watchdog: the {} runtime runs again", w.name);
+                            }
+                        }
+                    }
+                    metrics.problem("runtime", (!stalled.is_empty()).then(|| stalled.join("; ")));
+                    if let Some(every) = tell_every
+                        && stalled.is_empty()
+                        && told.is_none_or(|t| now.duration_since(t) >= every)
+                    {
+                        crate::systemd::notify("WATCHDOG=1");
+                        told = Some(now);
+                    }
+                    match stopped.recv_timeout(probe_every) {
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        _ => return,
+                    }
+                }
+            })?;
+        Ok(Watchdog {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// End the watch (the node is stopping: runtimes that end are not stalls).
+    pub fn stop(mut self) {
+        self.end();
+    }
+
+    fn end(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A runtime whose thread is blocked is seen waiting (its lag grows), one that runs is seen
+    /// running, and one that has shut down is gone, not stalled.
+    #[test]
+    fn a_blocked_runtime_is_seen_waiting_and_a_shut_down_one_gone() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut w = Watched::new("test", rt.handle().clone());
+        let t0 = Instant::now();
+        assert_eq!(w.round(t0), Seen::Ran(Duration::ZERO), "no probe yet");
+        // Nothing drives the runtime: the probe waits.
+        let later = t0 + Duration::from_secs(5);
+        assert_eq!(w.round(later), Seen::Waiting(Duration::from_secs(5)));
+        // Driven, it runs, and the next one is sent.
+        rt.block_on(tokio::task::yield_now());
+        assert!(matches!(w.round(Instant::now()), Seen::Ran(_)));
+        assert!(matches!(w.round(Instant::now()), Seen::Waiting(_)));
+        drop(rt);
+        assert_eq!(w.round(Instant::now()), Seen::Gone);
+        assert_eq!(w.round(Instant::now()), Seen::Gone, "and stays so");
+    }
+}
