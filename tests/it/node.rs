@@ -702,7 +702,8 @@ fn the_front_runs_at_normal_priority_and_the_rest_below() {
 
 /// Which settings win, as the README says: `serve`'s flags over its config file, and a config
 /// file over the hook's `NARMESH_SOCKET` / `NARMESH_SPOOL`; `status` finds the socket by
-/// `--socket`, else `--config` or `NARMESH_CONFIG`, else `NARMESH_SOCKET`.
+/// `--socket`, else `--config` or `NARMESH_CONFIG`, else `NARMESH_SOCKET`, else the `socket` of
+/// `/etc/narmesh.toml`, else `/run/narmesh/narmesh.sock`.
 #[test]
 fn flags_beat_the_config_file_which_beats_the_hooks_variables() {
     use std::process::{Command, Stdio};
@@ -785,6 +786,63 @@ fn flags_beat_the_config_file_which_beats_the_hooks_variables() {
         &[("NARMESH_CONFIG", &conf), ("NARMESH_SOCKET", &sock)]
     ));
     assert!(status(&[], &[("NARMESH_SOCKET", &sock)]));
+
+    // Then the host's /etc/narmesh.toml, then /run/narmesh/narmesh.sock: run in a mount
+    // namespace whose /etc holds only the given config file (or none) and whose /run/narmesh
+    // is `run`. The socket tried, from stderr, or None if the node answered.
+    crate::harness::require("bwrap");
+    let run = d.join("run");
+    std::fs::create_dir(&run).unwrap();
+    let tried = |etc: Option<&std::path::Path>, env: &[(&str, &std::path::Path)]| {
+        let mut cmd = Command::new("bwrap");
+        cmd.args(["--dev-bind", "/", "/", "--tmpfs", "/etc"]);
+        if let Some(etc) = etc {
+            cmd.arg("--ro-bind").arg(etc).arg("/etc/narmesh.toml");
+        }
+        cmd.arg("--bind")
+            .arg(&run)
+            .arg("/run/narmesh")
+            .arg(&narmesh)
+            .arg("status")
+            .env_remove("NARMESH_CONFIG")
+            .env_remove("NARMESH_SOCKET");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.stdin(Stdio::null()).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (!out.status.success()).then(|| {
+            err.split("connecting to the node at ")
+                .nth(1)
+                .and_then(|e| e.split(' ').next())
+                .unwrap_or_else(|| panic!("status failed without naming a socket: {err}"))
+                .to_owned()
+        })
+    };
+    let nowhere_toml = d.join("at-nowhere.toml");
+    std::fs::write(&nowhere_toml, format!("socket = {nowhere:?}\n")).unwrap();
+    assert_eq!(
+        tried(Some(&at_flag), &[]),
+        None,
+        "/etc/narmesh.toml's socket"
+    );
+    assert_eq!(
+        tried(Some(&nowhere_toml), &[("NARMESH_SOCKET", &sock)]),
+        None,
+        "NARMESH_SOCKET beats /etc/narmesh.toml"
+    );
+    assert_eq!(
+        tried(Some(&at_flag), &[("NARMESH_SOCKET", &nowhere)]).as_deref(),
+        Some(nowhere.to_str().unwrap()),
+        "NARMESH_SOCKET beats /etc/narmesh.toml"
+    );
+    assert_eq!(
+        tried(None, &[]).as_deref(),
+        Some("/run/narmesh/narmesh.sock"),
+        "with neither, the default"
+    );
+    std::os::unix::fs::symlink(&sock, run.join("narmesh.sock")).unwrap();
+    assert_eq!(tried(None, &[]), None, "the default reaches a node there");
 }
 
 /// Idle clients cannot hold the HTTP cache's every slot: with `[http] idle-secs = 2`, as many
