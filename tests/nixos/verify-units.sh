@@ -214,6 +214,18 @@ check_module() {
        and (.hookScript | test("exec /nix/store/[^ ]+/bin/narmesh-hook\n$"))'
   fi
 
+  # A socket group: the node is a member (to hand the socket and the spool to it), its config
+  # names it, and the group's hook gets through the state directory to the spool.
+  json="$WORK/socket-group.json"
+  if eval_to "module (socketGroup)" '{ services.narmesh = { enable = true; socketGroup = "builders"; }; }' "$json"; then
+    jq_check "module (socketGroup): the node is in the group, its config names it, the state dir lets it through" "$json" \
+      '.service.serviceConfig.SupplementaryGroups == ["builders"]
+       and .service.serviceConfig.StateDirectoryMode == "0711"
+       and .finalSettings."socket-group" == "builders"'
+    jq -r .configToml "$json" >"$WORK/socket-group.toml"
+    check_config "module (socketGroup) config" "$WORK/socket-group.toml"
+  fi
+
   # A store path (world-readable) or a relative path is refused.
   local store_key='/nix/store/00000000000000000000000000000000-key.sec'
   json="$WORK/store-key.json"
