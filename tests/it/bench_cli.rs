@@ -154,6 +154,35 @@ fn an_eager_node_fetches_a_wish_list_longer_than_its_window() {
     assert!(eager > 0.0, "the eager peer came to hold every NAR: {r:#}");
 }
 
+/// A run that does not replicate everything still prints its report, naming what failed, and
+/// then exits 1: here the peer's database refuses every announcement (an injected fault the
+/// bench's nodes inherit), so no path becomes servable on it.
+#[test]
+fn a_run_that_does_not_replicate_everything_reports_and_exits_1() {
+    let out = bench(&["--nodes", "2", "--paths", "4", "--large-every", "0"])
+        .args(["--no-seed", "--timeout", "5", "--json"])
+        .env("NARMESH_TEST_FAULT", "mesh.record-fails:1000000")
+        .output()
+        .expect("run narmesh bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    let r: serde_json::Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("no report ({e}): {stdout}"));
+    assert!(
+        r["replicated_paths"].as_u64().is_some_and(|n| n < 4),
+        "{r:#}"
+    );
+    let errors = r["errors"].as_array().expect("errors");
+    assert!(
+        errors.iter().any(|e| e
+            .as_str()
+            .is_some_and(|e| e.contains("were not servable on every node"))),
+        "{r:#}"
+    );
+    assert!(stderr.contains("error(s), see the report"), "{stderr}");
+}
+
 /// A run whose nodes' copies would not fit refuses at once, naming the space it needs, instead
 /// of stalling half-way: 800 MiB of room, a workload of 2 x 50 MiB (its store takes 100 MiB
 /// of the room) kept by 3 nodes, plus 512 MiB to spare: 812 MiB. One copy would fit.
