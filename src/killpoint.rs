@@ -7,8 +7,9 @@
 //!
 //! Beside them, [`FAULTS`]: points where a test makes one step fail in a way no real part
 //! produces on demand (an upload task panicking, a database commit refused), so the node's
-//! recovery from it is tested. `NARMESH_TEST_FAULT=NAME:N[,NAME:N...]` fails each named point
-//! the first N times it is reached.
+//! recovery from it is tested, or one step hang for good ([`hang`]: blocked work, for the
+//! watchdog). `NARMESH_TEST_FAULT=NAME:N[,NAME:N...]` fails each named point the first N times
+//! it is reached.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};

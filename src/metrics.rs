@@ -42,7 +42,12 @@ pub const REFUSALS: &[&str] = &[
     "unknown-ticket",
 ];
 
-/// One of the node's runtimes (`front`, `http`, `main`), as the watchdog probes them.
+/// The node's runtimes, as the watchdog probes them: `front` (hook acknowledgements), `http`
+/// (the cache), `main` (the pipeline, the mesh, the mirror). Each has its
+/// `narmesh_runtime_lag_seconds` series from the start.
+pub const RUNTIMES: &[&str] = &["front", "http", "main"];
+
+/// One of [`RUNTIMES`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RuntimeLabels {
     pub runtime: &'static str,
@@ -356,6 +361,11 @@ impl Metrics {
         for part in PARTS {
             m.problem.get_or_create(&PartLabels { part }).set(0);
         }
+        for runtime in RUNTIMES {
+            m.runtime_lag
+                .get_or_create(&RuntimeLabels { runtime })
+                .set(0.0);
+        }
         register(
             (&mut registry, &mut names),
             "problem",
@@ -365,9 +375,13 @@ impl Metrics {
         register(
             (&mut registry, &mut names),
             "runtime_lag_seconds",
-            "How long the watchdog's last probe of each runtime (front: hook acknowledgements; \
-             http: the cache; main: pipeline, mesh, mirror) waited to run, or its probe waiting now \
-             has: past 30 s the runtime has stalled",
+            &format!(
+                "How long the watchdog's last probe of each runtime (front: hook \
+                 acknowledgements; http: the cache; main: pipeline, mesh, mirror) waited to run, \
+                 or its probe waiting now has: past {} s (or half of WatchdogSec=) the runtime \
+                 has stalled",
+                crate::watchdog::STALLED.as_secs()
+            ),
             m.runtime_lag.clone(),
         );
         register(

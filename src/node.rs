@@ -271,6 +271,10 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
         tracing::error!("{e}: the node stops, to be started again by its service manager");
         cancel.cancel();
     }
+    // Stopping, whatever stops it: systemd's watchdog is off from here, and its stop timeout
+    // applies instead (a shutdown that finishes the batch in hand may take longer than the
+    // watchdog's interval).
+    crate::systemd::notify("STOPPING=1");
     watchdog.stop();
     front.cancel();
     let _ = tokio::task::spawn_blocking(move || (ingest.join(), http.join())).await;

@@ -82,5 +82,19 @@ fn the_watchdogs_limits() {
     says("One that has run nothing for 30 s");
     assert_eq!(crate::watchdog::PROBE_EVERY, Duration::from_secs(1));
     says("every second a thread of its own gives each");
-    says("`WatchdogSec=60s` the node says `WATCHDOG=1` every 15 s");
+    let units = Some(Duration::from_secs(60));
+    assert_eq!(
+        (
+            crate::watchdog::tell_every(units),
+            crate::watchdog::stall_after(units)
+        ),
+        (Some(Duration::from_secs(15)), Duration::from_secs(30))
+    );
+    says(
+        "`WatchdogSec=60s` the node says `WATCHDOG=1` every 15 s while no runtime has stalled (30 s, half the interval; a shorter `WatchdogSec=` shortens it too)",
+    );
+    assert_eq!(
+        crate::watchdog::stall_after(Some(Duration::from_secs(4))),
+        Duration::from_secs(2)
+    );
 }

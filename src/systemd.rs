@@ -13,6 +13,8 @@ pub fn notify(message: &str) {
     let path = path.to_string_lossy().into_owned();
     let sent = (|| -> std::io::Result<()> {
         let sock = std::os::unix::net::UnixDatagram::unbound()?;
+        // The manager reads what it is sent at once; a full queue is a failure, not a wait.
+        sock.set_nonblocking(true)?;
         let addr = match path.strip_prefix('@') {
             Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name)?,
             None => std::os::unix::net::SocketAddr::from_pathname(&path)?,
@@ -29,11 +31,20 @@ pub fn notify(message: &str) {
 /// `WATCHDOG_USEC` set (and `WATCHDOG_PID`, if set, this process) and a socket to tell.
 pub fn watchdog_interval() -> Option<Duration> {
     std::env::var_os("NOTIFY_SOCKET")?;
-    parse_watchdog(
-        std::env::var("WATCHDOG_USEC").ok().as_deref(),
-        std::env::var("WATCHDOG_PID").ok().as_deref(),
-        std::process::id(),
-    )
+    let usec = std::env::var("WATCHDOG_USEC").ok();
+    let pid = std::env::var("WATCHDOG_PID").ok();
+    let interval = parse_watchdog(usec.as_deref(), pid.as_deref(), std::process::id());
+    if interval.is_none()
+        && let (Some(u), Some(p)) = (&usec, &pid)
+    {
+        // A wrapper that forked the node: systemd watches the wrapper, and kills it.
+        tracing::warn!(
+            "WATCHDOG_USEC={u} is for process {p}, not this one ({}): the watchdog is not \
+             told; run the node itself as ExecStart= (or exec it)",
+            std::process::id()
+        );
+    }
+    interval
 }
 
 fn parse_watchdog(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<Duration> {

@@ -1,15 +1,19 @@
 //! The node's watch over its runtimes: hung work that [`crate::vital`] cannot see, as it never
-//! ends (a task that blocks its thread, a deadlock). A thread of its own gives each runtime (the
-//! front, which acknowledges hooks; the HTTP cache; the main one, for the pipeline, the mesh and
-//! the mirror) a task that does nothing but answer, every second. How long each waited to run is
-//! `narmesh_runtime_lag_seconds{runtime}`; one that has not run for [`STALLED`] (or half the
-//! watchdog's interval, if shorter) is a problem (`narmesh_problem{part="runtime"}`, `narmesh
-//! status`, and the log names it).
+//! ends. A thread of its own gives each runtime ([`crate::metrics::RUNTIMES`]: the front, which
+//! acknowledges hooks; the HTTP cache; the main one, for the pipeline, the mesh and the mirror)
+//! a task that does nothing but answer, every second. How long each waited to run is
+//! `narmesh_runtime_lag_seconds{runtime}`. One that has run nothing for [`STALLED`] (or half the
+//! watchdog's interval, if shorter) has stalled: every thread it has is blocked (a blocking call
+//! in a task on the front's or the cache's thread, a disk that does not answer the front's
+//! fsync, every worker of the main one stuck). That is a problem (`narmesh_problem{part=
+//! "runtime"}`, `narmesh status`), and the log names it. What it does not see: one blocked
+//! worker of the main runtime while another runs, threads outside the runtimes, and tasks that
+//! wait on each other (their runtime stays idle, and answers).
 //!
-//! Under systemd with `WatchdogSec=` (the units set 60 s), the node says `WATCHDOG=1` every
-//! quarter of the interval while no runtime has stalled, and says nothing once one has: systemd
-//! then kills the node (SIGABRT) and starts it again (`Restart=on-failure`). Everything
-//! acknowledged is durable, and a restart picks up the work where it stopped.
+//! Under systemd with `WatchdogSec=` (see `deploy/systemd/narmesh.service`), the node says
+//! `WATCHDOG=1` every quarter of the interval while no runtime has stalled, and says nothing
+//! once one has: systemd then kills the node and starts it again. Everything acknowledged is
+//! durable, and a restart picks up the work where it stopped.
 
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -24,6 +28,17 @@ use crate::metrics::Metrics;
 pub const STALLED: Duration = Duration::from_secs(30);
 /// How often each runtime is given a probe.
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a probe may wait before its runtime has stalled, under systemd's watchdog
+/// `interval` if there is one: [`STALLED`], or half the interval if that is shorter.
+pub fn stall_after(interval: Option<Duration>) -> Duration {
+    interval.map_or(STALLED, |i| STALLED.min(i / 2))
+}
+
+/// How often systemd's watchdog is told the node is alive: every quarter of its interval.
+pub fn tell_every(interval: Option<Duration>) -> Option<Duration> {
+    interval.map(|i| i / 4)
+}
 
 /// One runtime watched: its probe in flight, if any.
 struct Watched {
@@ -88,6 +103,17 @@ impl Watched {
     }
 }
 
+/// Whether a runtime has stalled, by what this round `seen` of it, whether it had stalled
+/// before, and whether this round came `late` (this thread itself was held up, so the runtimes
+/// have not had their turn: no new verdict).
+fn stalled_now(seen: Seen, was: bool, late: bool, stall: Duration) -> bool {
+    match seen {
+        Seen::Waiting(d) if late => was && d >= stall,
+        Seen::Waiting(d) => d >= stall,
+        Seen::Ran(_) | Seen::Gone => false,
+    }
+}
+
 /// The watch; dropping it (or [`Watchdog::stop`]) ends its thread.
 pub struct Watchdog {
     stop: Option<mpsc::Sender<()>>,
@@ -107,21 +133,31 @@ impl Watchdog {
             .into_iter()
             .map(|(name, h)| Watched::new(name, h))
             .collect();
-        let stall = interval.map_or(STALLED, |i| STALLED.min(i / 2));
-        let tell_every = interval.map(|i| i / 4);
+        debug_assert!(
+            (watched.iter()).all(|w| crate::metrics::RUNTIMES.contains(&w.name)),
+            "a runtime not in RUNTIMES"
+        );
+        let stall = stall_after(interval);
+        let tell_every = tell_every(interval);
         let probe_every = tell_every.map_or(PROBE_EVERY, |t| PROBE_EVERY.min(t));
-        if let Some(i) = interval {
+        if let (Some(i), Some(t)) = (interval, tell_every) {
             tracing::info!(
-                "watchdog: telling systemd every {:?} while no runtime stalls for {stall:?} (WatchdogSec={i:?})",
-                i / 4
+                "watchdog: telling systemd every {t:?} while no runtime stalls for {stall:?} \
+                 (WatchdogSec={i:?})"
             );
         }
         let thread = std::thread::Builder::new()
             .name("narmesh-watchdog".into())
             .spawn(move || {
                 let mut told: Option<Instant> = None;
+                let mut last_round: Option<Instant> = None;
                 loop {
                     let now = Instant::now();
+                    // This thread itself ran late (the process was frozen, SIGSTOP or a
+                    // paused machine): the runtimes have not had their turn yet, so no verdict
+                    // this round.
+                    let late = last_round.is_some_and(|l| now.duration_since(l) > probe_every * 3);
+                    last_round = Some(now);
                     let mut stalled = Vec::new();
                     for w in &mut watched {
                         let seen = w.round(now);
@@ -133,7 +169,7 @@ impl Watchdog {
                             .runtime_lag
                             .get_or_create(&crate::metrics::RuntimeLabels { runtime: w.name })
                             .set(lag.as_secs_f64());
-                        let now_stalled = matches!(seen, Seen::Waiting(d) if d >= stall);
+                        let now_stalled = stalled_now(seen, w.stalled, late, stall);
                         if now_stalled {
                             stalled.push(format!(
                                 "the {} runtime has run nothing for {} s",
@@ -202,6 +238,20 @@ impl Drop for Watchdog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A probe that waited as long as the stall limit is a stall, unless the round itself came
+    /// late (the process was frozen) and the runtime had not stalled before; one that ran, or
+    /// whose runtime is gone, is none.
+    #[test]
+    fn a_late_round_declares_no_new_stall() {
+        let (stall, s) = (Duration::from_secs(30), Duration::from_secs);
+        assert!(stalled_now(Seen::Waiting(s(30)), false, false, stall));
+        assert!(!stalled_now(Seen::Waiting(s(29)), false, false, stall));
+        assert!(!stalled_now(Seen::Waiting(s(300)), false, true, stall));
+        assert!(stalled_now(Seen::Waiting(s(300)), true, true, stall));
+        assert!(!stalled_now(Seen::Ran(s(300)), true, false, stall));
+        assert!(!stalled_now(Seen::Gone, true, false, stall));
+    }
 
     /// A runtime whose thread is blocked is seen waiting (its lag grows), one that runs is seen
     /// running, and one that has shut down is gone, not stalled.

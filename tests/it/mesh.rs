@@ -192,7 +192,9 @@ fn nodes_that_were_away_catch_up() {
         .collect();
     assert!(!at.is_empty(), "B logs its failure:\n{b_log}");
     assert!(
-        at.windows(2).all(|w| w[1] - w[0] >= 0.99 || w[1] < w[0]),
+        // (The limit counts by the monotonic clock, the log's stamps are the wall clock's,
+        // taken a little later.)
+        at.windows(2).all(|w| w[1] - w[0] >= 0.9 || w[1] < w[0]),
         "B's failures logged within a second of each other: {at:?}"
     );
     substitute_from(&cl.nodes[1], &top, 3);

@@ -221,6 +221,10 @@ impl Node {
             .env("NARMESH_LOG", "info,narmesh=debug")
             .env_remove("NARMESH_SOCKET")
             .env_remove("NARMESH_SPOOL")
+            // A test runner under systemd must not hand its own service manager to the node.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
