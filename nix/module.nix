@@ -223,8 +223,8 @@ in
           # start limit).
           RestartSec = "5s";
           # A node whose runtime has run nothing for 30 s (hung work, which never ends) stops
-          # telling systemd it is alive, and is killed (SIGABRT) and started again within a
-          # minute and a half.
+          # telling systemd it is alive: killed (SIGABRT) a minute after it last told, started
+          # again 5 s later.
           WatchdogSec = "60s";
 
           DynamicUser = false;

@@ -33,7 +33,8 @@
 //! - [`vital`]: the parts that must run as long as the node does; one that ends stops it.
 //! - [`watchdog`]: the node's runtimes probed; one that stalls is a problem, and systemd's
 //!   watchdog is no longer told the node is alive.
-//! - [`systemd`]: the service manager's notification socket (`READY=1`, `WATCHDOG=1`).
+//! - [`systemd`]: the service manager's notification socket (`READY=1`, `STOPPING=1`,
+//!   `WATCHDOG=1`).
 //! - [`bench`]: `narmesh bench`, replication measured on one machine beside its baselines.
 //! - [`cli`], [`client`]: the command line and its socket client; `main.rs` only runs it.
 //!

@@ -87,11 +87,26 @@ impl EverySecond {
             None
         }
     }
+
+    /// How many were not logged since the last line, now counted as told (by a line saying
+    /// the trouble has ended).
+    pub fn take_unlogged(&self) -> u64 {
+        std::mem::take(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()).1)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_line_a_second_and_what_was_not_logged_is_counted_once() {
+        let e = EverySecond::default();
+        assert_eq!(e.allow(), Some(0));
+        assert_eq!((e.allow(), e.allow()), (None, None));
+        assert_eq!(e.take_unlogged(), 2);
+        assert_eq!(e.take_unlogged(), 0, "counted once");
+    }
 
     #[test]
     fn repeats_are_limited_unless_the_filter_asks_for_debug() {

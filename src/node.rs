@@ -271,11 +271,11 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
         tracing::error!("{e}: the node stops, to be started again by its service manager");
         cancel.cancel();
     }
-    // Stopping, whatever stops it: systemd's watchdog is off from here, and its stop timeout
-    // applies instead (a shutdown that finishes the batch in hand may take longer than the
-    // watchdog's interval).
-    crate::systemd::notify("STOPPING=1");
+    // Stopping, whatever stops it: systemd's watchdog is off from here (no WATCHDOG=1 may
+    // follow, which would arm it again), and its stop timeout applies instead (a shutdown that
+    // finishes the batch in hand may take longer than the watchdog's interval).
     watchdog.stop();
+    crate::systemd::notify("STOPPING=1");
     front.cancel();
     let _ = tokio::task::spawn_blocking(move || (ingest.join(), http.join())).await;
     back.cancel();

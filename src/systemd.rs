@@ -1,6 +1,7 @@
 //! The service manager's notification socket (`NOTIFY_SOCKET`, as systemd sets it for a
-//! `Type=notify` unit): `READY=1` once the node can be reached, and the watchdog's interval
-//! (`WATCHDOG_USEC`) with its `WATCHDOG=1`. Without the variables, nothing is sent.
+//! `Type=notify` unit): `READY=1` once the node can be reached, `STOPPING=1` when it stops, and
+//! the watchdog's interval (`WATCHDOG_USEC`) with its `WATCHDOG=1`. Without the variables,
+//! nothing is sent.
 
 use std::time::Duration;
 

@@ -72,6 +72,14 @@ impl Watched {
         }
     }
 
+    /// This thread was held up: a probe in flight of a runtime that had not stalled waits from
+    /// now (the runtime gets its full time to run it once all threads run again).
+    fn late(&mut self, now: Instant) {
+        if let (Some((sent, _)), false) = (self.probe.as_mut(), self.stalled) {
+            *sent = now;
+        }
+    }
+
     /// Look at the probe in flight, and send another once it has run.
     fn round(&mut self, now: Instant) -> Seen {
         if self.gone {
@@ -139,7 +147,9 @@ impl Watchdog {
         );
         let stall = stall_after(interval);
         let tell_every = tell_every(interval);
-        let probe_every = tell_every.map_or(PROBE_EVERY, |t| PROBE_EVERY.min(t));
+        let probe_every = tell_every
+            .map_or(PROBE_EVERY, |t| PROBE_EVERY.min(t))
+            .max(Duration::from_millis(10));
         if let (Some(i), Some(t)) = (interval, tell_every) {
             tracing::info!(
                 "watchdog: telling systemd every {t:?} while no runtime stalls for {stall:?} \
@@ -158,6 +168,9 @@ impl Watchdog {
                     // this round.
                     let late = last_round.is_some_and(|l| now.duration_since(l) > probe_every * 3);
                     last_round = Some(now);
+                    if late {
+                        watched.iter_mut().for_each(|w| w.late(now));
+                    }
                     let mut stalled = Vec::new();
                     for w in &mut watched {
                         let seen = w.round(now);
@@ -267,6 +280,16 @@ mod tests {
         // Nothing drives the runtime: the probe waits.
         let later = t0 + Duration::from_secs(5);
         assert_eq!(w.round(later), Seen::Waiting(Duration::from_secs(5)));
+        // A round that came late restarts its clock (unless it had stalled before).
+        let much_later = t0 + Duration::from_secs(100);
+        w.late(much_later);
+        assert_eq!(w.round(much_later), Seen::Waiting(Duration::ZERO));
+        w.stalled = true;
+        w.late(much_later + Duration::from_secs(100));
+        assert_eq!(
+            w.round(much_later + Duration::from_secs(100)),
+            Seen::Waiting(Duration::from_secs(100))
+        );
         // Driven, it runs, and the next one is sent.
         rt.block_on(tokio::task::yield_now());
         assert!(matches!(w.round(Instant::now()), Seen::Ran(_)));

@@ -171,6 +171,10 @@ impl Node {
             )
             .env_remove("NARMESH_SOCKET")
             .env_remove("NARMESH_SPOOL")
+            // A bench run under a service manager must not hand it to its nodes.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -117,7 +117,7 @@ pub struct Ctx {
     refusal_log: Mutex<HashMap<&'static str, endpoint::EverySecond>>,
     /// When the node's own failure to record what peers said was last logged (a full disk
     /// fails every gossip message and catch-up batch: one line a second).
-    record_log: endpoint::EverySecond,
+    record_log: crate::logging::EverySecond,
 }
 
 /// The hash part of the store path a narinfo names, if it names one.
@@ -248,6 +248,13 @@ impl Ctx {
         .await;
         match res {
             Ok(Ok((accepted, n))) => {
+                let missed = self.record_log.take_unlogged();
+                if missed > 0 {
+                    tracing::info!(
+                        "mesh: recording announcements works again ({missed} more failure(s) \
+                         were not logged)"
+                    );
+                }
                 if n > 0 {
                     self.metrics.mesh_records_changed.inc_by(n as u64);
                     tracing::debug!("mesh: recorded {n} new or changed path(s) from {from}");
@@ -389,7 +396,7 @@ impl MeshHandle {
             sync_every: Duration::from_millis(cfg.sync_interval_ms),
             forget_after_secs: parts.forget_after_secs,
             refusal_log: Mutex::new(HashMap::new()),
-            record_log: endpoint::EverySecond::default(),
+            record_log: crate::logging::EverySecond::default(),
         });
         let serving = Arc::new(tokio::sync::Semaphore::new(nar::MAX_SERVING));
         let serving_by_peer = endpoint::PeerSlots::new(nar::SERVING_PER_PEER);

@@ -81,7 +81,7 @@ fn the_node_tells_systemd_when_it_is_ready() {
     assert_eq!(&buf[..n], b"STOPPING=1");
 }
 
-/// Under systemd's watchdog (`WatchdogSec=`, here 4 s) the node says WATCHDOG=1 every quarter of
+/// Under systemd's watchdog (`WatchdogSec=`, here 10 s) the node says WATCHDOG=1 every quarter of
 /// it while each of its runtimes runs tasks. Once one is blocked for good (a blocking call in a
 /// task: the HTTP cache's thread in one run, the front's in another), it sees the stall within
 /// half the interval and from then on says nothing, so systemd restarts it; its log names the
@@ -97,7 +97,7 @@ fn the_watchdog_is_told_only_while_every_runtime_runs() {
             crate::node_harness::Node::new(&t.path().join("node"), &t.path().join("store"));
         node.env.extend([
             ("NOTIFY_SOCKET".into(), notify.display().to_string()),
-            ("WATCHDOG_USEC".into(), "4000000".into()),
+            ("WATCHDOG_USEC".into(), "10000000".into()),
             ("NARMESH_TEST_FAULT".into(), format!("{fault}:1")),
         ]);
         node.start();
@@ -122,10 +122,16 @@ fn the_watchdog_is_told_only_while_every_runtime_runs() {
                 .filter(|(_, m)| m.as_slice() == b"WATCHDOG=1")
                 .count()
         };
-        let before = read_until(Instant::now() + Duration::from_secs(4));
+        let before = read_until(Instant::now() + Duration::from_secs(8));
+        let said = format!("watchdog: the {runtime} runtime has run nothing");
+        assert!(
+            !node.log().contains("has run nothing"),
+            "a stall before any was made:\n{}",
+            node.log()
+        );
         assert!(
             pings(&before) >= 3,
-            "{runtime}: told every second while all runs: {:?}",
+            "{runtime}: told every 2.5 s while all runs: {:?}",
             before
                 .iter()
                 .map(|(_, m)| String::from_utf8_lossy(m))
@@ -148,7 +154,6 @@ fn the_watchdog_is_told_only_while_every_runtime_runs() {
                 crate::harness::run_hook(&socket, &spool, drv, "", 300);
             });
         }
-        let said = format!("watchdog: the {runtime} runtime has run nothing");
         wait_until(30, "the watchdog to see the stall", || {
             node.log().contains(&said)
         });
@@ -158,7 +163,7 @@ fn the_watchdog_is_told_only_while_every_runtime_runs() {
         let mut buf = [0u8; 64];
         while sock.recv(&mut buf).is_ok() {}
         sock.set_nonblocking(false).unwrap();
-        let silent = read_until(Instant::now() + Duration::from_millis(2500));
+        let silent = read_until(Instant::now() + Duration::from_secs(6));
         assert_eq!(
             pings(&silent),
             0,
@@ -188,7 +193,7 @@ fn the_watchdog_is_told_only_while_every_runtime_runs() {
                 .find_map(|l| l.strip_prefix("narmesh_runtime_lag_seconds{runtime=\"front\"} "))
                 .and_then(|v| v.parse().ok())
                 .expect("the front's lag");
-            assert!(lag >= 2.0, "the front's lag grows: {lag}");
+            assert!(lag >= 5.0, "the front's lag grows: {lag}");
         }
         node.kill9();
     }

@@ -795,7 +795,8 @@ fn flags_beat_the_config_file_which_beats_the_hooks_variables() {
     std::fs::create_dir(&run).unwrap();
     let tried = |etc: Option<&std::path::Path>, env: &[(&str, &std::path::Path)]| {
         let mut cmd = Command::new("bwrap");
-        cmd.args(["--dev-bind", "/", "/", "--tmpfs", "/etc"]);
+        // (A tmpfs on /run: the mount point /run/narmesh is made there, not on the host.)
+        cmd.args(["--dev-bind", "/", "/", "--tmpfs", "/etc", "--tmpfs", "/run"]);
         if let Some(etc) = etc {
             cmd.arg("--ro-bind").arg(etc).arg("/etc/narmesh.toml");
         }
@@ -834,7 +835,7 @@ fn flags_beat_the_config_file_which_beats_the_hooks_variables() {
     assert_eq!(
         tried(Some(&at_flag), &[("NARMESH_SOCKET", &nowhere)]).as_deref(),
         Some(nowhere.to_str().unwrap()),
-        "NARMESH_SOCKET beats /etc/narmesh.toml"
+        "NARMESH_SOCKET naming nowhere beats a working /etc/narmesh.toml"
     );
     assert_eq!(
         tried(None, &[]).as_deref(),

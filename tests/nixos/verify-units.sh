@@ -131,6 +131,7 @@ SUPERVISION=(
   "Type=notify"
   "Restart=on-failure"
   "RestartSec=5s"
+  # A node whose runtime stalls stops telling the watchdog (src/watchdog.rs).
   "WatchdogSec=60s"
 )
 
