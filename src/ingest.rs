@@ -35,6 +35,7 @@ pub(crate) const SPOOL_BACKOFF_MAX: Duration = Duration::from_secs(30);
 fn spool_backoff(wait: Duration) -> Duration {
     (wait * 2).clamp(Duration::from_secs(1), SPOOL_BACKOFF_MAX)
 }
+
 /// How long a hook's validation on the front's thread waits for another process's lock on the
 /// Nix store database (a writer's, under a rollback journal) before the report is queued
 /// unchecked: the pipeline checks every path against the database anyway, and the front's

@@ -107,8 +107,8 @@ pub const FAULTS: &[&str] = &[
     "pipeline.plan-late",
     // The pipeline panics at a batch of reports it has not planned yet.
     "pipeline.panics",
-    // Answering `/nix-cache-info` blocks the HTTP cache's thread for good (a blocking call in
-    // a task, a deadlock): the watchdog's to see.
+    // Answering `/nix-cache-info` blocks the HTTP cache's thread for good (as a blocking call
+    // in a task would): the watchdog's to see.
     "http.hangs",
     // Taking in a hook report blocks the front's thread for good.
     "front.hangs",

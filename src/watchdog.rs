@@ -194,8 +194,8 @@ impl Watchdog {
                             w.stalled = now_stalled;
                             if now_stalled {
                                 tracing::error!(
-                                    "watchdog: the {} runtime has run nothing for {lag:?} (a \
-                                     task blocks its thread, or a deadlock){}",
+                                    "watchdog: the {} runtime has run nothing for {lag:?} (all \
+                                     its threads are blocked){}",
                                     w.name,
                                     if interval.is_some() {
                                         "; systemd is no longer told the node is alive, and \
