@@ -234,4 +234,78 @@ mod tests {
             other => panic!("{other:?}"),
         }
     }
+
+    /// `ae93e66`'s messages (`tests/fixtures/v2`): a real catch-up batch of four paths, one of
+    /// them as gossip, and the transfer's and bulk channel's requests and answers.
+    #[test]
+    fn golden_v2_messages_still_decode() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/v2");
+        let read = |n: &str| std::fs::read(dir.join(n)).unwrap();
+        let batch: SyncBatchV2 = postcard::from_bytes(&read("sync-batch.postcard")).unwrap();
+        assert_eq!((batch.entries.len(), batch.next, batch.more), (4, 4, false));
+        for e in &batch.entries {
+            assert!(e.narinfo.starts_with("StorePath: /nix/store/"), "{e:?}");
+            assert_eq!((e.bindings.len(), e.providers.len()), (1, 1), "{e:?}");
+            assert!(e.providers[0].holds);
+        }
+        let req: SyncRequest = postcard::from_bytes(&read("sync-request.postcard")).unwrap();
+        assert_eq!((req.version, req.after, req.limit), (2, 0, 512));
+        let one = match crate::gossip::decode(&read("announce.postcard")).unwrap() {
+            crate::gossip::Incoming::V2(a) => a,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(one, batch.entries[1]);
+        let b = one.blake3;
+        let q = |n: &str| postcard::from_bytes::<NarQuery>(&read(n)).unwrap();
+        assert_eq!(
+            q("nar-query-leaves.postcard"),
+            NarQuery {
+                version: 2,
+                blake3: b,
+                what: NarWhat::Leaves
+            }
+        );
+        let range = NarWhat::Range {
+            start: 16384,
+            end: 65536,
+        };
+        assert_eq!(
+            q("nar-query-range.postcard"),
+            NarQuery {
+                version: 2,
+                blake3: b,
+                what: range
+            }
+        );
+        let r = |n: &str| postcard::from_bytes::<NarReply>(&read(n)).unwrap();
+        assert_eq!(
+            r("nar-reply-leaves.postcard"),
+            NarReply::Leaves { size: one.nar_size }
+        );
+        assert_eq!(
+            r("nar-reply-range.postcard"),
+            NarReply::Range { len: 49152 }
+        );
+        assert_eq!(r("nar-reply-busy.postcard"), NarReply::Busy);
+        let ask: BulkAsk = postcard::from_bytes(&read("bulk-ask.postcard")).unwrap();
+        assert_eq!(ask, BulkAsk { blake3: b });
+        let reply: BulkReply = postcard::from_bytes(&read("bulk-reply.postcard")).unwrap();
+        assert_eq!(
+            reply,
+            BulkReply::Ticket {
+                port: 40123,
+                token: [7; 32],
+                valid_ms: 10_000
+            }
+        );
+        let header: [u8; BulkHeader::LEN] = read("bulk-header.bin").try_into().unwrap();
+        assert_eq!(
+            BulkHeader::decode(&header),
+            Some(BulkHeader {
+                token: [7; 32],
+                start: 16384,
+                end: 65536
+            })
+        );
+    }
 }

@@ -197,12 +197,11 @@ fn nar_files_are_counted_and_evictions_clear_wishes() {
     assert_eq!(db.leaves(&[9; 32]).unwrap(), None);
 }
 
-/// The `e5a6e05` fixture: its records, log order and the NARs its blob store held.
-#[test]
-fn a_data_dir_of_e5a6e05_is_migrated() {
+/// A golden fixture (`tests/fixtures/datadir-<commit>.tar.zst`) unpacked.
+fn fixture(commit: &str) -> tempfile::TempDir {
     let t = tempfile::tempdir().unwrap();
     let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/datadir-e5a6e05.tar.zst");
+        .join(format!("tests/fixtures/datadir-{commit}.tar.zst"));
     let ok = std::process::Command::new("tar")
         .arg("--zstd")
         .arg("-xf")
@@ -212,6 +211,13 @@ fn a_data_dir_of_e5a6e05_is_migrated() {
         .status()
         .unwrap();
     assert!(ok.success());
+    t
+}
+
+/// The `e5a6e05` fixture: its records, log order and the NARs its blob store held.
+#[test]
+fn a_data_dir_of_e5a6e05_is_migrated() {
+    let t = fixture("e5a6e05");
     let db = Db::open(&t.path().join("n1/data/narmesh.redb")).unwrap();
     assert_eq!(db.counters().unwrap().paths, 4);
     let (entries, more) = db.log_after(0, 100).unwrap();
@@ -231,6 +237,82 @@ fn a_data_dir_of_e5a6e05_is_migrated() {
     // Opened again: nothing to migrate, nothing lost.
     let db = Db::open(&t.path().join("n1/data/narmesh.redb")).unwrap();
     assert_eq!(db.counters().unwrap().paths, 4);
+}
+
+/// The `ae93e66` fixture, as that release left it: the building node's own paths (one lost
+/// from its store, its claim withdrawn) with their leaves and no NAR files; the eager node's
+/// four NAR files with their leaves and last-used times, and its pinned closure.
+#[test]
+fn a_data_dir_of_ae93e66_reads_as_it_was() {
+    let t = fixture("ae93e66");
+    let paths = std::fs::read_to_string(t.path().join("paths.txt")).unwrap();
+    let paths: Vec<&str> = paths.lines().collect();
+    let gone = paths.iter().find(|p| p.ends_with("-fixture-gone")).unwrap();
+    let dep = paths.iter().find(|p| p.ends_with("-fixture-dep")).unwrap();
+    let hash = |p: &str| {
+        crate::nix::StorePath::parse(p)
+            .unwrap()
+            .hash_part()
+            .to_owned()
+    };
+    for n in ["n0", "n1"] {
+        let db = Db::open(&t.path().join(n).join("data/narmesh.redb")).unwrap();
+        assert_eq!(db.counters().unwrap().paths, 4, "{n}");
+        let (entries, more) = db.log_after(0, 100).unwrap();
+        assert!(!more);
+        let mut logged: Vec<&str> = entries.iter().map(|(_, r)| r.store_path.as_str()).collect();
+        logged.sort();
+        let mut want = paths.clone();
+        want.sort();
+        assert_eq!(logged, want, "{n}: every path in the log");
+        for (_, r) in &entries {
+            let c = r.active().unwrap();
+            assert!(!c.bindings.is_empty(), "{n}: bound: {c:?}");
+            // Kept by what holds the NAR (n0 its own paths, n1 its files).
+            let held = n == "n1" || r.store_path != *gone;
+            assert_eq!(
+                db.leaves(&c.blake3).unwrap().is_some(),
+                held,
+                "{n}: leaves of {}",
+                r.store_path
+            );
+        }
+        let s = db.storage_counters().unwrap();
+        if n == "n0" {
+            assert_eq!((s.own_paths, s.gc_lost, s.files), (3, 1, 0), "{s:?}");
+            let own: Vec<String> = db
+                .own_paths()
+                .unwrap()
+                .into_iter()
+                .map(|(_, _, p)| p)
+                .collect();
+            assert_eq!(own.len(), 3);
+            assert!(!own.iter().any(|p| p == gone), "{own:?}");
+            let (_, r) = entries.iter().find(|(_, r)| r.store_path == *gone).unwrap();
+            let c = r.active().unwrap();
+            assert!(
+                c.withdrawn && c.providers.iter().any(|p| p.holds),
+                "withdrawn after leaving the store, held by n1: {c:?}"
+            );
+        } else {
+            assert_eq!((s.own_paths, s.files), (0, 4), "{s:?}");
+            assert!(s.file_bytes > 200_000, "{s:?}");
+            for (b, f) in db.nar_files().unwrap() {
+                let (_, r) = entries
+                    .iter()
+                    .find(|(_, r)| r.active().unwrap().blake3 == b)
+                    .unwrap();
+                assert_eq!(f.size, r.active().unwrap().nar_size, "{f:?}");
+                // Written back from the fixture's reads (2026-12-07), in seconds.
+                assert!(
+                    (1_796_000_000..1_797_000_000).contains(&f.last_used),
+                    "{f:?}"
+                );
+                assert!(db.leaves(&b).unwrap().is_some());
+            }
+            assert_eq!(db.pins().unwrap(), vec![hash(dep)], "the pin kept");
+        }
+    }
 }
 
 #[test]

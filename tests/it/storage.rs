@@ -723,14 +723,13 @@ fn a_pinned_closure_is_never_evicted_until_unpinned() {
     });
 }
 
-/// A data dir written by `e5a6e05` (golden fixture: n0 built four paths, n1 replicated them
-/// into its iroh-blobs store): n0's own paths are served from its store with no copy, n1's
-/// NARs become files counted against its cap, and Nix substitutes everything from both.
-#[test]
-fn a_data_dir_of_the_previous_format_keeps_working() {
+/// Two nodes started on a golden fixture's data dirs (`tests/fixtures/datadir-<commit>`: `n0`
+/// built the paths into `store-a`, `n1` replicated them eagerly): each serves every path, its
+/// storage is as `check` expects, and Nix substitutes everything from both.
+fn a_data_dir_of(commit: &str, check: impl Fn(&[Node])) {
     let t = tempfile::tempdir().unwrap();
-    let fixture =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/datadir-e5a6e05.tar.zst");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("tests/fixtures/datadir-{commit}.tar.zst"));
     run_ok(
         std::process::Command::new("tar")
             .arg("--zstd")
@@ -754,21 +753,9 @@ fn a_data_dir_of_the_previous_format_keeps_working() {
         n.start();
     }
     for n in &nodes {
-        wait_until(30, "the migrated records to be served", || n.serves(&paths));
-        assert!(
-            !n.dir.join("data/blobs").exists(),
-            "the old blob store is gone"
-        );
+        wait_until(30, "the previous records to be served", || n.serves(&paths));
     }
-    let s0 = nodes[0].status().storage;
-    assert_eq!(
-        (s0.own_paths, s0.files),
-        (4, 0),
-        "n0 serves its builds from its store: {s0:?}"
-    );
-    let s1 = nodes[1].status().storage;
-    assert_eq!(s1.files, 4, "n1 keeps the NARs it had: {s1:?}");
-    assert!(s1.file_bytes > 200_000, "{s1:?}");
+    check(&nodes);
     let top: Vec<StorePath> = paths.iter().map(|p| StorePath::parse(p).unwrap()).collect();
     for n in &nodes {
         let host = NixHost::substituter(&format!("http://{}", n.http), &n.public_key());
@@ -777,6 +764,50 @@ fn a_data_dir_of_the_previous_format_keeps_working() {
         run_ok(host.cmd("nix-store").args(&args));
         assert_eq!(host.closure(&top).len(), 4);
     }
+}
+
+/// A data dir written by `e5a6e05` (n1's NARs in its iroh-blobs store): n0's own paths are
+/// served from its store with no copy, n1's NARs become files counted against its cap.
+#[test]
+fn a_data_dir_of_the_previous_format_keeps_working() {
+    a_data_dir_of("e5a6e05", |nodes| {
+        for n in nodes {
+            assert!(
+                !n.dir.join("data/blobs").exists(),
+                "the old blob store is gone"
+            );
+        }
+        let s0 = nodes[0].status().storage;
+        assert_eq!(
+            (s0.own_paths, s0.files),
+            (4, 0),
+            "n0 serves its builds from its store: {s0:?}"
+        );
+        let s1 = nodes[1].status().storage;
+        assert_eq!(s1.files, 4, "n1 keeps the NARs it had: {s1:?}");
+        assert!(s1.file_bytes > 200_000, "{s1:?}");
+    });
+}
+
+/// A data dir written by `ae93e66` (bounded storage, mesh protocol 2): n0 serves three own
+/// paths from its store and remembers the fourth left it (Nix GC), which n1 still holds and
+/// serves to both; n1 keeps its four NAR files. Nothing is migrated, counted again or lost.
+#[test]
+fn a_data_dir_of_the_last_release_keeps_working() {
+    a_data_dir_of("ae93e66", |nodes| {
+        let s0 = nodes[0].status().storage;
+        assert_eq!(
+            (s0.own_paths, s0.files, s0.gc_lost),
+            (3, 0, 1),
+            "n0 serves three builds from its store: {s0:?}"
+        );
+        let s1 = nodes[1].status().storage;
+        assert_eq!((s1.files, s1.evictions), (4, 0), "{s1:?}");
+        assert!(s1.file_bytes > 200_000, "{s1:?}");
+        for n in nodes {
+            assert!(!n.log().contains("migrat"), "{}", n.log());
+        }
+    });
 }
 
 /// A review cut short by a crash keeps what it confirmed: B, back after an absence, reviews

@@ -349,3 +349,55 @@ fn every_refusal_reason_is_a_metric_series_from_the_start() {
         );
     }
 }
+
+/// `ae93e66`'s catch-up batch and gossip (`tests/fixtures/v2`, from a real run): every entry
+/// is taken in, bound, with its origin (`n0`) as the holder, by a node that trusts `n0`'s key
+/// and allows its endpoint; with the key not trusted, none is.
+#[test]
+fn the_golden_v2_messages_are_taken_in() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v2");
+    let read = |n: &str| std::fs::read(dir.join(n)).unwrap();
+    let batch: narmesh_proto::sync::SyncBatchV2 =
+        postcard::from_bytes(&read("sync-batch.postcard")).unwrap();
+    let mut anns: Vec<Incoming> = batch.entries.into_iter().map(Incoming::V2).collect();
+    anns.push(narmesh_proto::gossip::decode(&read("announce.postcard")).unwrap());
+    // `n0`'s Nix key and endpoint key in the fixture.
+    let n0: crate::nix::PublicKey = "n0-1:0UXMomBBsQAVWiWwzfl1eLZNcbTFNEpo+37fwXUzHDI="
+        .parse()
+        .unwrap();
+    let endpoint: [u8; 32] = (0..32)
+        .map(|i| {
+            let h = "a911b9ee9569bbeb10d7bf2a01f9a07bdb8f59abfd21892f7c72cd595ba58c15";
+            u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap()
+        })
+        .collect::<Vec<u8>>()
+        .try_into()
+        .unwrap();
+    let n0_id = *EndpointSecret::from_bytes(&endpoint).public().as_bytes();
+    let node = SecretKey::generate("node-1").unwrap();
+    let trusted = TrustedKeys::new([n0]);
+    let judge = Judge {
+        trusted: &trusted,
+        key: &node,
+        allowed: |id: &[u8; 32]| *id == n0_id,
+        max_nar_size: 1 << 30,
+    };
+    let claims: Vec<RemoteClaim> = judge
+        .judge_all(&anns)
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(claims.len(), 5);
+    for c in &claims {
+        assert!(c.store_path.starts_with("/nix/store/"), "{}", c.store_path);
+        assert_eq!(c.claim.bindings.len(), 1, "bound: {:?}", c.claim);
+        let holders: Vec<_> = c.claim.providers.iter().map(|p| p.id).collect();
+        assert_eq!(holders, vec![n0_id], "{:?}", c.claim);
+    }
+    let untrusted = TrustedKeys::new([node.public()]);
+    let judge = Judge {
+        trusted: &untrusted,
+        ..judge
+    };
+    assert!(judge.judge_all(&anns).iter().all(|r| r.is_err()));
+}
