@@ -166,9 +166,34 @@ impl Storage {
         Ok(mark)
     }
 
-    /// Write back last-used times.
-    fn flush_touched(&self) -> Result<(), StorageError> {
+    /// Write back last-used times. Those a failed write (a full disk) did not write wait for
+    /// the next flush: the eviction order after a restart is read from them.
+    pub(super) fn flush_touched(&self) -> Result<(), StorageError> {
         let touched = std::mem::take(&mut self.inner.lock().touched);
-        Ok(self.inner.db.touch_nar_files(&touched)?)
+        let rows: Vec<([u8; 32], u64)> = touched.iter().map(|(b, t)| (*b, *t)).collect();
+        if let Err(e) = write_touched(&self.inner.db, &rows) {
+            let mut st = self.inner.lock();
+            for (b, t) in touched {
+                let kept = st.touched.entry(b).or_insert(t);
+                *kept = (*kept).max(t);
+            }
+            return Err(e.into());
+        }
+        Ok(())
     }
+}
+
+/// Write last-used times to the database (a unit test may make it fail).
+fn write_touched(db: &crate::db::Db, rows: &[([u8; 32], u64)]) -> Result<(), crate::db::DbError> {
+    #[cfg(test)]
+    if TOUCH_WRITE_FAILS.get() {
+        return Err(crate::db::DbError::Closed);
+    }
+    db.touch_nar_files(rows)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Writes of last-used times on this thread fail while set.
+    pub(super) static TOUCH_WRITE_FAILS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }

@@ -132,8 +132,8 @@ struct State {
     pins_incomplete: bool,
     /// When the pinned closures were last computed.
     pins_at: Option<std::time::Instant>,
-    /// Last-used times not yet written to the database.
-    touched: Vec<([u8; 32], u64)>,
+    /// Last-used times not yet written to the database (the latest of each NAR).
+    touched: HashMap<[u8; 32], u64>,
 }
 
 impl State {
@@ -492,7 +492,7 @@ impl Storage {
         let now = now_secs();
         let mut st = self.inner.lock();
         if st.lru.touch(blake3, now) {
-            st.touched.push((*blake3, now));
+            st.touched.insert(*blake3, now);
         }
     }
 

@@ -280,3 +280,20 @@ fn an_own_path_removed_before_it_was_recorded_is_checked_all_the_same() {
         "every own path looked up only at the first check and after the removal"
     );
 }
+
+/// A failed write of last-used times (a full disk) keeps them for the next flush, which
+/// writes them: a NAR read lately is not evicted first after a restart for want of its time.
+#[test]
+fn last_used_times_a_failed_write_did_not_write_wait_for_the_next() {
+    let t = tempfile::tempdir().unwrap();
+    let (s, _) = open(t.path(), 2 << 20, 0);
+    fetched(&s, 1, 1000);
+    let before = s.db().nar_file(&[1; 32]).unwrap().unwrap().last_used;
+    s.inner.lock().touched.insert([1; 32], before + 100);
+    gc::TOUCH_WRITE_FAILS.set(true);
+    assert!(s.flush_touched().is_err());
+    gc::TOUCH_WRITE_FAILS.set(false);
+    s.flush_touched().unwrap();
+    let file = s.db().nar_file(&[1; 32]).unwrap().unwrap();
+    assert_eq!(file.last_used, before + 100);
+}
