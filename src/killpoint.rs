@@ -112,6 +112,9 @@ pub const FAULTS: &[&str] = &[
     "http.hangs",
     // Taking in a hook report blocks the front's thread for good.
     "front.hangs",
+    // A pin's database write blocks for good, holding its write transaction (every other
+    // write waits behind it; the runtimes still run).
+    "db.write-hangs",
 ];
 
 /// Block this thread for good (a fault point's hung work): only a kill ends it.

@@ -174,6 +174,8 @@ pub struct Metrics {
     pub mesh_records_changed: Counter,
     /// How long each runtime's last probe waited to run (or the one waiting now has).
     pub runtime_lag: Family<RuntimeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// How long the database's oldest write in flight has been (0 when none is).
+    pub database_write: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// What is wrong now, by part ("queue", "pipeline", ...), for `narmesh status`.
     problems: std::sync::Mutex<std::collections::BTreeMap<&'static str, String>>,
     /// The same, 1 while a part has a problem, for alerts.
@@ -276,6 +278,7 @@ impl Metrics {
             problems: Default::default(),
             problem: Family::default(),
             runtime_lag: Family::default(),
+            database_write: Gauge::default(),
             registry: Registry::default(),
             names: Vec::new(),
         };
@@ -383,6 +386,17 @@ impl Metrics {
                 crate::watchdog::STALLED.as_secs()
             ),
             m.runtime_lag.clone(),
+        );
+        register(
+            (&mut registry, &mut names),
+            "database_write_seconds",
+            &format!(
+                "How long the database's oldest write in flight has run (0 when none is): every \
+                 other write waits behind it; past {} s (or half of WatchdogSec=) the database \
+                 has stalled",
+                crate::watchdog::STALLED.as_secs()
+            ),
+            m.database_write.clone(),
         );
         register(
             (&mut registry, &mut names),

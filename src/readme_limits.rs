@@ -80,6 +80,7 @@ fn an_s3_attempts_deadline() {
 fn the_watchdogs_limits() {
     assert_eq!(crate::watchdog::STALLED, Duration::from_secs(30));
     says("One that has run nothing for 30 s");
+    says("one in flight for 30 s has stalled the database");
     assert_eq!(crate::watchdog::PROBE_EVERY, Duration::from_secs(1));
     says("every second a thread of its own gives each");
     let units = Some(Duration::from_secs(60));
@@ -91,7 +92,7 @@ fn the_watchdogs_limits() {
         (Some(Duration::from_secs(15)), Duration::from_secs(30))
     );
     says(
-        "`WatchdogSec=60s` the node says `WATCHDOG=1` every 15 s while no runtime has stalled (30 s, half the interval; a shorter `WatchdogSec=` shortens it too)",
+        "`WatchdogSec=60s` the node says `WATCHDOG=1` every 15 s while nothing has stalled (30 s, half the interval; a shorter `WatchdogSec=` shortens it too)",
     );
     assert_eq!(
         crate::watchdog::stall_after(Some(Duration::from_secs(4))),

@@ -6,13 +6,16 @@
 //! watchdog's interval, if shorter) has stalled: every thread it has is blocked (a blocking call
 //! in a task on the front's or the cache's thread, a disk that does not answer the front's
 //! fsync, every worker of the main one stuck). That is a problem (`narmesh_problem{part=
-//! "runtime"}`, `narmesh status`), and the log names it. What it does not see: one blocked
-//! worker of the main runtime while another runs, threads outside the runtimes, and tasks that
-//! wait on each other (their runtime stays idle, and answers).
+//! "runtime"}`, `narmesh status`), and the log names it. The database's writes are watched
+//! beside them ([`crate::db::writes`]): one in flight for as long has stalled the database,
+//! as every other write waits behind it while the runtimes still answer. What it does not see:
+//! one blocked worker of the main runtime while another runs, threads outside the runtimes
+//! (but for the database's writes), and tasks that wait on each other (their runtime stays
+//! idle, and answers).
 //!
 //! Under systemd with `WatchdogSec=` (see `deploy/systemd/narmesh.service`), the node says
-//! `WATCHDOG=1` every quarter of the interval while no runtime has stalled, and says nothing
-//! once one has: systemd then kills the node and starts it again. Everything acknowledged is
+//! `WATCHDOG=1` every quarter of the interval while nothing has stalled, and says nothing
+//! once something has: systemd then kills the node and starts it again. Everything acknowledged is
 //! durable, and a restart picks up the work where it stopped.
 
 use std::sync::Arc;
@@ -122,6 +125,13 @@ fn stalled_now(seen: Seen, was: bool, late: bool, stall: Duration) -> bool {
     }
 }
 
+/// How long the oldest database write in flight (`oldest`) counts as waiting at `now`: from
+/// the last round that came `late` at most (the process was frozen meanwhile, and the write
+/// has not had its turn since).
+fn write_age(oldest: Option<Duration>, now: Instant, late: Option<Instant>) -> Option<Duration> {
+    oldest.map(|d| late.map_or(d, |l| d.min(now.duration_since(l))))
+}
+
 /// The watch; dropping it (or [`Watchdog::stop`]) ends its thread.
 pub struct Watchdog {
     stop: Option<mpsc::Sender<()>>,
@@ -129,10 +139,12 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    /// Watch `runtimes`; with `interval` (systemd's `WatchdogSec=`), tell systemd the node is
-    /// alive while none has stalled.
+    /// Watch `runtimes`, and the database's writes (`oldest_write`: how long the oldest write
+    /// in flight has been); with `interval` (systemd's `WatchdogSec=`), tell systemd the node
+    /// is alive while none has stalled.
     pub fn start(
         runtimes: Vec<(&'static str, Handle)>,
+        oldest_write: fn() -> Option<Duration>,
         metrics: Arc<Metrics>,
         interval: Option<Duration>,
     ) -> std::io::Result<Self> {
@@ -161,6 +173,9 @@ impl Watchdog {
             .spawn(move || {
                 let mut told: Option<Instant> = None;
                 let mut last_round: Option<Instant> = None;
+                // The last round that came late: a write's time counts from there at most.
+                let mut last_late: Option<Instant> = None;
+                let mut writes_stalled = false;
                 loop {
                     let now = Instant::now();
                     // This thread itself ran late (the process was frozen, SIGSTOP or a
@@ -170,6 +185,7 @@ impl Watchdog {
                     last_round = Some(now);
                     if late {
                         watched.iter_mut().for_each(|w| w.late(now));
+                        last_late = Some(now);
                     }
                     let mut stalled = Vec::new();
                     for w in &mut watched {
@@ -207,6 +223,36 @@ impl Watchdog {
                             } else {
                                 tracing::info!("watchdog: the {} runtime runs again", w.name);
                             }
+                        }
+                    }
+                    let write = write_age(oldest_write(), now, last_late);
+                    let seen = write.map_or(Seen::Ran(Duration::ZERO), Seen::Waiting);
+                    metrics
+                        .database_write
+                        .set(write.unwrap_or_default().as_secs_f64());
+                    let now_stalled = stalled_now(seen, writes_stalled, late, stall);
+                    if now_stalled {
+                        stalled.push(format!(
+                            "a database write has been in flight for {} s",
+                            write.unwrap_or_default().as_secs()
+                        ));
+                    }
+                    if now_stalled != writes_stalled {
+                        writes_stalled = now_stalled;
+                        if now_stalled {
+                            tracing::error!(
+                                "watchdog: a database write has been in flight for {:?} (every \
+                                 other write waits behind it){}",
+                                write.unwrap_or_default(),
+                                if interval.is_some() {
+                                    "; systemd is no longer told the node is alive, and \
+                                     will restart it"
+                                } else {
+                                    ""
+                                }
+                            );
+                        } else {
+                            tracing::info!("watchdog: the database's writes move again");
                         }
                     }
                     metrics.problem("runtime", (!stalled.is_empty()).then(|| stalled.join("; ")));
@@ -264,6 +310,18 @@ mod tests {
         assert!(stalled_now(Seen::Waiting(s(300)), true, true, stall));
         assert!(!stalled_now(Seen::Ran(s(300)), true, false, stall));
         assert!(!stalled_now(Seen::Gone, true, false, stall));
+    }
+
+    /// A database write counts from its start, or from the last late round if that came
+    /// later; none in flight is none.
+    #[test]
+    fn a_write_counts_from_the_last_late_round() {
+        let (now, s) = (Instant::now(), Duration::from_secs);
+        assert_eq!(write_age(None, now, Some(now)), None);
+        assert_eq!(write_age(Some(s(60)), now, None), Some(s(60)));
+        let late = now.checked_sub(s(2)).unwrap();
+        assert_eq!(write_age(Some(s(60)), now, Some(late)), Some(s(2)));
+        assert_eq!(write_age(Some(s(1)), now, Some(late)), Some(s(1)));
     }
 
     /// A runtime whose thread is blocked is seen waiting (its lag grows), one that runs is seen

@@ -187,7 +187,7 @@ impl Db {
         me: Option<&[u8; 32]>,
     ) -> Result<Again, DbError> {
         let db = self.db.get()?;
-        let mut tx = db.begin_write()?;
+        let mut tx = super::writes::begin(&db)?;
         tx.set_durability(Durability::Immediate)
             .map_err(redb::Error::from)?;
         let mut out = Again::default();

@@ -10,7 +10,8 @@
 //! Files: [`records`] (the record types), `paths` (recording, the log), `storage` (the
 //! storage's tables), `outbox` (the mirror's), `forget` (dropping the records of paths nobody
 //! holds any more), `review` (a peer's statements checked again after a long absence), `audit`
-//! (the mirror's bucket audit), `migrate` (reading a data dir of `e5a6e05`).
+//! (the mirror's bucket audit), `migrate` (reading a data dir of `e5a6e05`), [`writes`] (every
+//! write transaction begins there, counted while in flight for the watchdog).
 
 mod audit;
 mod forget;
@@ -23,13 +24,14 @@ mod paths;
 mod records;
 mod review;
 mod storage;
+pub mod writes;
 
 use std::path::Path;
 use std::sync::Arc;
 
 use redb::{
-    Database, Durability, MultimapTableDefinition, ReadableDatabase, ReadableTable,
-    ReadableTableMetadata, TableDefinition,
+    MultimapTableDefinition, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition,
 };
 
 pub use audit::{Again, Lost};
@@ -183,12 +185,7 @@ fn get_meta(meta: &impl redb::ReadableTable<&'static str, u64>, key: &str) -> Re
     Ok(meta.get(key)?.map(|v| v.value()).unwrap_or(0))
 }
 
-/// A write transaction whose commit is fsync'd before it returns.
-fn durable(db: &Database) -> Result<redb::WriteTransaction, DbError> {
-    let mut tx = db.begin_write()?;
-    tx.set_durability(Durability::Immediate)?;
-    Ok(tx)
-}
+use writes::durable;
 
 impl Db {
     /// Open (or create) the database at `path` (and its queue beside it), creating every

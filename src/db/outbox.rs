@@ -187,7 +187,7 @@ impl Db {
             }
         }
         let db = self.db.get()?;
-        let mut tx = db.begin_write()?;
+        let mut tx = super::writes::begin(&db)?;
         tx.set_durability(Durability::Immediate)
             .map_err(redb::Error::from)?;
         let mut out = Vec::new();
@@ -245,7 +245,7 @@ impl Db {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let token = format!("{INTENT}{at_ms:x}-{n}");
         let db = self.db.get()?;
-        let mut tx = db.begin_write()?;
+        let mut tx = super::writes::begin(&db)?;
         tx.set_durability(Durability::Immediate)
             .map_err(redb::Error::from)?;
         tx.open_table(UPLOADS)?
@@ -258,7 +258,7 @@ impl Db {
     /// up).
     pub fn upload_started(&self, id: &str, key: &str, intent: &str) -> Result<(), DbError> {
         let db = self.db.get()?;
-        let mut tx = db.begin_write()?;
+        let mut tx = super::writes::begin(&db)?;
         tx.set_durability(Durability::Immediate)
             .map_err(redb::Error::from)?;
         {
@@ -274,7 +274,7 @@ impl Db {
     /// fsync'd: if lost, it is aborted again at start, which the bucket answers harmlessly).
     pub fn upload_ended(&self, id: &str) -> Result<(), DbError> {
         let db = self.db.get()?;
-        let mut tx = db.begin_write()?;
+        let mut tx = super::writes::begin(&db)?;
         tx.set_durability(Durability::None)
             .map_err(redb::Error::from)?;
         tx.open_table(UPLOADS)?.remove(id)?;
@@ -418,7 +418,7 @@ impl Db {
             return Ok(released);
         }
         let db = self.db.get()?;
-        let mut tx = db.begin_write()?;
+        let mut tx = super::writes::begin(&db)?;
         tx.set_durability(Durability::Immediate)
             .map_err(redb::Error::from)?;
         {

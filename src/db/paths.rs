@@ -225,7 +225,7 @@ impl Db {
         me: Option<&[u8; 32]>,
     ) -> Result<Vec<(PathRecord, bool)>, DbError> {
         let db = self.db.get()?;
-        let mut tx = db.begin_write()?;
+        let mut tx = super::writes::begin(&db)?;
         let mut out = Vec::new();
         let mut changed = Vec::new();
         let mut moved = false;
@@ -342,7 +342,7 @@ impl Db {
         at_ms: u64,
     ) -> Result<usize, DbError> {
         let db = self.db.get()?;
-        let mut tx = db.begin_write()?;
+        let mut tx = super::writes::begin(&db)?;
         let mut changed = Vec::new();
         let hint = super::Provider {
             id: *id,

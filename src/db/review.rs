@@ -61,7 +61,7 @@ impl Db {
             return Ok(());
         }
         let db = self.db.get()?;
-        let mut tx = db.begin_write()?;
+        let mut tx = super::writes::begin(&db)?;
         tx.set_durability(redb::Durability::None)?;
         tx.open_table(SYNCED)?.insert(peer.as_slice(), now)?;
         tx.commit()?;
@@ -99,7 +99,7 @@ impl Db {
                 }
             }
             if part.len() == PART || (next.is_none() && !part.is_empty()) {
-                let mut tx = db.begin_write()?;
+                let mut tx = super::writes::begin(&db)?;
                 tx.set_durability(redb::Durability::None)?;
                 {
                     let mut review = tx.open_multimap_table(REVIEW)?;
@@ -143,7 +143,7 @@ impl Db {
         seen: &[(String, [u8; 32], bool)],
     ) -> Result<(), DbError> {
         let db = self.db.get()?;
-        let mut tx = db.begin_write()?;
+        let mut tx = super::writes::begin(&db)?;
         tx.set_durability(redb::Durability::None)?;
         {
             let mut review = tx.open_multimap_table(REVIEW)?;

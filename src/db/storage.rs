@@ -335,7 +335,7 @@ impl Db {
             return Ok(());
         }
         let db = self.db.get()?;
-        let tx = db.begin_write()?;
+        let tx = super::writes::begin(&db)?;
         {
             let mut nars = tx.open_table(NARS)?;
             for (b, at) in used {
@@ -358,6 +358,9 @@ impl Db {
     pub fn set_pins(&self, hashes: &[String], pinned: bool) -> Result<(), DbError> {
         let db = self.db.get()?;
         let tx = durable(&db)?;
+        if crate::killpoint::fault("db.write-hangs") {
+            crate::killpoint::hang();
+        }
         {
             let mut pins = tx.open_table(PINS)?;
             let mut unpinned = tx.open_table(UNPINNED)?;

@@ -82,14 +82,20 @@ fn the_node_tells_systemd_when_it_is_ready() {
 }
 
 /// Under systemd's watchdog (`WatchdogSec=`, here 10 s) the node says WATCHDOG=1 every quarter of
-/// it while each of its runtimes runs tasks. Once one is blocked for good (a blocking call in a
-/// task: the HTTP cache's thread in one run, the front's in another), it sees the stall within
-/// half the interval and from then on says nothing, so systemd restarts it; its log names the
-/// runtime, and what still answers says what is wrong (the status over the socket, `/metrics`).
+/// it while each of its runtimes runs tasks and its database writes end. Once one is blocked for
+/// good (a blocking call in a task: the HTTP cache's thread in one run, the front's in another;
+/// a database write that never ends, holding up every other, in a third), it sees the stall
+/// within half the interval and from then on says nothing, so systemd restarts it; its log
+/// names what stalled, and what still answers says what is wrong (the status over the socket,
+/// `/metrics`).
 #[test]
 fn the_watchdog_is_told_only_while_every_runtime_runs() {
     use std::time::{Duration, Instant};
-    for (fault, runtime) in [("http.hangs", "http"), ("front.hangs", "front")] {
+    for (fault, runtime) in [
+        ("http.hangs", "http"),
+        ("front.hangs", "front"),
+        ("db.write-hangs", "database"),
+    ] {
         let t = tempfile::tempdir().unwrap();
         let notify = t.path().join("notify");
         let sock = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
@@ -123,9 +129,13 @@ fn the_watchdog_is_told_only_while_every_runtime_runs() {
                 .count()
         };
         let before = read_until(Instant::now() + Duration::from_secs(8));
-        let said = format!("watchdog: the {runtime} runtime has run nothing");
+        let said = if runtime == "database" {
+            "watchdog: a database write has been in flight for".to_owned()
+        } else {
+            format!("watchdog: the {runtime} runtime has run nothing")
+        };
         assert!(
-            !node.log().contains("has run nothing"),
+            !node.log().contains("has run nothing") && !node.log().contains("in flight for"),
             "a stall before any was made:\n{}",
             node.log()
         );
@@ -147,11 +157,23 @@ fn the_watchdog_is_told_only_while_every_runtime_runs() {
                 let _ = c.write_all(b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n\r\n");
                 let _ = c.read_to_end(&mut Vec::new());
             });
-        } else {
+        } else if runtime == "front" {
             let (socket, spool) = (node.socket(), node.spool());
             std::thread::spawn(move || {
                 let drv = "/nix/store/00000000000000000000000000000000-hang.drv";
                 crate::harness::run_hook(&socket, &spool, drv, "", 300);
+            });
+        } else {
+            // A pin's write (the front answers it from a blocking thread of its own: the
+            // runtimes all still run). `narmesh pin` gives up after its own deadline.
+            let socket = node.socket();
+            std::thread::spawn(move || {
+                let _ = std::process::Command::new(crate::harness::bin("narmesh"))
+                    .args(["pin", "/nix/store/00000000000000000000000000000000-pinned"])
+                    .env("NARMESH_SOCKET", &socket)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status();
             });
         }
         wait_until(30, "the watchdog to see the stall", || {
@@ -169,8 +191,12 @@ fn the_watchdog_is_told_only_while_every_runtime_runs() {
             0,
             "{runtime}: still told the node is alive after its runtime stalled"
         );
-        let problem = format!("the {runtime} runtime has run nothing for");
-        if runtime == "http" {
+        let problem = if runtime == "database" {
+            "a database write has been in flight for".to_owned()
+        } else {
+            format!("the {runtime} runtime has run nothing for")
+        };
+        if runtime != "front" {
             let status = node.status();
             assert!(
                 status
@@ -194,6 +220,17 @@ fn the_watchdog_is_told_only_while_every_runtime_runs() {
                 .and_then(|v| v.parse().ok())
                 .expect("the front's lag");
             assert!(lag >= 5.0, "the front's lag grows: {lag}");
+        }
+        if runtime == "database" {
+            let (code, _, body) = crate::harness::http(&node.http, "GET", "/metrics", &[]);
+            assert_eq!(code, 200);
+            let body = String::from_utf8_lossy(&body);
+            let write: f64 = body
+                .lines()
+                .find_map(|l| l.strip_prefix("narmesh_database_write_seconds "))
+                .and_then(|v| v.parse().ok())
+                .expect("the oldest write's time");
+            assert!(write >= 5.0, "the write's time grows: {write}");
         }
         node.kill9();
     }
