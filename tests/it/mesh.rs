@@ -581,3 +581,72 @@ fn an_eager_node_keeps_a_wish_its_database_failed_to_look_up() {
         "B's first three looks failed"
     );
 }
+
+/// An eager node fetches up to eight NARs at once, at most two of them over 4 MiB, so small
+/// paths are not held up behind large ones. A (its peers held to 4 MiB/s together) built three
+/// NARs of 6 MiB and ten of 1 MiB before B started; B learns all thirteen at once. Its fetches
+/// in flight (its partial files, each as long as its NAR), sampled every 5 ms, reach eight and
+/// never pass it, reach two large ones and never pass that, and every 1 MiB NAR is held before
+/// the last large one.
+#[test]
+fn an_eager_node_fetches_eight_at_once_and_two_large_at_most() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let mut cl = cluster(2, &["on-demand", "eager"]);
+    cl.nodes[0].mesh_extra.push_str("serve-rate = \"4MiB\"\n");
+    cl.nodes[0].start();
+    let outs = cl.a.build(
+        r#"builtins.genList (i: mk "eager-at-once-${toString i}" "head -c ${toString (if i < 3 then 6291456 else 1048576)} /dev/urandom > $out") 13"#,
+    );
+    let paths: Vec<String> = outs.iter().map(|p| p.full()).collect();
+    wait_until(30, "A to serve every path", || cl.nodes[0].serves(&paths));
+    let large = 4u64 << 20;
+    let nars = cl.nodes[1].dir.join("data/nars");
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (stop, nars) = (stop.clone(), nars.clone());
+        std::thread::spawn(move || {
+            let lens = |dir: &std::path::Path| -> Vec<u64> {
+                std::fs::read_dir(dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+                    .collect()
+            };
+            let (mut most, mut most_large) = (0, 0);
+            let (mut small_done, mut large_done) = (None, None);
+            while !stop.load(Ordering::SeqCst) {
+                let flight = lens(&nars.join("partial"));
+                most = most.max(flight.len());
+                most_large = most_large.max(flight.iter().filter(|l| **l > large).count());
+                let held = lens(&nars);
+                if small_done.is_none() && held.iter().filter(|l| **l <= large).count() == 10 {
+                    small_done = Some(Instant::now());
+                }
+                if large_done.is_none() && held.iter().filter(|l| **l > large).count() == 3 {
+                    large_done = Some(Instant::now());
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (most, most_large, small_done, large_done)
+        })
+    };
+    cl.nodes[1].start();
+    wait_until(60, "B to hold every NAR", || {
+        cl.nodes[1].status().storage.files == 13
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    stop.store(true, Ordering::SeqCst);
+    let (most, most_large, small_done, large_done) = sampler.join().unwrap();
+    assert_eq!(most, 8, "fetches at once");
+    assert_eq!(most_large, 2, "large fetches at once");
+    let (small_done, large_done) = (small_done.unwrap(), large_done.unwrap());
+    assert!(
+        small_done < large_done,
+        "the small NARs waited for the large ones: held {:?} after them",
+        small_done - large_done
+    );
+}
