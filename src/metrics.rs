@@ -22,7 +22,9 @@ pub struct PartLabels {
 
 /// The parts that report problems: each has its `narmesh_problem` series from the start (0), so
 /// an alert on it never waits for a first problem.
-pub const PARTS: &[&str] = &["mirror", "pipeline", "queue", "runtime", "spool", "storage"];
+pub const PARTS: &[&str] = &[
+    "database", "mirror", "pipeline", "queue", "runtime", "spool", "storage",
+];
 
 /// Why the mesh refuses something from a peer: each has its `narmesh_mesh_refused_total`
 /// series from the start (0), so `increase()` sees a peer's first refusal too.
@@ -174,8 +176,8 @@ pub struct Metrics {
     pub mesh_records_changed: Counter,
     /// How long each runtime's last probe waited to run (or the one waiting now has).
     pub runtime_lag: Family<RuntimeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
-    /// How long the database's oldest write in flight has been (0 when none is).
-    pub database_write: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// How long the database has had writes in flight and none ended (0 when none is).
+    pub database_stall: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// What is wrong now, by part ("queue", "pipeline", ...), for `narmesh status`.
     problems: std::sync::Mutex<std::collections::BTreeMap<&'static str, String>>,
     /// The same, 1 while a part has a problem, for alerts.
@@ -278,7 +280,7 @@ impl Metrics {
             problems: Default::default(),
             problem: Family::default(),
             runtime_lag: Family::default(),
-            database_write: Gauge::default(),
+            database_stall: Gauge::default(),
             registry: Registry::default(),
             names: Vec::new(),
         };
@@ -389,14 +391,13 @@ impl Metrics {
         );
         register(
             (&mut registry, &mut names),
-            "database_write_seconds",
+            "database_stall_seconds",
             &format!(
-                "How long the database's oldest write in flight has run (0 when none is): every \
-                 other write waits behind it; past {} s (or half of WatchdogSec=) the database \
-                 has stalled",
+                "How long the database has had writes in flight and none ended (0 when none is \
+                 in flight): past {} s (or half of WatchdogSec=) the database has stalled",
                 crate::watchdog::STALLED.as_secs()
             ),
-            m.database_write.clone(),
+            m.database_stall.clone(),
         );
         register(
             (&mut registry, &mut names),

@@ -256,7 +256,7 @@ pub async fn run(mut cfg: Config, cancel: CancellationToken) -> anyhow::Result<(
             ("http", http_runtime),
             ("main", tokio::runtime::Handle::current()),
         ],
-        crate::db::writes::oldest,
+        crate::db::writes::stalled_for,
         metrics.clone(),
         crate::systemd::watchdog_interval(),
     )?;

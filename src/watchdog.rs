@@ -7,8 +7,9 @@
 //! in a task on the front's or the cache's thread, a disk that does not answer the front's
 //! fsync, every worker of the main one stuck). That is a problem (`narmesh_problem{part=
 //! "runtime"}`, `narmesh status`), and the log names it. The database's writes are watched
-//! beside them ([`crate::db::writes`]): one in flight for as long has stalled the database,
-//! as every other write waits behind it while the runtimes still answer. What it does not see:
+//! beside them ([`crate::db::writes`]): writes in flight for as long with none ending have
+//! stalled the database (`part="database"`), as every other write waits behind a hung one
+//! while the runtimes still answer. What it does not see:
 //! one blocked worker of the main runtime while another runs, threads outside the runtimes
 //! (but for the database's writes), and tasks that wait on each other (their runtime stays
 //! idle, and answers).
@@ -18,6 +19,7 @@
 //! once something has: systemd then kills the node and starts it again. Everything acknowledged is
 //! durable, and a restart picks up the work where it stopped.
 
+use std::panic::Location;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -125,11 +127,33 @@ fn stalled_now(seen: Seen, was: bool, late: bool, stall: Duration) -> bool {
     }
 }
 
-/// How long the oldest database write in flight (`oldest`) counts as waiting at `now`: from
-/// the last round that came `late` at most (the process was frozen meanwhile, and the write
-/// has not had its turn since).
-fn write_age(oldest: Option<Duration>, now: Instant, late: Option<Instant>) -> Option<Duration> {
-    oldest.map(|d| late.map_or(d, |l| d.min(now.duration_since(l))))
+/// How long the database has had writes in flight and none ended, and where the oldest began.
+pub type WritesStalled = fn() -> Option<(Duration, &'static Location<'static>)>;
+
+/// The database's writes, watched.
+struct Writes {
+    source: WritesStalled,
+    /// The last round that came late while the database had not stalled: its writes have
+    /// waited since then at most.
+    forgiven: Option<Instant>,
+    stalled: bool,
+}
+
+impl Writes {
+    /// This thread was held up: unless the database had stalled before, its writes wait from
+    /// now (as [`Watched::late`]).
+    fn late(&mut self, now: Instant) {
+        if !self.stalled {
+            self.forgiven = Some(now);
+        }
+    }
+
+    /// How long the writes in flight have waited with none ending, as of `now`.
+    fn round(&self, now: Instant) -> Option<(Duration, &'static Location<'static>)> {
+        let (d, at) = (self.source)()?;
+        let d = self.forgiven.map_or(d, |f| d.min(now.duration_since(f)));
+        Some((d, at))
+    }
 }
 
 /// The watch; dropping it (or [`Watchdog::stop`]) ends its thread.
@@ -139,12 +163,12 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    /// Watch `runtimes`, and the database's writes (`oldest_write`: how long the oldest write
-    /// in flight has been); with `interval` (systemd's `WatchdogSec=`), tell systemd the node
-    /// is alive while none has stalled.
+    /// Watch `runtimes`, and the database's writes (`writes`: how long they have been in
+    /// flight with none ending); with `interval` (systemd's `WatchdogSec=`), tell systemd the
+    /// node is alive while nothing has stalled.
     pub fn start(
         runtimes: Vec<(&'static str, Handle)>,
-        oldest_write: fn() -> Option<Duration>,
+        writes: WritesStalled,
         metrics: Arc<Metrics>,
         interval: Option<Duration>,
     ) -> std::io::Result<Self> {
@@ -164,7 +188,7 @@ impl Watchdog {
             .max(Duration::from_millis(10));
         if let (Some(i), Some(t)) = (interval, tell_every) {
             tracing::info!(
-                "watchdog: telling systemd every {t:?} while no runtime stalls for {stall:?} \
+                "watchdog: telling systemd every {t:?} while nothing stalls for {stall:?} \
                  (WatchdogSec={i:?})"
             );
         }
@@ -173,9 +197,11 @@ impl Watchdog {
             .spawn(move || {
                 let mut told: Option<Instant> = None;
                 let mut last_round: Option<Instant> = None;
-                // The last round that came late: a write's time counts from there at most.
-                let mut last_late: Option<Instant> = None;
-                let mut writes_stalled = false;
+                let mut writes = Writes {
+                    source: writes,
+                    forgiven: None,
+                    stalled: false,
+                };
                 loop {
                     let now = Instant::now();
                     // This thread itself ran late (the process was frozen, SIGSTOP or a
@@ -185,7 +211,7 @@ impl Watchdog {
                     last_round = Some(now);
                     if late {
                         watched.iter_mut().for_each(|w| w.late(now));
-                        last_late = Some(now);
+                        writes.late(now);
                     }
                     let mut stalled = Vec::new();
                     for w in &mut watched {
@@ -225,25 +251,29 @@ impl Watchdog {
                             }
                         }
                     }
-                    let write = write_age(oldest_write(), now, last_late);
-                    let seen = write.map_or(Seen::Ran(Duration::ZERO), Seen::Waiting);
-                    metrics
-                        .database_write
-                        .set(write.unwrap_or_default().as_secs_f64());
-                    let now_stalled = stalled_now(seen, writes_stalled, late, stall);
-                    if now_stalled {
-                        stalled.push(format!(
-                            "a database write has been in flight for {} s",
-                            write.unwrap_or_default().as_secs()
-                        ));
-                    }
-                    if now_stalled != writes_stalled {
-                        writes_stalled = now_stalled;
+                    metrics.problem("runtime", (!stalled.is_empty()).then(|| stalled.join("; ")));
+                    let write = writes.round(now);
+                    let (waited, at) =
+                        write.map_or((Duration::ZERO, None), |(d, at)| (d, Some(at)));
+                    metrics.database_stall.set(waited.as_secs_f64());
+                    let seen = write.map_or(Seen::Ran(Duration::ZERO), |(d, _)| Seen::Waiting(d));
+                    let now_stalled = stalled_now(seen, writes.stalled, late, stall);
+                    let what = || {
+                        format!(
+                            "its writes have been in flight for {} s with none ending (the \
+                             oldest began at {})",
+                            waited.as_secs(),
+                            at.map_or_else(String::new, |a| a.to_string())
+                        )
+                    };
+                    metrics.problem("database", now_stalled.then(what));
+                    if now_stalled != writes.stalled {
+                        writes.stalled = now_stalled;
                         if now_stalled {
                             tracing::error!(
-                                "watchdog: a database write has been in flight for {:?} (every \
-                                 other write waits behind it){}",
-                                write.unwrap_or_default(),
+                                "watchdog: the database has stalled: {} (every other write \
+                                 waits behind it){}",
+                                what(),
                                 if interval.is_some() {
                                     "; systemd is no longer told the node is alive, and \
                                      will restart it"
@@ -252,12 +282,12 @@ impl Watchdog {
                                 }
                             );
                         } else {
-                            tracing::info!("watchdog: the database's writes move again");
+                            tracing::info!("watchdog: the database's writes end again");
                         }
                     }
-                    metrics.problem("runtime", (!stalled.is_empty()).then(|| stalled.join("; ")));
                     if let Some(every) = tell_every
                         && stalled.is_empty()
+                        && !writes.stalled
                         && told.is_none_or(|t| now.duration_since(t) >= every)
                     {
                         crate::systemd::notify("WATCHDOG=1");
@@ -312,16 +342,40 @@ mod tests {
         assert!(!stalled_now(Seen::Gone, true, false, stall));
     }
 
-    /// A database write counts from its start, or from the last late round if that came
-    /// later; none in flight is none.
+    /// Writes wait from their start, or from the last late round if that came later, unless
+    /// the database had stalled before it (then it stays stalled); none in flight is none.
     #[test]
-    fn a_write_counts_from_the_last_late_round() {
+    fn writes_wait_from_the_last_late_round_unless_stalled_before() {
+        fn a_minute() -> Option<(Duration, &'static Location<'static>)> {
+            Some((Duration::from_secs(60), Location::caller()))
+        }
+        fn none() -> Option<(Duration, &'static Location<'static>)> {
+            None
+        }
         let (now, s) = (Instant::now(), Duration::from_secs);
-        assert_eq!(write_age(None, now, Some(now)), None);
-        assert_eq!(write_age(Some(s(60)), now, None), Some(s(60)));
+        let mut w = Writes {
+            source: a_minute,
+            forgiven: None,
+            stalled: false,
+        };
+        assert_eq!(w.round(now).unwrap().0, s(60));
         let late = now.checked_sub(s(2)).unwrap();
-        assert_eq!(write_age(Some(s(60)), now, Some(late)), Some(s(2)));
-        assert_eq!(write_age(Some(s(1)), now, Some(late)), Some(s(1)));
+        w.late(late);
+        assert_eq!(w.round(now).unwrap().0, s(2));
+        assert!(!stalled_now(Seen::Waiting(s(2)), false, true, s(30)));
+        // Stalled (a minute without one ending, counted before the round that came late):
+        // a late round does not clear it.
+        let mut w = Writes {
+            source: a_minute,
+            forgiven: None,
+            stalled: true,
+        };
+        w.late(now);
+        let waited = w.round(now).unwrap().0;
+        assert_eq!(waited, s(60));
+        assert!(stalled_now(Seen::Waiting(waited), true, true, s(30)));
+        w.source = none;
+        assert_eq!(w.round(now), None);
     }
 
     /// A runtime whose thread is blocked is seen waiting (its lag grows), one that runs is seen

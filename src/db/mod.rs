@@ -42,7 +42,7 @@ pub use paths::{OwnRecord, RemoteClaim};
 pub use records::{
     Claim, Counters, MAX_BINDINGS, PathRecord, Provider, QueueItem, hash_part_of, merge_provider,
 };
-pub use storage::{NarFile, StorageCounters};
+pub use storage::{NarFile, StorageCounters, WRITE_PART};
 
 /// Reports waiting to be ingested, as `e5a6e05` kept them in the main file: taken over into the
 /// journal at start.

@@ -76,6 +76,11 @@ pub(super) fn served_in<'r>(
     }
 }
 
+/// Paths or NARs one write changes at most where the caller's list has no bound (a Nix GC of
+/// a build host's store, an eviction of many small NARs): each commit stays short, and the
+/// watchdog takes a database whose writes have all run for 30 s without one ending for hung.
+pub const WRITE_PART: usize = 1024;
+
 /// A NAR file of the storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NarFile {
@@ -166,6 +171,14 @@ impl Db {
     /// are no longer served from here, and the paths move to the end of the log. Returns the
     /// paths that were still held as own.
     pub fn own_lost(&self, lost: &[([u8; 32], String)]) -> Result<usize, DbError> {
+        let mut n = 0;
+        for part in lost.chunks(WRITE_PART) {
+            n += self.own_lost_part(part)?;
+        }
+        Ok(n)
+    }
+
+    fn own_lost_part(&self, lost: &[([u8; 32], String)]) -> Result<usize, DbError> {
         if lost.is_empty() {
             return Ok(0);
         }
@@ -291,6 +304,12 @@ impl Db {
     /// still needs them, and any wish for them; the paths with a claim on them move to the end
     /// of the log. `evicted` counts them as evictions.
     pub fn remove_nar_files(&self, blake3s: &[[u8; 32]], evicted: bool) -> Result<(), DbError> {
+        blake3s
+            .chunks(WRITE_PART)
+            .try_for_each(|part| self.remove_nar_files_part(part, evicted))
+    }
+
+    fn remove_nar_files_part(&self, blake3s: &[[u8; 32]], evicted: bool) -> Result<(), DbError> {
         if blake3s.is_empty() {
             return Ok(());
         }

@@ -938,3 +938,26 @@ fn the_queue_depth_is_told_at_every_change() {
     assert_eq!(*told.lock().unwrap(), [1, 3, 1, 0]);
     assert_eq!(db.queue_depth(), 0);
 }
+
+/// Lists with no bound (a Nix GC of many own paths, an eviction of many small NARs) are
+/// written 1024 to a commit: no write runs for long, nor holds every other up.
+#[test]
+fn long_lists_are_written_in_parts() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("db")).unwrap();
+    let lost: Vec<([u8; 32], String)> = (0..2500u32)
+        .map(|i| {
+            let mut b = [0; 32];
+            b[..4].copy_from_slice(&i.to_le_bytes());
+            (b, format!("{i:032}"))
+        })
+        .collect();
+    let commits = || super::writes::COMMITS.get();
+    let before = commits();
+    assert_eq!(db.own_lost(&lost).unwrap(), 0);
+    assert_eq!(commits() - before, 3);
+    let before = commits();
+    let nars: Vec<[u8; 32]> = lost.iter().map(|(b, _)| *b).collect();
+    db.remove_nar_files(&nars, true).unwrap();
+    assert_eq!(commits() - before, 3);
+}

@@ -3,44 +3,67 @@
 //! dropped. redb runs one write at a time, so a write that never ends (a disk that does not
 //! answer its fsync, a writer blocked while it holds its transaction) holds up every other:
 //! the pipeline, the mesh, the storage and the mirror all wait behind it while every runtime
-//! still answers. How long the oldest write has been in flight is what the watchdog watches.
+//! still answers. What the watchdog watches is how long the database has had writes in flight
+//! with none ending ([`stalled_for`]): a busy database whose writes queue up for long (redb's
+//! write lock is not first come, first served) still ends one after another, and is not hung.
 
 use std::collections::BTreeMap;
 use std::ops::{Deref, DerefMut};
+use std::panic::Location;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use redb::{Database, Durability};
 
 use super::DbError;
 
-/// The writes in flight in this process, by number: when each began.
-static IN_FLIGHT: Mutex<BTreeMap<u64, Instant>> = Mutex::new(BTreeMap::new());
-static NEXT: AtomicU64 = AtomicU64::new(0);
+struct State {
+    /// The writes in flight in this process, by number: when each began, and where.
+    in_flight: BTreeMap<u64, (Instant, &'static Location<'static>)>,
+    next: u64,
+    /// When a write last ended.
+    last_end: Option<Instant>,
+}
 
-/// How long the oldest write in flight has been, if any is.
-pub fn oldest() -> Option<Duration> {
-    let writes = IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner());
-    writes.values().min().map(Instant::elapsed)
+static STATE: Mutex<State> = Mutex::new(State {
+    in_flight: BTreeMap::new(),
+    next: 0,
+    last_end: None,
+});
+
+fn state() -> std::sync::MutexGuard<'static, State> {
+    STATE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How long the database has had writes in flight and none ended (since the oldest began, or
+/// the last one ended if that was later), and where the oldest began; `None` with none in
+/// flight.
+pub fn stalled_for() -> Option<(Duration, &'static Location<'static>)> {
+    let st = state();
+    let (began, at) = st.in_flight.values().min_by_key(|(t, _)| *t)?;
+    let since = st.last_end.map_or(*began, |e| e.max(*began));
+    Some((since.elapsed(), at))
 }
 
 /// One write in flight: counted until it is dropped.
 struct InFlight(u64);
 
 impl InFlight {
+    #[track_caller]
     fn new() -> Self {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let mut writes = IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner());
-        writes.insert(n, Instant::now());
+        let mut st = state();
+        let n = st.next;
+        st.next += 1;
+        st.in_flight.insert(n, (Instant::now(), Location::caller()));
         InFlight(n)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let mut writes = IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner());
-        writes.remove(&self.0);
+        let mut st = state();
+        st.in_flight.remove(&self.0);
+        st.last_end = Some(Instant::now());
     }
 }
 
@@ -65,6 +88,8 @@ impl DerefMut for Write {
 
 impl Write {
     pub(super) fn commit(self) -> Result<(), redb::CommitError> {
+        #[cfg(test)]
+        COMMITS.set(COMMITS.get() + 1);
         self.tx.commit()
     }
 
@@ -74,6 +99,7 @@ impl Write {
 }
 
 /// Begin a write transaction (redb's default durability).
+#[track_caller]
 pub(super) fn begin(db: &Database) -> Result<Write, DbError> {
     let in_flight = InFlight::new();
     let tx = db.begin_write()?;
@@ -84,6 +110,7 @@ pub(super) fn begin(db: &Database) -> Result<Write, DbError> {
 }
 
 /// Begin a write transaction whose commit is fsync'd before it returns.
+#[track_caller]
 pub(super) fn durable(db: &Database) -> Result<Write, DbError> {
     let mut tx = begin(db)?;
     tx.set_durability(Durability::Immediate)?;
@@ -91,37 +118,45 @@ pub(super) fn durable(db: &Database) -> Result<Write, DbError> {
 }
 
 #[cfg(test)]
+thread_local! {
+    /// Commits begun on this thread, for tests of how work is split into writes.
+    pub(super) static COMMITS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A write is counted from its start until it commits or is dropped; the oldest one is
-    /// what is told.
+    /// A write is counted from its start until it commits or is dropped, and names where it
+    /// began; the database has stalled only while writes are in flight and none ends.
     #[test]
-    fn writes_are_counted_while_in_flight() {
+    fn writes_are_counted_while_in_flight_and_one_ending_is_progress() {
         let t = tempfile::tempdir().unwrap();
         let db = Database::create(t.path().join("db")).unwrap();
-        // Other tests write meanwhile: only this one's own writes are looked at.
-        let mine = |w: &Write| {
-            let writes = IN_FLIGHT.lock().unwrap();
-            writes.get(&w._in_flight.0).copied()
-        };
+        // Other tests write meanwhile: this one looks at its own writes, and at the verdict
+        // only while it holds the state.
+        let mine = |w: &Write| state().in_flight.get(&w._in_flight.0).copied();
         let w = begin(&db).unwrap();
-        let began = mine(&w).expect("counted");
-        std::thread::sleep(Duration::from_millis(20));
-        assert!(oldest().unwrap() >= Duration::from_millis(20));
+        let (began, at) = mine(&w).expect("counted");
+        assert!(at.file().ends_with("writes.rs"), "{at}");
         let n = w._in_flight.0;
         w.commit().unwrap();
-        assert!(
-            !IN_FLIGHT.lock().unwrap().contains_key(&n),
-            "gone at commit"
-        );
+        assert!(!state().in_flight.contains_key(&n), "gone at commit");
         let w = durable(&db).unwrap();
-        assert!(mine(&w).unwrap() > began);
+        assert!(mine(&w).unwrap().0 > began);
         let n = w._in_flight.0;
         drop(w);
-        assert!(
-            !IN_FLIGHT.lock().unwrap().contains_key(&n),
-            "gone when dropped"
-        );
+        assert!(!state().in_flight.contains_key(&n), "gone when dropped");
+        // One write in flight for long, another ending now: no stall.
+        let mut st = state();
+        let long_ago = Instant::now().checked_sub(Duration::from_secs(60)).unwrap();
+        st.in_flight
+            .insert(u64::MAX, (long_ago, Location::caller()));
+        st.last_end = Some(Instant::now());
+        drop(st);
+        let (stalled, _) = stalled_for().unwrap();
+        assert!(stalled < Duration::from_secs(60), "{stalled:?}");
+        let mut st = state();
+        st.in_flight.remove(&u64::MAX);
     }
 }

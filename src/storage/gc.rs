@@ -65,13 +65,7 @@ pub(super) async fn run(storage: Storage, cancel: CancellationToken) {
         if now >= next_flush {
             next_flush = now + FLUSH_EVERY;
             let s = storage.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                if let Err(e) = s.flush_touched().and_then(|()| s.trim()) {
-                    tracing::warn!("storage: {e}");
-                }
-                s.publish();
-            })
-            .await;
+            let _ = tokio::task::spawn_blocking(move || s.flush_and_trim()).await;
         }
         if now >= next_pins {
             next_pins = now + PINS_EVERY;
@@ -164,6 +158,17 @@ impl Storage {
         self.inner.metrics.storage_gc_lost.inc_by(n as u64);
         self.publish();
         Ok(mark)
+    }
+
+    /// Write back last-used times, then evict what is over the cap or under the floor, even
+    /// if the times could not be written: on a full disk, where they cannot, what eviction
+    /// deletes is what frees space.
+    pub(super) fn flush_and_trim(&self) {
+        let (flushed, trimmed) = (self.flush_touched(), self.trim());
+        for e in [flushed.err(), trimmed.err()].into_iter().flatten() {
+            tracing::warn!("storage: {e}");
+        }
+        self.publish();
     }
 
     /// Write back last-used times. Those a failed write (a full disk) did not write wait for

@@ -297,3 +297,45 @@ fn last_used_times_a_failed_write_did_not_write_wait_for_the_next() {
     let file = s.db().nar_file(&[1; 32]).unwrap().unwrap();
     assert_eq!(file.last_used, before + 100);
 }
+
+/// Over its cap (lowered since the files came), the storage evicts at its housekeeping even
+/// while last-used times cannot be written (a full disk: eviction is what frees space).
+#[test]
+fn eviction_goes_on_while_last_used_times_cannot_be_written() {
+    let t = tempfile::tempdir().unwrap();
+    let (s, _) = open(t.path(), 4 << 20, 0);
+    fetched(&s, 1, 1 << 20);
+    fetched(&s, 2, 1 << 20);
+    drop(s);
+    // Opened again with a lower cap, once its recording thread has let the database go.
+    let started = std::time::Instant::now();
+    let db = loop {
+        match Db::open(&t.path().join("narmesh.redb")) {
+            Ok(db) => break db,
+            Err(_) if started.elapsed() < Duration::from_secs(5) => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let cfg = StorageConfig {
+        max_size: 3 << 19,
+        min_free: 0,
+        gc_interval: Duration::from_secs(60),
+        mirror: false,
+        read_memory: 64 << 20,
+        vital: crate::vital::Vital::unwatched(),
+    };
+    let store = Arc::new(LocalStore::new(&t.path().join("store")));
+    let s = Storage::open(t.path(), db, store, cfg, Arc::new(Metrics::new())).unwrap();
+    assert_eq!(s.db().storage_counters().unwrap().files, 2);
+    s.inner.lock().touched.insert([1; 32], now_secs() + 100);
+    gc::TOUCH_WRITE_FAILS.set(true);
+    s.flush_and_trim();
+    gc::TOUCH_WRITE_FAILS.set(false);
+    assert_eq!(s.db().storage_counters().unwrap().files, 1, "one evicted");
+    assert!(
+        !s.inner.lock().touched.is_empty(),
+        "the times wait for the next flush"
+    );
+}
