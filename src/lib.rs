@@ -31,8 +31,8 @@
 //! - [`linkage`]: whether an executable (the hook) starts statically linked.
 //! - [`node`]: builds and runs the parts; owns the shutdown order.
 //! - [`vital`]: the parts that must run as long as the node does; one that ends stops it.
-//! - [`watchdog`]: the node's runtimes probed; one that stalls is a problem, and systemd's
-//!   watchdog is no longer told the node is alive.
+//! - [`watchdog`]: the node's runtimes probed and the database's writes timed; one that
+//!   stalls is a problem, and systemd's watchdog is no longer told the node is alive.
 //! - [`systemd`]: the service manager's notification socket (`READY=1`, `STOPPING=1`,
 //!   `WATCHDOG=1`).
 //! - [`bench`]: `narmesh bench`, replication measured on one machine beside its baselines.

@@ -49,6 +49,14 @@ pub const REFUSALS: &[&str] = &[
 /// `narmesh_runtime_lag_seconds` series from the start.
 pub const RUNTIMES: &[&str] = &["front", "http", "main"];
 
+/// Raise a counter to `total`, a count kept elsewhere (the database's), never lowering it.
+pub fn raise_to(counter: &Counter, total: u64) {
+    let now = counter.get();
+    if total > now {
+        counter.inc_by(total - now);
+    }
+}
+
 /// One of [`RUNTIMES`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RuntimeLabels {
@@ -524,7 +532,8 @@ impl Metrics {
         register(
             (&mut registry, &mut names),
             "storage_gc_lost",
-            "Own paths that left the local Nix store (Nix GC, nix-store --delete)",
+            "Own paths that left the local Nix store (Nix GC, nix-store --delete) or were found \
+             changed there",
             m.storage_gc_lost.clone(),
         );
         register(

@@ -80,7 +80,7 @@ fn an_s3_attempts_deadline() {
 fn the_watchdogs_limits() {
     assert_eq!(crate::watchdog::STALLED, Duration::from_secs(30));
     says("One that has run nothing for 30 s");
-    says("writes in flight for 30 s with none ending");
+    says("writes in flight for 30 s with none that held the lock ending");
     assert_eq!(crate::db::WRITE_PART, 1024);
     says("are written 1024 to a commit");
     assert_eq!(crate::watchdog::PROBE_EVERY, Duration::from_secs(1));

@@ -19,7 +19,6 @@
 //! once something has: systemd then kills the node and starts it again. Everything acknowledged is
 //! durable, and a restart picks up the work where it stopped.
 
-use std::panic::Location;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -127,8 +126,8 @@ fn stalled_now(seen: Seen, was: bool, late: bool, stall: Duration) -> bool {
     }
 }
 
-/// How long the database has had writes in flight and none ended, and where the oldest began.
-pub type WritesStalled = fn() -> Option<(Duration, &'static Location<'static>)>;
+/// The database's writes in flight, if any: how long with none ending, and which.
+pub type WritesStalled = fn() -> Option<crate::db::writes::Stalled>;
 
 /// The database's writes, watched.
 struct Writes {
@@ -148,11 +147,13 @@ impl Writes {
         }
     }
 
-    /// How long the writes in flight have waited with none ending, as of `now`.
-    fn round(&self, now: Instant) -> Option<(Duration, &'static Location<'static>)> {
-        let (d, at) = (self.source)()?;
-        let d = self.forgiven.map_or(d, |f| d.min(now.duration_since(f)));
-        Some((d, at))
+    /// The writes in flight and how long they have waited with none ending, as of `now`.
+    fn round(&self, now: Instant) -> Option<crate::db::writes::Stalled> {
+        let mut seen = (self.source)()?;
+        if let Some(f) = self.forgiven {
+            seen.waited = seen.waited.min(now.saturating_duration_since(f));
+        }
+        Some(seen)
     }
 }
 
@@ -253,17 +254,21 @@ impl Watchdog {
                     }
                     metrics.problem("runtime", (!stalled.is_empty()).then(|| stalled.join("; ")));
                     let write = writes.round(now);
-                    let (waited, at) =
-                        write.map_or((Duration::ZERO, None), |(d, at)| (d, Some(at)));
+                    let waited = write.map_or(Duration::ZERO, |w| w.waited);
                     metrics.database_stall.set(waited.as_secs_f64());
-                    let seen = write.map_or(Seen::Ran(Duration::ZERO), |(d, _)| Seen::Waiting(d));
+                    let seen = write.map_or(Seen::Ran(Duration::ZERO), |w| Seen::Waiting(w.waited));
                     let now_stalled = stalled_now(seen, writes.stalled, late, stall);
                     let what = || {
+                        let which = match write {
+                            Some(w) if w.holds => {
+                                format!("the one holding the lock began at {}", w.at)
+                            }
+                            Some(w) => format!("none holds the lock; the oldest began at {}", w.at),
+                            None => String::new(),
+                        };
                         format!(
-                            "its writes have been in flight for {} s with none ending (the \
-                             oldest began at {})",
-                            waited.as_secs(),
-                            at.map_or_else(String::new, |a| a.to_string())
+                            "its writes have been in flight for {} s with none ending ({which})",
+                            waited.as_secs()
                         )
                     };
                     metrics.problem("database", now_stalled.then(what));
@@ -346,10 +351,14 @@ mod tests {
     /// the database had stalled before it (then it stays stalled); none in flight is none.
     #[test]
     fn writes_wait_from_the_last_late_round_unless_stalled_before() {
-        fn a_minute() -> Option<(Duration, &'static Location<'static>)> {
-            Some((Duration::from_secs(60), Location::caller()))
+        fn a_minute() -> Option<crate::db::writes::Stalled> {
+            Some(crate::db::writes::Stalled {
+                waited: Duration::from_secs(60),
+                at: std::panic::Location::caller(),
+                holds: true,
+            })
         }
-        fn none() -> Option<(Duration, &'static Location<'static>)> {
+        fn none() -> Option<crate::db::writes::Stalled> {
             None
         }
         let (now, s) = (Instant::now(), Duration::from_secs);
@@ -358,10 +367,9 @@ mod tests {
             forgiven: None,
             stalled: false,
         };
-        assert_eq!(w.round(now).unwrap().0, s(60));
-        let late = now.checked_sub(s(2)).unwrap();
-        w.late(late);
-        assert_eq!(w.round(now).unwrap().0, s(2));
+        assert_eq!(w.round(now).unwrap().waited, s(60));
+        w.late(now);
+        assert_eq!(w.round(now + s(2)).unwrap().waited, s(2));
         assert!(!stalled_now(Seen::Waiting(s(2)), false, true, s(30)));
         // Stalled (a minute without one ending, counted before the round that came late):
         // a late round does not clear it.
@@ -371,7 +379,7 @@ mod tests {
             stalled: true,
         };
         w.late(now);
-        let waited = w.round(now).unwrap().0;
+        let waited = w.round(now).unwrap().waited;
         assert_eq!(waited, s(60));
         assert!(stalled_now(Seen::Waiting(waited), true, true, s(30)));
         w.source = none;

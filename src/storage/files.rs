@@ -252,12 +252,6 @@ impl Storage {
             }
         }
         self.inner.db.remove_nar_files(blake3s, evicted)?;
-        if evicted {
-            self.inner
-                .metrics
-                .storage_evictions
-                .inc_by(blake3s.len() as u64);
-        }
         self.publish();
         Ok(())
     }

@@ -154,8 +154,7 @@ impl Storage {
         for (b, _) in &lost {
             self.inner.layouts.remove(b);
         }
-        let n = self.inner.db.own_lost(&lost)?;
-        self.inner.metrics.storage_gc_lost.inc_by(n as u64);
+        self.inner.db.own_lost(&lost)?;
         self.publish();
         Ok(mark)
     }

@@ -242,7 +242,7 @@ fn the_watchdog_is_told_only_while_nothing_has_stalled() {
             let log = node.log();
             assert!(!log.contains("has run nothing"), "{log}");
             assert!(
-                log.contains("(the oldest began at src/db/storage.rs:"),
+                log.contains("(the one holding the lock began at src/db/storage.rs:"),
                 "{log}"
             );
         }

@@ -801,6 +801,8 @@ fn a_data_dir_of_the_last_release_keeps_working() {
             (3, 0, 1),
             "n0 serves three builds from its store: {s0:?}"
         );
+        // The totals on /metrics are the data dir's, as the status says.
+        assert_eq!(metric(&nodes[0], "narmesh_storage_gc_lost_total "), 1.0);
         let s1 = nodes[1].status().storage;
         assert_eq!((s1.files, s1.evictions), (4, 0), "{s1:?}");
         assert!(s1.file_bytes > 200_000, "{s1:?}");
