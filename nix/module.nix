@@ -222,9 +222,9 @@ in
           # again after 5 s, for as long as it takes (5 s apart, never 5 starts in 10 s: the
           # start limit).
           RestartSec = "5s";
-          # A node whose runtime has run nothing for 30 s (hung work, which never ends) stops
-          # telling systemd it is alive: killed (SIGABRT) a minute after it last told, started
-          # again 5 s later.
+          # A node whose runtime has run nothing for 30 s, or whose database writes have ended
+          # none for 30 s (hung work, which never ends), stops telling systemd it is alive:
+          # killed (SIGABRT) a minute after it last told, started again 5 s later.
           WatchdogSec = "60s";
 
           DynamicUser = false;

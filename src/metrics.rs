@@ -49,12 +49,12 @@ pub const REFUSALS: &[&str] = &[
 /// `narmesh_runtime_lag_seconds` series from the start.
 pub const RUNTIMES: &[&str] = &["front", "http", "main"];
 
-/// Raise a counter to `total`, a count kept elsewhere (the database's), never lowering it.
+/// Raise a counter to `total`, a count kept elsewhere (the database's), never lowering it
+/// (in one step: threads publishing at once never add the same difference twice).
 pub fn raise_to(counter: &Counter, total: u64) {
-    let now = counter.get();
-    if total > now {
-        counter.inc_by(total - now);
-    }
+    counter
+        .inner()
+        .fetch_max(total, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// One of [`RUNTIMES`].

@@ -7,16 +7,16 @@
 //! in a task on the front's or the cache's thread, a disk that does not answer the front's
 //! fsync, every worker of the main one stuck). That is a problem (`narmesh_problem{part=
 //! "runtime"}`, `narmesh status`), and the log names it. The database's writes are watched
-//! beside them ([`crate::db::writes`]): writes in flight for as long with none ending have
-//! stalled the database (`part="database"`), as every other write waits behind a hung one
-//! while the runtimes still answer. What it does not see:
-//! one blocked worker of the main runtime while another runs, threads outside the runtimes
-//! (but for the database's writes), and tasks that wait on each other (their runtime stays
-//! idle, and answers).
+//! beside them ([`crate::db::writes`]): writes in flight for as long with none that held the
+//! lock ending have stalled the database (`part="database"`), as every other write waits
+//! behind a hung one while the runtimes still answer. What it does not see: one blocked worker
+//! of the main runtime while another runs, threads outside the runtimes (but for the
+//! database's writes), and tasks that wait on each other (their runtime stays idle, and
+//! answers).
 //!
 //! Under systemd with `WatchdogSec=` (see `deploy/systemd/narmesh.service`), the node says
-//! `WATCHDOG=1` every quarter of the interval while nothing has stalled, and says nothing
-//! once something has: systemd then kills the node and starts it again. Everything acknowledged is
+//! `WATCHDOG=1` every quarter of the interval while nothing has stalled, and says nothing once
+//! something has: systemd then kills the node and starts it again. Everything acknowledged is
 //! durable, and a restart picks up the work where it stopped.
 
 use std::sync::Arc;
@@ -28,13 +28,14 @@ use tokio::sync::oneshot;
 
 use crate::metrics::Metrics;
 
-/// A runtime that has not run its probe for this long has stalled.
+/// A runtime that has not run its probe for this long has stalled, as has the database when
+/// its writes in flight have ended none for as long.
 pub const STALLED: Duration = Duration::from_secs(30);
 /// How often each runtime is given a probe.
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 
-/// How long a probe may wait before its runtime has stalled, under systemd's watchdog
-/// `interval` if there is one: [`STALLED`], or half the interval if that is shorter.
+/// How long a probe (or the database's writes) may wait before a stall, under systemd's
+/// watchdog `interval` if there is one: [`STALLED`], or half the interval if that is shorter.
 pub fn stall_after(interval: Option<Duration>) -> Duration {
     interval.map_or(STALLED, |i| STALLED.min(i / 2))
 }
@@ -115,9 +116,9 @@ impl Watched {
     }
 }
 
-/// Whether a runtime has stalled, by what this round `seen` of it, whether it had stalled
-/// before, and whether this round came `late` (this thread itself was held up, so the runtimes
-/// have not had their turn: no new verdict).
+/// Whether a runtime (or the database) has stalled, by what this round `seen` of it, whether
+/// it had stalled before, and whether this round came `late` (this thread itself was held up,
+/// so the runtimes and writes have not had their turn: no new verdict).
 fn stalled_now(seen: Seen, was: bool, late: bool, stall: Duration) -> bool {
     match seen {
         Seen::Waiting(d) if late => was && d >= stall,

@@ -77,8 +77,8 @@ pub(super) fn served_in<'r>(
 }
 
 /// Paths or NARs one write changes at most where the caller's list has no bound (a Nix GC of
-/// a build host's store, an eviction of many small NARs): each commit stays short, and the
-/// watchdog takes a database whose writes have all run for 30 s without one ending for hung.
+/// a build host's store, an eviction of many small NARs): each commit stays short (the
+/// watchdog takes writes in flight for 30 s with none ending for a hung database).
 pub const WRITE_PART: usize = 1024;
 
 /// A NAR file of the storage.
@@ -350,6 +350,11 @@ impl Db {
 
     /// Remember when NAR files were last used (batched; a crash loses at most one batch).
     pub fn touch_nar_files(&self, used: &[([u8; 32], u64)]) -> Result<(), DbError> {
+        used.chunks(WRITE_PART)
+            .try_for_each(|part| self.touch_nar_files_part(part))
+    }
+
+    fn touch_nar_files_part(&self, used: &[([u8; 32], u64)]) -> Result<(), DbError> {
         if used.is_empty() {
             return Ok(());
         }

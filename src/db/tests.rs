@@ -960,4 +960,8 @@ fn long_lists_are_written_in_parts() {
     let nars: Vec<[u8; 32]> = lost.iter().map(|(b, _)| *b).collect();
     db.remove_nar_files(&nars, true).unwrap();
     assert_eq!(commits() - before, 3);
+    let before = commits();
+    let used: Vec<([u8; 32], u64)> = nars.iter().map(|b| (*b, 1)).collect();
+    db.touch_nar_files(&used).unwrap();
+    assert_eq!(commits() - before, 3);
 }

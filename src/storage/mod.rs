@@ -664,9 +664,9 @@ impl Storage {
         m.storage_cap_bytes.set(self.inner.cfg.max_size as i64);
         if let Ok(c) = self.inner.db.storage_counters() {
             m.storage_own_paths.set(c.own_paths as i64);
-            // The totals follow the database's own (what `narmesh status` says), whichever
-            // write counted them: parts of a long list written before a later part failed,
-            // a store copy found changed at a read.
+            // The totals follow the database's own (what `narmesh status` says) at each
+            // publish, whichever write counted them: parts of a long list written before a
+            // later part failed, a store copy found changed at a read.
             crate::metrics::raise_to(&m.storage_evictions, c.evictions);
             crate::metrics::raise_to(&m.storage_gc_lost, c.gc_lost);
         }
