@@ -13,7 +13,17 @@ fn open_reading(
     min_free: u64,
     read_memory: u64,
 ) -> (Storage, Arc<Metrics>) {
-    let db = Db::open(&dir.join("narmesh.redb")).unwrap();
+    // Opened again, once the last storage's recording thread has let the database go.
+    let started = std::time::Instant::now();
+    let db = loop {
+        match Db::open(&dir.join("narmesh.redb")) {
+            Ok(db) => break db,
+            Err(_) if started.elapsed() < Duration::from_secs(5) => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     let store = Arc::new(LocalStore::new(&dir.join("store")));
     let metrics = Arc::new(Metrics::new());
     let cfg = StorageConfig {
@@ -307,27 +317,7 @@ fn eviction_goes_on_while_last_used_times_cannot_be_written() {
     fetched(&s, 1, 1 << 20);
     fetched(&s, 2, 1 << 20);
     drop(s);
-    // Opened again with a lower cap, once its recording thread has let the database go.
-    let started = std::time::Instant::now();
-    let db = loop {
-        match Db::open(&t.path().join("narmesh.redb")) {
-            Ok(db) => break db,
-            Err(_) if started.elapsed() < Duration::from_secs(5) => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
-            Err(e) => panic!("{e}"),
-        }
-    };
-    let cfg = StorageConfig {
-        max_size: 3 << 19,
-        min_free: 0,
-        gc_interval: Duration::from_secs(60),
-        mirror: false,
-        read_memory: 64 << 20,
-        vital: crate::vital::Vital::unwatched(),
-    };
-    let store = Arc::new(LocalStore::new(&t.path().join("store")));
-    let s = Storage::open(t.path(), db, store, cfg, Arc::new(Metrics::new())).unwrap();
+    let (s, _) = open(t.path(), 3 << 19, 0);
     assert_eq!(s.db().storage_counters().unwrap().files, 2);
     s.inner.lock().touched.insert([1; 32], now_secs() + 100);
     gc::TOUCH_WRITE_FAILS.set(true);
